@@ -1,0 +1,42 @@
+# routeproxy: `make demo` runs the main job, `make test` runs the tests.
+# Both work on a fresh Debian 12 machine as root: they install what they need.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := libpcap-dev tshark iproute2 iptables pptpd pptp-linux ppp user-mode-linux busybox tcpreplay
+TRIAL_JOBS ?= 2
+TESTS ?= tests
+
+.PHONY: all deps apt venv test demo bench clean
+
+all: test
+
+deps: apt venv
+
+# System packages: installed only when one is missing (apt-get update is slow).
+apt:
+	@if ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections; \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $(APT_PACKAGES) >/dev/null; \
+	fi
+
+venv: $(VENV)/.installed
+
+# editable_mode=compat puts the checkout on sys.path, so twistd finds twisted/plugins/ here.
+$(VENV)/.installed: setup.cfg pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
+	touch $@
+
+test: deps
+	@set -o pipefail; rm -rf _trial_temp; \
+	$(VENV)/bin/trial --jobs=$(TRIAL_JOBS) $(TESTS) 2>&1 | tee .trial.log; rc=$$?; \
+	$(PY) -m tests.summary .trial.log; exit $$rc
+
+demo: deps
+	$(PY) -m routeproxy demo
+
+clean:
+	rm -rf $(VENV) _trial_temp .trial.log *.egg-info

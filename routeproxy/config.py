@@ -1,0 +1,128 @@
+"""Command-line options and INI files for both daemons.
+
+Every option is also a key in the INI file named by ``--config``; options given
+on the command line win over the file, and the file wins over built-in
+defaults.  A bad value is a ``usage.UsageError`` whose text is one clear line,
+which twistd prints without a traceback.
+"""
+import configparser
+import ipaddress
+
+from twisted.python import usage
+
+
+def parse_hostport(text, default_port=None, what="address"):
+    """``HOST:PORT`` (or ``HOST`` when *default_port* is given) -> (host, port)."""
+    text = text.strip()
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = text, None
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if port is None or port == "":
+        if default_port is None:
+            raise usage.UsageError(f"{what} {text!r}: expected HOST:PORT")
+        port = default_port
+    try:
+        port = int(port)
+    except ValueError:
+        raise usage.UsageError(f"{what} {text!r}: port {port!r} is not a number")
+    if not 0 < port < 65536:
+        raise usage.UsageError(f"{what} {text!r}: port {port} is out of range 1-65535")
+    if not host:
+        raise usage.UsageError(f"{what} {text!r}: missing host")
+    return host, port
+
+
+def parse_cidr(text):
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError as e:
+        raise usage.UsageError(f"--allow {text!r}: {e}")
+
+
+def parse_profile(text, default_port=1723):
+    """``NAME=HOST[:PORT]`` -> (name, (host, port))."""
+    name, sep, target = text.partition("=")
+    name = name.strip()
+    if not sep or not name:
+        raise usage.UsageError(f"--profile {text!r}: expected NAME=HOST[:PORT]")
+    return name, parse_hostport(target, default_port, what=f"--profile {name}")
+
+
+def _handler(name, doc, repeatable):
+    def handler(self, value):
+        if repeatable:
+            self._given.setdefault(name, []).append(value)
+        else:
+            self._given[name] = value
+
+    handler.__doc__ = doc
+    return handler
+
+
+class ConfigOptions(usage.Options):
+    """usage.Options with ``--config FILE`` and per-key precedence.
+
+    Subclasses list ``settings``: (name, default, help, parser, repeatable).
+    Values stay None until ``postOptions`` merges command line, file, defaults.
+    """
+
+    section = None  # INI section read from --config
+    settings = ()
+
+    def __init_subclass__(cls, **kw):
+        # usage.Options finds handlers by their opt_ method names; make one per
+        # setting so repeatable options append and we know what was given.
+        super().__init_subclass__(**kw)
+        for name, _default, doc, _parse, repeatable in cls.settings:
+            setattr(cls, "opt_" + name.replace("-", "_"), _handler(name, doc, repeatable))
+
+    def __init__(self):
+        super().__init__()
+        self._given = {}
+        self["config"] = None
+
+    def opt_config(self, path):
+        """INI file with the same keys as the long options (the options win)."""
+        self["config"] = path
+
+    def postOptions(self):
+        from_file = {}
+        if self["config"]:
+            from_file = read_ini(self["config"], self.section)
+        known = {s[0] for s in self.settings}
+        for key in from_file:
+            if key not in known:
+                raise usage.UsageError(
+                    f"{self['config']}: unknown key {key!r} in [{self.section}]"
+                )
+        for name, default, _doc, parse, repeatable in self.settings:
+            if name in self._given:
+                raw = self._given[name]
+            elif name in from_file:
+                raw = from_file[name]
+                if repeatable:
+                    raw = [v for v in raw.replace(",", "\n").split("\n") if v.strip()]
+            else:
+                self[name] = default
+                continue
+            self[name] = [parse(v) for v in raw] if repeatable else parse(raw)
+        self.check()
+
+    def check(self):
+        """Cross-field checks; subclasses raise usage.UsageError."""
+
+
+def read_ini(path, section):
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f)
+    except OSError as e:
+        raise usage.UsageError(f"--config {path}: {e.strerror}")
+    except configparser.Error as e:
+        raise usage.UsageError(f"--config {path}: {str(e).splitlines()[0]}")
+    if not parser.has_section(section):
+        raise usage.UsageError(f"--config {path}: no [{section}] section")
+    return dict(parser.items(section))

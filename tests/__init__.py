@@ -1,0 +1,1 @@
+"""routeproxy's tests (run with trial: `make test`)."""
