@@ -1,0 +1,119 @@
+"""Options and INI files of both daemons, and their registration with twistd."""
+import ipaddress
+import os
+import subprocess
+import sys
+
+from twisted.python import usage
+from twisted.trial import unittest
+
+from routeproxy import lrp_tap, rrp_tap
+from routeproxy.config import parse_hostport
+
+LRP_REQUIRED = ["--rrp", "rrp.test:4443", "--rrp-name", "rrp.test", "--cert", "c", "--key", "k", "--ca", "a"]
+RRP_REQUIRED = ["--cert", "c", "--key", "k", "--ca", "a"]
+
+
+def parse(options_class, argv):
+    options = options_class()
+    options.parseOptions(argv)
+    return options
+
+
+class HostPortTests(unittest.SynchronousTestCase):
+    def test_forms(self):
+        self.assertEqual(parse_hostport("1.2.3.4:99"), ("1.2.3.4", 99))
+        self.assertEqual(parse_hostport("[::1]:99"), ("::1", 99))
+        self.assertEqual(parse_hostport("h", 1723), ("h", 1723))
+
+    def test_errors(self):
+        for bad in ("h", "h:0", "h:65536", "h:x", ":5"):
+            self.assertRaises(usage.UsageError, parse_hostport, bad)
+
+
+class LRPOptionsTests(unittest.SynchronousTestCase):
+    def test_defaults(self):
+        options = parse(lrp_tap.Options, LRP_REQUIRED)
+        self.assertEqual(options["pptp-listen"], ("0.0.0.0", 1723))
+        self.assertEqual(options["rrp"], ("rrp.test", 4443))
+        self.assertEqual(options["profile"], "default")
+        self.assertIsNone(options["allow"])
+
+    def test_allow_repeatable(self):
+        options = parse(lrp_tap.Options, LRP_REQUIRED + ["--allow", "10.0.0.0/8", "--allow", "192.0.2.7"])
+        self.assertEqual(options["allow"], [ipaddress.ip_network("10.0.0.0/8"),
+                                            ipaddress.ip_network("192.0.2.7/32")])
+
+    def test_missing_required(self):
+        e = self.assertRaises(usage.UsageError, parse, lrp_tap.Options, ["--rrp", "x:1"])
+        self.assertIn("--rrp-name", str(e))
+        self.assertNotIn("--rrp,", str(e))
+
+    def test_ini_and_precedence(self):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("[lrp]\nrrp = file.test:1\nrrp-name = file.test\ncert = c\nkey = k\nca = a\n"
+                    "allow = 10.0.0.0/8, 172.16.0.0/12\nprofile = fromfile\n")
+        options = parse(lrp_tap.Options, ["--config", path, "--rrp", "cli.test:2"])
+        self.assertEqual(options["rrp"], ("cli.test", 2))           # command line wins
+        self.assertEqual(options["rrp-name"], "file.test")          # file fills the rest
+        self.assertEqual(options["profile"], "fromfile")
+        self.assertEqual(len(options["allow"]), 2)
+
+    def test_unknown_ini_key(self):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("[lrp]\nrpp = typo:1\n")
+        e = self.assertRaises(usage.UsageError, parse, lrp_tap.Options, ["--config", path])
+        self.assertIn("unknown key 'rpp'", str(e))
+
+    def test_missing_file_and_section(self):
+        e = self.assertRaises(usage.UsageError, parse, lrp_tap.Options, ["--config", "/nonexistent.ini"])
+        self.assertIn("/nonexistent.ini", str(e))
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("[rrp]\nlisten = x:1\n")
+        e = self.assertRaises(usage.UsageError, parse, lrp_tap.Options, ["--config", path])
+        self.assertIn("no [lrp] section", str(e))
+
+
+class RRPOptionsTests(unittest.SynchronousTestCase):
+    def test_profiles(self):
+        options = parse(rrp_tap.Options, RRP_REQUIRED + [
+            "--pptp-server", "10.0.0.1", "--profile", "b=10.0.0.2:1724", "--profile", "c=h"])
+        self.assertEqual(options["profiles"], {
+            "default": ("10.0.0.1", 1723), "b": ("10.0.0.2", 1724), "c": ("h", 1723)})
+
+    def test_needs_a_server(self):
+        e = self.assertRaises(usage.UsageError, parse, rrp_tap.Options, RRP_REQUIRED)
+        self.assertIn("no PPTP server", str(e))
+
+    def test_bad_profile(self):
+        self.assertRaises(usage.UsageError, parse, rrp_tap.Options, RRP_REQUIRED + ["--profile", "nohost"])
+
+    def test_sample_files_parse(self):
+        etc = os.path.join(os.path.dirname(os.path.dirname(__file__)), "etc")
+        lrp = parse(lrp_tap.Options, ["--config", os.path.join(etc, "routeproxy-lrp.ini")])
+        self.assertEqual(lrp["pptp-listen"], ("0.0.0.0", 1723))
+        rrp = parse(rrp_tap.Options, ["--config", os.path.join(etc, "routeproxy-rrp.ini")])
+        self.assertIn("lab", rrp["profiles"])
+
+
+class TwistdTests(unittest.TestCase):
+    """The plugins as a user meets them: through the twistd command."""
+
+    def twistd(self, *args):
+        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        return subprocess.run([twistd, *args], capture_output=True, text=True, timeout=60)
+
+    def test_help_lists_both(self):
+        out = self.twistd("--help").stdout
+        self.assertIn("routeproxy-lrp", out)
+        self.assertIn("routeproxy-rrp", out)
+
+    def test_bad_option_is_one_line(self):
+        result = self.twistd("-n", "routeproxy-rrp", "--listen", "nowhere")
+        text = result.stdout + result.stderr
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("--listen 'nowhere': expected HOST:PORT", text)
+        self.assertNotIn("Traceback", text)
