@@ -246,7 +246,14 @@ class GREPacket:
 def parse_gre(data):
     """Parse *data* into a GREPacket, or raise GREError with a reason."""
     call_id, seq, ack, payload = split_gre(data)
-    return GREPacket(call_id, payload, seq, ack)
+    # split_gre has checked every field, so skip the constructor's checks.
+    pkt = object.__new__(GREPacket)
+    set_ = object.__setattr__
+    set_(pkt, "call_id", call_id)
+    set_(pkt, "payload", bytes(payload))
+    set_(pkt, "seq", seq)
+    set_(pkt, "ack", ack)
+    return pkt
 
 
 def parse_ipv4_gre(frame):
