@@ -80,7 +80,7 @@ _HEAD = struct.Struct("!HHHH")  # flags+version, protocol, payload length, call 
 _WORD = struct.Struct("!I")
 _TWO_WORDS = struct.Struct("!II")
 _CALL_ID = struct.Struct("!H")
-_IPV4 = struct.Struct("!BBHHHBBH4s4s")
+_IPV4 = struct.Struct("!BxH2xHxB2x4s4s")  # version+IHL, total length, flags+offset, protocol, src, dst
 
 # The only variable bits of a valid first word are S and A; everything else is fixed.
 _VARIABLE = FLAG_S | FLAG_A
@@ -266,7 +266,7 @@ def parse_ipv4_gre(frame):
     NIC has not filled in yet, and the kernel has already checked what it delivers.
     """
     try:
-        ver_ihl, _tos, total, _ident, frag, _ttl, proto, _sum, src, dst = _IPV4.unpack_from(frame)
+        ver_ihl, total, frag, proto, src, dst = _IPV4.unpack_from(frame)
     except struct.error:
         raise GREError(IP_TRUNCATED, f"{len(frame)} bytes, header needs 20") from None
     if ver_ihl >> 4 != 4:
