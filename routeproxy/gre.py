@@ -22,9 +22,10 @@ Decisions where the RFC leaves room (they match what pptpd and the Linux pptp mo
   present), so a non-zero payload length without S is rejected.  A header with neither S
   nor A (8 bytes, nothing to say) is accepted, so that every ``GREPacket`` packs.
 
-Why not ``dpkt.gre``: for version 1 it reads the key words without looking at the K bit,
-lets a short buffer escape as ``struct.error``, never checks the protocol (its own tests use
-0x880A), the reserved bits or the payload length, and builds an object graph per packet.
+Why not ``dpkt.gre`` (1.9.8): for version 1 it reads the key words whether or not K is set
+(it accepts 0x1001 and reports a call ID), never checks the protocol (its own tests use
+0x880A), the C/R/s/Recur/reserved bits or the payload length against the data, and builds an
+object graph per packet (old releases also packed it in native byte order).
 The proxy forwards every datagram through here, so the codec is a few precompiled
 ``struct.Struct`` calls; dpkt is used in the tests as a second, independent decoder.
 
