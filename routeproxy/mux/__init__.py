@@ -1,0 +1,8 @@
+"""The LRP<->RRP multiplexing protocol (specified in docs/protocol.md).
+
+- :mod:`.frames`: the wire format (header, frame types, encode/decode, limits).
+- :mod:`.session`: one session's state machine and CONTROL flow-control windows.
+- :mod:`.connection`: the link: HELLO negotiation, session table, ping/RTT,
+  liveness, send scheduling (control before GRE; GRE dropped over a watermark).
+- :mod:`.protocol`: the thin Twisted protocol and factories.
+"""
