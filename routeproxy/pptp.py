@@ -173,6 +173,7 @@ _U32 = struct.Struct(">I")
 _INT_LIMITS = {"B": 1 << 8, "H": 1 << 16, "I": 1 << 32}
 
 MESSAGE_CLASSES = {}   # ControlType -> message class
+_REGISTERED = set()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -190,6 +191,8 @@ class ControlMessage:
     reserved0: int = _u16()
 
     def __post_init__(self):
+        if type(self) not in _REGISTERED:
+            raise TypeError(f"{type(self).__name__} is not a registered PPTP control message")
         for name, fmt, limit in self._CHECKS:
             value = getattr(self, name)
             if limit:
@@ -205,6 +208,17 @@ class ControlMessage:
                     raise PPTPError("bad value", f"{self.NAME}.{name} is {len(value)} bytes, at most {size}")
                 if len(value) != size or type(value) is not bytes:
                     object.__setattr__(self, name, bytes(value).ljust(size, b"\0"))
+
+    def __str__(self):
+        """One log line: the RFC name and the fields that are not zero, strings trimmed."""
+        parts = []
+        for name in self._NAMES:
+            value = getattr(self, name)
+            if isinstance(value, bytes):
+                value = strip_nul(value)
+            if value:
+                parts.append(f"{name}={value!r}" if isinstance(value, bytes) else f"{name}={value}")
+        return f"{self.NAME}({', '.join(parts)})"
 
     def pack(self):
         """The message's wire bytes."""
@@ -238,6 +252,7 @@ def _message(control_type, name, length):
         cls._CHECKS = tuple((f.name, f.metadata["fmt"], _INT_LIMITS.get(f.metadata["fmt"], 0))
                             for f in fields)
         MESSAGE_CLASSES[cls.TYPE] = cls
+        _REGISTERED.add(cls)
         return cls
     return register
 

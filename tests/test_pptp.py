@@ -200,6 +200,15 @@ class LayoutTests(unittest.SynchronousTestCase):
         e = self.assertRaises(PPTPError, pptp.StartControlConnectionRequest, host_name="text")
         self.assertEqual(e.reason, "bad value")
 
+    def test_str_is_one_short_line(self):
+        msg = pptp.StartControlConnectionRequest(host_name=b"client", maximum_channels=3)
+        self.assertEqual(str(msg), "Start-Control-Connection-Request(protocol_version=256, "
+                                   "maximum_channels=3, host_name=b'client')")
+        self.assertEqual(str(pptp.EchoRequest()), "Echo-Request()")
+
+    def test_base_class_is_not_a_message(self):
+        self.assertRaises(TypeError, pptp.ControlMessage)
+
     def test_result_and_error_codes(self):
         self.assertEqual(pptp.StartResult.GENERAL_ERROR, 2)
         self.assertEqual(pptp.OutgoingCallResult.GENERAL_ERROR, 2)
