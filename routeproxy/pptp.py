@@ -453,6 +453,15 @@ CALL_ID_FIELDS = {
 }
 
 
+# Fields some implementations fill with the other side's ID.  accel-ppp sends its
+# Call-Disconnect-Notify with the PNS's ID where RFC 2637 s.2.13 (and pptpd) put
+# the PAC's.  A translator that does not know the value under the owner from
+# CALL_ID_FIELDS may try it under the owner given here before refusing it.
+ALTERNATE_OWNERS = {
+    CallDisconnectNotify: {"call_id": PNS},
+}
+
+
 def _check_tables():
     for cls in MESSAGE_CLASSES.values():
         if cls not in SENDER:
@@ -460,6 +469,10 @@ def _check_tables():
         id_fields = {n for n in cls._NAMES if n in ("call_id", "peer_call_id")}
         if id_fields != {name for name, _ in CALL_ID_FIELDS.get(cls, ())}:
             raise AssertionError(f"{cls.NAME}: CALL_ID_FIELDS does not name its call-ID fields")
+    for cls, alternates in ALTERNATE_OWNERS.items():
+        for name, owner in alternates.items():
+            if (name, _OTHER_SIDE[owner]) not in CALL_ID_FIELDS[cls]:
+                raise AssertionError(f"{cls.NAME}.{name}: bad ALTERNATE_OWNERS entry")
     for cls, entries in CALL_ID_FIELDS.items():
         for name, owner in entries:
             if owner not in (PNS, PAC) or dict((n, f) for n, f, _ in cls._CHECKS)[name] != "H":

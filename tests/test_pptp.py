@@ -460,6 +460,10 @@ class CallIdTableTests(unittest.SynchronousTestCase):
         self.assertEqual(by_name["CallDisconnectNotify"], {PAC})
         self.assertEqual(by_name["EchoRequest"], {PNS, PAC})
 
+    def test_alternate_owner_of_call_disconnect_notify(self):
+        self.assertEqual({cls.__name__: alt for cls, alt in pptp.ALTERNATE_OWNERS.items()},
+                         {"CallDisconnectNotify": {"call_id": PNS}})
+
     def test_rewrite_changes_exactly_the_call_id_bytes(self):
         for msg in all_samples(3):
             before = msg.pack()
