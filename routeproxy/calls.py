@@ -112,8 +112,8 @@ class CallBook:
         if cls not in pptp.CALL_ID_FIELDS:
             return message
         fields = pptp.call_ids(message, _SENDER_TOWARDS[self.owner, direction])
-        resolved = [self._resolve(field, direction, cls is pptp.CallDisconnectNotify)
-                    for field in fields]
+        alternates = pptp.ALTERNATE_OWNERS.get(cls, ())
+        resolved = [self._resolve(field, direction, field.field in alternates) for field in fields]
         call = next((found for _, found in resolved if found is not None), None)
         if call is None:
             if cls not in INTRODUCING:
@@ -145,8 +145,9 @@ class CallBook:
     def _resolve(self, field, direction, ambiguous):
         """(the space *field*'s value is really in, the call it names or None).
 
-        Call-Disconnect-Notify is *ambiguous*: pptpd puts its own ID there, accel-ppp the
-        client's, so the value is looked up in both spaces, the RFC's first.
+        An *ambiguous* field (:data:`routeproxy.pptp.ALTERNATE_OWNERS`: pptpd puts its own ID
+        in Call-Disconnect-Notify, accel-ppp the client's) is looked up in both spaces, the
+        RFC's first.
         """
         owners = (field.owner, _OTHER[field.owner]) if ambiguous else (field.owner,)
         for owner in owners:
