@@ -1,0 +1,473 @@
+"""TLS for the LRP<->RRP link: mutual authentication against a private CA.
+
+Who checks what (docs/tls.md):
+
+- the RRP (server) requires a client certificate signed by its CA, TLS >= 1.2,
+  and optionally one of a list of names (``allowed_names``); it knows each LRP
+  by the name in its certificate (``peerName``);
+- the LRP (client) requires the RRP's certificate to chain to the CA and to
+  carry the name it dialled (service_identity does the name check).
+
+The side that refuses a peer logs one line with the reason and the peer's
+address (``routeproxy.tls`` log namespace); the refused side logs the TLS alert
+it received.  ``describeTLSFailure`` turns the reason a connection was lost
+into the same kind of text for callers' own log lines.
+
+Everything here is built from Twisted's ``CertificateOptions`` and
+``optionsForClientTLS``; the only addition is a per-connection verify
+callback (``SSL.Connection.set_verify``) that explains refusals, and an info
+callback that logs alerts.
+"""
+import ipaddress
+import weakref
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
+from OpenSSL import SSL, crypto
+from service_identity import VerificationError
+from service_identity.cryptography import verify_certificate_hostname, verify_certificate_ip_address
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet import ssl
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+log = Logger(namespace="routeproxy.tls")
+
+MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
+
+
+class TLSConfigError(Exception):
+    """A certificate, key or CA file cannot be used; the message says which and why."""
+
+
+class PeerRejected(Exception):
+    """The peer's certificate was refused (or absent); the message says why."""
+
+
+# -- loading -------------------------------------------------------------------
+
+def _read(path, what):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise TLSConfigError(f"{what} {path}: cannot read: {e.strerror or e}") from None
+
+
+def loadCertificates(path, what="certificate file"):
+    """All PEM certificates in *path* (a cryptography ``x509.Certificate`` list)."""
+    data = _read(path, what)
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError as e:
+        raise TLSConfigError(f"{what} {path}: not a PEM certificate ({e})") from None
+    if not certs:
+        raise TLSConfigError(f"{what} {path}: no certificate in it")
+    return certs
+
+
+def loadPrivateKey(path):
+    data = _read(path, "private key")
+    try:
+        return serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        raise TLSConfigError(f"private key {path}: encrypted with a passphrase; use an unencrypted key") from None
+    except (ValueError, Exception) as e:  # cryptography raises ValueError or UnsupportedAlgorithm
+        raise TLSConfigError(f"private key {path}: not a PEM private key ({e})") from None
+
+
+def _publicDER(key):
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def loadIdentity(cert_path, key_path):
+    """(leaf, chain, key) from a certificate file (leaf first, then any
+    intermediates) and its key; the key must match the leaf."""
+    certs = loadCertificates(cert_path, "certificate")
+    key = loadPrivateKey(key_path)
+    leaf = certs[0]
+    if _publicDER(leaf.public_key()) != _publicDER(key.public_key()):
+        raise TLSConfigError(
+            f"private key {key_path} does not match certificate {cert_path} ({certName(leaf)})"
+        )
+    _warnValidity(leaf, cert_path)
+    return leaf, certs[1:], key
+
+
+def _warnValidity(cert, path):
+    import datetime
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    if cert.not_valid_after_utc < now:
+        log.warn("TLS: our certificate {path} ({name}) expired on {when}; peers will refuse it",
+                 path=path, name=certName(cert), when=cert.not_valid_after_utc.isoformat())
+    elif cert.not_valid_before_utc > now:
+        log.warn("TLS: our certificate {path} ({name}) is not valid before {when}; peers will refuse it",
+                 path=path, name=certName(cert), when=cert.not_valid_before_utc.isoformat())
+
+
+def loadCA(ca_path):
+    """The CA certificates in *ca_path* as pyOpenSSL X509s (what Twisted's
+    trust roots want)."""
+    return [crypto.X509.from_cryptography(c) for c in loadCertificates(ca_path, "CA file")]
+
+
+# -- names -----------------------------------------------------------------------
+
+def certName(cert):
+    """The name a certificate stands for: its first SAN dNSName, else its
+    first SAN iPAddress, else its CN, else its whole subject."""
+    if isinstance(cert, crypto.X509):
+        cert = cert.to_cryptography()
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        san = None
+    if san is not None:
+        for kind in (x509.DNSName, x509.IPAddress):
+            names = san.get_values_for_type(kind)
+            if names:
+                return str(names[0])
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if cns:
+        return str(cns[0].value)
+    return cert.subject.rfc4514_string()
+
+
+def peerName(transport):
+    """The name in the certificate the peer of a TLS *transport* presented."""
+    cert = transport.getPeerCertificate()
+    if cert is None:
+        raise PeerRejected("the peer presented no certificate")
+    return certName(cert)
+
+
+def checkPeer(transport, allowed_names=None):
+    """The peer's name, after checking it is in *allowed_names* (if given).
+
+    The RRP's handshake already refuses names outside ``allowed_names``; this
+    is for callers that hold their own list (e.g. per-profile permissions).
+    """
+    name = peerName(transport)
+    if allowed_names is not None and name not in allowed_names:
+        raise PeerRejected(f"peer name {name!r} is not in the allowed names ({', '.join(sorted(allowed_names))})")
+    return name
+
+
+# -- explaining refusals -------------------------------------------------------------
+
+# X509_V_ERR_* codes we expect to meet, with OpenSSL's own wording.
+_VERIFY_ERRORS = {
+    2: "unable to get issuer certificate",
+    7: "certificate signature failure",
+    9: "certificate is not yet valid",
+    10: "certificate has expired",
+    18: "self-signed certificate",
+    19: "self-signed certificate in certificate chain",
+    20: "unable to get local issuer certificate",
+    21: "unable to verify the first certificate",
+    24: "invalid CA certificate",
+    26: "unsuitable certificate purpose",
+    28: "certificate rejected",
+}
+
+
+def verifyErrorString(code):
+    """OpenSSL's text for an X509_V_ERR_* code."""
+    try:  # pyOpenSSL does not export X509_verify_cert_error_string publicly
+        from OpenSSL._util import ffi, lib
+
+        return ffi.string(lib.X509_verify_cert_error_string(code)).decode("ascii", "replace")
+    except Exception:
+        return _VERIFY_ERRORS.get(code, f"verify error {code}")
+
+
+# TLS alert descriptions (RFC 8446 s.6, RFC 5246 s.7.2).
+ALERTS = {
+    0: "close notify", 10: "unexpected message", 20: "bad record mac", 22: "record overflow",
+    40: "handshake failure", 42: "bad certificate", 43: "unsupported certificate",
+    44: "certificate revoked", 45: "certificate expired", 46: "certificate unknown",
+    47: "illegal parameter", 48: "unknown ca", 49: "access denied", 50: "decode error",
+    51: "decrypt error", 70: "protocol version", 71: "insufficient security",
+    80: "internal error", 86: "inappropriate fallback", 90: "user canceled",
+    109: "missing extension", 110: "unsupported extension", 112: "unrecognized name",
+    116: "certificate required", 120: "no application protocol",
+}
+
+# What an alert we *send* means, when the verify callback did not already say.
+_SENT_ALERT_REASONS = {
+    116: "the peer sent no certificate",
+    70: "the peer offered no TLS version >= 1.2",
+    40: "handshake failure (no client certificate, or no shared cipher)",
+    71: "the peer offered no TLS version or cipher we accept",
+}
+
+
+def _addressOf(tlsProtocol):
+    try:
+        peer = tlsProtocol.transport.getPeer()
+        return f"{peer.host}:{peer.port}"
+    except Exception:
+        return "?"
+
+
+_CERTIFICATE_ALERTS = {42, 43, 44, 45, 46, 48, 49, 116}
+_established = weakref.WeakSet()  # tlsProtocols whose handshake finished
+
+# tlsProtocol -> the text of our refusal, so describeTLSFailure(reason, transport) can use it.
+_refusals = weakref.WeakKeyDictionary()
+
+
+def refusalOf(transport):
+    """The reason we refused the peer of *transport* during its handshake, or None."""
+    try:
+        return _refusals.get(transport)
+    except TypeError:
+        return None
+
+
+def describeTLSFailure(failure, transport=None):
+    """One line explaining why a TLS connection failed or was lost.
+
+    *failure* is a Failure or exception (typically the connectionLost reason);
+    pass the *transport* too to get our own refusal's exact reason.
+    """
+    if transport is not None:
+        own = refusalOf(transport)
+        if own:
+            return own
+    error = failure.value if isinstance(failure, Failure) else failure
+    if isinstance(error, PeerRejected):
+        return str(error)
+    if isinstance(error, VerificationError):
+        return f"peer name mismatch: {error}"
+    if isinstance(error, SSL.Error):
+        parts = []
+        for item in error.args[0] if error.args and isinstance(error.args[0], list) else []:
+            reason = item[-1] if isinstance(item, tuple) else str(item)
+            if reason and reason not in parts:
+                parts.append(reason)
+        text = "; ".join(parts) or str(error)
+        if "alert" in text:
+            return f"the peer refused the handshake: {text}"
+        return f"TLS handshake failed: {text}"
+    return f"{type(error).__name__}: {error}"
+
+
+def _alertInfoCallback(role):
+    """An info callback that logs fatal alerts: sent ones (we refused the
+    peer, unless the verify callback already said why) and received ones (the
+    peer refused us)."""
+
+    def info(conn, where, ret):
+        try:
+            tlsProtocol = conn.get_app_data()
+            if tlsProtocol is None:
+                return
+            if where & SSL.SSL_CB_HANDSHAKE_DONE:
+                _established.add(tlsProtocol)
+                return
+            if not where & SSL.SSL_CB_ALERT:
+                return
+            level, desc = ret >> 8, ret & 0xFF
+            if desc == 0 or level != 2:  # close_notify / warnings
+                return
+            if tlsProtocol in _established and desc not in _CERTIFICATE_ALERTS:
+                # After the handshake, only certificate alerts are about
+                # authentication (TLS 1.3 servers check the client's
+                # certificate after the client has finished); the rest is
+                # for the link's own connectionLost to report.
+                return
+            alert = ALERTS.get(desc, f"alert {desc}")
+            address = _addressOf(tlsProtocol)
+            if where & SSL.SSL_CB_WRITE:
+                if tlsProtocol in _refusals:
+                    return
+                reason = _SENT_ALERT_REASONS.get(desc, f"sent TLS alert '{alert}'")
+                _refusals[tlsProtocol] = f"refused {role} at {address}: {reason}"
+                log.warn("TLS: refused {role} at {address}: {reason}", role=role, address=address, reason=reason)
+            else:
+                _refusals.setdefault(tlsProtocol, f"{role} at {address} refused us: TLS alert '{alert}'")
+                log.warn("TLS: {role} at {address} refused the handshake with alert '{alert}'"
+                         " (it does not accept our certificate or TLS settings)",
+                         role=role, address=address, alert=alert)
+        except Exception:
+            log.failure("TLS: while logging an alert")
+
+    return info
+
+
+class _PeerVerifier:
+    """A per-connection verify callback: chain errors and names, explained.
+
+    Returning False makes OpenSSL abort the handshake and send the peer the
+    matching alert (unknown ca, certificate expired, ...); the reason is
+    logged here and remembered for ``describeTLSFailure``.
+    """
+
+    def __init__(self, tlsProtocol, role, expectedName=None, allowedNames=None):
+        self.tlsProtocol = weakref.ref(tlsProtocol)
+        self.role = role
+        self.expectedName = expectedName
+        self.allowedNames = allowedNames
+
+    def refuse(self, reason, cert):
+        tls = self.tlsProtocol()
+        address = _addressOf(tls) if tls is not None else "?"
+        subject = cert.to_cryptography().subject.rfc4514_string() if cert is not None else "-"
+        line = f"refused {self.role} at {address}: {reason} [{subject}]"
+        if tls is not None:
+            _refusals[tls] = line
+        log.warn("TLS: {line}", line=line)
+        return False
+
+    def __call__(self, conn, cert, errno, depth, ok):
+        try:
+            if not ok:
+                where = "" if depth == 0 else f" (certificate at depth {depth})"
+                return self.refuse(f"certificate verify failed: {verifyErrorString(errno)}{where}", cert)
+            if depth != 0:
+                return True
+            leaf = cert.to_cryptography()
+            name = certName(leaf)
+            if self.allowedNames is not None and name not in self.allowedNames:
+                allowed = ", ".join(sorted(self.allowedNames)) or "none"
+                return self.refuse(f"name {name!r} is not in allowed_names ({allowed})", cert)
+            if self.expectedName is not None:
+                try:
+                    _verifyName(leaf, self.expectedName)
+                except VerificationError:
+                    return self.refuse(f"peer name mismatch: expected {self.expectedName} got {name}", cert)
+            return True
+        except Exception:
+            log.failure("TLS: while verifying a certificate")
+            return False
+
+
+def _verifyName(cert, name):
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        verify_certificate_hostname(cert, name)
+    else:
+        verify_certificate_ip_address(cert, name)
+
+
+_VERIFY_MODE = SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+
+
+# -- the two ends ------------------------------------------------------------------
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerTLS:
+    """The RRP's TLS settings; pass it wherever Twisted wants a server
+    context factory (``SSL4ServerEndpoint``, ``listenSSL``, ``TLSMemoryBIOFactory``)."""
+
+    role = "LRP"
+
+    def __init__(self, options, allowedNames=None):
+        self.options = options
+        self.allowedNames = allowedNames
+        options.getContext().set_info_callback(_alertInfoCallback(self.role))
+
+    def serverConnectionForTLS(self, tlsProtocol):
+        conn = self.options.serverConnectionForTLS(tlsProtocol)
+        conn.set_verify(_VERIFY_MODE | SSL.VERIFY_CLIENT_ONCE,
+                        _PeerVerifier(tlsProtocol, self.role, allowedNames=self.allowedNames))
+        return conn
+
+    def getContext(self):
+        """For code that still wants an old-style context factory."""
+        return self.options.getContext()
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class ClientTLS:
+    """The LRP's TLS settings: what ``optionsForClientTLS`` builds (trust
+    root, SNI, service_identity name check), done here so the context also
+    gets our info callback (pyOpenSSL forbids changing a context once it made
+    a connection) and the verify callback explains refusals."""
+
+    role = "RRP"
+
+    def __init__(self, rrpName, options):
+        self.rrpName = rrpName
+        self.options = options
+        try:
+            ipaddress.ip_address(rrpName)
+            self._sni = None  # RFC 6066: no literal addresses in SNI
+        except ValueError:
+            self._sni = rrpName.encode("idna")
+        options.getContext().set_info_callback(_alertInfoCallback(self.role))
+
+    def clientConnectionForTLS(self, tlsProtocol):
+        conn = self.options.clientConnectionForTLS(tlsProtocol)
+        if self._sni:
+            conn.set_tlsext_host_name(self._sni)
+        conn.set_verify(_VERIFY_MODE, _PeerVerifier(tlsProtocol, self.role, expectedName=self.rrpName))
+        return conn
+
+
+def _names(allowed_names):
+    if allowed_names is None:
+        return None
+    if isinstance(allowed_names, str):
+        allowed_names = [allowed_names]
+    return frozenset(n.strip() for n in allowed_names if n.strip())
+
+
+def serverCreator(cert_path, key_path, ca_path, allowed_names=None):
+    """TLS settings for the RRP: our certificate, TLS >= 1.2, and a client
+    certificate signed by *ca_path* required (with a name in *allowed_names*,
+    if given).  Raises ``TLSConfigError``."""
+    leaf, chain, key = loadIdentity(cert_path, key_path)
+    cas = loadCA(ca_path)
+    try:
+        options = ssl.CertificateOptions(
+            privateKey=key, certificate=leaf, extraCertChain=chain or None,
+            verify=True, caCerts=cas, requireCertificate=True,
+            raiseMinimumTo=MINIMUM_VERSION,
+        )
+        options.getContext()  # build it now so errors surface here, not per connection
+    except (SSL.Error, ValueError, TypeError) as e:
+        raise TLSConfigError(f"cannot use {cert_path} / {key_path} / {ca_path}: {e}") from None
+    return ServerTLS(options, _names(allowed_names))
+
+
+def clientCreator(rrp_name, cert_path, key_path, ca_path):
+    """TLS settings for the LRP: our certificate, TLS >= 1.2, and the RRP's
+    certificate must chain to *ca_path* and carry *rrp_name*.  Raises
+    ``TLSConfigError``."""
+    leaf, chain, key = loadIdentity(cert_path, key_path)
+    cas = loadCA(ca_path)
+    trust = ssl.trustRootFromCertificates([ssl.Certificate(c) for c in cas])
+    try:
+        options = ssl.CertificateOptions(
+            privateKey=key, certificate=leaf, extraCertChain=chain or None,
+            trustRoot=trust, raiseMinimumTo=MINIMUM_VERSION,
+        )
+        options.getContext()
+    except (SSL.Error, ValueError, TypeError) as e:
+        raise TLSConfigError(f"cannot use {cert_path} / {key_path} / {ca_path} for {rrp_name!r}: {e}") from None
+    return ClientTLS(rrp_name, options)
+
+
+def rrpClientService(reactor, host, port, creator, factory, initialDelay=1.0, maxDelay=60.0,
+                     factor=1.5, jitter=None, timeout=10, prepareConnection=None):
+    """The LRP's side of the link: a ClientService that dials the RRP over
+    TLS and reconnects with exponential backoff.
+
+    A TLS refusal happens after TCP connects, which ClientService counts as a
+    success (and resets its backoff); pass *prepareConnection* returning a
+    Deferred that fires once the peer has spoken (the mux HELLO) and fails if
+    the connection is lost, so refused connections back off too.
+    """
+    policy = backoffPolicy(initialDelay=initialDelay, maxDelay=maxDelay, factor=factor,
+                           **({"jitter": jitter} if jitter is not None else {}))
+    endpoint = wrapClientTLS(creator, HostnameEndpoint(reactor, host, port, timeout=timeout))
+    return ClientService(endpoint, factory, retryPolicy=policy, clock=reactor,
+                         prepareConnection=prepareConnection)
