@@ -1,0 +1,511 @@
+"""The link-level state of one mux connection, as a plain object.
+
+A :class:`MuxConnection` knows nothing about sockets: it is fed bytes
+(``dataReceived``), told about the transport's backpressure
+(``pauseWriting``/``resumeWriting``) and loss (``linkLost``), and writes through a
+*link* with four methods: ``writeFrames(listOfBytes)``, ``sendBufferSize()``,
+``loseConnection()``, ``abortConnection()``.  The Twisted protocol in
+:mod:`routeproxy.mux.protocol` is that link; tests can use any other.
+
+What it does (docs/protocol.md):
+
+- sends HELLO first and negotiates the version and capabilities; nothing else is
+  sent before the peer's HELLO is accepted;
+- keeps the session table (``sessions``); the opener (the LRP) calls
+  ``openSession(profile, clientInfo, receiver)``; on the acceptor (the RRP) each
+  OPEN calls ``sessionRequested(session, profile, clientInfo)``, which returns
+  the receiver (or a Deferred of it) to accept, or raises / fails with
+  :class:`~routeproxy.mux.session.SessionRefused` to refuse;
+- schedules output: frames produced in one reactor turn are written together
+  with one ``writeFrames``; control frames (everything but GRE) go first, are
+  never dropped; GRE is written at once or dropped and counted
+  (``stats.greDropped[reason]``) when the transport paused us or the send buffer
+  is over ``config.greWatermark`` -- it is never queued;
+- pings every ``config.pingInterval`` seconds, measures the RTT
+  (``stats.rttLast`` / ``stats.rttSmoothed``), and aborts the link when nothing
+  arrived for ``config.deadTimeout`` seconds; then every session closes with
+  ``Reason.LINK_LOST``;
+- applies the error rules: each event is one log line, and closes the session or
+  the link exactly as the spec says.
+
+``peerName`` is set by the TLS layer (the name in the peer's certificate).
+"""
+import collections
+import dataclasses
+import itertools
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from routeproxy.mux import frames as F
+from routeproxy.mux.frames import LinkError, Reason, linkErrorName
+from routeproxy.mux.session import OPEN, OPENING, PENDING, Session, SessionRefused
+
+
+@dataclasses.dataclass
+class MuxConfig:
+    """Tunables of one end; every field has a safe default."""
+
+    maxPayload: int = F.MIN_MAX_PAYLOAD   # largest payload we accept
+    initialWindow: int = 65536            # CONTROL credit we grant per session
+    pingInterval: float = 10.0            # seconds between PINGs
+    deadTimeout: float = 30.0             # seconds of silence before the link is dead
+    greWatermark: int = 65536             # send-buffer bytes above which GRE is dropped
+    maxSessions: int = 4096               # acceptor: concurrent sessions
+    versions: tuple = F.PROTOCOL_VERSIONS
+    capabilities: tuple = ()
+
+    def __post_init__(self):
+        if not F.MIN_MAX_PAYLOAD <= self.maxPayload <= F.MAX_MAX_PAYLOAD:
+            raise ValueError(f"maxPayload {self.maxPayload} outside "
+                             f"{F.MIN_MAX_PAYLOAD}..{F.MAX_MAX_PAYLOAD}")
+        if not 1 <= self.initialWindow <= F.MAX_WINDOW:
+            raise ValueError(f"initialWindow {self.initialWindow} outside 1..{F.MAX_WINDOW}")
+        if not 0 < self.pingInterval < self.deadTimeout:
+            raise ValueError("need 0 < pingInterval < deadTimeout")
+
+
+class MuxStats:
+    """Counters of one connection (read by the daemons' metrics)."""
+
+    def __init__(self):
+        self.framesIn = self.framesOut = 0
+        self.bytesIn = self.bytesOut = 0
+        self.greDropped = collections.Counter()   # outgoing, by reason
+        self.greIgnored = collections.Counter()   # incoming, by reason
+        self.unknownFrames = 0
+        self.sessionsOpened = self.sessionsRefused = 0
+        self.rttLast = None
+        self.rttSmoothed = None
+
+    def countDrop(self, reason):
+        self.greDropped[reason] += 1
+
+    def addRtt(self, rtt):
+        self.rttLast = rtt
+        if self.rttSmoothed is None:
+            self.rttSmoothed = rtt
+        else:
+            self.rttSmoothed += (rtt - self.rttSmoothed) / 8  # like TCP's SRTT
+
+
+class MuxConnection:
+    log = Logger(namespace="routeproxy.mux")
+
+    def __init__(self, isOpener, clock, config=None, sessionRequested=None, peerName=None):
+        self.isOpener = isOpener
+        self.clock = clock
+        self.config = config or MuxConfig()
+        self.sessionRequested = sessionRequested
+        self.peerName = peerName
+        self.stats = MuxStats()
+        self.sessions = {}
+        self.version = None
+        self.capabilities = frozenset()
+        self.peerHello = None
+        self.maxOutPayload = F.MIN_MAX_PAYLOAD
+        self.peerInitialWindow = 0
+        self.closed = False
+        self.closeReason = None
+        self._link = None
+        self._decoder = F.FrameDecoder(self.config.maxPayload)
+        self._readyWaiters = []
+        self._control = []       # encoded control frames of this turn
+        self._gre = []           # encoded GRE frames of this turn
+        self._pendingBytes = 0
+        self._heldUntilReady = []
+        self._flushCall = None
+        self._inBatch = False
+        self._writePaused = False
+        self._nextSessionId = itertools.count(1)
+        self._lastSessionId = 0  # acceptor: highest id opened so far
+        self._lastReceived = clock.seconds()
+        self._pingCounter = itertools.count(1)
+        self._pingOutstanding = None  # (data, sentAt)
+        self._pingWaiters = []
+        self._timer = None
+        self._unknownLogged = set()
+
+    @property
+    def ready(self):
+        return self.version is not None and not self.closed
+
+    @property
+    def peerLabel(self):
+        return self.peerName or "peer"
+
+    # --- link side (called by the protocol) ----------------------------------
+
+    def start(self, link):
+        """The transport is up: send HELLO and start the liveness timer."""
+        self._link = link
+        self._lastReceived = self.clock.seconds()
+        c = self.config
+        hello = F.Hello(c.versions, c.maxPayload, c.initialWindow,
+                        min(65535, max(1, round(c.pingInterval))),
+                        min(65535, max(1, round(c.deadTimeout))), c.capabilities)
+        self._queue(hello.encode(), control=True, beforeReady=True)
+        self._schedule(self.config.pingInterval)
+
+    def dataReceived(self, data):
+        if self.closed:
+            return
+        self._lastReceived = self.clock.seconds()
+        self.stats.bytesIn += len(data)
+        self._inBatch = True
+        try:
+            self._decoder.feed(data)
+            while not self.closed:
+                try:
+                    frame = self._decoder.nextFrame()
+                except F.MalformedFrame as e:
+                    self.stats.framesIn += 1
+                    self._malformed(e)
+                    continue
+                except F.FrameError as e:
+                    self.goAway(e.code, e.reason)
+                    break
+                if frame is None:
+                    break
+                self.stats.framesIn += 1
+                self._frameReceived(frame)
+        finally:
+            self._inBatch = False
+            self.flush()
+
+    def pauseWriting(self):
+        self._writePaused = True
+
+    def resumeWriting(self):
+        self._writePaused = False
+
+    def linkLost(self, why="connection lost"):
+        """The transport is gone: every session closes with LINK_LOST."""
+        if not self.closed:
+            self.log.info("mux {peer}: link lost: {why}", peer=self.peerLabel, why=why)
+        self._shutdown(why)
+
+    # --- API for the daemons -------------------------------------------------
+
+    def whenReady(self):
+        """Deferred firing with this connection once HELLO was negotiated."""
+        if self.ready:
+            return defer.succeed(self)
+        if self.closed:
+            return defer.fail(SessionRefused(Reason.LINK_LOST, self.closeReason or ""))
+        d = defer.Deferred()
+        self._readyWaiters.append(d)
+        return d
+
+    def openSession(self, profile, clientInfo, receiver):
+        """Opener only: ask the peer for a session to *profile* (a name, never an address)."""
+        if self.closed:
+            raise SessionRefused(Reason.LINK_LOST, "the link is down")
+        if not self.isOpener:
+            raise ValueError("only the opener (the LRP end) opens sessions")
+        sid = next(self._nextSessionId)
+        if sid > 0xFFFFFFFF:
+            raise SessionRefused(Reason.LINK_LOST, "session ids exhausted; reconnect")
+        frame = F.Open(sid, profile, clientInfo).encode()  # ValueError on a bad name
+        session = Session(self, sid, True, profile, clientInfo, receiver)
+        self.sessions[sid] = session
+        self._queue(frame, control=True)
+        return session
+
+    def ping(self):
+        """Send a PING now (unless one is outstanding); Deferred fires with the RTT."""
+        d = defer.Deferred()
+        self._pingWaiters.append(d)
+        self._sendPing()
+        return d
+
+    def goAway(self, code=LinkError.NO_ERROR, text=""):
+        """Send GOAWAY, close the link gracefully, close every session."""
+        if self.closed:
+            return
+        log = self.log.info if code == LinkError.NO_ERROR else self.log.warn
+        log("mux {peer}: closing the link with GOAWAY {code}: {text}",
+            peer=self.peerLabel, code=linkErrorName(code), text=text)
+        self._queue(F.GoAway(code, text).encode(), control=True, beforeReady=True)
+        self.flush()
+        self._shutdown(f"GOAWAY {linkErrorName(code)} sent: {text}")
+        if self._link is not None:
+            self._link.loseConnection()
+
+    def flush(self):
+        """Write this turn's frames: control first, then GRE."""
+        if self._flushCall is not None:
+            if self._flushCall.active():
+                self._flushCall.cancel()
+            self._flushCall = None
+        if not (self._control or self._gre) or self._link is None:
+            return
+        chunks = self._control + self._gre if self._gre else self._control
+        self.stats.framesOut += len(chunks)
+        self.stats.bytesOut += self._pendingBytes
+        self._control, self._gre, self._pendingBytes = [], [], 0
+        self._link.writeFrames(chunks)
+
+    # --- output scheduling (used by Session) ---------------------------------
+
+    def _queue(self, encoded, control, beforeReady=False):
+        if self.closed:
+            return
+        if self.version is None and not beforeReady:
+            self._heldUntilReady.append(encoded)
+            return
+        (self._control if control else self._gre).append(encoded)
+        self._pendingBytes += len(encoded)
+        if not self._inBatch and self._flushCall is None:
+            self._flushCall = self.clock.callLater(0, self.flush)
+
+    def _queueControl(self, encoded):
+        self._queue(encoded, control=True)
+
+    def _queueGre(self, sid, callTag, seq, ack, payload):
+        if self.closed:
+            reason = "link_down"
+        elif self._writePaused:
+            reason = "paused"
+        elif len(payload) + 10 > self.maxOutPayload:
+            reason = "too_large"
+        elif self._pendingBytes + self._link.sendBufferSize() >= self.config.greWatermark:
+            reason = "watermark"
+        else:
+            self._queue(F.encodeGre(sid, callTag, seq, ack, payload), control=False)
+            return True
+        self.stats.countDrop(reason)
+        return False
+
+    def _forget(self, session):
+        self.sessions.pop(session.id, None)
+
+    # --- incoming frames -----------------------------------------------------
+
+    def _frameReceived(self, frame):
+        if self.version is None:
+            if isinstance(frame, F.Hello):
+                self._helloReceived(frame)
+            else:
+                self.goAway(LinkError.PROTOCOL_ERROR,
+                            f"expected HELLO first, got {type(frame).__name__}")
+            return
+        handler = self._handlers.get(type(frame))
+        if handler is None:
+            self._unknownReceived(frame)
+        else:
+            handler(self, frame)
+
+    def _helloReceived(self, hello):
+        common = set(hello.versions) & set(self.config.versions)
+        if not common:
+            self.goAway(LinkError.VERSION_MISMATCH,
+                        f"no common version: we speak {sorted(self.config.versions)},"
+                        f" the peer offers {sorted(hello.versions)}")
+            return
+        self.peerHello = hello
+        self.version = max(common)
+        self.capabilities = frozenset(hello.capabilities) & frozenset(self.config.capabilities)
+        self.maxOutPayload = hello.maxPayload
+        self.peerInitialWindow = hello.initialWindow
+        self.log.info("mux {peer}: link up, version {version}, capabilities {caps},"
+                      " peer window {window}", peer=self.peerLabel, version=self.version,
+                      caps=sorted(self.capabilities) or "none", window=hello.initialWindow)
+        held, self._heldUntilReady = self._heldUntilReady, []
+        for encoded in held:
+            self._queue(encoded, control=True)
+        waiters, self._readyWaiters = self._readyWaiters, []
+        for d in waiters:
+            d.callback(self)
+
+    def _onHello(self, frame):
+        self.goAway(LinkError.PROTOCOL_ERROR, "second HELLO")
+
+    def _onGoAway(self, frame):
+        self.log.info("mux {peer}: peer sent GOAWAY {code}: {text}", peer=self.peerLabel,
+                      code=linkErrorName(frame.code), text=frame.text)
+        self._shutdown(f"peer sent GOAWAY {linkErrorName(frame.code)}: {frame.text}")
+        if self._link is not None:
+            self._link.loseConnection()
+
+    def _onPing(self, frame):
+        self._queue(F.Pong(frame.data).encode(), control=True)
+
+    def _onPong(self, frame):
+        if self._pingOutstanding is None or self._pingOutstanding[0] != frame.data:
+            return  # not ours (or late): harmless
+        rtt = self.clock.seconds() - self._pingOutstanding[1]
+        self._pingOutstanding = None
+        self.stats.addRtt(rtt)
+        waiters, self._pingWaiters = self._pingWaiters, []
+        for d in waiters:
+            d.callback(rtt)
+
+    def _onOpen(self, frame):
+        sid = frame.session
+        if sid in self.sessions or sid <= self._lastSessionId:
+            self.goAway(LinkError.PROTOCOL_ERROR,
+                        f"OPEN reuses session id {sid} (ids must increase)")
+            return
+        if self.isOpener or self.sessionRequested is None:
+            self._refuse(sid, Reason.NOT_ACCEPTING, "this end does not accept sessions")
+            return
+        self._lastSessionId = sid
+        if len(self.sessions) >= self.config.maxSessions:
+            self._refuse(sid, Reason.TOO_MANY_SESSIONS,
+                         f"limit of {self.config.maxSessions} sessions reached")
+            return
+        session = Session(self, sid, False, frame.profile, frame.clientInfo)
+        self.sessions[sid] = session
+        d = defer.maybeDeferred(self.sessionRequested, session, frame.profile,
+                                frame.clientInfo)
+        if session.state == PENDING:
+            session._decision = d
+        d.addCallbacks(session._accept, session._refuse)
+
+    def _refuse(self, sid, reason, text):
+        self.stats.sessionsRefused += 1
+        self.log.warn("mux {peer}: session {sid} refused: {reason} ({text})",
+                      peer=self.peerLabel, sid=sid, reason=F.reasonName(reason), text=text)
+        self._queue(F.OpenRefused(sid, reason, text).encode(), control=True)
+
+    def _onOpenOk(self, frame):
+        session = self.sessions.get(frame.session)
+        if session is None or session.state != OPENING:
+            self.log.info("mux {peer}: ignoring OPEN_OK for session {sid}, which is not"
+                          " opening", peer=self.peerLabel, sid=frame.session)
+            return
+        self.stats.sessionsOpened += 1
+        session._opened(self.peerInitialWindow)
+
+    def _onOpenRefused(self, frame):
+        session = self.sessions.get(frame.session)
+        if session is None or session.state != OPENING:
+            self.log.info("mux {peer}: ignoring OPEN_REFUSED for session {sid}, which is"
+                          " not opening", peer=self.peerLabel, sid=frame.session)
+            return
+        self.stats.sessionsRefused += 1
+        session._terminate(frame.code, frame.text, byPeer=True)
+
+    def _onClose(self, frame):
+        session = self.sessions.get(frame.session)
+        if session is not None:  # unknown: it crossed our own CLOSE
+            session._terminate(frame.code, frame.text, byPeer=True)
+
+    def _onControl(self, frame):
+        session = self.sessions.get(frame.session)
+        if session is None or session.state != OPEN:
+            self.log.warn("mux {peer}: CONTROL for session {sid}, which is not open;"
+                          " closing it", peer=self.peerLabel, sid=frame.session)
+            if session is not None:
+                session.close(Reason.NOT_OPEN, "CONTROL before the session was open")
+            else:
+                self._queue(F.Close(frame.session, Reason.NOT_OPEN,
+                                    "no such session").encode(), control=True)
+            return
+        session._controlReceived(frame.data)
+
+    def _onWindowUpdate(self, frame):
+        session = self.sessions.get(frame.session)
+        if session is not None and session.state == OPEN:
+            session._windowUpdate(frame.increment)
+        # otherwise it crossed a CLOSE: ignore
+
+    def _onGre(self, frame):
+        session = self.sessions.get(frame.session)
+        if session is None or session.state != OPEN:
+            self.stats.greIgnored["not_open"] += 1
+            return
+        session._greReceived(frame)
+
+    _handlers = {
+        F.Hello: _onHello, F.GoAway: _onGoAway, F.Ping: _onPing, F.Pong: _onPong,
+        F.Open: _onOpen, F.OpenOk: _onOpenOk, F.OpenRefused: _onOpenRefused,
+        F.Close: _onClose, F.Control: _onControl, F.WindowUpdate: _onWindowUpdate,
+        F.Gre: _onGre,
+    }
+
+    def _unknownReceived(self, frame):
+        if not frame.ignorable:
+            self.goAway(LinkError.UNKNOWN_FRAME_TYPE,
+                        f"unknown mandatory frame type 0x{frame.frameType:02x}")
+            return
+        self.stats.unknownFrames += 1
+        if frame.frameType not in self._unknownLogged:
+            self._unknownLogged.add(frame.frameType)
+            self.log.info("mux {peer}: ignoring frames of unknown type 0x{t:02x}"
+                          " (may-ignore bit set)", peer=self.peerLabel, t=frame.frameType)
+
+    def _malformed(self, e):
+        """A frame whose framing was fine but whose payload is not."""
+        if e.frameType in F.LINK_TYPES or self.version is None:
+            self.goAway(e.code, e.reason)
+        elif e.frameType == F.GRE:
+            self.stats.greIgnored["malformed"] += 1
+            self.log.debug("mux {peer}: {reason}", peer=self.peerLabel, reason=e.reason)
+        elif e.frameType == F.OPEN:
+            if e.session in self.sessions or e.session <= self._lastSessionId:
+                self.goAway(LinkError.PROTOCOL_ERROR, e.reason)
+                return
+            self._lastSessionId = e.session
+            self._refuse(e.session, Reason.MALFORMED_OPEN, e.reason)
+        else:
+            session = self.sessions.get(e.session)
+            self.log.warn("mux {peer}: {reason}; closing the session", peer=self.peerLabel,
+                          reason=e.reason)
+            if session is not None:
+                if e.frameType in (F.CLOSE, F.OPEN_REFUSED):
+                    session._terminate(Reason.PROTOCOL_ERROR, e.reason, byPeer=True)
+                else:
+                    session.close(Reason.PROTOCOL_ERROR, e.reason)
+
+    # --- liveness -------------------------------------------------------------
+
+    def _schedule(self, delay):
+        self._timer = self.clock.callLater(max(delay, 0.001), self._tick)
+
+    def _tick(self):
+        self._timer = None
+        if self.closed:
+            return
+        now = self.clock.seconds()
+        silent = now - self._lastReceived
+        if silent >= self.config.deadTimeout:
+            self.log.warn("mux {peer}: nothing received for {silent:.1f} s (dead timeout"
+                          " {limit} s); aborting the link", peer=self.peerLabel,
+                          silent=silent, limit=self.config.deadTimeout)
+            self._shutdown(f"dead peer: nothing received for {silent:.1f} s")
+            if self._link is not None:
+                self._link.abortConnection()
+            return
+        if self.ready:
+            self._sendPing()
+        self._schedule(min(self.config.pingInterval,
+                           self._lastReceived + self.config.deadTimeout - now))
+
+    def _sendPing(self):
+        if not self.ready or self._pingOutstanding is not None:
+            return
+        data = next(self._pingCounter).to_bytes(8, "big")
+        self._pingOutstanding = (data, self.clock.seconds())
+        self._queue(F.Ping(data).encode(), control=True)
+
+    # --- teardown --------------------------------------------------------------
+
+    def _shutdown(self, why):
+        if self.closed:
+            return
+        self.closed = True
+        self.closeReason = why
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self._heldUntilReady = []
+        for session in list(self.sessions.values()):
+            session._terminate(Reason.LINK_LOST, why, byPeer=False)
+        waiters, self._readyWaiters = self._readyWaiters, []
+        for d in waiters:
+            d.errback(SessionRefused(Reason.LINK_LOST, why))
+        pings, self._pingWaiters = self._pingWaiters, []
+        for d in pings:
+            d.errback(SessionRefused(Reason.LINK_LOST, why))

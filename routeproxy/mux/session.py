@@ -1,0 +1,308 @@
+"""One mux session: its state machine and its CONTROL flow-control windows.
+
+A Session is a plain object owned by a :class:`~routeproxy.mux.connection.MuxConnection`;
+it never touches a transport.  States (docs/protocol.md, "Sessions")::
+
+    OPENING  the opener sent OPEN and waits for OPEN_OK / OPEN_REFUSED
+    PENDING  the acceptor got OPEN and its sessionRequested callback is deciding
+    OPEN     CONTROL, WINDOW_UPDATE and GRE flow both ways
+    CLOSED   final; the id is never used again on this connection
+
+API for the daemons:
+
+- ``whenOpen()`` -> Deferred firing with the session on OPEN_OK, failing with
+  :class:`SessionRefused` on OPEN_REFUSED, a CLOSE before OPEN_OK, or link loss.
+- ``sendControl(data)``: reliable, ordered; never dropped.  Bytes beyond the
+  peer's window wait here, and the local producer (``setLocalProducer``) is
+  paused until a WINDOW_UPDATE makes room.
+- ``sendGRE(callTag, seq, ack, payload) -> bool``: False when dropped (counted
+  by reason in ``connection.stats.greDropped``).
+- ``close(reason=Reason.NORMAL, text="")``.
+- ``pauseReading()`` / ``resumeReading()``: the local consumer (the daemon's TCP
+  transport towards its PPTP peer) pushes back; while paused no CONTROL credit
+  is returned, so the peer stops after one window.
+- ``setLocalProducer(producer)``: an IPushProducer (the daemon's TCP transport)
+  paused while this session cannot send.
+
+The receiver (see :class:`ISessionReceiver`) gets ``controlReceived(data)``,
+``greReceived(callTag, seq, ack, payload)`` and exactly one
+``sessionClosed(reason)`` (also after a refusal, when it was known).
+"""
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Interface
+
+from routeproxy.mux import frames as F
+from routeproxy.mux.frames import Reason, reasonName
+
+OPENING = "OPENING"
+PENDING = "PENDING"
+OPEN = "OPEN"
+CLOSED = "CLOSED"
+
+
+class ISessionReceiver(Interface):
+    """What a session delivers to the daemon (a duck type is enough)."""
+
+    def controlReceived(data):
+        """Control-stream bytes from the peer, in order."""
+
+    def greReceived(callTag, seq, ack, payload):
+        """One GRE datagram; seq/ack are None when absent."""
+
+    def sessionClosed(reason):
+        """The session ended (a Reason code); called once."""
+
+
+class SessionRefused(Exception):
+    """The session did not open (or the link went away): *reason* is a Reason code."""
+
+    def __init__(self, reason, text=""):
+        super().__init__(reason, text)
+        self.reason = reason
+        self.text = text
+
+    def __str__(self):
+        extra = f": {self.text}" if self.text else ""
+        return f"session refused ({reasonName(self.reason)}){extra}"
+
+
+class Session:
+    log = Logger(namespace="routeproxy.mux")
+
+    def __init__(self, connection, sessionId, isOpener, profile, clientInfo="",
+                 receiver=None):
+        self.connection = connection
+        self.id = sessionId
+        self.isOpener = isOpener
+        self.profile = profile
+        self.clientInfo = clientInfo
+        self.receiver = receiver
+        self.state = OPENING if isOpener else PENDING
+        self.closeReason = None
+        self.closeText = ""
+        self.closedByPeer = False
+        # Credit we may still use (set by the peer's HELLO when the session opens).
+        self.sendWindow = 0
+        # Credit the peer may still use, and bytes delivered but not yet credited back.
+        self.initialWindow = connection.config.initialWindow
+        self.recvWindow = self.initialWindow
+        self._creditThreshold = max(1, self.initialWindow // 2)
+        self._unreturned = 0
+        self._readingPaused = False
+        self._outgoing = bytearray()
+        self._producer = None
+        self._producerPaused = False
+        self._waiters = []
+        self._decision = None  # the acceptor's pending sessionRequested Deferred
+        self.controlBytesIn = self.controlBytesOut = 0
+        self.greIn = self.greOut = 0
+
+    def __repr__(self):
+        return f"<Session {self.id} {self.profile!r} {self.state}>"
+
+    # --- daemon API ----------------------------------------------------------
+
+    def whenOpen(self):
+        if self.state == OPEN:
+            return defer.succeed(self)
+        if self.state == CLOSED:
+            return defer.fail(SessionRefused(self.closeReason, self.closeText))
+        d = defer.Deferred()
+        self._waiters.append(d)
+        return d
+
+    def sendControl(self, data):
+        if self.state == CLOSED:
+            return
+        if not data:
+            return
+        conn = self.connection
+        if (not self._outgoing and self.state == OPEN
+                and len(data) <= self.sendWindow and len(data) <= conn.maxOutPayload):
+            self.sendWindow -= len(data)
+            self.controlBytesOut += len(data)
+            conn._queueControl(F.encodeControl(self.id, bytes(data)))
+        else:
+            self._outgoing += data
+            self._flushControl()
+        self._updateProducer()
+
+    def sendGRE(self, callTag, seq, ack, payload):
+        if self.state != OPEN:
+            self.connection.stats.countDrop("not_open")
+            return False
+        if self.connection._queueGre(self.id, callTag, seq, ack, payload):
+            self.greOut += 1
+            return True
+        return False
+
+    def close(self, reason=Reason.NORMAL, text=""):
+        if self.state == CLOSED:
+            return
+        if self.state == PENDING:
+            self.connection._queueControl(F.OpenRefused(self.id, reason, text).encode())
+        else:
+            self.connection._queueControl(F.Close(self.id, reason, text).encode())
+        self._terminate(reason, text, byPeer=False)
+
+    def pauseReading(self):
+        self._readingPaused = True
+
+    def resumeReading(self):
+        self._readingPaused = False
+        self._returnCredit(force=True)
+
+    def setLocalProducer(self, producer):
+        self._producer = producer
+        self._producerPaused = False
+        self._updateProducer()
+
+    # --- called by the connection --------------------------------------------
+
+    def _opened(self, peerWindow):
+        """OPEN_OK received (opener) or the acceptor's callback accepted."""
+        self.state = OPEN
+        self.sendWindow = peerWindow
+        self._flushControl()
+        self._updateProducer()
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(self)
+
+    def _accept(self, receiver):
+        self._decision = None
+        if self.state == CLOSED:
+            # The peer closed (or the link died) while we were deciding: let the
+            # daemon tear down what it built.
+            if receiver is not None:
+                self._notifyClosed(receiver)
+            return
+        if receiver is None:
+            self.log.warn("mux {peer}: session {sid}: sessionRequested accepted"
+                          " without a receiver; refusing",
+                          peer=self.connection.peerLabel, sid=self.id)
+            self.close(Reason.INTERNAL_ERROR, "no receiver")
+            return
+        self.receiver = receiver
+        self.connection._queueControl(F.OpenOk(self.id).encode())
+        self.connection.stats.sessionsOpened += 1
+        self.log.info("mux {peer}: session {sid} to profile {profile!r} accepted"
+                      " (client {client})", peer=self.connection.peerLabel,
+                      sid=self.id, profile=self.profile, client=self.clientInfo)
+        self._opened(self.connection.peerInitialWindow)
+
+    def _refuse(self, failure):
+        self._decision = None
+        if self.state == CLOSED:
+            return None  # cancelled by our own close, or the peer went away
+        if failure.check(SessionRefused):
+            reason, text = failure.value.reason, failure.value.text
+        else:
+            self.log.failure("mux {peer}: session {sid}: sessionRequested failed",
+                             failure, peer=self.connection.peerLabel, sid=self.id)
+            reason, text = Reason.INTERNAL_ERROR, "internal error"
+        self.connection.stats.sessionsRefused += 1
+        self.close(reason, text)
+        return None
+
+    def _controlReceived(self, data):
+        if len(data) > self.recvWindow:
+            self.log.warn("mux {peer}: session {sid}: CONTROL of {n} bytes exceeds"
+                          " the window of {w}; closing the session",
+                          peer=self.connection.peerLabel, sid=self.id, n=len(data),
+                          w=self.recvWindow)
+            self.close(Reason.FLOW_CONTROL_ERROR, "window exceeded")
+            return
+        self.recvWindow -= len(data)
+        self._unreturned += len(data)
+        self.controlBytesIn += len(data)
+        self._deliver("controlReceived", data)
+        self._returnCredit()
+
+    def _greReceived(self, frame):
+        self.greIn += 1
+        self._deliver("greReceived", frame.callTag, frame.seq, frame.ack, frame.data)
+
+    def _windowUpdate(self, increment):
+        if self.sendWindow + increment > F.MAX_WINDOW:
+            self.log.warn("mux {peer}: session {sid}: WINDOW_UPDATE overflows the"
+                          " window; closing the session",
+                          peer=self.connection.peerLabel, sid=self.id)
+            self.close(Reason.FLOW_CONTROL_ERROR, "window overflow")
+            return
+        self.sendWindow += increment
+        self._flushControl()
+        self._updateProducer()
+
+    def _terminate(self, reason, text="", byPeer=True):
+        if self.state == CLOSED:
+            return
+        wasOpen = self.state == OPEN
+        self.state = CLOSED
+        self.closeReason, self.closeText, self.closedByPeer = reason, text, byPeer
+        self._outgoing = bytearray()
+        self.connection._forget(self)
+        self.log.info(
+            "mux {peer}: session {sid} ({profile!r}) {what} by {who}: {reason}{extra}",
+            peer=self.connection.peerLabel, sid=self.id, profile=self.profile,
+            what="closed" if wasOpen else "refused",
+            who="peer" if byPeer else "us", reason=reasonName(reason),
+            extra=f" ({text})" if text else "")
+        if self._decision is not None:
+            decision, self._decision = self._decision, None
+            decision.cancel()
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.errback(SessionRefused(reason, text))
+        if self.receiver is not None:
+            self._notifyClosed(self.receiver)
+
+    # --- internals -----------------------------------------------------------
+
+    def _flushControl(self):
+        conn = self.connection
+        out = self._outgoing
+        while out and self.state == OPEN and self.sendWindow > 0:
+            n = min(len(out), self.sendWindow, conn.maxOutPayload)
+            chunk = bytes(out[:n])
+            del out[:n]
+            self.sendWindow -= n
+            self.controlBytesOut += n
+            conn._queueControl(F.encodeControl(self.id, chunk))
+
+    def _updateProducer(self):
+        if self._producer is None or self.state == CLOSED:
+            return
+        blocked = bool(self._outgoing) or self.sendWindow <= 0
+        if blocked and not self._producerPaused:
+            self._producerPaused = True
+            self._producer.pauseProducing()
+        elif not blocked and self._producerPaused:
+            self._producerPaused = False
+            self._producer.resumeProducing()
+
+    def _returnCredit(self, force=False):
+        if self.state != OPEN or self._readingPaused or not self._unreturned:
+            return
+        if force or self._unreturned >= self._creditThreshold:
+            n, self._unreturned = self._unreturned, 0
+            self.recvWindow += n
+            self.connection._queueControl(F.WindowUpdate(self.id, n).encode())
+
+    def _deliver(self, method, *args):
+        try:
+            getattr(self.receiver, method)(*args)
+        except Exception:
+            self.log.failure("mux {peer}: session {sid}: receiver.{method} failed;"
+                             " closing the session", peer=self.connection.peerLabel,
+                             sid=self.id, method=method)
+            self.close(Reason.INTERNAL_ERROR, "receiver failed")
+
+    def _notifyClosed(self, receiver):
+        try:
+            receiver.sessionClosed(self.closeReason)
+        except Exception:
+            self.log.failure("mux {peer}: session {sid}: receiver.sessionClosed failed",
+                             peer=self.connection.peerLabel, sid=self.id)
