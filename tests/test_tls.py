@@ -221,8 +221,20 @@ class RRPRefusesTests(TLSCase):
 
         return d.addCallback(count)
 
+    def test_olderVersionsDisabled(self):
+        """Both ends switch off SSLv3, TLS 1.0 and 1.1 themselves (the wire
+        test below would also pass on OpenSSL's security level alone)."""
+        for creator in (self.lab.server(), self.lab.client()):
+            options = creator.options.getContext().set_options(0)  # OR-ing 0 returns the options
+            for flag in ("OP_NO_SSLv3", "OP_NO_TLSv1", "OP_NO_TLSv1_1"):
+                self.assertTrue(options & getattr(SSL, flag), f"{flag} not set on {creator}")
+            self.assertFalse(options & SSL.OP_NO_TLSv1_2)
+
     @defer.inlineCallbacks
     def test_tls11Refused(self):
+        """A client offering only TLS 1.1 is refused with a clear line.  (Here
+        OpenSSL's default security level would refuse it too; the flags test
+        above is the one that pins our own setting.)"""
         try:
             creator = TLS11Client()
         except SSL.Error as e:
