@@ -105,10 +105,14 @@ mount -t devpts -o newinstance,ptmxmode=0666 devpts /dev/pts
 [ -e /dev/ptmx ] || ln -s pts/ptmx /dev/ptmx
 mount -t tmpfs tmpfs /dev/shm
 ip link set lo up
-export LAB_WORK={guest} LAB_MODPROBE={guest}/modprobe.sh
+export LAB_WORK={guest}
 cd {guest}
-/bin/sh {guest}/payload.sh > {guest}/output 2>&1 < /dev/null
-echo $? > {guest}/exit_code.tmp
+if /bin/sh {guest}/modules.sh > {guest}/output 2>&1; then
+    /bin/sh {guest}/payload.sh >> {guest}/output 2>&1 < /dev/null
+    echo $? > {guest}/exit_code.tmp
+else
+    echo 125 > {guest}/exit_code.tmp
+fi
 mv {guest}/exit_code.tmp {guest}/exit_code
 sync
 umount {guest} 2>/dev/null
@@ -116,34 +120,48 @@ busybox poweroff -f
 """
 
 
-# modprobe for UML's modules: there is no kmod on these hosts, and busybox's
-# modprobe only looks in /lib/modules (which holds nothing for UML)
-MODPROBE_TEMPLATE = r"""#!/bin/sh
-dir=@MODULES@
-for name in "$@"; do
-  name=$(echo "$name" | tr - _)
-  entry=$(tr - _ < "$dir/modules.dep" | grep -n -E "(^|/)$name\.ko(\.[a-z]+)?:" | head -1 | cut -d: -f1)
-  [ -n "$entry" ] || { echo "modprobe.sh: no module $name" >&2; exit 1; }
-  line=$(sed -n "${entry}p" "$dir/modules.dep")
-  order=${line%%:*}
-  for dep in ${line#*:}; do order="$dep $order"; done   # dependencies first
-  for ko in $order; do
-    mod=$(basename "$ko" | sed 's/\.ko.*//' | tr - _)
-    grep -q "^$mod " /proc/modules && continue
-    busybox insmod "$dir/$ko" || { echo "modprobe.sh: insmod $ko failed" >&2; exit 1; }
-  done
-done
-"""
+def module_load_order(names, version=None):
+    """UML module files (absolute paths) to insmod, dependencies first.
+
+    Resolved here on the host from modules.dep: there is no kmod on these
+    hosts, busybox's modprobe only looks in /lib/modules, and every exec inside
+    UML costs tens of milliseconds, so the guest just runs the insmods.
+    """
+    version = version or modules_version()
+    root = os.path.join(UML_MODULES, version)
+    deps = {}
+    with open(os.path.join(root, "modules.dep")) as f:
+        for line in f:
+            path, _, rest = line.partition(":")
+            deps[_module_name(path)] = (path, rest.split())
+    order, seen = [], set()
+
+    def visit(name):
+        key = name.replace("-", "_")
+        if key in seen:
+            return
+        if key not in deps:
+            raise UMLError(f"no UML module named {name!r} in {root}")
+        seen.add(key)
+        path, needs = deps[key]
+        for dep in needs:
+            visit(_module_name(dep))
+        order.append(os.path.join(root, path))
+
+    for name in names:
+        visit(name)
+    return order
+
+
+def _module_name(path):
+    return os.path.basename(path).split(".ko")[0].replace("-", "_")
 
 
 def write_init(work):
     path = os.path.join(work, "init.sh")
     with open(path, "w") as f:
         f.write(INIT_TEMPLATE.format(work=shlex.quote(work), guest=GUEST_WORK))
-    modprobe = os.path.join(work, "modprobe.sh")
-    with open(modprobe, "w") as f:
-        f.write(MODPROBE_TEMPLATE.replace("@MODULES@", os.path.join(UML_MODULES, modules_version())))
-    os.chmod(modprobe, 0o755)
+
     os.chmod(path, 0o755)
     return path
 
@@ -156,12 +174,13 @@ def uml_command(init_path, mem, work):
     ]
 
 
-def run_in_uml(script_text, timeout, mem="1G", work=None, files=None, keep=False):
+def run_in_uml(script_text, timeout, mem="1G", work=None, files=None, keep=False, modules=()):
     """Run `script_text` (a /bin/sh script) inside a fresh UML kernel.
 
     Returns a UMLResult, which unpacks as `(exit_code, output)`.  `files` maps
     names to extra text files written into the work directory (visible inside
-    as $LAB_WORK/NAME).  Raises UMLTimeout when UML outlives `timeout` seconds
+    as $LAB_WORK/NAME).  `modules` are loaded (with their dependencies)
+    before the script starts; exit code 125 means one failed.  Raises UMLTimeout when UML outlives `timeout` seconds
     (the whole process group is killed), UMLError when it cannot run or dies
     without a result.
     """
@@ -173,6 +192,9 @@ def run_in_uml(script_text, timeout, mem="1G", work=None, files=None, keep=False
     # but a host path outside /tmp keeps the guest's view unambiguous)
     work = work or tempfile.mkdtemp(prefix="routeproxy-lab-", dir=_work_parent())
     try:
+        with open(os.path.join(work, "modules.sh"), "w") as f:
+            f.write("set -e\n" + "".join(f"busybox insmod {shlex.quote(p)}\n"
+                                          for p in module_load_order(modules)))
         with open(os.path.join(work, "payload.sh"), "w") as f:
             f.write(script_text)
         for name, text in (files or {}).items():
@@ -213,8 +235,10 @@ def _boot(work, timeout, mem):
         raise UMLError("UML exited without a result; console tail:\n"
                        + console_text[-4000:])
     boot = _read(os.path.join(work, "boot_uptime")).strip()
-    return UMLResult(int(code_text), _read(os.path.join(work, "output")),
-                     float(boot) if boot else float("nan"), total, console_text)
+    result = UMLResult(int(code_text), _read(os.path.join(work, "output")),
+                       float(boot) if boot else float("nan"), total, console_text)
+    result.work = work   # gone after the run unless keep=True
+    return result
 
 
 def _kill_group(proc):

@@ -1,0 +1,116 @@
+"""`python -m routeproxy lab`: bring the lab up in UML, print the session table, tear down.
+
+Teardown is the UML kernel powering off (every namespace, daemon and tmpfs
+dies with it); a UML that hangs is killed from the host after --timeout.
+"""
+import argparse
+import sys
+
+from routeproxy.lab import topology, uml
+
+
+class LabRun:
+    """One lab run's outcome: per-client rows, transfers, timings, raw output."""
+
+    def __init__(self, mode, clients, result):
+        self.mode = mode
+        self.clients = clients
+        self.result = result
+        self.rows, self.transfers, self.times = topology.parse_results(result.output)
+
+    @property
+    def connected(self):
+        return sum(1 for r in self.rows if r.get("connected") == "yes")
+
+    @property
+    def pinged(self):
+        return sum(1 for r in self.rows if r.get("ping") == "yes")
+
+    def transfers_ok(self):
+        """Clients whose transfer arrived with the sha256 it was sent with."""
+        return sorted(c for c, t in self.transfers.items()
+                      if t.get("sent") not in (None, "-") and t.get("sent") == t.get("received"))
+
+
+def run_lab(mode, clients, transfer_mb=0, connect_timeout=25, timeout=None, keep=False):
+    """Run the lab once; returns a LabRun.  Raises uml.UMLError when UML cannot run."""
+    script = topology.build_script(mode, clients, transfer_mb=transfer_mb,
+                                   connect_timeout=connect_timeout)
+    if timeout is None:
+        timeout = 60 + connect_timeout + clients * 5 + transfer_mb * clients * 2
+    result = uml.run_in_uml(script, timeout=timeout, keep=keep, modules=topology.lab_modules(mode))
+    return LabRun(mode, clients, result)
+
+
+def format_table(run):
+    """The session table: one line per client."""
+    lines = [f"mode {run.mode}: {run.connected} of {run.clients} connected, "
+             f"{run.pinged} pinged {topology.PPP_SERVER}",
+             f"{'client':8} {'connected':9} {'ppp address':15} {'ping':4} {'rtt ms':>7} "
+             f"{'tx bytes':>9} {'rx bytes':>9}  transfer"]
+    for row in run.rows:
+        transfer = run.transfers.get(row.get("client"))
+        if transfer is None:
+            note = "-"
+        elif transfer.get("sent") not in (None, "-") and transfer.get("sent") == transfer.get("received"):
+            mb = int(transfer.get("bytes") or 0) / 1e6
+            note = f"{mb:.0f} MB sha256 ok in {transfer.get('seconds')} s"
+        else:
+            note = "sha256 MISMATCH or missing"
+        lines.append(f"{row.get('client', '?'):8} {row.get('connected', '?'):9} "
+                     f"{row.get('addr', '-'):15} {row.get('ping', '?'):4} {row.get('rtt', '-'):>7} "
+                     f"{row.get('tx', '-'):>9} {row.get('rx', '-'):>9}  {note}")
+    times = ", ".join(f"{k} {v:.1f}s" for k, v in run.times.items())
+    lines.append(f"UML boot {run.result.boot_seconds:.1f}s, whole run {run.result.total_seconds:.1f}s"
+                 + (f"; inside: {times}" if times else ""))
+    return "\n".join(lines)
+
+
+def parser():
+    p = argparse.ArgumentParser(
+        prog="routeproxy lab",
+        description="Real pptp-linux clients dial real pptpd inside user-mode Linux "
+                    "(see docs/lab.md).")
+    p.add_argument("--clients", type=int, default=4, help="number of PPTP clients [4]")
+    p.add_argument("--mode", choices=topology.MODES, default="proxy",
+                   help="direct | nat (no helper, GRE dropped) | nat-helper | proxy | "
+                        "proxy-colocated [proxy]")
+    p.add_argument("--transfer-mb", type=int, default=0,
+                   help="send this many MB over each tunnel and compare sha256 [0: none]")
+    p.add_argument("--connect-timeout", type=int, default=25,
+                   help="seconds the clients get to come up [25]")
+    p.add_argument("--timeout", type=int, default=None,
+                   help="kill UML after this many seconds [depends on the run]")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the work directory (logs of pppd, pptpd, daemons)")
+    p.add_argument("--verbose", "-v", action="store_true", help="print the lab's raw output")
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    reason = uml.uml_available()
+    if reason:
+        sys.stderr.write(f"routeproxy lab: cannot run: {reason}\n")
+        return 2
+    try:
+        run = run_lab(args.mode, args.clients, transfer_mb=args.transfer_mb,
+                      connect_timeout=args.connect_timeout, timeout=args.timeout, keep=args.keep)
+    except topology.LabScriptError as e:
+        sys.stderr.write(f"routeproxy lab: {e}\n")
+        return 2
+    except uml.UMLError as e:
+        sys.stderr.write(f"routeproxy lab: {e}\n")
+        output = getattr(e, "output", "")
+        if output:
+            sys.stderr.write(output + "\n")
+        return 1
+    if args.verbose:
+        sys.stdout.write(run.result.output + "\n")
+    print(format_table(run))
+    if args.keep:
+        print(f"work directory (logs): {run.result.work}")
+    ok = run.connected == args.clients and run.pinged == args.clients
+    if args.transfer_mb:
+        ok = ok and len(run.transfers_ok()) == args.clients
+    return 0 if ok else 1

@@ -1,0 +1,89 @@
+"""A tiny TCP sender/receiver that proves bytes cross a tunnel unchanged.
+
+Runs inside the lab (UML has no socat, and busybox nc cannot half-close):
+`recv --port P --count N` accepts N connections and prints `PEER SHA256 BYTES`
+for each; `send --host H --port P --file F` prints `SHA256 BYTES SECONDS`.
+"""
+import argparse
+import hashlib
+import socket
+import sys
+import threading
+import time
+
+CHUNK = 64 * 1024
+
+
+def receive(port, count, timeout=300):
+    """Accept `count` connections; return [(peer address, sha256 hex, bytes)]."""
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("0.0.0.0", port))
+    server.listen(count)
+    server.settimeout(timeout)
+    results, lock, threads = [], threading.Lock(), []
+
+    def drain(conn, peer):
+        digest, total = hashlib.sha256(), 0
+        with conn:
+            conn.settimeout(timeout)
+            while True:
+                data = conn.recv(CHUNK)
+                if not data:
+                    break
+                digest.update(data)
+                total += len(data)
+        with lock:
+            results.append((peer[0], digest.hexdigest(), total))
+            sys.stdout.write(f"{peer[0]} {digest.hexdigest()} {total}\n")
+            sys.stdout.flush()
+
+    for _ in range(count):
+        conn, peer = server.accept()
+        thread = threading.Thread(target=drain, args=(conn, peer))
+        thread.start()
+        threads.append(thread)
+    for thread in threads:
+        thread.join()
+    server.close()
+    return results
+
+
+def send(host, port, path, timeout=300):
+    """Send a file; return (sha256 hex, bytes, seconds)."""
+    digest, total = hashlib.sha256(), 0
+    started = time.monotonic()
+    with socket.create_connection((host, port), timeout=timeout) as conn, open(path, "rb") as f:
+        while True:
+            data = f.read(CHUNK)
+            if not data:
+                break
+            conn.sendall(data)
+            digest.update(data)
+            total += len(data)
+        conn.shutdown(socket.SHUT_WR)
+        conn.recv(1)   # wait for the receiver to finish reading and close
+    return digest.hexdigest(), total, time.monotonic() - started
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="routeproxy.lab.transfer")
+    sub = parser.add_subparsers(dest="command", required=True)
+    recv = sub.add_parser("recv")
+    recv.add_argument("--port", type=int, required=True)
+    recv.add_argument("--count", type=int, required=True)
+    snd = sub.add_parser("send")
+    snd.add_argument("--host", required=True)
+    snd.add_argument("--port", type=int, required=True)
+    snd.add_argument("--file", required=True)
+    args = parser.parse_args(argv)
+    if args.command == "recv":
+        receive(args.port, args.count)
+    else:
+        sha, total, seconds = send(args.host, args.port, args.file)
+        print(f"{sha} {total} {seconds:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
