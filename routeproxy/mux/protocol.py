@@ -1,0 +1,143 @@
+"""The thin Twisted side of the mux: a Protocol that only moves bytes, and factories.
+
+:class:`MuxProtocol` feeds received bytes to its
+:class:`~routeproxy.mux.connection.MuxConnection` (``protocol.connection``) and is
+that connection's *link*: it writes the frames of one reactor turn with one
+``writeSequence``, reports the transport's send-buffer size, and registers
+itself as a streaming producer on its transport so that pauseProducing /
+resumeProducing switch GRE dropping on and off (GRE is never queued; writes are
+never retried in a loop).
+
+Factories:
+
+- ``MuxClientFactory(config=None, clock=None, peerNameOf=None)`` for the LRP
+  (the opener; use it with ClientService; ``protocol.connection.openSession``).
+- ``MuxServerFactory(sessionRequested, config=None, clock=None, peerNameOf=None)``
+  for the RRP; ``sessionRequested(session, profile, clientInfo)`` returns the
+  receiver (or a Deferred of it) to accept, or raises / fails with
+  ``SessionRefused(reason, text)`` to refuse.
+
+``peerNameOf(transport) -> str`` (e.g. ``routeproxy.tls.peerName``) is called
+once the TLS handshake completes and names the peer in logs and in
+``connection.peerName``.  ``factory.connections`` holds the live connections.
+"""
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from routeproxy.mux.connection import MuxConnection
+
+
+def _socketBufferSize(transport):
+    """Bytes waiting in the socket transport under *transport* (through TLS), or 0."""
+    t = transport
+    for _ in range(4):
+        if t is None:
+            return 0
+        if hasattr(t, "_tempDataLen") and hasattr(t, "dataBuffer"):
+            return len(t.dataBuffer) - getattr(t, "offset", 0) + t._tempDataLen
+        t = getattr(t, "transport", None)
+    return 0
+
+
+@implementer(IPushProducer, IHandshakeListener)
+class MuxProtocol(Protocol):
+    log = Logger(namespace="routeproxy.mux")
+
+    def __init__(self, connection, peerNameOf=None):
+        self.connection = connection
+        self.peerNameOf = peerNameOf
+        self._lost = False
+
+    def connectionMade(self):
+        self.transport.registerProducer(self, True)
+        if self.factory is not None and hasattr(self.factory, "connections"):
+            self.factory.connections.add(self.connection)
+        self.connection.start(self)
+
+    def handshakeCompleted(self):
+        self._namePeer()
+
+    def _namePeer(self):
+        if self.connection.peerName is None and self.peerNameOf is not None:
+            try:
+                self.connection.peerName = self.peerNameOf(self.transport)
+            except Exception:
+                self.log.failure("mux: cannot name the peer")
+
+    def dataReceived(self, data):
+        if self.connection.peerName is None:
+            self._namePeer()
+        self.connection.dataReceived(data)
+
+    def connectionLost(self, reason):
+        self._lost = True
+        if self.factory is not None and hasattr(self.factory, "connections"):
+            self.factory.connections.discard(self.connection)
+        self.connection.linkLost(reason.getErrorMessage())
+
+    # --- the link the connection writes through -------------------------------
+
+    def writeFrames(self, chunks):
+        if not self._lost:
+            self.transport.writeSequence(chunks)
+
+    def sendBufferSize(self):
+        return _socketBufferSize(self.transport)
+
+    def loseConnection(self):
+        self.transport.loseConnection()
+
+    def abortConnection(self):
+        self.transport.abortConnection()
+
+    # --- IPushProducer: the transport's backpressure -------------------------
+
+    def pauseProducing(self):
+        self.connection.pauseWriting()
+
+    def resumeProducing(self):
+        self.connection.resumeWriting()
+
+    def stopProducing(self):
+        pass  # connectionLost follows
+
+
+class MuxFactory(Factory):
+    protocol = MuxProtocol
+    isOpener = None
+
+    def __init__(self, config=None, clock=None, sessionRequested=None, peerNameOf=None):
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.config = config
+        self.clock = clock
+        self.sessionRequested = sessionRequested
+        self.peerNameOf = peerNameOf
+        self.connections = set()
+
+    def buildProtocol(self, addr):
+        connection = MuxConnection(self.isOpener, self.clock, self.config,
+                                   self.sessionRequested)
+        protocol = self.protocol(connection, self.peerNameOf)
+        protocol.factory = self
+        return protocol
+
+
+class MuxClientFactory(MuxFactory):
+    """The LRP end: opens sessions."""
+
+    isOpener = True
+
+    def __init__(self, config=None, clock=None, peerNameOf=None):
+        super().__init__(config, clock, None, peerNameOf)
+
+
+class MuxServerFactory(MuxFactory):
+    """The RRP end: accepts sessions through *sessionRequested*."""
+
+    isOpener = False
+
+    def __init__(self, sessionRequested, config=None, clock=None, peerNameOf=None):
+        super().__init__(config, clock, sessionRequested, peerNameOf)
