@@ -1,6 +1,9 @@
 """`twistd routeproxy-lrp`: options and the service tree of a Local Route Proxy."""
+from twisted.application import internet
+from twisted.application.service import MultiService
 from twisted.python import usage
 
+from routeproxy import tls
 from routeproxy.config import ConfigOptions, parse_cidr, parse_hostport
 
 
@@ -27,15 +30,38 @@ class Options(ConfigOptions):
         ("allow", None, "CIDR of clients allowed to connect; repeatable [default: any]", parse_cidr, True),
         ("profile", "default", "upstream profile the RRP maps to a PPTP server [default: default]",
          _ident, False),
+        ("gre-interface", "any", "interface GRE from clients is captured on [default: any]",
+         _ident, False),
     )
 
     def check(self):
         missing = [n for n in ("rrp", "rrp-name", "cert", "key", "ca") if self[n] is None]
         if missing:
             raise usage.UsageError("missing required option(s): " + ", ".join("--" + m for m in missing))
+        try:
+            self["tls"] = tls.clientCreator(self["rrp-name"], self["cert"], self["key"], self["ca"])
+        except tls.TLSConfigError as e:
+            raise usage.UsageError(str(e))
 
 
-def makeService(options):
-    from routeproxy.lrp import makeLRPService
+def makeService(options, reactor=None):
+    if reactor is None:
+        from twisted.internet import reactor
+    from routeproxy.greio import GREPort
+    from routeproxy.lrp import LinkFactory, LocalRouteProxy, PPTPServerFactory
+    from routeproxy.service import GREPortService, local_ipv4_addresses
 
-    return makeLRPService(options)
+    top = MultiService()
+    host, port = options["pptp-listen"]
+    lrp = LocalRouteProxy(profile=options["profile"], allow=options["allow"])
+    local = local_ipv4_addresses() if host == "0.0.0.0" else [host]
+    lrp.gre_port = GREPort(lrp, local, interface=options["gre-interface"], reactor=reactor)
+    GREPortService(lrp.gre_port, reactor).setServiceParent(top)
+
+    rrp_host, rrp_port = options["rrp"]
+    link = tls.rrpClientService(reactor, rrp_host, rrp_port, options["tls"], LinkFactory(lrp, reactor),
+                                prepareConnection=lambda protocol: protocol.connection.whenReady())
+    link.setServiceParent(top)
+    internet.TCPServer(port, PPTPServerFactory(lrp), interface=host, reactor=reactor).setServiceParent(top)
+    top.lrp = lrp
+    return top

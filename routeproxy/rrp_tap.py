@@ -1,6 +1,9 @@
 """`twistd routeproxy-rrp`: options and the service tree of a Remote Route Proxy."""
+from twisted.application import internet
+from twisted.application.service import MultiService
 from twisted.python import usage
 
+from routeproxy import tls
 from routeproxy.config import ConfigOptions, parse_hostport, parse_profile
 
 
@@ -25,6 +28,13 @@ class Options(ConfigOptions):
         ("ca", None, "CA certificate that signed the LRPs' certificates (required)", _ident, False),
         ("profile", None, "NAME=HOST[:PORT]: another upstream PPTP server; repeatable",
          parse_profile, True),
+        ("lrp-name", None, "accept only LRPs whose certificate carries this name; repeatable "
+         "[default: any LRP the CA signed]", _ident, True),
+        ("source", None, "local address to dial PPTP servers from (and send their GRE from); "
+         "use one pptpd does not listen on when both share a host [default: the kernel's choice]",
+         _ident, False),
+        ("gre-interface", "any", "interface GRE from servers is captured on [default: any]",
+         _ident, False),
     )
 
     def check(self):
@@ -37,9 +47,29 @@ class Options(ConfigOptions):
         if not profiles:
             raise usage.UsageError("no PPTP server: give --pptp-server or --profile NAME=HOST[:PORT]")
         self["profiles"] = profiles
+        try:
+            self["tls"] = tls.serverCreator(self["cert"], self["key"], self["ca"],
+                                            allowed_names=self["lrp-name"])
+        except tls.TLSConfigError as e:
+            raise usage.UsageError(str(e))
 
 
-def makeService(options):
-    from routeproxy.rrp import makeRRPService
+def makeService(options, reactor=None):
+    if reactor is None:
+        from twisted.internet import reactor
+    from routeproxy.greio import GREPort
+    from routeproxy.mux.protocol import MuxServerFactory
+    from routeproxy.rrp import RemoteRouteProxy
+    from routeproxy.service import GREPortService, local_ipv4_addresses
 
-    return makeRRPService(options)
+    top = MultiService()
+    rrp = RemoteRouteProxy(reactor, options["profiles"], source=options["source"])
+    local = [options["source"]] if options["source"] else local_ipv4_addresses()
+    rrp.gre_port = GREPort(rrp, local, interface=options["gre-interface"], reactor=reactor)
+    GREPortService(rrp.gre_port, reactor).setServiceParent(top)
+
+    host, port = options["listen"]
+    factory = MuxServerFactory(rrp.sessionRequested, clock=reactor, peerNameOf=tls.peerName)
+    internet.SSLServer(port, factory, options["tls"], interface=host, reactor=reactor).setServiceParent(top)
+    top.rrp = rrp
+    return top
