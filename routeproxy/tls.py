@@ -206,6 +206,18 @@ _SENT_ALERT_REASONS = {
     71: "the peer offered no TLS version or cipher we accept",
 }
 
+# What an alert we *receive* most likely means (the peer's log says for sure).
+_RECEIVED_ALERT_HINTS = {
+    48: "it does not trust the CA that signed our certificate",
+    45: "our certificate has expired, or its clock is wrong",
+    42: "it refused our certificate: not yet valid, or a bad signature",
+    43: "our certificate is not for this use (extendedKeyUsage)",
+    116: "we sent no certificate",
+    80: "most likely it refused the name in our certificate",
+    70: "no common TLS version >= 1.2",
+    40: "no certificate, or no common cipher",
+}
+
 
 def _addressOf(tlsProtocol):
     try:
@@ -215,11 +227,26 @@ def _addressOf(tlsProtocol):
         return "?"
 
 
-_CERTIFICATE_ALERTS = {42, 43, 44, 45, 46, 48, 49, 116}
+# Alerts that mean "I do not accept you" (bad/unknown/expired certificate,
+# access denied, certificate required) plus the two OpenSSL sends when a verify
+# callback refuses a name (internal error) or no certificate came (handshake failure).
+_REFUSAL_ALERTS = {40, 42, 43, 44, 45, 46, 48, 49, 80, 116}
 _established = weakref.WeakSet()  # tlsProtocols whose handshake finished
 
 # tlsProtocol -> the text of our refusal, so describeTLSFailure(reason, transport) can use it.
 _refusals = weakref.WeakKeyDictionary()
+
+
+# tlsProtocol -> the ClientTLS that made it, told of refusals (for its backoff).
+_owners = weakref.WeakKeyDictionary()
+
+
+def _recordRefusal(tlsProtocol, text, replace=True):
+    if replace or tlsProtocol not in _refusals:
+        _refusals[tlsProtocol] = text
+    owner = _owners.get(tlsProtocol)
+    if owner is not None:
+        owner.refused(text)
 
 
 def refusalOf(transport):
@@ -276,24 +303,25 @@ def _alertInfoCallback(role):
             level, desc = ret >> 8, ret & 0xFF
             if desc == 0 or level != 2:  # close_notify / warnings
                 return
-            if tlsProtocol in _established and desc not in _CERTIFICATE_ALERTS:
-                # After the handshake, only certificate alerts are about
-                # authentication (TLS 1.3 servers check the client's
-                # certificate after the client has finished); the rest is
-                # for the link's own connectionLost to report.
-                return
             alert = ALERTS.get(desc, f"alert {desc}")
             address = _addressOf(tlsProtocol)
+            # TLS 1.3 servers check the client's certificate after the client
+            # has finished its handshake, so a refusal can come "after" it;
+            # other alerts then are for the link's connectionLost to report.
+            authentication = tlsProtocol not in _established or desc in _REFUSAL_ALERTS
             if where & SSL.SSL_CB_WRITE:
-                if tlsProtocol in _refusals:
+                if not authentication or tlsProtocol in _refusals:
                     return
                 reason = _SENT_ALERT_REASONS.get(desc, f"sent TLS alert '{alert}'")
-                _refusals[tlsProtocol] = f"refused {role} at {address}: {reason}"
+                _recordRefusal(tlsProtocol, f"refused {role} at {address}: {reason}")
                 log.warn("TLS: refused {role} at {address}: {reason}", role=role, address=address, reason=reason)
+            elif authentication:
+                _recordRefusal(tlsProtocol, f"{role} at {address} refused us: TLS alert '{alert}'", replace=False)
+                log.warn("TLS: {role} at {address} refused the handshake with alert '{alert}' ({hint})",
+                         role=role, address=address, alert=alert,
+                         hint=_RECEIVED_ALERT_HINTS.get(desc, "it does not accept our certificate or TLS settings"))
             else:
-                _refusals.setdefault(tlsProtocol, f"{role} at {address} refused us: TLS alert '{alert}'")
-                log.warn("TLS: {role} at {address} refused the handshake with alert '{alert}'"
-                         " (it does not accept our certificate or TLS settings)",
+                log.info("TLS: {role} at {address} closed the connection with alert '{alert}'",
                          role=role, address=address, alert=alert)
         except Exception:
             log.failure("TLS: while logging an alert")
@@ -321,7 +349,7 @@ class _PeerVerifier:
         subject = cert.to_cryptography().subject.rfc4514_string() if cert is not None else "-"
         line = f"refused {self.role} at {address}: {reason} [{subject}]"
         if tls is not None:
-            _refusals[tls] = line
+            _recordRefusal(tls, line)
         log.warn("TLS: {line}", line=line)
         return False
 
@@ -404,7 +432,14 @@ class ClientTLS:
             self._sni = rrpName.encode("idna")
         options.getContext().set_info_callback(_alertInfoCallback(self.role))
 
+    lastRefusal = None  # why the latest connection was refused, or None
+
+    def refused(self, text):
+        self.lastRefusal = text
+
     def clientConnectionForTLS(self, tlsProtocol):
+        self.lastRefusal = None
+        _owners[tlsProtocol] = self
         conn = self.options.clientConnectionForTLS(tlsProtocol)
         if self._sni:
             conn.set_tlsext_host_name(self._sni)
@@ -456,18 +491,42 @@ def clientCreator(rrp_name, cert_path, key_path, ca_path):
     return ClientTLS(rrp_name, options)
 
 
+class RefusalBackoff:
+    """A ClientService retry policy that keeps backing off while the RRP
+    refuses us (or we refuse it) during TLS setup.
+
+    ClientService counts any TCP connection as a success and resets its
+    attempt counter, so a refused handshake would be retried every
+    *initialDelay* for ever; this policy counts consecutive refused
+    connections itself (from the ``ClientTLS`` that made them).
+    """
+
+    def __init__(self, creator, policy):
+        self.creator = creator
+        self.policy = policy
+        self.refusedInARow = 0
+
+    def __call__(self, attempt):
+        if getattr(self.creator, "lastRefusal", None):
+            self.refusedInARow += 1
+            self.creator.lastRefusal = None
+        elif attempt == 1:
+            self.refusedInARow = 0
+        return self.policy(max(attempt, self.refusedInARow))
+
+
 def rrpClientService(reactor, host, port, creator, factory, initialDelay=1.0, maxDelay=60.0,
                      factor=1.5, jitter=None, timeout=10, prepareConnection=None):
     """The LRP's side of the link: a ClientService that dials the RRP over
-    TLS and reconnects with exponential backoff.
+    TLS (*creator* from ``clientCreator``) and reconnects with exponential
+    backoff, also after refused handshakes (``RefusalBackoff``).
 
-    A TLS refusal happens after TCP connects, which ClientService counts as a
-    success (and resets its backoff); pass *prepareConnection* returning a
-    Deferred that fires once the peer has spoken (the mux HELLO) and fails if
-    the connection is lost, so refused connections back off too.
+    *prepareConnection* is passed on to ClientService: a callable taking the
+    protocol and returning a Deferred that fires once the link is usable (the
+    mux HELLO) and fails if it is lost; ``whenConnected`` waits for it.
     """
     policy = backoffPolicy(initialDelay=initialDelay, maxDelay=maxDelay, factor=factor,
                            **({"jitter": jitter} if jitter is not None else {}))
     endpoint = wrapClientTLS(creator, HostnameEndpoint(reactor, host, port, timeout=timeout))
-    return ClientService(endpoint, factory, retryPolicy=policy, clock=reactor,
+    return ClientService(endpoint, factory, retryPolicy=RefusalBackoff(creator, policy), clock=reactor,
                          prepareConnection=prepareConnection)

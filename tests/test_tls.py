@@ -206,6 +206,14 @@ class RRPRefusesTests(TLSCase):
                                         "name 'lrp1' is not in allowed_names (lrp2, lrp3)")
         self.assertIn("CN=lrp1", line)
 
+    @defer.inlineCallbacks
+    def test_lrpLogsTheRefusal(self):
+        """The refused LRP logs the alert (with TLS 1.3 it arrives after the
+        LRP's own handshake has finished) and a hint at the reason."""
+        yield self.assertRefused(self.lab.server(allowed_names=["lrp2"]), self.lab.client(), "allowed_names")
+        self.assertLogged(f"RRP at 127.0.0.1:{self.port} refused the handshake with alert 'internal error'",
+                          "refused the name in our certificate")
+
     def test_serverOnlyCertificateAsClient(self):
         """An RRP's certificate (serverAuth only) cannot log in as an LRP."""
         cert, key = self.lab.leaf("rrp-as-lrp", "rrp2.example", server=True, client=False)
@@ -368,6 +376,54 @@ class ReconnectTests(TLSCase):
         self.assertEqual(clientSides[0].received, b"")
         self.assertEqual(serverSides[1].peer, LRP)
         self.assertLess(reactor.seconds() - started, 5)
+
+
+class RefusalBackoffTests(TLSCase):
+    timeout = 15
+
+    @defer.inlineCallbacks
+    def test_backsOffWhileRefused(self):
+        """ClientService resets its backoff whenever TCP connects; while the
+        RRP refuses our certificate the delays must still grow."""
+        port = reactor.listenSSL(0, protocol.Factory.forProtocol(lambda: EchoSide(isClient=False)),
+                                 self.lab.server(), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        expired = self.lab.client(not_before=PAST, not_after=PAST + datetime.timedelta(days=1))
+        service = tls.rrpClientService(reactor, "127.0.0.1", port.getHost().port, expired,
+                                       protocol.Factory.forProtocol(lambda: EchoSide(isClient=True)),
+                                       initialDelay=0.02, maxDelay=0.5, factor=2, jitter=lambda: 0)
+        delays = []
+        fourth = defer.Deferred()
+
+        def observe(event):
+            if "delay" in event and "attempt" in event:
+                delays.append(event["delay"])
+                if len(delays) == 4:  # leave ClientService's state machine before stopping it
+                    reactor.callLater(0, fourth.callback, None)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        service.startService()
+        self.addCleanup(service.stopService)
+        yield fourth
+        # backoffPolicy: initialDelay * factor ** attempt; without RefusalBackoff all four would be 0.04
+        self.assertEqual(delays, [0.04, 0.08, 0.16, 0.32])
+        self.assertLogged("RRP at 127.0.0.1:", "refused the handshake with alert 'certificate expired'")
+
+    def test_policyResetsAfterAGoodConnection(self):
+        """Without the TLS machinery: the policy's own bookkeeping."""
+
+        class Creator:
+            lastRefusal = None
+
+        creator = Creator()
+        policy = tls.RefusalBackoff(creator, lambda attempt: attempt)
+        seen = []
+        for refused in (True, True, True, False, True):
+            creator.lastRefusal = "refused" if refused else None
+            seen.append(policy(1))  # ClientService says 1: the TCP connection "worked"
+        seen.append(policy(2))  # then TCP itself fails: the larger count wins
+        self.assertEqual(seen, [1, 2, 3, 1, 1, 2])
 
 
 class ConfigErrorTests(unittest.SynchronousTestCase):
