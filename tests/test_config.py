@@ -3,6 +3,7 @@ import ipaddress
 import os
 import subprocess
 import sys
+import tempfile
 
 from twisted.python import usage
 from twisted.trial import unittest
@@ -10,8 +11,15 @@ from twisted.trial import unittest
 from routeproxy import lrp_tap, rrp_tap
 from routeproxy.config import parse_hostport
 
-LRP_REQUIRED = ["--rrp", "rrp.test:4443", "--rrp-name", "rrp.test", "--cert", "c", "--key", "k", "--ca", "a"]
-RRP_REQUIRED = ["--cert", "c", "--key", "k", "--ca", "a"]
+from routeproxy.certs import write_lab_certs
+
+_CERTS = tempfile.mkdtemp(prefix="routeproxy-test-certs-")
+write_lab_certs(_CERTS, "rrp.test", ["lrp.test"])
+CA = os.path.join(_CERTS, "ca.crt")
+LRP_TLS = ["--cert", os.path.join(_CERTS, "lrp.crt"), "--key", os.path.join(_CERTS, "lrp.key"), "--ca", CA]
+RRP_TLS = ["--cert", os.path.join(_CERTS, "rrp.crt"), "--key", os.path.join(_CERTS, "rrp.key"), "--ca", CA]
+LRP_REQUIRED = ["--rrp", "rrp.test:4443", "--rrp-name", "rrp.test"] + LRP_TLS
+RRP_REQUIRED = RRP_TLS
 
 
 def parse(options_class, argv):
@@ -54,7 +62,7 @@ class LRPOptionsTests(unittest.SynchronousTestCase):
         with open(path, "w") as f:
             f.write("[lrp]\nrrp = file.test:1\nrrp-name = file.test\ncert = c\nkey = k\nca = a\n"
                     "allow = 10.0.0.0/8, 172.16.0.0/12\nprofile = fromfile\n")
-        options = parse(lrp_tap.Options, ["--config", path, "--rrp", "cli.test:2"])
+        options = parse(lrp_tap.Options, ["--config", path, "--rrp", "cli.test:2"] + LRP_TLS)
         self.assertEqual(options["rrp"], ("cli.test", 2))           # command line wins
         self.assertEqual(options["rrp-name"], "file.test")          # file fills the rest
         self.assertEqual(options["profile"], "fromfile")
@@ -88,14 +96,20 @@ class RRPOptionsTests(unittest.SynchronousTestCase):
         e = self.assertRaises(usage.UsageError, parse, rrp_tap.Options, RRP_REQUIRED)
         self.assertIn("no PPTP server", str(e))
 
+    def test_bad_tls_files_are_one_line(self):
+        e = self.assertRaises(usage.UsageError, parse, rrp_tap.Options,
+                              ["--pptp-server", "h", "--cert", "/nonexistent.crt", "--key", "k", "--ca", CA])
+        self.assertIn("/nonexistent.crt", str(e))
+        self.assertNotIn("\n", str(e))
+
     def test_bad_profile(self):
         self.assertRaises(usage.UsageError, parse, rrp_tap.Options, RRP_REQUIRED + ["--profile", "nohost"])
 
     def test_sample_files_parse(self):
         etc = os.path.join(os.path.dirname(os.path.dirname(__file__)), "etc")
-        lrp = parse(lrp_tap.Options, ["--config", os.path.join(etc, "routeproxy-lrp.ini")])
+        lrp = parse(lrp_tap.Options, ["--config", os.path.join(etc, "routeproxy-lrp.ini")] + LRP_TLS)
         self.assertEqual(lrp["pptp-listen"], ("0.0.0.0", 1723))
-        rrp = parse(rrp_tap.Options, ["--config", os.path.join(etc, "routeproxy-rrp.ini")])
+        rrp = parse(rrp_tap.Options, ["--config", os.path.join(etc, "routeproxy-rrp.ini")] + RRP_TLS)
         self.assertIn("lab", rrp["profiles"])
 
 
