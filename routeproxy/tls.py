@@ -13,11 +13,16 @@ address (``routeproxy.tls`` log namespace); the refused side logs the TLS alert
 it received.  ``describeTLSFailure`` turns the reason a connection was lost
 into the same kind of text for callers' own log lines.
 
-Everything here is built from Twisted's ``CertificateOptions`` and
-``optionsForClientTLS``; the only addition is a per-connection verify
-callback (``SSL.Connection.set_verify``) that explains refusals, and an info
-callback that logs alerts.
+Both ends are Twisted ``CertificateOptions`` (the client side does what
+``optionsForClientTLS`` does: trust root, SNI, a service_identity name check)
+plus two callbacks: a per-connection verify callback that explains refusals,
+and an info callback on the context that logs alerts.  ``optionsForClientTLS``
+itself is not used because pyOpenSSL forbids adding the info callback to a
+context that has already made a connection, and it hides its context.
+
+Give a mux protocol ``IHandshakeListener`` to learn when to call ``peerName``.
 """
+import datetime
 import ipaddress
 import weakref
 
@@ -76,7 +81,7 @@ def loadPrivateKey(path):
         return serialization.load_pem_private_key(data, password=None)
     except TypeError:
         raise TLSConfigError(f"private key {path}: encrypted with a passphrase; use an unencrypted key") from None
-    except (ValueError, Exception) as e:  # cryptography raises ValueError or UnsupportedAlgorithm
+    except Exception as e:  # ValueError, or UnsupportedAlgorithm for odd key types
         raise TLSConfigError(f"private key {path}: not a PEM private key ({e})") from None
 
 
@@ -99,8 +104,6 @@ def loadIdentity(cert_path, key_path):
 
 
 def _warnValidity(cert, path):
-    import datetime
-
     now = datetime.datetime.now(datetime.timezone.utc)
     if cert.not_valid_after_utc < now:
         log.warn("TLS: our certificate {path} ({name}) expired on {when}; peers will refuse it",
@@ -346,7 +349,7 @@ class _PeerVerifier:
     def refuse(self, reason, cert):
         tls = self.tlsProtocol()
         address = _addressOf(tls) if tls is not None else "?"
-        subject = cert.to_cryptography().subject.rfc4514_string() if cert is not None else "-"
+        subject = _printable(cert.to_cryptography().subject.rfc4514_string()) if cert is not None else "-"
         line = f"refused {self.role} at {address}: {reason} [{subject}]"
         if tls is not None:
             _recordRefusal(tls, line)
@@ -364,16 +367,23 @@ class _PeerVerifier:
             name = certName(leaf)
             if self.allowedNames is not None and name not in self.allowedNames:
                 allowed = ", ".join(sorted(self.allowedNames)) or "none"
-                return self.refuse(f"name {name!r} is not in allowed_names ({allowed})", cert)
+                return self.refuse(f"name '{_printable(name)}' is not in allowed_names ({allowed})", cert)
             if self.expectedName is not None:
                 try:
                     _verifyName(leaf, self.expectedName)
                 except VerificationError:
-                    return self.refuse(f"peer name mismatch: expected {self.expectedName} got {name}", cert)
+                    return self.refuse(
+                        f"peer name mismatch: expected {self.expectedName} got {_printable(name)}", cert)
             return True
         except Exception:
             log.failure("TLS: while verifying a certificate")
             return False
+
+
+def _printable(text, limit=200):
+    """A name from an unverified certificate, safe to put in a log line."""
+    text = text.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _verifyName(cert, name):
@@ -393,7 +403,10 @@ _VERIFY_MODE = SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT
 @implementer(IOpenSSLServerConnectionCreator)
 class ServerTLS:
     """The RRP's TLS settings; pass it wherever Twisted wants a server
-    context factory (``SSL4ServerEndpoint``, ``listenSSL``, ``TLSMemoryBIOFactory``)."""
+    context factory (``SSL4ServerEndpoint``, ``listenSSL``, ``TLSMemoryBIOFactory``).
+
+    It deliberately has no ``getContext``: old-style users of the bare context
+    would skip the per-connection check of ``allowed_names``."""
 
     role = "LRP"
 
@@ -407,10 +420,6 @@ class ServerTLS:
         conn.set_verify(_VERIFY_MODE | SSL.VERIFY_CLIENT_ONCE,
                         _PeerVerifier(tlsProtocol, self.role, allowedNames=self.allowedNames))
         return conn
-
-    def getContext(self):
-        """For code that still wants an old-style context factory."""
-        return self.options.getContext()
 
 
 @implementer(IOpenSSLClientConnectionCreator)
