@@ -457,17 +457,21 @@ class ClientTLS:
 
 
 def _names(allowed_names):
+    """None, or a frozenset of names; an empty list (an empty INI value) means
+    no name restriction, like None: the CA check alone applies."""
     if allowed_names is None:
         return None
     if isinstance(allowed_names, str):
-        allowed_names = [allowed_names]
-    return frozenset(n.strip() for n in allowed_names if n.strip())
+        allowed_names = allowed_names.replace(",", " ").split()
+    names = frozenset(n.strip() for n in allowed_names if n.strip())
+    return names or None
 
 
 def serverCreator(cert_path, key_path, ca_path, allowed_names=None):
     """TLS settings for the RRP: our certificate, TLS >= 1.2, and a client
     certificate signed by *ca_path* required (with a name in *allowed_names*,
-    if given).  Raises ``TLSConfigError``."""
+    if given: a list, or a string of names separated by spaces or commas).
+    Raises ``TLSConfigError``."""
     leaf, chain, key = loadIdentity(cert_path, key_path)
     cas = loadCA(ca_path)
     try:

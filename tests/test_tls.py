@@ -139,6 +139,16 @@ class MutualTLSTests(TLSCase):
         self.assertEqual(server.peer, LRP)
 
     @defer.inlineCallbacks
+    def test_allowedNamesAsText(self):
+        server, client = yield self.exchange(self.lab.server(allowed_names="lrp0, lrp1"), self.lab.client())
+        self.assertEqual(server.peer, LRP)
+
+    @defer.inlineCallbacks
+    def test_emptyAllowedNamesMeansAny(self):
+        server, client = yield self.exchange(self.lab.server(allowed_names=[]), self.lab.client())
+        self.assertEqual(client.received, b"hello\n")
+
+    @defer.inlineCallbacks
     def test_ipAddressName(self):
         """An RRP dialled by address has an iPAddress SAN; service_identity checks it."""
         server, client = yield self.exchange(self.lab.server(name="127.0.0.1"),
