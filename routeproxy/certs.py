@@ -89,20 +89,27 @@ def _san(name):
         return x509.DNSName(name)
 
 
-def make_ca(name="routeproxy lab CA", not_before=None, not_after=None, days=3650):
-    """A self-signed CA (CA:true, pathlen 0, keyCertSign + cRLSign)."""
+def make_ca(name="routeproxy lab CA", not_before=None, not_after=None, days=3650, issuer=None,
+            path_length=0):
+    """A CA (CA:true, keyCertSign + cRLSign): self-signed, or an intermediate
+    signed by *issuer* (an ``Issued`` CA with a larger *path_length*)."""
     key = ec.generate_private_key(ec.SECP256R1())
     not_before, not_after = _validity(not_before, not_after, days)
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    if issuer is None:
+        issuer_name, signing_key, aki_source = _subject(name), key, ski
+    else:
+        issuer_name, signing_key = issuer.cert.subject, issuer.key
+        aki_source = issuer.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     cert = (
         x509.CertificateBuilder()
         .subject_name(_subject(name))
-        .issuer_name(_subject(name))
+        .issuer_name(issuer_name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(not_before)
         .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
         .add_extension(
             x509.KeyUsage(
                 digital_signature=False, content_commitment=False, key_encipherment=False,
@@ -112,8 +119,8 @@ def make_ca(name="routeproxy lab CA", not_before=None, not_after=None, days=3650
             critical=True,
         )
         .add_extension(ski, critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
-        .sign(key, hashes.SHA256())
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(aki_source), critical=False)
+        .sign(signing_key, hashes.SHA256())
     )
     return Issued(cert, key)
 

@@ -214,7 +214,7 @@ _RECEIVED_ALERT_HINTS = {
     48: "it does not trust the CA that signed our certificate",
     45: "our certificate has expired, or its clock is wrong",
     42: "it refused our certificate: not yet valid, or a bad signature",
-    43: "our certificate is not for this use (extendedKeyUsage)",
+    43: "our certificate is not for this use: see its extendedKeyUsage",
     116: "we sent no certificate",
     80: "most likely it refused the name in our certificate",
     70: "no common TLS version >= 1.2",

@@ -176,6 +176,30 @@ class MutualTLSTests(TLSCase):
         self.assertIn(seen[0], ("TLSv1.2", "TLSv1.3"))
 
 
+class ChainTests(TLSCase):
+    """A real CA's layout: root -> intermediate -> leaf; the certificate
+    files hold leaf + intermediate, --ca holds the root only."""
+
+    @defer.inlineCallbacks
+    def test_intermediates(self):
+        root = certs.make_ca("root", path_length=1)
+        intermediate = certs.make_ca("intermediate", issuer=root)
+        rootPath = self.lab.write("root", root)[0]
+
+        def chained(stem, issued):
+            cert, key = self.lab.write(stem, issued)
+            with open(cert, "ab") as f:
+                f.write(intermediate.cert_pem())
+            return cert, key
+
+        rrpCert, rrpKey = chained("rrp-chain", certs.make_leaf(intermediate, RRP, client=False))
+        lrpCert, lrpKey = chained("lrp-chain", certs.make_leaf(intermediate, LRP, server=False))
+        server, client = yield self.exchange(tls.serverCreator(rrpCert, rrpKey, rootPath),
+                                             tls.clientCreator(RRP, lrpCert, lrpKey, rootPath))
+        self.assertEqual(client.received, b"hello\n")
+        self.assertEqual((server.peer, client.peer), (LRP, RRP))
+
+
 class RRPRefusesTests(TLSCase):
     """The RRP (server) refuses LRPs and says why, with the LRP's address."""
 
