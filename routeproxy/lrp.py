@@ -205,6 +205,8 @@ class LinkFactory(MuxClientFactory):
 class PPTPServerFactory(Factory):
     """Accepts client control connections from the allowed addresses only."""
 
+    noisy = False  # one log line per session is ours to write
+
     log = Logger()
 
     def __init__(self, lrp):

@@ -53,7 +53,7 @@ def makeService(options, reactor=None):
 
     top = MultiService()
     host, port = options["pptp-listen"]
-    lrp = LocalRouteProxy(profile=options["profile"], allow=options["allow"])
+    lrp = LocalRouteProxy(reactor, profile=options["profile"], allow=options["allow"])
     local = local_ipv4_addresses() if host == "0.0.0.0" else [host]
     lrp.gre_port = GREPort(lrp, local, interface=options["gre-interface"], reactor=reactor)
     GREPortService(lrp.gre_port, reactor).setServiceParent(top)

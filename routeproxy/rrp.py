@@ -124,6 +124,8 @@ class RemoteRouteProxy:
 class _SessionFactory(Factory):
     """Builds the control connection to the server for one session."""
 
+    noisy = False  # one log line per session is ours to write
+
     def __init__(self, session):
         self.session = session
 

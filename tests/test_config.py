@@ -131,3 +131,24 @@ class TwistdTests(unittest.TestCase):
         self.assertNotEqual(result.returncode, 0)
         self.assertIn("--listen 'nowhere': expected HOST:PORT", text)
         self.assertNotIn("Traceback", text)
+
+
+class MakeServiceTests(unittest.SynchronousTestCase):
+    """The service trees twistd builds, on a memory reactor (nothing is started)."""
+
+    def test_lrp(self):
+        from twisted.internet.testing import MemoryReactorClock
+
+        options = parse(lrp_tap.Options, LRP_REQUIRED + ["--pptp-listen", "127.0.0.1:11723"])
+        top = lrp_tap.makeService(options, reactor=MemoryReactorClock())
+        self.assertEqual(len(list(top)), 3)   # GRE port, link to the RRP, PPTP listener
+        self.assertEqual(top.lrp.gre_port.localAddresses, ["127.0.0.1"])
+
+    def test_rrp(self):
+        from twisted.internet.testing import MemoryReactorClock
+
+        options = parse(rrp_tap.Options, RRP_REQUIRED + ["--pptp-server", "10.0.0.1", "--source", "127.0.0.2"])
+        top = rrp_tap.makeService(options, reactor=MemoryReactorClock())
+        self.assertEqual(len(list(top)), 2)   # GRE port, TLS listener
+        self.assertEqual(top.rrp.profiles, {"default": ("10.0.0.1", 1723)})
+        self.assertEqual(top.rrp.gre_port.localAddresses, ["127.0.0.2"])
