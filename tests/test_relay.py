@@ -198,3 +198,23 @@ class RelayTests(unittest.TestCase):
         factory = PPTPServerFactory(self.lrp)
         self.assertIsNotNone(factory.buildProtocol(IPv4Address("TCP", "10.0.0.2", 1)))
         self.assertIsNone(factory.buildProtocol(IPv4Address("TCP", "10.0.0.5", 1)))
+
+
+class NoLinkTests(unittest.SynchronousTestCase):
+    def test_client_told_when_link_stays_down(self):
+        reactor = MemoryReactorClock()
+        lrp = LocalRouteProxy(reactor, gre_port=RecordingGREPort())
+        addr = IPv4Address("TCP", "10.0.0.5", 40000)
+        protocol = PPTPServerFactory(lrp).buildProtocol(addr)
+        transport = StringTransport(hostAddress=IPv4Address("TCP", LRP_IP, 1723), peerAddress=addr)
+        protocol.makeConnection(transport)
+        client = Peer(protocol, transport)
+        client.send(pptp.StartControlConnectionRequest())
+        reactor.advance(lrp.link_wait - 0.1)
+        self.assertEqual(client.received(), [])          # still waiting for the link
+        reactor.advance(0.2)
+        [reply] = client.received()
+        self.assertEqual(reply.result_code, pptp.StartResult.GENERAL_ERROR)
+        self.assertEqual(reply.error_code, pptp.ErrorCode.PAC_ERROR)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(lrp.sessions, set())
