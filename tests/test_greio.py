@@ -347,9 +347,9 @@ class KernelTests(unittest.TestCase):
         self.link = self.lab.veth(self.a, self.b, f"{SENDER}/24", f"{RECEIVER}/24")
         self.lab.address(self.b, self.link.name_b, f"{OTHER}/24")
 
-    def open_port(self, ns, local, interface="any", capture="pcap", receiver=None):
+    def open_port(self, ns, local, interface="any", capture="pcap", receiver=None, **kwargs):
         receiver = receiver or Collector()
-        port = GREPort(receiver, local, interface=interface, capture=capture)
+        port = GREPort(receiver, local, interface=interface, capture=capture, **kwargs)
         with self.lab.inside(ns):
             port.startListening()
         self.addCleanup(port.stopListening)
@@ -411,6 +411,19 @@ class KernelTests(unittest.TestCase):
         yield settle()
         self.assertEqual([p[2] for p in got.packets], [enhanced_gre(i) for i in range(0, 10, 2)])
         self.assertEqual((port.stats.received, dict(port.stats.dropped)), (5, {}))
+
+    @defer.inlineCallbacks
+    def test_own_outgoing_gre_never_captured(self):
+        """Direction "in": with a filter that names no destination, our own sends stay unseen."""
+        port, got = self.open_port(self.b, [RECEIVER], interface=self.link.name_b, bpfFilter="ip proto 47")
+        sock = self.sender()
+        for i in range(5):
+            self.assertTrue(port.sendGRE(RECEIVER, SENDER, enhanced_gre(i, b"out")))
+            sock.sendto(enhanced_gre(i, b"in"), (RECEIVER, 0))
+        yield got.waitFor(5)
+        yield settle()
+        self.assertEqual([p[2] for p in got.packets], [enhanced_gre(i, b"in") for i in range(5)])
+        self.assertEqual((port.stats.received, port.stats.sent), (5, 5))
 
     @defer.inlineCallbacks
     def test_no_icmp_protocol_unreachable(self):
