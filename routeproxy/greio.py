@@ -39,11 +39,12 @@ import socket
 import struct
 
 from twisted.internet import abstract, defer, error
-from twisted.python import failure
 from twisted.logger import Logger
+from twisted.python import failure
+from zope.interface import Interface
 
 __all__ = [
-    "GREPort", "GREStats", "GREIOError", "RealGRESystem", "MemoryGRESystem",
+    "GREPort", "IGREReceiver", "GREStats", "GREIOError", "attach_drop_all", "RealGRESystem", "MemoryGRESystem",
     "MemoryCapture", "MemoryRawSocket", "gre_filter", "DROP_ALL_FILTER", "LINK_LAYERS",
     "DLT_EN10MB", "DLT_LINUX_SLL", "DLT_LINUX_SLL2", "DLT_RAW", "DLT_IPV4", "DLT_NULL", "DLT_LOOP",
 ]
@@ -96,6 +97,17 @@ DROP_SEND_ERROR = "send_error"  # any other send failure (no route, netfilter EP
 
 class GREIOError(Exception):
     """The port cannot be set up as asked (bad address, interface, filter or datalink)."""
+
+
+class IGREReceiver(Interface):
+    """What a GREPort delivers to (the LRP's or RRP's GRE demultiplexer)."""
+
+    def greReceived(src, dst, gre):
+        """GRE header + payload *gre* (bytes) arrived from *src* for local address *dst* (str).
+
+        Called in the reactor thread, many times per wake-up: return quickly.  An exception
+        is logged and counted (receiver_error); it does not stop the port.
+        """
 
 
 def gre_filter(local_addresses):

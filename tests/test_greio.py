@@ -531,7 +531,7 @@ def measure(n=50000, size=1400):
                 port.startListening()
             port.stopReading()
             for _ in range(n):
-                sock.sendto(gre, (SENDER and RECEIVER, 0))
+                sock.sendto(gre, (RECEIVER, 0))
             took = _drain(port, n)
             stats = port.statistics()
             print(f"receive {kind:4s}: {stats['received']} of {n} in {took:.3f}s = "
