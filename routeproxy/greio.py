@@ -272,7 +272,7 @@ class GREPort(abstract.FileDescriptor):
     * ``capture``: "pcap" (default) or "raw" (read an unbound raw GRE socket instead).
     * ``snaplen``: bytes kept per packet.  libpcap's ring has fixed slots of about
       snaplen bytes, so 65535 would fit only 128 packets in 8 MiB; 2048 holds a full
-      1500-byte packet plus link header and ~3,600 packets.  Longer ones are counted as
+      1500-byte packet plus link header, and 8 MiB holds ~3,900 packets.  Longer ones are counted as
       "truncated".  ``bufferSize``: the capture ring (or raw socket buffer) in bytes.
     * ``bpfFilter``: replaces the generated ``ip proto 47 and (dst host ...)`` expression.
     * ``system``: the OS layer, RealGRESystem by default; MemoryGRESystem in tests.
