@@ -28,7 +28,11 @@ What it does (docs/protocol.md):
 - applies the error rules: each event is one log line, and closes the session or
   the link exactly as the spec says.
 
-``peerName`` is set by the TLS layer (the name in the peer's certificate).
+Other calls for the daemons: ``whenReady()`` (Deferred: HELLO negotiated),
+``whenLinkLost()`` (Deferred: the transport is gone), ``ping()`` (Deferred of
+the RTT in seconds), ``goAway(code, text)`` (orderly shutdown), ``stats``
+(:class:`MuxStats`), ``sessions`` (id -> Session).  ``peerName`` is set by
+the TLS layer (the name in the peer's certificate).
 """
 import collections
 import dataclasses
@@ -125,6 +129,8 @@ class MuxConnection:
         self._pingWaiters = []
         self._timer = None
         self._unknownLogged = set()
+        self._lostWaiters = []
+        self.linkGone = False
 
     @property
     def ready(self):
@@ -184,6 +190,10 @@ class MuxConnection:
         if not self.closed:
             self.log.info("mux {peer}: link lost: {why}", peer=self.peerLabel, why=why)
         self._shutdown(why)
+        self.linkGone = True
+        waiters, self._lostWaiters = self._lostWaiters, []
+        for d in waiters:
+            d.callback(why)
 
     # --- API for the daemons -------------------------------------------------
 
@@ -195,6 +205,14 @@ class MuxConnection:
             return defer.fail(SessionRefused(Reason.LINK_LOST, self.closeReason or ""))
         d = defer.Deferred()
         self._readyWaiters.append(d)
+        return d
+
+    def whenLinkLost(self):
+        """Deferred firing (with a reason text) once the transport is gone."""
+        if self.linkGone:
+            return defer.succeed(self.closeReason)
+        d = defer.Deferred()
+        self._lostWaiters.append(d)
         return d
 
     def openSession(self, profile, clientInfo, receiver):

@@ -49,9 +49,11 @@ class MuxProtocol(Protocol):
         self.connection = connection
         self.peerNameOf = peerNameOf
         self._lost = False
+        self._registered = False
 
     def connectionMade(self):
         self.transport.registerProducer(self, True)
+        self._registered = True
         if self.factory is not None and hasattr(self.factory, "connections"):
             self.factory.connections.add(self.connection)
         self.connection.start(self)
@@ -87,6 +89,10 @@ class MuxProtocol(Protocol):
         return _socketBufferSize(self.transport)
 
     def loseConnection(self):
+        # A registered producer would make TLS wait for ever before close_notify.
+        if self._registered and not self._lost:
+            self._registered = False
+            self.transport.unregisterProducer()
         self.transport.loseConnection()
 
     def abortConnection(self):
