@@ -44,7 +44,8 @@ from twisted.python import failure
 from zope.interface import Interface
 
 __all__ = [
-    "GREPort", "IGREReceiver", "GREStats", "GREIOError", "attach_drop_all", "RealGRESystem", "MemoryGRESystem",
+    "GREPort", "IGREReceiver", "GREStats", "GREIOError", "attach_drop_all", "RealGRESystem",
+    "MemoryGRESystem",
     "MemoryCapture", "MemoryRawSocket", "gre_filter", "DROP_ALL_FILTER", "LINK_LAYERS",
     "DLT_EN10MB", "DLT_LINUX_SLL", "DLT_LINUX_SLL2", "DLT_RAW", "DLT_IPV4", "DLT_NULL", "DLT_LOOP",
 ]

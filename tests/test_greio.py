@@ -16,6 +16,7 @@ import errno
 import os
 import socket
 import struct
+import subprocess
 import sys
 import time
 
@@ -57,7 +58,8 @@ def frame(datalink, ip, ethertype=0x0800):
     if datalink == DLT_EN10MB:
         return bytes(dpkt.ethernet.Ethernet(src=b"\x02" * 6, dst=b"\x04" * 6, type=ethertype, data=ip))
     if datalink == DLT_LINUX_SLL:
-        return bytes(dpkt.sll.SLL(type=0, hrd=1, hlen=6, hdr=b"\x02" * 6 + b"\0\0", ethtype=ethertype, data=ip))
+        return bytes(dpkt.sll.SLL(type=0, hrd=1, hlen=6, hdr=b"\x02" * 6 + b"\0\0",
+                                  ethtype=ethertype, data=ip))
     if datalink == DLT_LINUX_SLL2:
         return struct.pack("!HHIHBB8s", ethertype, 0, 2, 1, 0, 6, b"\x02" * 6 + b"\0\0") + ip
     if datalink == DLT_NULL:
@@ -187,7 +189,8 @@ class MemoryPortTests(unittest.SynchronousTestCase):
         port = self.port()
         port.maxPacketsPerRead = 100
         self.capture.batch = 32
-        self.feed(*[frame(DLT_EN10MB, ipv4(SENDER, RECEIVER, enhanced_gre(1, b"%d" % i))) for i in range(250)])
+        self.feed(*[frame(DLT_EN10MB, ipv4(SENDER, RECEIVER, enhanced_gre(1, b"%d" % i)))
+                    for i in range(250)])
         port.doRead()
         self.assertEqual((len(self.receiver.packets), self.capture.readCalls), (100, 4))  # 32+32+32+4
         port.doRead()
@@ -314,8 +317,10 @@ class MemoryPortTests(unittest.SynchronousTestCase):
     def test_bad_configuration(self):
         self.assertRaises(GREIOError, GREPort, Collector(), [], system=MemoryGRESystem())
         self.assertRaises(GREIOError, GREPort, Collector(), ["10.0.0"], system=MemoryGRESystem())
-        self.assertRaises(GREIOError, GREPort, Collector(), [RECEIVER], capture="udp", system=MemoryGRESystem())
-        port = GREPort(Collector(), [RECEIVER], system=MemoryGRESystem(datalink=9999), reactor=MemoryReactor())
+        self.assertRaises(GREIOError, GREPort, Collector(), [RECEIVER], capture="udp",
+                          system=MemoryGRESystem())
+        port = GREPort(Collector(), [RECEIVER], system=MemoryGRESystem(datalink=9999),
+                       reactor=MemoryReactor())
         error = self.assertRaises(GREIOError, port.startListening)
         self.assertIn("unsupported datalink 9999", str(error))
         self.assertTrue(all(s.closed for s in port._system.sockets))
@@ -326,7 +331,8 @@ class MemoryPortTests(unittest.SynchronousTestCase):
 
 def icmp_counters(lab, ns):
     """The Icmp: line of /proc/net/snmp in *ns* as a dict."""
-    lines = [line.split() for line in lab.read_proc(ns, "/proc/net/snmp").splitlines() if line.startswith("Icmp:")]
+    snmp = lab.read_proc(ns, "/proc/net/snmp")
+    lines = [line.split() for line in snmp.splitlines() if line.startswith("Icmp:")]
     return dict(zip(lines[0][1:], map(int, lines[1][1:])))
 
 
@@ -455,7 +461,8 @@ class KernelTests(unittest.TestCase):
         for _ in range(2):
             data = listener.recv(2048)  # raw IPv4: the header shows the source
             seen.append((socket.inet_ntoa(data[12:16]), data[20:]))
-        self.assertEqual(seen, [(RECEIVER, enhanced_gre(1, b"from .2")), (OTHER, enhanced_gre(2, b"from .3"))])
+        self.assertEqual(seen, [(RECEIVER, enhanced_gre(1, b"from .2")),
+                                (OTHER, enhanced_gre(2, b"from .3"))])
         self.assertEqual(port.stats.sent, 2)
         yield settle(0)
 
@@ -479,8 +486,10 @@ class KernelTests(unittest.TestCase):
         yield to_rrp.waitFor(n)
         yield to_pptpd.waitFor(n)
         yield settle()
-        self.assertEqual(to_rrp.packets, [("127.0.0.1", "127.0.0.2", enhanced_gre(2000 + i, b"down")) for i in range(n)])
-        self.assertEqual(to_pptpd.packets, [("127.0.0.2", "127.0.0.1", enhanced_gre(1000 + i, b"up")) for i in range(n)])
+        self.assertEqual(to_rrp.packets,
+                         [("127.0.0.1", "127.0.0.2", enhanced_gre(2000 + i, b"down")) for i in range(n)])
+        self.assertEqual(to_pptpd.packets,
+                         [("127.0.0.2", "127.0.0.1", enhanced_gre(1000 + i, b"up")) for i in range(n)])
         got = [pptpd_sock.recv(2048)[20:] for _ in range(n)]
         self.assertEqual(got, [enhanced_gre(1000 + i, b"up") for i in range(n)])
         self.assertEqual((dict(rrp.stats.dropped), dict(pptpd_port.stats.dropped)), ({}, {}))
@@ -496,6 +505,57 @@ class KernelTests(unittest.TestCase):
         with self.lab.inside(self.b):
             error = self.assertRaises(GREIOError, port.startListening)
         self.assertIn("nosuch0", str(error))
+
+
+class NetnsHelperTests(unittest.TestCase):
+    """tests/netns.py itself: processes die and names disappear at cleanup; leftovers are reaped."""
+
+    def setUp(self):
+        netns.skip_unless_available()
+
+    def names(self):
+        namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+        return namespaces + links
+
+    def test_cleanup_kills_processes_and_removes_names(self):
+        lab = netns.NetnsLab()
+        a, b = lab.namespace("one"), lab.namespace("two")
+        root_end = lab.veth(None, b, str(lab.subnet()[1]) + "/24")
+        inner = lab.veth(a, b, "10.9.0.1/24", "10.9.0.2/24")
+        self.assertIn(inner.name_b, lab.run(b, ["ip", "-o", "link"]).stdout)
+        self.assertEqual(lab.python(a, "import sys; print(sys.argv[1])", "hello").stdout, "hello\n")
+        sleeper = lab.spawn(a, ["sh", "-c", "sleep 60 & sleep 60"])
+        self.assertRaises(netns.NetnsError, lab.run, a, ["false"])
+        self.assertEqual(lab.cleanup(), [])
+        self.assertIsNotNone(sleeper.poll())
+        listing = self.names()
+        for name in (a, b, root_end.name_a):
+            self.assertNotIn(name, listing)
+        self.assertEqual(lab.cleanup(), [])  # idempotent
+
+    def test_inside_returns_to_the_root_namespace(self):
+        lab = netns.lab_for(self)
+        ns = lab.namespace("in")
+        home = os.readlink("/proc/thread-self/ns/net")
+        with lab.inside(ns):
+            self.assertNotEqual(os.readlink("/proc/thread-self/ns/net"), home)
+            self.assertEqual([i[1] for i in socket.if_nameindex()], ["lo"])
+        self.assertEqual(os.readlink("/proc/thread-self/ns/net"), home)
+
+    def test_reap_stale_removes_names_of_dead_processes(self):
+        dead = _dead_pid()
+        name = f"{netns.NS_PREFIX}{dead}-0-stale"
+        subprocess.run(["ip", "netns", "add", name], check=True)
+        self.addCleanup(subprocess.run, ["ip", "netns", "del", name], capture_output=True)
+        netns.reap_stale()
+        self.assertNotIn(name, self.names())
+
+
+def _dead_pid():
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
 
 
 # -- measurements (python -m tests.test_greio) ---------------------------------------------------
@@ -536,7 +596,8 @@ def measure(n=50000, size=1400):
             stats = port.statistics()
             print(f"receive {kind:4s}: {stats['received']} of {n} in {took:.3f}s = "
                   f"{took / max(stats['received'], 1) * 1e9:.0f} ns/packet, "
-                  f"{stats['received'] / took:,.0f} packets/s, reads {stats['reads']}, dropped {stats['dropped']}")
+                  f"{stats['received'] / took:,.0f} packets/s, reads {stats['reads']}, "
+                  f"dropped {stats['dropped']}")
             port.stopListening()
 
         port = GREPort(Null(), [RECEIVER])
