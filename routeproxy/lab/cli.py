@@ -53,8 +53,8 @@ def format_table(run):
         if transfer is None:
             note = "-"
         elif transfer.get("sent") not in (None, "-") and transfer.get("sent") == transfer.get("received"):
-            mb = int(transfer.get("bytes") or 0) / 1e6
-            note = f"{mb:.0f} MB sha256 ok in {transfer.get('seconds')} s"
+            mib = int(transfer.get("bytes") or 0) / 2 ** 20
+            note = f"{mib:.0f} MiB, sha256 equal, {transfer.get('seconds')} s"
         else:
             note = "sha256 MISMATCH or missing"
         lines.append(f"{row.get('client', '?'):8} {row.get('connected', '?'):9} "
