@@ -157,6 +157,7 @@ class PcapCapture:
     def __init__(self, interface, snaplen, bufferSize, bpf):
         import pcap
 
+        self._pcap = None
         try:
             self._pcap = pcap.pcap(
                 name=interface, snaplen=snaplen, promisc=False, immediate=True,
@@ -165,6 +166,8 @@ class PcapCapture:
             self._pcap.setfilter(bpf)
             self._pcap.setnonblock(True)
         except (OSError, TypeError, ValueError) as e:
+            if self._pcap is not None:
+                self._pcap.close()
             raise GREIOError(f"cannot capture GRE on {interface!r} with {bpf!r}: {e}") from None
         try:
             # Only what arrives; on `lo` libpcap already skips the outgoing copy.
@@ -270,11 +273,12 @@ class GREPort(abstract.FileDescriptor):
     * ``localAddresses``: where GRE is captured for, and the only sources sendGRE uses
       (a socket bound to each is opened at start, so a foreign address fails then).
     * ``interface``: the pcap device; "any" (default) covers every interface, "lo" too.
-    * ``capture``: "pcap" (default) or "raw" (read an unbound raw GRE socket instead).
+    * ``capture``: "pcap" (default) or "raw" (read an unbound raw GRE socket instead;
+      ``interface`` is then unused: the socket sees every interface).
     * ``snaplen``: bytes kept per packet.  libpcap's ring has fixed slots of about
       snaplen bytes, so 65535 would fit only 128 packets in 8 MiB; 2048 holds a full
-      1500-byte packet plus link header, and 8 MiB holds ~3,900 packets.  Longer ones are counted as
-      "truncated".  ``bufferSize``: the capture ring (or raw socket buffer) in bytes.
+      1500-byte packet plus link header, and 8 MiB ~3,900 packets.  Longer packets are
+      counted as "truncated".  ``bufferSize``: the capture ring (or socket buffer), bytes.
     * ``bpfFilter``: replaces the generated ``ip proto 47 and (dst host ...)`` expression.
     * ``system``: the OS layer, RealGRESystem by default; MemoryGRESystem in tests.
     """
@@ -299,6 +303,8 @@ class GREPort(abstract.FileDescriptor):
             self._addLocal(address)
         if not self._local:
             raise GREIOError("a GREPort needs at least one local address")
+        self._permanent = frozenset(self._local)
+        self._references = collections.Counter()
         self._system = system if system is not None else RealGRESystem()
         self.stats = GREStats()
         self._sources = {}  # packed -> str cache for greReceived's src
@@ -325,25 +331,40 @@ class GREPort(abstract.FileDescriptor):
         return self._customFilter or gre_filter(self._local.values())
 
     def addLocalAddress(self, address):
-        """Also capture GRE sent to *address*, and send from it (e.g. a new pptpd connection's source)."""
-        if _packed(address) in self._local:
+        """Also capture GRE sent to *address* and send from it, until as many removes.
+
+        For the RRP: call it with each pptpd connection's local address
+        (``transport.getHost().host``) and removeLocalAddress when that connection ends;
+        addresses are counted, so connections sharing one address do not disturb each other.
+        """
+        packed = _packed(address)
+        if packed is None:
+            raise GREIOError(f"not an IPv4 address: {address!r}")
+        self._references[packed] += 1
+        if packed in self._local:
             return
         self._addLocal(address)
         if self._capture is not None:
             try:
-                self._openSender(self._local[_packed(address)])
+                self._openSender(self._local[packed])
                 self._capture.setFilter(self.bpfFilter)
             except GREIOError:
+                self._references[packed] = 1
                 self.removeLocalAddress(address)
                 raise
 
     def removeLocalAddress(self, address):
-        """Stop capturing GRE sent to *address* (the last local address cannot go)."""
+        """Undo one addLocalAddress; the last one stops capture and closes the sender.
+
+        Addresses given to the constructor stay for the port's life (this is a no-op).
+        """
         packed = _packed(address)
-        if packed not in self._local:
+        if packed not in self._local or packed in self._permanent:
             return
-        if len(self._local) == 1:
-            raise GREIOError("cannot remove the last local address")
+        self._references[packed] -= 1
+        if self._references[packed] > 0:
+            return
+        del self._references[packed]
         name = self._local.pop(packed)
         if self._capture is not None:
             self._capture.setFilter(self.bpfFilter)
@@ -378,7 +399,8 @@ class GREPort(abstract.FileDescriptor):
         self._link = (offset, typeAt, typeAt + len(ipv4Type) if ipv4Type else None, ipv4Type)
         self.connected = 1
         self.log.info("GRE I/O on {interface} ({kind}, datalink {dlt}) for {bpf}",
-                      interface=self.interface, kind=self.captureKind, dlt=datalink, bpf=self.bpfFilter)
+                      interface=self.interface, kind=self.captureKind, dlt=datalink,
+                      bpf=self.bpfFilter)
         self.startReading()
 
     def fileno(self):

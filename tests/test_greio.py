@@ -241,9 +241,16 @@ class MemoryPortTests(unittest.SynchronousTestCase):
         self.feed(frame(DLT_EN10MB, ipv4(SENDER, OTHER, enhanced_gre(3))))
         port.doRead()
         self.assertEqual(self.receiver.packets, [(SENDER, OTHER, enhanced_gre(3))])
+        port.addLocalAddress(OTHER)  # a second user of the same address
+        port.removeLocalAddress(OTHER)
+        self.assertEqual(port.localAddresses, [RECEIVER, OTHER])
         port.removeLocalAddress(OTHER)
         self.assertEqual(self.capture.filters[-1], "ip proto 47 and (dst host 10.0.0.2)")
-        self.assertRaises(GREIOError, port.removeLocalAddress, RECEIVER)
+        self.assertEqual(port.localAddresses, [RECEIVER])
+        port.removeLocalAddress(RECEIVER)  # given to the constructor: stays
+        port.removeLocalAddress("10.0.0.77")  # never added: nothing happens
+        self.assertEqual(port.localAddresses, [RECEIVER])
+        self.assertRaises(GREIOError, port.addLocalAddress, "not.an.address.x")
 
     def test_send_socket_drops_everything(self):
         """The socket that also stops ICMP protocol-unreachable carries the one-instruction drop filter."""
