@@ -72,11 +72,11 @@ CERTS_COMMAND = '"$PY" -m routeproxy certs --out "$CERTS" --lrp-name lrp.lab --r
 LRP_COMMAND = ('"$PY" -c "from twisted.scripts.twistd import run; run()" -n --logfile "$LOGS/lrp.log" '
                '--pidfile /run/lrp.pid routeproxy-lrp '
                '--pptp-listen {lrp_lan}:1723 --rrp {rrp_addr}:{tls_port} --rrp-name rrp.lab '
-               '--cert "$CERTS/lrp.pem" --key "$CERTS/lrp.key" --ca "$CERTS/ca.pem"')
+               '--cert "$CERTS/lrp.crt" --key "$CERTS/lrp.key" --ca "$CERTS/ca.crt"')
 RRP_COMMAND = ('"$PY" -c "from twisted.scripts.twistd import run; run()" -n --logfile "$LOGS/rrp.log" '
                '--pidfile /run/rrp.pid routeproxy-rrp '
                '--listen 0.0.0.0:{tls_port} --pptp-server {pptp_server} '
-               '--cert "$CERTS/rrp.pem" --key "$CERTS/rrp.key" --ca "$CERTS/ca.pem"')
+               '--cert "$CERTS/rrp.crt" --key "$CERTS/rrp.key" --ca "$CERTS/ca.crt"')
 
 
 def build_script(mode, clients, transfer_mb=0, connect_timeout=25, python=None):
