@@ -9,7 +9,8 @@ Typical use in a trial test::
         a, b = lab.namespace("a"), lab.namespace("b")
         link = lab.veth(a, b, "10.0.0.1/24", "10.0.0.2/24")
         lab.run(b, ["ping", "-c1", "10.0.0.1"])
-        server = lab.spawn(a, ["twistd", "-n", ...])    # killed (whole process group) at cleanup
+        server = lab.spawn(a, ["twistd", "-n", ...], logfile=self.mktemp())  # killed at cleanup
+        lab.wait_tcp(a, "10.0.0.1", 1723, proc=server)   # until it listens (or fails if it died)
         with lab.inside(a):                   # sockets/pcap handles opened here live in `a`
             sock = socket.socket(...)
 
@@ -27,6 +28,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -224,12 +226,47 @@ class NetnsLab:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         return self.run(ns, [sys.executable, "-c", code, *map(str, args)], env=env, **kwargs)
 
-    def spawn(self, ns, argv, **popen_kwargs):
-        """Start a long-running process inside *ns* in its own process group; killed at cleanup."""
+    def spawn(self, ns, argv, logfile=None, **popen_kwargs):
+        """Start a long-running process inside *ns* in its own process group; killed at cleanup.
+
+        *logfile*: a path that receives its stdout and stderr (read it when a test fails).
+        """
         popen_kwargs.setdefault("start_new_session", True)
-        proc = subprocess.Popen(self._wrap(ns, argv), **popen_kwargs)
+        if logfile is not None:
+            log = open(logfile, "ab")
+            popen_kwargs.setdefault("stdout", log)
+            popen_kwargs.setdefault("stderr", subprocess.STDOUT)
+        try:
+            proc = subprocess.Popen(self._wrap(ns, argv), **popen_kwargs)
+        finally:
+            if logfile is not None:
+                log.close()  # the child has its own copy
         self.processes.append(proc)
         return proc
+
+    def wait_tcp(self, ns, host, port, timeout=10.0, proc=None):
+        """Block until something accepts TCP connections on host:port inside *ns*.
+
+        Raises NetnsError after *timeout* seconds, or as soon as *proc* (the process
+        expected to listen) has exited.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.inside(ns):
+                sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+            sock.settimeout(0.5)
+            try:
+                sock.connect((host, port))
+                return
+            except OSError:
+                pass
+            finally:
+                sock.close()
+            if proc is not None and proc.poll() is not None:
+                raise NetnsError(f"{proc.args!r} exited (rc={proc.returncode}) before {host}:{port} listened")
+            if time.monotonic() > deadline:
+                raise NetnsError(f"nothing listens on {host}:{port} in {ns} after {timeout} s")
+            time.sleep(0.05)
 
     def read_proc(self, ns, path):
         """A /proc file as seen from inside *ns* (e.g. /proc/net/snmp)."""

@@ -541,6 +541,21 @@ class NetnsHelperTests(unittest.TestCase):
             self.assertNotIn(name, listing)
         self.assertEqual(lab.cleanup(), [])  # idempotent
 
+    def test_spawn_with_log_and_wait_tcp(self):
+        lab = netns.lab_for(self)
+        ns = lab.namespace("srv")
+        log = self.mktemp()
+        server = lab.spawn(ns, [sys.executable, "-c", (
+            "import socket, time; s = socket.socket(); s.bind(('127.0.0.1', 8123)); s.listen();"
+            "print('listening', flush=True); time.sleep(60)")], logfile=log)
+        lab.wait_tcp(ns, "127.0.0.1", 8123, proc=server)
+        with open(log) as f:
+            self.assertEqual(f.read(), "listening\n")
+        self.assertRaises(OSError, socket.create_connection, ("127.0.0.1", 8123), 0.5)  # not in root
+        quitter = lab.spawn(ns, ["true"])
+        error = self.assertRaises(netns.NetnsError, lab.wait_tcp, ns, "127.0.0.1", 8124, 5, quitter)
+        self.assertIn("exited", str(error))
+
     def test_inside_returns_to_the_root_namespace(self):
         lab = netns.lab_for(self)
         ns = lab.namespace("in")
