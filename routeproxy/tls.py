@@ -490,6 +490,16 @@ def clientCreator(rrp_name, cert_path, key_path, ca_path):
     """TLS settings for the LRP: our certificate, TLS >= 1.2, and the RRP's
     certificate must chain to *ca_path* and carry *rrp_name*.  Raises
     ``TLSConfigError``."""
+    if not isinstance(rrp_name, str) or not rrp_name.strip():
+        raise TLSConfigError(f"RRP name {rrp_name!r}: empty")
+    rrp_name = rrp_name.strip()
+    try:
+        ipaddress.ip_address(rrp_name)
+    except ValueError:
+        try:
+            rrp_name.encode("idna")
+        except UnicodeError as e:
+            raise TLSConfigError(f"RRP name {rrp_name!r} is not a valid host name ({e})") from None
     leaf, chain, key = loadIdentity(cert_path, key_path)
     cas = loadCA(ca_path)
     trust = ssl.trustRootFromCertificates([ssl.Certificate(c) for c in cas])

@@ -502,6 +502,12 @@ class ConfigErrorTests(unittest.SynchronousTestCase):
         self.assertIn("missing-ca.crt", str(e))
 
 
+    def test_badRRPName(self):
+        for name in ("", "  ", "x" * 70 + ".example"):
+            e = self.assertRaises(tls.TLSConfigError, tls.clientCreator, name, self.cert, self.key, self.lab.caPath)
+            self.assertIn("RRP name", str(e))
+
+
 class NameTests(unittest.SynchronousTestCase):
     def setUp(self):
         self.ca = certs.make_ca()
