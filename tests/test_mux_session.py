@@ -3,6 +3,7 @@
 No network: the connection writes into a FakeLink (a recording stand-in for the
 protocol), the peer is played by hand-written frames, time is a Clock.
 """
+from hypothesis import given, settings, strategies as st
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial import unittest
@@ -543,3 +544,48 @@ class LivenessTests(Base):
         self.assertFalse(self.link.aborted)
         self.clock.advance(0.1)
         self.assertTrue(self.link.aborted)
+
+
+class FuzzTests(unittest.SynchronousTestCase):
+    """Random frame sequences never raise out of the connection and keep its table sane."""
+
+    frame = st.one_of(
+        st.builds(F.Open, st.integers(1, 6), st.sampled_from(["office", "x"]), st.just("c")),
+        st.builds(F.OpenOk, st.integers(1, 6)),
+        st.builds(F.OpenRefused, st.integers(1, 6), st.integers(0, 20), st.text(max_size=5)),
+        st.builds(F.Close, st.integers(1, 6), st.integers(0, 20), st.just("")),
+        st.builds(F.Control, st.integers(1, 6), st.binary(max_size=300)),
+        st.builds(F.WindowUpdate, st.integers(1, 6), st.integers(1, F.MAX_WINDOW)),
+        st.builds(F.Gre, st.integers(1, 6), st.integers(0, 65535),
+                  st.none() | st.integers(0, 2**32 - 1), st.none(), st.binary(max_size=20)),
+        st.builds(F.Ping, st.binary(min_size=8, max_size=8)),
+        st.builds(F.Pong, st.binary(min_size=8, max_size=8)),
+        st.builds(F.UnknownFrame, st.integers(0x21, 0xFF), st.just(0), st.integers(0, 6),
+                  st.binary(max_size=8)),
+    )
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.booleans(), st.lists(frame, max_size=30), st.binary(max_size=40))
+    def test_randomFrames(self, isOpener, frames, garbage):
+        clock = Clock()
+        link = FakeLink()
+        conn = MuxConnection(isOpener, clock, MuxConfig(initialWindow=500),
+                             lambda s, p, c: Receiver())
+        conn.start(link)
+        conn.dataReceived(F.Hello().encode())
+        if isOpener:
+            for _ in range(3):
+                conn.openSession("office", "", Receiver()).sendControl(b"x" * 700)
+        for frame in frames:
+            conn.dataReceived(frame.encode())
+            clock.advance(1)
+        conn.dataReceived(garbage)
+        conn.flush()
+        link.frames()  # what it wrote is well-formed
+        if conn.closed:
+            self.assertTrue(link.lost or link.aborted)
+            self.assertEqual(conn.sessions, {})
+        for session in conn.sessions.values():
+            self.assertNotEqual(session.state, CLOSED)
+            self.assertGreaterEqual(session.recvWindow, 0)
+            self.assertGreaterEqual(session.sendWindow, 0)

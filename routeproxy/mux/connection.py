@@ -128,7 +128,7 @@ class MuxConnection:
         self._pingOutstanding = None  # (data, sentAt)
         self._pingWaiters = []
         self._timer = None
-        self._unknownLogged = set()
+        self._logged = set()
         self._lostWaiters = []
         self.linkGone = False
 
@@ -433,6 +433,9 @@ class MuxConnection:
         session = self.sessions.get(frame.session)
         if session is None or session.state != OPEN:
             self.stats.greIgnored["not_open"] += 1
+            self._logOnce(("gre", frame.session),
+                          "mux {peer}: ignoring GRE for session {sid}, which is not open"
+                          " (further ones are only counted)", sid=frame.session)
             return
         session._greReceived(frame)
 
@@ -449,10 +452,16 @@ class MuxConnection:
                         f"unknown mandatory frame type 0x{frame.frameType:02x}")
             return
         self.stats.unknownFrames += 1
-        if frame.frameType not in self._unknownLogged:
-            self._unknownLogged.add(frame.frameType)
-            self.log.info("mux {peer}: ignoring frames of unknown type 0x{t:02x}"
-                          " (may-ignore bit set)", peer=self.peerLabel, t=frame.frameType)
+        self._logOnce(("type", frame.frameType),
+                      "mux {peer}: ignoring frames of unknown type 0x{t:02x}"
+                      " (may-ignore bit set)", t=frame.frameType)
+
+    def _logOnce(self, key, format, **kw):
+        """Log an event a peer could repeat at line rate only the first time."""
+        if key in self._logged or len(self._logged) >= 1024:
+            return
+        self._logged.add(key)
+        self.log.info(format, peer=self.peerLabel, **kw)
 
     def _malformed(self, e):
         """A frame whose framing was fine but whose payload is not."""
@@ -460,7 +469,8 @@ class MuxConnection:
             self.goAway(e.code, e.reason)
         elif e.frameType == F.GRE:
             self.stats.greIgnored["malformed"] += 1
-            self.log.debug("mux {peer}: {reason}", peer=self.peerLabel, reason=e.reason)
+            self._logOnce(("malformed", e.session), "mux {peer}: dropping {reason}"
+                          " (further ones are only counted)", reason=e.reason)
         elif e.frameType == F.OPEN:
             if e.session in self.sessions or e.session <= self._lastSessionId:
                 self.goAway(LinkError.PROTOCOL_ERROR, e.reason)
