@@ -6,3 +6,14 @@
   liveness, send scheduling (control before GRE; GRE dropped over a watermark).
 - :mod:`.protocol`: the thin Twisted protocol and factories.
 """
+
+from routeproxy.mux.connection import MuxConfig, MuxConnection, MuxStats
+from routeproxy.mux.frames import FrameError, LinkError, Reason
+from routeproxy.mux.protocol import MuxClientFactory, MuxProtocol, MuxServerFactory
+from routeproxy.mux.session import ISessionReceiver, Session, SessionRefused
+
+__all__ = [
+    "MuxConfig", "MuxConnection", "MuxStats", "FrameError", "LinkError", "Reason",
+    "MuxClientFactory", "MuxProtocol", "MuxServerFactory", "ISessionReceiver", "Session",
+    "SessionRefused",
+]
