@@ -20,6 +20,7 @@ from twisted.internet.interfaces import IPushProducer
 
 from routeproxy import calls, gre, pptp
 from routeproxy.callids import CallIDExhausted
+from routeproxy.greio import GREIOError
 from routeproxy.mux.frames import Reason, reasonName
 
 # Control messages a peer may send before the mux session is open; a real client sends one
@@ -91,6 +92,7 @@ class RelaySession:
         self.mux = None           # mux session, once opened
         self.peer_ip = None
         self.local_ip = None
+        self._gre_address = None  # the local address we asked the GRE port to serve
         self.peer_label = "?"
         self.mux_decoder = pptp.PPTPStreamDecoder()
         self.closed = False
@@ -108,8 +110,16 @@ class RelaySession:
         self.peer_label = f"{peer.host}:{peer.port}"
         self.book = calls.CallBook(self.OWNER, self.daemon.spaceFor(peer.host))
         self.book.session = self
+        self._gre_address = None
         if self.daemon.gre_port is not None:
-            self.daemon.gre_port.addLocalAddress(self.local_ip)   # capture GRE sent to it
+            try:
+                self.daemon.gre_port.addLocalAddress(self.local_ip)   # capture GRE sent to it
+            except GREIOError as e:
+                self.log.error("{side} {peer}: cannot exchange GRE on {ip}: {error}", side=self.side,
+                               peer=self.peer_label, ip=self.local_ip, error=str(e))
+                self.close(f"no GRE on {self.local_ip}")
+                return
+            self._gre_address = self.local_ip
 
     def peerMessage(self, message):
         if self.closed:
@@ -229,6 +239,9 @@ class RelaySession:
             gdrop=self.gre_dropped, reason=reason)
         if self.book is not None:
             self.book.release_all()
+        if self._gre_address is not None:
+            self.daemon.gre_port.removeLocalAddress(self._gre_address)
+            self._gre_address = None
         if self.mux is not None:
             self.mux.close(Reason.NORMAL, text=reason)
         if self.peer is not None and self.peer.transport is not None:

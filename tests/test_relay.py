@@ -32,6 +32,9 @@ class RecordingGREPort:
     def addLocalAddress(self, address):
         self.local.add(address)
 
+    def removeLocalAddress(self, address):
+        self.local.discard(address)
+
 
 class Peer:
     """A PPTP client or pptpd on the far end of a StringTransport."""
