@@ -34,6 +34,11 @@ def parse_hostport(text, default_port=None, what="address"):
     return host, port
 
 
+def text(value):
+    """A plain string setting (a name or a path)."""
+    return value.strip()
+
+
 def parse_cidr(text):
     try:
         return ipaddress.ip_network(text.strip(), strict=False)
@@ -70,6 +75,7 @@ class ConfigOptions(usage.Options):
 
     section = None  # INI section read from --config
     settings = ()
+    required = ()   # settings that must end up with a value
 
     def __init_subclass__(cls, **kw):
         # usage.Options finds handlers by their opt_ method names; make one per
@@ -108,6 +114,9 @@ class ConfigOptions(usage.Options):
                 self[name] = default
                 continue
             self[name] = [parse(v) for v in raw] if repeatable else parse(raw)
+        missing = [name for name in self.required if self[name] is None]
+        if missing:
+            raise usage.UsageError("missing required option(s): " + ", ".join("--" + m for m in missing))
         self.check()
 
     def check(self):

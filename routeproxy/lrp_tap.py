@@ -4,11 +4,7 @@ from twisted.application.service import MultiService
 from twisted.python import usage
 
 from routeproxy import tls
-from routeproxy.config import ConfigOptions, parse_cidr, parse_hostport
-
-
-def _ident(value):
-    return value.strip()
+from routeproxy.config import ConfigOptions, text, parse_cidr, parse_hostport
 
 
 class Options(ConfigOptions):
@@ -18,26 +14,24 @@ class Options(ConfigOptions):
         "Serve PPTP clients on --pptp-listen and carry their sessions to the RRP "
         "at --rrp over mutually authenticated TLS."
     )
+    required = ("rrp", "rrp-name", "cert", "key", "ca")
     settings = (
         ("pptp-listen", ("0.0.0.0", 1723), "HOST:PORT where PPTP clients connect [default: 0.0.0.0:1723]",
          lambda v: parse_hostport(v, 1723, "--pptp-listen"), False),
         ("rrp", None, "HOST:PORT of the RRP's TLS listener (required)",
          lambda v: parse_hostport(v, None, "--rrp"), False),
-        ("rrp-name", None, "name the RRP's certificate must carry (required)", _ident, False),
-        ("cert", None, "this LRP's certificate (PEM) (required)", _ident, False),
-        ("key", None, "this LRP's private key (PEM) (required)", _ident, False),
-        ("ca", None, "CA certificate that signed the RRP's certificate (required)", _ident, False),
+        ("rrp-name", None, "name the RRP's certificate must carry (required)", text, False),
+        ("cert", None, "this LRP's certificate (PEM) (required)", text, False),
+        ("key", None, "this LRP's private key (PEM) (required)", text, False),
+        ("ca", None, "CA certificate that signed the RRP's certificate (required)", text, False),
         ("allow", None, "CIDR of clients allowed to connect; repeatable [default: any]", parse_cidr, True),
         ("profile", "default", "upstream profile the RRP maps to a PPTP server [default: default]",
-         _ident, False),
+         text, False),
         ("gre-interface", "any", "interface GRE from clients is captured on [default: any]",
-         _ident, False),
+         text, False),
     )
 
     def check(self):
-        missing = [n for n in ("rrp", "rrp-name", "cert", "key", "ca") if self[n] is None]
-        if missing:
-            raise usage.UsageError("missing required option(s): " + ", ".join("--" + m for m in missing))
         try:
             self["tls"] = tls.clientCreator(self["rrp-name"], self["cert"], self["key"], self["ca"])
         except tls.TLSConfigError as e:

@@ -4,11 +4,7 @@ from twisted.application.service import MultiService
 from twisted.python import usage
 
 from routeproxy import tls
-from routeproxy.config import ConfigOptions, parse_hostport, parse_profile
-
-
-def _ident(value):
-    return value.strip()
+from routeproxy.config import ConfigOptions, text, parse_hostport, parse_profile
 
 
 class Options(ConfigOptions):
@@ -18,29 +14,27 @@ class Options(ConfigOptions):
         "Accept LRPs on --listen over mutually authenticated TLS and, for each "
         "session, dial the PPTP server its profile names (and no other)."
     )
+    required = ("cert", "key", "ca")
     settings = (
         ("listen", ("0.0.0.0", 4443), "HOST:PORT of the TLS listener for LRPs [default: 0.0.0.0:4443]",
          lambda v: parse_hostport(v, None, "--listen"), False),
         ("pptp-server", None, "HOST[:PORT] of the PPTP server of profile 'default'",
          lambda v: parse_hostport(v, 1723, "--pptp-server"), False),
-        ("cert", None, "this RRP's certificate (PEM) (required)", _ident, False),
-        ("key", None, "this RRP's private key (PEM) (required)", _ident, False),
-        ("ca", None, "CA certificate that signed the LRPs' certificates (required)", _ident, False),
+        ("cert", None, "this RRP's certificate (PEM) (required)", text, False),
+        ("key", None, "this RRP's private key (PEM) (required)", text, False),
+        ("ca", None, "CA certificate that signed the LRPs' certificates (required)", text, False),
         ("profile", None, "NAME=HOST[:PORT]: another upstream PPTP server; repeatable",
          parse_profile, True),
         ("lrp-name", None, "accept only LRPs whose certificate carries this name; repeatable "
-         "[default: any LRP the CA signed]", _ident, True),
+         "[default: any LRP the CA signed]", text, True),
         ("source", None, "local address to dial PPTP servers from (and send their GRE from); "
          "use one pptpd does not listen on when both share a host [default: the kernel's choice]",
-         _ident, False),
+         text, False),
         ("gre-interface", "any", "interface GRE from servers is captured on [default: any]",
-         _ident, False),
+         text, False),
     )
 
     def check(self):
-        missing = [n for n in ("cert", "key", "ca") if self[n] is None]
-        if missing:
-            raise usage.UsageError("missing required option(s): " + ", ".join("--" + m for m in missing))
         profiles = dict(self["profile"] or ())
         if self["pptp-server"] is not None:
             profiles.setdefault("default", self["pptp-server"])
