@@ -17,6 +17,7 @@ class LabRun:
         self.clients = clients
         self.result = result
         self.rows, self.transfers, self.times = topology.parse_results(result.output)
+        self.sessions = topology.parse_sessions(result.output)
 
     @property
     def connected(self):
@@ -32,10 +33,10 @@ class LabRun:
                       if t.get("sent") not in (None, "-") and t.get("sent") == t.get("received"))
 
 
-def run_lab(mode, clients, transfer_mb=0, connect_timeout=25, timeout=None, keep=False):
+def run_lab(mode, clients, transfer_mb=0, connect_timeout=25, timeout=None, keep=False, mtu=None):
     """Run the lab once; returns a LabRun.  Raises uml.UMLError when UML cannot run."""
     script = topology.build_script(mode, clients, transfer_mb=transfer_mb,
-                                   connect_timeout=connect_timeout)
+                                   connect_timeout=connect_timeout, mtu=mtu)
     if timeout is None:
         timeout = 60 + connect_timeout + clients * 5 + transfer_mb * clients * 2
     result = uml.run_in_uml(script, timeout=timeout, keep=keep, modules=topology.lab_modules(mode))
@@ -47,8 +48,10 @@ def format_table(run):
     lines = [f"mode {run.mode}: {run.connected} of {run.clients} connected, "
              f"{run.pinged} pinged {topology.PPP_SERVER}",
              f"{'client':8} {'connected':9} {'ppp address':15} {'ping':4} {'rtt ms':>7} "
-             f"{'tx bytes':>9} {'rx bytes':>9}  transfer"]
-    for row in run.rows:
+             f"{'tx bytes':>9} {'rx bytes':>9} {'call IDs C/L R/S':17}  transfer"]
+    for index, row in enumerate(run.rows, 1):
+        session = run.sessions.get(topology.client_address(index))
+        ids = f"{session['C']}/{session['L']} {session['R']}/{session['S']}" if session else "-"
         transfer = run.transfers.get(row.get("client"))
         if transfer is None:
             note = "-"
@@ -56,10 +59,11 @@ def format_table(run):
             mib = int(transfer.get("bytes") or 0) / 2 ** 20
             note = f"{mib:.0f} MiB, sha256 equal, {transfer.get('seconds')} s"
         else:
-            note = "sha256 MISMATCH or missing"
+            note = (f"FAILED: {transfer.get('received_bytes', '-')} of {transfer.get('bytes', '-')} "
+                    f"bytes arrived, sha256 {'equal' if transfer.get('sent') == transfer.get('received') else 'differs'}")
         lines.append(f"{row.get('client', '?'):8} {row.get('connected', '?'):9} "
                      f"{row.get('addr', '-'):15} {row.get('ping', '?'):4} {row.get('rtt', '-'):>7} "
-                     f"{row.get('tx', '-'):>9} {row.get('rx', '-'):>9}  {note}")
+                     f"{row.get('tx', '-'):>9} {row.get('rx', '-'):>9} {ids:17}  {note}")
     times = ", ".join(f"{k} {v:.1f}s" for k, v in run.times.items())
     lines.append(f"UML boot {run.result.boot_seconds:.1f}s, whole run {run.result.total_seconds:.1f}s"
                  + (f"; inside: {times}" if times else ""))
@@ -79,6 +83,8 @@ def parser():
                    help="send this many MB over each tunnel and compare sha256 [0: none]")
     p.add_argument("--connect-timeout", type=int, default=25,
                    help="seconds the clients get to come up [25]")
+    p.add_argument("--mtu", type=int, default=None,
+                   help="clients' PPP MTU and MRU [pppd's default, 1500]")
     p.add_argument("--timeout", type=int, default=None,
                    help="kill UML after this many seconds [depends on the run]")
     p.add_argument("--keep", action="store_true",
@@ -95,7 +101,8 @@ def main(argv=None):
         return 2
     try:
         run = run_lab(args.mode, args.clients, transfer_mb=args.transfer_mb,
-                      connect_timeout=args.connect_timeout, timeout=args.timeout, keep=args.keep)
+                      connect_timeout=args.connect_timeout, timeout=args.timeout, keep=args.keep,
+                      mtu=args.mtu)
     except topology.LabScriptError as e:
         sys.stderr.write(f"routeproxy lab: {e}\n")
         return 2

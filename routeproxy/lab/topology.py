@@ -21,6 +21,7 @@ Modes:
 The script prints `LAB-RESULT key=value ...` lines that `parse_results` reads.
 """
 import os
+import re
 import shlex
 import sys
 
@@ -79,7 +80,7 @@ RRP_COMMAND = ('"$PY" -c "from twisted.scripts.twistd import run; run()" -n --lo
                '--cert "$CERTS/rrp.crt" --key "$CERTS/rrp.key" --ca "$CERTS/ca.crt"')
 
 
-def build_script(mode, clients, transfer_mb=0, connect_timeout=25, python=None):
+def build_script(mode, clients, transfer_mb=0, connect_timeout=25, python=None, mtu=None):
     """The /bin/sh payload for `run_in_uml` that builds the lab and measures it."""
     if mode not in MODES:
         raise LabScriptError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -104,7 +105,10 @@ def build_script(mode, clients, transfer_mb=0, connect_timeout=25, python=None):
             lrp=LRP_COMMAND.format(lrp_lan=LRP_LAN, rrp_addr=rrp_addr, tls_port=RRP_TLS_PORT),
             rrp=RRP_COMMAND.format(tls_port=RRP_TLS_PORT, pptp_server=pptp_server),
             tls_port=RRP_TLS_PORT))
-    parts.append(CLIENTS.format(dial=dial_address(mode), timeout=int(connect_timeout)))
+    if mtu is not None and not 576 <= mtu <= 1500:
+        raise LabScriptError(f"--mtu {mtu}: must be 576..1500")
+    parts.append(CLIENTS.format(dial=dial_address(mode), timeout=int(connect_timeout),
+                                mtu=f"mtu {mtu}\nmru {mtu}" if mtu else "# pppd's default MTU/MRU (1500)"))
     if transfer_mb:
         parts.append(TRANSFER.format(mb=int(transfer_mb), port=TRANSFER_PORT))
     parts.append(FINISH)
@@ -252,6 +256,7 @@ maxfail 1
 lcp-echo-interval 0
 unit 0
 ipparam c$i
+{mtu}
 logfile $LOGS/pppd-c$i.log
 EOF
   i=$((i + 1))
@@ -310,7 +315,7 @@ i=1
 while [ $i -le $K ]; do
   if [ -n "$(ppp_addr $i)" ]; then
     head -c {mb}M /dev/urandom > /tmp/data-c$i
-    ns c$i "$PY" -m routeproxy.lab.transfer send --host 192.168.90.1 --port {port} --file /tmp/data-c$i > $LOGS/send-c$i.out 2>&1 &
+    ns c$i "$PY" -m routeproxy.lab.transfer send --host 192.168.90.1 --port {port} --file /tmp/data-c$i > $LOGS/send-c$i.out 2> $LOGS/send-c$i.err &
     eval "SEND_$i=$!"
   fi
   i=$((i + 1))
@@ -329,7 +334,8 @@ while [ $i -le $K ]; do
     sent=$(cut -d' ' -f1 $LOGS/send-c$i.out 2>/dev/null)
     secs=$(cut -d' ' -f3 $LOGS/send-c$i.out 2>/dev/null)
     got=$(grep "^$addr " $LOGS/recv.out | cut -d' ' -f2)
-    echo "LAB-TRANSFER client=c$i bytes=$(cut -d' ' -f2 $LOGS/send-c$i.out 2>/dev/null) seconds=${{secs:--}} sent=${{sent:--}} received=${{got:--}}"
+    got_bytes=$(grep "^$addr " $LOGS/recv.out | cut -d' ' -f3)
+    echo "LAB-TRANSFER client=c$i bytes=$(cut -d' ' -f2 $LOGS/send-c$i.out 2>/dev/null) received_bytes=${{got_bytes:--}} seconds=${{secs:--}} sent=${{sent:--}} received=${{got:--}}"
   fi
   i=$((i + 1))
 done
@@ -338,24 +344,41 @@ stamp transferred
 
 FINISH = r"""
 i=1
+while [ $i -le $K ]; do
+  stats=$(ns c$i cat /sys/class/net/ppp0/statistics/tx_bytes /sys/class/net/ppp0/statistics/rx_bytes 2>/dev/null | tr '\n' ' ')
+  set -- $stats
+  [ -n "$1" ] && echo "LAB-BYTES client=c$i tx=$1 rx=$2"
+  i=$((i + 1))
+done
+# hang up every client (pppd sends LCP terminate, pptp a Call-Clear-Request)
+i=1
 while [ $i -le $K ]; do eval "kill \$PPPD_$i" 2>/dev/null; i=$((i + 1)); done
-sleep 1
+sleep 2
 [ -f /run/lrp.pid ] && kill $(cat /run/lrp.pid) 2>/dev/null
 [ -f /run/rrp.pid ] && kill $(cat /run/rrp.pid) 2>/dev/null
 [ -f /run/pptpd.pid ] && kill $(cat /run/pptpd.pid) 2>/dev/null
 sleep 0.5
 cp /var/log/messages /var/log/pppd-server.log $LOGS/ 2>/dev/null
+# the daemons' one line per closed session: call IDs on each side, bytes, packets
+grep -h "session closed" $LOGS/lrp.log $LOGS/rrp.log 2>/dev/null | sed 's/^/LAB-LOG /'
 stamp done
 exit 0
 """
 
 
 def parse_results(output):
-    """`LAB-RESULT`/`LAB-TRANSFER`/`LAB-TIME` lines -> (rows, transfers, times)."""
-    rows, transfers, times = [], {}, {}
+    """`LAB-RESULT`/`LAB-BYTES`/`LAB-TRANSFER`/`LAB-TIME` lines -> (rows, transfers, times).
+
+    A row's tx/rx are ppp0's byte counters at the end of the run when the
+    run got that far (LAB-BYTES), else right after the pings.
+    """
+    rows, transfers, times, final = [], {}, {}, {}
     for line in output.splitlines():
         if line.startswith("LAB-RESULT "):
             rows.append(_fields(line))
+        elif line.startswith("LAB-BYTES "):
+            fields = _fields(line)
+            final[fields.get("client")] = fields
         elif line.startswith("LAB-TRANSFER "):
             fields = _fields(line)
             transfers[fields.get("client")] = fields
@@ -366,7 +389,38 @@ def parse_results(output):
                     times[parts[1]] = float(parts[2])
                 except ValueError:
                     pass
+    for row in rows:
+        if row.get("client") in final:
+            row["tx"], row["rx"] = final[row["client"]].get("tx", "-"), final[row["client"]].get("rx", "-")
     return rows, transfers, times
+
+
+_LRP_CLOSED = re.compile(r"LRP session closed: peer (?P<client>[0-9.]+):\d+, C=(?P<C>\d+) S=(?P<S>\d+) "
+                         r"L=(?P<L>\d+).*?GRE (?P<gre_in>\d+)/(?P<gre_out>\d+) packets")
+_RRP_CLOSED = re.compile(r"RRP session closed: peer [0-9.]+:\d+, C=(?P<C>\d+) S=(?P<S>\d+) R=(?P<R>\d+)")
+
+
+def parse_sessions(output):
+    """The daemons' closed-session log lines -> {client address: {C, S, L, R, gre_in, gre_out}}.
+
+    C is the client's call ID, L the one the LRP gave the client in place of S,
+    R the one the RRP gave pptpd in place of C, S pptpd's (docs/architecture.md).
+    Lines the daemons may word differently one day are skipped, not fatal.
+    """
+    sessions, rrp = {}, {}
+    for line in output.splitlines():
+        if not line.startswith("LAB-LOG "):
+            continue
+        match = _LRP_CLOSED.search(line)
+        if match:
+            sessions[match["client"]] = match.groupdict()
+            continue
+        match = _RRP_CLOSED.search(line)
+        if match:
+            rrp[(match["C"], match["S"])] = match["R"]
+    for session in sessions.values():
+        session["R"] = rrp.get((session["C"], session["S"]), "-")
+    return sessions
 
 
 def _fields(line):

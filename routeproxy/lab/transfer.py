@@ -14,8 +14,16 @@ import time
 CHUNK = 64 * 1024
 
 
-def receive(port, count, timeout=300):
-    """Accept `count` connections; return [(peer address, sha256 hex, bytes)]."""
+IDLE = 30   # seconds without progress after which a side gives up
+
+
+def receive(port, count, timeout=IDLE):
+    """Accept `count` connections; return [(peer address, sha256 hex, bytes)].
+
+    A connection that makes no progress for `timeout` seconds is reported
+    with what it got so far (`stalled-SHA`), so a stuck tunnel ends the run
+    instead of hanging it.
+    """
     server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     server.bind(("0.0.0.0", port))
@@ -25,21 +33,29 @@ def receive(port, count, timeout=300):
 
     def drain(conn, peer):
         digest, total = hashlib.sha256(), 0
+        stalled = ""
         with conn:
             conn.settimeout(timeout)
             while True:
-                data = conn.recv(CHUNK)
+                try:
+                    data = conn.recv(CHUNK)
+                except OSError:
+                    stalled = "stalled-"
+                    break
                 if not data:
                     break
                 digest.update(data)
                 total += len(data)
         with lock:
-            results.append((peer[0], digest.hexdigest(), total))
-            sys.stdout.write(f"{peer[0]} {digest.hexdigest()} {total}\n")
+            results.append((peer[0], stalled + digest.hexdigest(), total))
+            sys.stdout.write(f"{peer[0]} {stalled}{digest.hexdigest()} {total}\n")
             sys.stdout.flush()
 
     for _ in range(count):
-        conn, peer = server.accept()
+        try:
+            conn, peer = server.accept()
+        except OSError:
+            break
         thread = threading.Thread(target=drain, args=(conn, peer))
         thread.start()
         threads.append(thread)
@@ -49,21 +65,29 @@ def receive(port, count, timeout=300):
     return results
 
 
-def send(host, port, path, timeout=300):
-    """Send a file; return (sha256 hex, bytes, seconds)."""
-    digest, total = hashlib.sha256(), 0
+def send(host, port, path, timeout=IDLE):
+    """Send a file; return (sha256 hex, bytes sent, seconds).
+
+    The hash is of the whole file; `bytes sent` is less than its size when
+    the tunnel stalled for `timeout` seconds.
+    """
+    total = 0
     started = time.monotonic()
-    with socket.create_connection((host, port), timeout=timeout) as conn, open(path, "rb") as f:
-        while True:
-            data = f.read(CHUNK)
-            if not data:
-                break
-            conn.sendall(data)
-            digest.update(data)
-            total += len(data)
-        conn.shutdown(socket.SHUT_WR)
-        conn.recv(1)   # wait for the receiver to finish reading and close
-    return digest.hexdigest(), total, time.monotonic() - started
+    with open(path, "rb") as f:
+        whole = hashlib.sha256(f.read()).hexdigest()
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as conn, open(path, "rb") as f:
+            while True:
+                data = f.read(CHUNK)
+                if not data:
+                    break
+                conn.sendall(data)
+                total += len(data)
+            conn.shutdown(socket.SHUT_WR)
+            conn.recv(1)   # wait for the receiver to finish reading and close
+    except OSError as e:
+        sys.stderr.write(f"send: {e} after {total} bytes\n")
+    return whole, total, time.monotonic() - started
 
 
 def main(argv=None):
