@@ -29,6 +29,8 @@ class Options(ConfigOptions):
          text, False),
         ("gre-interface", "any", "interface GRE from clients is captured on [default: any]",
          text, False),
+        ("status", None, "HOST:PORT for the status/metrics HTTP endpoint, loopback recommended [default: off]",
+         lambda v: parse_hostport(v, None, "--status"), False),
     )
 
     def check(self):
@@ -57,5 +59,10 @@ def makeService(options, reactor=None):
                                 prepareConnection=lambda protocol: protocol.connection.whenReady())
     link.setServiceParent(top)
     internet.TCPServer(port, PPTPServerFactory(lrp), interface=host, reactor=reactor).setServiceParent(top)
+    if options["status"]:
+        from routeproxy.status import StatusResource, StatusSite
+        status_host, status_port = options["status"]
+        internet.TCPServer(status_port, StatusSite(StatusResource(lrp)), interface=status_host,
+                           reactor=reactor).setServiceParent(top)
     top.lrp = lrp
     return top

@@ -32,6 +32,8 @@ class Options(ConfigOptions):
          text, False),
         ("gre-interface", "any", "interface GRE from servers is captured on [default: any]",
          text, False),
+        ("status", None, "HOST:PORT for the status/metrics HTTP endpoint, loopback recommended [default: off]",
+         lambda v: parse_hostport(v, None, "--status"), False),
     )
 
     def check(self):
@@ -65,5 +67,10 @@ def makeService(options, reactor=None):
     host, port = options["listen"]
     factory = MuxServerFactory(rrp.sessionRequested, clock=reactor, peerNameOf=tls.peerName)
     internet.SSLServer(port, factory, options["tls"], interface=host, reactor=reactor).setServiceParent(top)
+    if options["status"]:
+        from routeproxy.status import StatusResource, StatusSite
+        status_host, status_port = options["status"]
+        internet.TCPServer(status_port, StatusSite(StatusResource(rrp, links=factory.connections)),
+                           interface=status_host, reactor=reactor).setServiceParent(top)
     top.rrp = rrp
     return top
