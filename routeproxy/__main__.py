@@ -11,6 +11,7 @@ COMMANDS = {
     "demo": ("routeproxy.demo", "run the demo (the lab once it exists)"),
     "certs": ("routeproxy.certs", "write a private CA and LRP/RRP certificates for a lab"),
     "lab": ("routeproxy.lab", "bring up the PPTP lab with real clients and pptpd"),
+    "status": ("routeproxy.status", "print a daemon's sessions from its --status endpoint"),
 }
 
 
