@@ -50,7 +50,7 @@ def _tail(path, limit=6000):
             text = f.read()
     except OSError as e:
         return f"({path}: {e})"
-    return text if len(text) <= limit else "...\n" + text[-limit:]
+    return text if limit is None or len(text) <= limit else "...\n" + text[-limit:]
 
 
 def iptables(lab, ns, *args):
@@ -264,9 +264,32 @@ class ServerHandle:
         return self.final
 
     def describe(self):
-        status = self.final or self._read_status()
+        status = self.final
+        if status is None:
+            with contextlib.suppress(Exception):
+                status = self.status(timeout=2)
+        status = status or self._read_status()
         return (f"--- {self.name} (synthetic server {self.address}, rc={self.proc.poll()}) ---\n"
                 f"{_tail(self.log_path)}\nstatus: {json.dumps(status)}\n")
+
+
+def concurrent_collisions(status):
+    """Pairs of calls a server had open at the same time with the same peer address and peer call ID.
+
+    The RRP must make these impossible: it is what "the server sees distinct call IDs" means
+    for calls that overlap (IDs of calls that have ended may come back).
+    """
+    calls = status["calls_seen"]
+    clashes = []
+    for n, a in enumerate(calls):
+        for b in calls[n + 1:]:
+            if (a["peer"], a["peer_call_id"]) != (b["peer"], b["peer_call_id"]):
+                continue
+            a_end = a["closed"] if a["closed"] is not None else float("inf")
+            b_end = b["closed"] if b["closed"] is not None else float("inf")
+            if a["opened"] < b_end and b["opened"] < a_end:
+                clashes.append((a, b))
+    return clashes
 
 
 def start_server(topo, index=0, first_call_id=1, port=PPTP_PORT):
@@ -364,7 +387,8 @@ class DaemonHandle:
         return self.proc.poll() is None
 
     def log(self):
-        return _tail(self.log_path)
+        """The whole log file (describe() shows only its end)."""
+        return _tail(self.log_path, limit=None)
 
     def stop(self):
         if self.proc.poll() is None:

@@ -117,10 +117,13 @@ class ServerCall:
         self.gre_in = 0
         self.echoed = 0
         self.next_seq = 0
+        self.opened = time.monotonic()
+        self.closed = None
 
     def as_dict(self):
         return {"call_id": self.call_id, "peer_call_id": self.peer_call_id, "peer": self.peer_address,
-                "connection": self.connection, "gre_in": self.gre_in, "echoed": self.echoed}
+                "connection": self.connection, "gre_in": self.gre_in, "echoed": self.echoed,
+                "opened": self.opened, "closed": self.closed}
 
 
 class SyntheticServer:
@@ -161,6 +164,7 @@ class SyntheticServer:
         with self.lock:
             if self.calls.get(call.call_id) is call:
                 del self.calls[call.call_id]
+                call.closed = time.monotonic()
 
     def _count(self, table, key):
         with self.lock:
