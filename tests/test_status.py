@@ -300,6 +300,15 @@ class MetricsTests(unittest.TestCase):
         samples = parse_metrics(text)
         self.assertEqual(metric(samples, "routeproxy_gre_dropped_total", reason=weird), 1)
 
+    def test_two_links_from_one_peer_stay_distinct_series(self):
+        snap = self.resource.snapshot()
+        closing = dict(snap["links"][0], up=False)
+        snap["links"].append(closing)
+        samples = parse_metrics(status.format_metrics(snap))   # fails on a duplicate series
+        self.assertEqual(metric(samples, "routeproxy_link_up", peer="peer"), 1)
+        self.assertEqual(metric(samples, "routeproxy_link_up", peer="peer#2"), 0)
+        self.assertEqual(metric(samples, "routeproxy_links_up"), 1)
+
     def test_parser_can_fail(self):
         for bad in ('x{a="b} 1\n', 'x 1 2 3\n', '# TYPE x counter\nx{a="\\q"} 1\n', 'x 1'):
             self.assertRaises(AssertionError, parse_metrics, bad)
