@@ -313,13 +313,13 @@ def start_server(topo, index=0, first_call_id=1, port=PPTP_PORT):
 # clients
 
 
-def run_clients(topo, targets, call_id=1, packets=10, calls=1, rounds=1, timeout=5.0,
-                indexes=None, extra=(), wait=60):
-    """Run synthetic clients at once (one per address) and return their JSON reports, in order.
+def start_clients(topo, targets, call_id=1, packets=10, calls=1, rounds=1, timeout=5.0,
+                  indexes=None, hold=0.0, extra=()):
+    """Start synthetic clients at once (one per address); ``.wait()`` on the result gives reports.
 
     *targets* is "HOST[:PORT]" for all, or a function client index -> "HOST[:PORT]".
-    *indexes* selects clients (default: all).  A client that prints no report gets one with
-    ``ok`` false and its stderr in ``errors``.
+    *indexes* selects clients (default: all).  *hold* keeps each client's calls up that many
+    seconds after its echoes, so that the clients' calls overlap.
     """
     indexes = range(len(topo.client_addresses)) if indexes is None else indexes
     running = []
@@ -328,33 +328,50 @@ def run_clients(topo, targets, call_id=1, packets=10, calls=1, rounds=1, timeout
         argv = [sys.executable, "-m", "tests.synthetic_pptp", "client", "--server", target,
                 "--bind", topo.client_addresses[i], "--name", f"client{i}@{topo.client_addresses[i]}",
                 "--call-id", str(call_id), "--packets", str(packets), "--calls", str(calls),
-                "--rounds", str(rounds), "--timeout", str(timeout), *extra]
+                "--rounds", str(rounds), "--timeout", str(timeout), "--hold", str(hold), *extra]
         proc = topo.lab.spawn(topo.clients_ns, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               cwd=REPO, env=_env(), text=True)
         running.append((i, target, proc))
-    reports = []
-    deadline = time.monotonic() + wait
-    for i, target, proc in running:
-        try:
-            out, err = proc.communicate(timeout=max(1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-            err = f"killed after {wait} s\n{err}"
-        report = None
-        for line in reversed(out.splitlines()):
-            with contextlib.suppress(ValueError):
-                report = json.loads(line)
-                break
-        if report is None:
-            report = {"client": f"client{i}", "bind": topo.client_addresses[i], "ok": False,
-                      "echoed": 0, "foreign": 0, "missing": None, "errors": [f"no report: {err.strip()}"]}
-        report["index"] = i
-        report["target"] = target
-        report["rc"] = proc.returncode
-        report["stderr"] = err.strip()[-2000:]
-        reports.append(report)
-    return reports
+    return RunningClients(topo, running)
+
+
+class RunningClients:
+    """Client processes started by start_clients."""
+
+    def __init__(self, topo, running):
+        self.topo = topo
+        self.running = running
+
+    def wait(self, timeout=60):
+        """Each client's JSON report, in start order; one that printed none gets ``ok`` false."""
+        reports = []
+        deadline = time.monotonic() + timeout
+        for i, target, proc in self.running:
+            try:
+                out, err = proc.communicate(timeout=max(1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, err = proc.communicate()
+                err = f"killed after {timeout} s\n{err}"
+            report = None
+            for line in reversed(out.splitlines()):
+                with contextlib.suppress(ValueError):
+                    report = json.loads(line)
+                    break
+            if report is None:
+                report = {"client": f"client{i}", "bind": self.topo.client_addresses[i], "ok": False,
+                          "echoed": 0, "foreign": 0, "missing": None, "errors": [f"no report: {err.strip()}"]}
+            report["index"] = i
+            report["target"] = target
+            report["rc"] = proc.returncode
+            report["stderr"] = err.strip()[-2000:]
+            reports.append(report)
+        return reports
+
+
+def run_clients(topo, targets, wait=60, **options):
+    """start_clients(...).wait(): run the clients to the end and return their reports."""
+    return start_clients(topo, targets, **options).wait(wait)
 
 
 def summarize(reports):
@@ -437,7 +454,16 @@ def _spawn_twistd(topo, name, ns, plugin, options):
     return handle
 
 
-def start_rrp(topo, profiles=None, port=RRP_PORT, extra=()):
+def fetch_status(topo, daemon, timeout=5):
+    """GET the daemon's /status.json (started with status_port) from inside its namespace."""
+    import urllib.request
+    url = f"http://127.0.0.1:{daemon.status_port}/status.json"
+    with topo.lab.inside(daemon.ns):
+        with urllib.request.urlopen(url, timeout=timeout) as reply:
+            return json.loads(reply.read())
+
+
+def start_rrp(topo, profiles=None, port=RRP_PORT, extra=(), status_port=None):
     """`twistd -n routeproxy-rrp` in the RRP namespace; returns once its TLS port listens.
 
     *profiles* maps a profile name to a server index; "default" becomes --pptp-server, the
@@ -452,17 +478,23 @@ def start_rrp(topo, profiles=None, port=RRP_PORT, extra=()):
             options += ["--pptp-server", f"{server}:{PPTP_PORT}"]
         else:
             options += ["--profile", f"{name}={server}:{PPTP_PORT}"]
+    if status_port:
+        options += ["--status", f"127.0.0.1:{status_port}"]
     handle = _spawn_twistd(topo, "rrp", topo.rrp.ns, "routeproxy-rrp", options + list(extra))
-    handle.address, handle.port = topo.rrp.address, port
+    handle.address, handle.port, handle.status_port = topo.rrp.address, port, status_port
     try:
         wait_until(lambda: listening(topo.lab, topo.rrp.ns, topo.rrp.address, port), 15,
                    "routeproxy-rrp listening", alive=handle.alive)
+        if status_port:
+            wait_until(lambda: listening(topo.lab, topo.rrp.ns, "127.0.0.1", status_port), 15,
+                       "routeproxy-rrp status endpoint", alive=handle.alive)
     except E2EError as e:
         raise E2EError(f"{e}\n{handle.describe()}") from None
     return handle
 
 
-def start_lrp(topo, index=0, lrp_name=None, profile=None, rrp_port=RRP_PORT, allow=True, extra=()):
+def start_lrp(topo, index=0, lrp_name=None, profile=None, rrp_port=RRP_PORT, allow=True, extra=(),
+              status_port=None):
     """`twistd -n routeproxy-lrp` in LRP namespace *index*; returns once it listens and its link is up."""
     side = topo.lrps[index]
     lrp_name = lrp_name or f"lrp{index}"
@@ -473,13 +505,18 @@ def start_lrp(topo, index=0, lrp_name=None, profile=None, rrp_port=RRP_PORT, all
         options += ["--allow", side.subnet]
     if profile:
         options += ["--profile", profile]
+    if status_port:
+        options += ["--status", f"127.0.0.1:{status_port}"]
     handle = _spawn_twistd(topo, f"lrp{index}", side.ns, "routeproxy-lrp", options + list(extra))
-    handle.address = side.address
+    handle.address, handle.status_port = side.address, status_port
     try:
         wait_until(lambda: listening(topo.lab, side.ns, side.address, PPTP_PORT), 15,
                    f"routeproxy-lrp {lrp_name} listening", alive=handle.alive)
         wait_until(lambda: established_to(topo.lab, side.ns, rrp_port), 15,
                    f"routeproxy-lrp {lrp_name} connected to the RRP", alive=handle.alive)
+        if status_port:
+            wait_until(lambda: listening(topo.lab, side.ns, "127.0.0.1", status_port), 15,
+                       f"routeproxy-lrp {lrp_name} status endpoint", alive=handle.alive)
     except E2EError as e:
         raise E2EError(f"{e}\n{handle.describe()}") from None
     return handle

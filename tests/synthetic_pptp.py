@@ -394,7 +394,7 @@ class RoundResult:
 
 class SyntheticClient:
     def __init__(self, server, bind, call_id=1, packets=10, calls=1, rounds=1, timeout=5.0,
-                 interval=0.001, name=None, linger=0.2):
+                 interval=0.001, name=None, linger=0.2, hold=0.0):
         self.server = server
         self.bind = bind
         self.call_id = call_id
@@ -404,6 +404,7 @@ class SyntheticClient:
         self.timeout = timeout
         self.interval = interval
         self.linger = linger
+        self.hold = hold
         self.name = name or bind
 
     def run(self):
@@ -476,8 +477,9 @@ class SyntheticClient:
         deadline = time.monotonic() + self.timeout
         while len(received) < len(pending) and time.monotonic() < deadline:
             self._receive(raw, pending, received, result, min(0.05, deadline - time.monotonic()))
-        # Stay a moment longer: anything foreign still on its way counts.
-        end = time.monotonic() + self.linger
+        # Stay a moment longer: anything foreign still on its way counts.  --hold keeps the
+        # calls up longer still, so that other clients' calls overlap ours.
+        end = time.monotonic() + max(self.linger, self.hold)
         while time.monotonic() < end:
             self._receive(raw, pending, received, result, end - time.monotonic())
         result.missing += len(pending) - len(received)
@@ -545,7 +547,7 @@ def run_client(args):
     client = SyntheticClient(parse_hostport(args.server), args.bind, call_id=args.call_id,
                              packets=args.packets, calls=args.calls, rounds=args.rounds,
                              timeout=args.timeout, interval=args.interval, name=args.name,
-                             linger=args.linger)
+                             linger=args.linger, hold=args.hold)
     report = client_report(client, client.run(), args.loss_tolerance)
     print(json.dumps(report), flush=True)
     return 0 if report["ok"] else 1
@@ -569,6 +571,7 @@ def build_parser():
     c.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a reply or the echoes")
     c.add_argument("--interval", type=float, default=0.001, help="pause between GRE bursts (s)")
     c.add_argument("--linger", type=float, default=0.2, help="seconds to keep listening for strays")
+    c.add_argument("--hold", type=float, default=0.0, help="seconds to keep the calls up before clearing")
     c.add_argument("--loss-tolerance", type=float, default=0.0, help="fraction of echoes allowed missing")
     c.add_argument("--name", help="name in payloads and the report [default: --bind]")
     return p

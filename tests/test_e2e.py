@@ -19,6 +19,8 @@ from tests import e2e, netns
 
 CLIENTS = 8
 PACKETS = 20
+HOLD = 1.0          # seconds the first round's clients keep their calls up, so that all overlap
+STATUS_PORT = 8090  # the daemons' --status endpoint, on loopback inside their namespaces
 
 
 def daemons_missing():
@@ -44,6 +46,21 @@ class E2ETestCase(unittest.TestCase):
         bad = [r for r in reports
                if not r.get("ok") or r.get("echoed") != expected_each or r.get("foreign") or r.get("errors")]
         self.assertEqual(bad, [], f"clients that failed:\n{e2e.summarize(bad)}\n\nall:\n{e2e.summarize(reports)}")
+
+    def waitForCalls(self, topo, daemons, calls):
+        """Wait until each daemon's /status.json shows *calls* calls and as many call IDs in use."""
+        seen = {}
+
+        def settled():
+            for daemon in daemons:
+                status = e2e.fetch_status(topo, daemon)
+                seen[daemon.name] = (status["calls"], [s["in_use"] for s in status["call_ids"]])
+            return all(n == calls and sum(in_use) == calls for n, in_use in seen.values())
+
+        try:
+            e2e.wait_until(settled, 10, f"{calls} calls on {[d.name for d in daemons]}")
+        except e2e.E2EError as e:
+            self.fail(f"{e}: (calls, call IDs in use) per daemon: {seen}")
 
     def assertSessionLines(self, daemon, sessions):
         """*daemon*'s log has one "session opened:" and one "session closed:" line per session."""
@@ -100,27 +117,42 @@ class ProxyTests(E2ETestCase):
         with topo.logs_on_failure():
             e2e.make_certs(topo, ["lrp0"])
             server = e2e.start_server(topo)
-            rrp = e2e.start_rrp(topo)
-            lrp = e2e.start_lrp(topo)
-            reports = e2e.run_clients(topo, f"{lrp.address}:{e2e.PPTP_PORT}", call_id=1,
-                                      packets=PACKETS, rounds=2)
+            rrp = e2e.start_rrp(topo, status_port=STATUS_PORT)
+            lrp = e2e.start_lrp(topo, status_port=STATUS_PORT)
+            target = f"{lrp.address}:{e2e.PPTP_PORT}"
+
+            # Round one, all calls held up at once: both daemons own one ID per call.
+            clients = e2e.start_clients(topo, target, call_id=1, packets=PACKETS, hold=HOLD)
+            self.waitForCalls(topo, [rrp, lrp], CLIENTS)
+            during = server.status()
+            self.assertEqual(sorted(during["active_calls"]), list(range(1, CLIENTS + 1)))
+            active = [c for c in during["calls_seen"] if c["closed"] is None]
+            self.assertEqual(len({c["peer_call_id"] for c in active}), CLIENTS,
+                             f"the server must see distinct call IDs: {active}")
+            reports = clients.wait()
+            self.assertAllEchoed(reports, PACKETS)
+
+            # Tear-down freed every ID on both daemons ...
+            self.waitForCalls(topo, [rrp, lrp], 0)
+            # ... and the same clients, with the same call ID, work again (two more rounds).
+            reports = e2e.run_clients(topo, target, call_id=1, packets=PACKETS, rounds=2)
             self.assertAllEchoed(reports, 2 * PACKETS)
+            self.waitForCalls(topo, [rrp, lrp], 0)
+
             status = server.status()
-            self.assertEqual(len(status["calls_seen"]), 2 * CLIENTS, status["calls_seen"])
+            self.assertEqual(len(status["calls_seen"]), 3 * CLIENTS, status["calls_seen"])
             self.assertNoConcurrentCollisions(status, "server0")
-            self.assertGreater(len(set(status["peer_call_ids"])), 1, status["peer_call_ids"])
-            # Tear-down reached the server for every call, and nothing is left open.
             self.assertEqual(status["active_calls"], [])
-            self.assertEqual(status["control"].get("Call-Clear-Request"), 2 * CLIENTS, status["control"])
-            self.assertEqual(status["gre_echoed"], 2 * CLIENTS * PACKETS)
+            self.assertEqual(status["control"].get("Call-Clear-Request"), 3 * CLIENTS, status["control"])
+            self.assertEqual(status["gre_echoed"], 3 * CLIENTS * PACKETS)
             self.assertEqual(status["dropped"], {})
             # The clients saw LRP-owned IDs: distinct among the calls of one round.
             for round_index in range(2):
                 ids = [r["server_ids"][round_index][0] for r in reports]
                 self.assertEqual(len(set(ids)), CLIENTS, ids)
             # One line per session opened and closed on each daemon (issue 4, "Both").
-            self.assertSessionLines(lrp, 2 * CLIENTS)
-            self.assertSessionLines(rrp, 2 * CLIENTS)
+            self.assertSessionLines(lrp, 3 * CLIENTS)
+            self.assertSessionLines(rrp, 3 * CLIENTS)
 
     def test_two_lrps_on_one_rrp(self):
         topo = self.topology(CLIENTS, n_lrps=2)
