@@ -494,8 +494,9 @@ def start_rrp(topo, profiles=None, port=RRP_PORT, extra=(), status_port=None):
 
 
 def start_lrp(topo, index=0, lrp_name=None, profile=None, rrp_port=RRP_PORT, allow=True, extra=(),
-              status_port=None):
-    """`twistd -n routeproxy-lrp` in LRP namespace *index*; returns once it listens and its link is up."""
+              status_port=None, wait_link=True):
+    """`twistd -n routeproxy-lrp` in LRP namespace *index*; returns once it listens (and, with
+    *wait_link*, once its TLS link to the RRP is established)."""
     side = topo.lrps[index]
     lrp_name = lrp_name or f"lrp{index}"
     cert, key = topo.certs[f"lrp:{lrp_name}"]
@@ -512,8 +513,9 @@ def start_lrp(topo, index=0, lrp_name=None, profile=None, rrp_port=RRP_PORT, all
     try:
         wait_until(lambda: listening(topo.lab, side.ns, side.address, PPTP_PORT), 15,
                    f"routeproxy-lrp {lrp_name} listening", alive=handle.alive)
-        wait_until(lambda: established_to(topo.lab, side.ns, rrp_port), 15,
-                   f"routeproxy-lrp {lrp_name} connected to the RRP", alive=handle.alive)
+        if wait_link:
+            wait_until(lambda: established_to(topo.lab, side.ns, rrp_port), 15,
+                       f"routeproxy-lrp {lrp_name} connected to the RRP", alive=handle.alive)
         if status_port:
             wait_until(lambda: listening(topo.lab, side.ns, "127.0.0.1", status_port), 15,
                        f"routeproxy-lrp {lrp_name} status endpoint", alive=handle.alive)

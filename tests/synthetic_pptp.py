@@ -384,9 +384,10 @@ class RoundResult:
         self.missing = 0
         self.errors = []
         self.foreign_samples = []
+        self.start_reply = None    # [result code, error code] of Start-Control-Connection-Reply
 
     def as_dict(self):
-        return {"round": self.round_no, "call_ids": self.call_ids, "server_ids": self.server_ids,
+        return {"round": self.round_no, "start_reply": self.start_reply, "call_ids": self.call_ids, "server_ids": self.server_ids,
                 "sent": self.sent, "echoed": self.echoed, "duplicates": self.duplicates,
                 "foreign": self.foreign, "acks": self.acks, "missing": self.missing,
                 "errors": self.errors, "foreign_samples": self.foreign_samples[:5]}
@@ -394,7 +395,7 @@ class RoundResult:
 
 class SyntheticClient:
     def __init__(self, server, bind, call_id=1, packets=10, calls=1, rounds=1, timeout=5.0,
-                 interval=0.001, name=None, linger=0.2, hold=0.0):
+                 interval=0.001, name=None, linger=0.2, hold=0.0, start_delay=0.0):
         self.server = server
         self.bind = bind
         self.call_id = call_id
@@ -405,6 +406,7 @@ class SyntheticClient:
         self.interval = interval
         self.linger = linger
         self.hold = hold
+        self.start_delay = start_delay
         self.name = name or bind
 
     def run(self):
@@ -428,12 +430,17 @@ class SyntheticClient:
         sock.setblocking(True)
         sock.settimeout(None)
         channel = ControlChannel(sock)
-        expected = {}  # our call ID -> set of payloads still to come back
         try:
+            if self.start_delay:  # a slow client: the connection is open, nothing sent yet
+                time.sleep(self.start_delay)
             channel.send(pptp.StartControlConnectionRequest(
                 framing_capabilities=pptp.FRAMING_ASYNC, bearer_capabilities=pptp.BEARER_ANALOG,
                 host_name=self.name.encode()[:64], vendor_string=b"routeproxy synthetic client"))
             reply = channel.expect(pptp.StartControlConnectionReply, self.timeout)
+            if reply is not None:
+                result.start_reply = [reply.result_code, reply.error_code]
+            elif channel.closed:
+                result.errors.append("connection closed without a Start-Control-Connection-Reply")
             if reply is None or reply.result_code != pptp.StartResult.SUCCESS:
                 result.errors.append(f"no successful Start-Control-Connection-Reply: {reply}")
                 result.missing = self.calls * self.packets
@@ -547,7 +554,7 @@ def run_client(args):
     client = SyntheticClient(parse_hostport(args.server), args.bind, call_id=args.call_id,
                              packets=args.packets, calls=args.calls, rounds=args.rounds,
                              timeout=args.timeout, interval=args.interval, name=args.name,
-                             linger=args.linger, hold=args.hold)
+                             linger=args.linger, hold=args.hold, start_delay=args.start_delay)
     report = client_report(client, client.run(), args.loss_tolerance)
     print(json.dumps(report), flush=True)
     return 0 if report["ok"] else 1
@@ -572,6 +579,8 @@ def build_parser():
     c.add_argument("--interval", type=float, default=0.001, help="pause between GRE bursts (s)")
     c.add_argument("--linger", type=float, default=0.2, help="seconds to keep listening for strays")
     c.add_argument("--hold", type=float, default=0.0, help="seconds to keep the calls up before clearing")
+    c.add_argument("--start-delay", type=float, default=0.0,
+                   help="seconds between connecting and sending Start-Control-Connection-Request")
     c.add_argument("--loss-tolerance", type=float, default=0.0, help="fraction of echoes allowed missing")
     c.add_argument("--name", help="name in payloads and the report [default: --bind]")
     return p

@@ -12,6 +12,7 @@ routeproxy.rrp.  On a failed assertion the daemons' logs are appended to the mes
 import contextlib
 import importlib
 import re
+import time
 
 from twisted.trial import unittest
 
@@ -190,3 +191,45 @@ class ProxyTests(E2ETestCase):
                 self.assertEqual(status["active_calls"], [], f"server{index}")
             handed_out = [{c["call_id"] for c in status["calls_seen"]} for status in statuses]
             self.assertEqual(handed_out[0], handed_out[1])  # the very same IDs on both servers
+
+
+class UnavailableUpstreamTests(E2ETestCase):
+    """Issue 4: with the link or pptpd down, clients get a PPTP answer, not a hang or a bare close."""
+
+    def setUp(self):
+        netns.skip_unless_available()
+        reason = daemons_missing()
+        if reason:
+            raise unittest.SkipTest(reason)
+
+    def assertStartRefused(self, reports):
+        summary = e2e.summarize(reports)
+        for report in reports:
+            self.assertFalse(report["ok"], summary)
+            start = report["rounds"][0]["start_reply"] if report.get("rounds") else None
+            self.assertEqual(start, [2, 6], f"client{report['index']}: expected a Start-Control-Connection-"
+                             f"Reply with result 2 (general error), error 6 (PAC error)\n{summary}")
+
+    def test_link_down(self):
+        topo = self.topology(2)
+        with topo.logs_on_failure():
+            e2e.make_certs(topo, ["lrp0"])
+            lrp = e2e.start_lrp(topo, wait_link=False)  # no RRP at all
+            started = time.monotonic()
+            reports = e2e.run_clients(topo, f"{lrp.address}:{e2e.PPTP_PORT}", packets=1, timeout=10)
+            self.assertStartRefused(reports)
+            self.assertLess(time.monotonic() - started, 10)
+
+    def test_pptp_server_unreachable(self):
+        """Half the clients wait 0.5 s before their Start-Control-Connection-Request: the RRP's
+        refusal then reaches the LRP first, and the LRP must still answer the request."""
+        topo = self.topology(4, n_servers=2)
+        with topo.logs_on_failure():
+            e2e.make_certs(topo, ["lrp0"])
+            e2e.start_rrp(topo, profiles={"default": 1})  # server1 never started: connection refused
+            lrp = e2e.start_lrp(topo)
+            target = f"{lrp.address}:{e2e.PPTP_PORT}"
+            prompt = e2e.start_clients(topo, target, packets=1, timeout=5, indexes=[0, 1])
+            slow = e2e.start_clients(topo, target, packets=1, timeout=5, indexes=[2, 3],
+                                     extra=["--start-delay", "0.5"])
+            self.assertStartRefused(prompt.wait() + slow.wait())
