@@ -122,9 +122,10 @@ class Topology:
         return problems
 
 
-def build(n_clients, n_servers=1, n_lrps=1, routed=False, lab=None, workdir=None):
+def build(n_clients, n_servers=1, n_lrps=1, routed=False, lab=None, workdir=None, drop_gre=True):
     """Namespaces, links, addresses, routes and NAT rules; returns a Topology.
 
+    ``drop_gre=False`` leaves out the NAT's GRE drop rule (to show MASQUERADE alone breaks PPTP).
     Pass *lab* (``netns.lab_for(testcase)``) to tie cleanup to a test; otherwise a lab is made
     here and ``Topology.cleanup()`` removes it.  Needs root (netns.skip_unless_available()).
     """
@@ -137,14 +138,14 @@ def build(n_clients, n_servers=1, n_lrps=1, routed=False, lab=None, workdir=None
         lab = netns.NetnsLab()
     topo = Topology(lab, workdir or tempfile.mkdtemp(prefix="routeproxy-e2e-"), owns_lab)
     try:
-        _build(topo, lab, n_clients, n_servers, n_lrps, routed)
+        _build(topo, lab, n_clients, n_servers, n_lrps, routed, drop_gre)
     except Exception:
         topo.cleanup()
         raise
     return topo
 
 
-def _build(topo, lab, n_clients, n_servers, n_lrps, routed):
+def _build(topo, lab, n_clients, n_servers, n_lrps, routed, drop_gre):
     topo.clients_ns = lab.namespace("clients")
     nat_ns = lab.namespace("nat")
     rrp_ns = lab.namespace("rrp")
@@ -169,7 +170,8 @@ def _build(topo, lab, n_clients, n_servers, n_lrps, routed):
     outside = lab.veth(nat_ns, rrp_ns, "10.3.0.1/24", "10.3.0.2/24")
     lab.sysctl(nat_ns, "net.ipv4.ip_forward", 1)
     iptables(lab, nat_ns, "-t", "nat", "-A", "POSTROUTING", "-o", outside.name_a, "-j", "MASQUERADE")
-    iptables(lab, nat_ns, "-A", "FORWARD", "-p", "gre", "-j", "DROP")
+    if drop_gre:
+        iptables(lab, nat_ns, "-A", "FORWARD", "-p", "gre", "-j", "DROP")
     topo.nat = Side(nat_ns, "10.3.0.1", outside_if=outside.name_a)
     topo.rrp = Side(rrp_ns, "10.3.0.2")
 

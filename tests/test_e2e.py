@@ -104,6 +104,18 @@ class BaselineTests(E2ETestCase):
                 self.assertGreaterEqual(int(gre_rule[0][0]), 4 * 5, counters)
 
 
+    def test_masquerade_alone_breaks_gre_even_when_allowed(self):
+        """Without the drop rule GRE reaches the server, but the echoes, keyed with the clients'
+        call IDs, match no conntrack entry (no pptp helper): no client gets its echoes back."""
+        topo = self.topology(4, routed=True, drop_gre=False)
+        with topo.logs_on_failure():
+            server = e2e.start_server(topo)
+            reports = e2e.baseline(topo, server, call_id=1, packets=5, timeout=1.0)
+            status = server.stop()
+            self.assertEqual(status["gre_echoed"], 4 * 5, status)
+            self.assertEqual([r for r in reports if r["ok"]], [], e2e.summarize(reports))
+
+
 class ProxyTests(E2ETestCase):
     """The daemons between the clients and the server(s)."""
 
