@@ -16,7 +16,8 @@ from routeproxy.lab import cli, topology, uml
 
 UML_MISSING = uml.uml_available()
 CLIENTS = 4
-TRANSFER_MB = 20
+TRANSFER_MB = 20      # the issue's acceptance size, over the proxy
+BASELINE_MB = 4       # enough to prove the measurement on the kernel path (20 MiB: docs/lab.md)
 
 
 class ScriptTests(unittest.SynchronousTestCase):
@@ -94,19 +95,19 @@ class LabTests(unittest.SynchronousTestCase):
 
     skip = UML_MISSING
 
-    def lab(self, mode, **kw):
+    def lab(self, mode, clients=CLIENTS, **kw):
         started = time.monotonic()
-        run = cli.run_lab(mode, CLIENTS, **kw)
+        run = cli.run_lab(mode, clients, **kw)
         # the table is the product's output: print it into the test log with the time
         print(f"\n{cli.format_table(run)}\n[{mode}: {time.monotonic() - started:.1f} s]")
-        self.assertEqual(len(run.rows), CLIENTS, run.result.output)
+        self.assertEqual(len(run.rows), clients, run.result.output)
         return run
 
     def assertAllUp(self, run):
-        self.assertEqual(run.connected, CLIENTS, cli.format_table(run))
-        self.assertEqual(run.pinged, CLIENTS, cli.format_table(run))
+        self.assertEqual(run.connected, run.clients, cli.format_table(run))
+        self.assertEqual(run.pinged, run.clients, cli.format_table(run))
         addrs = [r["addr"] for r in run.rows]
-        self.assertEqual(len(set(addrs)), CLIENTS)
+        self.assertEqual(len(set(addrs)), run.clients)
         for addr in addrs:
             self.assertTrue(addr.startswith("192.168.90."), addr)
 
@@ -115,18 +116,19 @@ class LabTests(unittest.SynchronousTestCase):
                          cli.format_table(run))
         for t in run.transfers.values():
             self.assertEqual(t["bytes"], t["received_bytes"])
+            self.assertEqual(t["bytes"], t["sent_bytes"])
 
     def test_direct(self):
         self.assertAllUp(self.lab("direct"))
 
     def test_nat_without_helper_fails(self):
         """The problem: only TCP crosses a plain NAT, so no client gets a link."""
-        run = self.lab("nat", connect_timeout=12)
+        run = self.lab("nat", connect_timeout=10)
         self.assertEqual(run.connected, 0, cli.format_table(run))
         self.assertEqual(run.pinged, 0)
 
     def test_nat_with_helper(self):
-        run = self.lab("nat-helper", transfer_mb=TRANSFER_MB)
+        run = self.lab("nat-helper", transfer_mb=BASELINE_MB)
         self.assertAllUp(run)
         self.assertTransfers(run)
 
@@ -139,12 +141,12 @@ class LabTests(unittest.SynchronousTestCase):
         run = self.lab("proxy", transfer_mb=TRANSFER_MB, mtu=1400)
         self.assertAllUp(run)
         self.assertTransfers(run)
-        self.assertEqual(len(run.sessions), CLIENTS, "the LRP logged no closed session per client")
+        self.assertEqual(len(run.sessions), CLIENTS, "the LRP did not log one closed session per client")
 
     def test_proxy_full_size_frames(self):
         """pppd's default MTU 1500: each GRE packet is ~1550 bytes, so the client's
         kernel fragments it on the 1500-byte link, and the LRP must reassemble."""
-        run = self.lab("proxy", transfer_mb=2)
+        run = self.lab("proxy", clients=2, transfer_mb=1)
         self.assertAllUp(run)
         self.assertTransfers(run)
 

@@ -281,6 +281,7 @@ done
 stamp connected
 i=1
 while [ $i -le $K ]; do   # all pings at once: each exec inside UML is slow
+  [ -n "$(ppp_addr $i)" ] || {{ i=$((i + 1)); continue; }}
   ns c$i busybox ping -c 5 -A -W 3 -w 8 192.168.90.1 > /tmp/ping-c$i 2>&1 &
   pings="$pings $!"
   i=$((i + 1))
@@ -335,7 +336,7 @@ while [ $i -le $K ]; do
     secs=$(cut -d' ' -f3 $LOGS/send-c$i.out 2>/dev/null)
     got=$(grep "^$addr " $LOGS/recv.out | cut -d' ' -f2)
     got_bytes=$(grep "^$addr " $LOGS/recv.out | cut -d' ' -f3)
-    echo "LAB-TRANSFER client=c$i bytes=$(cut -d' ' -f2 $LOGS/send-c$i.out 2>/dev/null) received_bytes=${{got_bytes:--}} seconds=${{secs:--}} sent=${{sent:--}} received=${{got:--}}"
+    echo "LAB-TRANSFER client=c$i bytes=$(cut -d' ' -f4 $LOGS/send-c$i.out 2>/dev/null) sent_bytes=$(cut -d' ' -f2 $LOGS/send-c$i.out 2>/dev/null) received_bytes=${{got_bytes:--}} seconds=${{secs:--}} sent=${{sent:--}} received=${{got:--}}"
   fi
   i=$((i + 1))
 done

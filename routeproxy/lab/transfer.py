@@ -2,7 +2,7 @@
 
 Runs inside the lab (UML has no socat, and busybox nc cannot half-close):
 `recv --port P --count N` accepts N connections and prints `PEER SHA256 BYTES`
-for each; `send --host H --port P --file F` prints `SHA256 BYTES SECONDS`.
+for each; `send --host H --port P --file F` prints `SHA256 SENT SECONDS SIZE`.
 """
 import argparse
 import hashlib
@@ -14,7 +14,7 @@ import time
 CHUNK = 64 * 1024
 
 
-IDLE = 30   # seconds without progress after which a side gives up
+IDLE = 15   # seconds without progress after which a side gives up
 
 
 def receive(port, count, timeout=IDLE):
@@ -66,7 +66,7 @@ def receive(port, count, timeout=IDLE):
 
 
 def send(host, port, path, timeout=IDLE):
-    """Send a file; return (sha256 hex, bytes sent, seconds).
+    """Send a file; return (sha256 hex, bytes sent, seconds, file size).
 
     The hash is of the whole file; `bytes sent` is less than its size when
     the tunnel stalled for `timeout` seconds.
@@ -74,7 +74,9 @@ def send(host, port, path, timeout=IDLE):
     total = 0
     started = time.monotonic()
     with open(path, "rb") as f:
-        whole = hashlib.sha256(f.read()).hexdigest()
+        content = f.read()
+    whole, size = hashlib.sha256(content).hexdigest(), len(content)
+    del content
     try:
         with socket.create_connection((host, port), timeout=timeout) as conn, open(path, "rb") as f:
             while True:
@@ -87,7 +89,7 @@ def send(host, port, path, timeout=IDLE):
             conn.recv(1)   # wait for the receiver to finish reading and close
     except OSError as e:
         sys.stderr.write(f"send: {e} after {total} bytes\n")
-    return whole, total, time.monotonic() - started
+    return whole, total, time.monotonic() - started, size
 
 
 def main(argv=None):
@@ -104,8 +106,8 @@ def main(argv=None):
     if args.command == "recv":
         receive(args.port, args.count)
     else:
-        sha, total, seconds = send(args.host, args.port, args.file)
-        print(f"{sha} {total} {seconds:.2f}")
+        sha, total, seconds, size = send(args.host, args.port, args.file)
+        print(f"{sha} {total} {seconds:.2f} {size}")
     return 0
 
 
