@@ -294,16 +294,21 @@ def concurrent_collisions(status):
     return clashes
 
 
-def start_server(topo, index=0, first_call_id=1, port=PPTP_PORT):
-    """Start the synthetic PPTP server in server namespace *index*; returns once it listens."""
-    side = topo.servers[index]
-    name = f"server{index}"
+def start_server(topo, index=0, first_call_id=1, port=PPTP_PORT, side=None, name=None, mirror=False):
+    """Start the synthetic PPTP server in server namespace *index*; returns once it listens.
+
+    *side* (a Side: namespace and address) puts it elsewhere, e.g. on the RRP's own host.
+    *mirror* makes it answer with the peer's own call ID (``--mirror-call-ids``).
+    """
+    side = side or topo.servers[index]
+    name = name or f"server{index}"
     status_path = os.path.join(topo.workdir, f"{name}.status.json")
     log_path = os.path.join(topo.workdir, f"{name}.log")
     with open(log_path, "w") as log:
         proc = topo.lab.spawn(side.ns, [sys.executable, "-m", "tests.synthetic_pptp", "server",
                                         "--listen", f"{side.address}:{port}", "--status", status_path,
-                                        "--first-call-id", str(first_call_id)],
+                                        "--first-call-id", str(first_call_id)]
+                                       + (["--mirror-call-ids"] if mirror else []),
                               stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=_env())
     handle = ServerHandle(topo, side, proc, status_path, log_path, name)
     topo.handles.append(handle)
@@ -468,14 +473,14 @@ def fetch_status(topo, daemon, timeout=5):
 def start_rrp(topo, profiles=None, port=RRP_PORT, extra=(), status_port=None):
     """`twistd -n routeproxy-rrp` in the RRP namespace; returns once its TLS port listens.
 
-    *profiles* maps a profile name to a server index; "default" becomes --pptp-server, the
-    others --profile NAME=HOST:PORT.  Default: {"default": 0}.
+    *profiles* maps a profile name to a server index (or an address); "default" becomes
+    --pptp-server, the others --profile NAME=HOST:PORT.  Default: {"default": 0}.
     """
     profiles = {"default": 0} if profiles is None else profiles
     cert, key = topo.certs["rrp"]
     options = ["--listen", f"{topo.rrp.address}:{port}", "--cert", cert, "--key", key, "--ca", topo.certs["ca"]]
     for name, index in profiles.items():
-        server = topo.servers[index].address
+        server = index if isinstance(index, str) else topo.servers[index].address
         if name == "default":
             options += ["--pptp-server", f"{server}:{PPTP_PORT}"]
         else:

@@ -129,8 +129,9 @@ class ServerCall:
 class SyntheticServer:
     """State of the synthetic PPTP server: calls by own ID, counters; thread-safe."""
 
-    def __init__(self, host, port=pptp.PPTP_PORT, first_call_id=1, status_path=None):
+    def __init__(self, host, port=pptp.PPTP_PORT, first_call_id=1, status_path=None, mirror=False):
         self.host, self.port = host, port
+        self.mirror = mirror  # hand out the peer's own call ID when free (worst case for a shared host)
         self.status_path = status_path
         self.lock = threading.Lock()
         self.next_call_id = first_call_id
@@ -150,6 +151,11 @@ class SyntheticServer:
 
     def allocate(self, peer_call_id, peer_address, connection):
         with self.lock:
+            if self.mirror and peer_call_id and peer_call_id not in self.calls:
+                call = ServerCall(peer_call_id, peer_call_id, peer_address, connection)
+                self.calls[peer_call_id] = call
+                self.calls_seen.append(call)
+                return call
             for _ in range(0xFFFF):
                 call_id = self.next_call_id
                 self.next_call_id = self.next_call_id % 0xFFFF + 1  # 1..65535, wraps
@@ -338,7 +344,8 @@ class SyntheticServer:
 
 def run_server(args):
     host, port = parse_hostport(args.listen)
-    server = SyntheticServer(host, port, first_call_id=args.first_call_id, status_path=args.status)
+    server = SyntheticServer(host, port, first_call_id=args.first_call_id, status_path=args.status,
+                             mirror=args.mirror_call_ids)
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind((host, port))
@@ -567,6 +574,8 @@ def build_parser():
     s = sub.add_parser("server", help="answer control messages and echo GRE")
     s.add_argument("--listen", required=True, metavar="HOST[:PORT]")
     s.add_argument("--first-call-id", type=int, default=1, help="first call ID handed out [default: 1]")
+    s.add_argument("--mirror-call-ids", action="store_true",
+                   help="answer with the peer's own call ID when free (IDs equal on both sides)")
     s.add_argument("--status", metavar="FILE", help="write a JSON status here (SIGUSR1, SIGTERM, exit)")
     c = sub.add_parser("client", help="place calls, send GRE, check the echoes")
     c.add_argument("--server", required=True, metavar="HOST[:PORT]")

@@ -205,6 +205,35 @@ class ProxyTests(E2ETestCase):
             self.assertEqual(handed_out[0], handed_out[1])  # the very same IDs on both servers
 
 
+class SharedHostTests(E2ETestCase):
+    """Issue 4: pptpd on the RRP's own host.  Both see the GRE of the host's loopback."""
+
+    def setUp(self):
+        netns.skip_unless_available()
+        reason = daemons_missing()
+        if reason:
+            raise unittest.SkipTest(reason)
+
+    def test_pptpd_on_the_rrp_host_with_a_distinct_source_address(self):
+        """The worst case for a loop: the server answers each call with the RRP's own ID (S = R).
+        With --source 127.0.0.2 neither side takes the other's packets for its own."""
+        topo = self.topology(4)
+        with topo.logs_on_failure():
+            e2e.make_certs(topo, ["lrp0"])
+            server = e2e.start_server(topo, side=e2e.Side(topo.rrp.ns, "127.0.0.1"), name="local-pptpd",
+                                      mirror=True)
+            e2e.start_rrp(topo, profiles={"default": "127.0.0.1"}, extra=["--source", "127.0.0.2"])
+            lrp = e2e.start_lrp(topo)
+            reports = e2e.run_clients(topo, f"{lrp.address}:{e2e.PPTP_PORT}", packets=PACKETS, calls=2)
+            self.assertAllEchoed(reports, 2 * PACKETS)
+            status = server.stop()
+            self.assertEqual(status["gre_echoed"], 4 * 2 * PACKETS, status)  # no packet went round twice
+            self.assertEqual(status["dropped"], {})
+            self.assertEqual({c["peer"] for c in status["calls_seen"]}, {"127.0.0.2"})
+            self.assertEqual([c["call_id"] for c in status["calls_seen"]],
+                             [c["peer_call_id"] for c in status["calls_seen"]])  # S = R indeed
+
+
 class UnavailableUpstreamTests(E2ETestCase):
     """Issue 4: with the link or pptpd down, clients get a PPTP answer, not a hang or a bare close."""
 

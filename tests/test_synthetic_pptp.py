@@ -181,3 +181,24 @@ class DirectTests(unittest.TestCase):
         rc, report = self.report(self.client(CLIENTS[0], "--packets", "5", "--timeout", "0.5"))
         self.assertEqual((rc, report["ok"], report["echoed"], report["missing"]), (1, False, 0, 5), report)
         self.assertEqual(report["errors"], [])  # control still worked: only GRE was lost
+
+
+class ServerCallIdTests(unittest.SynchronousTestCase):
+    """The synthetic server's own call IDs (no network)."""
+
+    def test_counter_from_first_call_id_skips_ids_in_use_and_wraps(self):
+        server = syn.SyntheticServer("10.0.0.1", first_call_id=0xFFFE)
+        ids = [server.allocate(1, "10.0.0.2", 1).call_id for _ in range(3)]
+        self.assertEqual(ids, [0xFFFE, 0xFFFF, 1])
+        server.release(server.calls[0xFFFF])
+        server.next_call_id = 0xFFFE
+        self.assertEqual(server.allocate(1, "10.0.0.2", 1).call_id, 0xFFFF)  # 0xFFFE is taken
+        self.assertEqual(server.status()["active_calls"], [1, 0xFFFE, 0xFFFF])
+        self.assertEqual(server.status()["peer_call_ids"], [1, 1, 1, 1])
+
+    def test_mirror_answers_with_the_peer_id_when_free(self):
+        server = syn.SyntheticServer("10.0.0.1", first_call_id=100, mirror=True)
+        self.assertEqual(server.allocate(7, "10.0.0.2", 1).call_id, 7)
+        self.assertEqual(server.allocate(7, "10.0.0.3", 2).call_id, 100)  # 7 is in use
+        self.assertIsNotNone(server.calls[7].opened)
+        self.assertIsNone(server.calls[7].closed)
