@@ -63,6 +63,19 @@ class ScriptTests(unittest.SynchronousTestCase):
         self.assertEqual(transfers["c1"]["received"], "ab")
         self.assertEqual(times, {"connected": 8.22})
 
+    def test_hangup_verdict(self):
+        line = ("LAB-HANGUP client=c1 pptpd_calls_before=4 pptpd_calls_after=3 lrp_closed=1 "
+                "others_ping=yes redial_addr=192.168.90.104 redial_ping=yes\n")
+        result = uml.UMLResult(0, line, 1.0, 2.0, "")
+        self.assertTrue(cli.LabRun("proxy", 4, result).hangup_ok())
+        for bad in ("pptpd_calls_after=4", "lrp_closed=0", "others_ping=no", "redial_addr=-"):
+            key = bad.split("=")[0]
+            broken = " ".join(bad if w.startswith(key + "=") else w for w in line.split())
+            self.assertFalse(cli.LabRun("proxy", 4, uml.UMLResult(0, broken, 1.0, 2.0, "")).hangup_ok(),
+                             bad)
+        self.assertIsNone(cli.LabRun("direct", 4, uml.UMLResult(0, "", 1.0, 2.0, "")).hangup)
+        self.assertIn("kill $(pppd_pid 1)", topology.build_script("proxy", 2, hangup=True))
+
     def test_module_order_puts_dependencies_first(self):
         if uml.modules_version() is None:
             raise unittest.SkipTest("no UML modules installed")
@@ -138,9 +151,10 @@ class LabTests(unittest.SynchronousTestCase):
         The clients' PPP MTU is 1400 (what Windows uses), so every GRE packet
         fits the 1500-byte links unfragmented.
         """
-        run = self.lab("proxy", transfer_mb=TRANSFER_MB, mtu=1400)
+        run = self.lab("proxy", transfer_mb=TRANSFER_MB, mtu=1400, hangup=True)
         self.assertAllUp(run)
-        self.assertTransfers(run)
+        self.assertTrue(run.hangup_ok(), cli.format_table(run))
+        self.assertTransfers(run)   # c1's second call carries its 20 MiB too
         self.assertEqual(len(run.sessions), CLIENTS, "the LRP did not log one closed session per client")
 
     def test_proxy_full_size_frames(self):
@@ -155,4 +169,9 @@ class LabTests(unittest.SynchronousTestCase):
         "(pcap sees them unreassembled); pings pass, bulk TCP stalls at 0 bytes")
 
     def test_proxy_rrp_next_to_pptpd(self):
-        self.assertAllUp(self.lab("proxy-colocated"))
+        """The RRP in pptpd's namespace, dialling it on 127.0.0.1; and a hang-up:
+        pptpd and the LRP free c1's call, the others keep pinging, c1 dials again."""
+        run = self.lab("proxy-colocated", hangup=True)
+        self.assertAllUp(run)
+        self.assertTrue(run.hangup_ok(), cli.format_table(run))
+        self.assertEqual(run.hangup["pptpd_calls_before"], str(CLIENTS))

@@ -18,6 +18,21 @@ class LabRun:
         self.result = result
         self.rows, self.transfers, self.times = topology.parse_results(result.output)
         self.sessions = topology.parse_sessions(result.output)
+        self.hangup = topology.parse_hangup(result.output)
+
+    def hangup_ok(self):
+        """Client 1 hung up: pptpd lost exactly its call, the others kept pinging,
+        it dialled again and pinged; in proxy modes the LRP logged its session closed."""
+        h = self.hangup
+        if not h:
+            return False
+        try:
+            freed = int(h["pptpd_calls_before"]) - int(h["pptpd_calls_after"]) == 1
+        except (KeyError, ValueError):
+            return False
+        logged = self.mode not in topology.PROXY_MODES or h.get("lrp_closed", "0") not in ("", "0")
+        return (freed and logged and h.get("others_ping") == "yes"
+                and h.get("redial_addr", "-") != "-" and h.get("redial_ping") == "yes")
 
     @property
     def connected(self):
@@ -33,12 +48,14 @@ class LabRun:
                       if t.get("sent") not in (None, "-") and t.get("sent") == t.get("received"))
 
 
-def run_lab(mode, clients, transfer_mb=0, connect_timeout=25, timeout=None, keep=False, mtu=None):
+def run_lab(mode, clients, transfer_mb=0, connect_timeout=25, timeout=None, keep=False, mtu=None,
+            hangup=False):
     """Run the lab once; returns a LabRun.  Raises uml.UMLError when UML cannot run."""
     script = topology.build_script(mode, clients, transfer_mb=transfer_mb,
-                                   connect_timeout=connect_timeout, mtu=mtu)
+                                   connect_timeout=connect_timeout, mtu=mtu, hangup=hangup)
     if timeout is None:
-        timeout = 60 + connect_timeout + clients * 5 + transfer_mb * clients * 2
+        timeout = (60 + connect_timeout * (2 if hangup else 1) + clients * 5
+                   + transfer_mb * clients * 3)
     result = uml.run_in_uml(script, timeout=timeout, keep=keep, modules=topology.lab_modules(mode))
     return LabRun(mode, clients, result)
 
@@ -64,6 +81,12 @@ def format_table(run):
         lines.append(f"{row.get('client', '?'):8} {row.get('connected', '?'):9} "
                      f"{row.get('addr', '-'):15} {row.get('ping', '?'):4} {row.get('rtt', '-'):>7} "
                      f"{row.get('tx', '-'):>9} {row.get('rx', '-'):>9} {ids:17}  {note}")
+    if run.hangup:
+        h = run.hangup
+        lines.append(f"hang-up of c1: {'ok' if run.hangup_ok() else 'FAILED'} (pptpd calls "
+                     f"{h.get('pptpd_calls_before')} -> {h.get('pptpd_calls_after')}, LRP closed "
+                     f"{h.get('lrp_closed')}, others ping {h.get('others_ping')}, redial "
+                     f"{h.get('redial_addr')} ping {h.get('redial_ping')})")
     times = ", ".join(f"{k} {v:.1f}s" for k, v in run.times.items())
     lines.append(f"UML boot {run.result.boot_seconds:.1f}s, whole run {run.result.total_seconds:.1f}s"
                  + (f"; inside: {times}" if times else ""))
@@ -83,6 +106,8 @@ def parser():
                    help="send this many MB over each tunnel and compare sha256 [0: none]")
     p.add_argument("--connect-timeout", type=int, default=25,
                    help="seconds the clients get to come up [25]")
+    p.add_argument("--hangup", action="store_true",
+                   help="after the pings, kill client 1's pppd, check the rest, dial it again")
     p.add_argument("--mtu", type=int, default=None,
                    help="clients' PPP MTU and MRU [pppd's default, 1500]")
     p.add_argument("--timeout", type=int, default=None,
@@ -102,7 +127,7 @@ def main(argv=None):
     try:
         run = run_lab(args.mode, args.clients, transfer_mb=args.transfer_mb,
                       connect_timeout=args.connect_timeout, timeout=args.timeout, keep=args.keep,
-                      mtu=args.mtu)
+                      mtu=args.mtu, hangup=args.hangup)
     except topology.LabScriptError as e:
         sys.stderr.write(f"routeproxy lab: {e}\n")
         return 2
@@ -120,4 +145,6 @@ def main(argv=None):
     ok = run.connected == args.clients and run.pinged == args.clients
     if args.transfer_mb:
         ok = ok and len(run.transfers_ok()) == args.clients
+    if args.hangup:
+        ok = ok and run.hangup_ok()
     return 0 if ok else 1

@@ -80,8 +80,13 @@ RRP_COMMAND = ('"$PY" -c "from twisted.scripts.twistd import run; run()" -n --lo
                '--cert "$CERTS/rrp.crt" --key "$CERTS/rrp.key" --ca "$CERTS/ca.crt"')
 
 
-def build_script(mode, clients, transfer_mb=0, connect_timeout=25, python=None, mtu=None):
-    """The /bin/sh payload for `run_in_uml` that builds the lab and measures it."""
+def build_script(mode, clients, transfer_mb=0, connect_timeout=25, python=None, mtu=None,
+                 hangup=False):
+    """The /bin/sh payload for `run_in_uml` that builds the lab and measures it.
+
+    `hangup`: after the pings, kill client 1's pppd, check the others still
+    ping and pptpd cleared the call, then dial client 1 again.
+    """
     if mode not in MODES:
         raise LabScriptError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     if not 1 <= clients <= 90:
@@ -109,6 +114,8 @@ def build_script(mode, clients, transfer_mb=0, connect_timeout=25, python=None, 
         raise LabScriptError(f"--mtu {mtu}: must be 576..1500")
     parts.append(CLIENTS.format(dial=dial_address(mode), timeout=int(connect_timeout),
                                 mtu=f"mtu {mtu}\nmru {mtu}" if mtu else "# pppd's default MTU/MRU (1500)"))
+    if hangup:
+        parts.append(HANGUP.format(timeout=int(connect_timeout)))
     if transfer_mb:
         parts.append(TRANSFER.format(mb=int(transfer_mb), port=TRANSFER_PORT))
     parts.append(FINISH)
@@ -256,6 +263,7 @@ maxfail 1
 lcp-echo-interval 0
 unit 0
 ipparam c$i
+linkname c$i
 {mtu}
 logfile $LOGS/pppd-c$i.log
 EOF
@@ -264,13 +272,15 @@ done
 stamp dial
 # all clients dial at the same moment, each in its own mount namespace so that
 # pptp-linux's call-manager socket (/run/pptp) is not shared between clients
+# `ip netns exec` forks, so $! is not pppd: pppd's own pid file (linkname) is
+pppd_pid() {{ head -n 1 /run/ppp-c$1.pid 2>/dev/null; }}
+dial() {{ # dial N: start client N's pppd
+  ns c$1 unshare -m --propagation private sh -c \
+    'mount -t tmpfs tmpfs /run/pptp && exec pppd call c'$1 >> $LOGS/client-c$1.out 2>&1 &
+  eval "PPPD_$1=$!"
+}}
 i=1
-while [ $i -le $K ]; do
-  ns c$i unshare -m --propagation private sh -c \
-    'mount -t tmpfs tmpfs /run/pptp && exec pppd call c'$i > $LOGS/client-c$i.out 2>&1 &
-  eval "PPPD_$i=$!"
-  i=$((i + 1))
-done
+while [ $i -le $K ]; do dial $i; i=$((i + 1)); done
 ppp_addr() {{ ip -n c$1 -4 -o addr show dev ppp0 2>/dev/null | awk '{{print $4}}' | cut -d/ -f1; }}
 uptime; deadline=$((up + {timeout}))
 while [ $up -lt $deadline ]; do
@@ -303,6 +313,40 @@ while [ $i -le $K ]; do
   i=$((i + 1))
 done
 stamp pinged
+"""
+
+HANGUP = r"""
+# hang-up: kill client 1's pppd; the others must stay up, pptpd (and the proxies)
+# must clear its call, and client 1 must be able to dial again
+calls_before=$(busybox ps | grep -c '[p]ptpctrl')
+kill $(pppd_pid 1)
+wait $PPPD_1
+sleep 2
+calls_after=$(busybox ps | grep -c '[p]ptpctrl')
+closed=$(grep -c "session closed: peer 10.1.0.11:" $LOGS/lrp.log 2>/dev/null)
+others=yes
+i=2
+while [ $i -le $K ]; do
+  ns c$i busybox ping -c 2 -A -W 3 -w 5 192.168.90.1 > /tmp/ping-after-c$i 2>&1 &
+  pings2="$pings2 $!"
+  i=$((i + 1))
+done
+wait $pings2
+i=2
+while [ $i -le $K ]; do
+  grep -q ' 0 packets received' /tmp/ping-after-c$i && others=no
+  grep -q 'packets received' /tmp/ping-after-c$i || others=no
+  i=$((i + 1))
+done
+dial 1
+uptime; deadline=$((up + {timeout}))
+until [ -n "$(ppp_addr 1)" ] || [ $up -ge $deadline ]; do sleep 0.5; uptime; done
+addr=$(ppp_addr 1)
+ping=no
+[ -n "$addr" ] && ns c1 busybox ping -c 3 -A -W 3 -w 6 192.168.90.1 > /tmp/ping-redial 2>&1 \
+  && ping=yes
+echo "LAB-HANGUP client=c1 pptpd_calls_before=$calls_before pptpd_calls_after=$calls_after lrp_closed=${{closed:-0}} others_ping=$others redial_addr=${{addr:--}} redial_ping=$ping"
+stamp hangup
 """
 
 TRANSFER = r"""
@@ -353,7 +397,7 @@ while [ $i -le $K ]; do
 done
 # hang up every client (pppd sends LCP terminate, pptp a Call-Clear-Request)
 i=1
-while [ $i -le $K ]; do eval "kill \$PPPD_$i" 2>/dev/null; i=$((i + 1)); done
+while [ $i -le $K ]; do p=$(pppd_pid $i); [ -n "$p" ] && kill $p; i=$((i + 1)); done
 sleep 2
 [ -f /run/lrp.pid ] && kill $(cat /run/lrp.pid) 2>/dev/null
 [ -f /run/rrp.pid ] && kill $(cat /run/rrp.pid) 2>/dev/null
@@ -394,6 +438,14 @@ def parse_results(output):
         if row.get("client") in final:
             row["tx"], row["rx"] = final[row["client"]].get("tx", "-"), final[row["client"]].get("rx", "-")
     return rows, transfers, times
+
+
+def parse_hangup(output):
+    """The `LAB-HANGUP` line's fields, or None when the run did no hang-up."""
+    for line in output.splitlines():
+        if line.startswith("LAB-HANGUP "):
+            return _fields(line)
+    return None
 
 
 _LRP_CLOSED = re.compile(r"LRP session closed: peer (?P<client>[0-9.]+):\d+, C=(?P<C>\d+) S=(?P<S>\d+) "
