@@ -170,7 +170,7 @@ def uml_command(init_path, mem, work):
     return [
         UML_BINARY, f"mem={mem}", "rootfstype=hostfs", "rootflags=/", "rw",
         f"init={init_path}", "con=null", "con0=fd:0,fd:1", "ssl=null",
-        f"uml_dir={work}", f"umid=lab{os.getpid()}", "quiet",
+        f"uml_dir={work}", "umid=" + os.path.basename(work).replace("routeproxy-", ""), "quiet",
     ]
 
 
@@ -180,9 +180,9 @@ def run_in_uml(script_text, timeout, mem="1G", work=None, files=None, keep=False
     Returns a UMLResult, which unpacks as `(exit_code, output)`.  `files` maps
     names to extra text files written into the work directory (visible inside
     as $LAB_WORK/NAME).  `modules` are loaded (with their dependencies)
-    before the script starts; exit code 125 means one failed.  Raises UMLTimeout when UML outlives `timeout` seconds
-    (the whole process group is killed), UMLError when it cannot run or dies
-    without a result.
+    before the script starts; exit code 125 means one failed.  Raises
+    UMLTimeout when UML outlives `timeout` seconds (the whole process group
+    is killed), UMLError when it cannot run or dies without a result.
     """
     reason = uml_available()
     if reason:
