@@ -316,6 +316,90 @@ class ScriptedServer:
 
 
 # --------------------------------------------------------------------------------------------
+# a scripted LRP: mux frames over TLS (stdlib ssl)
+
+
+class MuxPeer:
+    """A hand-driven LRP end of the link: TLS with the given certificate, then raw mux frames.
+
+    *cert*/*key* None connects without a client certificate.  ``handshake()`` finishes TLS
+    (raising ssl.SSLError or OSError if the RRP refuses us); ``hello()`` swaps HELLOs.
+    """
+
+    def __init__(self, opener, address, ca, server_name, cert=None, key=None, timeout=5.0):
+        import ssl
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_verify_locations(ca)
+        if cert:
+            context.load_cert_chain(cert, key)
+        with opener():
+            raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        raw.settimeout(timeout)
+        raw.connect(address)
+        self.sock = context.wrap_socket(raw, server_hostname=server_name, do_handshake_on_connect=False)
+        self.decoder = None
+        self.frames = []
+        self.eof = False
+
+    def handshake(self):
+        self.sock.do_handshake()
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def hello(self):
+        """Send our HELLO and read the RRP's; returns it."""
+        from routeproxy.mux import frames
+        self.decoder = frames.FrameDecoder(frames.MAX_MAX_PAYLOAD)
+        self.send(frames.Hello().encode())
+        return self.read_frame(frames.Hello)
+
+    def read_frame(self, cls=None, timeout=5.0):
+        """The next frame (of class *cls*, skipping PINGs/others); FaultPeerError on EOF/timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            frame = self.decoder.nextFrame()
+            if frame is not None:
+                self.frames.append(frame)
+                if cls is None or isinstance(frame, cls):
+                    return frame
+                continue
+            if self.eof or time.monotonic() > deadline:
+                raise FaultPeerError(f"no {getattr(cls, '__name__', 'frame')} from the RRP within {timeout} s"
+                                     f" (eof={self.eof}; got {self.frames!r})")
+            self._read(deadline)
+
+    def _read(self, deadline):
+        import ssl
+        self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            data = self.sock.recv(65536)
+        except socket.timeout:
+            return
+        except (ssl.SSLError, ConnectionError):
+            data = b""
+        if not data:
+            self.eof = True
+        else:
+            self.decoder.feed(data)
+
+    def wait_closed(self, timeout=5.0):
+        """Read (keeping frames) until the RRP closes the link; True if it did within *timeout*."""
+        deadline = time.monotonic() + timeout
+        while not self.eof and time.monotonic() < deadline:
+            self._read(deadline)
+            with contextlib.suppress(Exception):
+                while (frame := self.decoder.nextFrame()) is not None:
+                    self.frames.append(frame)
+        return self.eof
+
+    def close(self):
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+# --------------------------------------------------------------------------------------------
 # raw GRE
 
 
@@ -376,6 +460,17 @@ class Daemon:
     def alive(self):
         return self.proc is not None and self.proc.poll() is None
 
+    def exits_within(self, timeout):
+        """True if the process has exited, or does within *timeout* seconds."""
+        if self.proc is None:
+            return True
+        try:
+            self.proc.wait(timeout)
+            return True
+        except Exception:
+            return False
+
+
     def log(self):
         try:
             with open(self.log_path, errors="replace") as f:
@@ -414,3 +509,15 @@ class Daemon:
         with self.lab.inside(self.ns):
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/status.json", timeout=timeout) as reply:
                 return json.loads(reply.read())
+
+
+def stop_all(daemons, grace=3.0):
+    """One SIGTERM to each daemon at once, then SIGKILL whichever is still there after *grace* s."""
+    running = [d for d in daemons if d.alive()]
+    for daemon in running:
+        daemon.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for daemon in running:
+        if not daemon.exits_within(max(0.0, deadline - time.monotonic())):
+            daemon.proc.kill()
+            daemon.proc.wait()

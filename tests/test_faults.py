@@ -28,10 +28,12 @@ import contextlib
 import itertools
 import os
 import re
+import signal
 import socket
 import tempfile
 import time
 
+from twisted.python import log
 from twisted.trial import unittest
 
 from routeproxy import gre, pptp
@@ -47,6 +49,7 @@ LRP_DEAD = ("127.0.0.31", 1723)
 LRP_NOSUCH = ("127.0.0.32", 1723)
 LRP_BADCA = ("127.0.0.33", 1723)
 LRP2 = ("127.0.0.34", 1723)
+LRP_STOPPED = ("127.0.0.35", 1723)
 ALLOWED = "127.0.1.0/24"
 OUTSIDER = "127.0.2.1"
 RRP_STATUS, LRP_STATUS = 8091, 8092
@@ -157,9 +160,8 @@ class FaultLab:
         return client
 
     def close(self):
-        """Stop the daemons (one SIGTERM each), the server, then the namespace."""
-        for daemon in self.daemons:
-            daemon.stop()
+        """Stop the daemons (one SIGTERM each, then SIGKILL), the server, then the namespace."""
+        faultpeers.stop_all(self.daemons)
         self.server.stop()
         self.lab.cleanup()
 
@@ -297,6 +299,23 @@ class MalformedPPTPTests(FaultTestCase):
             lab.lrp.wait_line(rf"LRP session closed: peer {peer}, .*reason: ", since)
             lines = lab.lrp.lines(rf"{peer}.*truncated|truncated.*{peer}", since)
             self.assertTrue(lines, "no log line says the client's last message was cut off")
+
+    def test_bad_pptp_from_the_server(self):
+        """The server's side too: pptpd sending garbage ends only its own session, at the RRP."""
+        lab = self.lab
+        with self.diagnosed(lab.lrp, lab.rrp):
+            healthy = self.healthy()
+            victim = self.client("victim-server-garbage")
+            self.assertEqual(victim.start().result_code, pptp.StartResult.SUCCESS)
+            upstream = lab.server.connection_named("victim-server-garbage")
+            since = lab.rrp.mark()
+            upstream.send_bytes(bad_header(magic=0x12345678))
+            self.assertTrue(upstream.closed.wait(5), "the RRP kept the connection of a server that sent garbage")
+            self.assertTrue(victim.wait_closed(5), "the LRP kept the client of a session the server broke")
+            server = re.escape(hostport(SERVER))
+            lab.rrp.wait_line(rf"RRP {server}: bad PPTP from peer \(PPTP bad magic: Magic Cookie 0x12345678", since)
+            lab.rrp.wait_line(rf"RRP session closed: peer {server}, .*reason: bad PPTP from peer: bad magic$", since)
+            self.assertStillWorks(healthy)
 
     test_truncated_message_is_named.todo = (
         "relay.PPTPControlProtocol.connectionLost never calls decoder.finish(), so a message cut "
@@ -470,11 +489,34 @@ class LinkFaultTests(FaultTestCase):
             lab.wait_listening([(lab.rrp2, RRP2)])
             restarted = time.monotonic()
             lab.lrp2.wait_line(r"LRP: link to the RRP .* is up", since_up, timeout=20)
-            self.reconnect_seconds = time.monotonic() - restarted
+            log.msg(f"test_faults: during the RRP outage the client waited {waited:.2f} s for its answer; "
+                    f"the LRP's link was back {time.monotonic() - restarted:.2f} s after the RRP listened again")
 
             after = self.client("after-restart", lrp=LRP2)
             self.assertEqual(after.start().result_code, pptp.StartResult.SUCCESS)
             after.round_trip()
+
+    def test_lrp_stops_on_sigterm(self):
+        """`systemctl stop` (SIGTERM) ends an LRP whose link is up, promptly."""
+        lab = self.lab
+        c = lab.certs
+        lrp = lab.daemon("lrpstop", "routeproxy-lrp", [
+            "--pptp-listen", hostport(LRP_STOPPED), "--rrp", hostport(RRP), "--rrp-name", RRP_NAME,
+            "--cert", c["lrp_cert"], "--key", c["lrp_key"], "--ca", c["ca"], "--gre-interface", "lo"])
+        self.addCleanup(faultpeers.stop_all, [lrp], 0.1)
+        with self.diagnosed(lrp):
+            lrp.start()
+            lrp.wait_line(r"LRP: link to the RRP .* is up", timeout=15)
+            since = lrp.mark()
+            lrp.proc.send_signal(signal.SIGTERM)
+            lrp.wait_line(r"Received SIGTERM, shutting down", since)
+            self.assertTrue(lrp.exits_within(5), "the LRP is still running 5 s after SIGTERM")
+
+    test_lrp_stops_on_sigterm.todo = (
+        "twistd hangs on SIGTERM while the link is up: ClientService.stopService (from "
+        "tls.rrpClientService) calls the TLS transport's loseConnection() directly, bypassing "
+        "MuxProtocol.loseConnection, so the MuxProtocol still registered as a streaming producer "
+        "keeps TLS from sending close_notify for ever; the stopService Deferred never fires")
 
     def test_lrp_with_certificate_from_another_ca(self):
         lab = self.lab
@@ -539,3 +581,61 @@ class GREJunkTests(FaultTestCase):
             self.assertGreaterEqual(counted, len(junk), f"drops counted: {drops}")
             self.assertTrue(lab.lrp.alive() and lab.rrp.alive())
             self.assertStillWorks(healthy)
+
+
+class RogueLinkPeerTests(FaultTestCase):
+    """No open relay at the RRP: a hand-driven LRP end (stdlib TLS, raw mux frames)."""
+
+    def muxPeer(self, cert=True):
+        c = self.lab.certs
+        peer = faultpeers.MuxPeer(self.lab.inside, RRP, c["ca"], RRP_NAME,
+                                  cert=c["lrp_cert"] if cert else None, key=c["lrp_key"] if cert else None)
+        self.addCleanup(peer.close)
+        return peer
+
+    def test_lrp_without_certificate(self):
+        lab = self.lab
+        with self.diagnosed(lab.rrp):
+            since = lab.rrp.mark()
+            peer = self.muxPeer(cert=False)
+            try:
+                peer.handshake()
+                peer.hello()     # TLS 1.3: the refusal comes after our side of the handshake
+            except (OSError, FaultPeerError):
+                pass
+            else:
+                self.fail("the RRP spoke mux to an LRP without a certificate")
+            lab.rrp.wait_line(r"TLS: refused LRP at [\d.]+:\d+: the peer sent no certificate", since)
+            self.assertEqual(lab.rrp.lines(r"mux .*: link up", since), [])
+
+    def test_oversize_mux_frame_closes_only_that_link(self):
+        from routeproxy.mux import frames
+        lab = self.lab
+        with self.diagnosed(lab.rrp, lab.lrp):
+            healthy = self.healthy()
+            since = lab.rrp.mark()
+            peer = self.muxPeer()
+            peer.handshake()
+            hello = peer.hello()
+            peer.send(frames.encodeHeader(frames.CONTROL, 0, 1, hello.maxPayload + 1))
+            self.assertTrue(peer.wait_closed(5), "the RRP kept a link whose framing is lost")
+            goaways = [f for f in peer.frames if isinstance(f, frames.GoAway)]
+            self.assertEqual([g.code for g in goaways], [frames.LinkError.FRAME_TOO_LARGE], peer.frames)
+            lab.rrp.wait_line(r"mux lrp1: closing the link with GOAWAY FRAME_TOO_LARGE", since)
+            self.assertStillWorks(healthy)
+
+    def test_profile_is_a_name_not_an_address(self):
+        from routeproxy.mux import frames
+        lab = self.lab
+        with self.diagnosed(lab.rrp):
+            connections = len(lab.server.connections)
+            since = lab.rrp.mark()
+            peer = self.muxPeer()
+            peer.handshake()
+            peer.hello()
+            target = hostport(SERVER)
+            peer.send(frames.Open(1, target, "rogue").encode())
+            refused = peer.read_frame(frames.OpenRefused)
+            self.assertEqual(refused.code, frames.Reason.UNKNOWN_PROFILE)
+            lab.rrp.wait_line(rf"RRP: LRP lrp1 asked for unknown profile '{re.escape(target)}' .*refused", since)
+            self.assertEqual(len(lab.server.connections), connections, "the RRP dialled an address an LRP named")
