@@ -20,6 +20,12 @@ daemons are started once for the module and shared by the tests (trial has no se
     lrpnosuch 127.0.0.32:1723 -> rrp, --profile nosuch
     lrpbadca 127.0.0.33:1723 -> rrp, certificate from another CA
     lrp2     127.0.0.34:1723 -> rrp2
+    lrpstop  127.0.0.35:1723 -> rrp (started and stopped by one test)
+
+A hand-driven LRP end (stdlib TLS + raw mux frames, RogueLinkPeerTests) checks that the RRP
+proves who its peers are and dials no address an LRP names.  Tests marked ``.todo`` show
+daemon bugs found here; each todo says where.  Trial's log gets one line with the timings
+measured during the RRP restart (grep "test_faults:").
 
 Needs root (namespaces, pcap, raw sockets); skipped with the reason otherwise.
 """
