@@ -1,0 +1,172 @@
+"""One measurement (a sink and senders in namespaces) and the search for the loss-free rate.
+
+Every path under test (veth alone, kernel router, kernel NAT, the proxies) is described by a
+:class:`Path`: where the senders run, where the sink runs, and the destination address and
+GRE call IDs the senders use.  :func:`run_trial` runs the sink and the senders as separate
+processes (``python -m benchmarks.loadgen``) in those namespaces and returns offered and
+delivered rates, loss and latency; :func:`find_max_rate` searches the rates for the highest
+one with less than 0.1 % loss.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from benchmarks.loadgen import Link
+
+LOSS_LIMIT = 0.001
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class MeasureError(Exception):
+    """A sink or sender process failed; the message carries its stderr."""
+
+
+class Path:
+    """Where traffic is sent from and to: ``(send_ns, dst, keys)`` senders and a sink_ns.
+
+    *senders* is a list of ``(namespace, destination address, [GRE call IDs], Link or None)``;
+    each becomes one sender process sharing the rate equally (a Link: Ethernet frames on that
+    interface, else the raw IP socket).  *label* names the path in the results.
+    """
+
+    def __init__(self, label, senders, sink_ns):
+        self.label, self.senders, self.sink_ns = label, list(senders), sink_ns
+
+    def __repr__(self):
+        return f"<Path {self.label}: {self.senders} -> {self.sink_ns}>"
+
+
+def link_from(lab, veth, side="a"):
+    """A loadgen Link that sends out of *veth*'s end *side* ("a" or "b") to the other end."""
+    ns, name, ip = (veth.ns_a, veth.name_a, veth.ip_a) if side == "a" else (veth.ns_b, veth.name_b, veth.ip_b)
+    peer_ns, peer = (veth.ns_b, veth.name_b) if side == "a" else (veth.ns_a, veth.name_a)
+    src_mac = lab.run(ns, ["cat", f"/sys/class/net/{name}/address"]).stdout.strip()
+    dst_mac = lab.run(peer_ns, ["cat", f"/sys/class/net/{peer}/address"]).stdout.strip()
+    return Link(name, ip, src_mac, dst_mac)
+
+
+def _loadgen_argv(*args):
+    return [sys.executable, "-m", "benchmarks.loadgen", *map(str, args)]
+
+
+def _env():
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([REPO] + [p for p in sys.path if p]))
+
+
+def _json_line(text, what):
+    for line in reversed(text.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise MeasureError(f"{what} printed no result: {text[-500:]!r}")
+
+
+def run_trial(lab, path, size, rate, duration, latency=False, batch=None):
+    """Send *size*-byte GRE at *rate* pps (0: flat out) for *duration* s along *path*.
+
+    Returns {offered_pps, delivered_pps, loss, mbps, sent, received, latency_us?, ...}.
+    Loss counts every probe sent and not received, wherever it was dropped.
+    """
+    sink = lab.spawn(path.sink_ns, _loadgen_argv("sink", *(["--latency"] if latency else [])),
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO)
+    try:
+        ready = sink.stdout.readline()
+        if ready.strip() != "ready":
+            raise MeasureError(f"sink did not start: {ready!r} {sink.stderr.read()[-800:]}")
+        senders = []
+        share = rate / len(path.senders) if rate else 0
+        flow_base = 0
+        for ns, dst, keys, link in path.senders:
+            argv = ["send", "--dst", dst, "--size", size, "--rate", share, "--duration", duration,
+                    "--keys", ",".join(map(str, keys)), "--flow-base", flow_base]
+            if link is not None:
+                argv += link.argv()
+            if batch:
+                argv += ["--batch", batch]
+            flow_base += len(keys)
+            senders.append(lab.spawn(ns, _loadgen_argv(*argv), stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO))
+        sent_results = []
+        for proc in senders:
+            out, err = proc.communicate(timeout=duration + 30)
+            if proc.returncode != 0:
+                raise MeasureError(f"sender failed (rc={proc.returncode}): {err[-800:]}")
+            sent_results.append(_json_line(out, "sender"))
+        time.sleep(0.2)  # let the last packets through the path under test
+        sink.send_signal(signal.SIGUSR1)
+        out, err = sink.communicate(timeout=30)
+        if sink.returncode != 0:
+            raise MeasureError(f"sink failed (rc={sink.returncode}): {err[-800:]}")
+        got = _json_line(out, "sink")
+    finally:
+        if sink.poll() is None:
+            sink.kill()
+    sent = sum(r["sent"] for r in sent_results)
+    seconds = max(r["seconds"] for r in sent_results)
+    received = got["received"]
+    result = {
+        "path": path.label, "size": size, "target_pps": rate, "duration": duration,
+        "sent": sent, "received": received,
+        "offered_pps": sent / seconds if seconds else 0.0,
+        "delivered_pps": received / seconds if seconds else 0.0,
+        "loss": (sent - received) / sent if sent else 1.0,
+        "mbps": got["bytes"] * 8 / seconds / 1e6 if seconds else 0.0,
+        "flows_seen": got["flows"], "per_flow_min": got["per_flow_min"], "other_gre": got["other"],
+        "send_errors": sum(r["errors"] for r in sent_results),
+    }
+    if latency:
+        result["latency_us"] = got.get("latency_us")
+    return result
+
+
+def find_max_rate(lab, path, size, duration, steps=4, log=None):
+    """The highest rate (pps) with loss < 0.1 %, and the trials that found it.
+
+    First a flat-out trial gives the ceiling; then the rate is bisected between the best
+    loss-free rate seen and the ceiling, *steps* times.  Returns (best_trial, trials);
+    best_trial is None if even the lowest tried rate lost more than 0.1 %.
+    """
+    trials = []
+
+    def trial(rate):
+        got = run_trial(lab, path, size, rate, duration)
+        trials.append(got)
+        if log:
+            log(f"  {path.label} {size}B @ {rate or 'max'}: offered {got['offered_pps']:.0f} "
+                f"delivered {got['delivered_pps']:.0f} pps, loss {got['loss'] * 100:.3f}%")
+        return got
+
+    flat = trial(0)
+    ceiling = flat["offered_pps"]
+    best = flat if flat["loss"] < LOSS_LIMIT else None
+    low, high = (ceiling, ceiling) if best else (0.0, ceiling)
+    if best is None:
+        candidate = flat["delivered_pps"] * 0.9
+        for _ in range(steps):
+            if candidate <= 0:
+                break
+            got = trial(candidate)
+            if got["loss"] < LOSS_LIMIT:
+                best, low = got, candidate
+                if high - low < 0.03 * high:
+                    break
+            else:
+                high = candidate
+            candidate = (low + high) / 2 if low else candidate * 0.6
+    return best, trials
+
+
+def latency_profile(lab, path, size, max_rate, duration, fractions=(0.1, 0.5, 0.9), log=None):
+    """Latency (one-way, us) at each fraction of *max_rate*: {"10%": trial, ...}."""
+    profile = {}
+    for fraction in fractions:
+        got = run_trial(lab, path, size, max_rate * fraction, duration, latency=True, batch=8)
+        profile[f"{fraction * 100:.0f}%"] = got
+        if log and got.get("latency_us"):
+            lat = got["latency_us"]
+            log(f"  {path.label} {size}B @ {fraction:.0%} ({max_rate * fraction:.0f} pps): "
+                f"p50 {lat.get('p50', 0):.1f} p99 {lat.get('p99', 0):.1f} p99.9 {lat.get('p99.9', 0):.1f} us, "
+                f"loss {got['loss'] * 100:.3f}%")
+    return profile
