@@ -1,0 +1,155 @@
+"""The reference paths, measured in the same run as the proxies.
+
+* ``veth``: generator -> sink over one veth pair: the instruments alone (the generator must
+  be faster than anything it measures).
+* ``router``: client ns -> router ns (plain IPv4 forwarding) -> server ns: the most this
+  kernel can forward between namespaces, the ceiling for any forwarder here.
+* ``nat``: client ns -> NAT ns -> server ns with MASQUERADE and the kernel's PPTP helper
+  (``CT --helper pptp``: nf_conntrack_pptp + nf_nat_pptp, built into this kernel) on a real
+  control connection (synthetic PNS and PAC, benchmarks.pptpctl), GRE keyed by the PAC's
+  call ID as a PPTP client sends it.  If the helper cannot be attached, MASQUERADE with plain
+  GRE conntrack is measured instead and the result says so.
+
+All three send client -> server with the Ethernet-frame sender (loadgen.Link).
+"""
+import asyncio
+import subprocess
+import sys
+import time
+
+from benchmarks import measure, pptpctl
+
+CLIENT_NET, SERVER_NET = "10.71.0", "10.72.0"
+
+
+class KernelError(Exception):
+    """A reference path could not be built (the message says which command failed)."""
+
+
+def build_veth(lab):
+    """Generator and sink namespaces joined by one veth pair."""
+    gen, sink = lab.namespace("gen"), lab.namespace("sink")
+    link = lab.veth(gen, sink, "10.70.0.1/24", "10.70.0.2/24")
+    return measure.Path("veth", [(gen, link.ip_b, [7], measure.link_from(lab, link))], sink)
+
+
+def _three_namespaces(lab, middle_label):
+    client, middle, server = lab.namespace("client"), lab.namespace(middle_label), lab.namespace("server")
+    left = lab.veth(client, middle, f"{CLIENT_NET}.2/24", f"{CLIENT_NET}.1/24")
+    right = lab.veth(middle, server, f"{SERVER_NET}.1/24", f"{SERVER_NET}.2/24")
+    lab.route(client, "default", "via", f"{CLIENT_NET}.1")
+    lab.route(server, "default", "via", f"{SERVER_NET}.1")
+    lab.sysctl(middle, "net.ipv4.ip_forward", 1)
+    return client, middle, server, left, right
+
+
+def build_router(lab):
+    """client -> router -> server, plain forwarding."""
+    client, router, server, left, right = _three_namespaces(lab, "router")
+    return measure.Path("router", [(client, right.ip_b, [7], measure.link_from(lab, left))], server)
+
+
+def _iptables(lab, ns, *rule):
+    done = lab.run(ns, ["iptables", *rule], check=False)
+    return done.returncode == 0, done.stderr.strip()
+
+
+class NatPath:
+    """The NAT reference: the path, its control sessions and what the helper did."""
+
+    def __init__(self, path, sessions, helper, note, processes):
+        self.path, self.sessions, self.helper, self.note = path, sessions, helper, note
+        self._processes = processes
+
+    def close(self):
+        self.sessions.close()
+
+
+def build_nat(lab, loop, sessions_count=1):
+    """client -> NAT (MASQUERADE + pptp helper) -> server with *sessions_count* PPTP calls up."""
+    client, nat, server, left, right = _three_namespaces(lab, "nat")
+    helper, note = True, "MASQUERADE + CT --helper pptp (nf_conntrack_pptp, nf_nat_pptp)"
+    ok, err = _iptables(lab, nat, "-t", "raw", "-A", "PREROUTING", "-p", "tcp", "--dport", "1723",
+                        "-j", "CT", "--helper", "pptp")
+    if not ok:
+        helper, note = False, f"pptp helper unavailable ({err}); MASQUERADE with GRE conntrack only"
+    ok, err = _iptables(lab, nat, "-t", "nat", "-A", "POSTROUTING", "-o", right.name_a, "-j", "MASQUERADE")
+    if not ok:
+        raise KernelError(f"MASQUERADE in {nat}: {err}")
+    server_proc = lab.spawn(server, [sys.executable, "-m", "benchmarks.pptpctl", "serve",
+                                     "--listen", f"{right.ip_b}:1723"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=measure._env(), cwd=measure.REPO)
+    line = server_proc.stdout.readline()
+    if line.strip() != "ready":
+        raise KernelError(f"synthetic PAC did not start: {line!r} {server_proc.stderr.read()[-500:]}")
+
+    def make_socket():
+        with lab.inside(client):
+            return pptpctl.tcp_socket()
+
+    sessions = pptpctl.open_sessions(loop, make_socket, (right.ip_b, 1723), sessions_count)
+    if not sessions.calls:
+        raise KernelError(f"no PPTP call through the NAT: {sessions.failures[:3]}")
+    expectations = lab.run(nat, ["cat", "/proc/net/nf_conntrack_expect"], check=False).stdout
+    if helper and expectations.strip() == "" and "pptp" not in expectations:
+        note += " (no expectation visible in /proc/net/nf_conntrack_expect)"
+    path = measure.Path("nat", [(client, right.ip_b, sessions.keys, measure.link_from(lab, left))], server)
+    return NatPath(path, sessions, helper, note, [server_proc])
+
+
+class Settings:
+    """How much to measure: sizes, trial length, search steps, latency fractions."""
+
+    def __init__(self, quick=False):
+        self.quick = quick
+        self.sizes = (512,) if quick else (64, 512, 1400)
+        self.duration = 0.3 if quick else 1.0
+        self.steps = 1 if quick else 4
+        self.fractions = (0.5,) if quick else (0.1, 0.5, 0.9)
+        self.latency_sizes = (512,) if quick else (64, 512, 1400)
+
+
+def measure_path(lab, path, settings, log=print):
+    """Max loss-free rate per size and the latency profile: a dict for the JSON results."""
+    result = {"label": path.label, "sizes": {}}
+    for size in settings.sizes:
+        best, trials = measure.find_max_rate(lab, path, size, settings.duration, settings.steps, log=log)
+        entry = {"max": best, "trials": trials}
+        if best and size in settings.latency_sizes:
+            entry["latency"] = measure.latency_profile(lab, path, size, best["delivered_pps"],
+                                                       settings.duration, settings.fractions, log=log)
+        result["sizes"][str(size)] = entry
+    return result
+
+
+def run(settings, log=print):
+    """Build and measure veth, router and nat; returns {"veth": .., "router": .., "nat": ..}."""
+    from tests import netns
+    netns.skip_unless_available()
+    netns.reap_stale()
+    results = {}
+    loop = asyncio.new_event_loop()
+    for name in ("veth", "router", "nat"):
+        lab = netns.NetnsLab()
+        started = time.monotonic()
+        try:
+            if name == "nat":
+                nat = build_nat(lab, loop)
+                try:
+                    results[name] = measure_path(lab, nat.path, settings, log)
+                    results[name]["note"] = nat.note
+                    results[name]["pptp_helper"] = nat.helper
+                finally:
+                    nat.close()
+            else:
+                path = build_veth(lab) if name == "veth" else build_router(lab)
+                results[name] = measure_path(lab, path, settings, log)
+        except (KernelError, measure.MeasureError) as e:
+            results[name] = {"label": name, "error": str(e)}
+            log(f"{name}: FAILED: {e}")
+        finally:
+            lab.cleanup()
+        results.setdefault(name, {})["seconds"] = time.monotonic() - started
+    loop.close()
+    return results
