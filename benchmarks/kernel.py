@@ -99,15 +99,18 @@ def build_nat(lab, loop, sessions_count=1):
 
 
 class Settings:
-    """How much to measure: sizes, trial length, search steps, latency fractions."""
+    """How much to measure: sizes, trial length, search steps, latency fractions, sessions."""
 
     def __init__(self, quick=False):
         self.quick = quick
         self.sizes = (512,) if quick else (64, 512, 1400)
         self.duration = 0.3 if quick else 1.0
-        self.steps = 1 if quick else 4
+        self.steps = 3 if quick else 6
         self.fractions = (0.5,) if quick else (0.1, 0.5, 0.9)
         self.latency_sizes = (512,) if quick else (64, 512, 1400)
+        self.sessions = 2 if quick else 8             # proxy throughput: M sessions on one link
+        self.scale_counts = (10, 100) if quick else (10, 100, 1000, 10000)
+        self.scale_traffic = not quick               # a flat-out trial at each session count
 
 
 def measure_path(lab, path, settings, log=print):
@@ -123,14 +126,17 @@ def measure_path(lab, path, settings, log=print):
     return result
 
 
-def run(settings, log=print):
+PARTS = ("veth", "router", "nat")
+
+
+def run(settings, log=print, parts=PARTS):
     """Build and measure veth, router and nat; returns {"veth": .., "router": .., "nat": ..}."""
     from tests import netns
     netns.skip_unless_available()
     netns.reap_stale()
     results = {}
     loop = asyncio.new_event_loop()
-    for name in ("veth", "router", "nat"):
+    for name in parts:
         lab = netns.NetnsLab()
         started = time.monotonic()
         try:

@@ -124,8 +124,10 @@ def run_trial(lab, path, size, rate, duration, latency=False, batch=None):
 def find_max_rate(lab, path, size, duration, steps=4, log=None):
     """The highest rate (pps) with loss < 0.1 %, and the trials that found it.
 
-    First a flat-out trial gives the ceiling; then the rate is bisected between the best
-    loss-free rate seen and the ceiling, *steps* times.  Returns (best_trial, trials);
+    First a flat-out trial gives the ceiling (the generator's rate: if nothing is lost there,
+    the path is faster than the generator and that is the answer).  Otherwise rates below what
+    got through are tried, halving until one is loss-free, then bisecting between the best
+    loss-free rate and the lowest lossy one, *steps* trials in all.  Returns (best_trial, trials);
     best_trial is None if even the lowest tried rate lost more than 0.1 %.
     """
     trials = []
@@ -140,21 +142,23 @@ def find_max_rate(lab, path, size, duration, steps=4, log=None):
 
     flat = trial(0)
     ceiling = flat["offered_pps"]
-    best = flat if flat["loss"] < LOSS_LIMIT else None
-    low, high = (ceiling, ceiling) if best else (0.0, ceiling)
-    if best is None:
-        candidate = flat["delivered_pps"] * 0.9
-        for _ in range(steps):
-            if candidate <= 0:
+    if flat["loss"] < LOSS_LIMIT:
+        return flat, trials
+    best, low, high = None, 0.0, ceiling
+    candidate = flat["delivered_pps"] * 0.9
+    for _ in range(steps):
+        if candidate < 1:
+            break
+        got = trial(candidate)
+        if got["loss"] < LOSS_LIMIT:
+            best, low = got, candidate
+            if high - low < 0.03 * high:
                 break
-            got = trial(candidate)
-            if got["loss"] < LOSS_LIMIT:
-                best, low = got, candidate
-                if high - low < 0.03 * high:
-                    break
-            else:
-                high = candidate
-            candidate = (low + high) / 2 if low else candidate * 0.6
+            candidate = (low + high) / 2
+        else:
+            high = candidate
+            # Nothing loss-free yet: step down fast, below what actually got through.
+            candidate = (low + high) / 2 if best else min(candidate / 2, got["delivered_pps"] * 0.8)
     return best, trials
 
 

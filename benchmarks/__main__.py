@@ -1,0 +1,128 @@
+"""`python -m benchmarks [--quick] [--out results.json] [--only PART ...]`: the whole suite.
+
+Parts: veth (the generator alone), router and nat (the kernel references), throughput and
+scale (through twistd routeproxy-lrp/rrp; skipped with a reason until the daemons exist).
+Needs root (namespaces, raw sockets).  Prints progress and a summary table with ratios
+against the kernel router; writes every trial to the JSON file.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+from benchmarks import kernel, topology
+
+ALL_PARTS = kernel.PARTS + topology.PARTS
+
+
+def machine():
+    """nproc, CPU model, kernel and Python: the context every figure needs."""
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"nproc": os.cpu_count(), "cpu": model, "kernel": platform.release(),
+            "python": platform.python_version(), "load_before": os.getloadavg()}
+
+
+def _fmt(value, spec=".0f", missing="-"):
+    return missing if value is None else format(value, spec)
+
+
+def _max_of(result, size):
+    entry = (result or {}).get("sizes", {}).get(str(size)) or {}
+    return entry.get("max"), entry
+
+
+def table(results, settings):
+    """The summary: one block per packet size, one line per path."""
+    lines = []
+    paths = [(name, results.get(name)) for name in ("veth", "router", "nat")]
+    proxy = (results.get("proxy") or {}).get("throughput")
+    if proxy and "sizes" in proxy:
+        paths.append(("proxy", proxy))
+    for size in settings.sizes:
+        router_best, _ = _max_of(results.get("router"), size)
+        lines.append(f"\n{size}-byte GRE (IPv4 bytes); max rate with < 0.1% loss; one-way latency at 10/50/90% of it")
+        lines.append(f"{'path':8} {'pps':>9} {'Mbit/s':>8} {'x router':>8}  "
+                     f"{'latency p50/p99/p99.9 us @10%':>30} {'@50%':>20} {'@90%':>20}")
+        for name, result in paths:
+            if result is None:
+                continue
+            if "error" in result:
+                lines.append(f"{name:8} FAILED: {result['error'][:100]}")
+                continue
+            best, entry = _max_of(result, size)
+            if best is None:
+                lines.append(f"{name:8} {'(no loss-free rate found)':>30}")
+                continue
+            ratio = (best["delivered_pps"] / router_best["delivered_pps"]) if router_best else None
+            cells = []
+            for fraction in ("10%", "50%", "90%"):
+                lat = ((entry.get("latency") or {}).get(fraction) or {}).get("latency_us") or {}
+                cells.append("/".join(_fmt(lat.get(k), ".0f") for k in ("p50", "p99", "p99.9")) if lat else "-")
+            mark = "*" if best.get("target_pps") == 0 else " "
+            lines.append(f"{name:7}{mark} {best['delivered_pps']:9.0f} {best['mbps']:8.1f} {_fmt(ratio, '8.2f'):>8}  "
+                         f"{cells[0]:>30} {cells[1]:>20} {cells[2]:>20}")
+        if proxy and "sizes" in proxy:
+            cpu = (proxy["sizes"].get(str(size)) or {}).get("cpu") or {}
+            per = cpu.get("cpu_us_per_packet") or {}
+            if per:
+                lines.append("proxy CPU us/packet: " + ", ".join(f"{k} {_fmt(v, '.1f')}" for k, v in per.items())
+                             + "; CPU %: " + ", ".join(f"{k} {v:.0f}" for k, v in (cpu.get("cpu_percent") or {}).items()))
+    lines.append("* no loss flat out: the path kept up with the generator, its own limit is higher")
+    scale = (results.get("proxy") or {}).get("scale") or {}
+    if scale.get("rows"):
+        lines.append("\nsessions on one TLS link: set-up/s, RSS KiB per session (lrp, rrp), 512B flat-out pps")
+        for row in scale["rows"]:
+            per = row["rss_kib_per_session"]
+            traffic = row.get("traffic") or {}
+            lines.append(f"{row['sessions']:>6} {_fmt(row['setup_per_second']):>8} "
+                         f"{_fmt(per.get('lrp'), '.2f'):>8} {_fmt(per.get('rrp'), '.2f'):>8} "
+                         f"{_fmt(traffic.get('delivered_pps')):>9}")
+    elif scale.get("error") or (results.get("proxy") or {}).get("skipped"):
+        lines.append(f"\nproxy: {scale.get('error') or results['proxy']['skipped']}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a short smoke run (a few seconds per part)")
+    parser.add_argument("--out", help="write all results as JSON here")
+    parser.add_argument("--only", action="append", choices=ALL_PARTS, help="run only this part (repeatable)")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        sys.stderr.write("benchmarks: needs root (network namespaces, raw sockets)\n")
+        return 2
+    parts = args.only or list(ALL_PARTS)
+    settings = kernel.Settings(quick=args.quick)
+    log = lambda text: print(text, flush=True)  # noqa: E731
+    started = time.monotonic()
+    results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "machine": machine(), "quick": args.quick,
+               "settings": {k: v for k, v in vars(settings).items()}}
+    kernel_parts = [p for p in parts if p in kernel.PARTS]
+    if kernel_parts:
+        results.update(kernel.run(settings, log, kernel_parts))
+    proxy_parts = [p for p in parts if p in topology.PARTS]
+    if proxy_parts:
+        results["proxy"] = topology.run(settings, log, proxy_parts)
+    results["seconds"] = time.monotonic() - started
+    print(table(results, settings))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+        print(f"\nresults written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
