@@ -29,6 +29,7 @@ import ctypes
 import ctypes.util
 import errno
 import json
+import math
 import os
 import signal
 import socket
@@ -305,7 +306,7 @@ def percentiles(samples, points=(50, 99, 99.9)):
     result = {"count": len(values), "min": values[0], "max": values[-1],
               "mean": sum(values) / len(values)}
     for p in points:
-        index = min(len(values) - 1, max(0, int(round(p / 100.0 * len(values) + 0.5)) - 1))
+        index = min(len(values) - 1, max(0, math.ceil(p * len(values) / 100.0 - 1e-9) - 1))  # nearest rank
         result[f"p{p:g}"] = values[index]
     return result
 

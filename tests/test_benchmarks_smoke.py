@@ -1,0 +1,91 @@
+"""Smoke test of the benchmark suite: it runs and produces figures (no timing assertions).
+
+The offline tests check the instruments' packet format; the namespace test runs
+``python -m benchmarks --quick`` as a user would (root, real namespaces, raw sockets, the
+daemons when they exist) and checks that every part produced numbers, not how large they are.
+"""
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+
+import dpkt
+from twisted.trial import unittest
+
+from benchmarks import loadgen, measure
+from routeproxy import gre
+from tests import netns
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class PacketFormatTests(unittest.SynchronousTestCase):
+    def test_probe_round_trip_in_valid_gre(self):
+        packet = loadgen.build_packet(512, call_id=4321, seq=77, flow=3, stamp=123456789)
+        self.assertEqual(len(packet), 512 - 20)
+        call_id, seq, ack, payload = gre.split_gre(packet)
+        self.assertEqual((call_id, seq, ack), (4321, 77, None))
+        self.assertEqual(loadgen.probe_of(packet), (3, 77, 123456789))
+
+    def test_probe_found_after_an_ack_word(self):
+        packet = gre.build_gre(9, loadgen.build_packet(64, 9, 5, flow=1, stamp=42)[12:], seq=5, ack=4)
+        self.assertEqual(loadgen.probe_of(packet), (1, 5, 42))
+
+    def test_foreign_gre_has_no_probe(self):
+        self.assertIsNone(loadgen.probe_of(gre.build_gre(9, b"\xff\x03" + bytes(40), seq=1)))
+        self.assertIsNone(loadgen.probe_of(b"\x30"))
+
+    def test_sizes_outside_the_range_are_refused(self):
+        for size in (loadgen.MIN_SIZE - 1, 1501):
+            self.assertRaises(loadgen.LoadgenError, loadgen.build_packet, size, 1, 1)
+
+    def test_link_headers_are_a_valid_ipv4_frame(self):
+        link = loadgen.Link("eth0", "10.1.2.3", "02:00:00:00:00:01", "02:00:00:00:00:02")
+        body = loadgen.build_packet(1400, 7, 1)
+        frame = dpkt.ethernet.Ethernet(link.headers("10.9.8.7", len(body)) + body)
+        ip = frame.data
+        self.assertEqual((socket.inet_ntoa(ip.src), socket.inet_ntoa(ip.dst), ip.p, ip.len),
+                         ("10.1.2.3", "10.9.8.7", 47, 1400))
+        header = link.headers("10.9.8.7", len(body))[14:]
+        total = sum(struct.unpack("!10H", header))   # a correct checksum makes this 0xFFFF
+        while total >> 16:
+            total = (total & 0xFFFF) + (total >> 16)
+        self.assertEqual(total, 0xFFFF)
+        self.assertRaises(loadgen.LoadgenError, loadgen.Link, "eth0", "10.1.2.3", "zz", "02:00:00:00:00:02")
+
+    def test_percentiles(self):
+        got = loadgen.percentiles(range(1, 1001))
+        self.assertEqual((got["p50"], got["p99"], got["p99.9"], got["count"]), (500, 990, 999, 1000))
+        self.assertEqual(loadgen.percentiles([]), {"count": 0})
+
+
+class QuickRunTests(unittest.TestCase):
+    """`python -m benchmarks --quick`: every part yields figures (or a stated skip)."""
+
+    def test_quick_run_produces_figures(self):
+        netns.skip_unless_available()
+        out = os.path.join(tempfile.mkdtemp(prefix="bench-smoke-"), "results.json")
+        done = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", out],
+                              capture_output=True, text=True, cwd=REPO, timeout=120, env=measure._env())
+        self.assertEqual(done.returncode, 0, done.stderr[-2000:])
+        with open(out) as f:
+            results = json.load(f)
+        self.assertIn("machine", results)
+        for name in ("veth", "router", "nat"):
+            self.assertNotIn("error", results[name], results[name])
+            entry = results[name]["sizes"]["512"]
+            self.assertIsNotNone(entry["max"], f"{name}: no loss-free rate")
+            self.assertGreater(entry["max"]["delivered_pps"], 0)
+            self.assertGreater(entry["latency"]["50%"]["latency_us"]["count"], 0)
+        self.assertTrue(results["nat"]["note"])
+        proxy = results["proxy"]
+        if "skipped" not in proxy:
+            for part in ("throughput", "scale"):
+                self.assertNotIn("error", proxy[part], proxy[part])
+            trials = proxy["throughput"]["sizes"]["512"]["trials"]
+            self.assertGreater(max(t["received"] for t in trials), 0)
+            self.assertEqual(proxy["scale"]["rows"][-1]["sessions"], 100)
+        self.assertIn("512-byte GRE", done.stdout)
