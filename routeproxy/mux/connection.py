@@ -42,7 +42,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from routeproxy.mux import frames as F
-from routeproxy.mux.frames import LinkError, Reason, linkErrorName
+from routeproxy.mux.frames import Gre, LinkError, Reason, linkErrorName
 from routeproxy.mux.session import OPEN, OPENING, PENDING, Session, SessionRefused
 
 
@@ -174,7 +174,10 @@ class MuxConnection:
                 if frame is None:
                     break
                 self.stats.framesIn += 1
-                self._frameReceived(frame)
+                if frame.__class__ is Gre and self.version is not None:
+                    self._onGre(frame)  # the per-packet frame: skip the handler table
+                else:
+                    self._frameReceived(frame)
         finally:
             self._inBatch = False
             self.flush()

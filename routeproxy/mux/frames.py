@@ -437,6 +437,11 @@ class Gre(Frame):
         return cls(session, callTag, seq, ack, r.rest())
 
 
+# GRE frame fields by (flags & (GRE_HAS_SEQ | GRE_HAS_ACK)): call tag, [seq], [ack].
+_GRE_FIELDS = (struct.Struct("!H"), struct.Struct("!HI"), struct.Struct("!HI"),
+               struct.Struct("!HII"))
+
+
 def encodeGrePayload(callTag, seq, ack, data):
     head = callTag.to_bytes(2, "big")
     if seq is not None:
@@ -539,6 +544,27 @@ class FrameDecoder:
         end = pos + HEADER_SIZE + length
         if len(buf) < end:
             return None
+        if frameType == GRE and session:
+            # The hot path: the GRE fields straight from the buffer with one precompiled
+            # unpack, the payload copied once; a short payload takes the general path below,
+            # which raises MalformedFrame with the exact reason.
+            start = pos + HEADER_SIZE
+            fields = _GRE_FIELDS[flags & 3]
+            if length >= fields.size:
+                if flags & 3 == 3:
+                    callTag, seq, ack = fields.unpack_from(buf, start)
+                elif flags & 1:
+                    callTag, seq = fields.unpack_from(buf, start)
+                    ack = None
+                elif flags & 2:
+                    callTag, ack = fields.unpack_from(buf, start)
+                    seq = None
+                else:
+                    callTag, = fields.unpack_from(buf, start)
+                    seq = ack = None
+                self._pos = end
+                return Gre(session, callTag, seq, ack,
+                           bytes(memoryview(buf)[start + fields.size:end]))
         payload = bytes(buf[pos + HEADER_SIZE:end])
         self._pos = end
         try:
