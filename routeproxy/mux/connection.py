@@ -115,7 +115,8 @@ class MuxConnection:
         self._decoder = F.FrameDecoder(self.config.maxPayload)
         self._readyWaiters = []
         self._control = []       # encoded control frames of this turn
-        self._gre = []           # encoded GRE frames of this turn
+        self._gre = []           # GRE frames of this turn, each as two chunks: head, payload
+        self._greFrames = 0
         self._pendingBytes = 0
         self._heldUntilReady = []
         self._flushCall = None
@@ -262,9 +263,10 @@ class MuxConnection:
         if not (self._control or self._gre) or self._link is None:
             return
         chunks = self._control + self._gre if self._gre else self._control
-        self.stats.framesOut += len(chunks)
+        # a GRE frame is two chunks (head, payload): see _queueGre
+        self.stats.framesOut += len(self._control) + self._greFrames
         self.stats.bytesOut += self._pendingBytes
-        self._control, self._gre, self._pendingBytes = [], [], 0
+        self._control, self._gre, self._pendingBytes, self._greFrames = [], [], 0, 0
         self._link.writeFrames(chunks)
 
     # --- output scheduling (used by Session) ---------------------------------
@@ -293,7 +295,19 @@ class MuxConnection:
         elif self._pendingBytes + self._link.sendBufferSize() >= self.config.greWatermark:
             reason = "watermark"
         else:
-            self._queue(F.encodeGre(sid, callTag, seq, ack, payload), control=False)
+            # _queue inlined for the per-packet frame (a session is only open once the
+            # link is ready, so nothing is held).  The payload is not copied into a new
+            # frame: the head and the payload go to the link as two chunks.
+            if payload.__class__ is not bytes:
+                payload = bytes(payload)  # it must not change before flush()
+            head = F.encodeGreHead(sid, callTag, seq, ack, len(payload))
+            gre = self._gre
+            gre.append(head)
+            gre.append(payload)
+            self._greFrames += 1
+            self._pendingBytes += len(head) + len(payload)
+            if not self._inBatch and self._flushCall is None:
+                self._flushCall = self.clock.callLater(0, self.flush)
             return True
         self.stats.countDrop(reason)
         return False

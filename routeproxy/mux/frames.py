@@ -451,11 +451,33 @@ def encodeGrePayload(callTag, seq, ack, data):
     return head + data
 
 
+# The frame header and the GRE fields in one pack, by flags (seq, ack or both present).
+_GRE_HEAD_TAG = struct.Struct("!BBHIIH")
+_GRE_HEAD_TAG_ONE = struct.Struct("!BBHIIHI")
+_GRE_HEAD_TAG_SEQ_ACK = struct.Struct("!BBHIIHII")
+
+
+def encodeGreHead(session, callTag, seq, ack, dataLength):
+    """A GRE frame up to its payload (header and fields in one pack): the hot path.
+
+    The frame is this followed by *dataLength* payload bytes, so a sender can hand both
+    to one writeSequence without copying the payload into a new frame.
+    """
+    if seq is not None:
+        if ack is not None:
+            return _GRE_HEAD_TAG_SEQ_ACK.pack(GRE, GRE_HAS_SEQ | GRE_HAS_ACK, 0, session,
+                                              dataLength + 10, callTag, seq, ack)
+        return _GRE_HEAD_TAG_ONE.pack(GRE, GRE_HAS_SEQ, 0, session, dataLength + 6,
+                                      callTag, seq)
+    if ack is not None:
+        return _GRE_HEAD_TAG_ONE.pack(GRE, GRE_HAS_ACK, 0, session, dataLength + 6,
+                                      callTag, ack)
+    return _GRE_HEAD_TAG.pack(GRE, 0, 0, session, dataLength + 2, callTag)
+
+
 def encodeGre(session, callTag, seq, ack, data):
-    """The whole GRE frame, without building a Gre object (the hot path)."""
-    flags = (GRE_HAS_SEQ if seq is not None else 0) | (GRE_HAS_ACK if ack is not None else 0)
-    body = encodeGrePayload(callTag, seq, ack, data)
-    return HEADER.pack(GRE, flags, 0, session, len(body)) + body
+    """The whole GRE frame, without building a Gre object."""
+    return encodeGreHead(session, callTag, seq, ack, len(data)) + data
 
 
 def encodeControl(session, data):

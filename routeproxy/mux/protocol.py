@@ -29,16 +29,26 @@ from zope.interface import implementer
 from routeproxy.mux.connection import MuxConnection
 
 
-def _socketBufferSize(transport):
-    """Bytes waiting in the socket transport under *transport* (through TLS), or 0."""
+def _bufferingTransport(transport):
+    """The socket transport under *transport* (through TLS) that buffers writes, or None."""
     t = transport
     for _ in range(4):
         if t is None:
-            return 0
+            return None
         if hasattr(t, "_tempDataLen") and hasattr(t, "dataBuffer"):
-            return len(t.dataBuffer) - getattr(t, "offset", 0) + t._tempDataLen
+            return t
         t = getattr(t, "transport", None)
-    return 0
+    return None
+
+
+def _bufferedBytes(t):
+    return len(t.dataBuffer) - getattr(t, "offset", 0) + t._tempDataLen
+
+
+def _socketBufferSize(transport):
+    """Bytes waiting in the socket transport under *transport* (through TLS), or 0."""
+    t = _bufferingTransport(transport)
+    return 0 if t is None else _bufferedBytes(t)
 
 
 @implementer(IPushProducer, IHandshakeListener)
@@ -85,8 +95,17 @@ class MuxProtocol(Protocol):
         if not self._lost:
             self.transport.writeSequence(chunks)
 
+    _bufferOf = None      # the transport _buffering was found under
+    _buffering = None     # the transport that holds our unsent bytes, or None
+
     def sendBufferSize(self):
-        return _socketBufferSize(self.transport)
+        # Asked once per GRE packet: the transport chain is walked once per transport.
+        transport = self.transport
+        if transport is not self._bufferOf:
+            self._bufferOf = transport
+            self._buffering = _bufferingTransport(transport)
+        t = self._buffering
+        return 0 if t is None else _bufferedBytes(t)
 
     def loseConnection(self):
         # A registered producer would make TLS wait for ever before close_notify.
