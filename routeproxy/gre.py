@@ -81,6 +81,8 @@ _HEAD = struct.Struct("!HHHH")  # flags+version, protocol, payload length, call 
 _WORD = struct.Struct("!I")
 _TWO_WORDS = struct.Struct("!II")
 _CALL_ID = struct.Struct("!H")
+_HEAD_SEQ = struct.Struct("!HHHHI")    # a data packet's header: the fixed 8 bytes, seq
+_DATA_HEAD = struct.Struct("!HHHHII")  # ... with a piggy-backed ack (also read as 16 bytes)
 _IPV4 = struct.Struct("!BxH2xHxB2x4s4s")  # version+IHL, total length, flags+offset, protocol, src, dst
 
 # The only variable bits of a valid first word are S and A; everything else is fixed.
@@ -115,9 +117,19 @@ def _diagnose(flags_version):
 def split_gre(data):
     """Validate *data* and return ``(call_id, seq, ack, payload)``; seq/ack are None if absent.
 
-    The per-packet path: one unpack for the fixed 8 bytes, one for seq/ack.  Bytes after the
-    payload length are dropped (see the module docstring).
+    The per-packet path: a data packet (0x3001 or 0x3081, PPP) whose payload is all there is
+    taken apart with one unpack; anything else with one unpack for the fixed 8 bytes and one
+    for seq/ack, and the reason of a rejection named.  Bytes after the payload length are
+    dropped (see the module docstring).
     """
+    size = len(data)
+    if size >= 16:
+        flags_version, protocol, length, call_id, seq, ack = _DATA_HEAD.unpack_from(data)
+        if protocol == PPP_PROTOCOL:
+            if flags_version == 0x3081 and 16 + length <= size:
+                return call_id, seq, ack, data[16:16 + length]
+            if flags_version == 0x3001 and 12 + length <= size:
+                return call_id, seq, None, data[12:12 + length]
     try:
         flags_version, protocol, length, call_id = _HEAD.unpack_from(data)
     except struct.error:
@@ -161,8 +173,8 @@ def build_gre(call_id, payload=b"", seq=None, ack=None):
     try:
         if seq is not None:
             if ack is None:
-                return _HEAD.pack(0x3001, PPP_PROTOCOL, len(payload), call_id) + _WORD.pack(seq) + payload
-            return _HEAD.pack(0x3081, PPP_PROTOCOL, len(payload), call_id) + _TWO_WORDS.pack(seq, ack) + payload
+                return _HEAD_SEQ.pack(0x3001, PPP_PROTOCOL, len(payload), call_id, seq) + payload
+            return _DATA_HEAD.pack(0x3081, PPP_PROTOCOL, len(payload), call_id, seq, ack) + payload
         if payload:
             raise GREError(PAYLOAD_WITHOUT_SEQUENCE, f"payload length {len(payload)}")
         if ack is None:
