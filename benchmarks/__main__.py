@@ -1,6 +1,6 @@
 """`python -m benchmarks [--quick] [--out results.json] [--only PART ...]`: the whole suite.
 
-Parts: veth (the generator alone), router and nat (the kernel references), throughput and
+Parts: generators (sendto vs sendmmsg vs AF_PACKET vs tcpreplay), veth (generator -> sink), router and nat (the kernel references), throughput and
 scale (through twistd routeproxy-lrp/rrp; skipped with a reason until the daemons exist).
 Needs root (namespaces, raw sockets).  Prints progress and a summary table with ratios
 against the kernel router; writes every trial to the JSON file.
@@ -13,9 +13,9 @@ import platform
 import sys
 import time
 
-from benchmarks import kernel, topology
+from benchmarks import generators, kernel, topology
 
-ALL_PARTS = kernel.PARTS + topology.PARTS
+ALL_PARTS = ("generators",) + kernel.PARTS + topology.PARTS
 
 
 def machine():
@@ -45,6 +45,11 @@ def _max_of(result, size):
 def table(results, settings):
     """The summary: one block per packet size, one line per path."""
     lines = []
+    gens = results.get("generators") or {}
+    if gens and "error" not in gens:
+        lines.append("generators alone (flat out into a veth, nothing listening), packets/s:")
+        for size, row in gens.items():
+            lines.append(f"  {size:>5}B " + "  ".join(f"{m} {v['pps']:.0f}" for m, v in row.items() if "pps" in v))
     paths = [(name, results.get(name)) for name in ("veth", "router", "nat")]
     proxy = (results.get("proxy") or {}).get("throughput")
     if proxy and "sizes" in proxy:
@@ -81,7 +86,9 @@ def table(results, settings):
     lines.append("* no loss flat out: the path kept up with the generator, its own limit is higher")
     scale = (results.get("proxy") or {}).get("scale") or {}
     if scale.get("rows"):
-        lines.append("\nsessions on one TLS link: set-up/s, RSS KiB per session (lrp, rrp), 512B flat-out pps")
+        direct = scale.get("direct") or {}
+        lines.append(f"\nsessions on one TLS link: set-up/s, RSS KiB per session (lrp, rrp), 512B flat-out pps"
+                     f" (the synthetic peers alone: {_fmt(direct.get('setup_per_second'))} set-ups/s)")
         for row in scale["rows"]:
             per = row["rss_kib_per_session"]
             traffic = row.get("traffic") or {}
@@ -109,6 +116,8 @@ def main(argv=None):
     results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "machine": machine(), "quick": args.quick,
                "settings": {k: v for k, v in vars(settings).items()}}
+    if "generators" in parts:
+        results["generators"] = generators.run(settings, log)
     kernel_parts = [p for p in parts if p in kernel.PARTS]
     if kernel_parts:
         results.update(kernel.run(settings, log, kernel_parts))

@@ -63,7 +63,7 @@ def _json_line(text, what):
     raise MeasureError(f"{what} printed no result: {text[-500:]!r}")
 
 
-def run_trial(lab, path, size, rate, duration, latency=False, batch=None):
+def run_trial(lab, path, size, rate, duration, latency=False, batch=None, drain=0.3):
     """Send *size*-byte GRE at *rate* pps (0: flat out) for *duration* s along *path*.
 
     Returns {offered_pps, delivered_pps, loss, mbps, sent, received, latency_us?, ...}.
@@ -94,7 +94,7 @@ def run_trial(lab, path, size, rate, duration, latency=False, batch=None):
             if proc.returncode != 0:
                 raise MeasureError(f"sender failed (rc={proc.returncode}): {err[-800:]}")
             sent_results.append(_json_line(out, "sender"))
-        time.sleep(0.2)  # let the last packets through the path under test
+        time.sleep(drain)  # let the last packets through the path under test
         sink.send_signal(signal.SIGUSR1)
         out, err = sink.communicate(timeout=30)
         if sink.returncode != 0:

@@ -202,6 +202,18 @@ class ProxyPath:
               "routeproxy-lrp connected to the RRP", lrp)
         return self
 
+    def open_direct(self, count, concurrency=256):
+        """*count* calls from the RRP's namespace straight to the PAC: the instruments' own
+        set-up rate, without the proxies (closed again at once)."""
+        def make_socket():
+            with self.lab.inside(self.rrp_ns):
+                return pptpctl.tcp_socket()
+
+        got = pptpctl.open_sessions(self.loop, make_socket, (self.right.ip_b, PPTP_PORT), count,
+                                    concurrency=concurrency, first_call_id=40000)
+        got.close()
+        return got
+
     def open_sessions(self, count, concurrency=64):
         """Open *count* more PPTP calls through the LRP; returns the pptpctl.Sessions."""
         def make_socket():
@@ -272,11 +284,13 @@ def measure_scale(proxy, counts, settings, log=print):
             rate = len(got.calls) / got.setup_seconds if got.setup_seconds else 0.0
             opened += len(got.calls)
             failures = len(got.failures)
+            examples = sorted(set(got.failures))[:3]
         else:
-            rate, failures = None, 0
+            rate, failures, examples = None, 0, []
         time.sleep(0.5)
         now = proxy.usage()
         row = {"sessions": opened, "target": count, "setup_per_second": rate, "failures": failures,
+               "failure_examples": examples,
                "rss_kib": {k: v[1] for k, v in now.items()},
                "rss_kib_per_session": {k: (now[k][1] - base[k][1]) / opened if opened else None for k in now}}
         if opened and settings.scale_traffic:
@@ -284,12 +298,21 @@ def measure_scale(proxy, counts, settings, log=print):
         rows.append(row)
         log(f"  scale {opened} sessions: set-up {rate or 0:.0f}/s, failures {failures}, RSS/session " +
             ", ".join(f"{k} {v:.2f} KiB" for k, v in row["rss_kib_per_session"].items() if v is not None) +
+            (f", e.g. {examples[0]}" if examples else "") +
             (f", 512B flat out {row['traffic']['delivered_pps']:.0f} pps loss {row['traffic']['loss']:.2%}"
              if "traffic" in row else ""))
         if failures and not len(proxy.sessions[-1].calls):
             row["error"] = proxy.sessions[-1].failures[:3]
             break
     return rows
+
+
+def measure_direct_setup(proxy, count, log=print):
+    """The synthetic peers' own set-up rate (no proxy), to show they are not the limit."""
+    got = proxy.open_direct(count)
+    rate = len(got.calls) / got.setup_seconds if got.setup_seconds else 0.0
+    log(f"  instruments alone: {len(got.calls)} set-ups straight to the PAC at {rate:.0f}/s")
+    return {"sessions": len(got.calls), "setup_per_second": rate, "failures": len(got.failures)}
 
 
 PARTS = ("throughput", "scale")
@@ -319,7 +342,8 @@ def run(settings, log=print, parts=PARTS):
                 results[part] = measure_throughput(proxy, settings, log)
                 results[part]["sessions"] = len(got.calls)
             else:
-                results[part] = {"rows": measure_scale(proxy, settings.scale_counts, settings, log)}
+                results[part] = {"direct": measure_direct_setup(proxy, min(1000, max(settings.scale_counts)), log),
+                                 "rows": measure_scale(proxy, settings.scale_counts, settings, log)}
         except (TopologyError, measure.MeasureError, OSError) as e:
             results[part] = {"error": str(e)}
             log(f"proxy {part}: FAILED: {e}")

@@ -1,0 +1,81 @@
+"""Which way of generating GRE is fastest here: the evidence behind loadgen's design.
+
+Each candidate sends flat out for a fixed time over one veth pair with nothing listening
+(the receiving side drops the packets, so only the sending path is measured):
+
+* ``sendto``: one ``sendto`` per packet on a raw IPPROTO_GRE socket (the naive loop);
+* ``sendmmsg``: loadgen.Sender on the raw IP socket (batches of 64 per system call);
+* ``sendmmsg-packet``: loadgen.Sender with a Link (Ethernet frames, AF_PACKET, no qdisc);
+* ``tcpreplay``: ``tcpreplay --topspeed`` of a pcap of the same frames (if installed).
+"""
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+
+from benchmarks import loadgen, measure
+
+
+def _pcap(path, frame, count=1000):
+    """A classic pcap file holding *count* copies of *frame* (Ethernet link type)."""
+    import struct
+    with open(path, "wb") as f:
+        f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
+        for i in range(count):
+            f.write(struct.pack("<IIII", 0, i, len(frame), len(frame)) + frame)
+
+
+def _send(lab, ns, argv):
+    done = lab.run(ns, [sys.executable, "-m", "benchmarks.loadgen", "send", *map(str, argv)],
+                   env=measure._env(), cwd=measure.REPO, timeout=60)
+    return measure._json_line(done.stdout, "sender")
+
+
+def compare(lab, sizes=(64, 512, 1400), duration=1.0, log=print):
+    """{size: {method: {"pps", "mbps"}}} for each candidate generator."""
+    gen, sink = lab.namespace("gen"), lab.namespace("drop")
+    veth = lab.veth(gen, sink, "10.74.0.1/24", "10.74.0.2/24")
+    link = measure.link_from(lab, veth)
+    results = {}
+    for size in sizes:
+        row = {}
+        base = ["--dst", veth.ip_b, "--size", size, "--duration", duration, "--keys", 7]
+        for method, extra in (("sendto", ["--mode", "sendto"]), ("sendmmsg", []),
+                              ("sendmmsg-packet", link.argv())):
+            got = _send(lab, gen, base + extra)
+            row[method] = {"pps": got["pps"], "mbps": got["mbps"]}
+        if shutil.which("tcpreplay"):
+            body = loadgen.build_packet(size, 7, 1)
+            frame = link.headers(veth.ip_b, len(body)) + body
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "gre.pcap")
+                _pcap(path, frame)
+                loops = max(1, int(400_000 * duration / 1000))
+                done = lab.run(gen, ["tcpreplay", "-q", "-i", veth.name_a, "--topspeed", f"--loop={loops}", path],
+                               check=False, timeout=120)
+                rated = re.search(r"Rated:.*?([\d.]+) Mbps, ([\d.]+) pps", done.stdout)
+                if rated:
+                    row["tcpreplay"] = {"pps": float(rated.group(2)), "mbps": float(rated.group(1))}
+                else:
+                    row["tcpreplay"] = {"error": (done.stdout + done.stderr)[-300:]}
+        results[str(size)] = row
+        log(f"  generators {size}B: " + ", ".join(
+            f"{m} {v['pps']:.0f} pps" for m, v in row.items() if "pps" in v))
+    return results
+
+
+def run(settings, log=print):
+    from tests import netns
+    netns.skip_unless_available()
+    netns.reap_stale()
+    lab = netns.NetnsLab()
+    try:
+        return compare(lab, settings.sizes, settings.duration, log)
+    except (measure.MeasureError, netns.NetnsError, socket.error) as e:
+        log(f"generators: FAILED: {e}")
+        return {"error": str(e)}
+    finally:
+        lab.cleanup()
