@@ -54,7 +54,7 @@ def table(results, settings):
     proxy = (results.get("proxy") or {}).get("throughput")
     if proxy and "sizes" in proxy:
         paths.append(("proxy", proxy))
-    for size in settings.sizes:
+    for size in settings.sizes if any(result for _, result in paths) else ():
         router_best, _ = _max_of(results.get("router"), size)
         lines.append(f"\n{size}-byte GRE (IPv4 bytes); max rate with < 0.1% loss; one-way latency at 10/50/90% of it")
         lines.append(f"{'path':8} {'pps':>9} {'Mbit/s':>8} {'x router':>8}  "
@@ -83,7 +83,8 @@ def table(results, settings):
             if per:
                 lines.append("proxy CPU us/packet: " + ", ".join(f"{k} {_fmt(v, '.1f')}" for k, v in per.items())
                              + "; CPU %: " + ", ".join(f"{k} {v:.0f}" for k, v in (cpu.get("cpu_percent") or {}).items()))
-    lines.append("* no loss flat out: the path kept up with the generator, its own limit is higher")
+    if any(result for _, result in paths):
+        lines.append("* no loss flat out: the path kept up with the generator, its own limit is higher")
     scale = (results.get("proxy") or {}).get("scale") or {}
     if scale.get("rows"):
         direct = scale.get("direct") or {}
