@@ -539,33 +539,57 @@ class FrameDecoder:
 
     def __init__(self, maxPayload=MIN_MAX_PAYLOAD):
         self.maxPayload = maxPayload
-        self._buffer = bytearray()
+        # Received bytes are kept as bytes (a payload is then one slice, no second copy):
+        # _buffer[_pos:] is what is joined so far; _parts waits, unjoined, until it completes
+        # the frame being awaited (_need more bytes), so each byte is joined at most twice
+        # however small the reads are.
+        self._buffer = b""
         self._pos = 0
+        self._parts = []
+        self._partsLen = 0
+        self._need = 0
         self._failed = None
 
     @property
     def buffered(self):
-        return len(self._buffer) - self._pos
+        return len(self._buffer) - self._pos + self._partsLen
 
     def feed(self, data):
-        if self._pos and self._pos >= len(self._buffer) // 2:
-            del self._buffer[:self._pos]
-            self._pos = 0
-        self._buffer += data
+        if not data:
+            return
+        self._parts.append(data)
+        self._partsLen += len(data)
+
+    def _join(self):
+        parts = self._parts
+        if len(self._buffer) > self._pos:
+            parts.insert(0, self._buffer[self._pos:])
+        self._buffer = parts[0] if len(parts) == 1 and type(parts[0]) is bytes else b"".join(parts)
+        self._pos = 0
+        self._parts, self._partsLen = [], 0
 
     def nextFrame(self):
         if self._failed is not None:
             raise FrameError(f"decoder already failed: {self._failed}")
         buf, pos = self._buffer, self._pos
-        if len(buf) - pos < HEADER_SIZE:
-            return None
+        available = len(buf) - pos
+        if available < HEADER_SIZE or (self._need and available < self._need):
+            if available + self._partsLen < max(HEADER_SIZE, self._need):
+                return None
+            self._join()
+            buf, pos = self._buffer, 0
         frameType, flags, _reserved, session, length = HEADER.unpack_from(buf, pos)
         if length > self.maxPayload:
             self._failed = f"length {length}"
             raise FrameTooLarge(length, self.maxPayload)
         end = pos + HEADER_SIZE + length
         if len(buf) < end:
-            return None
+            if len(buf) + self._partsLen < end:
+                self._need = end - pos  # wait, unjoined, until the whole frame is here
+                return None
+            self._join()
+            buf, pos, end = self._buffer, 0, end - pos
+        self._need = 0
         if frameType == GRE and session:
             # The hot path: the GRE fields straight from the buffer with one precompiled
             # unpack, the payload copied once; a short payload takes the general path below,
@@ -585,9 +609,8 @@ class FrameDecoder:
                     callTag, = fields.unpack_from(buf, start)
                     seq = ack = None
                 self._pos = end
-                return Gre(session, callTag, seq, ack,
-                           bytes(memoryview(buf)[start + fields.size:end]))
-        payload = bytes(buf[pos + HEADER_SIZE:end])
+                return Gre(session, callTag, seq, ack, buf[start + fields.size:end])
+        payload = buf[pos + HEADER_SIZE:end]
         self._pos = end
         try:
             return decodeFrame(frameType, flags, session, payload)
