@@ -77,6 +77,15 @@ def table(results, settings):
             mark = "*" if best.get("target_pps") == 0 else " "
             lines.append(f"{name:7}{mark} {best['delivered_pps']:9.0f} {best['mbps']:8.1f} {_fmt(ratio, '8.2f'):>8}  "
                          f"{cells[0]:>30} {cells[1]:>20} {cells[2]:>20}")
+        other = []
+        for name, result in paths:
+            for direction, per_size in ((result or {}).get("directions") or {}).items():
+                best = (per_size.get(str(size)) or {}).get("max")
+                mark = "*" if best and best.get("target_pps") == 0 else ""
+                other.append(f"{name} {direction} {_fmt(best and best['delivered_pps'])}{mark}")
+        if other:
+            lines.append("other directions (max pps, s2c = server->client, both = sum of both at once): "
+                         + "; ".join(other))
         if proxy and "sizes" in proxy:
             cpu = (proxy["sizes"].get(str(size)) or {}).get("cpu") or {}
             per = cpu.get("cpu_us_per_packet") or {}

@@ -10,11 +10,10 @@
   call ID as a PPTP client sends it.  If the helper cannot be attached, MASQUERADE with plain
   GRE conntrack is measured instead and the result says so.
 
-All three send client -> server with the Ethernet-frame sender (loadgen.Link).
+All send with the Ethernet-frame sender (loadgen.Link); router and nat also server -> client
+and both directions at once (max rate only).
 """
 import asyncio
-import subprocess
-import sys
 import time
 
 from benchmarks import measure, pptpctl
@@ -44,9 +43,16 @@ def _three_namespaces(lab, middle_label):
 
 
 def build_router(lab):
-    """client -> router -> server, plain forwarding."""
+    """client -> router -> server, plain forwarding; returns {direction: Path}."""
     client, router, server, left, right = _three_namespaces(lab, "router")
-    return measure.Path("router", [(client, right.ip_b, [7], measure.link_from(lab, left))], server)
+    c2s = measure.Path("router", [(client, right.ip_b, [7], measure.link_from(lab, left))], server)
+    s2c = measure.Path("router", [(server, left.ip_a, [8], measure.link_from(lab, right, "b"))], client)
+    return directions("router", c2s, s2c)
+
+
+def directions(label, c2s, s2c):
+    """{"c2s", "s2c", "both"} Paths for one topology."""
+    return {"c2s": c2s, "s2c": s2c, "both": measure.Path.both(label, c2s, s2c)}
 
 
 def _iptables(lab, ns, *rule):
@@ -57,9 +63,9 @@ def _iptables(lab, ns, *rule):
 class NatPath:
     """The NAT reference: the path, its control sessions and what the helper did."""
 
-    def __init__(self, path, sessions, helper, note, processes):
-        self.path, self.sessions, self.helper, self.note = path, sessions, helper, note
-        self._processes = processes
+    def __init__(self, paths, sessions, helper, note, pac):
+        self.paths, self.sessions, self.helper, self.note = paths, sessions, helper, note
+        self.pac = pac
 
     def close(self):
         self.sessions.close()
@@ -76,13 +82,10 @@ def build_nat(lab, loop, sessions_count=1):
     ok, err = _iptables(lab, nat, "-t", "nat", "-A", "POSTROUTING", "-o", right.name_a, "-j", "MASQUERADE")
     if not ok:
         raise KernelError(f"MASQUERADE in {nat}: {err}")
-    server_proc = lab.spawn(server, [sys.executable, "-m", "benchmarks.pptpctl", "serve",
-                                     "--listen", f"{right.ip_b}:1723"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=measure._env(), cwd=measure.REPO)
-    line = server_proc.stdout.readline()
-    if line.strip() != "ready":
-        raise KernelError(f"synthetic PAC did not start: {line!r} {server_proc.stderr.read()[-500:]}")
+    try:
+        pac = pptpctl.PacProcess(lab, server, right.ip_b, 1723, measure._env(), measure.REPO)
+    except pptpctl.ControlError as e:
+        raise KernelError(str(e)) from None
 
     def make_socket():
         with lab.inside(client):
@@ -94,8 +97,12 @@ def build_nat(lab, loop, sessions_count=1):
     expectations = lab.run(nat, ["cat", "/proc/net/nf_conntrack_expect"], check=False).stdout
     if helper and expectations.strip() == "" and "pptp" not in expectations:
         note += " (no expectation visible in /proc/net/nf_conntrack_expect)"
-    path = measure.Path("nat", [(client, right.ip_b, sessions.keys, measure.link_from(lab, left))], server)
-    return NatPath(path, sessions, helper, note, [server_proc])
+    c2s = measure.Path("nat", [(client, right.ip_b, sessions.keys, measure.link_from(lab, left))], server)
+    # Server -> client GRE goes to the NAT's address, keyed with the call ID the PAC saw
+    # (the helper's rewritten client ID), which the helper maps back to the client's.
+    peers = pac.peer_ids(len(sessions.calls))
+    s2c = measure.Path("nat", [(server, right.ip_a, peers, measure.link_from(lab, right, "b"))], client)
+    return NatPath(directions("nat", c2s, s2c), sessions, helper, note, pac)
 
 
 class Settings:
@@ -111,11 +118,25 @@ class Settings:
         self.sessions = 2 if quick else 8             # proxy throughput: M sessions on one link
         self.scale_counts = (10, 100) if quick else (10, 100, 1000, 10000)
         self.scale_traffic = not quick               # a flat-out trial at each session count
+        # Directions besides client->server, measured for the max rate only (no latency).
+        self.directions = ("both",) if quick else ("s2c", "both")
 
 
-def measure_path(lab, path, settings, log=print):
-    """Max loss-free rate per size and the latency profile: a dict for the JSON results."""
-    result = {"label": path.label, "sizes": {}}
+def measure_path(lab, path, settings, log=print, others=None):
+    """Max loss-free rate per size and the latency profile: a dict for the JSON results.
+
+    *path* is client->server; *others* ({direction: Path}) are measured for the max rate only.
+    """
+    if isinstance(path, dict):
+        others = {d: p for d, p in path.items() if d != "c2s" and d in settings.directions}
+        path = path["c2s"]
+    result = {"label": path.label, "sizes": {}, "directions": {}}
+    for direction, other in (others or {}).items():
+        per_size = result["directions"][direction] = {}
+        for size in settings.sizes:
+            best, trials = measure.find_max_rate(lab, other, size, settings.duration, settings.steps,
+                                                 log=lambda text: log(f"{text} [{direction}]"))
+            per_size[str(size)] = {"max": best, "trials": trials}
     for size in settings.sizes:
         best, trials = measure.find_max_rate(lab, path, size, settings.duration, settings.steps, log=log)
         entry = {"max": best, "trials": trials}
@@ -143,14 +164,14 @@ def run(settings, log=print, parts=PARTS):
             if name == "nat":
                 nat = build_nat(lab, loop)
                 try:
-                    results[name] = measure_path(lab, nat.path, settings, log)
+                    results[name] = measure_path(lab, nat.paths, settings, log)
                     results[name]["note"] = nat.note
                     results[name]["pptp_helper"] = nat.helper
                 finally:
                     nat.close()
             else:
-                path = build_veth(lab) if name == "veth" else build_router(lab)
-                results[name] = measure_path(lab, path, settings, log)
+                paths = build_veth(lab) if name == "veth" else build_router(lab)
+                results[name] = measure_path(lab, paths, settings, log)
         except (KernelError, measure.MeasureError) as e:
             results[name] = {"label": name, "error": str(e)}
             log(f"{name}: FAILED: {e}")

@@ -25,7 +25,7 @@ class MeasureError(Exception):
 
 
 class Path:
-    """Where traffic is sent from and to: ``(send_ns, dst, keys)`` senders and a sink_ns.
+    """Where traffic is sent from and to: senders, and the namespace(s) where sinks count it.
 
     *senders* is a list of ``(namespace, destination address, [GRE call IDs], Link or None)``;
     each becomes one sender process sharing the rate equally (a Link: Ethernet frames on that
@@ -33,10 +33,18 @@ class Path:
     """
 
     def __init__(self, label, senders, sink_ns):
-        self.label, self.senders, self.sink_ns = label, list(senders), sink_ns
+        self.label, self.senders = label, list(senders)
+        self.sinks = [sink_ns] if isinstance(sink_ns, str) else list(sink_ns)
 
     def __repr__(self):
-        return f"<Path {self.label}: {self.senders} -> {self.sink_ns}>"
+        return f"<Path {self.label}: {self.senders} -> {self.sinks}>"
+
+    @staticmethod
+    def both(label, *paths):
+        """Every sender and sink of *paths* at once (both directions together)."""
+        senders = [s for p in paths for s in p.senders]
+        sinks = [ns for p in paths for ns in p.sinks]
+        return Path(label, senders, sinks)
 
 
 def link_from(lab, veth, side="a"):
@@ -63,18 +71,36 @@ def _json_line(text, what):
     raise MeasureError(f"{what} printed no result: {text[-500:]!r}")
 
 
+def _merge_sinks(counts):
+    """One sink result from several (their counts added; latency from the first with any)."""
+    if len(counts) == 1:
+        return counts[0]
+    merged = {"received": sum(c["received"] for c in counts), "bytes": sum(c["bytes"] for c in counts),
+              "flows": sum(c["flows"] for c in counts), "other": sum(c["other"] for c in counts),
+              "per_flow_min": min(c["per_flow_min"] for c in counts),
+              "per_sink": [{"received": c["received"], "flows": c["flows"]} for c in counts]}
+    for c in counts:
+        if c.get("latency_us", {}).get("count"):
+            merged["latency_us"] = c["latency_us"]
+            break
+    return merged
+
+
 def run_trial(lab, path, size, rate, duration, latency=False, batch=None, drain=0.3):
     """Send *size*-byte GRE at *rate* pps (0: flat out) for *duration* s along *path*.
 
     Returns {offered_pps, delivered_pps, loss, mbps, sent, received, latency_us?, ...}.
     Loss counts every probe sent and not received, wherever it was dropped.
     """
-    sink = lab.spawn(path.sink_ns, _loadgen_argv("sink", *(["--latency"] if latency else [])),
-                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO)
+    sinks = []
     try:
-        ready = sink.stdout.readline()
-        if ready.strip() != "ready":
-            raise MeasureError(f"sink did not start: {ready!r} {sink.stderr.read()[-800:]}")
+        for ns in path.sinks:
+            sink = lab.spawn(ns, _loadgen_argv("sink", *(["--latency"] if latency else [])),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO)
+            sinks.append(sink)
+            ready = sink.stdout.readline()
+            if ready.strip() != "ready":
+                raise MeasureError(f"sink did not start: {ready!r} {sink.stderr.read()[-800:]}")
         senders = []
         share = rate / len(path.senders) if rate else 0
         flow_base = 0
@@ -95,14 +121,18 @@ def run_trial(lab, path, size, rate, duration, latency=False, batch=None, drain=
                 raise MeasureError(f"sender failed (rc={proc.returncode}): {err[-800:]}")
             sent_results.append(_json_line(out, "sender"))
         time.sleep(drain)  # let the last packets through the path under test
-        sink.send_signal(signal.SIGUSR1)
-        out, err = sink.communicate(timeout=30)
-        if sink.returncode != 0:
-            raise MeasureError(f"sink failed (rc={sink.returncode}): {err[-800:]}")
-        got = _json_line(out, "sink")
+        counts = []
+        for sink in sinks:
+            sink.send_signal(signal.SIGUSR1)
+            out, err = sink.communicate(timeout=30)
+            if sink.returncode != 0:
+                raise MeasureError(f"sink failed (rc={sink.returncode}): {err[-800:]}")
+            counts.append(_json_line(out, "sink"))
     finally:
-        if sink.poll() is None:
-            sink.kill()
+        for sink in sinks:
+            if sink.poll() is None:
+                sink.kill()
+    got = _merge_sinks(counts)
     sent = sum(r["sent"] for r in sent_results)
     seconds = max(r["seconds"] for r in sent_results)
     received = got["received"]
@@ -118,6 +148,8 @@ def run_trial(lab, path, size, rate, duration, latency=False, batch=None, drain=
     }
     if latency:
         result["latency_us"] = got.get("latency_us")
+    if "per_sink" in got:
+        result["per_sink"] = got["per_sink"]
     return result
 
 

@@ -34,10 +34,11 @@ def _start_reply():
 class PacServer:
     """The pptpd stand-in: one call-ID counter for all connections, as pptpd per host."""
 
-    def __init__(self):
+    def __init__(self, announce=None):
         self.next_id = 1
         self.calls = {}      # our call ID -> the peer's call ID
         self.connections = 0
+        self.announce = announce  # called with (our ID, peer's ID) for every call answered
 
     def reply_to(self, msg):
         """The answers to one message (a list; empty for messages needing none)."""
@@ -47,6 +48,8 @@ class PacServer:
             call_id = self.next_id
             self.next_id = self.next_id % 65535 + 1
             self.calls[call_id] = msg.call_id
+            if self.announce:
+                self.announce(call_id, msg.call_id)
             return [pptp.OutgoingCallReply(call_id=call_id, peer_call_id=msg.call_id, result_code=1,
                                            connect_speed=100_000_000, packet_recv_window_size=64)]
         if isinstance(msg, pptp.EchoRequest):
@@ -81,9 +84,9 @@ class PacServer:
             writer.close()
 
 
-async def serve(host, port, ready=None):
+async def serve(host, port, ready=None, announce=None):
     """Serve PPTP control connections on (host, port) until cancelled."""
-    pac = PacServer()
+    pac = PacServer(announce)
     server = await asyncio.start_server(pac.handle, host, port, backlog=4096, reuse_address=True)
     if ready:
         ready()
@@ -175,6 +178,40 @@ def open_sessions(loop, make_socket, address, count, concurrency=64, first_call_
     return loop.run_until_complete(_open(make_socket, address, count, concurrency, first_call_id, timeout))
 
 
+class PacProcess:
+    """The synthetic PAC running in a namespace, and the calls it has answered.
+
+    It prints ``call OURS PEER`` per Outgoing-Call-Reply; a thread reads them (so its pipe
+    never fills) into ``peer_ids``: the IDs the PAC sends GRE to (the key for server->client).
+    """
+
+    def __init__(self, lab, ns, address, port, env, cwd):
+        import subprocess
+        import threading
+        self.proc = lab.spawn(ns, [sys.executable, "-m", "benchmarks.pptpctl", "serve",
+                                   "--listen", f"{address}:{port}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
+        line = self.proc.stdout.readline()
+        if line.strip() != "ready":
+            raise ControlError(f"synthetic PAC did not start: {line!r} {self.proc.stderr.read()[-500:]}")
+        self.calls = {}
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            parts = line.split()
+            if len(parts) == 3 and parts[0] == "call":
+                self.calls[int(parts[1])] = int(parts[2])
+
+    def peer_ids(self, expected, timeout=5.0):
+        """The peers' call IDs of every call so far, once at least *expected* are known."""
+        deadline = time.monotonic() + timeout
+        while len(self.calls) < expected and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return list(self.calls.values())
+
+
 def tcp_socket():
     """A plain TCP socket (a default *make_socket*)."""
     return socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -195,7 +232,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     host, port = _host_port(args.listen)
     try:
-        asyncio.run(serve(host, port, ready=lambda: print("ready", flush=True)))
+        asyncio.run(serve(host, port, ready=lambda: print("ready", flush=True),
+                          announce=lambda ours, peer: print(f"call {ours} {peer}", flush=True)))
     except KeyboardInterrupt:
         pass
     return 0

@@ -148,6 +148,7 @@ class ProxyPath:
         self.daemons = {}
         self.loop = asyncio.new_event_loop()
         self.sessions = []
+        self.pac = None
         self.client = lab.namespace("client")
         self.lrp_ns = lab.namespace("lrp")
         self.rrp_ns = lab.namespace("rrp")
@@ -182,12 +183,11 @@ class ProxyPath:
 
     def start(self):
         """The synthetic PAC, the RRP, the LRP; returns once the TLS link is up."""
-        pac = self.lab.spawn(self.server, [sys.executable, "-m", "benchmarks.pptpctl", "serve",
-                                           "--listen", f"{self.right.ip_b}:{PPTP_PORT}"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env=self._env(), cwd=measure.REPO)
-        if pac.stdout.readline().strip() != "ready":
-            raise TopologyError(f"synthetic PAC did not start: {pac.stderr.read()[-500:]}")
+        try:
+            self.pac = pptpctl.PacProcess(self.lab, self.server, self.right.ip_b, PPTP_PORT,
+                                          self._env(), measure.REPO)
+        except pptpctl.ControlError as e:
+            raise TopologyError(str(e)) from None
         certs = self.certs()
         rrp = self._twistd("rrp", self.rrp_ns, "routeproxy-rrp", [
             "--listen", f"{self.middle.ip_b}:{RRP_PORT}", "--pptp-server", f"{self.right.ip_b}:{PPTP_PORT}",
@@ -231,8 +231,18 @@ class ProxyPath:
         return [k for s in self.sessions for k in s.keys]
 
     def path(self, keys=None):
+        """Client -> server: GRE to the LRP keyed with the LRP-owned IDs."""
         keys = keys or self.keys
         return measure.Path("proxy", [(self.client, self.left.ip_b, keys, self.link)], self.server)
+
+    def paths(self):
+        """{"c2s", "s2c", "both"}: server -> client is GRE to the RRP keyed with the IDs the
+        PAC received in the Outgoing-Call-Requests (the RRP-owned IDs)."""
+        from benchmarks.kernel import directions
+        peers = self.pac.peer_ids(len(self.keys))
+        s2c = measure.Path("proxy", [(self.server, self.right.ip_a, peers,
+                                      measure.link_from(self.lab, self.right, "b"))], self.client)
+        return directions("proxy", self.path(), s2c)
 
     def usage(self):
         """{daemon: (cpu seconds, rss KiB)} now."""
@@ -261,7 +271,7 @@ def measure_throughput(proxy, settings, log=print):
     """Max loss-free rate per size, latency at fractions of it, CPU per packet at that rate."""
     from benchmarks.kernel import measure_path
     path = proxy.path()
-    result = measure_path(proxy.lab, path, settings, log=log)
+    result = measure_path(proxy.lab, proxy.paths(), settings, log=log)
     for size, entry in result["sizes"].items():
         best = entry.get("max")
         rate = best["delivered_pps"] if best else 0

@@ -81,6 +81,10 @@ class QuickRunTests(unittest.TestCase):
             self.assertGreater(entry["max"]["delivered_pps"], 0)
             self.assertGreater(entry["latency"]["50%"]["latency_us"]["count"], 0)
         self.assertTrue(results["nat"]["note"])
+        for name in ("router", "nat"):
+            both = results[name]["directions"]["both"]["512"]["trials"][0]
+            self.assertEqual(len(both["per_sink"]), 2)
+            self.assertTrue(all(sink["received"] > 0 for sink in both["per_sink"]), both)
         proxy = results["proxy"]
         if "skipped" not in proxy:
             for part in ("throughput", "scale"):
