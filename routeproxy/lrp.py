@@ -6,6 +6,7 @@ is demultiplexed by its key alone, then checked against the control connection's
 """
 import ipaddress
 
+from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -13,7 +14,7 @@ from twisted.python.failure import Failure
 
 from routeproxy import gre, pptp, tls
 from routeproxy.callids import CallIDSpace
-from routeproxy.mux.frames import Reason
+from routeproxy.mux.frames import LinkError, Reason, reasonName
 from routeproxy.mux.protocol import MuxClientFactory
 from routeproxy.mux.session import SessionRefused
 from routeproxy.relay import MAX_EARLY_MESSAGES, PPTPControlProtocol, RelaySession
@@ -26,12 +27,15 @@ class ClientSession(RelaySession):
     side = "LRP"
     OWNER = pptp.PAC      # we rewrite pptpd's IDs into ours
     LOCAL_NAME = "L"
+    start_wait = 10.0   # seconds a refused client gets to send its Start-Control-Connection-Request
 
     def __init__(self, daemon):
         super().__init__(daemon)
         self.early = []           # packed messages from the client before the session opens
         self.refusal = None       # why the mux session could not open
         self.start_pending = False
+        self.opened = False
+        self._start_timer = None
 
     def peerConnected(self, protocol):
         super().peerConnected(protocol)
@@ -51,6 +55,7 @@ class ClientSession(RelaySession):
         if self.closed:
             mux.close(text="client already gone")
             return
+        self.opened = True
         self.muxOpened(mux)
         self.log.info("LRP session opened: client {peer}, mux session {sid}, profile {profile}",
                       peer=self.peer_label, sid=mux.id, profile=self.daemon.profile)
@@ -59,9 +64,29 @@ class ClientSession(RelaySession):
             mux.sendControl(data)
 
     def _refused(self, failure):
-        self.refusal = str(failure.value)
+        self._refusedBecause(str(failure.value))
+
+    def _refusedBecause(self, why):
+        if self.closed or self.refusal is not None:
+            return
+        self.refusal = why
         if self.start_pending:
             self._answerStart()
+        else:
+            # The client has not asked yet; answer its Start-Control-Connection-Request
+            # when it comes, but do not hold the connection for ever.
+            self._start_timer = self.daemon.reactor.callLater(
+                self.start_wait, self.close, f"upstream not available ({why}); the client sent "
+                "no Start-Control-Connection-Request")
+
+    def sessionClosed(self, reason):
+        if not self.opened:
+            # Refused (or the link went) before the session opened: the client still gets
+            # its answer in PPTP, not a bare close.
+            self.mux = None
+            self._refusedBecause(f"mux session closed ({reasonName(reason)})")
+            return
+        super().sessionClosed(reason)
 
     def peerMessage(self, message):
         if self.mux is None and not self.closed:
@@ -75,13 +100,19 @@ class ClientSession(RelaySession):
     def sendToMux(self, data):
         if self.mux is not None:
             self.mux.sendControl(data)
-        elif self.refusal is None:
+        elif self.refusal is not None:
+            self.close(f"upstream not available: {self.refusal}")
+        else:
             self.early.append(data)
             if len(self.early) > MAX_EARLY_MESSAGES:
                 self.close(f"client sent {len(self.early)} messages before the upstream answered")
 
     def _answerStart(self):
         """Tell the client, in PPTP, that there is no server behind us; then hang up."""
+        if self.closed:
+            return
+        if self._start_timer is not None and self._start_timer.active():
+            self._start_timer.cancel()
         self.log.warn("LRP client {peer}: upstream not available ({why}); answering "
                       "Start-Control-Connection-Reply with a general error",
                       peer=self.peer_label, why=self.refusal)
@@ -200,6 +231,22 @@ class LinkFactory(MuxClientFactory):
         protocol = super().buildProtocol(addr)
         protocol.connection.whenReady().addCallbacks(self.lrp.linkUp, lambda f: None)
         return protocol
+
+
+class LinkShutdown(Service):
+    """Closes the links with GOAWAY when the LRP stops.
+
+    ClientService would close the TLS transport itself, which waits for ever while the mux
+    protocol is registered as its producer; the mux's own close unregisters first.
+    """
+
+    def __init__(self, lrp):
+        self.lrp = lrp
+
+    def stopService(self):
+        super().stopService()
+        for connection in list(self.lrp.links):
+            connection.goAway(LinkError.NO_ERROR, "LRP shutting down")
 
 
 class PPTPServerFactory(Factory):

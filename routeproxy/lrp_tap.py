@@ -44,7 +44,7 @@ def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
     from routeproxy.greio import GREPort
-    from routeproxy.lrp import LinkFactory, LocalRouteProxy, PPTPServerFactory
+    from routeproxy.lrp import LinkFactory, LinkShutdown, LocalRouteProxy, PPTPServerFactory
     from routeproxy.service import GREPortService, local_ipv4_addresses
 
     top = MultiService()
@@ -55,9 +55,11 @@ def makeService(options, reactor=None):
     GREPortService(lrp.gre_port, reactor).setServiceParent(top)
 
     rrp_host, rrp_port = options["rrp"]
-    link = tls.rrpClientService(reactor, rrp_host, rrp_port, options["tls"], LinkFactory(lrp, reactor),
-                                prepareConnection=lambda protocol: protocol.connection.whenReady())
+    # No prepareConnection: a refused handshake would fail it before the disconnect, which
+    # ClientService cannot take (NoTransition); LinkFactory tells the LRP when a link is ready.
+    link = tls.rrpClientService(reactor, rrp_host, rrp_port, options["tls"], LinkFactory(lrp, reactor))
     link.setServiceParent(top)
+    LinkShutdown(lrp).setServiceParent(top)   # stops before the ClientService
     internet.TCPServer(port, PPTPServerFactory(lrp), interface=host, reactor=reactor).setServiceParent(top)
     if options["status"]:
         from routeproxy.status import StatusResource, StatusSite

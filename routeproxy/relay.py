@@ -49,7 +49,12 @@ class PPTPControlProtocol(Protocol):
         self.session.peerConnected(self)
 
     def connectionLost(self, reason):
-        self.session.peerClosed(reason)
+        try:
+            self.decoder.finish()
+        except pptp.PPTPError as e:
+            self.session.peerClosed(f"peer closed the control connection inside a message ({e})")
+            return
+        self.session.peerClosed("peer closed the control connection")
 
     def sendMessage(self, message):
         self.transport.write(message.pack())
@@ -138,9 +143,9 @@ class RelaySession:
                       side=self.side, peer=self.peer_label, error=str(error))
         self.close(f"bad PPTP from peer: {error.reason}")
 
-    def peerClosed(self, reason):
+    def peerClosed(self, why):
         self.peer = None
-        self.close("peer closed the control connection")
+        self.close(why)
 
     def sendToPeer(self, message):
         if self.peer is not None:
@@ -218,6 +223,10 @@ class RelaySession:
 
     # --- ending -------------------------------------------------------------------------
 
+    def closeDetail(self):
+        """More for the closing log line (the RRP names the client there)."""
+        return ""
+
     def describeCalls(self):
         if self.book is None:
             return "no calls"
@@ -233,10 +242,10 @@ class RelaySession:
         self.close_reason = reason
         self.log.info(
             "{side} session closed: peer {peer}, {calls}; control {cin}/{cout} bytes in/out, "
-            "GRE {gin}/{gout} packets in/out, {gdrop} dropped; reason: {reason}",
+            "GRE {gin}/{gout} packets in/out, {gdrop} dropped{extra}; reason: {reason}",
             side=self.side, peer=self.peer_label, calls=self.describeCalls(),
             cin=self.control_in, cout=self.control_out, gin=self.gre_in, gout=self.gre_out,
-            gdrop=self.gre_dropped, reason=reason)
+            gdrop=self.gre_dropped, extra=self.closeDetail(), reason=reason)
         if self.book is not None:
             self.book.release_all()
         if self._gre_address is not None:

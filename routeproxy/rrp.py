@@ -30,6 +30,9 @@ class ServerSession(RelaySession):
         self.profile = profile
         self.client_label = client_label
 
+    def closeDetail(self):
+        return f"; client {self.client_label}"
+
     def greKey(self, call):
         return call.pac_id    # the server's own ID for the call
 

@@ -141,7 +141,7 @@ class MakeServiceTests(unittest.SynchronousTestCase):
 
         options = parse(lrp_tap.Options, LRP_REQUIRED + ["--pptp-listen", "127.0.0.1:11723"])
         top = lrp_tap.makeService(options, reactor=MemoryReactorClock())
-        self.assertEqual(len(list(top)), 3)   # GRE port, link to the RRP, PPTP listener
+        self.assertEqual(len(list(top)), 4)   # GRE port, link to the RRP, its shutdown, PPTP listener
         self.assertEqual(top.lrp.gre_port.localAddresses, ["127.0.0.1"])
 
     def test_rrp(self):

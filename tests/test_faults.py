@@ -23,8 +23,8 @@ daemons are started once for the module and shared by the tests (trial has no se
     lrpstop  127.0.0.35:1723 -> rrp (started and stopped by one test)
 
 A hand-driven LRP end (stdlib TLS + raw mux frames, RogueLinkPeerTests) checks that the RRP
-proves who its peers are and dials no address an LRP names.  Tests marked ``.todo`` show
-daemon bugs found here; each todo says where.  Trial's log gets one line with the timings
+proves who its peers are and dials no address an LRP names.  A test marked ``.todo`` shows
+a daemon bug found here and says where (none open now).  Trial's log gets one line with the timings
 measured during the RRP restart (grep "test_faults:").
 
 Needs root (namespaces, pcap, raw sockets); skipped with the reason otherwise.
@@ -323,10 +323,6 @@ class MalformedPPTPTests(FaultTestCase):
             lab.rrp.wait_line(rf"RRP session closed: peer {server}, .*reason: bad PPTP from peer: bad magic$", since)
             self.assertStillWorks(healthy)
 
-    test_truncated_message_is_named.todo = (
-        "relay.PPTPControlProtocol.connectionLost never calls decoder.finish(), so a message cut "
-        "off by the peer's close is dropped without a word; the close line says only "
-        "'peer closed the control connection'")
 
 
 class VanishingPeerTests(FaultTestCase):
@@ -443,13 +439,6 @@ class UpstreamRefusalTests(FaultTestCase):
     def test_unknown_profile_slow_client(self):
         self.assertSlowClientHearsGeneralError(self.lab.lrpnosuch, LRP_NOSUCH, "slow-to-nosuch-profile")
 
-    REFUSAL_RACE = (
-        "lrp.ClientSession: when the RRP refuses the mux session before the client's "
-        "Start-Control-Connection-Request has arrived, _refused() only records the refusal and "
-        "the session's sessionClosed() (RelaySession) closes the client's connection at once, so "
-        "the client gets a bare TCP close instead of SCCRP result 2 / error 6")
-    test_server_unreachable_slow_client.todo = REFUSAL_RACE
-    test_unknown_profile_slow_client.todo = REFUSAL_RACE
 
     def test_client_not_allowed(self):
         lab = self.lab
@@ -518,11 +507,6 @@ class LinkFaultTests(FaultTestCase):
             lrp.wait_line(r"Received SIGTERM, shutting down", since)
             self.assertTrue(lrp.exits_within(5), "the LRP is still running 5 s after SIGTERM")
 
-    test_lrp_stops_on_sigterm.todo = (
-        "twistd hangs on SIGTERM while the link is up: ClientService.stopService (from "
-        "tls.rrpClientService) calls the TLS transport's loseConnection() directly, bypassing "
-        "MuxProtocol.loseConnection, so the MuxProtocol still registered as a streaming producer "
-        "keeps TLS from sending close_notify for ever; the stopService Deferred never fires")
 
     def test_lrp_with_certificate_from_another_ca(self):
         lab = self.lab
@@ -549,11 +533,6 @@ class LinkFaultTests(FaultTestCase):
             time.sleep(0.2)
             self.assertEqual(lab.lrpbadca.lines(r"Unhandled Error|Traceback"), [])
 
-    test_refused_lrp_logs_no_traceback.todo = (
-        "lrp_tap.makeService passes prepareConnection=connection.whenReady() to "
-        "tls.rrpClientService's ClientService; when the RRP refuses the handshake, that Deferred "
-        "fails first (ClientService -> Waiting) and then the protocol's connectionLost sends "
-        "_clientDisconnected: automat NoTransition logged as 'Unhandled Error' on every retry")
 
 
 class GREJunkTests(FaultTestCase):

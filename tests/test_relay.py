@@ -53,7 +53,9 @@ class Peer:
         return self.decoder.feed(data)
 
 
-class RelayTests(unittest.TestCase):
+class RelayHarness:
+    """An LRP and an RRP joined in memory, and helpers to connect clients and dial calls."""
+
     def setUp(self):
         self.reactor = MemoryReactorClock()
         self.lrp = LocalRouteProxy(self.reactor, gre_port=RecordingGREPort())
@@ -113,6 +115,7 @@ class RelayTests(unittest.TestCase):
         self.assertEqual(ocrp.peer_call_id, call_id)
         return ocrq.call_id, ocrp.call_id
 
+class RelayTests(RelayHarness, unittest.TestCase):
     def test_two_clients_same_call_id(self):
         a, a_server = self.connect_client("10.0.0.5")
         b, b_server = self.connect_client("10.0.0.6")
@@ -221,3 +224,41 @@ class NoLinkTests(unittest.SynchronousTestCase):
         self.assertEqual(reply.error_code, pptp.ErrorCode.PAC_ERROR)
         self.assertTrue(transport.disconnecting)
         self.assertEqual(lrp.sessions, set())
+
+
+class RefusalTests(RelayHarness, unittest.TestCase):
+    """Refusals that reach the LRP before the client has said anything."""
+
+    def connect_only(self, ip="10.0.0.5"):
+        addr = IPv4Address("TCP", ip, 41000)
+        protocol = PPTPServerFactory(self.lrp).buildProtocol(addr)
+        transport = StringTransport(hostAddress=IPv4Address("TCP", LRP_IP, 1723), peerAddress=addr)
+        protocol.makeConnection(transport)
+        return Peer(protocol, transport)
+
+    def test_unknown_profile_before_the_request(self):
+        self.lrp.profile = "nosuch"
+        client = self.connect_only()
+        self.flush()                                    # the refusal arrives first
+        self.assertFalse(client.transport.disconnecting)
+        client.send(pptp.StartControlConnectionRequest())
+        [reply] = client.received()
+        self.assertEqual(reply.result_code, pptp.StartResult.GENERAL_ERROR)
+        self.assertTrue(client.transport.disconnecting)
+        self.assertEqual(self.reactor.tcpClients, [])   # nothing was dialled
+
+    def test_refused_client_that_never_asks_is_closed(self):
+        self.lrp.profile = "nosuch"
+        client = self.connect_only()
+        self.flush()
+        self.reactor.advance(client.protocol.session.start_wait + 1)
+        self.assertTrue(client.transport.disconnecting)
+        self.assertEqual(client.received(), [])
+
+    def test_cut_off_message_is_named(self):
+        client, _ = self.connect_client("10.0.0.5")
+        session = client.protocol.session
+        client.protocol.dataReceived(pptp.StartControlConnectionRequest().pack()[:40])
+        client.protocol.connectionLost(None)
+        self.assertIn("inside a message", session.close_reason)
+        self.assertIn("truncated", session.close_reason)
