@@ -39,6 +39,16 @@ def text(value):
     return value.strip()
 
 
+def parse_count(value, what):
+    try:
+        count = int(str(value).strip())
+    except ValueError:
+        raise usage.UsageError(f"{what} {value!r}: not a whole number")
+    if count < 1:
+        raise usage.UsageError(f"{what} {value!r}: must be at least 1")
+    return count
+
+
 def parse_cidr(text):
     try:
         return ipaddress.ip_network(text.strip(), strict=False)

@@ -4,7 +4,7 @@ from twisted.application.service import MultiService
 from twisted.python import usage
 
 from routeproxy import tls
-from routeproxy.config import ConfigOptions, text, parse_hostport, parse_profile
+from routeproxy.config import ConfigOptions, text, parse_count, parse_hostport, parse_profile
 
 
 class Options(ConfigOptions):
@@ -27,6 +27,8 @@ class Options(ConfigOptions):
          parse_profile, True),
         ("lrp-name", None, "accept only LRPs whose certificate carries this name; repeatable "
          "[default: any LRP the CA signed]", text, True),
+        ("max-sessions", 20000, "sessions one LRP's link may carry at once "
+         "[default: 20000]", lambda v: parse_count(v, "--max-sessions"), False),
         ("source", None, "local address to dial PPTP servers from (and send their GRE from); "
          "use one pptpd does not listen on when both share a host [default: the kernel's choice]",
          text, False),
@@ -54,6 +56,7 @@ def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
     from routeproxy.greio import GREPort
+    from routeproxy.mux.connection import MuxConfig
     from routeproxy.mux.protocol import MuxServerFactory
     from routeproxy.rrp import RemoteRouteProxy
     from routeproxy.service import GREPortService, local_ipv4_addresses
@@ -65,7 +68,8 @@ def makeService(options, reactor=None):
     GREPortService(rrp.gre_port, reactor).setServiceParent(top)
 
     host, port = options["listen"]
-    factory = MuxServerFactory(rrp.sessionRequested, clock=reactor, peerNameOf=tls.peerName)
+    factory = MuxServerFactory(rrp.sessionRequested, config=MuxConfig(maxSessions=options["max-sessions"]),
+                               clock=reactor, peerNameOf=tls.peerName)
     internet.SSLServer(port, factory, options["tls"], interface=host, reactor=reactor).setServiceParent(top)
     if options["status"]:
         from routeproxy.status import StatusResource, StatusSite

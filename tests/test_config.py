@@ -102,6 +102,12 @@ class RRPOptionsTests(unittest.SynchronousTestCase):
         self.assertIn("/nonexistent.crt", str(e))
         self.assertNotIn("\n", str(e))
 
+    def test_max_sessions(self):
+        options = parse(rrp_tap.Options, RRP_REQUIRED + ["--pptp-server", "h", "--max-sessions", "10000"])
+        self.assertEqual(options["max-sessions"], 10000)
+        self.assertRaises(usage.UsageError, parse, rrp_tap.Options,
+                          RRP_REQUIRED + ["--pptp-server", "h", "--max-sessions", "many"])
+
     def test_bad_profile(self):
         self.assertRaises(usage.UsageError, parse, rrp_tap.Options, RRP_REQUIRED + ["--profile", "nohost"])
 
@@ -151,4 +157,6 @@ class MakeServiceTests(unittest.SynchronousTestCase):
         top = rrp_tap.makeService(options, reactor=MemoryReactorClock())
         self.assertEqual(len(list(top)), 2)   # GRE port, TLS listener
         self.assertEqual(top.rrp.profiles, {"default": ("10.0.0.1", 1723)})
+        tls_server = [s for s in top if s.__class__.__name__ == "SSLServer"][0]
+        self.assertEqual(tls_server.args[1].config.maxSessions, 20000)
         self.assertEqual(top.rrp.gre_port.localAddresses, ["127.0.0.2"])
