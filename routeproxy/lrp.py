@@ -17,8 +17,7 @@ from routeproxy.callids import CallIDSpace
 from routeproxy.mux.frames import LinkError, Reason, reasonName
 from routeproxy.mux.protocol import MuxClientFactory
 from routeproxy.mux.session import SessionRefused
-from routeproxy.relay import MAX_EARLY_MESSAGES, PPTPControlProtocol, RelaySession
-from routeproxy.stats import DropCounter
+from routeproxy.relay import MAX_EARLY_MESSAGES, PPTPControlProtocol, RelayDaemon, RelaySession
 
 
 class ClientSession(RelaySession):
@@ -125,7 +124,7 @@ class ClientSession(RelaySession):
         return call.pns_id    # the client's own ID for the call
 
 
-class LocalRouteProxy:
+class LocalRouteProxy(RelayDaemon):
     """The LRP's state: the link, the sessions, the call-ID space its clients see."""
 
     log = Logger()
@@ -134,15 +133,13 @@ class LocalRouteProxy:
     link_wait = 5.0
 
     def __init__(self, reactor, profile="default", allow=None, space=None, gre_port=None):
+        super().__init__(gre_port)
         self.reactor = reactor
         self.profile = profile
         self.allow = list(allow) if allow else None
         self.space = space if space is not None else CallIDSpace("LRP")
-        self.gre_port = gre_port
         self.links = set()        # MuxConnections (LinkFactory.connections)
         self._link_waiters = []
-        self.sessions = set()
-        self.drops = DropCounter()
 
     # --- the link to the RRP ---------------------------------------------------------
 
@@ -192,12 +189,6 @@ class LocalRouteProxy:
 
     def spaceFor(self, peer_ip):
         return self.space
-
-    def sessionEnded(self, session):
-        self.sessions.discard(session)
-
-    def countDrop(self, reason):
-        self.drops.add(reason)
 
     # --- GRE from clients --------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from routeproxy import calls, gre, pptp
 from routeproxy.callids import CallIDExhausted
 from routeproxy.greio import GREIOError
 from routeproxy.mux.frames import Reason, reasonName
+from routeproxy.stats import DropCounter
 
 # Control messages a peer may send before the mux session is open; a real client sends one
 # (Start-Control-Connection-Request) and waits.
@@ -256,3 +257,26 @@ class RelaySession:
         if self.peer is not None and self.peer.transport is not None:
             self.peer.transport.loseConnection()
         self.daemon.sessionEnded(self)
+
+
+class RelayDaemon:
+    """What both daemons keep: the live sessions, drops by reason, and the totals of the
+    sessions that have ended (so counters reported as totals never go down)."""
+
+    TOTALS = ("control_in", "control_out", "gre_in", "gre_out", "gre_dropped")
+
+    def __init__(self, gre_port=None):
+        self.gre_port = gre_port
+        self.sessions = set()
+        self.drops = DropCounter()
+        self.sessions_ended = 0
+        self.ended_totals = dict.fromkeys(self.TOTALS, 0)
+
+    def sessionEnded(self, session):
+        self.sessions.discard(session)
+        self.sessions_ended += 1
+        for name in self.TOTALS:
+            self.ended_totals[name] += getattr(session, name)
+
+    def countDrop(self, reason):
+        self.drops.add(reason)

@@ -14,8 +14,7 @@ from routeproxy import gre, pptp
 from routeproxy.callids import CallIDSpace
 from routeproxy.mux.frames import Reason
 from routeproxy.mux.session import SessionRefused
-from routeproxy.relay import PPTPControlProtocol, RelaySession
-from routeproxy.stats import DropCounter
+from routeproxy.relay import PPTPControlProtocol, RelayDaemon, RelaySession
 
 
 class ServerSession(RelaySession):
@@ -48,20 +47,18 @@ class ServerSession(RelaySession):
             super().callIDsExhausted(message)
 
 
-class RemoteRouteProxy:
+class RemoteRouteProxy(RelayDaemon):
     """The RRP's state: the profiles it may dial, the sessions, a call-ID space per server."""
 
     log = Logger()
 
     def __init__(self, reactor, profiles, source=None, gre_port=None, connect_timeout=10):
+        super().__init__(gre_port)
         self.reactor = reactor
         self.profiles = dict(profiles)
         self.source = source
-        self.gre_port = gre_port
         self.connect_timeout = connect_timeout
         self.spaces = {}          # server IP -> CallIDSpace (servers are few and configured)
-        self.sessions = set()
-        self.drops = DropCounter()
 
     def spaceFor(self, server_ip):
         space = self.spaces.get(server_ip)
@@ -100,12 +97,6 @@ class RemoteRouteProxy:
             raise SessionRefused(Reason.UPSTREAM_UNREACHABLE, f"{host}:{port}: {why}")
 
         return d.addCallbacks(connected, failed)
-
-    def sessionEnded(self, session):
-        self.sessions.discard(session)
-
-    def countDrop(self, reason):
-        self.drops.add(reason)
 
     def greReceived(self, src, dst, data):
         space = self.spaces.get(src)

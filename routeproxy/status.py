@@ -8,9 +8,8 @@
 * :func:`format_table` renders a snapshot's sessions as an aligned text table; ``python -m
   routeproxy status URL [--json]`` fetches a daemon's ``/status.json`` and prints it.
 
-The daemons keep counters per live session only.  So that the ``*_total`` metrics never go
-down when a session ends, :meth:`SessionTotals.attach` adds up each session as it ends
-(docs/status.md).  The endpoint shows client addresses: bind it to loopback.
+The ``*_total`` metrics add the daemon's totals of ended sessions
+(``RelayDaemon.ended_totals``) to the live sessions' counters, so they never go down.  The endpoint shows client addresses: bind it to loopback.
 """
 import argparse
 import json
@@ -24,7 +23,7 @@ import urllib.request
 from twisted.web import resource, server
 
 __all__ = [
-    "StatusError", "SessionTotals", "snapshot", "snapshot_lrp", "snapshot_rrp",
+    "StatusError", "snapshot", "snapshot_lrp", "snapshot_rrp",
     "format_metrics", "format_table", "StatusResource", "StatusSite", "fetch_snapshot", "main",
 ]
 
@@ -33,50 +32,6 @@ METRICS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
 class StatusError(Exception):
     """A status document or endpoint that cannot be used; the text says why."""
-
-
-# --- totals of ended sessions ---------------------------------------------------------------
-
-
-class SessionTotals:
-    """The counters of every session that has ended on one daemon (for monotonic metrics).
-
-    The daemons forget a session when it ends; :meth:`attach` wraps the daemon's
-    ``sessionEnded(session)`` on that instance so each ending session's final counters are
-    added here first.  Attaching twice returns the same object.
-    """
-
-    FIELDS = ("control_in", "control_out", "gre_in", "gre_out", "gre_dropped")
-
-    def __init__(self):
-        self.ended = 0
-        self.counts = dict.fromkeys(self.FIELDS, 0)
-
-    def add(self, session):
-        self.ended += 1
-        for name in self.FIELDS:
-            self.counts[name] += _number(getattr(session, name, 0))
-
-    @classmethod
-    def of(cls, daemon):
-        """The totals attached to *daemon*, or None."""
-        return getattr(daemon, "status_totals", None)
-
-    @classmethod
-    def attach(cls, daemon):
-        totals = cls.of(daemon)
-        if totals is not None:
-            return totals
-        totals = cls()
-        original = daemon.sessionEnded
-
-        def sessionEnded(session):
-            totals.add(session)
-            return original(session)
-
-        daemon.sessionEnded = sessionEnded
-        daemon.status_totals = totals
-        return totals
 
 
 # --- snapshots ------------------------------------------------------------------------------
@@ -175,16 +130,15 @@ def _gre_port(port):
 
 
 def _totals(daemon, sessions):
-    """Cumulative counters: the ended sessions' (if attached) plus the live ones'."""
-    attached = SessionTotals.of(daemon)
-    ended = attached if attached is not None else SessionTotals()
+    """Cumulative counters: the daemon's ended sessions' plus the live ones'."""
+    ended = getattr(daemon, "ended_totals", None) or {}
     result = {
-        "sessions_ended": ended.ended if attached is not None else None,
-        "control_bytes_in": ended.counts["control_in"],
-        "control_bytes_out": ended.counts["control_out"],
-        "gre_packets_in": ended.counts["gre_in"],
-        "gre_packets_out": ended.counts["gre_out"],
-        "gre_dropped": ended.counts["gre_dropped"],
+        "sessions_ended": getattr(daemon, "sessions_ended", None),
+        "control_bytes_in": ended.get("control_in", 0),
+        "control_bytes_out": ended.get("control_out", 0),
+        "gre_packets_in": ended.get("gre_in", 0),
+        "gre_packets_out": ended.get("gre_out", 0),
+        "gre_dropped": ended.get("gre_dropped", 0),
     }
     for s in sessions:
         for key in ("control_bytes_in", "control_bytes_out", "gre_packets_in",
@@ -514,15 +468,13 @@ class StatusResource(resource.Resource):
     """The status tree of one daemon: ``/status.json``, ``/metrics``, ``/`` (an index).
 
     *daemon* is a LocalRouteProxy or a RemoteRouteProxy; for the RRP pass *links* (the mux
-    server factory's ``connections``) so idle LRP links show too.  Attaches
-    :class:`SessionTotals` to the daemon.
+    server factory's ``connections``) so idle LRP links show too.
     """
 
     def __init__(self, daemon, links=None):
         super().__init__()
         self.daemon = daemon
         self.links = links
-        SessionTotals.attach(daemon)
         self.putChild(b"status.json", _JSONPage(self))
         self.putChild(b"metrics", _MetricsPage(self))
         self.putChild(b"", _IndexPage(self))
