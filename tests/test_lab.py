@@ -175,3 +175,15 @@ class LabTests(unittest.SynchronousTestCase):
         self.assertAllUp(run)
         self.assertTrue(run.hangup_ok(), cli.format_table(run))
         self.assertEqual(run.hangup["pptpd_calls_before"], str(CLIENTS))
+
+
+class KeepVisibleTests(unittest.SynchronousTestCase):
+    """A checkout under /tmp (a CI clone) must stay visible under the guest's tmpfs."""
+
+    def test_paths_under_covered_directories_are_bound_back(self):
+        from routeproxy.lab.uml import _keep_visible
+
+        before, after = _keep_visible(["/tmp/clone", "/tmp/clone/.venv", "/root/.pyenv"])
+        self.assertEqual(before, "mkdir -p /run/keep/0 && mount --bind /tmp/clone /run/keep/0\n")
+        self.assertEqual(after, "mkdir -p /tmp/clone && mount --bind /run/keep/0 /tmp/clone\n")
+        self.assertEqual(_keep_visible(["/work/main", "/root/.pyenv"]), ("", ""))

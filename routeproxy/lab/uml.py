@@ -14,6 +14,7 @@ directory of one run is shared with the host, bind-mounted at `GUEST_WORK`.
 import os
 import shlex
 import shutil
+import sys
 import signal
 import subprocess
 import tempfile
@@ -87,11 +88,11 @@ mount -t tmpfs -o mode=755 tmpfs /run
 mkdir -p {guest}
 mount --bind {work} {guest}
 echo "$UPTIME" > {guest}/boot_uptime
-mount -t tmpfs -o mode=1777 tmpfs /tmp
+{keep_before}mount -t tmpfs -o mode=1777 tmpfs /tmp
 mount -t tmpfs -o mode=755 tmpfs /etc/ppp
 mount -t tmpfs -o mode=755 tmpfs /var/log
 mount -t tmpfs -o mode=1777 tmpfs /var/tmp
-grep -q ' /dev devtmpfs' /proc/mounts || mount -t devtmpfs devtmpfs /dev 2>/dev/null
+{keep_after}grep -q ' /dev devtmpfs' /proc/mounts || mount -t devtmpfs devtmpfs /dev 2>/dev/null
 if ! grep -q ' /dev devtmpfs' /proc/mounts; then
     mount -t tmpfs -o mode=755 tmpfs /dev
     mknod /dev/null c 1 3; mknod /dev/zero c 1 5; mknod /dev/urandom c 1 9
@@ -118,6 +119,34 @@ sync
 umount {guest} 2>/dev/null
 busybox poweroff -f
 """
+
+
+# Directories the guest covers with tmpfs so that nothing it writes reaches the host.
+COVERED = ("/tmp", "/etc/ppp", "/var/log", "/var/tmp")
+
+
+def host_paths_needed():
+    """Host directories the lab runs code from: this checkout and the Python environment."""
+    project = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return sorted({project, os.path.realpath(sys.prefix), os.path.realpath(sys.base_prefix)})
+
+
+def _keep_visible(paths):
+    """Shell lines that keep *paths* visible under the tmpfs the guest mounts over COVERED.
+
+    A checkout under /tmp (as a CI clone may be) would otherwise vanish inside the guest,
+    and with it the daemons and the venv the lab runs.  Each such path is bind-mounted
+    aside before the tmpfs goes on, then back to the same place (venv scripts name their
+    interpreter by absolute path).
+    """
+    covered = [p for p in paths if any(p == c or p.startswith(c + "/") for c in COVERED)]
+    outermost = [p for p in covered if not any(p.startswith(q + "/") for q in covered)]
+    before, after = [], []
+    for i, path in enumerate(outermost):
+        aside = f"/run/keep/{i}"
+        before.append(f"mkdir -p {aside} && mount --bind {shlex.quote(path)} {aside}\n")
+        after.append(f"mkdir -p {shlex.quote(path)} && mount --bind {aside} {shlex.quote(path)}\n")
+    return "".join(before), "".join(after)
 
 
 def module_load_order(names, version=None):
@@ -160,7 +189,9 @@ def _module_name(path):
 def write_init(work):
     path = os.path.join(work, "init.sh")
     with open(path, "w") as f:
-        f.write(INIT_TEMPLATE.format(work=shlex.quote(work), guest=GUEST_WORK))
+        before, after = _keep_visible(host_paths_needed())
+        f.write(INIT_TEMPLATE.format(work=shlex.quote(work), guest=GUEST_WORK,
+                                     keep_before=before, keep_after=after))
 
     os.chmod(path, 0o755)
     return path
