@@ -160,13 +160,15 @@ class MuxConnection:
         self._lastReceived = self.clock.seconds()
         self.stats.bytesIn += len(data)
         self._inBatch = True
+        stats, sessions = self.stats, self.sessions
+        nextFrame = self._decoder.nextFrame
         try:
             self._decoder.feed(data)
             while not self.closed:
                 try:
-                    frame = self._decoder.nextFrame()
+                    frame = nextFrame()
                 except F.MalformedFrame as e:
-                    self.stats.framesIn += 1
+                    stats.framesIn += 1
                     self._malformed(e)
                     continue
                 except F.FrameError as e:
@@ -174,9 +176,15 @@ class MuxConnection:
                     break
                 if frame is None:
                     break
-                self.stats.framesIn += 1
+                stats.framesIn += 1
                 if frame.__class__ is Gre and self.version is not None:
-                    self._onGre(frame)  # the per-packet frame: skip the handler table
+                    # the per-packet frame: no handler table; _onGre when it is not for
+                    # an open session
+                    session = sessions.get(frame.session)
+                    if session is not None and session.state == OPEN:
+                        session._greReceived(frame)
+                    else:
+                        self._onGre(frame)
                 else:
                     self._frameReceived(frame)
         finally:
