@@ -22,6 +22,7 @@ from routeproxy import calls, gre, pptp
 from routeproxy.callids import CallIDExhausted
 from routeproxy.greio import GREIOError
 from routeproxy.mux.frames import Reason, reasonName
+from routeproxy.mux.protocol import noDelay
 from routeproxy.stats import DropCounter
 
 # Control messages a peer may send before the mux session is open; a real client sends one
@@ -46,6 +47,8 @@ class PPTPControlProtocol(Protocol):
             self.session.peerMessage(message)
 
     def connectionMade(self):
+        # PPTP control messages are small request/reply pairs: Nagle only adds delay.
+        noDelay(self.transport)
         self.decoder = pptp.PPTPStreamDecoder()
         self.session.peerConnected(self)
 

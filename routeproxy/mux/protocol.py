@@ -67,6 +67,16 @@ def _socketBufferSize(transport):
     return 0 if t is None else _bufferedBytes(t)
 
 
+def noDelay(transport):
+    """Turn Nagle off on the TCP connection under *transport* (through TLS), if there is one."""
+    setter = getattr(transport, "setTcpNoDelay", None)
+    if setter is not None:
+        try:
+            setter(True)
+        except OSError:
+            pass
+
+
 @implementer(IPushProducer, IHandshakeListener)
 class MuxProtocol(Protocol):
     log = Logger(namespace="routeproxy.mux")
@@ -78,6 +88,8 @@ class MuxProtocol(Protocol):
         self._registered = False
 
     def connectionMade(self):
+        # Frames of one turn already go out in one write; Nagle would only hold them back.
+        noDelay(self.transport)
         self.transport.registerProducer(self, True)
         self._registered = True
         if self.factory is not None and hasattr(self.factory, "connections"):
