@@ -1,0 +1,154 @@
+"""IPv4 fragment reassembly for captured packets (RFC 791 s3.2, RFC 815's hole idea).
+
+A pcap capture sees IPv4 fragments as they cross the wire, before the kernel reassembles
+them.  Real PPTP clients run pppd with MTU 1500, so their GRE packets are ~1550 bytes and
+arrive in two fragments.  ``Reassembler`` puts the payloads back together.
+
+It is bounded in every direction, because fragments are cheap for anyone to send:
+
+* at most ``maxDatagrams`` datagrams in progress; a new one beyond that evicts the oldest
+  (counted ``reassembly_evicted``);
+* at most ``maxBytes`` stored per datagram and no byte beyond offset 65535
+  (``fragment_invalid``);
+* a datagram not complete ``timeout`` seconds after its first fragment is dropped
+  (``reassembly_timeout``), checked whenever a fragment arrives or ``expire`` is called;
+* fragments may come in any order; an exact duplicate, or an overlap carrying the same
+  bytes, is ignored; an overlap carrying *different* bytes drops the whole datagram
+  (``reassembly_overlap``), as RFC 5722 requires for IPv6: two readings of one datagram
+  cannot both be right, and choosing one is how overlap attacks work.
+
+Payload offsets are relative to the end of each fragment's own IP header, so the caller
+passes payloads (header stripped) and gets the reassembled payload back.  Plain state,
+no I/O: the clock is passed in.
+"""
+import collections
+
+__all__ = ["Reassembler", "FragmentError",
+           "DROP_FRAGMENT_INVALID", "DROP_REASSEMBLY_OVERLAP", "DROP_REASSEMBLY_TIMEOUT",
+           "DROP_REASSEMBLY_EVICTED"]
+
+IP_MAXPACKET = 65535
+
+DROP_FRAGMENT_INVALID = "fragment_invalid"  # not a multiple of 8 before the end, beyond 64 KiB, ...
+DROP_REASSEMBLY_OVERLAP = "reassembly_overlap"  # two fragments disagree about the same bytes
+DROP_REASSEMBLY_TIMEOUT = "reassembly_timeout"  # incomplete after the timeout
+DROP_REASSEMBLY_EVICTED = "reassembly_evicted"  # pushed out by newer datagrams (table full)
+
+
+class FragmentError(ValueError):
+    """A fragment that can belong to no valid datagram (its reason is the drop reason)."""
+
+
+class _Partial:
+    """One datagram in progress: its fragments sorted by offset, the end once known."""
+
+    __slots__ = ("started", "pieces", "end", "stored")
+
+    def __init__(self, started):
+        self.started = started
+        self.pieces = []  # (offset, bytes), sorted by offset
+        self.end = None  # payload length, known from the fragment with MF clear
+        self.stored = 0
+
+
+class Reassembler:
+    """Collects fragments by key (e.g. (src, dst, id, protocol)) and returns whole payloads.
+
+    ``add`` returns the reassembled payload when the fragment completed a datagram, else
+    None.  Drops are counted in ``dropped`` (a Counter; pass the caller's own to share it).
+    """
+
+    def __init__(self, timeout=5.0, maxDatagrams=256, maxBytes=IP_MAXPACKET, dropped=None):
+        self.timeout = timeout
+        self.maxDatagrams = maxDatagrams
+        self.maxBytes = maxBytes
+        self.dropped = dropped if dropped is not None else collections.Counter()
+        self.reassembled = 0
+        self._partials = collections.OrderedDict()  # key -> _Partial, oldest first
+
+    def __len__(self):
+        return len(self._partials)
+
+    def add(self, key, offset, more, payload, now):
+        """Take one fragment: *offset* in bytes, *more* the MF flag, *payload* its data.
+
+        Returns the whole payload (bytes) when this fragment completed it, else None.
+        """
+        self.expire(now)
+        end = offset + len(payload)
+        if (more and (len(payload) % 8 or not payload)) or offset % 8 or end > IP_MAXPACKET:
+            self._drop(key, DROP_FRAGMENT_INVALID)
+            return None
+        partial = self._partials.get(key)
+        if partial is None:
+            while len(self._partials) >= self.maxDatagrams:
+                self._partials.popitem(last=False)
+                self.dropped[DROP_REASSEMBLY_EVICTED] += 1
+            partial = self._partials[key] = _Partial(now)
+        try:
+            self._insert(partial, offset, end, more, bytes(payload))
+        except FragmentError as e:
+            self._drop(key, str(e))
+            return None
+        whole = self._complete(partial)
+        if whole is not None:
+            del self._partials[key]
+            self.reassembled += 1
+        return whole
+
+    def expire(self, now):
+        """Drop datagrams older than the timeout (counted); returns how many."""
+        partials, limit, n = self._partials, now - self.timeout, 0
+        while partials:
+            key, oldest = next(iter(partials.items()))
+            if oldest.started > limit:
+                break
+            del partials[key]
+            n += 1
+        if n:
+            self.dropped[DROP_REASSEMBLY_TIMEOUT] += n
+        return n
+
+    def _drop(self, key, reason):
+        self._partials.pop(key, None)
+        self.dropped[reason] += 1
+
+    def _insert(self, partial, offset, end, more, data):
+        if not more:
+            if partial.end is not None and partial.end != end:
+                raise FragmentError(DROP_REASSEMBLY_OVERLAP)  # two different last fragments
+            partial.end = end
+        if partial.end is not None and end > partial.end:
+            raise FragmentError(DROP_REASSEMBLY_OVERLAP)  # data beyond the last fragment
+        contained = False
+        for start, piece in partial.pieces:
+            low, high = max(start, offset), min(start + len(piece), end)
+            if low >= high:
+                continue
+            if piece[low - start:high - start] != data[low - offset:high - offset]:
+                raise FragmentError(DROP_REASSEMBLY_OVERLAP)
+            if start <= offset and end <= start + len(piece):
+                contained = True  # a duplicate: nothing new
+        if contained:
+            return
+        if partial.stored + len(data) > self.maxBytes:
+            raise FragmentError(DROP_FRAGMENT_INVALID)
+        partial.stored += len(data)
+        partial.pieces.append((offset, data))
+        partial.pieces.sort(key=lambda p: p[0])
+
+    @staticmethod
+    def _complete(partial):
+        if partial.end is None:
+            return None
+        covered = 0
+        for start, piece in partial.pieces:
+            if start > covered:
+                return None  # a hole
+            covered = max(covered, start + len(piece))
+        if covered < partial.end:
+            return None
+        whole = bytearray(partial.end)
+        for start, piece in partial.pieces:
+            whole[start:start + len(piece)] = piece
+        return bytes(whole)
