@@ -37,11 +37,14 @@ import ctypes
 import errno
 import socket
 import struct
+import time
 
 from twisted.internet import abstract, defer, error
 from twisted.logger import Logger
 from twisted.python import failure
 from zope.interface import Interface
+
+from routeproxy import ipfrag
 
 __all__ = [
     "GREPort", "IGREReceiver", "GREStats", "GREIOError", "attach_drop_all", "RealGRESystem",
@@ -53,6 +56,8 @@ __all__ = [
 IPPROTO_GRE = 47
 SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)  # Linux <linux/in.h>
+IP_PMTUDISC_DONT = getattr(socket, "IP_PMTUDISC_DONT", 0)  # DF clear: the kernel fragments
 
 # Datalink types (pcap-linktype.h).  DLT_RAW is 12 on Linux, 14 on OpenBSD, 101 as a
 # LINKTYPE; DLT_NULL carries the address family in host order, DLT_LOOP in network order.
@@ -81,6 +86,8 @@ DROP_ALL_FILTER = struct.pack("HBBI", 0x06, 0, 0, 0)
 _IPV4 = struct.Struct("!BBHHHBBH4s4s")
 _IPV4_MIN = 20
 _FRAGMENT_BITS = 0x3FFF  # MF flag + fragment offset
+_MORE_FRAGMENTS = 0x2000
+_FRAGMENT_OFFSET = 0x1FFF  # in units of 8 bytes
 _SOURCE_CACHE_MAX = 65536
 
 # Drop reasons (stats.dropped keys; routeproxy_gre_dropped_total{reason=...}).
@@ -88,7 +95,10 @@ DROP_NOT_IPV4 = "not_ipv4"  # link protocol or IP version is not IPv4
 DROP_TRUNCATED = "truncated"  # shorter than its headers or its IP total length
 DROP_BAD_HEADER = "bad_header"  # IHL < 5 or total length < IHL
 DROP_NOT_GRE = "not_gre"
-DROP_FRAGMENT = "fragment"  # pcap sees fragments; the proxy does not reassemble
+DROP_FRAGMENT_INVALID = ipfrag.DROP_FRAGMENT_INVALID  # no valid datagram has this fragment
+DROP_REASSEMBLY_OVERLAP = ipfrag.DROP_REASSEMBLY_OVERLAP  # fragments disagree: datagram dropped
+DROP_REASSEMBLY_TIMEOUT = ipfrag.DROP_REASSEMBLY_TIMEOUT  # incomplete after reassemblyTimeout
+DROP_REASSEMBLY_EVICTED = ipfrag.DROP_REASSEMBLY_EVICTED  # too many datagrams in progress
 DROP_NOT_LOCAL = "not_local"  # destination is not one of our addresses
 DROP_RECEIVER_ERROR = "receiver_error"  # greReceived raised
 DROP_CAPTURE = "capture"  # dropped by the kernel/libpcap before we read (pcap stats)
@@ -139,12 +149,15 @@ class GREStats:
         self.delivered = 0  # greReceived calls that returned
         self.sent = 0
         self.reads = 0  # doRead wake-ups
+        self.fragments = 0  # fragments taken into reassembly (pcap sees them before the kernel)
+        self.reassembled = 0  # datagrams put back together from them (and delivered as one)
         self.dropped = collections.Counter()
 
     def asDict(self):
         return {
             "received": self.received, "delivered": self.delivered, "sent": self.sent,
-            "reads": self.reads, "dropped": dict(self.dropped),
+            "reads": self.reads, "fragments": self.fragments, "reassembled": self.reassembled,
+            "dropped": dict(self.dropped),
         }
 
 
@@ -280,6 +293,9 @@ class GREPort(abstract.FileDescriptor):
       1500-byte packet plus link header, and 8 MiB ~3,900 packets.  Longer packets are
       counted as "truncated".  ``bufferSize``: the capture ring (or socket buffer), bytes.
     * ``bpfFilter``: replaces the generated ``ip proto 47 and (dst host ...)`` expression.
+    * ``reassemblyTimeout``/``maxReassemblies``: IPv4 fragments of GRE to a local address
+      (pcap sees them before the kernel reassembles) are put back together, at most
+      ``maxReassemblies`` datagrams at a time, each for at most ``reassemblyTimeout`` s.
     * ``system``: the OS layer, RealGRESystem by default; MemoryGRESystem in tests.
     """
 
@@ -288,7 +304,7 @@ class GREPort(abstract.FileDescriptor):
 
     def __init__(self, receiver, localAddresses, interface="any", capture="pcap",
                  reactor=None, system=None, snaplen=2048, bufferSize=8 * 1024 * 1024,
-                 bpfFilter=None):
+                 bpfFilter=None, reassemblyTimeout=5.0, maxReassemblies=256):
         abstract.FileDescriptor.__init__(self, reactor)
         if capture not in ("pcap", "raw"):
             raise GREIOError(f"capture must be 'pcap' or 'raw', not {capture!r}")
@@ -307,6 +323,9 @@ class GREPort(abstract.FileDescriptor):
         self._references = collections.Counter()
         self._system = system if system is not None else RealGRESystem()
         self.stats = GREStats()
+        self._reassembler = ipfrag.Reassembler(reassemblyTimeout, maxReassemblies,
+                                               dropped=self.stats.dropped)
+        self._clock = getattr(self.reactor, "seconds", time.monotonic)
         self._sources = {}  # packed -> str cache for greReceived's src
         self._senders = {}  # local source address -> bound raw socket
         self._capture = None
@@ -465,7 +484,7 @@ class GREPort(abstract.FileDescriptor):
             stats.dropped[DROP_NOT_IPV4] += 1
             return
         try:
-            versionIHL, _, total, _, fragment, _, protocol, _, src, dst = _IPV4.unpack_from(frame, offset)
+            versionIHL, _, total, ident, fragment, _, protocol, _, src, dst = _IPV4.unpack_from(frame, offset)
         except struct.error:
             stats.dropped[DROP_TRUNCATED] += 1
             return
@@ -479,8 +498,8 @@ class GREPort(abstract.FileDescriptor):
         if protocol != IPPROTO_GRE:
             stats.dropped[DROP_NOT_GRE] += 1
             return
-        if fragment & _FRAGMENT_BITS:
-            stats.dropped[DROP_FRAGMENT] += 1
+        if fragment & _FRAGMENT_BITS:  # the one test the unfragmented fast path pays
+            self._fragmentReceived(frame, offset, headerLength, total, ident, fragment, src, dst)
             return
         end = offset + total  # Ethernet pads short frames: the IP length says where GRE ends
         if end > len(frame) or total == headerLength:
@@ -497,6 +516,36 @@ class GREPort(abstract.FileDescriptor):
             srcName = self._sources[src] = socket.inet_ntoa(src)
         try:
             self.receiver.greReceived(srcName, dstName, frame[offset + headerLength:end])
+        except Exception:
+            stats.dropped[DROP_RECEIVER_ERROR] += 1
+            self.log.failure("greReceived raised; packet dropped")
+            return
+        stats.delivered += 1
+
+    def _fragmentReceived(self, frame, offset, headerLength, total, ident, fragment, src, dst):
+        """A GRE fragment: held until its datagram is whole, which then goes up like any GRE."""
+        stats = self.stats
+        end = offset + total
+        if end > len(frame):
+            stats.dropped[DROP_TRUNCATED] += 1
+            return
+        dstName = self._local.get(dst)
+        if dstName is None:
+            stats.dropped[DROP_NOT_LOCAL] += 1
+            return
+        stats.fragments += 1
+        gre = self._reassembler.add((src, dst, ident, IPPROTO_GRE), (fragment & _FRAGMENT_OFFSET) * 8,
+                                    fragment & _MORE_FRAGMENTS, frame[offset + headerLength:end],
+                                    self._clock())
+        if gre is None:
+            return
+        stats.reassembled += 1
+        if not gre:
+            stats.dropped[DROP_TRUNCATED] += 1
+            return
+        srcName = socket.inet_ntoa(src)
+        try:
+            self.receiver.greReceived(srcName, dstName, gre)
         except Exception:
             stats.dropped[DROP_RECEIVER_ERROR] += 1
             self.log.failure("greReceived raised; packet dropped")
@@ -533,6 +582,9 @@ class GREPort(abstract.FileDescriptor):
         try:
             sock = self._system.openRawSocket()
             attach_drop_all(sock)  # it would otherwise queue a copy of all GRE sent to src
+            # DF clear, as pptpd and the kernel's pptp module send: GRE longer than the path
+            # MTU (a client's 1500-byte PPP frame) is fragmented, never refused or lost.
+            sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DONT)
             sock.setblocking(False)
             sock.bind((src, 0))
         except OSError as e:
@@ -552,7 +604,9 @@ class GREPort(abstract.FileDescriptor):
 
     def statistics(self):
         """Counters as a dict, with the capture's own kernel drops under dropped['capture']."""
+        self._reassembler.expire(self._clock())
         result = self.stats.asDict()
+        result["reassembling"] = len(self._reassembler)  # datagrams waiting for fragments
         if self._capture is not None:
             try:
                 _, drop, ifdrop = self._capture.stats()

@@ -23,7 +23,7 @@ import time
 import dpkt
 from hypothesis import HealthCheck, given, settings, strategies as st
 from twisted.internet import defer, reactor, task
-from twisted.internet.testing import MemoryReactor
+from twisted.internet.testing import MemoryReactor, MemoryReactorClock
 from twisted.trial import unittest
 
 from routeproxy import greio
@@ -51,6 +51,19 @@ def ipv4(src, dst, payload, proto=47, off=0, opts=b""):
     ip.len = len(ip)
     packed = bytes(ip)
     return packed[:6] + struct.pack("!H", off) + packed[8:] if off else packed
+
+
+def ip_fragments(src, dst, payload, size, ident=0x1234, proto=47):
+    """*payload* as IPv4 fragments of *size* payload bytes each (built by dpkt, like a kernel)."""
+    packets = []
+    for start in range(0, len(payload), size):
+        more = start + size < len(payload)
+        ip = dpkt.ip.IP(src=socket.inet_aton(src), dst=socket.inet_aton(dst), p=proto, ttl=64,
+                        id=ident, _flags_offset=(0x2000 if more else 0) | start // 8,
+                        data=payload[start:start + size])
+        ip.len = len(ip)
+        packets.append(bytes(ip))
+    return packets
 
 
 def frame(datalink, ip, ethertype=0x0800):
@@ -161,18 +174,19 @@ class MemoryPortTests(unittest.SynchronousTestCase):
             "not_ipv4": [bytes([0x65]) + good[1:]],
             "bad_header": [ihl4, good[:2] + struct.pack("!H", 12) + good[4:]],
             "not_gre": [ipv4(SENDER, RECEIVER, b"udp!", proto=17)],
-            "fragment": [ipv4(SENDER, RECEIVER, b"frag", off=0x2000),
-                         ipv4(SENDER, RECEIVER, b"frag", off=185)],
-            "not_local": [ipv4(SENDER, OTHER, enhanced_gre(1))],
+            "fragment_invalid": [ipv4(SENDER, RECEIVER, b"frag", off=0x2000)],  # MF, not 8n bytes
+            "not_local": [ipv4(SENDER, OTHER, enhanced_gre(1)), ipv4(SENDER, OTHER, b"frag", off=185)],
         }
         port = self.port(DLT_RAW)
         for frames in cases.values():
             self.feed(*frames)
+        self.feed(ipv4(SENDER, RECEIVER, b"frag", off=185))  # a last fragment: held, not dropped
         self.feed(good)
         port.doRead()
         self.assertEqual(dict(port.stats.dropped), {reason: len(f) for reason, f in cases.items()})
         self.assertEqual(self.receiver.packets, [(SENDER, RECEIVER, enhanced_gre(1, b"ok"))])
-        self.assertEqual(port.stats.received, sum(map(len, cases.values())) + 1)
+        self.assertEqual(port.stats.received, sum(map(len, cases.values())) + 2)
+        self.assertEqual(port.statistics()["reassembling"], 1)
         self.assertEqual(port.stats.delivered, 1)
 
     @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -182,7 +196,67 @@ class MemoryPortTests(unittest.SynchronousTestCase):
         port = self.port(datalink)
         self.feed(data)
         self.assertIsNone(port.doRead())
-        self.assertEqual(port.stats.delivered + sum(port.stats.dropped.values()), 1)
+        held = port.statistics()["reassembling"]  # a lone fragment waits for the rest
+        self.assertEqual(port.stats.delivered + sum(port.stats.dropped.values()) + held, 1)
+
+    def test_fragments_reassembled_and_delivered_whole(self):
+        """A 1550-byte GRE in fragments, in any order, interleaved: delivered once, whole."""
+        big = enhanced_gre(0x42, os.urandom(1538))
+        small = enhanced_gre(0x43, b"between")
+        for datalink in (DLT_EN10MB, DLT_LINUX_SLL, DLT_RAW):
+            first, second = ip_fragments(SENDER, RECEIVER, big, 1480)
+            port = self.port(datalink)
+            self.feed(*[frame(datalink, ip) for ip in (second, ipv4(SENDER, RECEIVER, small), first)])
+            port.doRead()
+            self.assertEqual(self.receiver.packets, [(SENDER, RECEIVER, small), (SENDER, RECEIVER, big)])
+            stats = port.statistics()
+            self.assertEqual((stats["fragments"], stats["reassembled"], stats["delivered"],
+                              stats["reassembling"], stats["dropped"]), (2, 1, 2, 0, {}), datalink)
+
+    def test_fragments_of_two_datagrams_and_sources_kept_apart(self):
+        one, two = enhanced_gre(1, os.urandom(300)), enhanced_gre(2, os.urandom(300))
+        pieces = (ip_fragments(SENDER, RECEIVER, one, 104, ident=9)
+                  + ip_fragments(OTHER, RECEIVER, two, 104, ident=9))
+        port = self.port(DLT_RAW)
+        self.feed(*pieces[::-1])
+        port.doRead()
+        self.assertEqual(self.receiver.packets, [(OTHER, RECEIVER, two), (SENDER, RECEIVER, one)])
+        self.assertEqual(port.stats.reassembled, 2)
+
+    def test_fragment_timeout_counted(self):
+        """An incomplete datagram is dropped after reassemblyTimeout by the reactor's clock."""
+        clock = MemoryReactorClock()
+        self.system = MemoryGRESystem(DLT_RAW)
+        receiver = Collector()
+        port = GREPort(receiver, [RECEIVER], system=self.system, reactor=clock, reassemblyTimeout=5.0)
+        port.startListening()
+        first, second = ip_fragments(SENDER, RECEIVER, enhanced_gre(1, bytes(1538)), 1480)
+        self.system.captures[0].frames.append(first)
+        port.doRead()
+        clock.advance(4.9)
+        self.assertEqual(port.statistics()["reassembling"], 1)
+        clock.advance(0.2)
+        stats = port.statistics()
+        self.assertEqual((stats["reassembling"], stats["dropped"]), (0, {"reassembly_timeout": 1}))
+        self.system.captures[0].frames.append(second)  # too late: held on its own
+        port.doRead()
+        self.assertEqual(receiver.packets, [])
+
+    def test_reassembly_table_bounded(self):
+        port = self.port(DLT_RAW, maxReassemblies=8)
+        self.feed(*[ip_fragments(SENDER, RECEIVER, bytes(64), 32, ident=i)[0] for i in range(20)])
+        port.doRead()
+        stats = port.statistics()
+        self.assertEqual((stats["reassembling"], stats["dropped"]), (8, {"reassembly_evicted": 12}))
+
+    def test_conflicting_fragments_dropped(self):
+        first, second = ip_fragments(SENDER, RECEIVER, enhanced_gre(1, bytes(100)), 64)
+        liar = ip_fragments(SENDER, RECEIVER, enhanced_gre(1, b"\xff" * 100), 64)[0]
+        port = self.port(DLT_RAW)
+        self.feed(first, liar, second)
+        port.doRead()
+        self.assertEqual(self.receiver.packets, [])
+        self.assertEqual(port.stats.dropped, {"reassembly_overlap": 1})
 
     def test_read_budget(self):
         """One wake-up reads batch after batch until maxPacketsPerRead, then yields."""
@@ -256,10 +330,12 @@ class MemoryPortTests(unittest.SynchronousTestCase):
         """The socket that also stops ICMP protocol-unreachable carries the one-instruction drop filter."""
         port = self.port()
         sender = self.system.sockets[0]
-        self.assertEqual(len(sender.options), 1)
+        self.assertEqual(len(sender.options), 2)
         level, option, fprog = sender.options[0]
         self.assertEqual((level, option), (socket.SOL_SOCKET, 26))
         self.assertEqual(struct.unpack("HP", fprog)[0], 1)
+        # IP_MTU_DISCOVER = IP_PMTUDISC_DONT: DF clear, oversized GRE is fragmented
+        self.assertEqual(sender.options[1], (socket.IPPROTO_IP, 10, 0))
         port.stopListening()
         self.assertTrue(sender.closed and self.capture.closed)
 
