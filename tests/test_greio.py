@@ -419,6 +419,13 @@ def icmp_counters(lab, ns):
     return dict(zip(lines[0][1:], map(int, lines[1][1:])))
 
 
+def ip_counters(lab, ns):
+    """The Ip: line of /proc/net/snmp in *ns* as a dict (FragCreates, ReasmOKs, ...)."""
+    snmp = lab.read_proc(ns, "/proc/net/snmp")
+    lines = [line.split() for line in snmp.splitlines() if line.startswith("Ip:")]
+    return dict(zip(lines[0][1:], map(int, lines[1][1:])))
+
+
 def raw_rx_queues(lab, ns):
     """rx_queue of every raw socket in *ns* (/proc/net/raw), in bytes."""
     rows = lab.read_proc(ns, "/proc/net/raw").splitlines()[1:]
@@ -582,6 +589,55 @@ class KernelTests(unittest.TestCase):
 
     def test_loopback_rrp_next_to_pptpd_on_any(self):
         return self.check_loopback_shared("any")
+
+    @defer.inlineCallbacks
+    def check_receives_fragmented(self, interface):
+        """A 1550-byte GRE over the 1500-MTU veth arrives as two fragments; the port delivers it whole."""
+        port, got = self.open_port(self.b, [RECEIVER], interface=interface)
+        sock = self.sender()
+        sock.setsockopt(socket.IPPROTO_IP, greio.IP_MTU_DISCOVER, greio.IP_PMTUDISC_DONT)
+        big = [enhanced_gre(0x200 + i, os.urandom(1538)) for i in range(3)]
+        sent = []
+        for gre in big:
+            sent += [gre, enhanced_gre(0x300, b"small")]
+            sock.sendto(gre, (RECEIVER, 0))
+            sock.sendto(enhanced_gre(0x300, b"small"), (RECEIVER, 0))
+        packets = yield got.waitFor(len(sent))
+        self.assertEqual(packets, [(SENDER, RECEIVER, gre) for gre in sent])
+        self.assertEqual([len(gre) for gre in big], [1550] * 3)
+        stats = port.statistics()
+        self.assertEqual((stats["fragments"], stats["reassembled"], stats["reassembling"], stats["dropped"]),
+                         (6, 3, 0, {}))
+
+    def test_receives_fragmented_gre_pcap_on_any(self):
+        return self.check_receives_fragmented("any")
+
+    def test_receives_fragmented_gre_pcap_on_the_veth(self):
+        return self.check_receives_fragmented(self.link.name_b)
+
+    @defer.inlineCallbacks
+    def test_send_larger_than_mtu_is_fragmented_with_df_clear(self):
+        """sendGRE of 1550 bytes on a 1500-MTU link: the kernel fragments it, the peer reassembles.
+
+        Every packet also leaves with DF clear, as pptpd's do: a raw socket's default
+        (IP_PMTUDISC_WANT) sets DF on packets that fit, and IP_PMTUDISC_DO refuses big ones
+        with EMSGSIZE.
+        """
+        port, _ = self.open_port(self.b, [RECEIVER])
+        listener = self.raw_socket(self.a)
+        listener.settimeout(2)
+        before_b, before_a = ip_counters(self.lab, self.b), ip_counters(self.lab, self.a)
+        big, small = enhanced_gre(1, os.urandom(1538)), enhanced_gre(2, bytes(1380))
+        self.assertTrue(port.sendGRE(RECEIVER, SENDER, big))
+        self.assertTrue(port.sendGRE(RECEIVER, SENDER, small))
+        seen = [listener.recv(4096) for _ in range(2)]
+        self.assertEqual([data[20:] for data in seen], [big, small])
+        self.assertEqual([data[6] & 0x40 for data in seen], [0, 0])  # DF clear
+        after_b, after_a = ip_counters(self.lab, self.b), ip_counters(self.lab, self.a)
+        self.assertEqual(after_b["FragCreates"] - before_b["FragCreates"], 2)
+        self.assertEqual(after_a["ReasmOKs"] - before_a["ReasmOKs"], 1)
+        self.assertEqual(port.statistics()["dropped"], {})
+        yield settle(0)
 
     def test_capture_on_missing_interface(self):
         port = GREPort(Collector(), [RECEIVER], interface="nosuch0")
