@@ -9,11 +9,15 @@ PPTP's data channel is GRE, IP protocol 47: no ports, so no ordinary socket rece
   strips the link-layer header for the handle's datalink, checks the IPv4 header and hands
   ``receiver.greReceived(src, dst, gre)`` upward.  ``capture="raw"`` reads a raw
   IPPROTO_GRE socket instead (measured in docs/gre-io.md).
+* **Fragments**: pcap sees IPv4 fragments before the kernel reassembles them, and real
+  clients (pppd MTU 1500) send ~1550-byte GRE as two.  GRE fragments for a local address
+  go through a bounded ``ipfrag.Reassembler``; the whole datagram goes up like any other.
 * **Send**: ``sendGRE(src, dst, gre)`` through one raw IPPROTO_GRE socket per local
   address, bound to it and opened at start: pptpd only accepts GRE from its control
   connection's peer address, so the source must be chosen, and a bound socket lets the
   kernel build the IP header (measured faster than IP_HDRINCL from Python).  A full socket
-  buffer drops the packet and counts it; nothing is queued.
+  buffer drops the packet and counts it; nothing is queued.  DF is clear
+  (IP_PMTUDISC_DONT), as pptpd sends: GRE over the path MTU is fragmented, not refused.
 * **The ICMP gotcha**: a host with no raw IPPROTO_GRE socket matching a GRE packet (and no
   kernel GRE module) answers it with ICMP protocol-unreachable; pcap does not count.  The
   bound send sockets are open for the port's whole life, so every local address has one.
