@@ -15,8 +15,6 @@ from routeproxy.lab import cli, uml
 
 CLIENTS = 4
 TRANSFER_MB = 2
-# pppd's default MTU makes clients send GRE as IP fragments; see docs/lab.md.
-MTU = 1400
 
 
 def main(argv=None):
@@ -30,7 +28,7 @@ def main(argv=None):
     print(cli.format_table(baseline) + "\n", flush=True)
     print(f"2/2  the same clients through LRP -> NAT -> RRP -> pptpd, {TRANSFER_MB} MB each, "
           "one client hangs up and redials:", flush=True)
-    proxied = cli.run_lab("proxy", CLIENTS, transfer_mb=TRANSFER_MB, mtu=MTU, hangup=True)
+    proxied = cli.run_lab("proxy", CLIENTS, transfer_mb=TRANSFER_MB, hangup=True)
     print(cli.format_table(proxied), flush=True)
     ok = (proxied.connected == CLIENTS and proxied.pinged == CLIENTS
           and len(proxied.transfers_ok()) == CLIENTS and proxied.hangup_ok())
