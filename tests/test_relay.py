@@ -61,7 +61,8 @@ class RelayHarness:
         self.lrp = LocalRouteProxy(self.reactor, gre_port=RecordingGREPort())
         self.rrp = RemoteRouteProxy(self.reactor, {"default": (SERVER_IP, 1723)},
                                     gre_port=RecordingGREPort())
-        server_factory = MuxServerFactory(self.rrp.sessionRequested, clock=self.reactor)
+        self.server_factory = server_factory = MuxServerFactory(self.rrp.sessionRequested,
+                                                                clock=self.reactor)
         client_factory = LinkFactory(self.lrp, self.reactor)
         client_factory.peerNameOf = server_factory.peerNameOf = None
         _, _, self.pump = iosim.connectedServerAndClient(

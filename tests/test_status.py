@@ -14,19 +14,13 @@ import sys
 import urllib.error
 
 from twisted.internet import defer, reactor, utils
-from twisted.internet.address import IPv4Address
-from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.test import iosim
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 from twisted.web.client import Agent, readBody
 
 from routeproxy import gre, pptp, status
-from routeproxy.lrp import LinkFactory, LocalRouteProxy, PPTPServerFactory
-from routeproxy.mux.protocol import MuxServerFactory
-from routeproxy.rrp import RemoteRouteProxy
-from tests.test_relay import Peer, RecordingGREPort
+from tests.test_relay import LRP_IP, RRP_SOURCE, SERVER_IP, RecordingGREPort, RelayHarness
 
-LRP_IP, RRP_SOURCE, SERVER_IP = "10.0.1.1", "10.0.3.1", "10.0.4.2"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The text exposition format, one line at a time (prometheus.io/docs/instrumenting/exposition_formats).
@@ -75,64 +69,25 @@ def metric(samples, name, **labels):
     return samples[(name, frozenset(labels.items()))]
 
 
-class TwoClients:
-    """An LRP and an RRP joined by an in-memory mux link, with two clients of one call each."""
+class TwoClients(RelayHarness):
+    """An LRP and an RRP joined by an in-memory mux link, with two clients of one call each.
+
+    The harness is test_relay's; its assertions go to the test case that builds this.
+    """
 
     def build(self, case):
         self.case = case
-        self.reactor = MemoryReactorClock()
-        self.lrp = LocalRouteProxy(self.reactor, gre_port=RecordingGREPort())
-        self.rrp = RemoteRouteProxy(self.reactor, {"default": (SERVER_IP, 1723)},
-                                    gre_port=RecordingGREPort())
-        self.server_factory = MuxServerFactory(self.rrp.sessionRequested, clock=self.reactor)
-        client_factory = LinkFactory(self.lrp, self.reactor)
-        client_factory.peerNameOf = self.server_factory.peerNameOf = None
-        _, _, self.pump = iosim.connectedServerAndClient(
-            lambda: self.server_factory.buildProtocol(None),
-            lambda: client_factory.buildProtocol(None), greet=True)
-        self.flush()
-        self.port = 40000
-        self.a, self.a_server = self.connect("10.0.0.5")
-        self.b, self.b_server = self.connect("10.0.0.6")
+        self.setUp()
+        self.a, self.a_server = self.connect_client("10.0.0.5")
+        self.b, self.b_server = self.connect_client("10.0.0.6")
         self.r_a, self.l_a = self.dial(self.a, self.a_server, 1, 256)
         self.r_b, self.l_b = self.dial(self.b, self.b_server, 1, 257)
         return self
 
-    def flush(self):
-        for _ in range(5):
-            self.reactor.advance(0)
-            self.pump.flush()
-
-    def connect(self, ip):
-        self.port += 1
-        addr = IPv4Address("TCP", ip, self.port)
-        protocol = PPTPServerFactory(self.lrp).buildProtocol(addr)
-        transport = StringTransport(hostAddress=IPv4Address("TCP", LRP_IP, 1723), peerAddress=addr)
-        protocol.makeConnection(transport)
-        self.flush()
-        host, port, factory = self.reactor.tcpClients[-1][:3]
-        sp = factory.buildProtocol(IPv4Address("TCP", host, port))
-        st = StringTransport(hostAddress=IPv4Address("TCP", RRP_SOURCE, self.port),
-                             peerAddress=IPv4Address("TCP", SERVER_IP, 1723))
-        sp.makeConnection(st)
-        self.flush()
-        return Peer(protocol, transport), Peer(sp, st)
-
-    def dial(self, client, server, call_id, server_call_id):
-        client.send(pptp.StartControlConnectionRequest())
-        self.flush()
-        server.received()
-        server.send(pptp.StartControlConnectionReply(result_code=1))
-        self.flush()
-        client.received()
-        client.send(pptp.OutgoingCallRequest(call_id=call_id))
-        self.flush()
-        [ocrq] = server.received()
-        server.send(pptp.OutgoingCallReply(call_id=server_call_id, peer_call_id=ocrq.call_id,
-                                           result_code=1))
-        self.flush()
-        [ocrp] = client.received()
-        return ocrq.call_id, ocrp.call_id
+    def __getattr__(self, name):
+        if name.startswith("assert"):
+            return getattr(self.case, name)
+        raise AttributeError(name)
 
     def gre_both_ways(self):
         """3 packets from client a, 1 from client b, 2 from pptpd to a."""
