@@ -22,7 +22,7 @@ import random
 import time
 from collections import OrderedDict, deque
 
-__all__ = ["CallIDExhausted", "CallIDSpace", "CallIDTable", "FIRST_ID", "LAST_ID"]
+__all__ = ["CallIDExhausted", "CallIDSpace", "FIRST_ID", "LAST_ID"]
 
 FIRST_ID = 1
 LAST_ID = 0xFFFF
@@ -158,83 +158,4 @@ class CallIDSpace:
                 break
             self.release(call_id)
             released.append((call_id, entry.owner))
-        return released
-
-
-class CallIDTable:
-    """Scopes by key (the RRP: one per upstream server address; the LRP: a single key).
-
-    A scope is created on the first allocation and dropped when its last ID is released, so
-    a table never holds empty scopes.  A re-created scope starts at a new random point.
-    """
-
-    def __init__(self, clock=time.monotonic, idle=DEFAULT_IDLE, first=FIRST_ID, last=LAST_ID,
-                 start=None):
-        self._clock = clock
-        self._space_args = dict(clock=clock, idle=idle, first=first, last=last, start=start)
-        self._scopes = {}
-
-    def __len__(self):
-        """IDs in use across all scopes."""
-        return sum(len(space) for space in self._scopes.values())
-
-    def __contains__(self, key):
-        return key in self._scopes
-
-    def scopes(self):
-        return list(self._scopes)
-
-    def scope(self, key):
-        """The space for *key*, or None if it has no IDs in use."""
-        return self._scopes.get(key)
-
-    def allocate(self, key, owner):
-        space = self._scopes.get(key)
-        if space is None:
-            space = self._scopes[key] = CallIDSpace(name=str(key), **self._space_args)
-        try:
-            return space.allocate(owner)
-        finally:
-            if not space:
-                del self._scopes[key]
-
-    def owner_of(self, key, call_id):
-        space = self._scopes.get(key)
-        return None if space is None else space.owner_of(call_id)
-
-    def id_of(self, key, owner):
-        space = self._scopes.get(key)
-        return None if space is None else space.id_of(owner)
-
-    def touch(self, key, call_id, now=None):
-        space = self._scopes.get(key)
-        return False if space is None else space.touch(call_id, now)
-
-    def release(self, key, call_id):
-        """Free *call_id* in scope *key*; return its owner or None."""
-        space = self._scopes.get(key)
-        if space is None:
-            return None
-        owner = space.release(call_id)
-        if not space:
-            del self._scopes[key]
-        return owner
-
-    def release_owner(self, key, owner):
-        space = self._scopes.get(key)
-        if space is None:
-            return None
-        call_id = space.release_owner(owner)
-        if not space:
-            del self._scopes[key]
-        return call_id
-
-    def expire(self, now=None, idle=None):
-        """Age out every scope; return the released ``(key, id, owner)``."""
-        now = self._clock() if now is None else now
-        released = []
-        for key, space in list(self._scopes.items()):
-            released.extend((key, call_id, owner) for call_id, owner in space.expire(now, idle))
-            if not space:
-                del self._scopes[key]
         return released

@@ -56,7 +56,7 @@ class UnknownCallID(ValueError):
 class Call:
     """One call: its IDs in both native spaces and the local ID this side handed out."""
 
-    __slots__ = ("book", "pns_id", "pac_id", "local_id", "established", "gre_in", "gre_out")
+    __slots__ = ("book", "pns_id", "pac_id", "local_id", "established")
 
     def __init__(self, book):
         self.book = book
@@ -64,8 +64,6 @@ class Call:
         self.pac_id = None    # S: chosen by pptpd
         self.local_id = None  # L on the LRP, R on the RRP
         self.established = False
-        self.gre_in = 0       # GRE packets from the facing peer
-        self.gre_out = 0      # GRE packets to the facing peer
 
     def native(self, owner):
         return self.pns_id if owner == PNS else self.pac_id

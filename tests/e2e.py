@@ -196,6 +196,17 @@ def _build(topo, lab, n_clients, n_servers, n_lrps, routed, drop_gre):
 # waiting for things
 
 
+def terminate(proc, grace=5):
+    """SIGTERM, then SIGKILL if *proc* is still there after *grace* seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def wait_until(predicate, timeout, what, alive=None):
     """Poll *predicate* every 50 ms; E2EError naming *what* on timeout or when *alive*() is false."""
     deadline = time.monotonic() + timeout
@@ -254,13 +265,7 @@ class ServerHandle:
 
     def stop(self):
         """SIGTERM; returns the final status."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         if self.final is None:
             self.final = self._read_status()
         return self.final
@@ -415,13 +420,7 @@ class DaemonHandle:
         return _tail(self.log_path, limit=None)
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
 
     def describe(self):
         return (f"--- {self.name} in {self.ns} (rc={self.proc.poll()}) ---\n$ {' '.join(self.argv)}\n"

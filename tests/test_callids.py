@@ -5,7 +5,7 @@ from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 from twisted.trial.unittest import SynchronousTestCase
 
-from routeproxy.callids import CallIDExhausted, CallIDSpace, CallIDTable
+from routeproxy.callids import CallIDExhausted, CallIDSpace
 
 
 class FakeClock:
@@ -147,58 +147,6 @@ class CallIDSpaceTests(SynchronousTestCase):
         space.touch(a, 100)
         self.assertEqual(space.expire(150, 60), [])
         self.assertEqual(space.expire(160, 60), [(a, "a")])
-
-
-class CallIDTableTests(SynchronousTestCase):
-    def test_scopes_independent(self):
-        table = CallIDTable(start=100)
-        a = table.allocate("192.0.2.20", "call-1")
-        b = table.allocate("192.0.2.21", "call-1")
-        self.assertEqual(a, b)  # the same ID in two scopes is fine: the scopes face different peers
-        self.assertEqual(table.owner_of("192.0.2.20", a), "call-1")
-        self.assertEqual(table.id_of("192.0.2.21", "call-1"), b)
-        self.assertEqual(sorted(table.scopes()), ["192.0.2.20", "192.0.2.21"])
-        self.assertEqual(len(table), 2)
-        # Filling one scope leaves the other untouched.
-        small = CallIDTable(first=1, last=2)
-        small.allocate("x", 1)
-        small.allocate("x", 2)
-        e = self.assertRaises(CallIDExhausted, small.allocate, "x", 3)
-        self.assertEqual(e.scope, "x")
-        self.assertIsNotNone(small.allocate("y", 3))
-
-    def test_scope_created_on_demand_and_removed_when_empty(self):
-        table = CallIDTable()
-        self.assertNotIn("s", table)
-        self.assertIsNone(table.owner_of("s", 1))
-        self.assertIsNone(table.release("s", 1))
-        i = table.allocate("s", "o")
-        j = table.allocate("s", "p")
-        self.assertIn("s", table)
-        self.assertEqual(table.release("s", i), "o")
-        self.assertIn("s", table)
-        self.assertEqual(table.release_owner("s", "p"), j)
-        self.assertNotIn("s", table)
-        self.assertEqual(table.scopes(), [])
-
-    def test_failed_first_allocation_leaves_no_scope(self):
-        table = CallIDTable()
-        self.assertRaises(TypeError, table.allocate, "s", ["unhashable"])
-        self.assertNotIn("s", table)
-
-    def test_expire_across_scopes(self):
-        clock = FakeClock()
-        table = CallIDTable(clock=clock, idle=30)
-        a = table.allocate("lrp", "a")
-        b = table.allocate("other", "b")
-        clock.now += 20
-        self.assertTrue(table.touch("lrp", a))
-        self.assertFalse(table.touch("nowhere", a))
-        clock.now += 20
-        self.assertEqual(table.expire(), [("other", b, "b")])
-        self.assertEqual(table.scopes(), ["lrp"])
-        self.assertEqual(table.expire(clock.now + 30), [("lrp", a, "a")])
-        self.assertEqual(table.scopes(), [])
 
 
 class SpaceMachine(RuleBasedStateMachine):
