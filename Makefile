@@ -7,7 +7,7 @@ APT_PACKAGES := libpcap-dev tshark iproute2 iptables pptpd pptp-linux ppp user-m
 TRIAL_JOBS ?= 2
 TESTS ?= tests
 
-.PHONY: all deps apt venv test demo bench clean
+.PHONY: all deps apt venv test test-unit demo bench clean
 
 all: test
 
@@ -33,7 +33,13 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 test: deps
 	@set -o pipefail; rm -rf _trial_temp; \
 	$(VENV)/bin/trial --jobs=$(TRIAL_JOBS) $(TESTS) 2>&1 | tee .trial.log; rc=$$?; \
-	$(PY) -m tests.summary .trial.log; exit $$rc
+	$(PY) -m tests.support.summary .trial.log; exit $$rc
+
+# The in-memory suite: no root, no namespaces, no apt; the inner loop (well under 30 s).
+test-unit: venv
+	@set -o pipefail; rm -rf _trial_temp; \
+	$(VENV)/bin/trial --jobs=$(TRIAL_JOBS) tests.unit 2>&1 | tee .trial.log; rc=$$?; \
+	$(PY) -m tests.support.summary .trial.log; exit $$rc
 
 demo: deps
 	$(PY) -m routeproxy demo

@@ -68,7 +68,7 @@ def compare(lab, sizes=(64, 512, 1400), duration=1.0, log=print):
 
 
 def run(settings, log=print):
-    from tests import netns
+    from tests.support import netns
     netns.skip_unless_available()
     netns.reap_stale()
     lab = netns.NetnsLab()

@@ -152,7 +152,7 @@ PARTS = ("veth", "router", "nat")
 
 def run(settings, log=print, parts=PARTS):
     """Build and measure veth, router and nat; returns {"veth": .., "router": .., "nat": ..}."""
-    from tests import netns
+    from tests.support import netns
     netns.skip_unless_available()
     netns.reap_stale()
     results = {}

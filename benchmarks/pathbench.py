@@ -4,7 +4,7 @@
 
 No sockets for GRE and no pcap: a real :class:`~routeproxy.lrp.LocalRouteProxy` and
 :class:`~routeproxy.rrp.RemoteRouteProxy` with a call set up through their CallBooks (as
-tests/test_relay.py does: scripted PPTP peers on StringTransports, the RRP's dial to pptpd
+tests/unit/test_relay.py does: scripted PPTP peers on StringTransports, the RRP's dial to pptpd
 completed by hand), joined
 
 * ``memory``: two MuxProtocols whose transports hand their bytes to each other (one

@@ -334,7 +334,7 @@ def run(settings, log=print, parts=PARTS):
     if reason:
         log(f"proxy: skipped: {reason}")
         return {"skipped": reason}
-    from tests import netns
+    from tests.support import netns
     netns.skip_unless_available()
     netns.reap_stale()
     raise_fd_limit()

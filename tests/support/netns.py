@@ -2,7 +2,7 @@
 
 Typical use in a trial test::
 
-    from tests import netns
+    from tests.support import netns
 
     def test_something(self):
         lab = netns.lab_for(self)            # skips unless root + `ip netns`; cleaned up by addCleanup

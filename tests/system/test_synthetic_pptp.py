@@ -14,8 +14,8 @@ import time
 from twisted.trial import unittest
 
 from routeproxy import gre, pptp
-from tests import e2e, netns
-from tests import synthetic_pptp as syn
+from tests.support import e2e, netns
+from tests.support import synthetic_pptp as syn
 
 SERVER = "10.9.0.1"
 CLIENTS = ["10.9.0.11", "10.9.0.12"]
@@ -100,7 +100,7 @@ class DirectTests(unittest.TestCase):
         os.makedirs(self.workdir)
         self.status_path = os.path.join(self.workdir, "status.json")
         self.server = self.lab.spawn(
-            self.server_ns, [sys.executable, "-m", "tests.synthetic_pptp", "server", "--listen", SERVER,
+            self.server_ns, [sys.executable, "-m", "tests.support.synthetic_pptp", "server", "--listen", SERVER,
                              "--status", self.status_path, "--first-call-id", "500"],
             cwd=e2e.REPO, env=e2e._env(), stdout=subprocess.DEVNULL)
         e2e.wait_until(lambda: os.path.exists(self.status_path), 10, "server start",
@@ -113,7 +113,7 @@ class DirectTests(unittest.TestCase):
             return json.load(f)
 
     def client(self, bind, *options):
-        argv = [sys.executable, "-m", "tests.synthetic_pptp", "client", "--server", SERVER,
+        argv = [sys.executable, "-m", "tests.support.synthetic_pptp", "client", "--server", SERVER,
                 "--bind", bind, *options]
         return self.lab.spawn(self.clients_ns, argv, cwd=e2e.REPO, env=e2e._env(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

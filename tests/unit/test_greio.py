@@ -6,11 +6,11 @@ Two kinds:
   raw sockets in memory, no network) with frames built by dpkt or by hand, so every
   datalink, every drop reason, the read budget and the send error paths are exercised
   without root.
-* ``KernelTests`` use the real kernel: network namespaces and veth pairs (tests/netns.py),
+* ``KernelTests`` use the real kernel: network namespaces and veth pairs (tests/support/netns.py),
   real raw sockets and pypcap handles opened inside the namespaces, the trial reactor
   delivering.  They skip, with the reason, when not root or without ``ip netns``.
 
-``python -m tests.test_greio`` measures receive (pcap vs raw socket) and send costs.
+``python -m tests.unit.test_greio`` measures receive (pcap vs raw socket) and send costs.
 """
 import errno
 import os
@@ -31,7 +31,7 @@ from routeproxy.greio import (
     DLT_EN10MB, DLT_IPV4, DLT_LINUX_SLL, DLT_LINUX_SLL2, DLT_LOOP, DLT_NULL, DLT_RAW,
     GREIOError, GREPort, MemoryGRESystem,
 )
-from tests import netns
+from tests.support import netns
 
 SENDER, RECEIVER, OTHER = "10.0.0.1", "10.0.0.2", "10.0.0.3"
 
@@ -647,7 +647,7 @@ class KernelTests(unittest.TestCase):
 
 
 class NetnsHelperTests(unittest.TestCase):
-    """tests/netns.py itself: processes die and names disappear at cleanup; leftovers are reaped."""
+    """tests/support/netns.py itself: processes die and names disappear at cleanup; leftovers are reaped."""
 
     def setUp(self):
         netns.skip_unless_available()
@@ -712,7 +712,7 @@ def _dead_pid():
     return proc.pid
 
 
-# -- measurements (python -m tests.test_greio) ---------------------------------------------------
+# -- measurements (python -m tests.unit.test_greio) ---------------------------------------------------
 
 
 def _drain(port, n, deadline=10.0):

@@ -1,8 +1,8 @@
-"""Scripted PPTP peers and daemon launchers for the fault-injection tests (tests/test_faults.py).
+"""Scripted PPTP peers and daemon launchers for the fault-injection tests (tests/system/test_faults.py).
 
 Everything here uses plain blocking sockets so that a synchronous trial test can drive it
 step by step; the daemons under test are real ``twistd -n routeproxy-lrp|rrp`` processes.
-All sockets are opened inside one network namespace (:mod:`tests.netns`), where the whole
+All sockets are opened inside one network namespace (:mod:`tests.support.netns`), where the whole
 127.0.0.0/8 is on ``lo`` and no other test can take our ports.
 
 * :class:`ScriptedServer` -- a control-only PPTP server (a thread): answers SCCRQ with SCCRP,
@@ -29,7 +29,7 @@ import urllib.request
 
 from routeproxy import gre, pptp
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 PR_SET_PDEATHSIG = 1
 

@@ -510,7 +510,7 @@ class CallIdTableTests(unittest.SynchronousTestCase):
 
     def test_docs_table_agrees_with_the_code(self):
         """docs/pptp-call-ids.md lists each message's type, length, sender and ID offsets."""
-        path = os.path.join(os.path.dirname(__file__), "..", "docs", "pptp-call-ids.md")
+        path = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "pptp-call-ids.md")
         with open(path, encoding="utf-8") as f:
             text = f.read()
         rows = {}

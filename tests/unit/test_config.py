@@ -112,7 +112,7 @@ class RRPOptionsTests(unittest.SynchronousTestCase):
         self.assertRaises(usage.UsageError, parse, rrp_tap.Options, RRP_REQUIRED + ["--profile", "nohost"])
 
     def test_sample_files_parse(self):
-        etc = os.path.join(os.path.dirname(os.path.dirname(__file__)), "etc")
+        etc = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "etc")
         lrp = parse(lrp_tap.Options, ["--config", os.path.join(etc, "routeproxy-lrp.ini")] + LRP_TLS)
         self.assertEqual(lrp["pptp-listen"], ("0.0.0.0", 1723))
         rrp = parse(rrp_tap.Options, ["--config", os.path.join(etc, "routeproxy-rrp.ini")] + RRP_TLS)

@@ -3,14 +3,14 @@
 No PPP runs here: GRE payloads are test bytes that merely look like PPP (``ff 03`` first) and
 name who sent them, so a client can tell its own echoes from anybody else's.
 
-``python -m tests.synthetic_pptp server --listen HOST[:PORT] --status FILE [--first-call-id N]``
+``python -m tests.support.synthetic_pptp server --listen HOST[:PORT] --status FILE [--first-call-id N]``
     Answers the control messages a PPTP client sends (as pptpd would: its own call IDs from a
     counter, Call-Disconnect-Notify carrying its own ID) and echoes every GRE data packet of one
     of its calls back to the sender.  Like pptpd, GRE is only accepted from the address of that
     call's control connection and with one of its own call IDs; everything else is counted as
     dropped.  It writes a JSON status to FILE once listening, on SIGUSR1, on SIGTERM and at exit.
 
-``python -m tests.synthetic_pptp client --server HOST[:PORT] --bind ADDR [--call-id N] ...``
+``python -m tests.support.synthetic_pptp client --server HOST[:PORT] --bind ADDR [--call-id N] ...``
     Opens a control connection from ADDR, places M calls (IDs N, N+1, ...), sends K GRE packets
     per call keyed with the ID the server side gave it, collects the GRE addressed to ADDR, clears
     the calls and stops the connection; R rounds on fresh connections.  Prints one JSON line and
@@ -568,7 +568,7 @@ def run_client(args):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m tests.synthetic_pptp",
+    p = argparse.ArgumentParser(prog="python -m tests.support.synthetic_pptp",
                                 description="Synthetic PPTP peers (control + raw GRE) for tests.")
     sub = p.add_subparsers(dest="role", required=True)
     s = sub.add_parser("server", help="answer control messages and echo GRE")

@@ -13,7 +13,7 @@ reaches the servers on its own links.  With ``routed=True`` (the baseline) the L
 namespaces forward and every namespace routes end to end, so clients can dial a server
 directly through the NAT, which is what fails without the proxies.
 
-Everything runs as root in namespaces from tests/netns.py; 10.x addresses exist only there.
+Everything runs as root in namespaces from tests/support/netns.py; 10.x addresses exist only there.
 The daemons are started as a user starts them: ``twistd -n ... routeproxy-lrp|rrp OPTIONS``.
 """
 import contextlib
@@ -26,9 +26,9 @@ import sys
 import tempfile
 import time
 
-from tests import netns
+from tests.support import netns
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TWISTD = os.path.join(sys.prefix, "bin", "twistd")
 RRP_PORT = 4443
 PPTP_PORT = 1723
@@ -310,7 +310,7 @@ def start_server(topo, index=0, first_call_id=1, port=PPTP_PORT, side=None, name
     status_path = os.path.join(topo.workdir, f"{name}.status.json")
     log_path = os.path.join(topo.workdir, f"{name}.log")
     with open(log_path, "w") as log:
-        proc = topo.lab.spawn(side.ns, [sys.executable, "-m", "tests.synthetic_pptp", "server",
+        proc = topo.lab.spawn(side.ns, [sys.executable, "-m", "tests.support.synthetic_pptp", "server",
                                         "--listen", f"{side.address}:{port}", "--status", status_path,
                                         "--first-call-id", str(first_call_id)]
                                        + (["--mirror-call-ids"] if mirror else []),
@@ -337,7 +337,7 @@ def start_clients(topo, targets, call_id=1, packets=10, calls=1, rounds=1, timeo
     running = []
     for i in indexes:
         target = targets(i) if callable(targets) else targets
-        argv = [sys.executable, "-m", "tests.synthetic_pptp", "client", "--server", target,
+        argv = [sys.executable, "-m", "tests.support.synthetic_pptp", "client", "--server", target,
                 "--bind", topo.client_addresses[i], "--name", f"client{i}@{topo.client_addresses[i]}",
                 "--call-id", str(call_id), "--packets", str(packets), "--calls", str(calls),
                 "--rounds", str(rounds), "--timeout", str(timeout), "--hold", str(hold), *extra]

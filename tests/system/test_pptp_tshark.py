@@ -5,7 +5,7 @@ PNS-sent messages travel client -> server:1723, PAC-sent ones server:1723 -> cli
 direction one TCP stream, so tshark sees them as a real control connection would carry them.
 tshark 4.0's PPTP dissector does not reassemble TCP: it reads one message from the start of
 each segment, so every message gets a segment of its own (stream framing is covered by
-tests/test_pptp.py).
+tests/unit/test_pptp.py).
 """
 import dataclasses
 import json
@@ -15,7 +15,7 @@ import subprocess
 from twisted.trial.unittest import SynchronousTestCase
 
 from routeproxy import pptp
-from tests import tshark
+from tests.support import tshark
 
 # tshark's name for each of our fields, where it is not simply "pptp.<field>".
 TSHARK_NAMES = {

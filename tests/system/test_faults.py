@@ -7,9 +7,9 @@ three things: the broken session is closed, the daemon's log names the reason, a
 session opened before the fault on the same daemons still completes an Echo and an
 Outgoing-Call round trip.
 
-Everything runs inside one network namespace (tests/netns.py) on its ``lo``; the daemons
+Everything runs inside one network namespace (tests/support/netns.py) on its ``lo``; the daemons
 capture GRE there (``--gre-interface lo``).  The PPTP server behind the RRP is a scripted,
-control-only server in this process (tests/faultpeers.py); clients are plain sockets.  The
+control-only server in this process (tests/support/faultpeers.py); clients are plain sockets.  The
 daemons are started once for the module and shared by the tests (trial has no setUpClass):
 
     server   127.0.0.20:1723   (127.0.0.21:1723 is a closed port: profile "dead")
@@ -43,8 +43,8 @@ from twisted.python import log
 from twisted.trial import unittest
 
 from routeproxy import gre, pptp
-from tests import faultpeers, netns
-from tests.faultpeers import Daemon, FaultPeerError, PPTPClient
+from tests.support import faultpeers, netns
+from tests.support.faultpeers import Daemon, FaultPeerError, PPTPClient
 
 SERVER = ("127.0.0.20", 1723)
 CLOSED = ("127.0.0.21", 1723)

@@ -1,7 +1,7 @@
 """The status interface: snapshots, /metrics, /status.json over real HTTP, the table, the CLI.
 
 Fakes, and why: the LRP, the RRP and the mux link between them run in memory as in
-tests/test_relay.py (iosim link, StringTransport peers, a MemoryReactorClock for the RRP's
+tests/unit/test_relay.py (iosim link, StringTransport peers, a MemoryReactorClock for the RRP's
 dials, recording GRE ports).  The HTTP endpoint is real: a StatusSite on a loopback port of
 the real reactor, fetched with twisted.web.client.Agent and by `python -m routeproxy status`
 in a subprocess.
@@ -19,9 +19,9 @@ from twisted.trial import unittest
 from twisted.web.client import Agent, readBody
 
 from routeproxy import gre, pptp, status
-from tests.test_relay import LRP_IP, RRP_SOURCE, SERVER_IP, RecordingGREPort, RelayHarness
+from tests.unit.test_relay import LRP_IP, RRP_SOURCE, SERVER_IP, RecordingGREPort, RelayHarness
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # The text exposition format, one line at a time (prometheus.io/docs/instrumenting/exposition_formats).
 _NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
@@ -403,7 +403,7 @@ class TapTests(unittest.SynchronousTestCase):
 
     def test_both_daemons(self):
         from routeproxy import lrp_tap, rrp_tap
-        from tests.test_config import LRP_REQUIRED, RRP_REQUIRED, parse
+        from tests.unit.test_config import LRP_REQUIRED, RRP_REQUIRED, parse
 
         options = parse(lrp_tap.Options, LRP_REQUIRED + ["--status", "127.0.0.1:9723"])
         top = lrp_tap.makeService(options, reactor=MemoryReactorClock())

@@ -9,7 +9,7 @@ import struct
 from twisted.trial.unittest import SynchronousTestCase
 
 from routeproxy.gre import GREPacket, parse_gre
-from tests import tshark
+from tests.support import tshark
 
 PPP_LCP = b"\xff\x03\xc0\x21"  # address, control, protocol 0xC021
 

@@ -1,8 +1,8 @@
 """End to end on the host kernel (issue 4's acceptance): clients -> LRP -> NAT -> RRP -> server.
 
-Synthetic PPTP peers (tests/synthetic_pptp.py) speak real control messages over TCP and real
+Synthetic PPTP peers (tests/support/synthetic_pptp.py) speak real control messages over TCP and real
 GRE over raw sockets; the daemons are started as a user starts them, with
-``twistd -n routeproxy-lrp|rrp`` and the documented options (tests/e2e.py).  The NAT
+``twistd -n routeproxy-lrp|rrp`` and the documented options (tests/support/e2e.py).  The NAT
 namespace masquerades towards the RRP and drops every GRE packet it would forward, so GRE
 can only cross it inside the proxies' TLS link.
 
@@ -16,7 +16,7 @@ import time
 
 from twisted.trial import unittest
 
-from tests import e2e, netns
+from tests.support import e2e, netns
 
 CLIENTS = 8
 PACKETS = 20

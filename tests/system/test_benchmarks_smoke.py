@@ -17,9 +17,9 @@ from twisted.trial import unittest
 
 from benchmarks import loadgen, measure
 from routeproxy import gre
-from tests import netns
+from tests.support import netns
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class PacketFormatTests(unittest.SynchronousTestCase):
