@@ -8,10 +8,10 @@ import sys
 
 # command -> (module with main(argv) -> int, one-line help)
 COMMANDS = {
-    "demo": ("routeproxy.demo", "run the demo (the lab once it exists)"),
+    "demo": ("routeproxy.demo", "run the demo: 4 clients through a plain NAT, then through LRP and RRP"),
     "certs": ("routeproxy.certs", "write a private CA and LRP/RRP certificates for a lab"),
     "lab": ("routeproxy.lab", "bring up the PPTP lab with real clients and pptpd"),
-    "status": ("routeproxy.status", "print a daemon's sessions from its --status endpoint"),
+    "status": ("routeproxy.statuscli", "print a daemon's sessions from its --status endpoint"),
 }
 
 

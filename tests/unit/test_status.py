@@ -1,4 +1,5 @@
-"""The status interface: snapshots, /metrics, /status.json over real HTTP, the table, the CLI.
+"""The status interface: snapshots (status), /metrics (metrics), /status.json over real HTTP,
+the table and the CLI (statuscli).
 
 Fakes, and why: the LRP, the RRP and the mux link between them run in memory as in
 tests/unit/test_relay.py (iosim link, StringTransport peers, a MemoryReactorClock for the RRP's
@@ -18,7 +19,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 from twisted.web.client import Agent, readBody
 
-from routeproxy import gre, pptp, status
+from routeproxy import gre, metrics, pptp, status, statuscli
 from tests.unit.test_relay import LRP_IP, RRP_SOURCE, SERVER_IP, RecordingGREPort, RelayHarness
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -169,7 +170,7 @@ class SnapshotTests(unittest.TestCase):
         self.assertEqual(states, ["open", "open", "opening", "refused"])
         odd = [s for s in snap["sessions"] if s["mux_session"] is None]
         self.assertEqual([s["calls"] for s in odd], [[], []])
-        self.assertIn("-", status.format_table(snap))
+        self.assertIn("-", statuscli.format_table(snap))
         self.lab.rrp.sessions.add(object.__new__(type(next(iter(self.lab.rrp.sessions)))))
         status.snapshot_rrp(self.lab.rrp)          # a session object that never ran __init__
         del bare
@@ -188,7 +189,7 @@ class SnapshotTests(unittest.TestCase):
         self.lab.lrp.gre_port = Port()
         snap = status.snapshot_lrp(self.lab.lrp)
         self.assertEqual(snap["gre_port"]["received"], 5)
-        samples = parse_metrics(status.format_metrics(snap))
+        samples = parse_metrics(metrics.format_metrics(snap))
         self.assertEqual(metric(samples, "routeproxy_gre_port_packets_total", event="sent"), 3)
         self.assertEqual(metric(samples, "routeproxy_gre_port_dropped_total", reason="not_gre"), 1)
 
@@ -199,7 +200,7 @@ class MetricsTests(unittest.TestCase):
         self.resource = status.StatusResource(self.lab.lrp)
 
     def metrics(self):
-        return parse_metrics(status.format_metrics(self.resource.snapshot()))
+        return parse_metrics(metrics.format_metrics(self.resource.snapshot()))
 
     def test_every_line_in_format_and_counters(self):
         self.lab.gre_both_ways()
@@ -250,7 +251,7 @@ class MetricsTests(unittest.TestCase):
     def test_label_values_escaped(self):
         weird = 'a "quoted" \\ back\nslash'
         self.lab.lrp.drops.add(weird)
-        text = status.format_metrics(self.resource.snapshot())
+        text = metrics.format_metrics(self.resource.snapshot())
         self.assertIn(r'reason="a \"quoted\" \\ back\nslash"', text)
         samples = parse_metrics(text)
         self.assertEqual(metric(samples, "routeproxy_gre_dropped_total", reason=weird), 1)
@@ -259,7 +260,7 @@ class MetricsTests(unittest.TestCase):
         snap = self.resource.snapshot()
         closing = dict(snap["links"][0], up=False)
         snap["links"].append(closing)
-        samples = parse_metrics(status.format_metrics(snap))   # fails on a duplicate series
+        samples = parse_metrics(metrics.format_metrics(snap))   # fails on a duplicate series
         self.assertEqual(metric(samples, "routeproxy_link_up", peer="peer"), 1)
         self.assertEqual(metric(samples, "routeproxy_link_up", peer="peer#2"), 0)
         self.assertEqual(metric(samples, "routeproxy_links_up"), 1)
@@ -273,7 +274,7 @@ class TableTests(unittest.TestCase):
     def test_row_per_session(self):
         lab = TwoClients().build(self)
         snap = status.snapshot_lrp(lab.lrp)
-        lines = status.format_table(snap).splitlines()
+        lines = statuscli.format_table(snap).splitlines()
         self.assertTrue(lines[0].startswith("LRP: links: peer up"))
         header, rows = lines[1], lines[2:]
         self.assertEqual(len(rows), 2)
@@ -286,16 +287,16 @@ class TableTests(unittest.TestCase):
 
     def test_rrp_table_has_server(self):
         lab = TwoClients().build(self)
-        text = status.format_table(status.snapshot_rrp(lab.rrp), summary=False)
+        text = statuscli.format_table(status.snapshot_rrp(lab.rrp), summary=False)
         header, *rows = text.splitlines()
         self.assertIn("server", header)
         self.assertTrue(all(f"{SERVER_IP}:1723" in row for row in rows))
         self.assertEqual(len(rows), 2)
 
     def test_not_a_snapshot(self):
-        self.assertRaises(status.StatusError, status.format_table, {"role": "lrp"})
-        self.assertRaises(status.StatusError, status.format_table, [1, 2])
-        self.assertRaises(status.StatusError, status.format_table, {"sessions": [3]})
+        self.assertRaises(statuscli.StatusError, statuscli.format_table, {"role": "lrp"})
+        self.assertRaises(statuscli.StatusError, statuscli.format_table, [1, 2])
+        self.assertRaises(statuscli.StatusError, statuscli.format_table, {"sessions": [3]})
 
 
 class HTTPTests(unittest.TestCase):
@@ -328,7 +329,7 @@ class HTTPTests(unittest.TestCase):
         response, body = yield self.get("/metrics")
         self.assertEqual(response.code, 200)
         self.assertEqual(response.headers.getRawHeaders(b"content-type"),
-                         [status.METRICS_CONTENT_TYPE])
+                         [metrics.METRICS_CONTENT_TYPE])
         self.assertEqual(metric(parse_metrics(body.decode()), "routeproxy_sessions"), 2)
         response, _ = yield self.get("/nothing")
         self.assertEqual(response.code, 404)
@@ -372,13 +373,13 @@ class CommandLineTests(unittest.SynchronousTestCase):
 
     def run_main(self, argv, body):
         out, err = io.StringIO(), io.StringIO()
-        code = status.main(argv, urlopen=self.opener(body), out=out, err=err)
+        code = statuscli.main(argv, urlopen=self.opener(body), out=out, err=err)
         return code, out.getvalue(), err.getvalue()
 
     def test_table_and_json(self):
         body = json.dumps(self.snap).encode()
         code, out, _ = self.run_main(["127.0.0.1:9723"], body)
-        self.assertEqual((code, out), (0, status.format_table(self.snap)))
+        self.assertEqual((code, out), (0, statuscli.format_table(self.snap)))
         code, out, _ = self.run_main(["--json", "http://h:1/status.json"], body)
         self.assertEqual(json.loads(out), self.snap)
         self.assertEqual(self.urls, ["http://127.0.0.1:9723/status.json", "http://h:1/status.json"])
