@@ -10,8 +10,9 @@ Who checks what (docs/tls.md):
 
 The side that refuses a peer logs one line with the reason and the peer's
 address (``routeproxy.tls`` log namespace); the refused side logs the TLS alert
-it received.  ``describeTLSFailure`` turns the reason a connection was lost
-into the same kind of text for callers' own log lines.
+it received.  What one connection's checks found lives in its own record
+(``_Handshake``), which its creator finds again from the info callback; a
+``ClientTLS`` also remembers the latest refusal, for its reconnection backoff.
 
 Both ends are Twisted ``CertificateOptions`` (the client side does what
 ``optionsForClientTLS`` does: trust root, SNI, a service_identity name check)
@@ -37,7 +38,6 @@ from twisted.internet import ssl
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 log = Logger(namespace="routeproxy.tls")
@@ -149,18 +149,6 @@ def peerName(transport):
     return certName(cert)
 
 
-def checkPeer(transport, allowed_names=None):
-    """The peer's name, after checking it is in *allowed_names* (if given).
-
-    The RRP's handshake already refuses names outside ``allowed_names``; this
-    is for callers that hold their own list (e.g. per-profile permissions).
-    """
-    name = peerName(transport)
-    if allowed_names is not None and name not in allowed_names:
-        raise PeerRejected(f"peer name {name!r} is not in the allowed names ({', '.join(sorted(allowed_names))})")
-    return name
-
-
 # -- explaining refusals -------------------------------------------------------------
 
 # X509_V_ERR_* codes we expect to meet, with OpenSSL's own wording.
@@ -234,129 +222,46 @@ def _addressOf(tlsProtocol):
 # access denied, certificate required) plus the two OpenSSL sends when a verify
 # callback refuses a name (internal error) or no certificate came (handshake failure).
 _REFUSAL_ALERTS = {40, 42, 43, 44, 45, 46, 48, 49, 80, 116}
-_established = weakref.WeakSet()  # tlsProtocols whose handshake finished
-
-# tlsProtocol -> the text of our refusal, so describeTLSFailure(reason, transport) can use it.
-_refusals = weakref.WeakKeyDictionary()
 
 
-# tlsProtocol -> the ClientTLS that made it, told of refusals (for its backoff).
-_owners = weakref.WeakKeyDictionary()
+class _Handshake:
+    """One connection's peer check: the verify callback, the fatal alerts its
+    creator's info callback hands on, and what they concluded.
 
-
-def _recordRefusal(tlsProtocol, text, replace=True):
-    if replace or tlsProtocol not in _refusals:
-        _refusals[tlsProtocol] = text
-    owner = _owners.get(tlsProtocol)
-    if owner is not None:
-        owner.refused(text)
-
-
-def refusalOf(transport):
-    """The reason we refused the peer of *transport* during its handshake, or None."""
-    try:
-        return _refusals.get(transport)
-    except TypeError:
-        return None
-
-
-def describeTLSFailure(failure, transport=None):
-    """One line explaining why a TLS connection failed or was lost.
-
-    *failure* is a Failure or exception (typically the connectionLost reason);
-    pass the *transport* too to get our own refusal's exact reason.
-    """
-    if transport is not None:
-        own = refusalOf(transport)
-        if own:
-            return own
-    error = failure.value if isinstance(failure, Failure) else failure
-    if isinstance(error, PeerRejected):
-        return str(error)
-    if isinstance(error, VerificationError):
-        return f"peer name mismatch: {error}"
-    if isinstance(error, SSL.Error):
-        parts = []
-        for item in error.args[0] if error.args and isinstance(error.args[0], list) else []:
-            reason = item[-1] if isinstance(item, tuple) else str(item)
-            if reason and reason not in parts:
-                parts.append(reason)
-        text = "; ".join(parts) or str(error)
-        if "alert" in text:
-            return f"the peer refused the handshake: {text}"
-        return f"TLS handshake failed: {text}"
-    return f"{type(error).__name__}: {error}"
-
-
-def _alertInfoCallback(role):
-    """An info callback that logs fatal alerts: sent ones (we refused the
-    peer, unless the verify callback already said why) and received ones (the
-    peer refused us)."""
-
-    def info(conn, where, ret):
-        try:
-            tlsProtocol = conn.get_app_data()
-            if tlsProtocol is None:
-                return
-            if where & SSL.SSL_CB_HANDSHAKE_DONE:
-                _established.add(tlsProtocol)
-                return
-            if not where & SSL.SSL_CB_ALERT:
-                return
-            level, desc = ret >> 8, ret & 0xFF
-            if desc == 0 or level != 2:  # close_notify / warnings
-                return
-            alert = ALERTS.get(desc, f"alert {desc}")
-            address = _addressOf(tlsProtocol)
-            # TLS 1.3 servers check the client's certificate after the client
-            # has finished its handshake, so a refusal can come "after" it;
-            # other alerts then are for the link's connectionLost to report.
-            authentication = tlsProtocol not in _established or desc in _REFUSAL_ALERTS
-            if where & SSL.SSL_CB_WRITE:
-                if not authentication or tlsProtocol in _refusals:
-                    return
-                reason = _SENT_ALERT_REASONS.get(desc, f"sent TLS alert '{alert}'")
-                _recordRefusal(tlsProtocol, f"refused {role} at {address}: {reason}")
-                log.warn("TLS: refused {role} at {address}: {reason}", role=role, address=address, reason=reason)
-            elif authentication:
-                _recordRefusal(tlsProtocol, f"{role} at {address} refused us: TLS alert '{alert}'", replace=False)
-                log.warn("TLS: {role} at {address} refused the handshake with alert '{alert}' ({hint})",
-                         role=role, address=address, alert=alert,
-                         hint=_RECEIVED_ALERT_HINTS.get(desc, "it does not accept our certificate or TLS settings"))
-            else:
-                log.info("TLS: {role} at {address} closed the connection with alert '{alert}'",
-                         role=role, address=address, alert=alert)
-        except Exception:
-            log.failure("TLS: while logging an alert")
-
-    return info
-
-
-class _PeerVerifier:
-    """A per-connection verify callback: chain errors and names, explained.
-
-    Returning False makes OpenSSL abort the handshake and send the peer the
-    matching alert (unknown ca, certificate expired, ...); the reason is
-    logged here and remembered for ``describeTLSFailure``.
+    It is per connection so a refusal is logged once (the verify callback's
+    line, not again for the alert OpenSSL then sends) and nothing outlives the
+    connection.  Returning False from :meth:`verify` makes OpenSSL abort the
+    handshake and send the peer the matching alert (unknown ca, certificate
+    expired, ...).  *onRefusal* (the ClientTLS's ``refused``) hears every
+    refusal, ours or the peer's, for the reconnection backoff.
     """
 
-    def __init__(self, tlsProtocol, role, expectedName=None, allowedNames=None):
+    def __init__(self, tlsProtocol, role, expectedName=None, allowedNames=None, onRefusal=None):
         self.tlsProtocol = weakref.ref(tlsProtocol)
         self.role = role
         self.expectedName = expectedName
         self.allowedNames = allowedNames
+        self.onRefusal = onRefusal
+        self.established = False  # the handshake finished (TLS 1.3 may still refuse after)
+        self.refused = False  # either side refused the other
+
+    def address(self):
+        return _addressOf(self.tlsProtocol())
+
+    def recordRefusal(self, text):
+        self.refused = True
+        if self.onRefusal is not None:
+            self.onRefusal(text)
 
     def refuse(self, reason, cert):
-        tls = self.tlsProtocol()
-        address = _addressOf(tls) if tls is not None else "?"
         subject = _printable(cert.to_cryptography().subject.rfc4514_string()) if cert is not None else "-"
-        line = f"refused {self.role} at {address}: {reason} [{subject}]"
-        if tls is not None:
-            _recordRefusal(tls, line)
+        line = f"refused {self.role} at {self.address()}: {reason} [{subject}]"
+        self.recordRefusal(line)
         log.warn("TLS: {line}", line=line)
         return False
 
-    def __call__(self, conn, cert, errno, depth, ok):
+    def verify(self, conn, cert, errno, depth, ok):
+        """The verify callback: chain errors and names, explained."""
         try:
             if not ok:
                 where = "" if depth == 0 else f" (certificate at depth {depth})"
@@ -379,6 +284,38 @@ class _PeerVerifier:
             log.failure("TLS: while verifying a certificate")
             return False
 
+    def info(self, where, ret):
+        """Log fatal alerts: sent ones (we refused the peer, unless
+        :meth:`verify` already said why) and received ones (the peer refused us)."""
+        if where & SSL.SSL_CB_HANDSHAKE_DONE:
+            self.established = True
+            return
+        if not where & SSL.SSL_CB_ALERT:
+            return
+        level, desc = ret >> 8, ret & 0xFF
+        if desc == 0 or level != 2:  # close_notify / warnings
+            return
+        alert = ALERTS.get(desc, f"alert {desc}")
+        role, address = self.role, self.address()
+        # TLS 1.3 servers check the client's certificate after the client
+        # has finished its handshake, so a refusal can come "after" it;
+        # other alerts then are for the link's connectionLost to report.
+        authentication = not self.established or desc in _REFUSAL_ALERTS
+        if where & SSL.SSL_CB_WRITE:
+            if not authentication or self.refused:
+                return
+            reason = _SENT_ALERT_REASONS.get(desc, f"sent TLS alert '{alert}'")
+            self.recordRefusal(f"refused {role} at {address}: {reason}")
+            log.warn("TLS: refused {role} at {address}: {reason}", role=role, address=address, reason=reason)
+        elif authentication:
+            self.recordRefusal(f"{role} at {address} refused us: TLS alert '{alert}'")
+            log.warn("TLS: {role} at {address} refused the handshake with alert '{alert}' ({hint})",
+                     role=role, address=address, alert=alert,
+                     hint=_RECEIVED_ALERT_HINTS.get(desc, "it does not accept our certificate or TLS settings"))
+        else:
+            log.info("TLS: {role} at {address} closed the connection with alert '{alert}'",
+                     role=role, address=address, alert=alert)
+
 
 def _printable(text, limit=200):
     """A name from an unverified certificate, safe to put in a log line."""
@@ -400,8 +337,34 @@ _VERIFY_MODE = SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT
 
 # -- the two ends ------------------------------------------------------------------
 
+class _Creator:
+    """What both ends share: the options, and each live connection's
+    :class:`_Handshake`, found again by the context's info callback (pyOpenSSL
+    before 25.2 has no per-connection info callback)."""
+
+    role = None
+
+    def __init__(self, options):
+        self.options = options
+        self._handshakes = weakref.WeakKeyDictionary()  # SSL.Connection -> _Handshake
+        options.getContext().set_info_callback(self._info)
+
+    def _check(self, conn, handshake, mode):
+        self._handshakes[conn] = handshake
+        conn.set_verify(mode, handshake.verify)
+        return conn
+
+    def _info(self, conn, where, ret):
+        try:
+            handshake = self._handshakes.get(conn)
+            if handshake is not None:
+                handshake.info(where, ret)
+        except Exception:
+            log.failure("TLS: while logging an alert")
+
+
 @implementer(IOpenSSLServerConnectionCreator)
-class ServerTLS:
+class ServerTLS(_Creator):
     """The RRP's TLS settings; pass it wherever Twisted wants a server
     context factory (``SSL4ServerEndpoint``, ``listenSSL``, ``TLSMemoryBIOFactory``).
 
@@ -411,19 +374,17 @@ class ServerTLS:
     role = "LRP"
 
     def __init__(self, options, allowedNames=None):
-        self.options = options
+        super().__init__(options)
         self.allowedNames = allowedNames
-        options.getContext().set_info_callback(_alertInfoCallback(self.role))
 
     def serverConnectionForTLS(self, tlsProtocol):
         conn = self.options.serverConnectionForTLS(tlsProtocol)
-        conn.set_verify(_VERIFY_MODE | SSL.VERIFY_CLIENT_ONCE,
-                        _PeerVerifier(tlsProtocol, self.role, allowedNames=self.allowedNames))
-        return conn
+        return self._check(conn, _Handshake(tlsProtocol, self.role, allowedNames=self.allowedNames),
+                           _VERIFY_MODE | SSL.VERIFY_CLIENT_ONCE)
 
 
 @implementer(IOpenSSLClientConnectionCreator)
-class ClientTLS:
+class ClientTLS(_Creator):
     """The LRP's TLS settings: what ``optionsForClientTLS`` builds (trust
     root, SNI, service_identity name check), done here so the context also
     gets our info callback (pyOpenSSL forbids changing a context once it made
@@ -432,28 +393,26 @@ class ClientTLS:
     role = "RRP"
 
     def __init__(self, rrpName, options):
+        super().__init__(options)
         self.rrpName = rrpName
-        self.options = options
         try:
             ipaddress.ip_address(rrpName)
             self._sni = None  # RFC 6066: no literal addresses in SNI
         except ValueError:
             self._sni = rrpName.encode("idna")
-        options.getContext().set_info_callback(_alertInfoCallback(self.role))
 
-    lastRefusal = None  # why the latest connection was refused, or None
+    lastRefusal = None  # why the latest connection was refused, or None (RefusalBackoff reads it)
 
     def refused(self, text):
         self.lastRefusal = text
 
     def clientConnectionForTLS(self, tlsProtocol):
         self.lastRefusal = None
-        _owners[tlsProtocol] = self
         conn = self.options.clientConnectionForTLS(tlsProtocol)
         if self._sni:
             conn.set_tlsext_host_name(self._sni)
-        conn.set_verify(_VERIFY_MODE, _PeerVerifier(tlsProtocol, self.role, expectedName=self.rrpName))
-        return conn
+        return self._check(conn, _Handshake(tlsProtocol, self.role, expectedName=self.rrpName,
+                                            onRefusal=self.refused), _VERIFY_MODE)
 
 
 def _names(allowed_names):
