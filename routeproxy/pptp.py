@@ -514,41 +514,6 @@ def call_ids(msg, sender=None):
             for name, owner in _id_fields(cls, sender)]
 
 
-def rewrite_call_ids(msg, translate, sender=None):
-    """A copy of *msg* with each call ID replaced by ``translate(owner, value)``.
-
-    Returns *msg* itself when it carries no call IDs or nothing changes.
-    *translate* may raise to refuse an unknown ID; that exception propagates.
-    """
-    changes = {}
-    for name, owner in _id_fields(type(msg), sender):
-        old = getattr(msg, name)
-        new = translate(owner, old)
-        if new != old:
-            changes[name] = new
-    return dataclasses.replace(msg, **changes) if changes else msg
-
-
-def rewrite_call_ids_bytes(data, translate, sender=None):
-    """Like :func:`rewrite_call_ids` on the wire bytes of one whole message.
-
-    Checks the header as :func:`parse_message` does, then patches the 16-bit
-    fields in place at the offsets the message class derives; other bytes are
-    copied unchanged.  Returns bytes.
-    """
-    cls = _whole_message_class(data)
-    entries = _id_fields(cls, sender)
-    out = bytearray(data)
-    for name, owner in entries:
-        offset = cls.FIELD_OFFSETS[name]
-        (old,) = _U16.unpack_from(out, offset)
-        new = translate(owner, old)
-        if not isinstance(new, int) or not 0 <= new <= 0xFFFF:
-            raise PPTPError("bad value", f"{cls.NAME}.{name}: translated call ID {new!r} is not 16-bit")
-        _U16.pack_into(out, offset, new)
-    return bytes(out)
-
-
 # --- parsing ----------------------------------------------------------------
 
 def _check_header(buf, pos, available):

@@ -17,18 +17,18 @@ class DropCounter:
         self.counts = Counter()
         self._clock = clock
         self._interval = interval
-        self._next_report = {}
+        self._nextReport = {}
         self._unreported = Counter()
 
     def add(self, reason, detail=""):
         self.counts[reason] += 1
         now = self._clock()
-        due = self._next_report.get(reason)
+        due = self._nextReport.get(reason)
         if due is not None and now < due:
             self._unreported[reason] += 1
             return
         more = self._unreported.pop(reason, 0)
-        self._next_report[reason] = now + self._interval
+        self._nextReport[reason] = now + self._interval
         suffix = f" ({more} more since the last report)" if more else ""
         self.log.warn("dropped: {reason}{detail}{suffix}", reason=reason,
                       detail=f": {detail}" if detail else "", suffix=suffix)
@@ -38,3 +38,7 @@ class DropCounter:
 
     def total(self):
         return sum(self.counts.values())
+
+    def snapshot(self):
+        """Drops by reason as plain data (reason text -> count), sorted by reason."""
+        return {str(reason): count for reason, count in sorted(self.counts.items(), key=lambda kv: str(kv[0]))}

@@ -1,4 +1,5 @@
-"""routeproxy.callids: allocation, both-way lookup, release, ageing, exhaustion, scopes."""
+"""routeproxy.callids: allocation, both-way lookup, release, exhaustion, the status snapshot."""
+import json
 import time
 
 from hypothesis import settings, strategies as st
@@ -6,16 +7,6 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from twisted.trial.unittest import SynchronousTestCase
 
 from routeproxy.callids import CallIDExhausted, CallIDSpace
-
-
-class FakeClock:
-    """A settable clock (stands in for time.monotonic / reactor.seconds)."""
-
-    def __init__(self, now=1000.0):
-        self.now = now
-
-    def __call__(self):
-        return self.now
 
 
 class CallIDSpaceTests(SynchronousTestCase):
@@ -124,42 +115,26 @@ class CallIDSpaceTests(SynchronousTestCase):
         for kwargs in [dict(first=0), dict(last=65536), dict(first=5, last=4), dict(first=1, last=9, start=10)]:
             self.assertRaises(ValueError, CallIDSpace, **kwargs)
 
-    def test_expire_with_fake_clock(self):
-        clock = FakeClock()
-        space = CallIDSpace(clock=clock, idle=60)
-        a = space.allocate("answered")
-        b = space.allocate("reply never came")
-        clock.now += 50
-        self.assertTrue(space.touch(a))
-        self.assertFalse(space.touch(9 if 9 not in (a, b) else 10))
-        self.assertEqual(space.expire(), [])
-        clock.now += 15  # b idle 65 s, a 15 s
-        self.assertEqual(space.expire(), [(b, "reply never came")])
-        self.assertIsNone(space.owner_of(b))
-        self.assertIsNone(space.id_of("reply never came"))
-        self.assertEqual(space.expire(idle=15), [(a, "answered")])
-        self.assertEqual(len(space), 0)
-
-    def test_touch_with_explicit_time_and_expire_argument_order(self):
-        clock = FakeClock(0)
-        space = CallIDSpace(clock=clock)
+    def test_snapshot(self):
+        space = CallIDSpace("LRP", first=1, last=10)
+        self.assertEqual(space.snapshot(), {"scope": "LRP", "in_use": 0, "capacity": 10})
         a = space.allocate("a")
-        space.touch(a, 100)
-        self.assertEqual(space.expire(150, 60), [])
-        self.assertEqual(space.expire(160, 60), [(a, "a")])
+        space.allocate("b")
+        space.release(a)
+        snap = space.snapshot()
+        self.assertEqual(snap, {"scope": "LRP", "in_use": 1, "capacity": 10})
+        self.assertEqual(json.loads(json.dumps(snap)), snap)  # plain data only
 
 
 class SpaceMachine(RuleBasedStateMachine):
-    """A CallIDSpace over IDs 1..6 against a plain dict model, with a fake clock."""
+    """A CallIDSpace over IDs 1..6 against a plain dict model."""
 
-    FIRST, LAST, IDLE = 1, 6, 10
+    FIRST, LAST = 1, 6
 
     def __init__(self):
         super().__init__()
-        self.clock = FakeClock(0)
-        self.space = CallIDSpace("model", clock=self.clock, idle=self.IDLE, first=self.FIRST, last=self.LAST,
-                                 start=3)
-        self.model = {}  # id -> [owner, last_seen]
+        self.space = CallIDSpace("model", first=self.FIRST, last=self.LAST, start=3)
+        self.model = {}  # id -> owner
         self.last_released = None
         self.next_owner = 0
 
@@ -181,45 +156,27 @@ class SpaceMachine(RuleBasedStateMachine):
         assert call_id not in self.model, call_id
         if self.free_count() > 1:
             assert call_id != self.last_released, "just-released ID reused while others were free"
-        self.model[call_id] = [owner, self.clock.now]
+        self.model[call_id] = owner
 
     @precondition(lambda self: self.model)
     @rule(data=st.data())
     def release(self, data):
         call_id = data.draw(st.sampled_from(sorted(self.model)))
-        assert self.space.release(call_id) == self.model.pop(call_id)[0]
+        assert self.space.release(call_id) == self.model.pop(call_id)
         self.last_released = call_id
 
     @rule(call_id=st.integers(0, 8))
     def release_unknown_or_known(self, call_id):
-        expected = self.model.pop(call_id)[0] if call_id in self.model else None
+        expected = self.model.pop(call_id) if call_id in self.model else None
         assert self.space.release(call_id) == expected
         if expected is not None:
             self.last_released = call_id
-
-    @rule(seconds=st.integers(0, 8))
-    def advance(self, seconds):
-        self.clock.now += seconds
-
-    @rule(call_id=st.integers(0, 8))
-    def touch(self, call_id):
-        assert self.space.touch(call_id) == (call_id in self.model)
-        if call_id in self.model:
-            self.model[call_id][1] = self.clock.now
-
-    @rule()
-    def expire(self):
-        stale = {i: o for i, (o, seen) in self.model.items() if seen <= self.clock.now - self.IDLE}
-        assert dict(self.space.expire()) == stale
-        for i in stale:
-            del self.model[i]
-        self.last_released = None  # several released at once; no single "last"
 
     @invariant()
     def lookups_agree(self):
         assert len(self.space) == len(self.model)
         for call_id in range(self.FIRST - 1, self.LAST + 2):
-            owner = self.model.get(call_id, [None])[0]
+            owner = self.model.get(call_id)
             assert self.space.owner_of(call_id) == owner
             if owner is not None:
                 assert self.space.id_of(owner) == call_id

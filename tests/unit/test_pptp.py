@@ -426,14 +426,6 @@ class PropertyTests(unittest.SynchronousTestCase):
             except PPTPError:
                 pass
 
-    @HYPOTHESIS
-    @given(messages_strategy, st.sampled_from([None, PNS, PAC]))
-    def test_rewrite_bytes_agrees_with_rewrite(self, msg, sender):
-        def translate(owner, value):
-            return (value * 7 + (1 if owner == PNS else 2)) & 0xFFFF
-        self.assertEqual(pptp.rewrite_call_ids_bytes(msg.pack(), translate, sender),
-                         pptp.rewrite_call_ids(msg, translate, sender).pack())
-
 
 # --- call IDs -----------------------------------------------------------------
 
@@ -464,29 +456,21 @@ class CallIdTableTests(unittest.SynchronousTestCase):
         self.assertEqual({cls.__name__: alt for cls, alt in pptp.ALTERNATE_OWNERS.items()},
                          {"CallDisconnectNotify": {"call_id": PNS}})
 
-    def test_rewrite_changes_exactly_the_call_id_bytes(self):
+    def test_call_id_offsets_are_the_bytes_a_rewrite_changes(self):
+        """calls.py rewrites IDs by replacing the fields call_ids() names; exactly the bytes
+        at their offsets change, and the message parses back with the new values."""
         for msg in all_samples(3):
             before = msg.pack()
-            after = pptp.rewrite_call_ids_bytes(before, lambda owner, value: value ^ 0xFFFF)
+            fields = pptp.call_ids(msg)
+            after = dataclasses.replace(msg, **{f.field: f.value ^ 0xFFFF for f in fields}).pack()
             changed = {i for i in range(len(before)) if before[i] != after[i]}
             offsets = set()
-            for field in pptp.call_ids(msg):
+            for field in fields:
                 offsets |= {field.offset, field.offset + 1}
             self.assertEqual(changed, offsets, msg.NAME)
             rewritten = parse_message(after)
-            for field in pptp.call_ids(msg):
+            for field in fields:
                 self.assertEqual(getattr(rewritten, field.field), field.value ^ 0xFFFF)
-
-    def test_rewrite_by_owner(self):
-        """The LRP maps only PAC-owned IDs, the RRP only PNS-owned ones."""
-        ocrp = pptp.OutgoingCallReply(call_id=256, peer_call_id=57982, result_code=1)
-        lrp = pptp.rewrite_call_ids(ocrp, lambda owner, v: 4000 if owner == PAC else v)
-        self.assertEqual((lrp.call_id, lrp.peer_call_id), (4000, 57982))
-        rrp = pptp.rewrite_call_ids(ocrp, lambda owner, v: 9 if owner == PNS else v)
-        self.assertEqual((rrp.call_id, rrp.peer_call_id), (256, 9))
-        self.assertEqual(lrp.result_code, 1)
-        echo = pptp.EchoRequest(identifier=5)
-        self.assertIs(pptp.rewrite_call_ids(echo, lambda owner, v: 1 / 0), echo)
 
     def test_backwards_set_link_info_carries_the_pns_id(self):
         sli = pptp.SetLinkInfo(peer_call_id=77)
@@ -495,18 +479,12 @@ class CallIdTableTests(unittest.SynchronousTestCase):
         self.assertEqual(pptp.call_ids(sli, sender=PAC)[0].owner, PNS)
         self.assertRaises(ValueError, pptp.call_ids, sli, sender="client")
 
-    def test_translate_errors_propagate_and_bad_results_are_refused(self):
-        data = pptp.CallClearRequest(call_id=1).pack()
-
-        def refuse(owner, value):
-            raise KeyError(value)
-        self.assertRaises(KeyError, pptp.rewrite_call_ids_bytes, data, refuse)
-        e = self.assertRaises(PPTPError, pptp.rewrite_call_ids_bytes, data, lambda o, v: 70000)
-        self.assertEqual(e.reason, "bad value")
-        e = self.assertRaises(PPTPError, pptp.rewrite_call_ids, parse_message(data), lambda o, v: -1)
-        self.assertEqual(e.reason, "bad value")
-        e = self.assertRaises(PPTPError, pptp.rewrite_call_ids_bytes, data[:-1], lambda o, v: v)
-        self.assertEqual(e.reason, "truncated")
+    def test_a_translated_id_that_is_not_16_bit_is_refused(self):
+        """The rebuilt message checks its fields, so a bad translation cannot reach the wire."""
+        msg = pptp.CallClearRequest(call_id=1)
+        for bad in (-1, 70000):
+            e = self.assertRaises(PPTPError, dataclasses.replace, msg, call_id=bad)
+            self.assertEqual(e.reason, "bad value")
 
     def test_docs_table_agrees_with_the_code(self):
         """docs/pptp-call-ids.md lists each message's type, length, sender and ID offsets."""
