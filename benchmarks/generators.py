@@ -12,11 +12,11 @@ import os
 import re
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 
 from benchmarks import loadgen, measure
+from tests.support.daemons import REPO, child_env
 
 
 def _pcap(path, frame, count=1000):
@@ -30,7 +30,7 @@ def _pcap(path, frame, count=1000):
 
 def _send(lab, ns, argv):
     done = lab.run(ns, [sys.executable, "-m", "benchmarks.loadgen", "send", *map(str, argv)],
-                   env=measure._env(), cwd=measure.REPO, timeout=60)
+                   env=child_env(), cwd=REPO, timeout=60)
     return measure._json_line(done.stdout, "sender")
 
 

@@ -6,7 +6,7 @@
   kernel can forward between namespaces, the ceiling for any forwarder here.
 * ``nat``: client ns -> NAT ns -> server ns with MASQUERADE and the kernel's PPTP helper
   (``CT --helper pptp``: nf_conntrack_pptp + nf_nat_pptp, built into this kernel) on a real
-  control connection (synthetic PNS and PAC, benchmarks.pptpctl), GRE keyed by the PAC's
+  control connection (scripted PNS and PAC, tests/support/pptppeers.py), GRE keyed by the PAC's
   call ID as a PPTP client sends it.  If the helper cannot be attached, MASQUERADE with plain
   GRE conntrack is measured instead and the result says so.
 
@@ -14,9 +14,13 @@ All send with the Ethernet-frame sender (loadgen.Link); router and nat also serv
 and both directions at once (max rate only).
 """
 import asyncio
+import shutil
+import tempfile
 import time
 
-from benchmarks import measure, pptpctl
+from benchmarks import measure
+from tests.support import netns, pptppeers
+from tests.support.wait import HarnessError
 
 CLIENT_NET, SERVER_NET = "10.71.0", "10.72.0"
 
@@ -55,44 +59,41 @@ def directions(label, c2s, s2c):
     return {"c2s": c2s, "s2c": s2c, "both": measure.Path.both(label, c2s, s2c)}
 
 
-def _iptables(lab, ns, *rule):
-    done = lab.run(ns, ["iptables", *rule], check=False)
-    return done.returncode == 0, done.stderr.strip()
-
-
 class NatPath:
     """The NAT reference: the path, its control sessions and what the helper did."""
 
-    def __init__(self, paths, sessions, helper, note, pac):
+    def __init__(self, paths, sessions, helper, note, pac, workdir):
         self.paths, self.sessions, self.helper, self.note = paths, sessions, helper, note
-        self.pac = pac
+        self.pac, self.workdir = pac, workdir
 
     def close(self):
         self.sessions.close()
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def build_nat(lab, loop, sessions_count=1):
     """client -> NAT (MASQUERADE + pptp helper) -> server with *sessions_count* PPTP calls up."""
     client, nat, server, left, right = _three_namespaces(lab, "nat")
     helper, note = True, "MASQUERADE + CT --helper pptp (nf_conntrack_pptp, nf_nat_pptp)"
-    ok, err = _iptables(lab, nat, "-t", "raw", "-A", "PREROUTING", "-p", "tcp", "--dport", "1723",
-                        "-j", "CT", "--helper", "pptp")
-    if not ok:
-        helper, note = False, f"pptp helper unavailable ({err}); MASQUERADE with GRE conntrack only"
-    ok, err = _iptables(lab, nat, "-t", "nat", "-A", "POSTROUTING", "-o", right.name_a, "-j", "MASQUERADE")
-    if not ok:
-        raise KernelError(f"MASQUERADE in {nat}: {err}")
     try:
-        pac = pptpctl.PacProcess(lab, server, right.ip_b, 1723, measure._env(), measure.REPO)
-    except pptpctl.ControlError as e:
+        lab.iptables(nat, "-t", "raw", "-A", "PREROUTING", "-p", "tcp", "--dport", "1723",
+                     "-j", "CT", "--helper", "pptp")
+    except netns.NetnsError as e:
+        helper, note = False, f"pptp helper unavailable ({e}); MASQUERADE with GRE conntrack only"
+    try:
+        lab.iptables(nat, "-t", "nat", "-A", "POSTROUTING", "-o", right.name_a, "-j", "MASQUERADE")
+    except netns.NetnsError as e:
+        raise KernelError(f"MASQUERADE in {nat}: {e}") from None
+    workdir = tempfile.mkdtemp(prefix="rp-bench-nat-")
+    try:
+        pac = pptppeers.ServerProcess(lab, server, right.ip_b, workdir, 1723, name="pac", gre=False)
+    except HarnessError as e:
+        shutil.rmtree(workdir, ignore_errors=True)
         raise KernelError(str(e)) from None
-
-    def make_socket():
-        with lab.inside(client):
-            return pptpctl.tcp_socket()
-
-    sessions = pptpctl.open_sessions(loop, make_socket, (right.ip_b, 1723), sessions_count)
+    make_socket = lambda: pptppeers.tcp_socket(lambda: lab.inside(client))  # noqa: E731
+    sessions = pptppeers.open_sessions(loop, make_socket, (right.ip_b, 1723), sessions_count)
     if not sessions.calls:
+        shutil.rmtree(workdir, ignore_errors=True)
         raise KernelError(f"no PPTP call through the NAT: {sessions.failures[:3]}")
     expectations = lab.run(nat, ["cat", "/proc/net/nf_conntrack_expect"], check=False).stdout
     if helper and expectations.strip() == "" and "pptp" not in expectations:
@@ -102,7 +103,7 @@ def build_nat(lab, loop, sessions_count=1):
     # (the helper's rewritten client ID), which the helper maps back to the client's.
     peers = pac.peer_ids(len(sessions.calls))
     s2c = measure.Path("nat", [(server, right.ip_a, peers, measure.link_from(lab, right, "b"))], client)
-    return NatPath(directions("nat", c2s, s2c), sessions, helper, note, pac)
+    return NatPath(directions("nat", c2s, s2c), sessions, helper, note, pac, workdir)
 
 
 class Settings:
@@ -152,7 +153,6 @@ PARTS = ("veth", "router", "nat")
 
 def run(settings, log=print, parts=PARTS):
     """Build and measure veth, router and nat; returns {"veth": .., "router": .., "nat": ..}."""
-    from tests.support import netns
     netns.skip_unless_available()
     netns.reap_stale()
     results = {}

@@ -8,16 +8,15 @@ delivered rates, loss and latency; :func:`find_max_rate` searches the rates for 
 one with less than 0.1 % loss.
 """
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 
 from benchmarks.loadgen import Link
+from tests.support.daemons import REPO, child_env
 
 LOSS_LIMIT = 0.001
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class MeasureError(Exception):
@@ -60,10 +59,6 @@ def _loadgen_argv(*args):
     return [sys.executable, "-m", "benchmarks.loadgen", *map(str, args)]
 
 
-def _env():
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([REPO] + [p for p in sys.path if p]))
-
-
 def _json_line(text, what):
     for line in reversed(text.splitlines()):
         if line.startswith("{"):
@@ -96,7 +91,7 @@ def run_trial(lab, path, size, rate, duration, latency=False, batch=None, drain=
     try:
         for ns in path.sinks:
             sink = lab.spawn(ns, _loadgen_argv("sink", *(["--latency"] if latency else [])),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(), cwd=REPO)
             sinks.append(sink)
             ready = sink.stdout.readline()
             if ready.strip() != "ready":
@@ -113,7 +108,7 @@ def run_trial(lab, path, size, rate, duration, latency=False, batch=None, drain=
                 argv += ["--batch", batch]
             flow_base += len(keys)
             senders.append(lab.spawn(ns, _loadgen_argv(*argv), stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO))
+                                     stderr=subprocess.PIPE, text=True, env=child_env(), cwd=REPO))
         sent_results = []
         for proc in senders:
             out, err = proc.communicate(timeout=duration + 30)

@@ -5,9 +5,9 @@
     client 10.81.0.2 ── 10.81.0.1 LRP 10.82.0.1 ══ TLS ══ 10.82.0.2 RRP 10.83.0.1 ── 10.83.0.2 server
 
 The daemons are started the way a user starts them (``twistd -n routeproxy-lrp|rrp`` with
-the options of issue 4, certificates from ``python -m routeproxy certs``).  The server
-namespace runs the synthetic PAC (benchmarks.pptpctl) for the control connections and the
-benchmark sink for GRE.  The client side opens M control connections with one call each
+the options of issue 4, lab certificates; tests/support/daemons.py).  The server namespace
+runs the scripted PAC (tests/support/pptppeers.py, control only) for the control connections
+and the benchmark sink for GRE.  The client side opens M control connections with one call each
 (SCCRQ, OCRQ; the Call ID in the OCRP is the LRP-owned ID, the GRE key to send with) and
 then sends GRE to the LRP.
 
@@ -20,112 +20,21 @@ import asyncio
 import os
 import resource
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 
-from benchmarks import measure, pptpctl
+from benchmarks import measure
+from tests.support import daemons, pptppeers
+from tests.support.wait import HarnessError
 
 RRP_NAME = "rrp.bench.test"
 LRP_NAME = "lrp.bench.test"
 RRP_PORT = 4443
 PPTP_PORT = 1723
-TWISTD = os.path.join(sys.prefix, "bin", "twistd")
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 class TopologyError(Exception):
-    """The proxy path could not be built (a daemon missing, dead or not listening)."""
-
-
-def daemons_missing():
-    """Why the proxy path cannot run (a sentence), or None once both daemons exist."""
-    here = measure.REPO
-    for module in ("lrp", "rrp", "lrp_tap", "rrp_tap"):
-        if not os.path.exists(os.path.join(here, "routeproxy", f"{module}.py")):
-            return f"routeproxy/{module}.py does not exist yet (issue 4)"
-    if not os.path.exists(TWISTD) and shutil.which("twistd") is None:
-        return "twistd is not installed"
-    return None
-
-
-def _listening(lab, ns, port, state="-l"):
-    out = lab.run(ns, ["ss", "-Htn", state, f"sport = :{port}"] if state == "-l"
-                  else ["ss", "-Htn", "state", "established", f"dport = :{port}"], check=False).stdout
-    return bool(out.strip())
-
-
-def _wait(predicate, timeout, what, handle=None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        if handle is not None and handle.proc.poll() is not None:
-            raise TopologyError(f"{what}: the daemon exited\n{handle.tail()}")
-        time.sleep(0.05)
-    raise TopologyError(f"{what}: not within {timeout} s" + (f"\n{handle.tail()}" if handle else ""))
-
-
-class Daemon:
-    """A twistd daemon in a namespace, with its real pid for /proc accounting."""
-
-    def __init__(self, name, ns, proc, log_path):
-        self.name, self.ns, self.proc, self.log_path = name, ns, proc, log_path
-        self._pid = None
-
-    @property
-    def pid(self):
-        """The twistd process (``ip netns exec`` may have forked it)."""
-        if self._pid is None:
-            for candidate in [self.proc.pid] + _descendants(self.proc.pid):
-                try:
-                    with open(f"/proc/{candidate}/cmdline", "rb") as f:
-                        if b"twistd" in f.read():
-                            self._pid = candidate
-                            break
-                except OSError:
-                    continue
-        if self._pid is None:
-            raise TopologyError(f"{self.name}: no twistd process under pid {self.proc.pid}")
-        return self._pid
-
-    def cpu_seconds(self):
-        """utime + stime of the daemon so far, in seconds."""
-        with open(f"/proc/{self.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-    def rss_kib(self):
-        """Resident set size in KiB (VmRSS)."""
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-        return 0
-
-    def tail(self, limit=3000):
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return f"--- {self.name} log ---\n" + f.read()[-limit:]
-        except OSError as e:
-            return f"({self.log_path}: {e})"
-
-
-def _descendants(pid):
-    children = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == pid:
-            children.append(int(entry))
-            children += _descendants(int(entry))
-    return children
+    """The proxy path could not be built (no call got through the proxies)."""
 
 
 def raise_fd_limit(want=65536):
@@ -158,71 +67,42 @@ class ProxyPath:
         self.right = lab.veth(self.rrp_ns, self.server, "10.83.0.1/24", "10.83.0.2/24")
         self.link = measure.link_from(lab, self.left)
 
-    def _env(self):
-        return dict(measure._env(), PYTHONUNBUFFERED="1")
-
-    def certs(self):
-        out = os.path.join(self.workdir, "certs")
-        argv = [sys.executable, "-m", "routeproxy", "certs", "--out", out,
-                "--rrp-name", RRP_NAME, "--lrp-name", LRP_NAME]
-        done = subprocess.run(argv, capture_output=True, text=True, cwd=measure.REPO, env=self._env())
-        if done.returncode != 0:
-            raise TopologyError(f"{' '.join(argv)}: {done.stderr.strip()}")
-        return {"ca": os.path.join(out, "ca.crt"), "rrp": (os.path.join(out, "rrp.crt"), os.path.join(out, "rrp.key")),
-                "lrp": (os.path.join(out, "lrp.crt"), os.path.join(out, "lrp.key"))}
-
-    def _twistd(self, name, ns, plugin, options):
-        log_path = os.path.join(self.workdir, f"{name}.log")
-        argv = [TWISTD, "-n", "--pidfile=", f"--logfile={log_path}", plugin, *options]
-        out = open(os.path.join(self.workdir, f"{name}.out"), "w")
-        proc = self.lab.spawn(ns, argv, stdout=out, stderr=subprocess.STDOUT, cwd=self.workdir, env=self._env())
-        out.close()
-        daemon = Daemon(name, ns, proc, log_path)
+    def _daemon(self, name, ns, plugin, options):
+        daemon = daemons.Daemon(self.lab, ns, self.workdir, name, plugin, options).start()
         self.daemons[name] = daemon
         return daemon
 
     def start(self):
-        """The synthetic PAC, the RRP, the LRP; returns once the TLS link is up."""
-        try:
-            self.pac = pptpctl.PacProcess(self.lab, self.server, self.right.ip_b, PPTP_PORT,
-                                          self._env(), measure.REPO)
-        except pptpctl.ControlError as e:
-            raise TopologyError(str(e)) from None
-        certs = self.certs()
-        rrp = self._twistd("rrp", self.rrp_ns, "routeproxy-rrp", [
+        """The scripted PAC, the RRP, the LRP; returns once the TLS link is up."""
+        self.pac = pptppeers.ServerProcess(self.lab, self.server, self.right.ip_b, self.workdir, PPTP_PORT,
+                                           name="pac", gre=False)
+        c = daemons.make_certs(self.workdir, RRP_NAME, [LRP_NAME])
+        self._daemon("rrp", self.rrp_ns, "routeproxy-rrp", [
             "--listen", f"{self.middle.ip_b}:{RRP_PORT}", "--pptp-server", f"{self.right.ip_b}:{PPTP_PORT}",
-            "--cert", certs["rrp"][0], "--key", certs["rrp"][1], "--ca", certs["ca"]])
-        _wait(lambda: _listening(self.lab, self.rrp_ns, RRP_PORT), 20, "routeproxy-rrp listening", rrp)
-        lrp = self._twistd("lrp", self.lrp_ns, "routeproxy-lrp", [
+            "--cert", c["rrp_cert"], "--key", c["rrp_key"], "--ca", c["ca"]]
+        ).wait_ready(listen=(self.middle.ip_b, RRP_PORT), timeout=20)
+        self._daemon("lrp", self.lrp_ns, "routeproxy-lrp", [
             "--pptp-listen", f"{self.left.ip_b}:{PPTP_PORT}", "--rrp", f"{self.middle.ip_b}:{RRP_PORT}",
-            "--rrp-name", RRP_NAME, "--cert", certs["lrp"][0], "--key", certs["lrp"][1], "--ca", certs["ca"],
-            "--allow", "10.81.0.0/24"])
-        _wait(lambda: _listening(self.lab, self.lrp_ns, PPTP_PORT), 20, "routeproxy-lrp listening", lrp)
-        _wait(lambda: _listening(self.lab, self.lrp_ns, RRP_PORT, state="established"), 20,
-              "routeproxy-lrp connected to the RRP", lrp)
+            "--rrp-name", RRP_NAME, "--cert", c["lrp_cert"], "--key", c["lrp_key"], "--ca", c["ca"],
+            "--allow", "10.81.0.0/24"]
+        ).wait_ready(listen=(self.left.ip_b, PPTP_PORT), link_port=RRP_PORT, timeout=20)
         return self
 
     def open_direct(self, count, concurrency=256):
         """*count* calls from the RRP's namespace straight to the PAC: the instruments' own
         set-up rate, without the proxies (closed again at once)."""
-        def make_socket():
-            with self.lab.inside(self.rrp_ns):
-                return pptpctl.tcp_socket()
-
-        got = pptpctl.open_sessions(self.loop, make_socket, (self.right.ip_b, PPTP_PORT), count,
-                                    concurrency=concurrency, first_call_id=40000)
+        make_socket = lambda: pptppeers.tcp_socket(lambda: self.lab.inside(self.rrp_ns))  # noqa: E731
+        got = pptppeers.open_sessions(self.loop, make_socket, (self.right.ip_b, PPTP_PORT), count,
+                                      concurrency=concurrency, first_call_id=40000)
         got.close()
         return got
 
     def open_sessions(self, count, concurrency=64):
-        """Open *count* more PPTP calls through the LRP; returns the pptpctl.Sessions."""
-        def make_socket():
-            with self.lab.inside(self.client):
-                return pptpctl.tcp_socket()
-
+        """Open *count* more PPTP calls through the LRP; returns the pptppeers.Sessions."""
+        make_socket = lambda: pptppeers.tcp_socket(lambda: self.lab.inside(self.client))  # noqa: E731
         first = sum(len(s.calls) + len(s.failures) for s in self.sessions)
-        got = pptpctl.open_sessions(self.loop, make_socket, (self.left.ip_b, PPTP_PORT), count,
-                                    concurrency=concurrency, first_call_id=first)
+        got = pptppeers.open_sessions(self.loop, make_socket, (self.left.ip_b, PPTP_PORT), count,
+                                      concurrency=concurrency, first_call_id=first)
         self.sessions.append(got)
         return got
 
@@ -330,7 +210,7 @@ PARTS = ("throughput", "scale")
 
 def run(settings, log=print, parts=PARTS):
     """Throughput and scale through the proxies; {"skipped": reason} until the daemons exist."""
-    reason = daemons_missing()
+    reason = daemons.daemons_missing()
     if reason:
         log(f"proxy: skipped: {reason}")
         return {"skipped": reason}
@@ -354,11 +234,11 @@ def run(settings, log=print, parts=PARTS):
             else:
                 results[part] = {"direct": measure_direct_setup(proxy, min(1000, max(settings.scale_counts)), log),
                                  "rows": measure_scale(proxy, settings.scale_counts, settings, log)}
-        except (TopologyError, measure.MeasureError, OSError) as e:
+        except (TopologyError, HarnessError, measure.MeasureError, OSError) as e:
             results[part] = {"error": str(e)}
             log(f"proxy {part}: FAILED: {e}")
             for daemon in proxy.daemons.values():
-                log(daemon.tail(1500))
+                log(daemon.describe()[-1500:])
         finally:
             proxy.close()
             lab.cleanup()

@@ -196,6 +196,19 @@ class NetnsLab:
         """Set a sysctl inside *ns* (e.g. net.ipv4.ip_forward 1)."""
         self.run(ns, ["sysctl", "-q", "-w", f"{key}={value}"])
 
+    def iptables(self, ns, *args):
+        """iptables ARGS in *ns* with whichever of iptables / -legacy / -nft works on this kernel;
+        returns the binary that did, NetnsError naming each one's complaint if none did."""
+        problems = []
+        for binary in ("iptables", "iptables-legacy", "iptables-nft"):
+            if shutil.which(binary) is None:
+                continue
+            done = self.run(ns, [binary, *args], check=False)
+            if done.returncode == 0:
+                return binary
+            problems.append(f"{binary}: {done.stderr.strip()}")
+        raise NetnsError(f"iptables {' '.join(args)} in {ns}: " + "; ".join(problems or ["no iptables installed"]))
+
     def subnet(self):
         """A /24 from 100.64.0.0/10 derived from the pid, for ends in the root namespace.
 

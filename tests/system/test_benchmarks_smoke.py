@@ -15,11 +15,9 @@ import tempfile
 import dpkt
 from twisted.trial import unittest
 
-from benchmarks import loadgen, measure
+from benchmarks import loadgen
 from routeproxy import gre
-from tests.support import netns
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.support import daemons, netns
 
 
 class PacketFormatTests(unittest.SynchronousTestCase):
@@ -69,7 +67,7 @@ class QuickRunTests(unittest.TestCase):
         netns.skip_unless_available()
         out = os.path.join(tempfile.mkdtemp(prefix="bench-smoke-"), "results.json")
         done = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", out],
-                              capture_output=True, text=True, cwd=REPO, timeout=120, env=measure._env())
+                              capture_output=True, text=True, cwd=daemons.REPO, timeout=120, env=daemons.child_env())
         self.assertEqual(done.returncode, 0, done.stderr[-2000:])
         with open(out) as f:
             results = json.load(f)

@@ -1,8 +1,9 @@
 """End to end on the host kernel (issue 4's acceptance): clients -> LRP -> NAT -> RRP -> server.
 
-Synthetic PPTP peers (tests/support/synthetic_pptp.py) speak real control messages over TCP and real
+Scripted PPTP peers (tests/support/pptppeers.py) speak real control messages over TCP and real
 GRE over raw sockets; the daemons are started as a user starts them, with
-``twistd -n routeproxy-lrp|rrp`` and the documented options (tests/support/e2e.py).  The NAT
+``twistd -n routeproxy-lrp|rrp`` and the documented options (tests/support/e2e.py,
+tests/support/daemons.py).  The NAT
 namespace masquerades towards the RRP and drops every GRE packet it would forward, so GRE
 can only cross it inside the proxies' TLS link.
 
@@ -10,28 +11,19 @@ Needs root (namespaces, raw sockets, pcap); the proxy tests also need routeproxy
 routeproxy.rrp.  On a failed assertion the daemons' logs are appended to the message.
 """
 import contextlib
-import importlib
 import re
 import time
 
 from twisted.trial import unittest
 
-from tests.support import e2e, netns
+from tests.support import e2e, netns, pptppeers
+from tests.support.daemons import daemons_missing
+from tests.support.wait import HarnessError, wait_until
 
 CLIENTS = 8
 PACKETS = 20
 HOLD = 1.0          # seconds the first round's clients keep their calls up, so that all overlap
 STATUS_PORT = 8090  # the daemons' --status endpoint, on loopback inside their namespaces
-
-
-def daemons_missing():
-    """Why the daemons cannot be started (a sentence), or None."""
-    for module in ("routeproxy.lrp", "routeproxy.rrp", "routeproxy.lrp_tap", "routeproxy.rrp_tap"):
-        try:
-            importlib.import_module(module)
-        except Exception as e:  # ImportError, or a half-written module's SyntaxError/NameError
-            return f"{module} is not importable yet: {type(e).__name__}: {e}"
-    return None
 
 
 class E2ETestCase(unittest.TestCase):
@@ -54,26 +46,26 @@ class E2ETestCase(unittest.TestCase):
 
         def settled():
             for daemon in daemons:
-                status = e2e.fetch_status(topo, daemon)
+                status = daemon.status()
                 seen[daemon.name] = (status["calls"], [s["in_use"] for s in status["call_ids"]])
             return all(n == calls and sum(in_use) == calls for n, in_use in seen.values())
 
         try:
-            e2e.wait_until(settled, 10, f"{calls} calls on {[d.name for d in daemons]}")
-        except e2e.E2EError as e:
+            wait_until(settled, 10, f"{calls} calls on {[d.name for d in daemons]}")
+        except HarnessError as e:
             self.fail(f"{e}: (calls, call IDs in use) per daemon: {seen}")
 
     def assertSessionLines(self, daemon, sessions):
         """*daemon*'s log has one "session opened:" and one "session closed:" line per session."""
         def count(event):
             return len(re.findall(rf"session {event}:", daemon.log(), re.I))
-        with contextlib.suppress(e2e.E2EError):
-            e2e.wait_until(lambda: count("closed") >= sessions, 5, f"{daemon.name} closing its sessions")
+        with contextlib.suppress(HarnessError):
+            wait_until(lambda: count("closed") >= sessions, 5, f"{daemon.name} closing its sessions")
         self.assertEqual((count("opened"), count("closed")), (sessions, sessions),
                          f"{daemon.name}: 'session opened:' and 'session closed:' lines")
 
     def assertNoConcurrentCollisions(self, status, name):
-        clashes = e2e.concurrent_collisions(status)
+        clashes = pptppeers.concurrent_collisions(status)
         self.assertEqual(clashes, [], f"{name} had calls open at once with the same peer and peer call ID")
 
 
@@ -97,7 +89,7 @@ class BaselineTests(E2ETestCase):
             # The server sees one address with the same peer call ID four times over.
             self.assertEqual({c["peer"] for c in status["calls_seen"]}, {topo.nat.address})
             self.assertEqual(status["peer_call_ids"], [1, 1, 1, 1])
-            self.assertNotEqual(e2e.concurrent_collisions(status), [], status["calls_seen"])
+            self.assertNotEqual(pptppeers.concurrent_collisions(status), [], status["calls_seen"])
             counters = topo.lab.run(topo.nat.ns, ["iptables", "-L", "FORWARD", "-v", "-n", "-x"], check=False).stdout
             gre_rule = [line.split() for line in counters.splitlines() if "DROP" in line and "47" in line]
             if gre_rule:  # iptables-nft and -legacy both print "pkts bytes target prot ..."

@@ -9,7 +9,8 @@ Outgoing-Call round trip.
 
 Everything runs inside one network namespace (tests/support/netns.py) on its ``lo``; the daemons
 capture GRE there (``--gre-interface lo``).  The PPTP server behind the RRP is a scripted,
-control-only server in this process (tests/support/faultpeers.py); clients are plain sockets.  The
+control-only server in this process (tests/support/pptppeers.py); clients are scripted too.
+The daemons are tests/support/daemons.py's.  The
 daemons are started once for the module and shared by the tests (trial has no setUpClass):
 
     server   127.0.0.20:1723   (127.0.0.21:1723 is a closed port: profile "dead")
@@ -43,8 +44,10 @@ from twisted.python import log
 from twisted.trial import unittest
 
 from routeproxy import gre, pptp
-from tests.support import faultpeers, netns
-from tests.support.faultpeers import Daemon, FaultPeerError, PPTPClient
+from tests.support import daemons, netns, pptppeers
+from tests.support.daemons import Daemon
+from tests.support.pptppeers import PPTPClient
+from tests.support.wait import HarnessError, wait_until
 
 SERVER = ("127.0.0.20", 1723)
 CLOSED = ("127.0.0.21", 1723)
@@ -91,16 +94,10 @@ class FaultLab:
     def _build(self):
         certs = os.path.join(self.workdir, "certs")
         other = os.path.join(self.workdir, "other-ca")
-        from routeproxy.certs import write_lab_certs
-        self.certs = write_lab_certs(certs, RRP_NAME, ["lrp1"])
-        self.other = write_lab_certs(other, RRP_NAME, ["lrp1"])  # same names, another CA
-
-        with self.inside():
-            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(SERVER)
-        listener.listen(64)
-        self.server = faultpeers.ScriptedServer(listener)
+        self.certs = daemons.make_certs(certs, RRP_NAME, ["lrp1"])
+        self.other = daemons.make_certs(other, RRP_NAME, ["lrp1"])  # same names, another CA
+        listener = pptppeers.listen(*SERVER, opener=self.inside, backlog=64)
+        self.server = pptppeers.ScriptedServer(*SERVER, first_call_id=100).start(listener)
 
         c = self.certs
         rrp_tls = ["--cert", c["rrp_cert"], "--key", c["rrp_key"], "--ca", c["ca"], "--gre-interface", "lo"]
@@ -138,36 +135,20 @@ class FaultLab:
         self.daemons.append(daemon)
         return daemon
 
-    def listening(self):
-        """(address, port) pairs of TCP listeners in the namespace (from /proc/net/tcp)."""
-        found = set()
-        for line in self.lab.read_proc(self.ns, "/proc/net/tcp").splitlines()[1:]:
-            fields = line.split()
-            if fields[3] != "0A":
-                continue
-            hexaddr, hexport = fields[1].split(":")
-            address = socket.inet_ntoa(bytes.fromhex(hexaddr)[::-1])
-            found.add((address, int(hexport, 16)))
-        return found
-
     def wait_listening(self, pairs, timeout=15):
         """Wait until each (daemon, address) listens; fail with the log of one that died."""
-        def ready():
-            for daemon, _ in pairs:
-                if not daemon.alive():
-                    raise FaultPeerError(f"{daemon.name} exited at start-up\n{daemon.describe()}")
-            return all(tuple(address) in self.listening() for _, address in pairs)
-        faultpeers.wait_until(ready, timeout, "the daemons to listen")
+        for daemon, address in pairs:
+            daemon.wait_ready(listen=address, timeout=timeout)
 
     def client(self, name, lrp=LRP, bind=None):
         """A scripted client from its own address in 127.0.1.0/24 (or *bind*)."""
         bind = bind or f"127.0.1.{next(self.clients) % 250 + 1}"
-        client = PPTPClient(self.inside, lrp, bind, name=name)
+        client = PPTPClient(lrp, bind, name=name, opener=self.inside)
         return client
 
     def close(self):
         """Stop the daemons (one SIGTERM each, then SIGKILL), the server, then the namespace."""
-        faultpeers.stop_all(self.daemons)
+        daemons.stop_all(self.daemons)
         self.server.stop()
         self.lab.cleanup()
 
@@ -223,7 +204,7 @@ class FaultTestCase(unittest.SynchronousTestCase):
         """Re-raise a failure with the end of *daemons*' logs, which say what went wrong."""
         try:
             yield
-        except (FaultPeerError, AssertionError, OSError, pptp.PPTPError) as e:
+        except (HarnessError, AssertionError, OSError, pptp.PPTPError) as e:
             logs = "\n".join(d.describe() for d in daemons)
             raise self.failureException(f"{type(e).__name__}: {e}\n{logs}") from e
 
@@ -339,7 +320,8 @@ class VanishingPeerTests(FaultTestCase):
             self.assertEqual(victim.start().result_code, pptp.StartResult.SUCCESS)
             call = victim.call()
             upstream = lab.server.connection_named("victim-vanishes")
-            (rrp_call, server_call), = upstream.calls.items()   # R (the RRP's ID for C=1) -> S
+            (rrp_call, server_side), = upstream.calls.items()   # R (the RRP's ID for C=1) -> S
+            server_call = server_side.call_id
             rrp_before = self.callIDsInUse(lab.rrp, RRP_STATUS)
             lrp_before = self.callIDsInUse(lab.lrp, LRP_STATUS)
             since_lrp, since_rrp = lab.lrp.mark(), lab.rrp.mark()
@@ -348,15 +330,15 @@ class VanishingPeerTests(FaultTestCase):
 
             self.assertTrue(upstream.closed.wait(5), "the RRP did not close its pptpd connection")
             self.assertTrue(upstream.eof, "the server's connection ended without an EOF")
-            self.assertNotIn(server_call, lab.server.active_calls)
+            self.assertNotIn(server_call, lab.server.calls)
             peer = re.escape(f"{victim.address[0]}:{victim.address[1]}")
             lab.lrp.wait_line(rf"LRP session closed: peer {peer}, C=1 S={server_call} L={call.call_id};"
                               r".*reason: peer closed the control connection", since_lrp)
             lab.rrp.wait_line(rf"RRP session closed: peer {re.escape(hostport(SERVER))}, C=1 S={server_call} R={rrp_call};"
                               r".*reason: mux session closed", since_rrp)
-            faultpeers.wait_until(lambda: self.callIDsInUse(lab.rrp, RRP_STATUS) == rrp_before - 1, 5,
+            wait_until(lambda: self.callIDsInUse(lab.rrp, RRP_STATUS) == rrp_before - 1, 5,
                                   "the RRP to free the vanished client's call ID")
-            faultpeers.wait_until(lambda: self.callIDsInUse(lab.lrp, LRP_STATUS) == lrp_before - 1, 5,
+            wait_until(lambda: self.callIDsInUse(lab.lrp, LRP_STATUS) == lrp_before - 1, 5,
                                   "the LRP to free the vanished client's call ID")
 
             later = self.client("later")
@@ -372,7 +354,8 @@ class VanishingPeerTests(FaultTestCase):
             self.assertEqual(victim.start().result_code, pptp.StartResult.SUCCESS)
             call = victim.call()
             upstream = lab.server.connection_named("victim-server-gone")
-            (rrp_call, server_call), = upstream.calls.items()
+            (rrp_call, server_side), = upstream.calls.items()
+            server_call = server_side.call_id
             since_lrp, since_rrp = lab.lrp.mark(), lab.rrp.mark()
 
             upstream.vanish()
@@ -498,7 +481,7 @@ class LinkFaultTests(FaultTestCase):
         lrp = lab.daemon("lrpstop", "routeproxy-lrp", [
             "--pptp-listen", hostport(LRP_STOPPED), "--rrp", hostport(RRP), "--rrp-name", RRP_NAME,
             "--cert", c["lrp_cert"], "--key", c["lrp_key"], "--ca", c["ca"], "--gre-interface", "lo"])
-        self.addCleanup(faultpeers.stop_all, [lrp], 0.1)
+        self.addCleanup(daemons.stop_all, [lrp], 0.1)
         with self.diagnosed(lrp):
             lrp.start()
             lrp.wait_line(r"LRP: link to the RRP .* is up", timeout=15)
@@ -543,11 +526,11 @@ class GREJunkTests(FaultTestCase):
         with self.diagnosed(lab.lrp, lab.rrp):
             healthy = self.healthy()
             own_id = healthy.healthy_call.call_id          # L: the LRP's ID for the healthy call
-            sender = faultpeers.gre_sender(lab.inside, "127.0.2.9")
+            sender = pptppeers.open_raw_gre("127.0.2.9", lab.inside)
             self.addCleanup(sender.close)
             drops_before = lab.lrp.status(LRP_STATUS)["drops"]
             junk = [
-                faultpeers.plain_gre(),                               # RFC 2784 GRE, not PPTP's
+                pptppeers.plain_gre(),                               # RFC 2784 GRE, not PPTP's
                 b"\x30\x01",                                          # cut off inside the header
                 gre.build_gre(54321, b"\xff\x03junk", seq=1),          # nobody's call ID
                 gre.build_gre(own_id, b"\xff\x03junk", seq=1),         # a real call, wrong source
@@ -573,7 +556,7 @@ class RogueLinkPeerTests(FaultTestCase):
 
     def muxPeer(self, cert=True):
         c = self.lab.certs
-        peer = faultpeers.MuxPeer(self.lab.inside, RRP, c["ca"], RRP_NAME,
+        peer = pptppeers.MuxPeer(self.lab.inside, RRP, c["ca"], RRP_NAME,
                                   cert=c["lrp_cert"] if cert else None, key=c["lrp_key"] if cert else None)
         self.addCleanup(peer.close)
         return peer
@@ -586,7 +569,7 @@ class RogueLinkPeerTests(FaultTestCase):
             try:
                 peer.handshake()
                 peer.hello()     # TLS 1.3: the refusal comes after our side of the handshake
-            except (OSError, FaultPeerError):
+            except (OSError, HarnessError):
                 pass
             else:
                 self.fail("the RRP spoke mux to an LRP without a certificate")

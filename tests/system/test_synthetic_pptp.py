@@ -1,4 +1,5 @@
-"""The synthetic PPTP peers against each other, directly over a veth (no proxy, no NAT).
+"""The scripted PPTP peers (tests/support/pptppeers.py) against each other, directly over a
+veth (no proxy, no NAT).
 
 If these pass, a failing end-to-end test points at the proxies, not at the peers.  The
 namespace tests need root; the classification test feeds crafted frames through a Unix
@@ -14,8 +15,8 @@ import time
 from twisted.trial import unittest
 
 from routeproxy import gre, pptp
-from tests.support import e2e, netns
-from tests.support import synthetic_pptp as syn
+from tests.support import daemons, netns
+from tests.support import pptppeers as peers
 
 SERVER = "10.9.0.1"
 CLIENTS = ["10.9.0.11", "10.9.0.12"]
@@ -37,17 +38,17 @@ class ClassifyEchoesTests(unittest.SynchronousTestCase):
         self.raw, self.feeder = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.addCleanup(self.raw.close)
         self.addCleanup(self.feeder.close)
-        self.client = syn.SyntheticClient(("10.0.0.1", 1723), "10.0.0.5", call_id=7, name="me")
-        self.mine = syn.payload_for("me", 1, 0, 0)
-        self.pending = {self.mine: 7, syn.payload_for("me", 1, 0, 1): 7}
+        self.client = peers.EchoClient(("10.0.0.1", 1723), "10.0.0.5", call_id=7, name="me")
+        self.mine = peers.payload_for("me", 1, 0, 0)
+        self.pending = {self.mine: 7, peers.payload_for("me", 1, 0, 1): 7}
         self.received = set()
-        self.result = syn.RoundResult(1)
+        self.result = peers.RoundResult(1)
 
     def feed(self, key, payload, dst="10.0.0.5", seq=0):
         self.feeder.send(ipv4_gre("10.0.0.1", dst, gre.build_gre(key, payload, seq=seq)))
 
     def receive(self):
-        self.client._receive(self.raw, self.pending, self.received, self.result, 0.05)
+        self.client.collect(self.raw, self.pending, self.received, self.result, 0.05)
 
     def test_own_echo_then_duplicate(self):
         self.feed(7, self.mine)
@@ -57,7 +58,7 @@ class ClassifyEchoesTests(unittest.SynchronousTestCase):
         self.assertEqual(self.received, {self.mine})
 
     def test_someone_elses_payload_is_foreign(self):
-        self.feed(7, syn.payload_for("other", 1, 0, 0))
+        self.feed(7, peers.payload_for("other", 1, 0, 0))
         self.receive()
         self.assertEqual((self.result.echoed, self.result.foreign), (0, 1))
         self.assertIn("other", self.result.foreign_samples[0])
@@ -74,16 +75,16 @@ class ClassifyEchoesTests(unittest.SynchronousTestCase):
         self.assertEqual((self.result.echoed, self.result.foreign, self.result.acks), (0, 0, 1))
 
     def test_report_ok_only_when_complete_and_clean(self):
-        complete = syn.RoundResult(1)
+        complete = peers.RoundResult(1)
         complete.sent = complete.echoed = 10
         self.client.packets = 10
-        self.assertTrue(syn.client_report(self.client, [complete], 0.0)["ok"])
-        lossy = syn.RoundResult(1)
+        self.assertTrue(peers.client_report(self.client, [complete], 0.0)["ok"])
+        lossy = peers.RoundResult(1)
         lossy.sent, lossy.echoed, lossy.missing = 10, 9, 1
-        self.assertFalse(syn.client_report(self.client, [lossy], 0.0)["ok"])
-        self.assertTrue(syn.client_report(self.client, [lossy], 0.1)["ok"])
+        self.assertFalse(peers.client_report(self.client, [lossy], 0.0)["ok"])
+        self.assertTrue(peers.client_report(self.client, [lossy], 0.1)["ok"])
         complete.foreign = 1
-        self.assertFalse(syn.client_report(self.client, [complete], 0.5)["ok"])
+        self.assertFalse(peers.client_report(self.client, [complete], 0.5)["ok"])
 
 
 class DirectTests(unittest.TestCase):
@@ -98,24 +99,18 @@ class DirectTests(unittest.TestCase):
             self.lab.address(self.clients_ns, link.name_b, f"{address}/24")
         self.workdir = os.path.abspath(self.mktemp())
         os.makedirs(self.workdir)
-        self.status_path = os.path.join(self.workdir, "status.json")
-        self.server = self.lab.spawn(
-            self.server_ns, [sys.executable, "-m", "tests.support.synthetic_pptp", "server", "--listen", SERVER,
-                             "--status", self.status_path, "--first-call-id", "500"],
-            cwd=e2e.REPO, env=e2e._env(), stdout=subprocess.DEVNULL)
-        e2e.wait_until(lambda: os.path.exists(self.status_path), 10, "server start",
-                       alive=lambda: self.server.poll() is None)
+        self.server = peers.ServerProcess(self.lab, self.server_ns, SERVER, self.workdir, first_call_id=500)
 
     def status(self):
-        self.server.terminate()
-        self.server.wait(5)
-        with open(self.status_path) as f:
-            return json.load(f)
+        """The server's last status, after it has been stopped."""
+        status = self.server.stop()
+        self.assertIsNotNone(status, self.server.describe())
+        return status
 
     def client(self, bind, *options):
-        argv = [sys.executable, "-m", "tests.support.synthetic_pptp", "client", "--server", SERVER,
+        argv = [sys.executable, "-m", "tests.support.pptppeers", "client", "--server", SERVER,
                 "--bind", bind, *options]
-        return self.lab.spawn(self.clients_ns, argv, cwd=e2e.REPO, env=e2e._env(),
+        return self.lab.spawn(self.clients_ns, argv, cwd=daemons.REPO, env=daemons.child_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def report(self, proc):
@@ -150,19 +145,16 @@ class DirectTests(unittest.TestCase):
 
     def test_server_drops_gre_like_pptpd(self):
         """GRE from another address than the control connection's, or with an unknown ID, is dropped."""
-        with self.lab.inside(self.clients_ns):
-            control = socket.create_connection((SERVER, 1723), timeout=5, source_address=(CLIENTS[0], 0))
-            raw_mine, raw_outsider = syn.open_raw_gre(CLIENTS[0]), syn.open_raw_gre(OUTSIDER)
+        inside = lambda: self.lab.inside(self.clients_ns)  # noqa: E731
+        control = peers.PPTPClient((SERVER, 1723), CLIENTS[0], opener=inside)
+        raw_mine, raw_outsider = peers.open_raw_gre(CLIENTS[0], inside), peers.open_raw_gre(OUTSIDER, inside)
         self.addCleanup(control.close)
         self.addCleanup(raw_mine.close)
         self.addCleanup(raw_outsider.close)
-        channel = syn.ControlChannel(control)
-        channel.send(pptp.StartControlConnectionRequest())
-        self.assertIsNotNone(channel.expect(pptp.StartControlConnectionReply, 5))
-        channel.send(pptp.OutgoingCallRequest(call_id=42))
-        reply = channel.expect(pptp.OutgoingCallReply, 5)
+        self.assertEqual(control.start().result_code, pptp.StartResult.SUCCESS)
+        reply = control.call(call_id=42)
         self.assertEqual((reply.peer_call_id, reply.result_code), (42, pptp.OutgoingCallResult.CONNECTED))
-        payload = syn.PPP_LIKE + b"probe"
+        payload = peers.PPP_LIKE + b"probe"
         raw_outsider.sendto(gre.build_gre(reply.call_id, payload, seq=0), (SERVER, 0))
         raw_mine.sendto(gre.build_gre(reply.call_id + 1000, payload, seq=1), (SERVER, 0))
         raw_mine.sendto(gre.build_gre(reply.call_id, payload, seq=2), (SERVER, 0))
@@ -177,17 +169,17 @@ class DirectTests(unittest.TestCase):
         self.assertEqual(status["gre_echoed"], 1)
 
     def test_client_fails_when_gre_is_lost(self):
-        e2e.iptables(self.lab, self.server_ns, "-A", "INPUT", "-p", "gre", "-j", "DROP")
+        self.lab.iptables(self.server_ns, "-A", "INPUT", "-p", "gre", "-j", "DROP")
         rc, report = self.report(self.client(CLIENTS[0], "--packets", "5", "--timeout", "0.5"))
         self.assertEqual((rc, report["ok"], report["echoed"], report["missing"]), (1, False, 0, 5), report)
         self.assertEqual(report["errors"], [])  # control still worked: only GRE was lost
 
 
 class ServerCallIdTests(unittest.SynchronousTestCase):
-    """The synthetic server's own call IDs (no network)."""
+    """The scripted server's own call IDs (no network)."""
 
     def test_counter_from_first_call_id_skips_ids_in_use_and_wraps(self):
-        server = syn.SyntheticServer("10.0.0.1", first_call_id=0xFFFE)
+        server = peers.ScriptedServer("10.0.0.1", first_call_id=0xFFFE)
         ids = [server.allocate(1, "10.0.0.2", 1).call_id for _ in range(3)]
         self.assertEqual(ids, [0xFFFE, 0xFFFF, 1])
         server.release(server.calls[0xFFFF])
@@ -197,7 +189,7 @@ class ServerCallIdTests(unittest.SynchronousTestCase):
         self.assertEqual(server.status()["peer_call_ids"], [1, 1, 1, 1])
 
     def test_mirror_answers_with_the_peer_id_when_free(self):
-        server = syn.SyntheticServer("10.0.0.1", first_call_id=100, mirror=True)
+        server = peers.ScriptedServer("10.0.0.1", first_call_id=100, mirror=True)
         self.assertEqual(server.allocate(7, "10.0.0.2", 1).call_id, 7)
         self.assertEqual(server.allocate(7, "10.0.0.3", 2).call_id, 100)  # 7 is in use
         self.assertIsNotNone(server.calls[7].opened)
