@@ -89,17 +89,17 @@ def _publicDER(key):
     return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def loadIdentity(cert_path, key_path):
+def loadIdentity(certPath, keyPath):
     """(leaf, chain, key) from a certificate file (leaf first, then any
     intermediates) and its key; the key must match the leaf."""
-    certs = loadCertificates(cert_path, "certificate")
-    key = loadPrivateKey(key_path)
+    certs = loadCertificates(certPath, "certificate")
+    key = loadPrivateKey(keyPath)
     leaf = certs[0]
     if _publicDER(leaf.public_key()) != _publicDER(key.public_key()):
         raise TLSConfigError(
-            f"private key {key_path} does not match certificate {cert_path} ({certName(leaf)})"
+            f"private key {keyPath} does not match certificate {certPath} ({certName(leaf)})"
         )
-    _warnValidity(leaf, cert_path)
+    _warnValidity(leaf, certPath)
     return leaf, certs[1:], key
 
 
@@ -113,10 +113,10 @@ def _warnValidity(cert, path):
                  path=path, name=certName(cert), when=cert.not_valid_before_utc.isoformat())
 
 
-def loadCA(ca_path):
-    """The CA certificates in *ca_path* as pyOpenSSL X509s (what Twisted's
+def loadCA(caPath):
+    """The CA certificates in *caPath* as pyOpenSSL X509s (what Twisted's
     trust roots want)."""
-    return [crypto.X509.from_cryptography(c) for c in loadCertificates(ca_path, "CA file")]
+    return [crypto.X509.from_cryptography(c) for c in loadCertificates(caPath, "CA file")]
 
 
 # -- names -----------------------------------------------------------------------
@@ -415,24 +415,24 @@ class ClientTLS(_Creator):
                                             onRefusal=self.refused), _VERIFY_MODE)
 
 
-def _names(allowed_names):
+def _names(allowedNames):
     """None, or a frozenset of names; an empty list (an empty INI value) means
     no name restriction, like None: the CA check alone applies."""
-    if allowed_names is None:
+    if allowedNames is None:
         return None
-    if isinstance(allowed_names, str):
-        allowed_names = allowed_names.replace(",", " ").split()
-    names = frozenset(n.strip() for n in allowed_names if n.strip())
+    if isinstance(allowedNames, str):
+        allowedNames = allowedNames.replace(",", " ").split()
+    names = frozenset(n.strip() for n in allowedNames if n.strip())
     return names or None
 
 
-def serverCreator(cert_path, key_path, ca_path, allowed_names=None):
+def serverCreator(certPath, keyPath, caPath, allowed_names=None):  # rrp_tap passes allowed_names=
     """TLS settings for the RRP: our certificate, TLS >= 1.2, and a client
-    certificate signed by *ca_path* required (with a name in *allowed_names*,
+    certificate signed by *caPath* required (with a name in *allowed_names*,
     if given: a list, or a string of names separated by spaces or commas).
     Raises ``TLSConfigError``."""
-    leaf, chain, key = loadIdentity(cert_path, key_path)
-    cas = loadCA(ca_path)
+    leaf, chain, key = loadIdentity(certPath, keyPath)
+    cas = loadCA(caPath)
     try:
         options = ssl.CertificateOptions(
             privateKey=key, certificate=leaf, extraCertChain=chain or None,
@@ -441,26 +441,26 @@ def serverCreator(cert_path, key_path, ca_path, allowed_names=None):
         )
         options.getContext()  # build it now so errors surface here, not per connection
     except (SSL.Error, ValueError, TypeError) as e:
-        raise TLSConfigError(f"cannot use {cert_path} / {key_path} / {ca_path}: {e}") from None
+        raise TLSConfigError(f"cannot use {certPath} / {keyPath} / {caPath}: {e}") from None
     return ServerTLS(options, _names(allowed_names))
 
 
-def clientCreator(rrp_name, cert_path, key_path, ca_path):
+def clientCreator(rrpName, certPath, keyPath, caPath):
     """TLS settings for the LRP: our certificate, TLS >= 1.2, and the RRP's
-    certificate must chain to *ca_path* and carry *rrp_name*.  Raises
+    certificate must chain to *caPath* and carry *rrpName*.  Raises
     ``TLSConfigError``."""
-    if not isinstance(rrp_name, str) or not rrp_name.strip():
-        raise TLSConfigError(f"RRP name {rrp_name!r}: empty")
-    rrp_name = rrp_name.strip()
+    if not isinstance(rrpName, str) or not rrpName.strip():
+        raise TLSConfigError(f"RRP name {rrpName!r}: empty")
+    rrpName = rrpName.strip()
     try:
-        ipaddress.ip_address(rrp_name)
+        ipaddress.ip_address(rrpName)
     except ValueError:
         try:
-            rrp_name.encode("idna")
+            rrpName.encode("idna")
         except UnicodeError as e:
-            raise TLSConfigError(f"RRP name {rrp_name!r} is not a valid host name ({e})") from None
-    leaf, chain, key = loadIdentity(cert_path, key_path)
-    cas = loadCA(ca_path)
+            raise TLSConfigError(f"RRP name {rrpName!r} is not a valid host name ({e})") from None
+    leaf, chain, key = loadIdentity(certPath, keyPath)
+    cas = loadCA(caPath)
     trust = ssl.trustRootFromCertificates([ssl.Certificate(c) for c in cas])
     try:
         options = ssl.CertificateOptions(
@@ -469,8 +469,8 @@ def clientCreator(rrp_name, cert_path, key_path, ca_path):
         )
         options.getContext()
     except (SSL.Error, ValueError, TypeError) as e:
-        raise TLSConfigError(f"cannot use {cert_path} / {key_path} / {ca_path} for {rrp_name!r}: {e}") from None
-    return ClientTLS(rrp_name, options)
+        raise TLSConfigError(f"cannot use {certPath} / {keyPath} / {caPath} for {rrpName!r}: {e}") from None
+    return ClientTLS(rrpName, options)
 
 
 class RefusalBackoff:

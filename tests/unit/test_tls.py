@@ -228,7 +228,7 @@ class RRPRefusesTests(TLSCase):
                                   "certificate verify failed: certificate is not yet valid")
 
     def test_noClientCertificate(self):
-        options = SSL_CLIENT_OPTIONS(self.lab.caPath)
+        options = clientOptionsWithoutCertificate(self.lab.caPath)
         return self.assertRefused(self.lab.server(), tls.ClientTLS(RRP, options), "the peer sent no certificate")
 
     @defer.inlineCallbacks
@@ -332,7 +332,7 @@ class LRPRefusesTests(TLSCase):
         self.assertLogged("LRP at 127.0.0.1:", "refused the handshake with alert")
 
 
-def SSL_CLIENT_OPTIONS(caPath):
+def clientOptionsWithoutCertificate(caPath):
     """CertificateOptions for a client that trusts the CA but has no certificate."""
     from twisted.internet import ssl
 
