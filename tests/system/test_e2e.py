@@ -108,14 +108,18 @@ class BaselineTests(E2ETestCase):
             self.assertEqual([r for r in reports if r["ok"]], [], e2e.summarize(reports))
 
 
-class ProxyTests(E2ETestCase):
-    """The daemons between the clients and the server(s)."""
+class DaemonTestCase(E2ETestCase):
+    """Tests that start the daemons: skipped with the reason when they cannot run."""
 
     def setUp(self):
         netns.skip_unless_available()
         reason = daemons_missing()
         if reason:
             raise unittest.SkipTest(reason)
+
+
+class ProxyTests(DaemonTestCase):
+    """The daemons between the clients and the server(s)."""
 
     def test_same_call_id_clients_through_one_lrp(self):
         topo = self.topology(CLIENTS)
@@ -197,14 +201,8 @@ class ProxyTests(E2ETestCase):
             self.assertEqual(handed_out[0], handed_out[1])  # the very same IDs on both servers
 
 
-class SharedHostTests(E2ETestCase):
+class SharedHostTests(DaemonTestCase):
     """Issue 4: pptpd on the RRP's own host.  Both see the GRE of the host's loopback."""
-
-    def setUp(self):
-        netns.skip_unless_available()
-        reason = daemons_missing()
-        if reason:
-            raise unittest.SkipTest(reason)
 
     def test_pptpd_on_the_rrp_host_with_a_distinct_source_address(self):
         """The worst case for a loop: the server answers each call with the RRP's own ID (S = R).
@@ -226,14 +224,8 @@ class SharedHostTests(E2ETestCase):
                              [c["peer_call_id"] for c in status["calls_seen"]])  # S = R indeed
 
 
-class UnavailableUpstreamTests(E2ETestCase):
+class UnavailableUpstreamTests(DaemonTestCase):
     """Issue 4: with the link or pptpd down, clients get a PPTP answer, not a hang or a bare close."""
-
-    def setUp(self):
-        netns.skip_unless_available()
-        reason = daemons_missing()
-        if reason:
-            raise unittest.SkipTest(reason)
 
     def assertStartRefused(self, reports):
         summary = e2e.summarize(reports)

@@ -312,16 +312,20 @@ class VanishingPeerTests(FaultTestCase):
     def callIDsInUse(self, daemon, port):
         return sum(space["in_use"] for space in daemon.status(port)["call_ids"])
 
+    def victimInCall(self, name):
+        """A client with one call up: (client, its OCRP, the server's connection, R, S)."""
+        victim = self.client(name)
+        self.assertEqual(victim.start().result_code, pptp.StartResult.SUCCESS)
+        call = victim.call()
+        upstream = self.lab.server.connection_named(name)
+        (rrp_call, server_side), = upstream.calls.items()   # R (the RRP's ID for C=1) -> S
+        return victim, call, upstream, rrp_call, server_side.call_id
+
     def test_client_vanishes_mid_call(self):
         lab = self.lab
         with self.diagnosed(lab.lrp, lab.rrp):
             healthy = self.healthy()
-            victim = self.client("victim-vanishes")
-            self.assertEqual(victim.start().result_code, pptp.StartResult.SUCCESS)
-            call = victim.call()
-            upstream = lab.server.connection_named("victim-vanishes")
-            (rrp_call, server_side), = upstream.calls.items()   # R (the RRP's ID for C=1) -> S
-            server_call = server_side.call_id
+            victim, call, upstream, rrp_call, server_call = self.victimInCall("victim-vanishes")
             rrp_before = self.callIDsInUse(lab.rrp, RRP_STATUS)
             lrp_before = self.callIDsInUse(lab.lrp, LRP_STATUS)
             since_lrp, since_rrp = lab.lrp.mark(), lab.rrp.mark()
@@ -337,9 +341,9 @@ class VanishingPeerTests(FaultTestCase):
             lab.rrp.wait_line(rf"RRP session closed: peer {re.escape(hostport(SERVER))}, C=1 S={server_call} R={rrp_call};"
                               r".*reason: mux session closed", since_rrp)
             wait_until(lambda: self.callIDsInUse(lab.rrp, RRP_STATUS) == rrp_before - 1, 5,
-                                  "the RRP to free the vanished client's call ID")
+                       "the RRP to free the vanished client's call ID")
             wait_until(lambda: self.callIDsInUse(lab.lrp, LRP_STATUS) == lrp_before - 1, 5,
-                                  "the LRP to free the vanished client's call ID")
+                       "the LRP to free the vanished client's call ID")
 
             later = self.client("later")
             self.assertEqual(later.start().result_code, pptp.StartResult.SUCCESS)
@@ -350,12 +354,7 @@ class VanishingPeerTests(FaultTestCase):
         lab = self.lab
         with self.diagnosed(lab.lrp, lab.rrp):
             healthy = self.healthy()
-            victim = self.client("victim-server-gone")
-            self.assertEqual(victim.start().result_code, pptp.StartResult.SUCCESS)
-            call = victim.call()
-            upstream = lab.server.connection_named("victim-server-gone")
-            (rrp_call, server_side), = upstream.calls.items()
-            server_call = server_side.call_id
+            victim, call, upstream, rrp_call, server_call = self.victimInCall("victim-server-gone")
             since_lrp, since_rrp = lab.lrp.mark(), lab.rrp.mark()
 
             upstream.vanish()
