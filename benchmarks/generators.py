@@ -16,16 +16,8 @@ import sys
 import tempfile
 
 from benchmarks import loadgen, measure
+from tests.support import tshark
 from tests.support.daemons import REPO, child_env
-
-
-def _pcap(path, frame, count=1000):
-    """A classic pcap file holding *count* copies of *frame* (Ethernet link type)."""
-    import struct
-    with open(path, "wb") as f:
-        f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
-        for i in range(count):
-            f.write(struct.pack("<IIII", 0, i, len(frame), len(frame)) + frame)
 
 
 def _send(lab, ns, argv):
@@ -52,7 +44,7 @@ def compare(lab, sizes=(64, 512, 1400), duration=1.0, log=print):
             frame = link.headers(veth.ip_b, len(body)) + body
             with tempfile.TemporaryDirectory() as tmp:
                 path = os.path.join(tmp, "gre.pcap")
-                _pcap(path, frame)
+                tshark.write_pcap(path, [frame] * 1000)
                 loops = max(1, int(400_000 * duration / 1000))
                 done = lab.run(gen, ["tcpreplay", "-q", "-i", veth.name_a, "--topspeed", f"--loop={loops}", path],
                                check=False, timeout=120)
