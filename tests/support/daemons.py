@@ -18,6 +18,7 @@ import sys
 import time
 import urllib.request
 
+from tests.support.netns import stop_process
 from tests.support.wait import HarnessError, wait_until
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -37,21 +38,6 @@ def die_with_parent():
     """In the child before exec: get SIGTERM when the test process dies, so nothing lingers."""
     with contextlib.suppress(Exception):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def terminate(proc, grace=5.0, sig=signal.SIGTERM):
-    """One *sig*, then SIGKILL if *proc* is still there after *grace* seconds.
-
-    One signal only: twistd logs a traceback when it is told to stop twice.
-    """
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(sig)
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def tail(path, limit=6000):
@@ -126,7 +112,7 @@ class Daemon:
         return self
 
     def stop(self, sig=signal.SIGTERM, timeout=5.0):
-        terminate(self.proc, timeout, sig)
+        stop_process(self.proc, timeout, sig)
 
     def alive(self):
         return self.proc is not None and self.proc.poll() is None

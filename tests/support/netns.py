@@ -9,7 +9,7 @@ Typical use in a trial test::
         a, b = lab.namespace("a"), lab.namespace("b")
         link = lab.veth(a, b, "10.0.0.1/24", "10.0.0.2/24")
         lab.run(b, ["ping", "-c1", "10.0.0.1"])
-        server = lab.spawn(a, ["twistd", "-n", ...], logfile=self.mktemp())  # killed at cleanup
+        server = lab.spawn(a, ["some-server", ...], logfile=self.mktemp())  # killed at cleanup
         lab.wait_tcp(a, "10.0.0.1", 1723, proc=server)   # until it listens (or fails if it died)
         with lab.inside(a):                   # sockets/pcap handles opened here live in `a`
             sock = socket.socket(...)
@@ -33,6 +33,8 @@ import subprocess
 import sys
 import time
 import unittest
+
+from tests.support.wait import HarnessError, wait_until
 
 NS_PREFIX = "rpt"  # namespaces: rpt<pid>-<n>-<label>
 LINK_PREFIX = "rv"  # veth ends:  rv<pid>x<n>a / rv<pid>x<n>b  (<= 15 characters)
@@ -263,23 +265,18 @@ class NetnsLab:
         Raises NetnsError after *timeout* seconds, or as soon as *proc* (the process
         expected to listen) has exited.
         """
-        deadline = time.monotonic() + timeout
-        while True:
+        def accepts():
             with self.inside(ns):
                 sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
             sock.settimeout(0.5)
-            try:
-                sock.connect((host, port))
-                return
-            except OSError:
-                pass
-            finally:
-                sock.close()
-            if proc is not None and proc.poll() is not None:
-                raise NetnsError(f"{proc.args!r} exited (rc={proc.returncode}) before {host}:{port} listened")
-            if time.monotonic() > deadline:
-                raise NetnsError(f"nothing listens on {host}:{port} in {ns} after {timeout} s")
-            time.sleep(0.05)
+            with sock:
+                return sock.connect_ex((host, port)) == 0
+
+        alive = (lambda: proc.poll() is None) if proc is not None else None
+        try:
+            wait_until(accepts, timeout, f"{host}:{port} in {ns} to accept connections", alive=alive)
+        except HarnessError as e:
+            raise NetnsError(f"{e} (rc={proc.returncode if proc else None})") from None
 
     def read_proc(self, ns, path):
         """A /proc file as seen from inside *ns* (e.g. /proc/net/snmp)."""
@@ -333,7 +330,7 @@ class NetnsLab:
 def _stop(proc, grace=3.0):
     """SIGTERM the process group, then SIGKILL it after *grace* seconds; close its pipes."""
     try:
-        return _signal_until_dead(proc, grace)
+        return stop_process(proc, grace)
     finally:
         for stream in (proc.stdin, proc.stdout, proc.stderr):
             if stream is not None:
@@ -341,14 +338,21 @@ def _stop(proc, grace=3.0):
                     stream.close()
 
 
-def _signal_until_dead(proc, grace):
-    if proc.poll() is not None:
+def stop_process(proc, grace=3.0, sig=signal.SIGTERM):
+    """*sig* to *proc*'s process group, then SIGKILL after *grace* seconds; a list of problems.
+
+    One signal each time, to the group (``ip netns exec`` children, shells' children) or,
+    when the process is not in a group of its own, to it: twistd logs a traceback when it is
+    told to stop twice.
+    """
+    if proc is None or proc.poll() is not None:
         return []
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, grace)):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)  # the group: `ip netns exec` children, shells' children
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(sig)  # in case it was not started in its own session
+    for sig, wait in ((sig, grace), (signal.SIGKILL, grace)):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(sig)
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             if proc.poll() is not None:

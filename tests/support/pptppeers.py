@@ -39,7 +39,8 @@ import time
 
 from routeproxy import gre, pptp
 from routeproxy.config import parse_hostport
-from tests.support.daemons import REPO, child_env, tail, terminate
+from tests.support.daemons import REPO, child_env, tail
+from tests.support.netns import stop_process
 from tests.support.wait import HarnessError, wait_until
 
 PPP_LIKE = b"\xff\x03\x00\x21"  # address, control, protocol IPv4: what a PPP frame starts with
@@ -700,7 +701,7 @@ class ServerProcess:
 
     def stop(self):
         """SIGTERM; returns the final status."""
-        terminate(self.proc)
+        stop_process(self.proc, 5.0)
         if self.final is None:
             self.final = self._read_status()
         return self.final
