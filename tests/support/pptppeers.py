@@ -313,15 +313,10 @@ class ServerCall:
     """A call the server accepted: its own ID, the peer's ID and the control connection's peer."""
 
     def __init__(self, call_id, peer_call_id, peer_address, connection):
-        self.call_id = call_id
-        self.peer_call_id = peer_call_id
-        self.peer_address = peer_address
-        self.connection = connection
-        self.gre_in = 0
-        self.echoed = 0
-        self.next_seq = 0
-        self.opened = time.monotonic()
-        self.closed = None
+        self.call_id, self.peer_call_id = call_id, peer_call_id
+        self.peer_address, self.connection = peer_address, connection
+        self.gre_in = self.echoed = self.next_seq = 0
+        self.opened, self.closed = time.monotonic(), None
 
     def as_dict(self):
         return {"call_id": self.call_id, "peer_call_id": self.peer_call_id, "peer": self.peer_address,
@@ -773,18 +768,10 @@ class EchoClient:
 
     def __init__(self, server, bind, call_id=1, packets=10, calls=1, rounds=1, timeout=5.0,
                  interval=0.001, name=None, linger=0.2, hold=0.0, start_delay=0.0):
-        self.server = tuple(server)
-        self.bind = bind
-        self.call_id = call_id
-        self.packets = packets
-        self.calls = calls
-        self.rounds = rounds
-        self.timeout = timeout
-        self.interval = interval
-        self.linger = linger
-        self.hold = hold
+        self.server, self.bind, self.name = tuple(server), bind, name or bind
+        self.call_id, self.packets, self.calls, self.rounds = call_id, packets, calls, rounds
+        self.timeout, self.interval, self.linger, self.hold = timeout, interval, linger, hold
         self.start_delay = start_delay
-        self.name = name or bind
 
     def run(self):
         results = []
