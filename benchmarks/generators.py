@@ -16,7 +16,7 @@ import sys
 import tempfile
 
 from benchmarks import loadgen, measure
-from tests.support import tshark
+from tests.support import netns, tshark
 from tests.support.daemons import REPO, child_env
 
 
@@ -60,7 +60,6 @@ def compare(lab, sizes=(64, 512, 1400), duration=1.0, log=print):
 
 
 def run(settings, log=print):
-    from tests.support import netns
     netns.skip_unless_available()
     netns.reap_stale()
     lab = netns.NetnsLab()

@@ -24,7 +24,7 @@ import tempfile
 import time
 
 from benchmarks import measure
-from tests.support import daemons, pptppeers
+from tests.support import daemons, netns, pptppeers
 from tests.support.wait import HarnessError
 
 RRP_NAME = "rrp.bench.test"
@@ -214,7 +214,6 @@ def run(settings, log=print, parts=PARTS):
     if reason:
         log(f"proxy: skipped: {reason}")
         return {"skipped": reason}
-    from tests.support import netns
     netns.skip_unless_available()
     netns.reap_stale()
     raise_fd_limit()
