@@ -4,7 +4,7 @@
 
 No sockets for GRE and no pcap: a real :class:`~routeproxy.lrp.LocalRouteProxy` and
 :class:`~routeproxy.rrp.RemoteRouteProxy` with a call set up through their CallBooks (as
-tests/unit/test_relay.py does: scripted PPTP peers on StringTransports, the RRP's dial to pptpd
+tests/support/relay.py does: scripted PPTP peers on StringTransports, the RRP's dial to pptpd
 completed by hand), joined
 
 * ``memory``: two MuxProtocols whose transports hand their bytes to each other (one
@@ -13,10 +13,10 @@ completed by hand), joined
 * ``tls``: two MuxProtocols over real mutual TLS on 127.0.0.1 (the real reactor,
   routeproxy.tls, certificates from routeproxy.certs.write_lab_certs).
 
-N GRE packets go in through ``lrp.greReceived`` in batches of B (one pcap wake-up hands the
+N GRE packets go in through ``lrp.relay.demux.greReceived`` in batches of B (one pcap wake-up hands the
 daemon up to ``GREPort.maxPacketsPerRead`` packets) and are counted at the RRP's GRE port
-(``CountingGREPort.sendGRE``, a fake: nothing is sent); then the reverse direction through
-``rrp.greReceived``.  Each stage is also timed alone (split_gre, the mux encode, the mux
+(``routeproxy.testing.RecordingGREPort`` counting only, a fake: nothing is sent); then the
+reverse direction through ``rrp.relay.demux.greReceived``.  Each stage is also timed alone (split_gre, the mux encode, the mux
 decode, build_gre), with two baselines in the same run: a loop that only copies the payload,
 and the same payloads through TLS alone (pyOpenSSL memory BIOs, no mux, no sockets), one
 TLS record per packet and one per batch.
@@ -44,6 +44,7 @@ from routeproxy.mux import frames as F
 from routeproxy.mux.connection import MuxConfig, MuxConnection
 from routeproxy.mux.protocol import MuxServerFactory
 from routeproxy.rrp import RemoteRouteProxy
+from routeproxy.testing import RecordingGREPort
 
 CLIENT_IP, LRP_IP, RRP_SOURCE, SERVER_IP = "10.0.0.5", "10.0.1.1", "10.0.3.1", "10.0.4.2"
 RRP_NAME, LRP_NAME = "rrp.bench.test", "lrp.bench.test"
@@ -51,28 +52,6 @@ PPP_HEAD = b"\xff\x03\x00\x21"  # PPP address/control + IPv4: what a real payloa
 
 
 # --- fakes ---------------------------------------------------------------------------------
-
-class CountingGREPort:
-    """Stands in for greio.GREPort (a fake: nothing is sent); counts what would be."""
-
-    def __init__(self):
-        self.count = 0
-        self.bytes = 0
-        self.last = None
-        self.local = set()
-
-    def sendGRE(self, src, dst, data):
-        self.count += 1
-        self.bytes += len(data)
-        self.last = data
-        return True
-
-    def addLocalAddress(self, address):
-        self.local.add(address)
-
-    def removeLocalAddress(self, address):
-        self.local.discard(address)
-
 
 class HandOverTransport:
     """One end of an in-memory link (a fake TCP/TLS transport): writes wait for pump()."""
@@ -139,7 +118,7 @@ class CountingReceiver:
     def controlReceived(self, data):
         pass
 
-    def greReceived(self, callTag, seq, ack, payload):
+    def datagramReceived(self, callTag, seq, ack, payload):
         self.gre += 1
 
     def sessionClosed(self, reason):
@@ -187,6 +166,11 @@ class Results:
         print(f"  {name:<56} {ns:>9.0f} ns/pkt {pps:>12,.0f} pkt/s  {note}", flush=True)
 
 
+def counting(receiver):
+    """A GRE port that only counts what it would send (routeproxy.testing's fake)."""
+    return RecordingGREPort(receiver, record=False)
+
+
 # --- the daemons joined in memory ----------------------------------------------------------
 
 class Pair:
@@ -197,9 +181,8 @@ class Pair:
 
     def build_daemons(self, lrp_reactor):
         self.dials = MemoryReactorClock()   # the RRP's TCP dials to pptpd are recorded here
-        self.lrp = LocalRouteProxy(lrp_reactor, gre_port=CountingGREPort())
-        self.rrp = RemoteRouteProxy(self.dials, {"default": (SERVER_IP, 1723)},
-                                    gre_port=CountingGREPort())
+        self.lrp = LocalRouteProxy(lrp_reactor, counting)
+        self.rrp = RemoteRouteProxy(self.dials, counting, {"default": (SERVER_IP, 1723)})
 
     def setup_call(self):
         """Generator of settle() points; afterwards self.l_id / self.r_id are the keys."""
@@ -273,16 +256,16 @@ class MemoryPair(Pair):
 def push_memory(pair, direction, packets, batch):
     """All *packets* through the joined daemons, *batch* per wake-up; returns delivered."""
     if direction == "lrp->rrp":
-        receive, src, dst, port = pair.lrp.greReceived, CLIENT_IP, LRP_IP, pair.rrp.gre_port
+        receive, src, dst, port = pair.lrp.relay.demux.greReceived, CLIENT_IP, LRP_IP, pair.rrp.relay.grePort
     else:
-        receive, src, dst, port = pair.rrp.greReceived, SERVER_IP, RRP_SOURCE, pair.lrp.gre_port
-    before = port.count
+        receive, src, dst, port = pair.rrp.relay.demux.greReceived, SERVER_IP, RRP_SOURCE, pair.lrp.relay.grePort
+    before = port.sentCount
     settle = pair.settle
     for i in range(0, len(packets), batch):
         for data in packets[i:i + batch]:
             receive(src, dst, data)
         settle()
-    return port.count - before
+    return port.sentCount - before
 
 
 # --- the daemons joined over real TLS on loopback -------------------------------------------
@@ -322,11 +305,11 @@ def run_tls(count, size, batch, results, window_packets):
     @defer.inlineCallbacks
     def push(direction, packets):
         if direction == "lrp->rrp":
-            receive, src, dst, gport = pair.lrp.greReceived, CLIENT_IP, LRP_IP, pair.rrp.gre_port
+            receive, src, dst, gport = pair.lrp.relay.demux.greReceived, CLIENT_IP, LRP_IP, pair.rrp.relay.grePort
         else:
-            receive, src, dst, gport = pair.rrp.greReceived, SERVER_IP, RRP_SOURCE, pair.lrp.gre_port
+            receive, src, dst, gport = pair.rrp.relay.demux.greReceived, SERVER_IP, RRP_SOURCE, pair.lrp.relay.grePort
         sender = pair.lrp if direction == "lrp->rrp" else pair.rrp
-        before, dropped_before = gport.count, sender.drops.total()
+        before, dropped_before = gport.sentCount, sender.relay.drops.total()
         sent = 0
         writes_before = writes[0]
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -335,7 +318,7 @@ def run_tls(count, size, batch, results, window_packets):
 
         def outstanding():
             # what left the sender and has not arrived (drops are counted as they happen)
-            return sent - (sender.drops.total() - dropped_before) - (gport.count - before)
+            return sent - (sender.relay.drops.total() - dropped_before) - (gport.sentCount - before)
 
         while sent < n and time.perf_counter() < deadline:
             # Closed loop: keep at most window_packets in flight, like a sender that paces
@@ -348,7 +331,7 @@ def run_tls(count, size, batch, results, window_packets):
         while outstanding() > 0 and time.perf_counter() < deadline:
             yield sleep(0)
         elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-        return elapsed, cpu, gport.count - before, sent, writes[0] - writes_before
+        return elapsed, cpu, gport.sentCount - before, sent, writes[0] - writes_before
 
     @defer.inlineCallbacks
     def main():
@@ -374,7 +357,7 @@ def run_tls(count, size, batch, results, window_packets):
                         f"({delivered}/{sent} delivered, {cpu / max(1, delivered) * 1e9:.0f} ns"
                         f" CPU/pkt, {nwrites} TLS writes; mux drops in all runs {dropped})")
             if delivered < sent:
-                print(f"  drops: LRP {dict(pair.lrp.drops.counts)} RRP {dict(pair.rrp.drops.counts)}"
+                print(f"  drops: LRP {dict(pair.lrp.relay.drops.counts)} RRP {dict(pair.rrp.relay.drops.counts)}"
                       f" mux {[dict(c.stats.greDropped) for c in (conn, *server_factory.connections)]}")
         protocol.transport.loseConnection()
         yield port.stopListening()
@@ -590,7 +573,7 @@ def main(argv=None):
         results.add(f"whole path, in memory, {direction}", secs, delivered,
                     f"({delivered}/{len(packets)} delivered, {writes} link writes per run;"
                     f" mux drops in all runs {drops})")
-    port = pair.rrp.gre_port
+    port = pair.rrp.relay.grePort
     check = gre.split_gre(port.last)
     expected = gre.split_gre(fwd[-1])
     if check[1:] != expected[1:] or check[0] != 256:

@@ -13,7 +13,8 @@ the facing peer only ever sees the local one.  Messages from the facing peer car
 and are mapped back.  Which field carries whose ID is :data:`routeproxy.pptp.CALL_ID_FIELDS`.
 
 A :class:`CallBook` is a plain object: it never touches the network, so tests drive it with
-messages.  The daemon owns one per mux session.
+messages.  Each relayed control connection owns one (its ``session``), and the GRE path
+goes from a local ID to the call (one look-up in the space) to that session.
 """
 import dataclasses
 
@@ -80,11 +81,12 @@ class CallBook:
     :class:`Call`, so the GRE path finds a call from a local ID in one lookup.
     """
 
-    def __init__(self, owner, space):
+    def __init__(self, owner, space, session=None):
         if owner not in (PNS, PAC):
             raise ValueError(f"owner must be {PNS!r} or {PAC!r}")
         self.owner = owner
         self.space = space
+        self.session = session    # the relayed control connection the GRE path delivers to
         self._by_native = {PNS: {}, PAC: {}}   # native ID -> Call
         self.calls = []
 
@@ -94,6 +96,13 @@ class CallBook:
     def by_tag(self, pns_id):
         """The call a mux GRE datagram names (its tag is the client's call ID)."""
         return self._by_native[PNS].get(pns_id)
+
+    def gre_key(self, call):
+        """The key GRE to the facing peer carries for *call*: the peer's own ID for it.
+
+        The LRP faces the client (``C``), the RRP faces pptpd (``S``).
+        """
+        return call.pns_id if self.owner == PAC else call.pac_id
 
     def by_local(self, local_id):
         call = self.space.owner_of(local_id)

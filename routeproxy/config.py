@@ -6,9 +6,22 @@ defaults.  A bad value is a ``usage.UsageError`` whose text is one clear line,
 which twistd prints without a traceback.
 """
 import configparser
+import dataclasses
 import ipaddress
+from typing import Any, Callable
 
 from twisted.python import usage
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One option of a daemon: also a key of its INI section."""
+
+    name: str                          # the long option and the INI key
+    default: Any
+    help: str
+    parse: Callable[[str], Any] = str.strip
+    repeatable: bool = False           # given several times (or comma-separated in INI)
 
 
 def parse_hostport(text, default_port=None, what="address"):
@@ -32,11 +45,6 @@ def parse_hostport(text, default_port=None, what="address"):
     if not host:
         raise usage.UsageError(f"{what} {text!r}: missing host")
     return host, port
-
-
-def text(value):
-    """A plain string setting (a name or a path)."""
-    return value.strip()
 
 
 def parse_count(value, what):
@@ -79,8 +87,8 @@ def _handler(name, doc, repeatable):
 class ConfigOptions(usage.Options):
     """usage.Options with ``--config FILE`` and per-key precedence.
 
-    Subclasses list ``settings``: (name, default, help, parser, repeatable).
-    Values stay None until ``postOptions`` merges command line, file, defaults.
+    Subclasses list ``settings`` (:class:`Setting` records).  Values stay None until
+    ``postOptions`` merges command line, file, defaults.
     """
 
     section = None  # INI section read from --config
@@ -91,8 +99,9 @@ class ConfigOptions(usage.Options):
         # usage.Options finds handlers by their opt_ method names; make one per
         # setting so repeatable options append and we know what was given.
         super().__init_subclass__(**kw)
-        for name, _default, doc, _parse, repeatable in cls.settings:
-            setattr(cls, "opt_" + name.replace("-", "_"), _handler(name, doc, repeatable))
+        for setting in cls.settings:
+            setattr(cls, "opt_" + setting.name.replace("-", "_"),
+                    _handler(setting.name, setting.help, setting.repeatable))
 
     def __init__(self):
         super().__init__()
@@ -107,23 +116,24 @@ class ConfigOptions(usage.Options):
         from_file = {}
         if self["config"]:
             from_file = read_ini(self["config"], self.section)
-        known = {s[0] for s in self.settings}
+        known = {setting.name for setting in self.settings}
         for key in from_file:
             if key not in known:
                 raise usage.UsageError(
                     f"{self['config']}: unknown key {key!r} in [{self.section}]"
                 )
-        for name, default, _doc, parse, repeatable in self.settings:
+        for setting in self.settings:
+            name, parse = setting.name, setting.parse
             if name in self._given:
                 raw = self._given[name]
             elif name in from_file:
                 raw = from_file[name]
-                if repeatable:
+                if setting.repeatable:
                     raw = [v for v in raw.replace(",", "\n").split("\n") if v.strip()]
             else:
-                self[name] = default
+                self[name] = setting.default
                 continue
-            self[name] = [parse(v) for v in raw] if repeatable else parse(raw)
+            self[name] = [parse(v) for v in raw] if setting.repeatable else parse(raw)
         missing = [name for name in self.required if self[name] is None]
         if missing:
             raise usage.UsageError("missing required option(s): " + ", ".join("--" + m for m in missing))

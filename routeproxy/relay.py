@@ -1,150 +1,122 @@
-"""What the LRP and the RRP share: one relayed control connection and its calls.
+"""The relay core both daemons share: one relayed control connection, and the set of them.
 
 A :class:`RelaySession` joins a PPTP control connection on this side (a client at the LRP,
 pptpd at the RRP) to one mux session.  It parses both streams, rewrites the call IDs this
 side owns (:mod:`routeproxy.calls`), passes GRE between the GRE port and the mux, and logs
-one line when it opens and one when it closes.  The daemons subclass it for what differs:
-which GRE key goes to the peer, and what to tell a peer when the far side fails.
+one line when it closes.  It is one concrete class, composed (as twisted.names composes
+resolvers) of:
 
-:class:`PPTPControlProtocol` is the thin TCP protocol for either end: it only cuts the byte
-stream into messages and writes bytes.
+* a :class:`Side`: the side's name, the ID space it owns, and what it answers when that
+  space has no ID left;
+* on the LRP only, an *opener* (:class:`routeproxy.upstream.UpstreamOpener`) that stands in
+  for the mux session until the upstream is open, then hands it over through
+  :meth:`RelaySession.muxOpened`.
+
+:class:`Relay` is what a daemon keeps of its sessions: the live ones, the totals of those
+that ended, drops by reason, the GRE port and the ID scopes; its
+:class:`~routeproxy.gredemux.GREDemultiplexer` is the GRE port's receiver.
 
 Echo-Request/-Reply pass through untouched: pptpd's keepalive then proves the whole path
 (client, both proxies and the link) is alive, and a dead path ends the call as it would
 without a proxy, instead of a proxy answering for a client that has gone.
 """
-from twisted.internet.protocol import Protocol
+import dataclasses
+from typing import Callable, Optional
+
 from twisted.logger import Logger
-from zope.interface import implementer
-from twisted.internet.interfaces import IPushProducer
 
 from routeproxy import calls, gre, pptp
 from routeproxy.callids import CallIDExhausted
-from routeproxy.greio import GREIOError
+from routeproxy.capture import GREIOError
+from routeproxy.control import MuxReadingControl
+from routeproxy.gredemux import GREDemultiplexer
 from routeproxy.mux.frames import Reason, reasonName
-from routeproxy.mux.protocol import noDelay
 from routeproxy.stats import DropCounter
 
-# Control messages a peer may send before the mux session is open; a real client sends one
-# (Start-Control-Connection-Request) and waits.
-MAX_EARLY_MESSAGES = 16
+DROP_MUX_GRE_NO_CALL = "mux_gre_no_call"   # a mux GRE frame names no call of its session
+DROP_MUX_NOT_OPEN = "mux_not_open"         # GRE from the peer before the mux session opened
+DROP_MUX_SEND = "mux_send"                 # the mux refused it (watermark: link congested)
 
 
-class PPTPControlProtocol(Protocol):
-    """A PPTP control connection (TCP 1723): parse and emit, nothing else."""
+@dataclasses.dataclass(frozen=True)
+class Side:
+    """What differs between the LRP's and the RRP's sessions: data, not subclasses."""
 
-    session = None
-
-    def dataReceived(self, data):
-        try:
-            messages = self.decoder.feed(data)
-        except pptp.PPTPError as e:
-            for message in getattr(e, "decoded", ()):
-                self.session.peerMessage(message)
-            self.session.peerFailed(e)
-            return
-        for message in messages:
-            self.session.peerMessage(message)
-
-    def connectionMade(self):
-        # PPTP control messages are small request/reply pairs: Nagle only adds delay.
-        noDelay(self.transport)
-        self.decoder = pptp.PPTPStreamDecoder()
-        self.session.peerConnected(self)
-
-    def connectionLost(self, reason):
-        try:
-            self.decoder.finish()
-        except pptp.PPTPError as e:
-            self.session.peerClosed(f"peer closed the control connection inside a message ({e})")
-            return
-        self.session.peerClosed("peer closed the control connection")
-
-    def sendMessage(self, message):
-        self.transport.write(message.pack())
-
-
-@implementer(IPushProducer)
-class _MuxReadingControl:
-    """Pauses the mux session's delivery while the peer's TCP send buffer is full."""
-
-    def __init__(self, muxSession):
-        self.muxSession = muxSession
-
-    def pauseProducing(self):
-        self.muxSession.pauseReading()
-
-    def resumeProducing(self):
-        self.muxSession.resumeReading()
-
-    def stopProducing(self):
-        pass
+    name: str                 # "LRP" or "RRP", the first word of its log lines
+    peerRole: str             # what its facing peer is: "client" (LRP) or "server" (RRP)
+    owner: str                # the ID space it rewrites: pptp.PAC (LRP) or pptp.PNS (RRP)
+    localName: str            # what its own IDs are called: "L" or "R"
+    # A message from the mux that needs a local ID when none is left -> what to send back
+    # through the mux instead, or None to end the session.
+    answerExhausted: Callable[[object], Optional[object]] = lambda message: None
 
 
 class RelaySession:
     """One relayed control connection (a plain object; tests drive it without a network).
 
-    *daemon* gives ``gre_port``, ``spaceFor(peer_ip)`` (the call-ID space of the peer's
-    scope), ``countDrop(reason)`` and ``sessionEnded(session)``.  Subclasses name the ID
-    space they rewrite (``OWNER``) and what they call their local IDs (``LOCAL_NAME``).
+    *relay* is the daemon's :class:`Relay`; *opener* stands in for the mux session until it
+    is open (LRP), or is None when the mux session comes first (RRP).
     """
 
     log = Logger()
-    side = "?"
-    OWNER = None
-    LOCAL_NAME = "local"
 
-    def __init__(self, daemon):
-        self.daemon = daemon
-        self.book = None          # CallBook, once the peer's address is known
-        self.peer = None          # PPTPControlProtocol
-        self.mux = None           # mux session, once opened
-        self.peer_ip = None
-        self.local_ip = None
-        self._gre_address = None  # the local address we asked the GRE port to serve
-        self.peer_label = "?"
-        self.mux_decoder = pptp.PPTPStreamDecoder()
+    def __init__(self, side, relay, opener=None, clientLabel=""):
+        self.side = side
+        self.relay = relay
+        self.opener = opener
+        self.clientLabel = clientLabel    # the RRP names the real client in its lines
+        self.book = None                  # CallBook, once the peer's address is known
+        self.peer = None                  # PPTPControlProtocol
+        self.mux = None                   # the open mux session
+        self.peerAddress = None
+        self.localAddress = None
+        self.peerLabel = "?"
+        self.muxDecoder = pptp.PPTPStreamDecoder()
         self.closed = False
-        self.close_reason = None
-        self.control_in = self.control_out = 0   # bytes from / to the peer
-        self.gre_in = self.gre_out = 0           # packets from / to the peer
-        self.gre_dropped = 0
+        self.closeReason = None
+        self.controlIn = self.controlOut = 0   # bytes from / to the peer
+        self.greIn = self.greOut = 0           # packets from / to the peer
+        self.greDropped = 0
+        self._greAddress = None   # the local address we asked the GRE port to serve
 
-    # --- the peer (client or pptpd) ----------------------------------------------
+    # --- the peer (client or pptpd) ----------------------------------------------------
 
     def peerConnected(self, protocol):
         self.peer = protocol
         peer, local = protocol.transport.getPeer(), protocol.transport.getHost()
-        self.peer_ip, self.local_ip = peer.host, local.host
-        self.peer_label = f"{peer.host}:{peer.port}"
-        self.book = calls.CallBook(self.OWNER, self.daemon.spaceFor(peer.host))
-        self.book.session = self
-        self._gre_address = None
-        if self.daemon.gre_port is not None:
-            try:
-                self.daemon.gre_port.addLocalAddress(self.local_ip)   # capture GRE sent to it
-            except GREIOError as e:
-                self.log.error("{side} {peer}: cannot exchange GRE on {ip}: {error}", side=self.side,
-                               peer=self.peer_label, ip=self.local_ip, error=str(e))
-                self.close(f"no GRE on {self.local_ip}")
-                return
-            self._gre_address = self.local_ip
+        self.peerAddress, self.localAddress = peer.host, local.host
+        self.peerLabel = f"{peer.host}:{peer.port}"
+        self.book = calls.CallBook(self.side.owner, self.relay.scopes.space_for(peer.host), self)
+        try:
+            self.relay.grePort.addLocalAddress(self.localAddress)   # capture GRE sent to it
+        except GREIOError as e:
+            self.log.error("{side} {peer}: cannot exchange GRE on {ip}: {error}",
+                           side=self.side.name, peer=self.peerLabel, ip=self.localAddress,
+                           error=str(e))
+            self.close(f"no GRE on {self.localAddress}")
+            return
+        self._greAddress = self.localAddress
+        if self.opener is not None:
+            self.opener.start(self)
 
     def peerMessage(self, message):
         if self.closed:
             return
-        self.control_in += message.LENGTH
+        self.controlIn += message.LENGTH
         try:
             message = self.book.translate(message, calls.TO_MUX)
         except calls.UnknownCallID as e:
-            self.log.warn("{side} {peer}: dropped {name}: {error}", side=self.side,
-                          peer=self.peer_label, name=message.NAME, error=str(e))
+            self.log.warn("{side} {peer}: dropped {name}: {error}", side=self.side.name,
+                          peer=self.peerLabel, name=message.NAME, error=str(e))
             return
-        self.sendToMux(message.pack())
+        if self.mux is not None:
+            self.mux.sendControl(message.pack())
+        else:
+            self.opener.hold(message)
 
     def peerFailed(self, error):
         self.log.warn("{side} {peer}: bad PPTP from peer ({error}); closing this session",
-                      side=self.side, peer=self.peer_label, error=str(error))
+                      side=self.side.name, peer=self.peerLabel, error=str(error))
         self.close(f"bad PPTP from peer: {error.reason}")
 
     def peerClosed(self, why):
@@ -153,29 +125,35 @@ class RelaySession:
 
     def sendToPeer(self, message):
         if self.peer is not None:
-            self.control_out += message.LENGTH
+            self.controlOut += message.LENGTH
             self.peer.sendMessage(message)
 
-    # --- the mux session -----------------------------------------------------------
+    def greFromPeer(self, call, seq, ack, payload):
+        """A GRE packet from the peer for *call* (found by the GRE demultiplexer)."""
+        self.greIn += 1
+        mux = self.mux
+        if mux is None or not mux.sendGRE(call.pns_id, seq, ack, payload):
+            self.greDropped += 1
+            self.relay.drops.add(DROP_MUX_SEND if mux is not None else DROP_MUX_NOT_OPEN)
+
+    # --- the mux session (ISessionReceiver) ---------------------------------------------
 
     def muxOpened(self, muxSession):
+        """The mux session is open: control and GRE now flow through it."""
         self.mux = muxSession
         if self.peer is not None:
             muxSession.setLocalProducer(self.peer.transport)
-            self.peer.transport.registerProducer(_MuxReadingControl(muxSession), True)
-
-    def sendToMux(self, data):
-        self.mux.sendControl(data)
+            self.peer.transport.registerProducer(MuxReadingControl(muxSession), True)
 
     def controlReceived(self, data):
         """Bytes of the far side's control stream, with native call IDs."""
         if self.closed:
             return
         try:
-            messages = self.mux_decoder.feed(data)
+            messages = self.muxDecoder.feed(data)
         except pptp.PPTPError as e:
             self.log.error("{side} {peer}: bad PPTP from the mux ({error}); closing this session",
-                           side=self.side, peer=self.peer_label, error=str(e))
+                           side=self.side.name, peer=self.peerLabel, error=str(e))
             self.close(f"bad PPTP from the mux: {e.reason}")
             return
         for message in messages:
@@ -183,103 +161,166 @@ class RelaySession:
                 out = self.book.translate(message, calls.TO_PEER)
             except calls.UnknownCallID as e:
                 self.log.warn("{side} {peer}: dropped {name} from the mux: {error}",
-                              side=self.side, peer=self.peer_label, name=message.NAME, error=str(e))
+                              side=self.side.name, peer=self.peerLabel, name=message.NAME,
+                              error=str(e))
                 continue
             except CallIDExhausted as e:
-                self.log.error("{side} {peer}: {error}", side=self.side, peer=self.peer_label,
-                               error=str(e))
-                self.callIDsExhausted(message)
+                self.log.error("{side} {peer}: {error}", side=self.side.name,
+                               peer=self.peerLabel, error=str(e))
+                answer = self.side.answerExhausted(message)
+                if answer is None:
+                    self.close("call IDs exhausted")
+                    return
+                self.mux.sendControl(answer.pack())
                 continue
             self.sendToPeer(out)
 
-    def greReceived(self, tag, seq, ack, payload):
-        """A GRE datagram from the mux: rebuild its header with our IDs, send to the peer."""
-        call = self.book.by_tag(tag) if self.book is not None else None
-        key = None if call is None else self.greKey(call)
-        if key is None or self.peer_ip is None:
-            self.gre_dropped += 1
-            self.daemon.countDrop("no call for mux GRE")
+    def datagramReceived(self, callTag, seq, ack, payload):
+        """A GRE datagram from the mux: rebuild its header with the peer's ID, send it."""
+        call = self.book.by_tag(callTag)
+        if call is None:
+            self.greDropped += 1
+            self.relay.drops.add(DROP_MUX_GRE_NO_CALL)
             return
-        self.gre_out += 1
-        self.daemon.gre_port.sendGRE(self.local_ip, self.peer_ip, gre.build_gre(key, payload, seq, ack))
-
-    def greFromPeer(self, call, seq, ack, payload):
-        """A GRE packet from the peer for *call* (already demultiplexed by the daemon)."""
-        self.gre_in += 1
-        if self.mux is None or not self.mux.sendGRE(call.pns_id, seq, ack, payload):
-            self.gre_dropped += 1
-            self.daemon.countDrop("mux send" if self.mux else "mux not open")
+        self.greOut += 1
+        self.relay.grePort.sendGRE(self.localAddress, self.peerAddress,
+                                   gre.build_gre(self.book.gre_key(call), payload, seq, ack))
 
     def sessionClosed(self, reason):
         """The mux session ended (the far side closed, refused, or the link went down)."""
+        why = f"mux session closed ({reasonName(reason)})"
+        if self.mux is None and self.opener is not None:
+            self.opener.refused(why)   # never opened: the client still gets a PPTP answer
+            return
         self.mux = None
-        self.close(f"mux session closed ({reasonName(reason)})")
+        self.close(why)
 
-    # --- for subclasses -----------------------------------------------------------------
-
-    def greKey(self, call):
-        """The GRE key the peer expects for *call* (its own ID for the call)."""
-        raise NotImplementedError
-
-    def callIDsExhausted(self, message):
-        """No local call ID is left for *message* (from the mux); answer it somehow."""
-        self.close("call IDs exhausted")
-
-    # --- ending -------------------------------------------------------------------------
-
-    def closeDetail(self):
-        """More for the closing log line (the RRP names the client there)."""
-        return ""
+    # --- ending ---------------------------------------------------------------------------
 
     def describeCalls(self):
-        if self.book is None:
+        if self.book is None or not self.book.calls:
             return "no calls"
-        return ", ".join(
-            f"C={c.pns_id} S={c.pac_id} {self.LOCAL_NAME}={c.local_id}" for c in self.book.calls
-        ) or "no calls"
+        return ", ".join(f"C={c.pns_id} S={c.pac_id} {self.side.localName}={c.local_id}"
+                         for c in self.book.calls)
 
     def close(self, reason):
         """End this session only: the peer's connection, the mux session, the calls' IDs."""
         if self.closed:
             return
         self.closed = True
-        self.close_reason = reason
+        self.closeReason = reason
         self.log.info(
             "{side} session closed: peer {peer}, {calls}; control {cin}/{cout} bytes in/out, "
-            "GRE {gin}/{gout} packets in/out, {gdrop} dropped{extra}; reason: {reason}",
-            side=self.side, peer=self.peer_label, calls=self.describeCalls(),
-            cin=self.control_in, cout=self.control_out, gin=self.gre_in, gout=self.gre_out,
-            gdrop=self.gre_dropped, extra=self.closeDetail(), reason=reason)
+            "GRE {gin}/{gout} packets in/out, {gdrop} dropped{client}; reason: {reason}",
+            side=self.side.name, peer=self.peerLabel, calls=self.describeCalls(),
+            cin=self.controlIn, cout=self.controlOut, gin=self.greIn, gout=self.greOut,
+            gdrop=self.greDropped, reason=reason,
+            client=f"; client {self.clientLabel}" if self.clientLabel else "")
+        if self.opener is not None:
+            self.opener.cancel()
         if self.book is not None:
             self.book.release_all()
-        if self._gre_address is not None:
-            self.daemon.gre_port.removeLocalAddress(self._gre_address)
-            self._gre_address = None
+        if self._greAddress is not None:
+            self.relay.grePort.removeLocalAddress(self._greAddress)
+            self._greAddress = None
         if self.mux is not None:
             self.mux.close(Reason.NORMAL, text=reason)
         if self.peer is not None and self.peer.transport is not None:
             self.peer.transport.loseConnection()
-        self.daemon.sessionEnded(self)
+        self.relay.sessionEnded(self)
+
+    # --- status ---------------------------------------------------------------------------
+
+    def state(self):
+        if self.closed:
+            return "closed"
+        if self.mux is not None:
+            return str(self.mux.state).lower()
+        if self.opener is not None:
+            return self.opener.state()
+        return "opening"
+
+    def snapshot(self):
+        """This session as plain data (docs/status.md)."""
+        mux = self.mux if self.mux is not None else getattr(self.opener, "muxSession", None)
+        connection = getattr(mux, "connection", None)
+        calls_ = self.book.calls if self.book is not None else ()
+        return {
+            "peer": self.peerLabel,
+            self.side.peerRole: self.peerLabel,
+            "client": self.clientLabel or self.peerLabel,
+            "profile": getattr(mux, "profile", None) or getattr(self.opener, "profile", None),
+            "mux_session": getattr(mux, "id", None),
+            "link": None if connection is None else str(connection.peerLabel),
+            "rtt_ms": None if connection is None else connection.stats.rttMilliseconds(),
+            "state": self.state(),
+            "calls": [{"C": c.pns_id, "S": c.pac_id, self.side.localName: c.local_id,
+                       "established": c.established} for c in calls_],
+            "control_bytes_in": self.controlIn,
+            "control_bytes_out": self.controlOut,
+            "gre_packets_in": self.greIn,
+            "gre_packets_out": self.greOut,
+            "gre_dropped": self.greDropped,
+            "close_reason": self.closeReason,
+        }
 
 
-class RelayDaemon:
-    """What both daemons keep: the live sessions, drops by reason, and the totals of the
-    sessions that have ended (so counters reported as totals never go down)."""
+class Relay:
+    """A daemon's relay sessions, their totals, its GRE port and its call-ID scopes.
 
-    TOTALS = ("control_in", "control_out", "gre_in", "gre_out", "gre_dropped")
+    *scopes* is a :mod:`routeproxy.scopes` object; *openGREPort(receiver)* returns the
+    ``IGREPort`` that delivers to *receiver* (this relay's demultiplexer): the port and the
+    relay each need the other, so the relay is handed the means to open its port.
+    """
 
-    def __init__(self, gre_port=None):
-        self.gre_port = gre_port
+    # session attribute -> total reported for ended sessions (status counters never go down)
+    TOTALS = {"controlIn": "control_bytes_in", "controlOut": "control_bytes_out",
+              "greIn": "gre_packets_in", "greOut": "gre_packets_out",
+              "greDropped": "gre_dropped"}
+
+    def __init__(self, side, scopes, openGREPort, drops=None):
+        self.side = side
+        self.scopes = scopes
+        self.drops = drops if drops is not None else DropCounter()
+        self.demux = GREDemultiplexer(scopes, self.drops)
+        self.grePort = openGREPort(self.demux)
         self.sessions = set()
-        self.drops = DropCounter()
-        self.sessions_ended = 0
-        self.ended_totals = dict.fromkeys(self.TOTALS, 0)
+        self.sessionsEnded = 0
+        self.endedTotals = dict.fromkeys(self.TOTALS.values(), 0)
+
+    def newSession(self, opener=None, clientLabel=""):
+        session = RelaySession(self.side, self, opener, clientLabel)
+        self.sessions.add(session)
+        return session
 
     def sessionEnded(self, session):
         self.sessions.discard(session)
-        self.sessions_ended += 1
-        for name in self.TOTALS:
-            self.ended_totals[name] += getattr(session, name)
+        self.sessionsEnded += 1
+        for attribute, total in self.TOTALS.items():
+            self.endedTotals[total] += getattr(session, attribute)
 
-    def countDrop(self, reason):
-        self.drops.add(reason)
+    def snapshot(self, links):
+        """Links, sessions, cumulative totals, drops, GRE port and call-ID usage as plain data.
+
+        *links* are the daemon's mux connections (idle ones too).
+        """
+        sessions = sorted((s.snapshot() for s in self.sessions), key=_sessionOrder)
+        totals = dict(self.endedTotals, sessions_ended=self.sessionsEnded)
+        for entry in sessions:
+            for total in self.TOTALS.values():
+                totals[total] += entry[total]
+        return {
+            "role": self.side.name.lower(),
+            "links": sorted((c.snapshot() for c in links), key=lambda l: (not l["up"], l["peer"])),
+            "sessions": sessions,
+            "calls": sum(len(s["calls"]) for s in sessions),
+            "totals": totals,
+            "drops": self.drops.snapshot(),
+            "gre_port": self.grePort.snapshot(),
+            "call_ids": self.scopes.snapshot(),
+        }
+
+
+def _sessionOrder(entry):
+    sid = entry["mux_session"]
+    return (sid is None, sid if sid is not None else 0, entry["peer"])

@@ -4,7 +4,7 @@ from twisted.application.service import MultiService
 from twisted.python import usage
 
 from routeproxy import tls
-from routeproxy.config import ConfigOptions, text, parse_count, parse_hostport, parse_profile
+from routeproxy.config import ConfigOptions, Setting, parse_count, parse_hostport, parse_profile
 
 
 class Options(ConfigOptions):
@@ -16,26 +16,26 @@ class Options(ConfigOptions):
     )
     required = ("cert", "key", "ca")
     settings = (
-        ("listen", ("0.0.0.0", 4443), "HOST:PORT of the TLS listener for LRPs [default: 0.0.0.0:4443]",
-         lambda v: parse_hostport(v, None, "--listen"), False),
-        ("pptp-server", None, "HOST[:PORT] of the PPTP server of profile 'default'",
-         lambda v: parse_hostport(v, 1723, "--pptp-server"), False),
-        ("cert", None, "this RRP's certificate (PEM) (required)", text, False),
-        ("key", None, "this RRP's private key (PEM) (required)", text, False),
-        ("ca", None, "CA certificate that signed the LRPs' certificates (required)", text, False),
-        ("profile", None, "NAME=HOST[:PORT]: another upstream PPTP server; repeatable",
-         parse_profile, True),
-        ("lrp-name", None, "accept only LRPs whose certificate carries this name; repeatable "
-         "[default: any LRP the CA signed]", text, True),
-        ("max-sessions", 20000, "sessions one LRP's link may carry at once "
-         "[default: 20000]", lambda v: parse_count(v, "--max-sessions"), False),
-        ("source", None, "local address to dial PPTP servers from (and send their GRE from); "
-         "use one pptpd does not listen on when both share a host [default: the kernel's choice]",
-         text, False),
-        ("gre-interface", "any", "interface GRE from servers is captured on [default: any]",
-         text, False),
-        ("status", None, "HOST:PORT for the status/metrics HTTP endpoint, loopback recommended [default: off]",
-         lambda v: parse_hostport(v, None, "--status"), False),
+        Setting("listen", ("0.0.0.0", 4443),
+                "HOST:PORT of the TLS listener for LRPs [default: 0.0.0.0:4443]",
+                lambda v: parse_hostport(v, None, "--listen")),
+        Setting("pptp-server", None, "HOST[:PORT] of the PPTP server of profile 'default'",
+                lambda v: parse_hostport(v, 1723, "--pptp-server")),
+        Setting("cert", None, "this RRP's certificate (PEM) (required)"),
+        Setting("key", None, "this RRP's private key (PEM) (required)"),
+        Setting("ca", None, "CA certificate that signed the LRPs' certificates (required)"),
+        Setting("profile", None, "NAME=HOST[:PORT]: another upstream PPTP server; repeatable",
+                parse_profile, repeatable=True),
+        Setting("lrp-name", None, "accept only LRPs whose certificate carries this name; "
+                "repeatable [default: any LRP the CA signed]", repeatable=True),
+        Setting("max-sessions", 20000, "sessions one LRP's link may carry at once "
+                "[default: 20000]", lambda v: parse_count(v, "--max-sessions")),
+        Setting("source", None, "local address to dial PPTP servers from (and send their GRE "
+                "from); use one pptpd does not listen on when both share a host [default: the "
+                "kernel's choice]"),
+        Setting("gre-interface", "any", "interface GRE from servers is captured on [default: any]"),
+        Setting("status", None, "HOST:PORT for the status/metrics HTTP endpoint, loopback "
+                "recommended [default: off]", lambda v: parse_hostport(v, None, "--status")),
     )
 
     def check(self):
@@ -55,26 +55,20 @@ class Options(ConfigOptions):
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
-    from routeproxy.greio import GREPort
     from routeproxy.mux.connection import MuxConfig
     from routeproxy.mux.protocol import MuxServerFactory
     from routeproxy.rrp import RemoteRouteProxy
-    from routeproxy.service import GREPortService, local_ipv4_addresses
+    from routeproxy.service import addStatusEndpoint, greOpener, localIPv4Addresses
 
     top = MultiService()
-    rrp = RemoteRouteProxy(reactor, options["profiles"], source=options["source"])
-    local = [options["source"]] if options["source"] else local_ipv4_addresses()
-    rrp.gre_port = GREPort(rrp, local, interface=options["gre-interface"], reactor=reactor)
-    GREPortService(rrp.gre_port, reactor).setServiceParent(top)
-
+    local = [options["source"]] if options["source"] else localIPv4Addresses()
+    rrp = RemoteRouteProxy(reactor, greOpener(top, reactor, local, options["gre-interface"]),
+                           options["profiles"], source=options["source"])
     host, port = options["listen"]
     factory = MuxServerFactory(rrp.sessionRequested, config=MuxConfig(maxSessions=options["max-sessions"]),
                                clock=reactor, peerNameOf=tls.peerName)
+    rrp.links = factory.connections
     internet.SSLServer(port, factory, options["tls"], interface=host, reactor=reactor).setServiceParent(top)
-    if options["status"]:
-        from routeproxy.status import StatusResource, StatusSite
-        status_host, status_port = options["status"]
-        internet.TCPServer(status_port, StatusSite(StatusResource(rrp, links=factory.connections)),
-                           interface=status_host, reactor=reactor).setServiceParent(top)
+    addStatusEndpoint(top, reactor, options["status"], rrp)
     top.rrp = rrp
     return top

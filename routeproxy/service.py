@@ -1,15 +1,21 @@
-"""Service pieces both daemons' makeService use: the GRE port as a service, local addresses."""
+"""Service pieces both daemons' makeService use: the GRE port and the status endpoint.
+
+Each tap builds its daemon with constructor injection; these helpers are the parts that
+would otherwise be written twice: a GRE port that starts and stops with the daemon, the
+host's IPv4 addresses, and the optional status/metrics listener.
+"""
 import fcntl
 import socket
 import struct
 
+from twisted.application import internet
 from twisted.application.service import Service
 from twisted.logger import Logger
 
 SIOCGIFADDR = 0x8915
 
 
-def local_ipv4_addresses():
+def localIPv4Addresses():
     """Every IPv4 address configured on this host's (or namespace's) interfaces."""
     addresses = []
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -23,7 +29,7 @@ def local_ipv4_addresses():
 
 
 class GREPortService(Service):
-    """Starts and stops a :class:`~routeproxy.greio.GREPort` with the daemon.
+    """Starts and stops a :class:`~routeproxy.greport.GREPort` with the daemon.
 
     If GRE cannot be captured (not root, no such interface) the daemon cannot work: one clear
     log line, then the reactor stops.
@@ -47,3 +53,25 @@ class GREPortService(Service):
     def stopService(self):
         super().stopService()
         return self.port.stopListening()
+
+
+def greOpener(parent, reactor, localAddresses, interface):
+    """An ``openGREPort(receiver)`` for a daemon: the port it opens runs under *parent*."""
+    from routeproxy.greport import GREPort
+
+    def openGREPort(receiver):
+        port = GREPort(receiver, localAddresses, interface=interface, reactor=reactor)
+        GREPortService(port, reactor).setServiceParent(parent)
+        return port
+
+    return openGREPort
+
+
+def addStatusEndpoint(parent, reactor, address, daemon):
+    """Serve *daemon*'s ``snapshot()`` on *address* (host, port) under *parent*, if given."""
+    if address is None:
+        return
+    from routeproxy.status import StatusResource, StatusSite
+    host, port = address
+    internet.TCPServer(port, StatusSite(StatusResource(daemon)), interface=host,
+                       reactor=reactor).setServiceParent(parent)

@@ -58,13 +58,46 @@ class UMLResult:
                 f"total={self.total_seconds:.2f}s)")
 
 
+_boot_probe = []   # the probe's answer, once per process
+
+
 def uml_available():
-    """Return None when UML can run here, else the reason it cannot."""
+    """Return None when UML can run here, else the reason it cannot.
+
+    Besides the binary and its modules, a tiny guest is booted once per process: some host
+    kernels cannot run UML at all (on hosts whose CPUs have large XSAVE state, such as AMX,
+    the guest's first process dies with "ptrace set fp regs failed"), and a lab that cannot
+    boot must say so in one line, not as a kernel panic in every test.
+    """
     if not os.access(UML_BINARY, os.X_OK):
         return f"{UML_BINARY} not found (apt-get install user-mode-linux)"
     if not modules_version():
         return f"no UML kernel modules under {UML_MODULES}"
-    return None
+    if not _boot_probe:
+        _boot_probe.append(_probe_boot())
+    return _boot_probe[0]
+
+
+def _probe_boot(timeout=60):
+    """None if a guest boots and runs a command here, else why not (one line)."""
+    work = tempfile.mkdtemp(prefix="routeproxy-lab-probe-", dir=_work_parent())
+    try:
+        for name, text in (("modules.sh", ""), ("payload.sh", "true\n")):
+            with open(os.path.join(work, name), "w") as f:
+                f.write(text)
+        try:
+            result = _boot(work, timeout, "128M")
+        except (UMLError, OSError) as e:
+            console = str(e)
+            known = [line.strip() for line in console.splitlines()
+                     if "ptrace" in line or "Kernel panic" in line]
+            detail = "; ".join(known[:2]) or console.splitlines()[0]
+            return (f"UML cannot boot on this host (kernel {os.uname().release}): {detail}")
+        if result.exit_code != 0:
+            return f"UML boots but cannot run a command (exit {result.exit_code})"
+        return None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def modules_version():

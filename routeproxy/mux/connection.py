@@ -86,6 +86,11 @@ class MuxStats:
     def countDrop(self, reason):
         self.greDropped[reason] += 1
 
+    def rttMilliseconds(self):
+        """The smoothed round-trip time (the last one before smoothing starts), in ms."""
+        rtt = self.rttSmoothed if self.rttSmoothed is not None else self.rttLast
+        return None if rtt is None else round(rtt * 1000.0, 3)
+
     def addRtt(self, rtt):
         self.rttLast = rtt
         if self.rttSmoothed is None:
@@ -138,6 +143,20 @@ class MuxConnection:
     def ready(self):
         return self.version is not None and not self.closed
 
+    def snapshot(self):
+        """This link as plain data (docs/status.md)."""
+        stats = self.stats
+        ms = lambda seconds: None if seconds is None else round(seconds * 1000.0, 3)  # noqa: E731
+        return {
+            "peer": str(self.peerLabel), "up": bool(self.ready), "close_reason": self.closeReason,
+            "rtt_last_ms": ms(stats.rttLast), "rtt_smoothed_ms": ms(stats.rttSmoothed),
+            "frames_in": stats.framesIn, "frames_out": stats.framesOut,
+            "bytes_in": stats.bytesIn, "bytes_out": stats.bytesOut,
+            "sessions": len(self.sessions),
+            "gre_dropped": dict(sorted(stats.greDropped.items())),
+            "gre_ignored": dict(sorted(stats.greIgnored.items())),
+        }
+
     @property
     def peerLabel(self):
         return self.peerName or "peer"
@@ -183,7 +202,7 @@ class MuxConnection:
                     # an open session
                     session = sessions.get(frame.session)
                     if session is not None and session.state == OPEN:
-                        session._greReceived(frame)
+                        session._datagramReceived(frame)
                     else:
                         self._onGre(frame)
                 else:
@@ -463,7 +482,7 @@ class MuxConnection:
                           "mux {peer}: ignoring GRE for session {sid}, which is not open"
                           " (further ones are only counted)", sid=frame.session)
             return
-        session._greReceived(frame)
+        session._datagramReceived(frame)
 
     _handlers = {
         F.Hello: _onHello, F.GoAway: _onGoAway, F.Ping: _onPing, F.Pong: _onPong,

@@ -25,12 +25,11 @@ API for the daemons:
   paused while this session cannot send.
 
 The receiver (see :class:`ISessionReceiver`) gets ``controlReceived(data)``,
-``greReceived(callTag, seq, ack, payload)`` and exactly one
+``datagramReceived(callTag, seq, ack, payload)`` and exactly one
 ``sessionClosed(reason)`` (also after a refusal, when it was known).
 """
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import Interface
 
 from routeproxy.mux import frames as F
@@ -48,7 +47,7 @@ class ISessionReceiver(Interface):
     def controlReceived(data):
         """Control-stream bytes from the peer, in order."""
 
-    def greReceived(callTag, seq, ack, payload):
+    def datagramReceived(callTag, seq, ack, payload):
         """One GRE datagram; seq/ack are None when absent."""
 
     def sessionClosed(reason):
@@ -221,12 +220,12 @@ class Session:
         self._deliver("controlReceived", data)
         self._returnCredit()
 
-    def _greReceived(self, frame):
+    def _datagramReceived(self, frame):
         self.greIn += 1
         try:  # _deliver inlined: this runs once per packet
-            self.receiver.greReceived(frame.callTag, frame.seq, frame.ack, frame.data)
+            self.receiver.datagramReceived(frame.callTag, frame.seq, frame.ack, frame.data)
         except Exception:
-            self._receiverFailed("greReceived")
+            self._receiverFailed("datagramReceived")
 
     def _windowUpdate(self, increment):
         if self.sendWindow + increment > F.MAX_WINDOW:

@@ -3,7 +3,6 @@ import ipaddress
 import os
 import subprocess
 import sys
-import tempfile
 
 from twisted.python import usage
 from twisted.trial import unittest
@@ -11,21 +10,7 @@ from twisted.trial import unittest
 from routeproxy import lrp_tap, rrp_tap
 from routeproxy.config import parse_hostport
 
-from routeproxy.certs import write_lab_certs
-
-_CERTS = tempfile.mkdtemp(prefix="routeproxy-test-certs-")
-write_lab_certs(_CERTS, "rrp.test", ["lrp.test"])
-CA = os.path.join(_CERTS, "ca.crt")
-LRP_TLS = ["--cert", os.path.join(_CERTS, "lrp.crt"), "--key", os.path.join(_CERTS, "lrp.key"), "--ca", CA]
-RRP_TLS = ["--cert", os.path.join(_CERTS, "rrp.crt"), "--key", os.path.join(_CERTS, "rrp.key"), "--ca", CA]
-LRP_REQUIRED = ["--rrp", "rrp.test:4443", "--rrp-name", "rrp.test"] + LRP_TLS
-RRP_REQUIRED = RRP_TLS
-
-
-def parse(options_class, argv):
-    options = options_class()
-    options.parseOptions(argv)
-    return options
+from tests.support.options import CA, LRP_REQUIRED, LRP_TLS, RRP_REQUIRED, RRP_TLS, parse
 
 
 class HostPortTests(unittest.SynchronousTestCase):
@@ -148,7 +133,7 @@ class MakeServiceTests(unittest.SynchronousTestCase):
         options = parse(lrp_tap.Options, LRP_REQUIRED + ["--pptp-listen", "127.0.0.1:11723"])
         top = lrp_tap.makeService(options, reactor=MemoryReactorClock())
         self.assertEqual(len(list(top)), 4)   # GRE port, link to the RRP, its shutdown, PPTP listener
-        self.assertEqual(top.lrp.gre_port.localAddresses, ["127.0.0.1"])
+        self.assertEqual(top.lrp.relay.grePort.localAddresses, ["127.0.0.1"])
 
     def test_rrp(self):
         from twisted.internet.testing import MemoryReactorClock
@@ -159,4 +144,4 @@ class MakeServiceTests(unittest.SynchronousTestCase):
         self.assertEqual(top.rrp.profiles, {"default": ("10.0.0.1", 1723)})
         tls_server = [s for s in top if s.__class__.__name__ == "SSLServer"][0]
         self.assertEqual(tls_server.args[1].config.maxSessions, 20000)
-        self.assertEqual(top.rrp.gre_port.localAddresses, ["127.0.0.2"])
+        self.assertEqual(top.rrp.relay.grePort.localAddresses, ["127.0.0.2"])

@@ -51,7 +51,7 @@ class Receiver:
     def controlReceived(self, data):
         self.control += data
 
-    def greReceived(self, callTag, seq, ack, payload):
+    def datagramReceived(self, callTag, seq, ack, payload):
         self.gre.append((callTag, seq, ack, payload))
 
     def sessionClosed(self, reason):

@@ -50,7 +50,7 @@ class Collector:
         if self.expected and len(self.data) >= self.expected and not self.done.called:
             self.done.callback(bytes(self.data))
 
-    def greReceived(self, callTag, seq, ack, payload):
+    def datagramReceived(self, callTag, seq, ack, payload):
         self.gre += 1
 
     def sessionClosed(self, reason):

@@ -7,114 +7,13 @@ tests (test_e2e) run the same code on real sockets, raw GRE and twistd.
 """
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.test import iosim
 from twisted.trial import unittest
 
 from routeproxy import gre, pptp
-from routeproxy.lrp import LinkFactory, LocalRouteProxy, PPTPServerFactory
-from routeproxy.mux.protocol import MuxServerFactory
-from routeproxy.rrp import RemoteRouteProxy
+from routeproxy.lrp import LocalRouteProxy, PPTPServerFactory
+from routeproxy.testing import RecordingGREPort
+from tests.support.relay import LRP_IP, RRP_SOURCE, SERVER_IP, Peer, RelayHarness
 
-LRP_IP, RRP_SOURCE, SERVER_IP = "10.0.1.1", "10.0.3.1", "10.0.4.2"
-
-
-class RecordingGREPort:
-    """Stands in for greio.GREPort: records what would be sent."""
-
-    def __init__(self):
-        self.sent = []
-        self.local = set()
-
-    def sendGRE(self, src, dst, data):
-        self.sent.append((src, dst, gre.parse_gre(data)))
-        return True
-
-    def addLocalAddress(self, address):
-        self.local.add(address)
-
-    def removeLocalAddress(self, address):
-        self.local.discard(address)
-
-
-class Peer:
-    """A PPTP client or pptpd on the far end of a StringTransport."""
-
-    def __init__(self, protocol, transport):
-        self.protocol = protocol
-        self.transport = transport
-        self.decoder = pptp.PPTPStreamDecoder()
-
-    def send(self, message):
-        self.protocol.dataReceived(message.pack())
-
-    def received(self):
-        data = self.transport.value()
-        self.transport.clear()
-        return self.decoder.feed(data)
-
-
-class RelayHarness:
-    """An LRP and an RRP joined in memory, and helpers to connect clients and dial calls."""
-
-    def setUp(self):
-        self.reactor = MemoryReactorClock()
-        self.lrp = LocalRouteProxy(self.reactor, gre_port=RecordingGREPort())
-        self.rrp = RemoteRouteProxy(self.reactor, {"default": (SERVER_IP, 1723)},
-                                    gre_port=RecordingGREPort())
-        self.server_factory = server_factory = MuxServerFactory(self.rrp.sessionRequested,
-                                                                clock=self.reactor)
-        client_factory = LinkFactory(self.lrp, self.reactor)
-        client_factory.peerNameOf = server_factory.peerNameOf = None
-        _, _, self.pump = iosim.connectedServerAndClient(
-            lambda: server_factory.buildProtocol(None), lambda: client_factory.buildProtocol(None),
-            greet=True)
-        self.flush()
-        self.assertIsNotNone(self.lrp.link)
-        self.client_port = 40000
-
-    def flush(self):
-        """Deliver everything: the mux batches writes to the end of the reactor turn."""
-        for _ in range(5):
-            self.reactor.advance(0)
-            self.pump.flush()
-
-    def connect_client(self, ip):
-        """A client connects to the LRP; the RRP dials pptpd; returns (client, server)."""
-        self.client_port += 1
-        addr = IPv4Address("TCP", ip, self.client_port)
-        protocol = PPTPServerFactory(self.lrp).buildProtocol(addr)
-        transport = StringTransport(hostAddress=IPv4Address("TCP", LRP_IP, 1723), peerAddress=addr)
-        protocol.makeConnection(transport)
-        client = Peer(protocol, transport)
-        self.flush()
-        host, port, factory = self.reactor.tcpClients[-1][:3]
-        self.assertEqual((host, port), (SERVER_IP, 1723))
-        sp = factory.buildProtocol(IPv4Address("TCP", host, port))
-        st = StringTransport(hostAddress=IPv4Address("TCP", RRP_SOURCE, self.client_port),
-                             peerAddress=IPv4Address("TCP", SERVER_IP, 1723))
-        sp.makeConnection(st)
-        self.flush()
-        return client, Peer(sp, st)
-
-    def dial(self, client, server, call_id, server_call_id):
-        """Control set-up of one call; returns (ID pptpd saw for the client, ID the client saw)."""
-        client.send(pptp.StartControlConnectionRequest())
-        self.flush()
-        [sccrq] = server.received()
-        self.assertIsInstance(sccrq, pptp.StartControlConnectionRequest)
-        server.send(pptp.StartControlConnectionReply(result_code=1))
-        self.flush()
-        [sccrp] = client.received()
-        self.assertEqual(sccrp.result_code, 1)
-        client.send(pptp.OutgoingCallRequest(call_id=call_id))
-        self.flush()
-        [ocrq] = server.received()
-        server.send(pptp.OutgoingCallReply(call_id=server_call_id, peer_call_id=ocrq.call_id,
-                                           result_code=1))
-        self.flush()
-        [ocrp] = client.received()
-        self.assertEqual(ocrp.peer_call_id, call_id)
-        return ocrq.call_id, ocrp.call_id
 
 class RelayTests(RelayHarness, unittest.TestCase):
     def test_two_clients_same_call_id(self):
@@ -126,18 +25,18 @@ class RelayTests(RelayHarness, unittest.TestCase):
         self.assertNotEqual(l_a, l_b)
 
         # client -> pptpd: the key becomes pptpd's own ID, seq/ack untouched
-        self.lrp.greReceived("10.0.0.5", LRP_IP, gre.build_gre(l_a, b"\xff\x03a", seq=7, ack=3))
-        self.lrp.greReceived("10.0.0.6", LRP_IP, gre.build_gre(l_b, b"\xff\x03b", seq=9))
+        self.lrp.relay.demux.greReceived("10.0.0.5", LRP_IP, gre.build_gre(l_a, b"\xff\x03a", seq=7, ack=3))
+        self.lrp.relay.demux.greReceived("10.0.0.6", LRP_IP, gre.build_gre(l_b, b"\xff\x03b", seq=9))
         self.flush()
-        self.assertEqual(self.rrp.gre_port.sent, [
+        self.assertEqual(self.rrp.relay.grePort.sent, [
             (RRP_SOURCE, SERVER_IP, gre.GREPacket(256, b"\xff\x03a", seq=7, ack=3)),
             (RRP_SOURCE, SERVER_IP, gre.GREPacket(257, b"\xff\x03b", seq=9)),
         ])
         # pptpd -> client: the key becomes the client's own ID, to the right client
-        self.rrp.greReceived(SERVER_IP, RRP_SOURCE, gre.build_gre(r_b, b"\xff\x03B", seq=1, ack=9))
-        self.rrp.greReceived(SERVER_IP, RRP_SOURCE, gre.build_gre(r_a, b"\xff\x03A", seq=1, ack=7))
+        self.rrp.relay.demux.greReceived(SERVER_IP, RRP_SOURCE, gre.build_gre(r_b, b"\xff\x03B", seq=1, ack=9))
+        self.rrp.relay.demux.greReceived(SERVER_IP, RRP_SOURCE, gre.build_gre(r_a, b"\xff\x03A", seq=1, ack=7))
         self.flush()
-        self.assertEqual(self.lrp.gre_port.sent, [
+        self.assertEqual(self.lrp.relay.grePort.sent, [
             (LRP_IP, "10.0.0.6", gre.GREPacket(1, b"\xff\x03B", seq=1, ack=9)),
             (LRP_IP, "10.0.0.5", gre.GREPacket(1, b"\xff\x03A", seq=1, ack=7)),
         ])
@@ -145,14 +44,14 @@ class RelayTests(RelayHarness, unittest.TestCase):
     def test_gre_from_wrong_address_dropped(self):
         a, a_server = self.connect_client("10.0.0.5")
         _, l_a = self.dial(a, a_server, 1, 256)
-        self.lrp.greReceived("10.0.0.99", LRP_IP, gre.build_gre(l_a, b"x", seq=1))
-        self.lrp.greReceived("10.0.0.5", LRP_IP, gre.build_gre(l_a + 1, b"x", seq=1))
-        self.lrp.greReceived("10.0.0.5", LRP_IP, b"junk")
+        self.lrp.relay.demux.greReceived("10.0.0.99", LRP_IP, gre.build_gre(l_a, b"x", seq=1))
+        self.lrp.relay.demux.greReceived("10.0.0.5", LRP_IP, gre.build_gre(l_a + 1, b"x", seq=1))
+        self.lrp.relay.demux.greReceived("10.0.0.5", LRP_IP, b"junk")
         self.flush()
-        self.assertEqual(self.rrp.gre_port.sent, [])
-        self.assertEqual(self.lrp.drops["GRE from the wrong address"], 1)
-        self.assertEqual(self.lrp.drops["GRE for an unknown call ID"], 1)
-        self.assertEqual(self.lrp.drops.total(), 3)
+        self.assertEqual(self.rrp.relay.grePort.sent, [])
+        self.assertEqual(self.lrp.relay.drops["gre_wrong_source"], 1)
+        self.assertEqual(self.lrp.relay.drops["gre_unknown_call_id"], 1)
+        self.assertEqual(self.lrp.relay.drops.total(), 3)
 
     def test_teardown_frees_ids(self):
         a, a_server = self.connect_client("10.0.0.5")
@@ -166,7 +65,7 @@ class RelayTests(RelayHarness, unittest.TestCase):
         [cdn] = a.received()
         self.assertEqual(cdn.call_id, l_a)
         self.assertEqual(len(self.lrp.space), 0)
-        self.assertEqual(len(self.rrp.spaces[SERVER_IP]), 0)
+        self.assertEqual(len(self.rrp.scopes.lookup(SERVER_IP)), 0)
 
     def test_client_hangup_closes_server_side(self):
         a, a_server = self.connect_client("10.0.0.5")
@@ -178,8 +77,8 @@ class RelayTests(RelayHarness, unittest.TestCase):
         self.assertTrue(a_server.transport.disconnecting)
         self.assertFalse(b_server.transport.disconnecting)
         self.assertEqual(len(self.lrp.space), 1)
-        self.assertEqual(len(self.rrp.spaces[SERVER_IP]), 1)
-        self.assertEqual(len(self.lrp.sessions), 1)
+        self.assertEqual(len(self.rrp.scopes.lookup(SERVER_IP)), 1)
+        self.assertEqual(len(self.lrp.relay.sessions), 1)
 
     def test_server_unreachable_answers_in_pptp(self):
         addr = IPv4Address("TCP", "10.0.0.5", 40999)
@@ -210,21 +109,21 @@ class RelayTests(RelayHarness, unittest.TestCase):
 class NoLinkTests(unittest.SynchronousTestCase):
     def test_client_told_when_link_stays_down(self):
         reactor = MemoryReactorClock()
-        lrp = LocalRouteProxy(reactor, gre_port=RecordingGREPort())
+        lrp = LocalRouteProxy(reactor, RecordingGREPort)
         addr = IPv4Address("TCP", "10.0.0.5", 40000)
         protocol = PPTPServerFactory(lrp).buildProtocol(addr)
         transport = StringTransport(hostAddress=IPv4Address("TCP", LRP_IP, 1723), peerAddress=addr)
         protocol.makeConnection(transport)
         client = Peer(protocol, transport)
         client.send(pptp.StartControlConnectionRequest())
-        reactor.advance(lrp.link_wait - 0.1)
+        reactor.advance(lrp.linkWait - 0.1)
         self.assertEqual(client.received(), [])          # still waiting for the link
         reactor.advance(0.2)
         [reply] = client.received()
         self.assertEqual(reply.result_code, pptp.StartResult.GENERAL_ERROR)
         self.assertEqual(reply.error_code, pptp.ErrorCode.PAC_ERROR)
         self.assertTrue(transport.disconnecting)
-        self.assertEqual(lrp.sessions, set())
+        self.assertEqual(lrp.relay.sessions, set())
 
 
 class RefusalTests(RelayHarness, unittest.TestCase):
@@ -252,7 +151,7 @@ class RefusalTests(RelayHarness, unittest.TestCase):
         self.lrp.profile = "nosuch"
         client = self.connect_only()
         self.flush()
-        self.reactor.advance(client.protocol.session.start_wait + 1)
+        self.reactor.advance(client.protocol.session.opener.startWait + 1)
         self.assertTrue(client.transport.disconnecting)
         self.assertEqual(client.received(), [])
 
@@ -261,5 +160,5 @@ class RefusalTests(RelayHarness, unittest.TestCase):
         session = client.protocol.session
         client.protocol.dataReceived(pptp.StartControlConnectionRequest().pack()[:40])
         client.protocol.connectionLost(None)
-        self.assertIn("inside a message", session.close_reason)
-        self.assertIn("truncated", session.close_reason)
+        self.assertIn("inside a message", session.closeReason)
+        self.assertIn("truncated", session.closeReason)

@@ -20,7 +20,7 @@ from twisted.trial import unittest
 from twisted.web.client import Agent, readBody
 
 from routeproxy import gre, metrics, pptp, status, statuscli
-from tests.unit.test_relay import LRP_IP, RRP_SOURCE, SERVER_IP, RecordingGREPort, RelayHarness
+from tests.support.relay import LRP_IP, RRP_SOURCE, SERVER_IP, RelayHarness
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -73,7 +73,7 @@ def metric(samples, name, **labels):
 class TwoClients(RelayHarness):
     """An LRP and an RRP joined by an in-memory mux link, with two clients of one call each.
 
-    The harness is test_relay's; its assertions go to the test case that builds this.
+    The harness is tests.support.relay's; its assertions go to the test case that builds this.
     """
 
     def build(self, case):
@@ -93,10 +93,10 @@ class TwoClients(RelayHarness):
     def gre_both_ways(self):
         """3 packets from client a, 1 from client b, 2 from pptpd to a."""
         for seq in range(3):
-            self.lrp.greReceived("10.0.0.5", LRP_IP, gre.build_gre(self.l_a, b"\xff\x03a", seq=seq))
-        self.lrp.greReceived("10.0.0.6", LRP_IP, gre.build_gre(self.l_b, b"\xff\x03b", seq=0))
+            self.lrp.relay.demux.greReceived("10.0.0.5", LRP_IP, gre.build_gre(self.l_a, b"\xff\x03a", seq=seq))
+        self.lrp.relay.demux.greReceived("10.0.0.6", LRP_IP, gre.build_gre(self.l_b, b"\xff\x03b", seq=0))
         for seq in range(2):
-            self.rrp.greReceived(SERVER_IP, RRP_SOURCE, gre.build_gre(self.r_a, b"\xff\x03A", seq=seq))
+            self.rrp.relay.demux.greReceived(SERVER_IP, RRP_SOURCE, gre.build_gre(self.r_a, b"\xff\x03A", seq=seq))
         self.flush()
 
 
@@ -109,7 +109,7 @@ class SnapshotTests(unittest.TestCase):
 
     def test_lrp_sessions_and_ids(self):
         self.lab.gre_both_ways()
-        snap = status.snapshot_lrp(self.lab.lrp)
+        snap = status.snapshot(self.lab.lrp)
         self.assertEqual(snap["role"], "lrp")
         self.assertEqual(len(snap["sessions"]), 2)
         self.assertEqual(snap["calls"], 2)
@@ -137,7 +137,7 @@ class SnapshotTests(unittest.TestCase):
 
     def test_rrp_sessions_and_ids(self):
         self.lab.gre_both_ways()
-        snap = status.snapshot_rrp(self.lab.rrp, self.lab.server_factory.connections)
+        snap = status.snapshot(self.lab.rrp)
         self.assertEqual(snap["role"], "rrp")
         sessions = self.by_client(snap)
         self.assertEqual(set(sessions), {"10.0.0.5", "10.0.0.6"})
@@ -149,12 +149,11 @@ class SnapshotTests(unittest.TestCase):
         self.assertEqual((a["gre_packets_in"], a["gre_packets_out"]), (2, 3))
         self.assertEqual(snap["call_ids"], [{"scope": SERVER_IP, "in_use": 2, "capacity": 65535}])
         self.assertEqual(snap["profiles"], {"default": f"{SERVER_IP}:1723"})
-        # Without the factory's connections, the links come from the sessions.
-        self.assertEqual(len(status.snapshot_rrp(self.lab.rrp)["links"]), 1)
+        self.assertEqual(len(snap["links"]), 1)
 
     def test_lrp_and_rrp_agree(self):
-        lrp = {s["mux_session"]: s for s in status.snapshot_lrp(self.lab.lrp)["sessions"]}
-        rrp = {s["mux_session"]: s for s in status.snapshot_rrp(self.lab.rrp)["sessions"]}
+        lrp = {s["mux_session"]: s for s in status.snapshot(self.lab.lrp)["sessions"]}
+        rrp = {s["mux_session"]: s for s in status.snapshot(self.lab.rrp)["sessions"]}
         self.assertEqual(set(lrp), set(rrp))
         for sid in lrp:
             self.assertEqual([(c["C"], c["S"]) for c in lrp[sid]["calls"]],
@@ -164,30 +163,24 @@ class SnapshotTests(unittest.TestCase):
         """A session with no book and no mux, one refused, a closed link: no exception."""
         bare = self.lab.lrp.newSession()           # nothing connected yet: book None, mux None
         refused = self.lab.lrp.newSession()
-        refused.refusal = "session refused (LINK_LOST)"
-        snap = status.snapshot_lrp(self.lab.lrp)
+        refused.opener.refusal = "session refused (LINK_LOST)"
+        snap = status.snapshot(self.lab.lrp)
         states = sorted(s["state"] for s in snap["sessions"])
         self.assertEqual(states, ["open", "open", "opening", "refused"])
         odd = [s for s in snap["sessions"] if s["mux_session"] is None]
         self.assertEqual([s["calls"] for s in odd], [[], []])
         self.assertIn("-", statuscli.format_table(snap))
-        self.lab.rrp.sessions.add(object.__new__(type(next(iter(self.lab.rrp.sessions)))))
-        status.snapshot_rrp(self.lab.rrp)          # a session object that never ran __init__
         del bare
         self.lab.pump.server.transport.loseConnection()
         self.lab.flush()
-        snap = status.snapshot_lrp(self.lab.lrp)
+        snap = status.snapshot(self.lab.lrp)
         self.assertEqual([s["state"] for s in snap["sessions"] if s["mux_session"] is not None], [])
         self.assertFalse(any(link["up"] for link in snap["links"]))
 
     def test_gre_port_statistics(self):
-        class Port(RecordingGREPort):
-            def statistics(self):
-                return {"received": 5, "delivered": 4, "sent": 3, "reads": 2,
-                        "dropped": {"not_gre": 1}}
-
-        self.lab.lrp.gre_port = Port()
-        snap = status.snapshot_lrp(self.lab.lrp)
+        self.lab.lrp.relay.grePort.counters = {"received": 5, "delivered": 4, "sent": 3, "reads": 2,
+                                               "dropped": {"not_gre": 1}}
+        snap = status.snapshot(self.lab.lrp)
         self.assertEqual(snap["gre_port"]["received"], 5)
         samples = parse_metrics(metrics.format_metrics(snap))
         self.assertEqual(metric(samples, "routeproxy_gre_port_packets_total", event="sent"), 3)
@@ -204,8 +197,8 @@ class MetricsTests(unittest.TestCase):
 
     def test_every_line_in_format_and_counters(self):
         self.lab.gre_both_ways()
-        self.lab.lrp.greReceived("10.0.0.99", LRP_IP, gre.build_gre(self.lab.l_a, b"x", seq=1))
-        self.lab.lrp.greReceived("10.0.0.5", LRP_IP, b"junk")
+        self.lab.lrp.relay.demux.greReceived("10.0.0.99", LRP_IP, gre.build_gre(self.lab.l_a, b"x", seq=1))
+        self.lab.lrp.relay.demux.greReceived("10.0.0.5", LRP_IP, b"junk")
         samples = self.metrics()
         self.assertEqual(metric(samples, "routeproxy_sessions"), 2)
         self.assertEqual(metric(samples, "routeproxy_calls"), 2)
@@ -213,7 +206,7 @@ class MetricsTests(unittest.TestCase):
         self.assertEqual(metric(samples, "routeproxy_gre_packets_total", direction="in"), 4)
         self.assertEqual(metric(samples, "routeproxy_gre_packets_total", direction="out"), 2)
         self.assertEqual(metric(samples, "routeproxy_gre_dropped_total",
-                                reason="GRE from the wrong address"), 1)
+                                reason="gre_wrong_source"), 1)
         self.assertEqual(sum(v for (name, _), v in samples.items()
                              if name == "routeproxy_gre_dropped_total"), 2)
         self.assertEqual(metric(samples, "routeproxy_links_up"), 1)
@@ -250,7 +243,7 @@ class MetricsTests(unittest.TestCase):
 
     def test_label_values_escaped(self):
         weird = 'a "quoted" \\ back\nslash'
-        self.lab.lrp.drops.add(weird)
+        self.lab.lrp.relay.drops.add(weird)
         text = metrics.format_metrics(self.resource.snapshot())
         self.assertIn(r'reason="a \"quoted\" \\ back\nslash"', text)
         samples = parse_metrics(text)
@@ -273,7 +266,7 @@ class MetricsTests(unittest.TestCase):
 class TableTests(unittest.TestCase):
     def test_row_per_session(self):
         lab = TwoClients().build(self)
-        snap = status.snapshot_lrp(lab.lrp)
+        snap = status.snapshot(lab.lrp)
         lines = statuscli.format_table(snap).splitlines()
         self.assertTrue(lines[0].startswith("LRP: links: peer up"))
         header, rows = lines[1], lines[2:]
@@ -287,7 +280,7 @@ class TableTests(unittest.TestCase):
 
     def test_rrp_table_has_server(self):
         lab = TwoClients().build(self)
-        text = statuscli.format_table(status.snapshot_rrp(lab.rrp), summary=False)
+        text = statuscli.format_table(status.snapshot(lab.rrp), summary=False)
         header, *rows = text.splitlines()
         self.assertIn("server", header)
         self.assertTrue(all(f"{SERVER_IP}:1723" in row for row in rows))
@@ -360,7 +353,7 @@ class CommandLineTests(unittest.SynchronousTestCase):
 
     def setUp(self):
         self.lab = TwoClients().build(self)
-        self.snap = json.loads(json.dumps(status.snapshot_lrp(self.lab.lrp)))
+        self.snap = json.loads(json.dumps(status.snapshot(self.lab.lrp)))
         self.urls = []
 
     def opener(self, body):
@@ -404,7 +397,7 @@ class TapTests(unittest.SynchronousTestCase):
 
     def test_both_daemons(self):
         from routeproxy import lrp_tap, rrp_tap
-        from tests.unit.test_config import LRP_REQUIRED, RRP_REQUIRED, parse
+        from tests.support.options import LRP_REQUIRED, RRP_REQUIRED, parse
 
         options = parse(lrp_tap.Options, LRP_REQUIRED + ["--status", "127.0.0.1:9723"])
         top = lrp_tap.makeService(options, reactor=MemoryReactorClock())
@@ -418,7 +411,8 @@ class TapTests(unittest.SynchronousTestCase):
         web = list(top)[-1]
         self.assertEqual(web.args[0], 9724)
         self.assertIs(web.args[1].resource.daemon, top.rrp)
-        self.assertIsNotNone(web.args[1].resource.links)
+        tlsServer = [s for s in top if s.__class__.__name__ == "SSLServer"][0]
+        self.assertIs(top.rrp.links, tlsServer.args[1].connections)   # idle LRPs show too
 
         options = parse(rrp_tap.Options, RRP_REQUIRED + ["--pptp-server", "10.0.0.1"])
         self.assertEqual(len(list(rrp_tap.makeService(options, reactor=MemoryReactorClock()))), 2)

@@ -1,17 +1,12 @@
-"""GRE I/O for the daemons: capture the GRE sent to our addresses, send GRE from a chosen one.
+"""The GRE port: captured GRE up to a receiver, GRE out from a chosen local address.
 
-PPTP's data channel is GRE, IP protocol 47: no ports, so no ordinary socket receives it.
-
-* **Receive** (default): a pypcap handle with the BPF filter
-  ``ip proto 47 and (dst host A or ...)`` and direction "in", non-blocking, registered
-  with the reactor as a FileDescriptor (modelled on ``twisted.pair.tuntap.TuntapPort``).
-  Each wake-up reads until nothing is left or ``maxPacketsPerRead`` packets were handled,
-  strips the link-layer header for the handle's datalink, checks the IPv4 header and hands
-  ``receiver.greReceived(src, dst, gre)`` upward.  ``capture="raw"`` reads a raw
-  IPPROTO_GRE socket instead (measured in docs/gre-io.md).
-* **Fragments**: pcap sees IPv4 fragments before the kernel reassembles them, and real
-  clients (pppd MTU 1500) send ~1550-byte GRE as two.  GRE fragments for a local address
-  go through a bounded ``ipfrag.Reassembler``; the whole datagram goes up like any other.
+* **Receive**: a capture (:mod:`routeproxy.capture`) registered with the reactor as a
+  FileDescriptor (modelled on ``twisted.pair.tuntap.TuntapPort``).  Each wake-up reads until
+  nothing is left or ``maxPacketsPerRead`` packets were handled, strips the link-layer
+  header, checks the IPv4 header and hands ``receiver.greReceived(src, dst, gre)`` upward.
+* **Fragments**: real clients (pppd MTU 1500) send ~1550-byte GRE as two IPv4 fragments,
+  which pcap sees before the kernel reassembles them.  GRE fragments for a local address go
+  through a bounded ``ipfrag.Reassembler``; the whole datagram goes up like any other.
 * **Send**: ``sendGRE(src, dst, gre)`` through one raw IPPROTO_GRE socket per local
   address, bound to it and opened at start: pptpd only accepts GRE from its control
   connection's peer address, so the source must be chosen, and a bound socket lets the
@@ -23,21 +18,15 @@ PPTP's data channel is GRE, IP protocol 47: no ports, so no ordinary socket rece
   bound send sockets are open for the port's whole life, so every local address has one.
   A raw socket also gets a copy of every GRE packet it matches and nobody reads them, so
   each carries a classic BPF program of one instruction, ``ret #0``, that drops the copy
-  before it is queued (a tiny SO_RCVBUF would also drop, but only after charging each copy
-  to the socket, and a full queue is still a queue).
+  before it is queued.
 
 Addresses are dotted-quad ``str`` both ways, as Twisted's ``getPeer().host`` gives them, so
-the daemons compare them with no conversion.  The port converts once per packet with two
-dict look-ups (the destination against the local set, the source through a bounded cache),
-~60 ns together; handing 4-byte ``bytes`` up would save that, but every caller would then
-convert its own addresses instead (docs/gre-io.md has the numbers).
+the daemons compare them with no conversion (docs/gre-io.md has the numbers).
 
-The operating system is injected (``system=``), as in tuntap: ``RealGRESystem`` opens pcap
-handles and sockets; ``MemoryGRESystem`` (fake captures and sockets in memory, no network)
-lets tests and the daemons' own tests drive a port without root.
+The operating system is injected (``system=``, an ``IGRESystem``), as in tuntap;
+:mod:`routeproxy.testing` has the fakes.
 """
 import collections
-import ctypes
 import errno
 import socket
 import struct
@@ -46,45 +35,13 @@ import time
 from twisted.internet import abstract, defer, error
 from twisted.logger import Logger
 from twisted.python import failure
-from zope.interface import Interface
+from zope.interface import Interface, implementer
 
 from routeproxy import ipfrag
-
-__all__ = [
-    "GREPort", "IGREReceiver", "GREStats", "GREIOError", "attach_drop_all", "RealGRESystem",
-    "MemoryGRESystem",
-    "MemoryCapture", "MemoryRawSocket", "gre_filter", "DROP_ALL_FILTER", "LINK_LAYERS",
-    "DLT_EN10MB", "DLT_LINUX_SLL", "DLT_LINUX_SLL2", "DLT_RAW", "DLT_IPV4", "DLT_NULL", "DLT_LOOP",
-]
-
-IPPROTO_GRE = 47
-SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)
-SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
-IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)  # Linux <linux/in.h>
-IP_PMTUDISC_DONT = getattr(socket, "IP_PMTUDISC_DONT", 0)  # DF clear: the kernel fragments
-
-# Datalink types (pcap-linktype.h).  DLT_RAW is 12 on Linux, 14 on OpenBSD, 101 as a
-# LINKTYPE; DLT_NULL carries the address family in host order, DLT_LOOP in network order.
-DLT_NULL, DLT_EN10MB, DLT_RAW, DLT_RAW_BSD, LINKTYPE_RAW = 0, 1, 12, 14, 101
-DLT_LOOP, DLT_LINUX_SLL, DLT_IPV4, DLT_LINUX_SLL2 = 108, 113, 228, 276
-
-ETHERTYPE_IPV4 = b"\x08\x00"
-
-#: datalink -> (link header length, offset of the protocol field, its value for IPv4)
-LINK_LAYERS = {
-    DLT_EN10MB: (14, 12, ETHERTYPE_IPV4),  # also Linux `lo` (zero MACs)
-    DLT_LINUX_SLL: (16, 14, ETHERTYPE_IPV4),  # the "any" device
-    DLT_LINUX_SLL2: (20, 0, ETHERTYPE_IPV4),
-    DLT_RAW: (0, None, None),
-    DLT_RAW_BSD: (0, None, None),
-    LINKTYPE_RAW: (0, None, None),
-    DLT_IPV4: (0, None, None),
-    DLT_NULL: (4, 0, struct.pack("=I", 2)),  # AF_INET, host byte order
-    DLT_LOOP: (4, 0, struct.pack("!I", 2)),
-}
-
-#: One classic BPF instruction, BPF_RET|BPF_K with k=0: accept 0 bytes = drop the packet.
-DROP_ALL_FILTER = struct.pack("HBBI", 0x06, 0, 0, 0)
+from routeproxy.capture import (
+    IP_MTU_DISCOVER, IP_PMTUDISC_DONT, IPPROTO_GRE, LINK_LAYERS, GREIOError, RawSocketCapture,
+    RealGRESystem, attachDropAll, greFilter, packedAddress,
+)
 
 # version/IHL, TOS, total length, id, flags/fragment offset, TTL, protocol, checksum, src, dst
 _IPV4 = struct.Struct("!BBHHHBBH4s4s")
@@ -110,12 +67,8 @@ DROP_SEND_BUSY = "send_busy"  # socket buffer full (EAGAIN) or no buffers (ENOBU
 DROP_SEND_ERROR = "send_error"  # any other send failure (no route, netfilter EPERM, ...)
 
 
-class GREIOError(Exception):
-    """The port cannot be set up as asked (bad address, interface, filter or datalink)."""
-
-
 class IGREReceiver(Interface):
-    """What a GREPort delivers to (the LRP's or RRP's GRE demultiplexer)."""
+    """What a GREPort delivers to (the daemons' GRE demultiplexer)."""
 
     def greReceived(src, dst, gre):
         """GRE header + payload *gre* (bytes) arrived from *src* for local address *dst* (str).
@@ -125,24 +78,20 @@ class IGREReceiver(Interface):
         """
 
 
-def gre_filter(local_addresses):
-    """The BPF expression that captures GRE sent to any of *local_addresses*."""
-    hosts = " or ".join(f"dst host {address}" for address in sorted(local_addresses))
-    return f"ip proto {IPPROTO_GRE} and ({hosts})"
+class IGREPort(Interface):
+    """What the relay sessions use of a GRE port."""
 
+    def sendGRE(src, dst, gre):
+        """Send *gre* from local address *src* to *dst*; False if it was dropped (counted)."""
 
-def _packed(address):
-    try:
-        return socket.inet_aton(address) if address.count(".") == 3 else None
-    except (OSError, TypeError, AttributeError):
-        return None
+    def addLocalAddress(address):
+        """Also capture GRE sent to *address* and send from it (counted references)."""
 
+    def removeLocalAddress(address):
+        """Undo one addLocalAddress."""
 
-def attach_drop_all(sock):
-    """Make *sock* drop every packet the kernel would queue on it (SO_ATTACH_FILTER)."""
-    program = ctypes.create_string_buffer(DROP_ALL_FILTER)
-    fprog = struct.pack("HP", 1, ctypes.addressof(program))  # struct sock_fprog; copied by the kernel
-    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+    def snapshot():
+        """The port's counters as plain data (docs/status.md)."""
 
 
 class GREStats:
@@ -165,122 +114,10 @@ class GREStats:
         }
 
 
-# -- the operating system ----------------------------------------------------------------------
-
-
-class PcapCapture:
-    """A non-blocking pypcap handle: ``read(budget, callback)`` -> packets handled (0: none left)."""
-
-    def __init__(self, interface, snaplen, bufferSize, bpf):
-        import pcap
-
-        self._pcap = None
-        try:
-            self._pcap = pcap.pcap(
-                name=interface, snaplen=snaplen, promisc=False, immediate=True,
-                timeout_ms=1, buffer_size=bufferSize,
-            )
-            self._pcap.setfilter(bpf)
-            self._pcap.setnonblock(True)
-        except (OSError, TypeError, ValueError) as e:
-            if self._pcap is not None:
-                self._pcap.close()
-            raise GREIOError(f"cannot capture GRE on {interface!r} with {bpf!r}: {e}") from None
-        try:
-            # Only what arrives; on `lo` libpcap already skips the outgoing copy.
-            self._pcap.setdirection(pcap.PCAP_D_IN)
-        except (OSError, AttributeError):
-            pass
-        self._dispatch = self._pcap.dispatch
-
-    def fileno(self):
-        return self._pcap.fileno()
-
-    def datalink(self):
-        return self._pcap.datalink()
-
-    def read(self, budget, callback):
-        # callback(timestamp, frame) is pcap's own signature: no wrapper per packet.
-        return self._dispatch(budget, callback)
-
-    def setFilter(self, bpf):
-        try:
-            self._pcap.setfilter(bpf)
-        except OSError as e:
-            raise GREIOError(f"bad capture filter {bpf!r}: {e}") from None
-
-    def stats(self):
-        """(received, dropped, dropped by the interface), cumulative, from libpcap."""
-        return self._pcap.stats()
-
-    def close(self):
-        self._pcap.close()
-
-
-class RawSocketCapture:
-    """Receive from an unbound raw IPPROTO_GRE socket (datalink: raw IPv4, header included).
-
-    The kernel hands it every GRE packet for any local address, reassembled; the port
-    filters the destination itself.  It also keeps the kernel from answering ICMP.
-    """
-
-    def __init__(self, system, maxPacketSize, bufferSize):
-        self._sock = system.openRawSocket()
-        self._sock.setblocking(False)
-        if bufferSize:
-            try:
-                self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, bufferSize)
-            except OSError:
-                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, bufferSize)
-        self._recv = self._sock.recv
-        self._size = maxPacketSize
-        self._received = 0
-
-    def fileno(self):
-        return self._sock.fileno()
-
-    def datalink(self):
-        return DLT_RAW
-
-    def read(self, budget, callback):
-        recv, size = self._recv, self._size
-        n = 0
-        while n < budget:
-            try:
-                frame = recv(size)
-            except (BlockingIOError, InterruptedError):
-                break
-            n += 1
-            callback(None, frame)
-        self._received += n
-        return n
-
-    def setFilter(self, bpf):
-        pass  # destinations are checked by the port
-
-    def stats(self):
-        return (self._received, 0, 0)  # kernel drops of a raw socket are not reported here
-
-    def close(self):
-        self._sock.close()
-
-
-class RealGRESystem:
-    """The parts of the operating system a GREPort uses."""
-
-    def openCapture(self, interface, snaplen, bufferSize, bpf):
-        return PcapCapture(interface, snaplen, bufferSize, bpf)
-
-    def openRawSocket(self):
-        try:
-            return socket.socket(socket.AF_INET, socket.SOCK_RAW, IPPROTO_GRE)
-        except PermissionError as e:
-            raise GREIOError(f"raw GRE sockets need root or CAP_NET_RAW: {e}") from None
-
-
 # -- the port ----------------------------------------------------------------------------------
 
 
+@implementer(IGREPort)
 class GREPort(abstract.FileDescriptor):
     """Captured GRE towards *localAddresses* up to ``receiver.greReceived``; GRE out via sendGRE.
 
@@ -340,7 +177,7 @@ class GREPort(abstract.FileDescriptor):
     # -- addresses -----------------------------------------------------------------------------
 
     def _addLocal(self, address):
-        packed = _packed(address)
+        packed = packedAddress(address)
         if packed is None:
             raise GREIOError(f"not an IPv4 address: {address!r}")
         self._local[packed] = socket.inet_ntoa(packed)
@@ -351,7 +188,7 @@ class GREPort(abstract.FileDescriptor):
 
     @property
     def bpfFilter(self):
-        return self._customFilter or gre_filter(self._local.values())
+        return self._customFilter or greFilter(self._local.values())
 
     def addLocalAddress(self, address):
         """Also capture GRE sent to *address* and send from it, until as many removes.
@@ -360,7 +197,7 @@ class GREPort(abstract.FileDescriptor):
         (``transport.getHost().host``) and removeLocalAddress when that connection ends;
         addresses are counted, so connections sharing one address do not disturb each other.
         """
-        packed = _packed(address)
+        packed = packedAddress(address)
         if packed is None:
             raise GREIOError(f"not an IPv4 address: {address!r}")
         self._references[packed] += 1
@@ -381,7 +218,7 @@ class GREPort(abstract.FileDescriptor):
 
         Addresses given to the constructor stay for the port's life (this is a no-op).
         """
-        packed = _packed(address)
+        packed = packedAddress(address)
         if packed not in self._local or packed in self._permanent:
             return
         self._references[packed] -= 1
@@ -585,7 +422,7 @@ class GREPort(abstract.FileDescriptor):
         sock = None
         try:
             sock = self._system.openRawSocket()
-            attach_drop_all(sock)  # it would otherwise queue a copy of all GRE sent to src
+            attachDropAll(sock)  # it would otherwise queue a copy of all GRE sent to src
             # DF clear, as pptpd and the kernel's pptp module send: GRE longer than the path
             # MTU (a client's 1500-byte PPP frame) is fragmented, never refused or lost.
             sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DONT)
@@ -606,7 +443,7 @@ class GREPort(abstract.FileDescriptor):
 
     # -- statistics ----------------------------------------------------------------------------
 
-    def statistics(self):
+    def snapshot(self):
         """Counters as a dict, with the capture's own kernel drops under dropped['capture']."""
         self._reassembler.expire(self._clock())
         result = self.stats.asDict()
@@ -619,111 +456,3 @@ class GREPort(abstract.FileDescriptor):
             if drop or ifdrop:
                 result["dropped"][DROP_CAPTURE] = drop + ifdrop
         return result
-
-
-# -- a memory fake for tests -------------------------------------------------------------------
-
-
-class MemoryCapture:
-    """A capture fed from a list in memory (fake: no kernel, no filter applied)."""
-
-    def __init__(self, datalink=DLT_EN10MB, batch=32):
-        self._datalink = datalink
-        self.batch = batch  # frames one read() returns at most, like one pcap buffer
-        self.frames = collections.deque()
-        self.filters = []
-        self.readCalls = 0
-        self.kernelDrops = (0, 0)
-        self.closed = False
-        self.error = None  # an OSError to raise from the next read
-
-    def fileno(self):
-        return -1
-
-    def datalink(self):
-        return self._datalink
-
-    def read(self, budget, callback):
-        self.readCalls += 1
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
-        n = 0
-        while self.frames and n < min(budget, self.batch):
-            callback(0.0, self.frames.popleft())
-            n += 1
-        return n
-
-    def setFilter(self, bpf):
-        self.filters.append(bpf)
-
-    def stats(self):
-        return (self.readCalls, *self.kernelDrops)
-
-    def close(self):
-        self.closed = True
-
-
-class MemoryRawSocket:
-    """A raw socket that records what it is asked to do (fake: nothing reaches a network)."""
-
-    def __init__(self, hostAddresses=None):
-        self.hostAddresses = hostAddresses  # addresses bind() accepts (None: any IPv4 address)
-        self.sent = []  # (data, address)
-        self.bound = None
-        self.options = []
-        self.blocking = True
-        self.closed = False
-        self.errors = collections.deque()  # OSErrors to raise from the next sendto calls
-        self.incoming = collections.deque()  # frames recv() returns (raw IPv4)
-
-    def setsockopt(self, level, option, value):
-        self.options.append((level, option, value))
-
-    def setblocking(self, flag):
-        self.blocking = flag
-
-    def bind(self, address):
-        if _packed(address[0]) is None or (self.hostAddresses is not None
-                                            and address[0] not in self.hostAddresses):
-            raise OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address")
-        self.bound = address
-
-    def sendto(self, data, address):
-        if self.errors:
-            raise self.errors.popleft()
-        self.sent.append((bytes(data), address))
-        return len(data)
-
-    def recv(self, size):
-        if not self.incoming:
-            raise BlockingIOError(errno.EAGAIN, "no data")
-        return self.incoming.popleft()[:size]
-
-    def fileno(self):
-        return -1
-
-    def close(self):
-        self.closed = True
-
-
-class MemoryGRESystem:
-    """Hands out MemoryCapture/MemoryRawSocket objects and remembers them (fake OS)."""
-
-    def __init__(self, datalink=DLT_EN10MB, hostAddresses=None):
-        self.datalink = datalink
-        self.hostAddresses = hostAddresses
-        self.captures = []
-        self.sockets = []
-
-    def openCapture(self, interface, snaplen, bufferSize, bpf):
-        capture = MemoryCapture(self.datalink)
-        capture.interface = interface
-        capture.filters.append(bpf)
-        self.captures.append(capture)
-        return capture
-
-    def openRawSocket(self):
-        sock = MemoryRawSocket(self.hostAddresses)
-        self.sockets.append(sock)
-        return sock

@@ -1,0 +1,245 @@
+"""Capturing GRE from the operating system: pcap or a raw socket, behind one small interface.
+
+PPTP's data channel is GRE, IP protocol 47: no ports, so no ordinary socket receives it.
+
+* :class:`PcapCapture`: a pypcap handle with the BPF filter ``ip proto 47 and (dst host A or
+  ...)`` and direction "in", non-blocking.  pcap sees IPv4 fragments before the kernel
+  reassembles them (the port puts them back together).
+* :class:`RawSocketCapture`: an unbound raw IPPROTO_GRE socket (the kernel reassembles; the
+  port checks destinations itself).  docs/gre-io.md measures the two.
+* :class:`RealGRESystem` is the operating system as a :class:`~routeproxy.greport.GREPort`
+  sees it (``IGRESystem``): it opens captures and raw sockets.  Tests inject the fakes of
+  :mod:`routeproxy.testing` instead, as twisted.pair's tuntap does.
+
+Datalink types and their link-header lengths are here too: the port strips them.
+"""
+import ctypes
+import socket
+import struct
+
+from zope.interface import Interface, implementer
+
+IPPROTO_GRE = 47
+SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)  # Linux <linux/in.h>
+IP_PMTUDISC_DONT = getattr(socket, "IP_PMTUDISC_DONT", 0)  # DF clear: the kernel fragments
+
+# Datalink types (pcap-linktype.h).  DLT_RAW is 12 on Linux, 14 on OpenBSD, 101 as a
+# LINKTYPE; DLT_NULL carries the address family in host order, DLT_LOOP in network order.
+DLT_NULL, DLT_EN10MB, DLT_RAW, DLT_RAW_BSD, LINKTYPE_RAW = 0, 1, 12, 14, 101
+DLT_LOOP, DLT_LINUX_SLL, DLT_IPV4, DLT_LINUX_SLL2 = 108, 113, 228, 276
+
+ETHERTYPE_IPV4 = b"\x08\x00"
+
+#: datalink -> (link header length, offset of the protocol field, its value for IPv4)
+LINK_LAYERS = {
+    DLT_EN10MB: (14, 12, ETHERTYPE_IPV4),  # also Linux `lo` (zero MACs)
+    DLT_LINUX_SLL: (16, 14, ETHERTYPE_IPV4),  # the "any" device
+    DLT_LINUX_SLL2: (20, 0, ETHERTYPE_IPV4),
+    DLT_RAW: (0, None, None),
+    DLT_RAW_BSD: (0, None, None),
+    LINKTYPE_RAW: (0, None, None),
+    DLT_IPV4: (0, None, None),
+    DLT_NULL: (4, 0, struct.pack("=I", 2)),  # AF_INET, host byte order
+    DLT_LOOP: (4, 0, struct.pack("!I", 2)),
+}
+
+#: One classic BPF instruction, BPF_RET|BPF_K with k=0: accept 0 bytes = drop the packet.
+DROP_ALL_FILTER = struct.pack("HBBI", 0x06, 0, 0, 0)
+
+
+class GREIOError(Exception):
+    """The port cannot be set up as asked (bad address, interface, filter or datalink)."""
+
+
+class ICapture(Interface):
+    """A source of captured frames that the reactor can watch."""
+
+    def fileno():
+        """The descriptor the reactor polls."""
+
+    def datalink():
+        """The DLT_* of the frames read() hands over."""
+
+    def read(budget, callback):
+        """Call ``callback(timestamp, frame)`` for up to *budget* frames; return how many."""
+
+    def setFilter(bpf):
+        """Capture only what the BPF expression *bpf* matches (GREIOError if it is bad)."""
+
+    def stats():
+        """(received, dropped, dropped by the interface), cumulative."""
+
+    def close():
+        """Release the handle."""
+
+
+class IRawSocket(Interface):
+    """The calls a port makes on a raw IPPROTO_GRE socket (a subset of ``socket.socket``)."""
+
+    def setsockopt(level, option, value):
+        pass
+
+    def setblocking(flag):
+        pass
+
+    def bind(address):
+        pass
+
+    def sendto(data, address):
+        pass
+
+    def recv(size):
+        pass
+
+    def fileno():
+        pass
+
+    def close():
+        pass
+
+
+class IGRESystem(Interface):
+    """The operating system as a GRE port uses it."""
+
+    def openCapture(interface, snaplen, bufferSize, bpf):
+        """An :class:`ICapture` on *interface* (GREIOError if it cannot be opened)."""
+
+    def openRawSocket():
+        """An :class:`IRawSocket` (GREIOError without the privilege)."""
+
+
+def greFilter(localAddresses):
+    """The BPF expression that captures GRE sent to any of *localAddresses*."""
+    hosts = " or ".join(f"dst host {address}" for address in sorted(localAddresses))
+    return f"ip proto {IPPROTO_GRE} and ({hosts})"
+
+
+def packedAddress(address):
+    """*address* (a dotted quad) as 4 bytes, or None if it is not one."""
+    try:
+        return socket.inet_aton(address) if address.count(".") == 3 else None
+    except (OSError, TypeError, AttributeError):
+        return None
+
+
+def attachDropAll(sock):
+    """Make *sock* drop every packet the kernel would queue on it (SO_ATTACH_FILTER)."""
+    program = ctypes.create_string_buffer(DROP_ALL_FILTER)
+    fprog = struct.pack("HP", 1, ctypes.addressof(program))  # struct sock_fprog; copied by the kernel
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+
+
+
+@implementer(ICapture)
+class PcapCapture:
+    """A non-blocking pypcap handle: ``read(budget, callback)`` -> packets handled (0: none left)."""
+
+    def __init__(self, interface, snaplen, bufferSize, bpf):
+        import pcap
+
+        self._pcap = None
+        try:
+            self._pcap = pcap.pcap(
+                name=interface, snaplen=snaplen, promisc=False, immediate=True,
+                timeout_ms=1, buffer_size=bufferSize,
+            )
+            self._pcap.setfilter(bpf)
+            self._pcap.setnonblock(True)
+        except (OSError, TypeError, ValueError) as e:
+            if self._pcap is not None:
+                self._pcap.close()
+            raise GREIOError(f"cannot capture GRE on {interface!r} with {bpf!r}: {e}") from None
+        try:
+            # Only what arrives; on `lo` libpcap already skips the outgoing copy.
+            self._pcap.setdirection(pcap.PCAP_D_IN)
+        except (OSError, AttributeError):
+            pass
+        self._dispatch = self._pcap.dispatch
+
+    def fileno(self):
+        return self._pcap.fileno()
+
+    def datalink(self):
+        return self._pcap.datalink()
+
+    def read(self, budget, callback):
+        # callback(timestamp, frame) is pcap's own signature: no wrapper per packet.
+        return self._dispatch(budget, callback)
+
+    def setFilter(self, bpf):
+        try:
+            self._pcap.setfilter(bpf)
+        except OSError as e:
+            raise GREIOError(f"bad capture filter {bpf!r}: {e}") from None
+
+    def stats(self):
+        """(received, dropped, dropped by the interface), cumulative, from libpcap."""
+        return self._pcap.stats()
+
+    def close(self):
+        self._pcap.close()
+
+
+@implementer(ICapture)
+class RawSocketCapture:
+    """Receive from an unbound raw IPPROTO_GRE socket (datalink: raw IPv4, header included).
+
+    The kernel hands it every GRE packet for any local address, reassembled; the port
+    filters the destination itself.  It also keeps the kernel from answering ICMP.
+    """
+
+    def __init__(self, system, maxPacketSize, bufferSize):
+        self._sock = system.openRawSocket()
+        self._sock.setblocking(False)
+        if bufferSize:
+            try:
+                self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, bufferSize)
+            except OSError:
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, bufferSize)
+        self._recv = self._sock.recv
+        self._size = maxPacketSize
+        self._received = 0
+
+    def fileno(self):
+        return self._sock.fileno()
+
+    def datalink(self):
+        return DLT_RAW
+
+    def read(self, budget, callback):
+        recv, size = self._recv, self._size
+        n = 0
+        while n < budget:
+            try:
+                frame = recv(size)
+            except (BlockingIOError, InterruptedError):
+                break
+            n += 1
+            callback(None, frame)
+        self._received += n
+        return n
+
+    def setFilter(self, bpf):
+        pass  # destinations are checked by the port
+
+    def stats(self):
+        return (self._received, 0, 0)  # kernel drops of a raw socket are not reported here
+
+    def close(self):
+        self._sock.close()
+
+
+@implementer(IGRESystem)
+class RealGRESystem:
+    """The parts of the operating system a GREPort uses."""
+
+    def openCapture(self, interface, snaplen, bufferSize, bpf):
+        return PcapCapture(interface, snaplen, bufferSize, bpf)
+
+    def openRawSocket(self):
+        try:
+            return socket.socket(socket.AF_INET, socket.SOCK_RAW, IPPROTO_GRE)
+        except PermissionError as e:
+            raise GREIOError(f"raw GRE sockets need root or CAP_NET_RAW: {e}") from None

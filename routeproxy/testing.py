@@ -1,0 +1,190 @@
+"""Fakes for tests and benchmarks, one per declared interface (as twisted.pair.testing).
+
+Nothing here touches a network: captures are fed from lists, raw sockets record what they
+are asked to send, and a GRE port records packets instead of sending them.  The daemons'
+tests and benchmarks/pathbench.py use these same fakes.
+"""
+import collections
+import errno
+
+from twisted.internet import defer
+from zope.interface import implementer
+
+from routeproxy import gre
+from routeproxy.capture import DLT_EN10MB, ICapture, IGRESystem, IRawSocket, packedAddress
+from routeproxy.greport import IGREPort, IGREReceiver
+
+
+
+@implementer(ICapture)
+class MemoryCapture:
+    """A capture fed from a list in memory (fake: no kernel, no filter applied)."""
+
+    def __init__(self, datalink=DLT_EN10MB, batch=32):
+        self._datalink = datalink
+        self.batch = batch  # frames one read() returns at most, like one pcap buffer
+        self.frames = collections.deque()
+        self.filters = []
+        self.readCalls = 0
+        self.kernelDrops = (0, 0)
+        self.closed = False
+        self.error = None  # an OSError to raise from the next read
+
+    def fileno(self):
+        return -1
+
+    def datalink(self):
+        return self._datalink
+
+    def read(self, budget, callback):
+        self.readCalls += 1
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+        n = 0
+        while self.frames and n < min(budget, self.batch):
+            callback(0.0, self.frames.popleft())
+            n += 1
+        return n
+
+    def setFilter(self, bpf):
+        self.filters.append(bpf)
+
+    def stats(self):
+        return (self.readCalls, *self.kernelDrops)
+
+    def close(self):
+        self.closed = True
+
+
+@implementer(IRawSocket)
+class MemoryRawSocket:
+    """A raw socket that records what it is asked to do (fake: nothing reaches a network)."""
+
+    def __init__(self, hostAddresses=None):
+        self.hostAddresses = hostAddresses  # addresses bind() accepts (None: any IPv4 address)
+        self.sent = []  # (data, address)
+        self.bound = None
+        self.options = []
+        self.blocking = True
+        self.closed = False
+        self.errors = collections.deque()  # OSErrors to raise from the next sendto calls
+        self.incoming = collections.deque()  # frames recv() returns (raw IPv4)
+
+    def setsockopt(self, level, option, value):
+        self.options.append((level, option, value))
+
+    def setblocking(self, flag):
+        self.blocking = flag
+
+    def bind(self, address):
+        if packedAddress(address[0]) is None or (self.hostAddresses is not None
+                                            and address[0] not in self.hostAddresses):
+            raise OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address")
+        self.bound = address
+
+    def sendto(self, data, address):
+        if self.errors:
+            raise self.errors.popleft()
+        self.sent.append((bytes(data), address))
+        return len(data)
+
+    def recv(self, size):
+        if not self.incoming:
+            raise BlockingIOError(errno.EAGAIN, "no data")
+        return self.incoming.popleft()[:size]
+
+    def fileno(self):
+        return -1
+
+    def close(self):
+        self.closed = True
+
+
+@implementer(IGRESystem)
+class MemoryGRESystem:
+    """Hands out MemoryCapture/MemoryRawSocket objects and remembers them (fake OS)."""
+
+    def __init__(self, datalink=DLT_EN10MB, hostAddresses=None):
+        self.datalink = datalink
+        self.hostAddresses = hostAddresses
+        self.captures = []
+        self.sockets = []
+
+    def openCapture(self, interface, snaplen, bufferSize, bpf):
+        capture = MemoryCapture(self.datalink)
+        capture.interface = interface
+        capture.filters.append(bpf)
+        self.captures.append(capture)
+        return capture
+
+    def openRawSocket(self):
+        sock = MemoryRawSocket(self.hostAddresses)
+        self.sockets.append(sock)
+        return sock
+
+
+@implementer(IGREPort)
+class RecordingGREPort:
+    """A GRE port that sends nothing: it parses and records each packet (or only counts
+    them, with ``record=False``, for benchmarks that must not grow a list)."""
+
+    def __init__(self, receiver=None, record=True):
+        self.receiver = receiver  # what a real port would deliver captured GRE to
+        self.record = record
+        self.sent = []            # (src, dst, GREPacket)
+        self.sentCount = 0
+        self.last = None          # the last packet's bytes
+        self.local = collections.Counter()
+        self.counters = {}        # what snapshot() reports (a test may fill it)
+
+    def sendGRE(self, src, dst, data):
+        self.sentCount += 1
+        self.last = data
+        if self.record:
+            self.sent.append((src, dst, gre.parse_gre(data)))
+        return True
+
+    def addLocalAddress(self, address):
+        self.local[address] += 1
+
+    def removeLocalAddress(self, address):
+        self.local[address] -= 1
+        if self.local[address] <= 0:
+            del self.local[address]
+
+    def snapshot(self):
+        return dict(self.counters)
+
+
+@implementer(IGREReceiver)
+class RecordingGREReceiver:
+    """Records ``greReceived`` calls; ``waitFor(n)`` fires once *n* have arrived (for tests
+    on the real reactor).  ``failOn``: a packet on which it raises, as a buggy receiver."""
+
+    def __init__(self, failOn=None, clock=None):
+        self.packets = []         # (src, dst, gre)
+        self.failOn = failOn
+        self._clock = clock
+        self._waiting = []
+
+    def greReceived(self, src, dst, data):
+        if data == self.failOn:
+            raise RuntimeError("receiver bug")
+        self.packets.append((src, dst, data))
+        for count, d in list(self._waiting):
+            if len(self.packets) >= count:
+                self._waiting.remove((count, d))
+                d.callback(self.packets)
+
+    def waitFor(self, count, timeout=5.0):
+        """A Deferred that fires when *count* packets arrived, or fails after *timeout* s."""
+        if len(self.packets) >= count:
+            return defer.succeed(self.packets)
+        d = defer.Deferred()
+        self._waiting.append((count, d))
+        if self._clock is None:
+            from twisted.internet import reactor as clock
+        else:
+            clock = self._clock
+        return d.addTimeout(timeout, clock)

@@ -1,0 +1,100 @@
+"""An LRP and an RRP joined in memory: no sockets, no TLS, no kernel.
+
+Fakes, and why: the mux link is twisted.test.iosim (the TLS path has its own tests in
+test_mux_tls), the PPTP clients and pptpd are StringTransports fed scripted messages, the
+RRP's dials go to a MemoryReactorClock, and the GRE ports are
+:class:`routeproxy.testing.RecordingGREPort`.  The system tests run the same code on real
+sockets, raw GRE and twistd.  Mix :class:`RelayHarness` into a trial TestCase.
+"""
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.test import iosim
+
+from routeproxy import pptp
+from routeproxy.lrp import LinkFactory, LocalRouteProxy, PPTPServerFactory
+from routeproxy.mux.protocol import MuxServerFactory
+from routeproxy.rrp import RemoteRouteProxy
+from routeproxy.testing import RecordingGREPort
+
+LRP_IP, RRP_SOURCE, SERVER_IP = "10.0.1.1", "10.0.3.1", "10.0.4.2"
+
+
+class Peer:
+    """A PPTP client or pptpd on the far end of a StringTransport."""
+
+    def __init__(self, protocol, transport):
+        self.protocol = protocol
+        self.transport = transport
+        self.decoder = pptp.PPTPStreamDecoder()
+
+    def send(self, message):
+        self.protocol.dataReceived(message.pack())
+
+    def received(self):
+        data = self.transport.value()
+        self.transport.clear()
+        return self.decoder.feed(data)
+
+
+class RelayHarness:
+    """An LRP and an RRP joined in memory, and helpers to connect clients and dial calls."""
+
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.lrp = LocalRouteProxy(self.reactor, RecordingGREPort)
+        self.rrp = RemoteRouteProxy(self.reactor, RecordingGREPort, {"default": (SERVER_IP, 1723)})
+        self.server_factory = server_factory = MuxServerFactory(self.rrp.sessionRequested,
+                                                                clock=self.reactor)
+        client_factory = LinkFactory(self.lrp, self.reactor)
+        client_factory.peerNameOf = server_factory.peerNameOf = None
+        self.rrp.links = server_factory.connections
+        _, _, self.pump = iosim.connectedServerAndClient(
+            lambda: server_factory.buildProtocol(None), lambda: client_factory.buildProtocol(None),
+            greet=True)
+        self.flush()
+        self.assertIsNotNone(self.lrp.link)
+        self.client_port = 40000
+
+    def flush(self):
+        """Deliver everything: the mux batches writes to the end of the reactor turn."""
+        for _ in range(5):
+            self.reactor.advance(0)
+            self.pump.flush()
+
+    def connect_client(self, ip):
+        """A client connects to the LRP; the RRP dials pptpd; returns (client, server)."""
+        self.client_port += 1
+        addr = IPv4Address("TCP", ip, self.client_port)
+        protocol = PPTPServerFactory(self.lrp).buildProtocol(addr)
+        transport = StringTransport(hostAddress=IPv4Address("TCP", LRP_IP, 1723), peerAddress=addr)
+        protocol.makeConnection(transport)
+        client = Peer(protocol, transport)
+        self.flush()
+        host, port, factory = self.reactor.tcpClients[-1][:3]
+        self.assertEqual((host, port), (SERVER_IP, 1723))
+        sp = factory.buildProtocol(IPv4Address("TCP", host, port))
+        st = StringTransport(hostAddress=IPv4Address("TCP", RRP_SOURCE, self.client_port),
+                             peerAddress=IPv4Address("TCP", SERVER_IP, 1723))
+        sp.makeConnection(st)
+        self.flush()
+        return client, Peer(sp, st)
+
+    def dial(self, client, server, call_id, server_call_id):
+        """Control set-up of one call; returns (ID pptpd saw for the client, ID the client saw)."""
+        client.send(pptp.StartControlConnectionRequest())
+        self.flush()
+        [sccrq] = server.received()
+        self.assertIsInstance(sccrq, pptp.StartControlConnectionRequest)
+        server.send(pptp.StartControlConnectionReply(result_code=1))
+        self.flush()
+        [sccrp] = client.received()
+        self.assertEqual(sccrp.result_code, 1)
+        client.send(pptp.OutgoingCallRequest(call_id=call_id))
+        self.flush()
+        [ocrq] = server.received()
+        server.send(pptp.OutgoingCallReply(call_id=server_call_id, peer_call_id=ocrq.call_id,
+                                           result_code=1))
+        self.flush()
+        [ocrp] = client.received()
+        self.assertEqual(ocrp.peer_call_id, call_id)
+        return ocrq.call_id, ocrp.call_id
