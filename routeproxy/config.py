@@ -24,7 +24,7 @@ class Setting:
     repeatable: bool = False           # given several times (or comma-separated in INI)
 
 
-def parse_hostport(text, default_port=None, what="address"):
+def parseHostPort(text, default_port=None, what="address"):
     """``HOST:PORT`` (or ``HOST`` when *default_port* is given) -> (host, port)."""
     text = text.strip()
     host, sep, port = text.rpartition(":")
@@ -47,7 +47,7 @@ def parse_hostport(text, default_port=None, what="address"):
     return host, port
 
 
-def parse_count(value, what):
+def parseCount(value, what):
     try:
         count = int(str(value).strip())
     except ValueError:
@@ -57,20 +57,20 @@ def parse_count(value, what):
     return count
 
 
-def parse_cidr(text):
+def parseCIDR(text):
     try:
         return ipaddress.ip_network(text.strip(), strict=False)
     except ValueError as e:
         raise usage.UsageError(f"--allow {text!r}: {e}")
 
 
-def parse_profile(text, default_port=1723):
+def parseProfile(text, default_port=1723):
     """``NAME=HOST[:PORT]`` -> (name, (host, port))."""
     name, sep, target = text.partition("=")
     name = name.strip()
     if not sep or not name:
         raise usage.UsageError(f"--profile {text!r}: expected NAME=HOST[:PORT]")
-    return name, parse_hostport(target, default_port, what=f"--profile {name}")
+    return name, parseHostPort(target, default_port, what=f"--profile {name}")
 
 
 def _handler(name, doc, repeatable):
@@ -115,7 +115,7 @@ class ConfigOptions(usage.Options):
     def postOptions(self):
         from_file = {}
         if self["config"]:
-            from_file = read_ini(self["config"], self.section)
+            from_file = readINI(self["config"], self.section)
         known = {setting.name for setting in self.settings}
         for key in from_file:
             if key not in known:
@@ -143,7 +143,7 @@ class ConfigOptions(usage.Options):
         """Cross-field checks; subclasses raise usage.UsageError."""
 
 
-def read_ini(path, section):
+def readINI(path, section):
     parser = configparser.ConfigParser(interpolation=None)
     try:
         with open(path, encoding="utf-8") as f:

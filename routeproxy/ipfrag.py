@@ -6,9 +6,9 @@ arrive in two fragments.  ``Reassembler`` puts the payloads back together.
 
 It is bounded in every direction, because fragments are cheap for anyone to send:
 
-* at most ``maxDatagrams`` datagrams in progress; a new one beyond that evicts the oldest
+* at most ``max_datagrams`` datagrams in progress; a new one beyond that evicts the oldest
   (counted ``reassembly_evicted``);
-* at most ``maxBytes`` stored per datagram and no byte beyond offset 65535
+* at most ``max_bytes`` stored per datagram and no byte beyond offset 65535
   (``fragment_invalid``);
 * a datagram not complete ``timeout`` seconds after its first fragment is dropped
   (``reassembly_timeout``), checked whenever a fragment arrives or ``expire`` is called;
@@ -58,10 +58,10 @@ class Reassembler:
     None.  Drops are counted in ``dropped`` (a Counter; pass the caller's own to share it).
     """
 
-    def __init__(self, timeout=5.0, maxDatagrams=256, maxBytes=IP_MAXPACKET, dropped=None):
+    def __init__(self, timeout=5.0, max_datagrams=256, max_bytes=IP_MAXPACKET, dropped=None):
         self.timeout = timeout
-        self.maxDatagrams = maxDatagrams
-        self.maxBytes = maxBytes
+        self.max_datagrams = max_datagrams
+        self.max_bytes = max_bytes
         self.dropped = dropped if dropped is not None else collections.Counter()
         self.reassembled = 0
         self._partials = collections.OrderedDict()  # key -> _Partial, oldest first
@@ -81,7 +81,7 @@ class Reassembler:
             return None
         partial = self._partials.get(key)
         if partial is None:
-            while len(self._partials) >= self.maxDatagrams:
+            while len(self._partials) >= self.max_datagrams:
                 self._partials.popitem(last=False)
                 self.dropped[DROP_REASSEMBLY_EVICTED] += 1
             partial = self._partials[key] = _Partial(now)
@@ -131,7 +131,7 @@ class Reassembler:
                 contained = True  # a duplicate: nothing new
         if contained:
             return
-        if partial.stored + len(data) > self.maxBytes:
+        if partial.stored + len(data) > self.max_bytes:
             raise FragmentError(DROP_FRAGMENT_INVALID)
         partial.stored += len(data)
         partial.pieces.append((offset, data))

@@ -4,7 +4,7 @@ from twisted.application.service import MultiService
 from twisted.python import usage
 
 from routeproxy import tls
-from routeproxy.config import ConfigOptions, Setting, parse_cidr, parse_hostport
+from routeproxy.config import ConfigOptions, Setting, parseCIDR, parseHostPort
 
 
 class Options(ConfigOptions):
@@ -18,20 +18,20 @@ class Options(ConfigOptions):
     settings = (
         Setting("pptp-listen", ("0.0.0.0", 1723),
                 "HOST:PORT where PPTP clients connect [default: 0.0.0.0:1723]",
-                lambda v: parse_hostport(v, 1723, "--pptp-listen")),
+                lambda v: parseHostPort(v, 1723, "--pptp-listen")),
         Setting("rrp", None, "HOST:PORT of the RRP's TLS listener (required)",
-                lambda v: parse_hostport(v, None, "--rrp")),
+                lambda v: parseHostPort(v, None, "--rrp")),
         Setting("rrp-name", None, "name the RRP's certificate must carry (required)"),
         Setting("cert", None, "this LRP's certificate (PEM) (required)"),
         Setting("key", None, "this LRP's private key (PEM) (required)"),
         Setting("ca", None, "CA certificate that signed the RRP's certificate (required)"),
         Setting("allow", None, "CIDR of clients allowed to connect; repeatable [default: any]",
-                parse_cidr, repeatable=True),
+                parseCIDR, repeatable=True),
         Setting("profile", "default",
                 "upstream profile the RRP maps to a PPTP server [default: default]"),
         Setting("gre-interface", "any", "interface GRE from clients is captured on [default: any]"),
         Setting("status", None, "HOST:PORT for the status/metrics HTTP endpoint, loopback "
-                "recommended [default: off]", lambda v: parse_hostport(v, None, "--status")),
+                "recommended [default: off]", lambda v: parseHostPort(v, None, "--status")),
     )
 
     def check(self):

@@ -4,7 +4,7 @@ from twisted.application.service import MultiService
 from twisted.python import usage
 
 from routeproxy import tls
-from routeproxy.config import ConfigOptions, Setting, parse_count, parse_hostport, parse_profile
+from routeproxy.config import ConfigOptions, Setting, parseCount, parseHostPort, parseProfile
 
 
 class Options(ConfigOptions):
@@ -18,24 +18,24 @@ class Options(ConfigOptions):
     settings = (
         Setting("listen", ("0.0.0.0", 4443),
                 "HOST:PORT of the TLS listener for LRPs [default: 0.0.0.0:4443]",
-                lambda v: parse_hostport(v, None, "--listen")),
+                lambda v: parseHostPort(v, None, "--listen")),
         Setting("pptp-server", None, "HOST[:PORT] of the PPTP server of profile 'default'",
-                lambda v: parse_hostport(v, 1723, "--pptp-server")),
+                lambda v: parseHostPort(v, 1723, "--pptp-server")),
         Setting("cert", None, "this RRP's certificate (PEM) (required)"),
         Setting("key", None, "this RRP's private key (PEM) (required)"),
         Setting("ca", None, "CA certificate that signed the LRPs' certificates (required)"),
         Setting("profile", None, "NAME=HOST[:PORT]: another upstream PPTP server; repeatable",
-                parse_profile, repeatable=True),
+                parseProfile, repeatable=True),
         Setting("lrp-name", None, "accept only LRPs whose certificate carries this name; "
                 "repeatable [default: any LRP the CA signed]", repeatable=True),
         Setting("max-sessions", 20000, "sessions one LRP's link may carry at once "
-                "[default: 20000]", lambda v: parse_count(v, "--max-sessions")),
+                "[default: 20000]", lambda v: parseCount(v, "--max-sessions")),
         Setting("source", None, "local address to dial PPTP servers from (and send their GRE "
                 "from); use one pptpd does not listen on when both share a host [default: the "
                 "kernel's choice]"),
         Setting("gre-interface", "any", "interface GRE from servers is captured on [default: any]"),
         Setting("status", None, "HOST:PORT for the status/metrics HTTP endpoint, loopback "
-                "recommended [default: off]", lambda v: parse_hostport(v, None, "--status")),
+                "recommended [default: off]", lambda v: parseHostPort(v, None, "--status")),
     )
 
     def check(self):

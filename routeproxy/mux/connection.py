@@ -42,7 +42,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from routeproxy.mux import frames as F
-from routeproxy.mux.frames import Gre, LinkError, Reason, linkErrorName
+from routeproxy.mux.frames import Datagram, LinkError, Reason, linkErrorName
 from routeproxy.mux.session import OPEN, OPENING, PENDING, Session, SessionRefused
 
 
@@ -197,14 +197,14 @@ class MuxConnection:
                 if frame is None:
                     break
                 stats.framesIn += 1
-                if frame.__class__ is Gre and self.version is not None:
-                    # the per-packet frame: no handler table; _onGre when it is not for
+                if frame.__class__ is Datagram and self.version is not None:
+                    # the per-packet frame: no handler table; _onGRE when it is not for
                     # an open session
                     session = sessions.get(frame.session)
                     if session is not None and session.state == OPEN:
                         session._datagramReceived(frame)
                     else:
-                        self._onGre(frame)
+                        self._onGRE(frame)
                 else:
                     self._frameReceived(frame)
         finally:
@@ -291,7 +291,7 @@ class MuxConnection:
         if not (self._control or self._gre) or self._link is None:
             return
         chunks = self._control + self._gre if self._gre else self._control
-        # a GRE frame is two chunks (head, payload): see _queueGre
+        # a GRE frame is two chunks (head, payload): see _queueGRE
         self.stats.framesOut += len(self._control) + self._greFrames
         self.stats.bytesOut += self._pendingBytes
         self._control, self._gre, self._pendingBytes, self._greFrames = [], [], 0, 0
@@ -313,7 +313,7 @@ class MuxConnection:
     def _queueControl(self, encoded):
         self._queue(encoded, control=True)
 
-    def _queueGre(self, sid, callTag, seq, ack, payload):
+    def _queueGRE(self, sid, callTag, seq, ack, payload):
         if self.closed:
             reason = "link_down"
         elif self._writePaused:
@@ -328,7 +328,7 @@ class MuxConnection:
             # frame: the head and the payload go to the link as two chunks.
             if payload.__class__ is not bytes:
                 payload = bytes(payload)  # it must not change before flush()
-            head = F.encodeGreHead(sid, callTag, seq, ack, len(payload))
+            head = F.encodeGREHead(sid, callTag, seq, ack, len(payload))
             gre = self._gre
             gre.append(head)
             gre.append(payload)
@@ -474,7 +474,7 @@ class MuxConnection:
             session._windowUpdate(frame.increment)
         # otherwise it crossed a CLOSE: ignore
 
-    def _onGre(self, frame):
+    def _onGRE(self, frame):
         session = self.sessions.get(frame.session)
         if session is None or session.state != OPEN:
             self.stats.greIgnored["not_open"] += 1
@@ -488,7 +488,7 @@ class MuxConnection:
         F.Hello: _onHello, F.GoAway: _onGoAway, F.Ping: _onPing, F.Pong: _onPong,
         F.Open: _onOpen, F.OpenOk: _onOpenOk, F.OpenRefused: _onOpenRefused,
         F.Close: _onClose, F.Control: _onControl, F.WindowUpdate: _onWindowUpdate,
-        F.Gre: _onGre,
+        F.Datagram: _onGRE,
     }
 
     def _unknownReceived(self, frame):

@@ -410,7 +410,7 @@ class WindowUpdate(Frame):
         return cls(session, increment)
 
 
-class Gre(Frame):
+class Datagram(Frame):
     """One GRE datagram without its GRE header: call tag, optional seq/ack, payload."""
 
     __slots__ = ("callTag", "seq", "ack", "data")
@@ -426,7 +426,7 @@ class Gre(Frame):
             GRE_HAS_ACK if self.ack is not None else 0)
 
     def payload(self):
-        return encodeGrePayload(self.callTag, self.seq, self.ack, self.data)
+        return encodeGREPayload(self.callTag, self.seq, self.ack, self.data)
 
     @classmethod
     def fromPayload(cls, session, flags, data):
@@ -442,7 +442,7 @@ _GRE_FIELDS = (struct.Struct("!H"), struct.Struct("!HI"), struct.Struct("!HI"),
                struct.Struct("!HII"))
 
 
-def encodeGrePayload(callTag, seq, ack, data):
+def encodeGREPayload(callTag, seq, ack, data):
     head = callTag.to_bytes(2, "big")
     if seq is not None:
         head += seq.to_bytes(4, "big")
@@ -457,7 +457,7 @@ _GRE_HEAD_TAG_ONE = struct.Struct("!BBHIIHI")
 _GRE_HEAD_TAG_SEQ_ACK = struct.Struct("!BBHIIHII")
 
 
-def encodeGreHead(session, callTag, seq, ack, dataLength):
+def encodeGREHead(session, callTag, seq, ack, dataLength):
     """A GRE frame up to its payload (header and fields in one pack): the hot path.
 
     The frame is this followed by *dataLength* payload bytes, so a sender can hand both
@@ -475,9 +475,9 @@ def encodeGreHead(session, callTag, seq, ack, dataLength):
     return _GRE_HEAD_TAG.pack(GRE, 0, 0, session, dataLength + 2, callTag)
 
 
-def encodeGre(session, callTag, seq, ack, data):
-    """The whole GRE frame, without building a Gre object."""
-    return encodeGreHead(session, callTag, seq, ack, len(data)) + data
+def encodeGRE(session, callTag, seq, ack, data):
+    """The whole GRE frame, without building a Datagram object."""
+    return encodeGREHead(session, callTag, seq, ack, len(data)) + data
 
 
 def encodeControl(session, data):
@@ -504,7 +504,7 @@ class UnknownFrame(Frame):
 
 FRAME_CLASSES = {cls.TYPE: cls for cls in (
     Hello, GoAway, Ping, Pong, Open, OpenOk, OpenRefused, Close, Control,
-    WindowUpdate, Gre)}
+    WindowUpdate, Datagram)}
 
 
 def decodeFrame(frameType, flags, session, payload):
@@ -609,7 +609,7 @@ class FrameDecoder:
                     callTag, = fields.unpack_from(buf, start)
                     seq = ack = None
                 self._pos = end
-                return Gre(session, callTag, seq, ack, buf[start + fields.size:end])
+                return Datagram(session, callTag, seq, ack, buf[start + fields.size:end])
         payload = buf[pos + HEADER_SIZE:end]
         self._pos = end
         try:

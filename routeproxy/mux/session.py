@@ -132,7 +132,7 @@ class Session:
         if self.state != OPEN:
             self.connection.stats.countDrop("not_open")
             return False
-        if self.connection._queueGre(self.id, callTag, seq, ack, payload):
+        if self.connection._queueGRE(self.id, callTag, seq, ack, payload):
             self.greOut += 1
             return True
         return False

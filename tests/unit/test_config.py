@@ -8,20 +8,20 @@ from twisted.python import usage
 from twisted.trial import unittest
 
 from routeproxy import lrp_tap, rrp_tap
-from routeproxy.config import parse_hostport
+from routeproxy.config import parseHostPort
 
 from tests.support.options import CA, LRP_REQUIRED, LRP_TLS, RRP_REQUIRED, RRP_TLS, parse
 
 
 class HostPortTests(unittest.SynchronousTestCase):
     def test_forms(self):
-        self.assertEqual(parse_hostport("1.2.3.4:99"), ("1.2.3.4", 99))
-        self.assertEqual(parse_hostport("[::1]:99"), ("::1", 99))
-        self.assertEqual(parse_hostport("h", 1723), ("h", 1723))
+        self.assertEqual(parseHostPort("1.2.3.4:99"), ("1.2.3.4", 99))
+        self.assertEqual(parseHostPort("[::1]:99"), ("::1", 99))
+        self.assertEqual(parseHostPort("h", 1723), ("h", 1723))
 
     def test_errors(self):
         for bad in ("h", "h:0", "h:65536", "h:x", ":5"):
-            self.assertRaises(usage.UsageError, parse_hostport, bad)
+            self.assertRaises(usage.UsageError, parseHostPort, bad)
 
 
 class LRPOptionsTests(unittest.SynchronousTestCase):

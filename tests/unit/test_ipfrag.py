@@ -71,7 +71,7 @@ class ReassemblerTests(unittest.SynchronousTestCase):
         self.assertEqual((len(r), dict(r.dropped)), (0, {"fragment_invalid": 3}))
 
     def test_stored_bytes_bounded(self):
-        r = Reassembler(maxBytes=1024)
+        r = Reassembler(max_bytes=1024)
         self.feed(r, [(0, True, bytes(1024)), (1024, True, bytes(8))])
         self.assertEqual((len(r), dict(r.dropped)), (0, {"fragment_invalid": 1}))
 
@@ -90,7 +90,7 @@ class ReassemblerTests(unittest.SynchronousTestCase):
         self.assertEqual(r.add(KEY, *last, now=204.9), payload)  # within 5 s
 
     def test_eviction_when_full(self):
-        r = Reassembler(maxDatagrams=4)
+        r = Reassembler(max_datagrams=4)
         for ident in range(6):
             r.add(("a", "b", ident, 47), 0, True, bytes(8), now=float(ident))
         self.assertEqual((len(r), dict(r.dropped)), (4, {"reassembly_evicted": 2}))

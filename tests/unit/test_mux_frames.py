@@ -22,10 +22,10 @@ ALL_FRAMES = [
     F.Control(9, b""),
     F.WindowUpdate(9, 1),
     F.WindowUpdate(9, F.MAX_WINDOW),
-    F.Gre(9, 0xBEEF, 1, 2, b"ppp"),
-    F.Gre(9, 1, None, 2, b""),
-    F.Gre(9, 1, 0xFFFFFFFF, None, bytes(1500)),
-    F.Gre(9, 0, None, None, b"x"),
+    F.Datagram(9, 0xBEEF, 1, 2, b"ppp"),
+    F.Datagram(9, 1, None, 2, b""),
+    F.Datagram(9, 1, 0xFFFFFFFF, None, bytes(1500)),
+    F.Datagram(9, 0, None, None, b"x"),
 ]
 
 
@@ -52,8 +52,8 @@ class RoundTripTests(unittest.SynchronousTestCase):
         self.assertEqual(decoder.buffered, 0)
 
     def test_fastPathEncodersMatchObjects(self):
-        self.assertEqual(F.encodeGre(3, 7, 1, None, b"abc"), F.Gre(3, 7, 1, None, b"abc").encode())
-        self.assertEqual(F.encodeGre(3, 7, None, 9, b""), F.Gre(3, 7, None, 9, b"").encode())
+        self.assertEqual(F.encodeGRE(3, 7, 1, None, b"abc"), F.Datagram(3, 7, 1, None, b"abc").encode())
+        self.assertEqual(F.encodeGRE(3, 7, None, 9, b""), F.Datagram(3, 7, None, 9, b"").encode())
         self.assertEqual(F.encodeControl(3, b"abc"), F.Control(3, b"abc").encode())
 
 
@@ -66,11 +66,11 @@ class LayoutTests(unittest.SynchronousTestCase):
         self.assertEqual(wire[12:], b"xyz")
 
     def test_gre(self):
-        wire = F.Gre(1, 0x1234, 0x01020304, 0x05060708, b"P").encode()
+        wire = F.Datagram(1, 0x1234, 0x01020304, 0x05060708, b"P").encode()
         self.assertEqual(wire[0], F.GRE)
         self.assertEqual(wire[1], F.GRE_HAS_SEQ | F.GRE_HAS_ACK)
         self.assertEqual(wire[12:], bytes([0x12, 0x34, 1, 2, 3, 4, 5, 6, 7, 8]) + b"P")
-        wire = F.Gre(1, 0x1234, None, 0x05060708, b"").encode()
+        wire = F.Datagram(1, 0x1234, None, 0x05060708, b"").encode()
         self.assertEqual(wire[1], F.GRE_HAS_ACK)
         self.assertEqual(wire[12:], bytes([0x12, 0x34, 5, 6, 7, 8]))
 

@@ -57,7 +57,7 @@ class StringTransportTests(unittest.SynchronousTestCase):
         self.assertTrue(self.transport.streaming)
         self.assertIn(self.protocol.connection, self.factory.connections)
 
-    def test_transportPauseDropsGreAndResumeAdmitsIt(self):
+    def test_transportPauseDropsGREAndResumeAdmitsIt(self):
         self.protocol.dataReceived(F.Hello().encode())
         self.assertEqual(self.protocol.connection.peerName, "rrp.example")
         session = self.protocol.connection.openSession("office", "", Receiver())
@@ -231,7 +231,7 @@ class PairTests(unittest.SynchronousTestCase):
     def test_dataForNonOpenSessionClosesOnlyThatSession(self):
         session, receiver, _ = self.open()
         self.lrp.transport.write(F.Control(999, b"stray").encode()
-                                 + F.Gre(998, 1, None, None, b"stray").encode())
+                                 + F.Datagram(998, 1, None, None, b"stray").encode())
         self.pump.flush()
         self.assertEqual(self.rrp.connection.stats.greIgnored["not_open"], 1)
         self.assertEqual(session.state, OPEN)

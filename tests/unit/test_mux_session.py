@@ -244,7 +244,7 @@ class AcceptorTests(Base):
         receiver = Receiver()
         d.callback(receiver)
         self.assertEqual(self.sent(), [F.OpenOk(3), F.Control(3, b"early")])
-        self.feed(F.Control(3, b"SCCRQ"), F.Gre(3, 77, 1, None, b"ppp"))
+        self.feed(F.Control(3, b"SCCRQ"), F.Datagram(3, 77, 1, None, b"ppp"))
         self.assertEqual(bytes(receiver.control), b"SCCRQ")
         self.assertEqual(receiver.gre, [(77, 1, None, b"ppp")])
 
@@ -394,7 +394,7 @@ class DataForSessionsNotOpenTests(Base):
 
     def test_greForUnknownSessionIsIgnoredAndCounted(self):
         session, receiver = self.openSession()
-        self.assertEqual(self.feed(F.Gre(99, 1, 1, None, b"x"), F.Gre(99, 1, 2, None, b"x")), [])
+        self.assertEqual(self.feed(F.Datagram(99, 1, 1, None, b"x"), F.Datagram(99, 1, 2, None, b"x")), [])
         self.assertEqual(self.conn.stats.greIgnored["not_open"], 2)
         self.assertEqual(receiver.gre, [])
 
@@ -402,7 +402,7 @@ class DataForSessionsNotOpenTests(Base):
         self.assertEqual(self.feed(F.WindowUpdate(42, 10), F.Close(42, 0)), [])
         self.assertFalse(self.conn.closed)
 
-    def test_malformedGreDroppedSessionSurvives(self):
+    def test_malformedGREDroppedSessionSurvives(self):
         session, receiver = self.openSession()
         self.conn.dataReceived(F.encodeHeader(F.GRE, F.GRE_HAS_SEQ, session.id, 3) + b"\x00\x01\x02")
         self.assertEqual(self.conn.stats.greIgnored["malformed"], 1)
@@ -459,7 +459,7 @@ class LinkErrorTests(Base):
         self.assertRaises(SessionRefused, self.conn.openSession, "office", "", Receiver())
 
 
-class GreSendTests(Base):
+class GRESendTests(Base):
     def test_sentAfterControlInOneWrite(self):
         session, _ = self.openSession()
         self.assertTrue(session.sendGRE(5, 1, None, b"g1"))
@@ -467,7 +467,7 @@ class GreSendTests(Base):
         self.conn.flush()
         [write] = self.link.writes
         self.assertEqual(F.FrameDecoder().frames(b"".join(write)),
-                         [F.Control(session.id, b"c1"), F.Gre(session.id, 5, 1, None, b"g1")])
+                         [F.Control(session.id, b"c1"), F.Datagram(session.id, 5, 1, None, b"g1")])
 
     def test_flushedByTheClockOutsideDataReceived(self):
         session, _ = self.openSession()
@@ -556,7 +556,7 @@ class FuzzTests(unittest.SynchronousTestCase):
         st.builds(F.Close, st.integers(1, 6), st.integers(0, 20), st.just("")),
         st.builds(F.Control, st.integers(1, 6), st.binary(max_size=300)),
         st.builds(F.WindowUpdate, st.integers(1, 6), st.integers(1, F.MAX_WINDOW)),
-        st.builds(F.Gre, st.integers(1, 6), st.integers(0, 65535),
+        st.builds(F.Datagram, st.integers(1, 6), st.integers(0, 65535),
                   st.none() | st.integers(0, 2**32 - 1), st.none(), st.binary(max_size=20)),
         st.builds(F.Ping, st.binary(min_size=8, max_size=8)),
         st.builds(F.Pong, st.binary(min_size=8, max_size=8)),
