@@ -15,9 +15,9 @@ from twisted.logger import Logger
 from routeproxy import pptp, tls
 from routeproxy.callids import CallIDSpace
 from routeproxy.control import PPTPControlProtocol
-from routeproxy.mux.frames import LinkError, Reason
+from routeproxy.mux.frames import LinkError
 from routeproxy.mux.protocol import MuxClientFactory
-from routeproxy.mux.session import SessionRefused
+from routeproxy.mux.session import LinkDown
 from routeproxy.relay import Relay, Side
 from routeproxy.scopes import SharedScope
 from routeproxy.upstream import UpstreamOpener
@@ -68,7 +68,7 @@ class LocalRouteProxy:
 
         def giveUp():
             self._linkWaiters.remove(entry)
-            d.errback(SessionRefused(Reason.LINK_LOST, "no link to the RRP"))
+            d.errback(LinkDown("no link to the RRP"))
 
         entry = (d, self.reactor.callLater(self.linkWait, giveUp))
         self._linkWaiters.append(entry)

@@ -11,7 +11,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from routeproxy import pptp
-from routeproxy.mux.session import SessionRefused
+from routeproxy.mux.session import SessionNotOpened
 
 # Control messages a client may send before the mux session is open.
 MAX_EARLY_MESSAGES = 16
@@ -46,7 +46,7 @@ class UpstreamOpener:
             return
         try:
             self.muxSession = link.openSession(self.profile, self.session.peerLabel, self.session)
-        except SessionRefused as e:
+        except SessionNotOpened as e:
             self._failed(Failure(e))
             return
         self.muxSession.whenOpen().addCallbacks(self._opened, self._failed)

@@ -10,10 +10,10 @@
 from routeproxy.mux.connection import MuxConfig, MuxConnection, MuxStats
 from routeproxy.mux.frames import FrameError, LinkError, Reason
 from routeproxy.mux.protocol import MuxClientFactory, MuxProtocol, MuxServerFactory
-from routeproxy.mux.session import ISessionReceiver, Session, SessionRefused
+from routeproxy.mux.session import ISessionReceiver, LinkDown, Session, SessionNotOpened, SessionRefused
 
 __all__ = [
     "MuxConfig", "MuxConnection", "MuxStats", "FrameError", "LinkError", "Reason",
     "MuxClientFactory", "MuxProtocol", "MuxServerFactory", "ISessionReceiver", "Session",
-    "SessionRefused",
+    "SessionRefused", "SessionNotOpened", "LinkDown",
 ]

@@ -43,7 +43,7 @@ from twisted.logger import Logger
 
 from routeproxy.mux import frames as F
 from routeproxy.mux.frames import Datagram, LinkError, Reason, linkErrorName
-from routeproxy.mux.session import OPEN, OPENING, PENDING, Session, SessionRefused
+from routeproxy.mux.session import OPEN, OPENING, PENDING, LinkDown, Session
 
 
 @dataclasses.dataclass
@@ -234,7 +234,7 @@ class MuxConnection:
         if self.ready:
             return defer.succeed(self)
         if self.closed:
-            return defer.fail(SessionRefused(Reason.LINK_LOST, self.closeReason or ""))
+            return defer.fail(LinkDown(self.closeReason or ""))
         d = defer.Deferred()
         self._readyWaiters.append(d)
         return d
@@ -250,12 +250,12 @@ class MuxConnection:
     def openSession(self, profile, clientInfo, receiver):
         """Opener only: ask the peer for a session to *profile* (a name, never an address)."""
         if self.closed:
-            raise SessionRefused(Reason.LINK_LOST, "the link is down")
+            raise LinkDown("the link is down")
         if not self.isOpener:
             raise ValueError("only the opener (the LRP end) opens sessions")
         sid = next(self._nextSessionId)
         if sid > 0xFFFFFFFF:
-            raise SessionRefused(Reason.LINK_LOST, "session ids exhausted; reconnect")
+            raise LinkDown("session ids exhausted; reconnect")
         frame = F.Open(sid, profile, clientInfo).encode()  # ValueError on a bad name
         session = Session(self, sid, True, profile, clientInfo, receiver)
         self.sessions[sid] = session
@@ -578,7 +578,7 @@ class MuxConnection:
             session._terminate(Reason.LINK_LOST, why, byPeer=False)
         waiters, self._readyWaiters = self._readyWaiters, []
         for d in waiters:
-            d.errback(SessionRefused(Reason.LINK_LOST, why))
+            d.errback(LinkDown(why))
         pings, self._pingWaiters = self._pingWaiters, []
         for d in pings:
-            d.errback(SessionRefused(Reason.LINK_LOST, why))
+            d.errback(LinkDown(why))

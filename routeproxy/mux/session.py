@@ -11,7 +11,8 @@ it never touches a transport.  States (docs/protocol.md, "Sessions")::
 API for the daemons:
 
 - ``whenOpen()`` -> Deferred firing with the session on OPEN_OK, failing with
-  :class:`SessionRefused` on OPEN_REFUSED, a CLOSE before OPEN_OK, or link loss.
+  :class:`SessionRefused` on OPEN_REFUSED or a CLOSE before OPEN_OK, :class:`LinkDown` on
+  link loss (both are :class:`SessionNotOpened`).
 - ``sendControl(data)``: reliable, ordered; never dropped.  Bytes beyond the
   peer's window wait here, and the local producer (``setLocalProducer``) is
   paused until a WINDOW_UPDATE makes room.
@@ -54,8 +55,12 @@ class ISessionReceiver(Interface):
         """The session ended (a Reason code); called once."""
 
 
-class SessionRefused(Exception):
-    """The session did not open (or the link went away): *reason* is a Reason code."""
+class SessionNotOpened(Exception):
+    """The session never opened: *reason* is a Reason code, *text* the detail.
+
+    Raise one of the two kinds, so that a caller can tell a peer's "no" from a missing link;
+    :func:`notOpened` picks the kind for a Reason.
+    """
 
     def __init__(self, reason, text=""):
         super().__init__(reason, text)
@@ -64,7 +69,30 @@ class SessionRefused(Exception):
 
     def __str__(self):
         extra = f": {self.text}" if self.text else ""
+        return f"session not opened ({reasonName(self.reason)}){extra}"
+
+
+class SessionRefused(SessionNotOpened):
+    """The acceptor said no (OPEN_REFUSED, or a CLOSE before OPEN_OK)."""
+
+    def __str__(self):
+        extra = f": {self.text}" if self.text else ""
         return f"session refused ({reasonName(self.reason)}){extra}"
+
+
+class LinkDown(SessionNotOpened):
+    """There is no link to open the session on, or it went away while the session opened."""
+
+    def __init__(self, text=""):
+        super().__init__(Reason.LINK_LOST, text)
+
+    def __str__(self):
+        return f"link down: {self.text}" if self.text else "link down"
+
+
+def notOpened(reason, text=""):
+    """The exception for a session that ended before it opened, for *reason*."""
+    return LinkDown(text) if reason == Reason.LINK_LOST else SessionRefused(reason, text)
 
 
 class Session:
@@ -107,7 +135,7 @@ class Session:
         if self.state == OPEN:
             return defer.succeed(self)
         if self.state == CLOSED:
-            return defer.fail(SessionRefused(self.closeReason, self.closeText))
+            return defer.fail(notOpened(self.closeReason, self.closeText))
         d = defer.Deferred()
         self._waiters.append(d)
         return d
@@ -196,7 +224,7 @@ class Session:
         self._decision = None
         if self.state == CLOSED:
             return None  # cancelled by our own close, or the peer went away
-        if failure.check(SessionRefused):
+        if failure.check(SessionNotOpened):
             reason, text = failure.value.reason, failure.value.text
         else:
             self.log.failure("mux {peer}: session {sid}: sessionRequested failed",
@@ -257,7 +285,7 @@ class Session:
             decision.cancel()
         waiters, self._waiters = self._waiters, []
         for d in waiters:
-            d.errback(SessionRefused(reason, text))
+            d.errback(notOpened(reason, text))
         if self.receiver is not None:
             self._notifyClosed(self.receiver)
 

@@ -11,7 +11,7 @@ from twisted.trial import unittest
 from routeproxy.mux import frames as F
 from routeproxy.mux.connection import MuxConfig, MuxConnection
 from routeproxy.mux.frames import LinkError, Reason
-from routeproxy.mux.session import CLOSED, OPEN, PENDING, SessionRefused
+from routeproxy.mux.session import CLOSED, OPEN, PENDING, LinkDown, SessionRefused
 
 
 class FakeLink:
@@ -153,6 +153,7 @@ class HelloTests(Base):
         self.assertIn("[2, 3]", goaway.text)
         self.assertTrue(self.link.lost)
         self.assertEqual(failures[0].value.reason, Reason.LINK_LOST)
+        self.assertIsInstance(failures[0].value, LinkDown)
 
     def test_otherFrameBeforeHello(self):
         conn = self.makeConnection(hello=None)
@@ -455,8 +456,9 @@ class LinkErrorTests(Base):
         self.conn.linkLost("connection reset")
         self.assertEqual([r.closed for r in receivers], [[Reason.LINK_LOST]] * 3)
         self.assertEqual(failures[0].value.reason, Reason.LINK_LOST)
+        self.assertIsInstance(failures[0].value, LinkDown)
         self.assertEqual(self.conn.sessions, {})
-        self.assertRaises(SessionRefused, self.conn.openSession, "office", "", Receiver())
+        self.assertRaises(LinkDown, self.conn.openSession, "office", "", Receiver())
 
 
 class GRESendTests(Base):
