@@ -38,7 +38,7 @@ import threading
 import time
 
 from routeproxy import gre, pptp
-from routeproxy.config import parse_hostport
+from routeproxy.config import parseHostPort
 from tests.support.daemons import REPO, child_env, tail
 from tests.support.netns import stop_process
 from tests.support.wait import HarnessError, wait_until
@@ -712,7 +712,7 @@ class ServerProcess:
 
 
 def run_server(args):
-    host, port = parse_hostport(args.listen, pptp.PPTP_PORT)
+    host, port = parseHostPort(args.listen, pptp.PPTP_PORT)
     announce = (lambda call: print(f"call {call.call_id} {call.peer_call_id}", flush=True)) if args.announce else None
     server = ScriptedServer(host, port, first_call_id=args.first_call_id, status_path=args.status,
                             mirror=args.mirror_call_ids, announce=announce, host_name=b"synthetic")
@@ -907,7 +907,7 @@ def client_report(client, results, loss_tolerance):
 
 
 def run_client(args):
-    client = EchoClient(parse_hostport(args.server, pptp.PPTP_PORT), args.bind, call_id=args.call_id,
+    client = EchoClient(parseHostPort(args.server, pptp.PPTP_PORT), args.bind, call_id=args.call_id,
                         packets=args.packets, calls=args.calls, rounds=args.rounds,
                         timeout=args.timeout, interval=args.interval, name=args.name,
                         linger=args.linger, hold=args.hold, start_delay=args.start_delay)
