@@ -32,18 +32,16 @@ The proxy forwards every datagram through here, so the codec is a few precompile
 The per-packet helpers are :func:`split_gre` (validate and take apart), :func:`build_gre`
 (put together) and :func:`with_call_id` (rewrite only the key's call ID).
 """
-import socket
 import struct
 
 __all__ = [
     "GREError", "GREPacket", "parse_gre", "split_gre", "build_gre", "with_call_id",
-    "parse_ipv4_gre", "PPP_PROTOCOL", "GRE_VERSION", "FLAG_K", "FLAG_S", "FLAG_A",
+    "PPP_PROTOCOL", "GRE_VERSION", "FLAG_K", "FLAG_S", "FLAG_A",
     "HEADER_MIN", "HEADER_MAX",
 ]
 
 PPP_PROTOCOL = 0x880B
 GRE_VERSION = 1
-IPPROTO_GRE = 47
 
 FLAG_C = 0x8000  # checksum present
 FLAG_R = 0x4000  # routing present
@@ -69,13 +67,6 @@ RESERVED_FLAGS = "reserved flag bits set"
 NOT_PPP = "protocol is not PPP 0x880B"
 PAYLOAD_TRUNCATED = "payload length mismatch: longer than the data"
 PAYLOAD_WITHOUT_SEQUENCE = "payload without sequence number"
-# IPv4 reasons (parse_ipv4_gre)
-IP_TRUNCATED = "IPv4 truncated"
-IP_NOT_V4 = "not IPv4"
-IP_BAD_IHL = "IPv4 header length invalid"
-IP_BAD_TOTAL_LENGTH = "IPv4 total length invalid"
-IP_FRAGMENT = "IPv4 fragment"
-IP_NOT_GRE = "IPv4 protocol is not GRE (47)"
 
 _HEAD = struct.Struct("!HHHH")  # flags+version, protocol, payload length, call ID
 _WORD = struct.Struct("!I")
@@ -83,7 +74,6 @@ _TWO_WORDS = struct.Struct("!II")
 _CALL_ID = struct.Struct("!H")
 _HEAD_SEQ = struct.Struct("!HHHHI")    # a data packet's header: the fixed 8 bytes, seq
 _DATA_HEAD = struct.Struct("!HHHHII")  # ... with a piggy-backed ack (also read as 16 bytes)
-_IPV4 = struct.Struct("!BxH2xHxB2x4s4s")  # version+IHL, total length, flags+offset, protocol, src, dst
 
 # The only variable bits of a valid first word are S and A; everything else is fixed.
 _VARIABLE = FLAG_S | FLAG_A
@@ -267,30 +257,3 @@ def parse_gre(data):
     set_(pkt, "seq", seq)
     set_(pkt, "ack", ack)
     return pkt
-
-
-def parse_ipv4_gre(frame):
-    """``(src, dst, gre_bytes)`` from an IPv4 packet carrying GRE (protocol 47).
-
-    *frame* starts at the IPv4 header (after pcap's link header, or as a raw socket reads it).
-    Addresses are dotted strings.  Bytes past the IPv4 total length (Ethernet padding) are cut
-    off.  Fragments are rejected: a GRE header cannot be read from a piece of a datagram.
-    The header checksum is not verified: captures of locally sent packets carry checksums the
-    NIC has not filled in yet, and the kernel has already checked what it delivers.
-    """
-    try:
-        ver_ihl, total, frag, proto, src, dst = _IPV4.unpack_from(frame)
-    except struct.error:
-        raise GREError(IP_TRUNCATED, f"{len(frame)} bytes, header needs 20") from None
-    if ver_ihl >> 4 != 4:
-        raise GREError(IP_NOT_V4, f"version {ver_ihl >> 4}")
-    header = (ver_ihl & 0x0F) * 4
-    if header < 20 or header > len(frame):
-        raise GREError(IP_BAD_IHL, f"{header} bytes, {len(frame)} present")
-    if total < header or total > len(frame):
-        raise GREError(IP_BAD_TOTAL_LENGTH, f"total length {total}, header {header}, {len(frame)} present")
-    if frag & 0x3FFF:  # MF flag or a fragment offset
-        raise GREError(IP_FRAGMENT, f"flags/offset 0x{frag:04x}")
-    if proto != IPPROTO_GRE:
-        raise GREError(IP_NOT_GRE, f"protocol {proto}")
-    return socket.inet_ntoa(src), socket.inet_ntoa(dst), frame[header:total]

@@ -1,11 +1,22 @@
 """Packets built independently of the code under test (dpkt, or by hand from RFC 2637 s4.1):
-enhanced GRE, IPv4 (whole or fragmented) and the link-layer frames pcap hands over."""
+enhanced GRE, IPv4 (whole or fragmented) and the link-layer frames pcap hands over; and
+:func:`parse_ipv4_gre` for the scripted peers, which read whole IPv4 packets from raw sockets."""
 import socket
 import struct
 
 import dpkt
 
-from routeproxy.capture import DLT_EN10MB, DLT_LINUX_SLL, DLT_LINUX_SLL2, DLT_LOOP, DLT_NULL
+from routeproxy.capture import DLT_EN10MB, DLT_LINUX_SLL, DLT_LINUX_SLL2, DLT_LOOP, DLT_NULL, IPPROTO_GRE
+from routeproxy.gre import GREError
+
+# Why parse_ipv4_gre refused a packet (GREError.reason)
+IP_TRUNCATED = "IPv4 truncated"
+IP_NOT_V4 = "not IPv4"
+IP_BAD_IHL = "IPv4 header length invalid"
+IP_BAD_TOTAL_LENGTH = "IPv4 total length invalid"
+IP_FRAGMENT = "IPv4 fragment"
+IP_NOT_GRE = "IPv4 protocol is not GRE (47)"
+_IPV4 = struct.Struct("!BxH2xHxB2x4s4s")  # version+IHL, total length, flags+offset, protocol, src, dst
 
 SENDER, RECEIVER, OTHER = "10.0.0.1", "10.0.0.2", "10.0.0.3"
 
@@ -51,3 +62,30 @@ def frame(datalink, ip, ethertype=0x0800):
     if datalink == DLT_LOOP:
         return struct.pack("!I", 2 if ethertype == 0x0800 else 24) + ip
     return ip
+
+
+def parse_ipv4_gre(frame):
+    """``(src, dst, gre_bytes)`` from an IPv4 packet carrying GRE (protocol 47).
+
+    *frame* starts at the IPv4 header (after pcap's link header, or as a raw socket reads it).
+    Addresses are dotted strings.  Bytes past the IPv4 total length (Ethernet padding) are cut
+    off.  Fragments are rejected: a GRE header cannot be read from a piece of a datagram.
+    The header checksum is not verified: captures of locally sent packets carry checksums the
+    NIC has not filled in yet, and the kernel has already checked what it delivers.
+    """
+    try:
+        ver_ihl, total, frag, proto, src, dst = _IPV4.unpack_from(frame)
+    except struct.error:
+        raise GREError(IP_TRUNCATED, f"{len(frame)} bytes, header needs 20") from None
+    if ver_ihl >> 4 != 4:
+        raise GREError(IP_NOT_V4, f"version {ver_ihl >> 4}")
+    header = (ver_ihl & 0x0F) * 4
+    if header < 20 or header > len(frame):
+        raise GREError(IP_BAD_IHL, f"{header} bytes, {len(frame)} present")
+    if total < header or total > len(frame):
+        raise GREError(IP_BAD_TOTAL_LENGTH, f"total length {total}, header {header}, {len(frame)} present")
+    if frag & 0x3FFF:  # MF flag or a fragment offset
+        raise GREError(IP_FRAGMENT, f"flags/offset 0x{frag:04x}")
+    if proto != IPPROTO_GRE:
+        raise GREError(IP_NOT_GRE, f"protocol {proto}")
+    return socket.inet_ntoa(src), socket.inet_ntoa(dst), frame[header:total]

@@ -39,7 +39,9 @@ import time
 
 from routeproxy import gre, pptp
 from routeproxy.config import parseHostPort
+from routeproxy.capture import IPPROTO_GRE
 from tests.support.daemons import REPO, child_env, tail
+from tests.support.packets import parse_ipv4_gre
 from tests.support.netns import stop_process
 from tests.support.wait import HarnessError, wait_until
 
@@ -129,7 +131,7 @@ def listen(host, port=pptp.PPTP_PORT, opener=None, backlog=4096):
 def open_raw_gre(bind_address=None, opener=None):
     """A raw IPPROTO_GRE socket; bound, it only sees GRE addressed to *bind_address* and sends from it."""
     with _where(opener):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, gre.IPPROTO_GRE)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, IPPROTO_GRE)
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RAW_BUFFER)
     if bind_address:
@@ -543,7 +545,7 @@ class ScriptedServer:
     def handle_gre(self, frame, raw):
         """Echo one received IPv4+GRE frame if it belongs to a call, else count why not."""
         try:
-            src, dst, data = gre.parse_ipv4_gre(frame)
+            src, dst, data = parse_ipv4_gre(frame)
             call_id, seq, ack, payload = gre.split_gre(data)
         except gre.GREError as e:
             self._count(self.dropped, f"bad GRE: {e.reason}")
@@ -856,7 +858,7 @@ class EchoClient:
             wait = 0.0
             frame = raw.recv(65535)
             try:
-                src, dst, data = gre.parse_ipv4_gre(frame)
+                src, dst, data = parse_ipv4_gre(frame)
                 key, seq, ack, payload = gre.split_gre(data)
             except gre.GREError as e:
                 result.foreign += 1

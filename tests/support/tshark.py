@@ -5,22 +5,15 @@ each in Ethernet + IPv4, so tshark's own PPTP and GRE dissectors judge our bytes
 """
 import json
 import shutil
-import socket
 import subprocess
 
 import dpkt
 
+from tests.support.packets import ipv4
+
 TSHARK = shutil.which("tshark")
 CLIENT = "192.0.2.10"
 SERVER = "192.0.2.20"
-
-
-def _ip(src, dst, proto, payload):
-    ip = dpkt.ip.IP(
-        src=socket.inet_aton(src), dst=socket.inet_aton(dst), p=proto, ttl=64, data=payload
-    )
-    ip.len = len(ip)  # dpkt fills the checksum when packed
-    return ip
 
 
 def _ether(ip):
@@ -37,14 +30,14 @@ def tcp_frames(payloads, src=CLIENT, dst=SERVER, sport=40000, dport=1723):
     for payload in payloads:
         tcp = dpkt.tcp.TCP(sport=sport, dport=dport, seq=seq, ack=1, flags=dpkt.tcp.TH_ACK | dpkt.tcp.TH_PUSH,
                            win=65535, data=payload)
-        frames.append(_ether(_ip(src, dst, dpkt.ip.IP_PROTO_TCP, tcp)))
+        frames.append(_ether(ipv4(src, dst, bytes(tcp), proto=dpkt.ip.IP_PROTO_TCP)))
         seq += len(payload)
     return frames
 
 
 def gre_frames(gre_packets, src=CLIENT, dst=SERVER):
     """One Ethernet frame per raw GRE packet (IP protocol 47)."""
-    return [_ether(_ip(src, dst, dpkt.ip.IP_PROTO_GRE, pkt)) for pkt in gre_packets]
+    return [_ether(ipv4(src, dst, pkt, proto=dpkt.ip.IP_PROTO_GRE)) for pkt in gre_packets]
 
 
 def write_pcap(path, frames):

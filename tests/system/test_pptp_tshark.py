@@ -156,8 +156,9 @@ class TsharkPPTPTests(SynchronousTestCase):
 
     def test_rewritten_ids_are_what_tshark_reads(self):
         messages = self.messages(seed=3)
-        rewritten = [pptp.rewrite_call_ids_bytes(m.pack(), lambda owner, v: 1000 if owner == pptp.PNS
-                                                 else 2000) for m in messages]
+        # As calls.py rewrites: replace the fields call_ids() names, then pack.
+        rewritten = [dataclasses.replace(m, **{f.field: 1000 if f.owner == pptp.PNS else 2000
+                                              for f in pptp.call_ids(m)}).pack() for m in messages]
         path = self.mktemp()
         tshark.write_pcap(path, tshark.tcp_frames(rewritten))
         for msg, (layer,) in zip(messages, decode_all(path)):

@@ -17,18 +17,11 @@ from twisted.trial import unittest
 from routeproxy import gre, pptp
 from tests.support import daemons, netns
 from tests.support import pptppeers as peers
+from tests.support.packets import ipv4, parse_ipv4_gre
 
 SERVER = "10.9.0.1"
 CLIENTS = ["10.9.0.11", "10.9.0.12"]
 OUTSIDER = "10.9.0.99"
-
-
-def ipv4_gre(src, dst, gre_bytes):
-    """An IPv4 header (no options, checksum left zero) in front of *gre_bytes*."""
-    import struct
-    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(gre_bytes), 0, 0x4000, 64, 47, 0,
-                         socket.inet_aton(src), socket.inet_aton(dst))
-    return header + gre_bytes
 
 
 class ClassifyEchoesTests(unittest.SynchronousTestCase):
@@ -45,7 +38,7 @@ class ClassifyEchoesTests(unittest.SynchronousTestCase):
         self.result = peers.RoundResult(1)
 
     def feed(self, key, payload, dst="10.0.0.5", seq=0):
-        self.feeder.send(ipv4_gre("10.0.0.1", dst, gre.build_gre(key, payload, seq=seq)))
+        self.feeder.send(ipv4("10.0.0.1", dst, gre.build_gre(key, payload, seq=seq)))
 
     def receive(self):
         self.client.collect(self.raw, self.pending, self.received, self.result, 0.05)
@@ -70,7 +63,7 @@ class ClassifyEchoesTests(unittest.SynchronousTestCase):
 
     def test_other_destination_ignored_and_acks_counted(self):
         self.feed(7, self.mine, dst="10.0.0.6")
-        self.feeder.send(ipv4_gre("10.0.0.1", "10.0.0.5", gre.build_gre(7, ack=3)))
+        self.feeder.send(ipv4("10.0.0.1", "10.0.0.5", gre.build_gre(7, ack=3)))
         self.receive()
         self.assertEqual((self.result.echoed, self.result.foreign, self.result.acks), (0, 0, 1))
 
@@ -159,7 +152,7 @@ class DirectTests(unittest.TestCase):
         raw_mine.sendto(gre.build_gre(reply.call_id + 1000, payload, seq=1), (SERVER, 0))
         raw_mine.sendto(gre.build_gre(reply.call_id, payload, seq=2), (SERVER, 0))
         raw_mine.settimeout(5)
-        src, dst, data = gre.parse_ipv4_gre(raw_mine.recv(65535))
+        src, dst, data = parse_ipv4_gre(raw_mine.recv(65535))
         key, seq, ack, echoed = gre.split_gre(data)
         self.assertEqual((src, dst, key, ack, echoed), (SERVER, CLIENTS[0], 42, 2, payload))
         time.sleep(0.1)

@@ -1,4 +1,5 @@
-"""routeproxy.gre: enhanced GRE (RFC 2637 s.4.1) bytes built by hand with struct, and the IPv4 helper."""
+"""routeproxy.gre: enhanced GRE (RFC 2637 s.4.1) bytes built by hand with struct; and the scripted
+peers' IPv4 reader (tests.support.packets.parse_ipv4_gre)."""
 import socket
 import struct
 
@@ -7,7 +8,9 @@ from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from routeproxy import gre
-from routeproxy.gre import GREError, GREPacket, build_gre, parse_gre, parse_ipv4_gre, split_gre, with_call_id
+from routeproxy.gre import GREError, GREPacket, build_gre, parse_gre, split_gre, with_call_id
+from tests.support import packets as support_packets
+from tests.support.packets import parse_ipv4_gre
 
 
 def header(flags, length, call_id, *words, protocol=0x880B):
@@ -213,16 +216,16 @@ class IPv4Tests(SynchronousTestCase):
 
     def test_rejects(self):
         g = GREPacket(1, b"a", 1).pack()
-        self.assertEqual(self.reason(ipv4(g)[:19]), gre.IP_TRUNCATED)
-        self.assertEqual(self.reason(b""), gre.IP_TRUNCATED)
-        self.assertEqual(self.reason(ipv4(g, version=6)), gre.IP_NOT_V4)
-        self.assertEqual(self.reason(ipv4(g, ihl=4)), gre.IP_BAD_IHL)
-        self.assertEqual(self.reason(ipv4(b"", ihl=15)[:40]), gre.IP_BAD_IHL)
-        self.assertEqual(self.reason(ipv4(g, total=19)), gre.IP_BAD_TOTAL_LENGTH)
-        self.assertEqual(self.reason(ipv4(g, total=20 + len(g) + 1)), gre.IP_BAD_TOTAL_LENGTH)
-        self.assertEqual(self.reason(ipv4(g, frag=0x2000)), gre.IP_FRAGMENT)  # more fragments
-        self.assertEqual(self.reason(ipv4(g, frag=0x0010)), gre.IP_FRAGMENT)  # offset
-        self.assertEqual(self.reason(ipv4(g, proto=6)), gre.IP_NOT_GRE)
+        self.assertEqual(self.reason(ipv4(g)[:19]), support_packets.IP_TRUNCATED)
+        self.assertEqual(self.reason(b""), support_packets.IP_TRUNCATED)
+        self.assertEqual(self.reason(ipv4(g, version=6)), support_packets.IP_NOT_V4)
+        self.assertEqual(self.reason(ipv4(g, ihl=4)), support_packets.IP_BAD_IHL)
+        self.assertEqual(self.reason(ipv4(b"", ihl=15)[:40]), support_packets.IP_BAD_IHL)
+        self.assertEqual(self.reason(ipv4(g, total=19)), support_packets.IP_BAD_TOTAL_LENGTH)
+        self.assertEqual(self.reason(ipv4(g, total=20 + len(g) + 1)), support_packets.IP_BAD_TOTAL_LENGTH)
+        self.assertEqual(self.reason(ipv4(g, frag=0x2000)), support_packets.IP_FRAGMENT)  # more fragments
+        self.assertEqual(self.reason(ipv4(g, frag=0x0010)), support_packets.IP_FRAGMENT)  # offset
+        self.assertEqual(self.reason(ipv4(g, proto=6)), support_packets.IP_NOT_GRE)
         # Don't Fragment is fine.
         self.assertEqual(parse_ipv4_gre(ipv4(g, frag=0x4000))[2], g)
 
