@@ -40,11 +40,10 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from routeproxy import certs, gre, pptp, tls
 from routeproxy.lrp import LinkFactory, LocalRouteProxy, PPTPServerFactory
-from routeproxy.mux import frames as F
 from routeproxy.mux.connection import MuxConfig, MuxConnection
 from routeproxy.mux.protocol import MuxServerFactory
 from routeproxy.rrp import RemoteRouteProxy
-from routeproxy.testing import RecordingGREPort
+from routeproxy.testing import RecordingGREPort, RecordingSessionReceiver
 
 CLIENT_IP, LRP_IP, RRP_SOURCE, SERVER_IP = "10.0.0.5", "10.0.1.1", "10.0.3.1", "10.0.4.2"
 RRP_NAME, LRP_NAME = "rrp.bench.test", "lrp.bench.test"
@@ -107,22 +106,6 @@ class NullLink:
         pass
 
     abortConnection = loseConnection
-
-
-class CountingReceiver:
-    """A session receiver that only counts GRE (the mux decode stage)."""
-
-    def __init__(self):
-        self.gre = 0
-
-    def controlReceived(self, data):
-        pass
-
-    def datagramReceived(self, callTag, seq, ack, payload):
-        self.gre += 1
-
-    def sessionClosed(self, reason):
-        pass
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -406,7 +389,7 @@ def bench_build(fields, results):
 def open_mux_pair():
     """A lone opener and acceptor MuxConnection with session 1 open on each; no transport."""
     clock = MemoryReactorClock()
-    receiver = CountingReceiver()
+    receiver = RecordingSessionReceiver(record=False)
     # The stage measures encoding, so the GRE watermark (drops within one turn past 64 KiB
     # queued) is lifted here; the whole-path runs keep the default and report drops.
     opener = MuxConnection(True, clock, MuxConfig(greWatermark=1 << 40))
@@ -425,7 +408,7 @@ def open_mux_pair():
                 opener.dataReceived(b)
             clock.advance(0)
     exchange()
-    session = opener.openSession("default", "bench", CountingReceiver())
+    session = opener.openSession("default", "bench", RecordingSessionReceiver(record=False))
     exchange()
     assert session.state == "OPEN", session
     return clock, opener, out_link, session, acceptor, receiver
@@ -451,11 +434,11 @@ def bench_mux(fields, batch, results):
     data_received = acceptor.dataReceived
 
     def decode():
-        receiver.gre = 0
+        receiver.greCount = 0
         for chunk in reads:
             data_received(chunk)
     secs, _ = timed(decode)
-    assert receiver.gre == len(fields), (receiver.gre, len(fields))
+    assert receiver.greCount == len(fields), (receiver.greCount, len(fields))
     results.add(f"mux decode (dataReceived -> greReceived, {len(reads)} reads)", secs,
                 len(fields))
 

@@ -8,11 +8,13 @@ import collections
 import errno
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
 from routeproxy import gre
 from routeproxy.capture import DLT_EN10MB, ICapture, IGRESystem, IRawSocket, packedAddress
 from routeproxy.greport import IGREPort, IGREReceiver
+from routeproxy.mux.session import ISessionReceiver
 
 
 
@@ -188,3 +190,68 @@ class RecordingGREReceiver:
         else:
             clock = self._clock
         return d.addTimeout(timeout, clock)
+
+
+@implementer(ISessionReceiver)
+class RecordingSessionReceiver:
+    """Records what a mux session delivers.
+
+    ``control`` gathers the control bytes, ``gre`` the datagrams (``record=False`` only
+    counts them in ``greCount``, for benchmarks), ``closed`` the close reasons.  ``echo``: a
+    session to send each control chunk back on.  ``whenControl(n)`` fires with the control
+    bytes once *n* have arrived.
+    """
+
+    def __init__(self, echo=None, record=True):
+        self.control = bytearray()
+        self.gre = []             # (callTag, seq, ack, payload)
+        self.greCount = 0
+        self.closed = []
+        self.echo = echo
+        self.record = record
+        self._waiting = []        # (count, Deferred)
+
+    def controlReceived(self, data):
+        self.control += data
+        if self.echo is not None:
+            self.echo.sendControl(data)
+        for entry in list(self._waiting):
+            if len(self.control) >= entry[0]:
+                self._waiting.remove(entry)
+                entry[1].callback(bytes(self.control))
+
+    def datagramReceived(self, callTag, seq, ack, payload):
+        self.greCount += 1
+        if self.record:
+            self.gre.append((callTag, seq, ack, payload))
+
+    def sessionClosed(self, reason):
+        self.closed.append(reason)
+
+    def whenControl(self, count):
+        """A Deferred firing with all control bytes once *count* have arrived."""
+        if len(self.control) >= count:
+            return defer.succeed(bytes(self.control))
+        d = defer.Deferred()
+        self._waiting.append((count, d))
+        return d
+
+
+@implementer(IPushProducer)
+class RecordingProducer:
+    """A push producer that records being paused and resumed (``calls``)."""
+
+    def __init__(self):
+        self.paused = False
+        self.calls = []
+
+    def pauseProducing(self):
+        self.paused = True
+        self.calls.append("pause")
+
+    def resumeProducing(self):
+        self.paused = False
+        self.calls.append("resume")
+
+    def stopProducing(self):
+        self.calls.append("stop")

@@ -17,7 +17,7 @@ from routeproxy.mux.frames import LinkError, Reason
 from routeproxy.mux.protocol import MuxClientFactory, MuxServerFactory, _socketBufferSize
 from routeproxy.mux.session import OPEN, SessionRefused
 
-from tests.unit.test_mux_session import Producer, Receiver
+from routeproxy.testing import RecordingProducer as Producer, RecordingSessionReceiver as Receiver
 
 
 class Upstreams:

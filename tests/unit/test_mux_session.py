@@ -12,6 +12,7 @@ from routeproxy.mux import frames as F
 from routeproxy.mux.connection import MuxConfig, MuxConnection
 from routeproxy.mux.frames import LinkError, Reason
 from routeproxy.mux.session import CLOSED, OPEN, PENDING, LinkDown, SessionRefused
+from routeproxy.testing import RecordingProducer as Producer, RecordingSessionReceiver as Receiver
 
 
 class FakeLink:
@@ -40,36 +41,6 @@ class FakeLink:
         data = b"".join(b"".join(w) for w in self.writes)
         self.writes = []
         return self.decoder.frames(data)
-
-
-class Receiver:
-    def __init__(self):
-        self.control = bytearray()
-        self.gre = []
-        self.closed = []
-
-    def controlReceived(self, data):
-        self.control += data
-
-    def datagramReceived(self, callTag, seq, ack, payload):
-        self.gre.append((callTag, seq, ack, payload))
-
-    def sessionClosed(self, reason):
-        self.closed.append(reason)
-
-
-class Producer:
-    def __init__(self):
-        self.paused = False
-        self.calls = []
-
-    def pauseProducing(self):
-        self.paused = True
-        self.calls.append("pause")
-
-    def resumeProducing(self):
-        self.paused = False
-        self.calls.append("resume")
 
 
 PEER_HELLO = F.Hello(initialWindow=1000)

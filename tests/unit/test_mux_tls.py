@@ -17,6 +17,7 @@ from routeproxy import certs, tls
 from routeproxy.mux.connection import MuxConfig
 from routeproxy.mux.protocol import MuxClientFactory, MuxServerFactory
 from routeproxy.mux.session import SessionRefused
+from routeproxy.testing import RecordingSessionReceiver
 
 RRP, LRP = "rrp.mux.test", "lrp.mux.test"
 log = Logger(namespace="tests.test_mux_tls")
@@ -30,31 +31,6 @@ def streamFor(sessionNumber, direction, chunks=4):
         size = 1 + (seed[0] << 4 | seed[1] >> 4) % 3000
         out.append((seed * (size // 32 + 1))[:size])
     return out
-
-
-class Collector:
-    """A session receiver that fires *done* once *expected* control bytes arrived."""
-
-    def __init__(self, expected=0, echo=None):
-        self.expected = expected
-        self.data = bytearray()
-        self.done = defer.Deferred()
-        self.echo = echo  # a session to send received control bytes back on
-        self.gre = 0
-        self.closed = []
-
-    def controlReceived(self, data):
-        self.data += data
-        if self.echo is not None:
-            self.echo.sendControl(data)
-        if self.expected and len(self.data) >= self.expected and not self.done.called:
-            self.done.callback(bytes(self.data))
-
-    def datagramReceived(self, callTag, seq, ack, payload):
-        self.gre += 1
-
-    def sessionClosed(self, reason):
-        self.closed.append(reason)
 
 
 class MuxOverTLSTests(unittest.TestCase):
@@ -93,8 +69,7 @@ class MuxOverTLSTests(unittest.TestCase):
             raise SessionRefused(1, "unknown")
         self.assertEqual(session.connection.peerName, LRP)
         number = int(clientInfo)
-        receiver = self.serverReceivers[number] = Collector(
-            sum(map(len, streamFor(number, "up"))))
+        receiver = self.serverReceivers[number] = RecordingSessionReceiver(record=False)
         if number < 0:  # the echo session of the flood test
             receiver.echo = session
         else:
@@ -107,7 +82,7 @@ class MuxOverTLSTests(unittest.TestCase):
         started = time.monotonic()
         sessions, receivers = [], []
         for n in range(1000):
-            receiver = Collector(sum(map(len, streamFor(n, "down"))))
+            receiver = RecordingSessionReceiver(record=False)
             sessions.append(self.lrp.openSession("office", str(n), receiver))
             receivers.append(receiver)
         yield defer.gatherResults([s.whenOpen() for s in sessions])
@@ -116,25 +91,27 @@ class MuxOverTLSTests(unittest.TestCase):
         for n, session in enumerate(sessions):
             for chunk in streamFor(n, "up"):
                 session.sendControl(chunk)
-        yield defer.gatherResults([r.done for r in receivers]
-                                  + [self.serverReceivers[n].done for n in range(1000)])
+        yield defer.gatherResults(
+            [r.whenControl(sum(map(len, streamFor(n, "down")))) for n, r in enumerate(receivers)]
+            + [self.serverReceivers[n].whenControl(sum(map(len, streamFor(n, "up"))))
+               for n in range(1000)])
         finished = time.monotonic()
         for n in range(1000):
-            self.assertEqual(hashlib.sha256(self.serverReceivers[n].data).hexdigest(),
+            self.assertEqual(hashlib.sha256(self.serverReceivers[n].control).hexdigest(),
                              hashlib.sha256(b"".join(streamFor(n, "up"))).hexdigest(),
                              f"session {n} upstream")
-            self.assertEqual(hashlib.sha256(receivers[n].data).hexdigest(),
+            self.assertEqual(hashlib.sha256(receivers[n].control).hexdigest(),
                              hashlib.sha256(b"".join(streamFor(n, "down"))).hexdigest(),
                              f"session {n} downstream")
-        total = sum(len(r.data) for r in receivers) + sum(
-            len(r.data) for r in self.serverReceivers.values())
+        total = sum(len(r.control) for r in receivers) + sum(
+            len(r.control) for r in self.serverReceivers.values())
         log.info("1000 sessions: opened in {o:.2f} s, {mb:.1f} MB of control both ways"
                  " in {t:.2f} s", o=opened - started, mb=total / 1e6, t=finished - opened)
 
     @defer.inlineCallbacks
     def test_greFloodDoesNotHoldBackControl(self):
-        flood = self.lrp.openSession("office", "1", Collector())
-        echoReceiver = Collector()
+        flood = self.lrp.openSession("office", "1", RecordingSessionReceiver(record=False))
+        echoReceiver = RecordingSessionReceiver()
         echo = self.lrp.openSession("office", "-1", echoReceiver)
         yield defer.gatherResults([flood.whenOpen(), echo.whenOpen()])
         floodServer = self.serverReceivers[1]
@@ -159,14 +136,13 @@ class MuxOverTLSTests(unittest.TestCase):
         try:
             for i in range(15):
                 message = f"echo {i}".encode()
-                before = len(echoReceiver.data)
-                echoReceiver.expected = before + len(message)
-                echoReceiver.done = defer.Deferred()
+                before = len(echoReceiver.control)
+                echoed = echoReceiver.whenControl(before + len(message))
                 start = time.monotonic()
                 echo.sendControl(message)
-                yield echoReceiver.done.addTimeout(2.0, reactor)
+                yield echoed.addTimeout(2.0, reactor)
                 rtts.append(time.monotonic() - start)
-                self.assertEqual(bytes(echoReceiver.data[before:]), message)
+                self.assertEqual(bytes(echoReceiver.control[before:]), message)
                 yield task.deferLater(reactor, 0.1, lambda: None)
             yield self.lrp.ping().addTimeout(2.0, reactor)  # link RTT under the flood
         finally:
@@ -174,11 +150,11 @@ class MuxOverTLSTests(unittest.TestCase):
         stats = self.lrp.stats
         log.info("GRE flood: {sent} sent, {recv} received, {dropped} dropped {why};"
                  " control RTT max {mx:.1f} ms, mean {mean:.1f} ms; link RTT {rtt:.1f} ms",
-                 sent=sent, recv=floodServer.gre, dropped=dropped,
+                 sent=sent, recv=floodServer.greCount, dropped=dropped,
                  why=dict(stats.greDropped), mx=max(rtts) * 1000,
                  mean=sum(rtts) / len(rtts) * 1000, rtt=stats.rttLast * 1000)
         self.assertEqual(len(rtts), 15)
         self.assertGreater(sent, 1000)  # the flood really flowed ...
-        self.assertGreater(floodServer.gre, 1000)
+        self.assertGreater(floodServer.greCount, 1000)
         self.assertGreater(dropped, 0)  # ... and was really over capacity
         self.assertEqual(dropped, sum(stats.greDropped.values()))
