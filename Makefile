@@ -5,6 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := libpcap-dev tshark iproute2 iptables pptpd pptp-linux ppp user-mode-linux busybox tcpreplay
 TRIAL_JOBS ?= 2
+# trial's work directory; give each concurrent run in one checkout its own
+TRIAL_TEMP ?= _trial_temp
 TESTS ?= tests
 
 .PHONY: all deps apt venv test test-unit demo bench clean
@@ -31,14 +33,14 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 test: deps
-	@set -o pipefail; rm -rf _trial_temp; \
-	$(VENV)/bin/trial --jobs=$(TRIAL_JOBS) $(TESTS) 2>&1 | tee .trial.log; rc=$$?; \
+	@set -o pipefail; rm -rf $(TRIAL_TEMP); \
+	$(VENV)/bin/trial --temp-directory=$(TRIAL_TEMP) --jobs=$(TRIAL_JOBS) $(TESTS) 2>&1 | tee .trial.log; rc=$$?; \
 	$(PY) -m tests.support.summary .trial.log; exit $$rc
 
 # The in-memory suite: no root, no namespaces, no apt; the inner loop (well under 30 s).
 test-unit: venv
-	@set -o pipefail; rm -rf _trial_temp; \
-	$(VENV)/bin/trial --jobs=$(TRIAL_JOBS) tests.unit 2>&1 | tee .trial.log; rc=$$?; \
+	@set -o pipefail; rm -rf $(TRIAL_TEMP); \
+	$(VENV)/bin/trial --temp-directory=$(TRIAL_TEMP) --jobs=$(TRIAL_JOBS) tests.unit 2>&1 | tee .trial.log; rc=$$?; \
 	$(PY) -m tests.support.summary .trial.log; exit $$rc
 
 demo: deps
