@@ -10,7 +10,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from routeproxy import gre, pptp
+from routeproxy import gre, metrics, pptp, status, statuscli
 from routeproxy.config import Profile
 from tests.support.relay import LRP_IP, RRP_SOURCE, SERVER_IP, Peer, RelayHarness
 
@@ -102,6 +102,17 @@ class CallSplitTests(RelayHarness, unittest.TestCase):
                          [(1, True, "ready", [1]), (2, False, "ready", [2]), (3, False, "ready", [3])])
         self.assertEqual(self.rrp.snapshot()["upstream_connections"],
                          {"open": 2, "opened": 2, "failed": 0, "lost": 0})
+
+    def test_status_shows_each_sessions_upstream_connections(self):
+        self.three_calls()
+        snap = status.snapshot(self.rrp)
+        header, row = statuscli.format_table(snap, summary=False).splitlines()
+        self.assertIn("upstreams", header)
+        self.assertIn(" 1*:1 2:2 3:3 ", row)
+        text = metrics.format_metrics(snap)
+        self.assertIn("routeproxy_upstream_connections 2\n", text)
+        self.assertIn('routeproxy_upstream_connections_total{event="opened"} 2\n', text)
+        self.assertEqual(snap["calls_per_connection"], {"default": 1})
 
     def test_extra_connections_answer_echo_themselves(self):
         client, calls = self.three_calls()
