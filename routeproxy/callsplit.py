@@ -81,6 +81,9 @@ class Upstream:
     def peerConnected(self, protocol):
         self.protocol = protocol
         session = self.splitter.session
+        if self.state == CLOSED or self.splitter.stopping:   # dialled, then not needed
+            protocol.transport.loseConnection()
+            return
         peer, local = protocol.transport.getPeer(), protocol.transport.getHost()
         self.label = f"{local.host}:{local.port}"
         if (peer.host, local.host) != (session.peerAddress, session.localAddress):
@@ -164,7 +167,10 @@ class CallSplitter:
             elif isinstance(message, pptp.StopControlConnectionRequest):
                 self.stopping = True
                 for upstream in self.upstreams[1:]:
-                    upstream.stop(message.reason)
+                    if upstream.state == READY:
+                        upstream.stop(message.reason)
+                    else:
+                        upstream.hangUp()
             self.primary.send(message)
             return
         upstream = self.carrier.get(call)
