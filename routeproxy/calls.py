@@ -115,9 +115,15 @@ class CallBook:
         not have (the caller drops it and logs), and
         :class:`~routeproxy.callids.CallIDExhausted` when no local ID is left.
         """
+        return self.translate_call(message, direction)[0]
+
+    def translate_call(self, message, direction):
+        """(:meth:`translate`'s message, the :class:`Call` it concerns or None for a message
+        of the whole connection): for a caller that routes calls, e.g. over several control
+        connections (:mod:`routeproxy.callsplit`)."""
         cls = type(message)
         if cls not in pptp.CALL_ID_FIELDS:
-            return message
+            return message, None
         fields = pptp.call_ids(message, _SENDER_TOWARDS[self.owner, direction])
         alternates = pptp.ALTERNATE_OWNERS.get(cls, ())
         resolved = [self._resolve(field, direction, field.field in alternates) for field in fields]
@@ -147,7 +153,7 @@ class CallBook:
         if changes:
             message = dataclasses.replace(message, **changes)
         self._after(message, call)
-        return message
+        return message, call
 
     def _resolve(self, field, direction, ambiguous):
         """(the space *field*'s value is really in, the call it names or None).

@@ -22,6 +22,7 @@ class Setting:
     help: str
     parse: Callable[[str], Any] = str.strip
     repeatable: bool = False           # given several times (or comma-separated in INI)
+    split: Callable[[str], list] = None  # INI value -> entries, when commas alone do not do
 
 
 def parseHostPort(text, default_port=None, what="address"):
@@ -47,13 +48,13 @@ def parseHostPort(text, default_port=None, what="address"):
     return host, port
 
 
-def parseCount(value, what):
+def parseCount(value, what, minimum=1):
     try:
         count = int(str(value).strip())
     except ValueError:
         raise usage.UsageError(f"{what} {value!r}: not a whole number")
-    if count < 1:
-        raise usage.UsageError(f"{what} {value!r}: must be at least 1")
+    if count < minimum:
+        raise usage.UsageError(f"{what} {value!r}: must be at least {minimum}")
     return count
 
 
@@ -64,13 +65,55 @@ def parseCIDR(text):
         raise usage.UsageError(f"--allow {text!r}: {e}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """A PPTP server the RRP may dial, and how many calls one control connection to it carries.
+
+    pptpd (poptop) serves one call per control connection, hence the default of 1; 0 means
+    no limit (RFC 2637 allows many, as accel-ppp does).
+    """
+
+    host: str
+    port: int = 1723
+    callsPerConnection: int = 1
+
+    def __str__(self):
+        return f"{self.host}:{self.port}"
+
+
+PROFILE_SETTINGS = ("calls-per-connection",)
+
+
 def parseProfile(text, default_port=1723):
-    """``NAME=HOST[:PORT]`` -> (name, (host, port))."""
-    name, sep, target = text.partition("=")
+    """``NAME=HOST[:PORT][,calls-per-connection=N]`` -> (name, :class:`Profile`)."""
+    head, *settings = text.split(",")
+    name, sep, target = head.partition("=")
     name = name.strip()
     if not sep or not name:
-        raise usage.UsageError(f"--profile {text!r}: expected NAME=HOST[:PORT]")
-    return name, parseHostPort(target, default_port, what=f"--profile {name}")
+        raise usage.UsageError(f"--profile {text!r}: expected NAME=HOST[:PORT][,calls-per-connection=N]")
+    host, port = parseHostPort(target, default_port, what=f"--profile {name}")
+    calls = 1
+    for setting in settings:
+        key, sep, value = setting.partition("=")
+        if key.strip() not in PROFILE_SETTINGS or not sep:
+            raise usage.UsageError(f"--profile {name}: unknown setting {setting.strip()!r} "
+                                   "(expected calls-per-connection=N)")
+        calls = parseCount(value, f"--profile {name} calls-per-connection", minimum=0)
+    return name, Profile(host, port, calls)
+
+
+def splitProfiles(value):
+    """An INI ``profile`` value -> entries: separated by commas or lines, a
+    ``calls-per-connection=N`` belonging to the entry before it."""
+    entries = []
+    for piece in (p.strip() for p in value.replace("\n", ",").split(",")):
+        if not piece:
+            continue
+        if entries and piece.partition("=")[0].strip() in PROFILE_SETTINGS:
+            entries[-1] += "," + piece
+        else:
+            entries.append(piece)
+    return entries
 
 
 def _handler(name, doc, repeatable):
@@ -128,7 +171,9 @@ class ConfigOptions(usage.Options):
                 raw = self._given[name]
             elif name in from_file:
                 raw = from_file[name]
-                if setting.repeatable:
+                if setting.repeatable and setting.split is not None:
+                    raw = setting.split(raw)
+                elif setting.repeatable:
                     raw = [v for v in raw.replace(",", "\n").split("\n") if v.strip()]
             else:
                 self[name] = setting.default

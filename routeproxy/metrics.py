@@ -144,5 +144,13 @@ def format_metrics(snap):
                [({"scope": s.get("scope")}, s.get("in_use")) for s in spaces])
     out.family("routeproxy_call_ids_capacity", "gauge", "Call IDs a scope can hand out.",
                [({"scope": s.get("scope")}, s.get("capacity")) for s in spaces])
+    upstreams = snap.get("upstream_connections") or None
+    out.family("routeproxy_upstream_connections", "gauge",
+               "Extra control connections to servers now, beyond each session's first (RRP).",
+               [({}, upstreams.get("open"))] if upstreams else [])
+    out.family("routeproxy_upstream_connections_total", "counter",
+               "Extra control connections to servers opened, failed, lost with calls (RRP).",
+               [({"event": e}, upstreams.get(e)) for e in ("opened", "failed", "lost")]
+               if upstreams else [])
     return out.text()
 

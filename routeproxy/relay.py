@@ -64,6 +64,7 @@ class RelaySession:
         self.side = side
         self.relay = relay
         self.opener = opener
+        self.upstreams = None             # RRP: a callsplit.CallSplitter, when calls are split
         self.clientLabel = clientLabel    # the RRP names the real client in its lines
         self.book = None                  # CallBook, once the peer's address is known
         self.peer = None                  # PPTPControlProtocol
@@ -121,6 +122,8 @@ class RelaySession:
 
     def peerClosed(self, why):
         self.peer = None
+        if self.upstreams is not None and self.upstreams.primaryLost(why):
+            return
         self.close(why)
 
     def sendToPeer(self, message):
@@ -158,7 +161,7 @@ class RelaySession:
             return
         for message in messages:
             try:
-                out = self.book.translate(message, calls.TO_PEER)
+                out, call = self.book.translate_call(message, calls.TO_PEER)
             except calls.UnknownCallID as e:
                 self.log.warn("{side} {peer}: dropped {name} from the mux: {error}",
                               side=self.side.name, peer=self.peerLabel, name=message.NAME,
@@ -173,7 +176,10 @@ class RelaySession:
                     return
                 self.mux.sendControl(answer.pack())
                 continue
-            self.sendToPeer(out)
+            if self.upstreams is None:
+                self.sendToPeer(out)
+            else:
+                self.upstreams.sendToServer(out, call)
 
     def datagramReceived(self, callTag, seq, ack, payload):
         """A GRE datagram from the mux: rebuild its header with the peer's ID, send it."""
@@ -218,6 +224,8 @@ class RelaySession:
             client=f"; client {self.clientLabel}" if self.clientLabel else "")
         if self.opener is not None:
             self.opener.cancel()
+        if self.upstreams is not None:
+            self.upstreams.closeAll()
         if self.book is not None:
             self.book.release_all()
         if self._greAddress is not None:
@@ -245,7 +253,7 @@ class RelaySession:
         mux = self.mux if self.mux is not None else getattr(self.opener, "muxSession", None)
         connection = getattr(mux, "connection", None)
         calls_ = self.book.calls if self.book is not None else ()
-        return {
+        entry = {
             "peer": self.peerLabel,
             self.side.peerRole: self.peerLabel,
             "client": self.clientLabel or self.peerLabel,
@@ -263,6 +271,9 @@ class RelaySession:
             "gre_dropped": self.greDropped,
             "close_reason": self.closeReason,
         }
+        if self.upstreams is not None:
+            entry["upstreams"] = self.upstreams.snapshot()
+        return entry
 
 
 class Relay:

@@ -3,13 +3,17 @@
 Each mux session names a profile; the RRP alone maps it to a server (so no LRP can make it
 dial anywhere else), dials that server on TCP, and relays.  The RRP owns the call IDs the
 server sees for clients (``R``), one scope per server address, so GRE from a server is
-demultiplexed by (source address, key).
+demultiplexed by (source address, key).  A profile whose server takes few calls per control
+connection (pptpd: one) gets its sessions' calls spread over more connections
+(:mod:`routeproxy.callsplit`).
 """
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from routeproxy import pptp
+from routeproxy.callsplit import CallSplitter, UpstreamCounters
+from routeproxy.config import Profile
 from routeproxy.control import PPTPControlProtocol
 from routeproxy.mux.frames import Reason
 from routeproxy.mux.session import SessionRefused
@@ -42,12 +46,14 @@ class RemoteRouteProxy:
 
     def __init__(self, reactor, openGREPort, profiles, source=None, connectTimeout=10):
         self.reactor = reactor
-        self.profiles = dict(profiles)
+        self.profiles = {name: p if isinstance(p, Profile) else Profile(*p)
+                         for name, p in dict(profiles).items()}
         self.source = source
         self.connectTimeout = connectTimeout
         self.scopes = PerServerScopes("RRP")
         self.relay = Relay(RRP, self.scopes, openGREPort)
         self.links = set()        # live MuxConnections (MuxServerFactory.connections)
+        self.upstreamCounters = UpstreamCounters()
 
     def sessionRequested(self, mux, profile, clientInfo):
         """A mux OPEN: dial the profile's server; accept once connected, refuse otherwise."""
@@ -57,7 +63,7 @@ class RemoteRouteProxy:
             self.log.warn("RRP: LRP {lrp} asked for unknown profile {profile!r} (client {client}); "
                           "refused", lrp=lrp, profile=profile, client=clientInfo)
             raise SessionRefused(Reason.UNKNOWN_PROFILE, f"no profile {profile!r}")
-        host, port = target
+        host, port = target.host, target.port
         # Counted among the relay's sessions once the server answers.
         session = RelaySession(RRP, self.relay, clientLabel=f"{clientInfo} via {lrp}")
         bind = (self.source, 0) if self.source else None
@@ -68,6 +74,11 @@ class RemoteRouteProxy:
         def connected(protocol):
             self.relay.sessions.add(session)
             session.muxOpened(mux)
+            if target.callsPerConnection:
+                session.upstreams = CallSplitter(
+                    session, target.callsPerConnection,
+                    lambda upstream: self.dialAgain(session, port, upstream),
+                    self.reactor, self.upstreamCounters)
             self.log.info("RRP session opened: client {client}, profile {profile} -> "
                           "server {server}, mux session {sid}", client=session.clientLabel,
                           profile=profile, server=session.peerLabel, sid=mux.id)
@@ -82,15 +93,25 @@ class RemoteRouteProxy:
 
         return d.addCallbacks(connected, failed)
 
+    def dialAgain(self, session, port, receiver):
+        """Another control connection to *session*'s server, from the same local address to
+        the same server address (so its calls' GRE stays in the session's scope)."""
+        endpoint = TCP4ClientEndpoint(self.reactor, session.peerAddress, port,
+                                      timeout=self.connectTimeout,
+                                      bindAddress=(session.localAddress, 0))
+        return endpoint.connect(_SessionFactory(receiver))
+
     def snapshot(self):
         """The RRP as plain data (docs/status.md); links include idle LRPs."""
         return dict(self.relay.snapshot(self.links),
-                    profiles={name: f"{host}:{port}" for name, (host, port) in
-                              sorted(self.profiles.items())})
+                    profiles={name: str(p) for name, p in sorted(self.profiles.items())},
+                    calls_per_connection={name: p.callsPerConnection
+                                          for name, p in sorted(self.profiles.items())},
+                    upstream_connections=self.upstreamCounters.snapshot())
 
 
 class _SessionFactory(Factory):
-    """Builds the control connection to the server for one session."""
+    """Builds a control connection to the server for one session (or one of its upstreams)."""
 
     noisy = False  # one log line per session is ours to write
 

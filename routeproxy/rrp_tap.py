@@ -4,7 +4,8 @@ from twisted.application.service import MultiService
 from twisted.python import usage
 
 from routeproxy import tls
-from routeproxy.config import ConfigOptions, Setting, parseCount, parseHostPort, parseProfile
+from routeproxy.config import (ConfigOptions, Profile, Setting, parseCount, parseHostPort, parseProfile,
+                               splitProfiles)
 
 
 class Options(ConfigOptions):
@@ -24,8 +25,10 @@ class Options(ConfigOptions):
         Setting("cert", None, "this RRP's certificate (PEM) (required)"),
         Setting("key", None, "this RRP's private key (PEM) (required)"),
         Setting("ca", None, "CA certificate that signed the LRPs' certificates (required)"),
-        Setting("profile", None, "NAME=HOST[:PORT]: another upstream PPTP server; repeatable",
-                parseProfile, repeatable=True),
+        Setting("profile", None, "NAME=HOST[:PORT][,calls-per-connection=N]: another upstream "
+                "PPTP server, and how many calls one control connection to it may carry (more "
+                "are spread over further connections; 0: no limit) [default: 1, as pptpd]; "
+                "repeatable", parseProfile, repeatable=True, split=splitProfiles),
         Setting("lrp-name", None, "accept only LRPs whose certificate carries this name; "
                 "repeatable [default: any LRP the CA signed]", repeatable=True),
         Setting("max-sessions", 20000, "sessions one LRP's link may carry at once "
@@ -41,7 +44,7 @@ class Options(ConfigOptions):
     def check(self):
         profiles = dict(self["profile"] or ())
         if self["pptp-server"] is not None:
-            profiles.setdefault("default", self["pptp-server"])
+            profiles.setdefault("default", Profile(*self["pptp-server"]))
         if not profiles:
             raise usage.UsageError("no PPTP server: give --pptp-server or --profile NAME=HOST[:PORT]")
         self["profiles"] = profiles

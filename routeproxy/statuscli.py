@@ -37,7 +37,7 @@ def format_table(snap, summary=True):
     role = str(snap.get("role", "?"))
     local = "R" if role == "rrp" else "L"
     header = ["client"] + (["server"] if role == "rrp" else []) + [
-        "link", "profile", "mux", "state", "C", "S", local,
+        "link", "profile", "mux", "state", "C", "S", local] + (["upstreams"] if role == "rrp" else []) + [
         "ctl in/out B", "GRE in/out pkts", "drop", "rtt ms"]
     rows = []
     for s in snap["sessions"]:
@@ -48,8 +48,10 @@ def format_table(snap, summary=True):
         if role == "rrp":
             row.append(_cell(s.get("server", s.get("peer"))))
         row += [_cell(s.get("link")), _cell(s.get("profile")), _cell(s.get("mux_session")),
-                _cell(s.get("state")), _ids(calls, "C"), _ids(calls, "S"), _ids(calls, local),
-                f"{s.get('control_bytes_in', 0)}/{s.get('control_bytes_out', 0)}",
+                _cell(s.get("state")), _ids(calls, "C"), _ids(calls, "S"), _ids(calls, local)]
+        if role == "rrp":
+            row.append(_upstreams(s.get("upstreams")))
+        row += [                f"{s.get('control_bytes_in', 0)}/{s.get('control_bytes_out', 0)}",
                 f"{s.get('gre_packets_in', 0)}/{s.get('gre_packets_out', 0)}",
                 _cell(s.get("gre_dropped", 0)), _cell(s.get("rtt_ms"))]
         rows.append(row)
@@ -66,6 +68,15 @@ def format_table(snap, summary=True):
     lines.append(line(header))
     lines.extend(line(r) for r in rows)
     return "\n".join(lines) + "\n"
+
+
+def _upstreams(upstreams):
+    """The session's control connections to the server: ``N: C,C`` each, ``*`` the primary."""
+    if not isinstance(upstreams, list) or not upstreams:
+        return "-"
+    return " ".join(f"{u.get('connection')}{'*' if u.get('primary') else ''}:"
+                    + (",".join(str(c) for c in u.get("calls") or ()) or "-")
+                    for u in upstreams if isinstance(u, dict))
 
 
 def _summary(snap, role):

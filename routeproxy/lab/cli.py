@@ -12,17 +12,20 @@ from routeproxy.lab import topology, uml
 class LabRun:
     """One lab run's outcome: per-client rows, transfers, timings, raw output."""
 
-    def __init__(self, mode, clients, result):
+    def __init__(self, mode, clients, result, calls_per_client=1):
         self.mode = mode
         self.clients = clients
+        self.calls_per_client = calls_per_client
+        self.tunnels = clients * calls_per_client
         self.result = result
         self.rows, self.transfers, self.times = topology.parse_results(result.output)
         self.sessions = topology.parse_sessions(result.output)
         self.hangup = topology.parse_hangup(result.output)
 
     def hangup_ok(self):
-        """Client 1 hung up: pptpd lost exactly its call, the others kept pinging,
-        it dialled again and pinged; in proxy modes the LRP logged its session closed."""
+        """Client 1 (its first pppd) hung up: pptpd lost exactly its call, the others kept
+        pinging, it dialled again and pinged; in proxy modes with one call per client the LRP
+        logged its session closed (with more, the client's control connection stays up)."""
         h = self.hangup
         if not h:
             return False
@@ -30,7 +33,8 @@ class LabRun:
             freed = int(h["pptpd_calls_before"]) - int(h["pptpd_calls_after"]) == 1
         except (KeyError, ValueError):
             return False
-        logged = self.mode not in topology.PROXY_MODES or h.get("lrp_closed", "0") not in ("", "0")
+        logged = (self.mode not in topology.PROXY_MODES or self.calls_per_client > 1
+                  or h.get("lrp_closed", "0") not in ("", "0"))
         return (freed and logged and h.get("others_ping") == "yes"
                 and h.get("redial_addr", "-") != "-" and h.get("redial_ping") == "yes")
 
@@ -49,26 +53,37 @@ class LabRun:
 
 
 def run_lab(mode, clients, transfer_mb=0, connect_timeout=25, timeout=None, keep=False, mtu=None,
-            hangup=False):
-    """Run the lab once; returns a LabRun.  Raises uml.UMLError when UML cannot run."""
+            hangup=False, calls_per_client=1, run=None):
+    """Run the lab once; returns a LabRun.  Raises uml.UMLError when UML cannot run.
+
+    *run* is ``uml.run_in_uml`` (a test passes its own)."""
     script = topology.build_script(mode, clients, transfer_mb=transfer_mb,
-                                   connect_timeout=connect_timeout, mtu=mtu, hangup=hangup)
+                                   connect_timeout=connect_timeout, mtu=mtu, hangup=hangup,
+                                   calls_per_client=calls_per_client)
+    tunnels = clients * calls_per_client
     if timeout is None:
-        timeout = (60 + connect_timeout * (2 if hangup else 1) + clients * 5
-                   + transfer_mb * clients * 3)
-    result = uml.run_in_uml(script, timeout=timeout, keep=keep, modules=topology.lab_modules(mode))
-    return LabRun(mode, clients, result)
+        timeout = (60 + connect_timeout * (2 if hangup else 1) + tunnels * 5 + calls_per_client
+                   + transfer_mb * tunnels * 3)
+    result = (run or uml.run_in_uml)(script, timeout=timeout, keep=keep,
+                                     modules=topology.lab_modules(mode))
+    return LabRun(mode, clients, result, calls_per_client)
 
 
 def format_table(run):
     """The session table: one line per client."""
-    lines = [f"mode {run.mode}: {run.connected} of {run.clients} connected, "
+    per_client = f" ({run.calls_per_client} calls per client)" if run.calls_per_client > 1 else ""
+    lines = [f"mode {run.mode}{per_client}: {run.connected} of {run.tunnels} connected, "
              f"{run.pinged} pinged {topology.PPP_SERVER}",
              f"{'client':8} {'connected':9} {'ppp address':15} {'ping':4} {'rtt ms':>7} "
              f"{'tx bytes':>9} {'rx bytes':>9} {'call IDs C/L R/S':17}  transfer"]
-    for index, row in enumerate(run.rows, 1):
-        session = run.sessions.get(topology.client_address(index))
+    for row in run.rows:
+        try:
+            session = run.sessions.get(topology.client_address(topology.tunnel_client(row["client"])))
+        except (KeyError, ValueError):
+            session = None
         ids = f"{session['C']}/{session['L']} {session['R']}/{session['S']}" if session else "-"
+        if session and run.calls_per_client > 1:   # one control connection, several calls
+            ids = f"C {','.join(session['calls'])}"
         transfer = run.transfers.get(row.get("client"))
         if transfer is None:
             note = "-"
@@ -83,10 +98,11 @@ def format_table(run):
                      f"{row.get('tx', '-'):>9} {row.get('rx', '-'):>9} {ids:17}  {note}")
     if run.hangup:
         h = run.hangup
-        lines.append(f"hang-up of c1: {'ok' if run.hangup_ok() else 'FAILED'} (pptpd calls "
-                     f"{h.get('pptpd_calls_before')} -> {h.get('pptpd_calls_after')}, LRP closed "
-                     f"{h.get('lrp_closed')}, others ping {h.get('others_ping')}, redial "
-                     f"{h.get('redial_addr')} ping {h.get('redial_ping')})")
+        lines.append(f"hang-up of {h.get('client', 'c1')}: {'ok' if run.hangup_ok() else 'FAILED'} "
+                     f"(pptpd calls {h.get('pptpd_calls_before')} -> {h.get('pptpd_calls_after')}, "
+                     f"LRP closed {h.get('lrp_closed')}, RRP upstream connections closed "
+                     f"{h.get('rrp_upstreams_closed', '-')}, others ping {h.get('others_ping')}, "
+                     f"redial {h.get('redial_addr')} ping {h.get('redial_ping')})")
     times = ", ".join(f"{k} {v:.1f}s" for k, v in run.times.items())
     lines.append(f"UML boot {run.result.boot_seconds:.1f}s, whole run {run.result.total_seconds:.1f}s"
                  + (f"; inside: {times}" if times else ""))
@@ -106,8 +122,11 @@ def parser():
                    help="send this many MB over each tunnel and compare sha256 [0: none]")
     p.add_argument("--connect-timeout", type=int, default=25,
                    help="seconds the clients get to come up [25]")
+    p.add_argument("--calls-per-client", type=int, default=1,
+                   help="pppd per client host, sharing one pptp call manager: one control "
+                        "connection carrying that many calls [1]")
     p.add_argument("--hangup", action="store_true",
-                   help="after the pings, kill client 1's pppd, check the rest, dial it again")
+                   help="after the pings, kill client 1's (first) pppd, check the rest, dial it again")
     p.add_argument("--mtu", type=int, default=None,
                    help="clients' PPP MTU and MRU [pppd's default, 1500]")
     p.add_argument("--timeout", type=int, default=None,
@@ -120,6 +139,12 @@ def parser():
 
 def main(argv=None):
     args = parser().parse_args(argv)
+    try:   # a bad argument is said before asking whether UML can run at all
+        topology.build_script(args.mode, args.clients, transfer_mb=args.transfer_mb, mtu=args.mtu,
+                              calls_per_client=args.calls_per_client)
+    except topology.LabScriptError as e:
+        sys.stderr.write(f"routeproxy lab: {e}\n")
+        return 2
     reason = uml.uml_available()
     if reason:
         sys.stderr.write(f"routeproxy lab: cannot run: {reason}\n")
@@ -127,7 +152,7 @@ def main(argv=None):
     try:
         run = run_lab(args.mode, args.clients, transfer_mb=args.transfer_mb,
                       connect_timeout=args.connect_timeout, timeout=args.timeout, keep=args.keep,
-                      mtu=args.mtu, hangup=args.hangup)
+                      mtu=args.mtu, hangup=args.hangup, calls_per_client=args.calls_per_client)
     except topology.LabScriptError as e:
         sys.stderr.write(f"routeproxy lab: {e}\n")
         return 2
@@ -142,9 +167,9 @@ def main(argv=None):
     print(format_table(run))
     if args.keep:
         print(f"work directory (logs): {run.result.work}")
-    ok = run.connected == args.clients and run.pinged == args.clients
+    ok = run.connected == run.tunnels and run.pinged == run.tunnels
     if args.transfer_mb:
-        ok = ok and len(run.transfers_ok()) == args.clients
+        ok = ok and len(run.transfers_ok()) == run.tunnels
     if args.hangup:
         ok = ok and run.hangup_ok()
     return 0 if ok else 1

@@ -18,7 +18,11 @@ Modes:
               `nat`) -> RRP (rrp ns) -> pptpd
   proxy-colocated  the same, with the RRP inside the server's namespace
 
-The script prints `LAB-RESULT key=value ...` lines that `parse_results` reads.
+With `calls_per_client` N > 1 each client host runs N pppd (units ppp0..pppN-1, tunnels
+cI-1..cI-N) in one mount namespace, so that pptp-linux gives them one call manager: one
+control connection carrying N calls, as on a real host dialling one server several times.
+
+The script prints `LAB-RESULT key=value ...` lines (one per tunnel) that `parse_results` reads.
 """
 import os
 import re
@@ -57,6 +61,11 @@ def client_address(i):
     return f"{CLIENT_NET}.{10 + i}"
 
 
+def tunnel_client(name):
+    """The client number of a tunnel name: c3 -> 3, c3-2 -> 3."""
+    return int(name[1:].split("-")[0])
+
+
 def repo_root():
     """The checkout holding the routeproxy package (for PYTHONPATH and twisted/plugins)."""
     return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -80,23 +89,32 @@ RRP_COMMAND = ('"$PY" -c "from twisted.scripts.twistd import run; run()" -n --lo
                '--cert "$CERTS/rrp.crt" --key "$CERTS/rrp.key" --ca "$CERTS/ca.crt"')
 
 
+MAX_CALLS_PER_CLIENT = 8
+
+
 def build_script(mode, clients, transfer_mb=0, connect_timeout=25, python=None, mtu=None,
-                 hangup=False):
+                 hangup=False, calls_per_client=1):
     """The /bin/sh payload for `run_in_uml` that builds the lab and measures it.
 
-    `hangup`: after the pings, kill client 1's pppd, check the others still
-    ping and pptpd cleared the call, then dial client 1 again.
+    `hangup`: after the pings, kill client 1's (first) pppd, check the others still
+    ping and pptpd cleared the call, then dial it again.
+    `calls_per_client`: pppd per client host, sharing one pptp call manager.
     """
     if mode not in MODES:
         raise LabScriptError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     if not 1 <= clients <= 90:
         raise LabScriptError(f"--clients {clients}: must be 1..90 (the PPP pool has 100 addresses)")
+    if not 1 <= calls_per_client <= MAX_CALLS_PER_CLIENT:
+        raise LabScriptError(f"--calls-per-client {calls_per_client}: must be 1..{MAX_CALLS_PER_CLIENT}")
+    if clients * calls_per_client > 90:
+        raise LabScriptError(f"--clients {clients} x --calls-per-client {calls_per_client}: at most 90 "
+                             "tunnels (the PPP pool has 100 addresses)")
     if transfer_mb < 0:
         raise LabScriptError(f"transfer size {transfer_mb} MB is negative")
     python = python or sys.executable
     parts = [
         PRELUDE.format(py=shlex.quote(python), root=shlex.quote(repo_root()), k=clients,
-                       mode=mode),
+                       mode=mode, n=calls_per_client),
         NETWORK,
         NAT_RULES[mode],
         SERVER_SETUP,
@@ -127,6 +145,7 @@ PRELUDE = r"""#!/bin/sh
 PY={py}
 export PYTHONPATH={root}
 K={k}
+N={n}
 MODE={mode}
 LOGS=$LAB_WORK/logs
 mkdir -p $LOGS /run/pptp /etc/ppp/peers
@@ -135,6 +154,19 @@ stamp() {{ echo "LAB-TIME $1 $(awk -v t0=$t0 '{{printf "%.2f", $1 - t0}}' /proc/
 busybox syslogd -O /var/log/messages
 uptime() {{ read up _ < /proc/uptime; up=${{up%.*}}; }}   # whole seconds, no exec
 ns() {{ ip netns exec "$@"; }}
+each_tunnel() {{ # run "$@" once per tunnel, with i (client), j, t (name: cI, or cI-J) and u (ppp unit)
+  i=1
+  while [ $i -le $K ]; do
+    j=1
+    while [ $j -le $N ]; do
+      t=c$i; [ $N -gt 1 ] && t=c$i-$j
+      u=$((j - 1))
+      "$@"
+      j=$((j + 1))
+    done
+    i=$((i + 1))
+  done
+}}
 """
 
 NETWORK = r"""
@@ -216,11 +248,8 @@ remoteip 192.168.90.100-199
 EOF
 : > /etc/ppp/chap-secrets
 chmod 600 /etc/ppp/chap-secrets
-i=1
-while [ $i -le $K ]; do
-  echo "user$i pptpd secret-$i-lab *" >> /etc/ppp/chap-secrets
-  i=$((i + 1))
-done
+secret() { echo "user${t#c} pptpd secret-${t#c}-lab *" >> /etc/ppp/chap-secrets; }
+each_tunnel secret
 ns srv pptpd -c /etc/pptpd.conf.lab -p /run/pptpd.pid
 """
 
@@ -240,12 +269,11 @@ stamp daemons
 
 CLIENTS = r"""
 sleep 0.5
-i=1
-while [ $i -le $K ]; do
-  cat > /etc/ppp/peers/c$i <<EOF
+peer() {{
+  cat > /etc/ppp/peers/$t <<EOF
 pty "pptp {dial} --nolaunchpppd --nohostroute --loglevel 1"
-name user$i
-password secret-$i-lab
+name user${{t#c}}
+password secret-${{t#c}}-lab
 remotename pptpd
 require-mppe-128
 refuse-pap
@@ -261,143 +289,167 @@ nodefaultroute
 nodetach
 maxfail 1
 lcp-echo-interval 0
-unit 0
-ipparam c$i
-linkname c$i
+unit $u
+ipparam $t
+linkname $t
 {mtu}
-logfile $LOGS/pppd-c$i.log
+logfile $LOGS/pppd-$t.log
 EOF
-  i=$((i + 1))
-done
+}}
+each_tunnel peer
 stamp dial
 # all clients dial at the same moment, each in its own mount namespace so that
-# pptp-linux's call-manager socket (/run/pptp) is not shared between clients
+# pptp-linux's call-manager socket (/run/pptp) is not shared between clients; with
+# N > 1 a client's N pppd share that namespace, so they share one call manager
+# (one control connection), one second apart so that the first has started it
 # `ip netns exec` forks, so $! is not pppd: pppd's own pid file (linkname) is
-pppd_pid() {{ head -n 1 /run/ppp-c$1.pid 2>/dev/null; }}
-dial() {{ # dial N: start client N's pppd
-  ns c$1 unshare -m --propagation private sh -c \
-    'mount -t tmpfs tmpfs /run/pptp && exec pppd call c'$1 >> $LOGS/client-c$1.out 2>&1 &
+pppd_pid() {{ head -n 1 /run/ppp-$1.pid 2>/dev/null; }}
+dial() {{ # dial I: start client I's pppd (all N of them)
+  if [ $N -eq 1 ]; then
+    ns c$1 unshare -m --propagation private sh -c \
+      'mount -t tmpfs tmpfs /run/pptp && exec pppd call c'$1 >> $LOGS/client-c$1.out 2>&1 &
+  else
+    ns c$1 unshare -m --propagation private sh -c \
+      'mount -t tmpfs tmpfs /run/pptp || exit 1; j=1; while [ $j -le '$N' ]; do
+         pppd call c'$1'-$j & j=$((j + 1)); [ $j -le '$N' ] && sleep 1; done; wait' \
+      >> $LOGS/client-c$1.out 2>&1 &
+  fi
   eval "PPPD_$1=$!"
 }}
 i=1
 while [ $i -le $K ]; do dial $i; i=$((i + 1)); done
-ppp_addr() {{ ip -n c$1 -4 -o addr show dev ppp0 2>/dev/null | awk '{{print $4}}' | cut -d/ -f1; }}
+ppp_addr() {{ ip -n c$1 -4 -o addr show dev ppp${{2:-0}} 2>/dev/null | awk '{{print $4}}' | cut -d/ -f1; }}
+# ppp interfaces with an address, in the client namespaces only (pptpd's are in srv)
+ppp_up() {{ ip -all netns exec ip -4 -o addr show 2>/dev/null |
+  awk '/^netns:/ {{c = ($2 ~ /^c[0-9]/)}} c && / ppp[0-9]+ +inet / {{n++}} END {{print n + 0}}'; }}
 uptime; deadline=$((up + {timeout}))
 while [ $up -lt $deadline ]; do
-  n=$(ip -all netns exec ip -4 -o addr show dev ppp0 2>/dev/null | grep -c ' inet ')
-  [ "$n" -ge $K ] && break
+  [ "$(ppp_up)" -ge $((K * N)) ] && break
   sleep 0.5; uptime
 done
 stamp connected
-i=1
-while [ $i -le $K ]; do   # all pings at once: each exec inside UML is slow
-  [ -n "$(ppp_addr $i)" ] || {{ i=$((i + 1)); continue; }}
-  ns c$i busybox ping -c 5 -A -W 3 -w 8 192.168.90.1 > /tmp/ping-c$i 2>&1 &
+ping_tunnel() {{ # all pings at once: each exec inside UML is slow
+  [ -n "$(ppp_addr $i $u)" ] || return
+  ns c$i busybox ping -I ppp$u -c 5 -A -W 3 -w 8 192.168.90.1 > /tmp/ping-$t 2>&1 &
   pings="$pings $!"
-  i=$((i + 1))
-done
+}}
+each_tunnel ping_tunnel
 wait $pings   # not a bare wait: the pppds are children too
-i=1
-while [ $i -le $K ]; do
-  addr=$(ppp_addr $i)
+result() {{
+  addr=$(ppp_addr $i $u)
   ping=no; rtt=-
   if [ -n "$addr" ]; then
-    got=$(sed -n 's/.* \([0-9]*\) packets received.*/\1/p' /tmp/ping-c$i)
+    got=$(sed -n 's/.* \([0-9]*\) packets received.*/\1/p' /tmp/ping-$t)
     [ "${{got:-0}}" -gt 0 ] && ping=yes
-    rtt=$(sed -n 's#.*min/avg/max = [0-9.]*/\([0-9.]*\)/.*#\1#p' /tmp/ping-c$i)
+    rtt=$(sed -n 's#.*min/avg/max = [0-9.]*/\([0-9.]*\)/.*#\1#p' /tmp/ping-$t)
     [ -n "$rtt" ] || rtt=-
   fi
-  stats=$(ns c$i cat /sys/class/net/ppp0/statistics/tx_bytes /sys/class/net/ppp0/statistics/rx_bytes 2>/dev/null | tr '\n' ' ')
+  stats=$(ns c$i cat /sys/class/net/ppp$u/statistics/tx_bytes /sys/class/net/ppp$u/statistics/rx_bytes 2>/dev/null | tr '\n' ' ')
   set -- $stats
-  echo "LAB-RESULT client=c$i connected=$([ -n "$addr" ] && echo yes || echo no) addr=${{addr:--}} ping=$ping rtt=$rtt tx=${{1:--}} rx=${{2:--}}"
-  i=$((i + 1))
-done
+  echo "LAB-RESULT client=$t connected=$([ -n "$addr" ] && echo yes || echo no) addr=${{addr:--}} ping=$ping rtt=$rtt tx=${{1:--}} rx=${{2:--}}"
+}}
+each_tunnel result
 stamp pinged
 """
 
+
 HANGUP = r"""
-# hang-up: kill client 1's pppd; the others must stay up, pptpd (and the proxies)
-# must clear its call, and client 1 must be able to dial again
-calls_before=$(busybox ps | grep -c '[p]ptpctrl')
-kill $(pppd_pid 1)
-wait $PPPD_1
+# hang-up: kill client 1's (first) pppd; the others must stay up (with N > 1 also
+# client 1's other tunnels, on the same control connection), pptpd (and the
+# proxies) must clear its call, and it must be able to dial again
+H=c1; [ $N -gt 1 ] && H=c1-1
+# pptpd's calls: one pptpctrl per control connection; with N > 1 (a control
+# connection may carry several calls) its pppd: every pppd not started by `call`
+pptpd_calls() {{
+  if [ $N -eq 1 ]; then busybox ps | grep -c '[p]ptpctrl'
+  else busybox ps | grep '[p]ppd' | grep -vc ' call '; fi
+}}
+calls_before=$(pptpd_calls)
+p=$(pppd_pid $H)
+kill $p
+if [ $N -eq 1 ]; then wait $PPPD_1; else while kill -0 $p 2>/dev/null; do sleep 0.2; done; fi
 sleep 2
-calls_after=$(busybox ps | grep -c '[p]ptpctrl')
+calls_after=$(pptpd_calls)
 closed=$(grep -c "session closed: peer 10.1.0.11:" $LOGS/lrp.log 2>/dev/null)
+upstreams=$(grep -c -e "RRP upstream connection [0-9]* closed" -e "RRP primary connection" $LOGS/rrp.log 2>/dev/null)
 others=yes
-i=2
-while [ $i -le $K ]; do
-  ns c$i busybox ping -c 2 -A -W 3 -w 5 192.168.90.1 > /tmp/ping-after-c$i 2>&1 &
+ping_other() {{
+  [ $t = $H ] && return
+  ns c$i busybox ping -I ppp$u -c 2 -A -W 3 -w 5 192.168.90.1 > /tmp/ping-after-$t 2>&1 &
   pings2="$pings2 $!"
-  i=$((i + 1))
-done
+}}
+each_tunnel ping_other
 wait $pings2
-i=2
-while [ $i -le $K ]; do
-  grep -q ' 0 packets received' /tmp/ping-after-c$i && others=no
-  grep -q 'packets received' /tmp/ping-after-c$i || others=no
-  i=$((i + 1))
-done
-dial 1
+check_other() {{
+  [ $t = $H ] && return
+  grep -q ' 0 packets received' /tmp/ping-after-$t && others=no
+  grep -q 'packets received' /tmp/ping-after-$t || others=no
+}}
+each_tunnel check_other
+if [ $N -eq 1 ]; then
+  dial 1
+else   # back into client 1's namespaces: the same pptp call manager
+  p=$(pppd_pid c1-2)
+  nsenter -t $p -m -n pppd call $H >> $LOGS/client-c1.out 2>&1 &
+fi
 uptime; deadline=$((up + {timeout}))
 until [ -n "$(ppp_addr 1)" ] || [ $up -ge $deadline ]; do sleep 0.5; uptime; done
 addr=$(ppp_addr 1)
 ping=no
-[ -n "$addr" ] && ns c1 busybox ping -c 3 -A -W 3 -w 6 192.168.90.1 > /tmp/ping-redial 2>&1 \
+[ -n "$addr" ] && ns c1 busybox ping -I ppp0 -c 3 -A -W 3 -w 6 192.168.90.1 > /tmp/ping-redial 2>&1 \
   && ping=yes
-echo "LAB-HANGUP client=c1 pptpd_calls_before=$calls_before pptpd_calls_after=$calls_after lrp_closed=${{closed:-0}} others_ping=$others redial_addr=${{addr:--}} redial_ping=$ping"
+echo "LAB-HANGUP client=$H pptpd_calls_before=$calls_before pptpd_calls_after=$calls_after lrp_closed=${{closed:-0}} rrp_upstreams_closed=${{upstreams:-0}} others_ping=$others redial_addr=${{addr:--}} redial_ping=$ping"
 stamp hangup
 """
 
+
 TRANSFER = r"""
-# {mb} MB from every connected client to the server, over its tunnel; sha256 both ends
-count=0; i=1
-while [ $i -le $K ]; do [ -n "$(ppp_addr $i)" ] && count=$((count + 1)); i=$((i + 1)); done
+# {mb} MB from every connected tunnel to the server, over that tunnel; sha256 both ends
+count=0
+count_up() {{ [ -n "$(ppp_addr $i $u)" ] && count=$((count + 1)); }}
+each_tunnel count_up
 ns srv "$PY" -m routeproxy.lab.transfer recv --port {port} --count $count > $LOGS/recv.out 2>$LOGS/recv.err &
 RECV=$!
 sleep 1.5
-i=1
-while [ $i -le $K ]; do
-  if [ -n "$(ppp_addr $i)" ]; then
-    head -c {mb}M /dev/urandom > /tmp/data-c$i
-    ns c$i "$PY" -m routeproxy.lab.transfer send --host 192.168.90.1 --port {port} --file /tmp/data-c$i > $LOGS/send-c$i.out 2> $LOGS/send-c$i.err &
-    eval "SEND_$i=$!"
+send_tunnel() {{
+  if [ -n "$(ppp_addr $i $u)" ]; then
+    head -c {mb}M /dev/urandom > /tmp/data-$t
+    ns c$i "$PY" -m routeproxy.lab.transfer send --host 192.168.90.1 --port {port} --file /tmp/data-$t --device ppp$u > $LOGS/send-$t.out 2> $LOGS/send-$t.err &
+    eval "SEND_${{i}}_$j=$!"
   fi
-  i=$((i + 1))
-done
-i=1
-while [ $i -le $K ]; do
-  eval "pid=\$SEND_$i"
+}}
+each_tunnel send_tunnel
+wait_send() {{
+  eval "pid=\$SEND_${{i}}_$j"
   [ -n "$pid" ] && wait $pid
-  i=$((i + 1))
-done
+}}
+each_tunnel wait_send
 wait $RECV
-i=1
-while [ $i -le $K ]; do
-  addr=$(ppp_addr $i)
+report_transfer() {{
+  addr=$(ppp_addr $i $u)
   if [ -n "$addr" ]; then
-    sent=$(cut -d' ' -f1 $LOGS/send-c$i.out 2>/dev/null)
-    secs=$(cut -d' ' -f3 $LOGS/send-c$i.out 2>/dev/null)
+    sent=$(cut -d' ' -f1 $LOGS/send-$t.out 2>/dev/null)
+    secs=$(cut -d' ' -f3 $LOGS/send-$t.out 2>/dev/null)
     got=$(grep "^$addr " $LOGS/recv.out | cut -d' ' -f2)
     got_bytes=$(grep "^$addr " $LOGS/recv.out | cut -d' ' -f3)
-    echo "LAB-TRANSFER client=c$i bytes=$(cut -d' ' -f4 $LOGS/send-c$i.out 2>/dev/null) sent_bytes=$(cut -d' ' -f2 $LOGS/send-c$i.out 2>/dev/null) received_bytes=${{got_bytes:--}} seconds=${{secs:--}} sent=${{sent:--}} received=${{got:--}}"
+    echo "LAB-TRANSFER client=$t bytes=$(cut -d' ' -f4 $LOGS/send-$t.out 2>/dev/null) sent_bytes=$(cut -d' ' -f2 $LOGS/send-$t.out 2>/dev/null) received_bytes=${{got_bytes:--}} seconds=${{secs:--}} sent=${{sent:--}} received=${{got:--}}"
   fi
-  i=$((i + 1))
-done
+}}
+each_tunnel report_transfer
 stamp transferred
 """
 
+
 FINISH = r"""
-i=1
-while [ $i -le $K ]; do
-  stats=$(ns c$i cat /sys/class/net/ppp0/statistics/tx_bytes /sys/class/net/ppp0/statistics/rx_bytes 2>/dev/null | tr '\n' ' ')
+final_bytes() {
+  stats=$(ns c$i cat /sys/class/net/ppp$u/statistics/tx_bytes /sys/class/net/ppp$u/statistics/rx_bytes 2>/dev/null | tr '\n' ' ')
   set -- $stats
-  [ -n "$1" ] && echo "LAB-BYTES client=c$i tx=$1 rx=$2"
-  i=$((i + 1))
-done
+  [ -n "$1" ] && echo "LAB-BYTES client=$t tx=$1 rx=$2"
+}
+each_tunnel final_bytes
 # hang up every client (pppd sends LCP terminate, pptp a Call-Clear-Request)
-i=1
-while [ $i -le $K ]; do p=$(pppd_pid $i); [ -n "$p" ] && kill $p; i=$((i + 1)); done
+hang_up() { p=$(pppd_pid $t); [ -n "$p" ] && kill $p; }
+each_tunnel hang_up
 sleep 2
 [ -f /run/lrp.pid ] && kill $(cat /run/lrp.pid) 2>/dev/null
 [ -f /run/rrp.pid ] && kill $(cat /run/rrp.pid) 2>/dev/null
@@ -450,11 +502,13 @@ def parse_hangup(output):
 
 _LRP_CLOSED = re.compile(r"LRP session closed: peer (?P<client>[0-9.]+):\d+, C=(?P<C>\d+) S=(?P<S>\d+) "
                          r"L=(?P<L>\d+).*?GRE (?P<gre_in>\d+)/(?P<gre_out>\d+) packets")
+_LRP_CALL = re.compile(r"C=(\d+) S=\d+ L=\d+")
 _RRP_CLOSED = re.compile(r"RRP session closed: peer [0-9.]+:\d+, C=(?P<C>\d+) S=(?P<S>\d+) R=(?P<R>\d+)")
 
 
 def parse_sessions(output):
-    """The daemons' closed-session log lines -> {client address: {C, S, L, R, gre_in, gre_out}}.
+    """The daemons' closed-session log lines -> {client address: {C, S, L, R, gre_in, gre_out,
+    calls}}: C, S, L, R of the session's first call, ``calls`` the C of each of its calls.
 
     C is the client's call ID, L the one the LRP gave the client in place of S,
     R the one the RRP gave pptpd in place of C, S pptpd's (docs/architecture.md).
@@ -466,7 +520,7 @@ def parse_sessions(output):
             continue
         match = _LRP_CLOSED.search(line)
         if match:
-            sessions[match["client"]] = match.groupdict()
+            sessions[match["client"]] = dict(match.groupdict(), calls=_LRP_CALL.findall(line))
             continue
         match = _RRP_CLOSED.search(line)
         if match:

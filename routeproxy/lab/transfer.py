@@ -65,11 +65,13 @@ def receive(port, count, timeout=IDLE):
     return results
 
 
-def send(host, port, path, timeout=IDLE):
+def send(host, port, path, timeout=IDLE, device=None):
     """Send a file; return (sha256 hex, bytes sent, seconds, file size).
 
     The hash is of the whole file; `bytes sent` is less than its size when
-    the tunnel stalled for `timeout` seconds.
+    the tunnel stalled for `timeout` seconds.  `device` (e.g. ppp1) sends
+    through that interface: several tunnels of one host reach the same
+    server address.
     """
     total = 0
     started = time.monotonic()
@@ -78,7 +80,7 @@ def send(host, port, path, timeout=IDLE):
     whole, size = hashlib.sha256(content).hexdigest(), len(content)
     del content
     try:
-        with socket.create_connection((host, port), timeout=timeout) as conn, open(path, "rb") as f:
+        with _connect(host, port, timeout, device) as conn, open(path, "rb") as f:
             while True:
                 data = f.read(CHUNK)
                 if not data:
@@ -92,6 +94,19 @@ def send(host, port, path, timeout=IDLE):
     return whole, total, time.monotonic() - started, size
 
 
+def _connect(host, port, timeout, device):
+    conn = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        if device:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
+        conn.settimeout(timeout)
+        conn.connect((host, port))
+    except OSError:
+        conn.close()
+        raise
+    return conn
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="routeproxy.lab.transfer")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -102,11 +117,12 @@ def main(argv=None):
     snd.add_argument("--host", required=True)
     snd.add_argument("--port", type=int, required=True)
     snd.add_argument("--file", required=True)
+    snd.add_argument("--device", help="send through this interface (e.g. ppp1)")
     args = parser.parse_args(argv)
     if args.command == "recv":
         receive(args.port, args.count)
     else:
-        sha, total, seconds, size = send(args.host, args.port, args.file)
+        sha, total, seconds, size = send(args.host, args.port, args.file, device=args.device)
         print(f"{sha} {total} {seconds:.2f} {size}")
     return 0
 

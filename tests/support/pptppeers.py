@@ -9,7 +9,9 @@ One family, one implementation per concept, all on routeproxy.pptp's messages:
 * :class:`PPTPClient` -- a scripted client (the PNS): start, call, clear, echo, stop;
 * :class:`ScriptedServer` -- a control server (the PAC, as pptpd: its own call IDs from a
   counter) that serves any number of connections in one thread (epoll), optionally echoes GRE of
-  its calls (raw socket, pptpd's source-address check) and writes a JSON status.  It runs in
+  its calls (raw socket, pptpd's source-address check) and writes a JSON status.  With
+  *calls_per_connection* it takes that many calls per control connection and closes the
+  connection on one more, as poptop does on a second Outgoing-Call-Request.  It runs in
   the test process (fault tests) or as its own process (:class:`ServerProcess`,
   ``python -m tests.support.pptppeers server``);
 * :class:`EchoClient` -- places calls, sends GRE keyed with the server side's IDs, checks that
@@ -358,8 +360,10 @@ class ScriptedServer:
     """
 
     def __init__(self, host="0.0.0.0", port=pptp.PPTP_PORT, first_call_id=1, mirror=False,
-                 status_path=None, announce=None, host_name=b"scripted"):
+                 status_path=None, announce=None, host_name=b"scripted", calls_per_connection=None):
         self.host, self.port = host, port
+        self.calls_per_connection = calls_per_connection
+        self.closed_on_extra_call = 0   # connections closed for one call too many (poptop's way)
         self.mirror, self.status_path, self.announce, self.host_name = mirror, status_path, announce, host_name
         self.lock = threading.Lock()
         self.next_call_id = first_call_id
@@ -423,6 +427,11 @@ class ScriptedServer:
             connection.host_name = pptp.strip_nul(message.host_name)
             connection.send(start_reply(self.host_name))
         elif isinstance(message, pptp.OutgoingCallRequest):
+            if self.calls_per_connection is not None and len(connection.calls) >= self.calls_per_connection:
+                # poptop: "Request to open call when call is already open, closing"
+                with self.lock:
+                    self.closed_on_extra_call += 1
+                return False
             call = self.allocate(message.call_id, connection.peer[0], connection.number)
             if call is None:
                 connection.send(pptp.OutgoingCallReply(
@@ -594,6 +603,7 @@ class ScriptedServer:
                 "peer_call_ids": [c["peer_call_id"] for c in seen],
                 "active_calls": sorted(self.calls),
                 "gre_echoed": self.gre_echoed,
+                "closed_on_extra_call": self.closed_on_extra_call,
                 "acks": self.acks,
                 "dropped": dict(self.dropped),
                 "errors": list(self.errors),
@@ -639,7 +649,7 @@ class ServerProcess:
     """
 
     def __init__(self, lab, ns, address, workdir, port=pptp.PPTP_PORT, name="server", first_call_id=1,
-                 mirror=False, gre=True, timeout=10):
+                 mirror=False, gre=True, timeout=10, calls_per_connection=None):
         self.lab, self.ns, self.address, self.port, self.name = lab, ns, address, port, name
         self.status_path = os.path.join(workdir, f"{name}.status.json")
         self.log_path = os.path.join(workdir, f"{name}.log")
@@ -649,6 +659,8 @@ class ServerProcess:
         argv = [sys.executable, "-m", "tests.support.pptppeers", "server", "--listen", f"{address}:{port}",
                 "--status", self.status_path, "--first-call-id", str(first_call_id), "--announce"]
         argv += (["--mirror-call-ids"] if mirror else []) + ([] if gre else ["--no-gre"])
+        if calls_per_connection is not None:
+            argv += ["--calls-per-connection", str(calls_per_connection)]
         self.proc = lab.spawn(ns, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               cwd=REPO, env=child_env())
         threading.Thread(target=self._read, daemon=True).start()
@@ -717,7 +729,8 @@ def run_server(args):
     host, port = parseHostPort(args.listen, pptp.PPTP_PORT)
     announce = (lambda call: print(f"call {call.call_id} {call.peer_call_id}", flush=True)) if args.announce else None
     server = ScriptedServer(host, port, first_call_id=args.first_call_id, status_path=args.status,
-                            mirror=args.mirror_call_ids, announce=announce, host_name=b"synthetic")
+                            mirror=args.mirror_call_ids, announce=announce, host_name=b"synthetic",
+                            calls_per_connection=args.calls_per_connection)
     listener = listen(host, port)
     raw = None if args.no_gre else open_raw_gre(host)
 
@@ -749,6 +762,7 @@ class RoundResult:
         self.server_ids = []       # the IDs the server side told us (OCRP Call ID)
         self.sent = 0
         self.echoed = 0
+        self.echoed_by_call = {}   # our call ID -> its echoes
         self.duplicates = 0
         self.foreign = 0
         self.acks = 0
@@ -760,6 +774,7 @@ class RoundResult:
     def as_dict(self):
         return {"round": self.round_no, "start_reply": self.start_reply, "call_ids": self.call_ids,
                 "server_ids": self.server_ids, "sent": self.sent, "echoed": self.echoed,
+                "echoed_by_call": self.echoed_by_call,
                 "duplicates": self.duplicates, "foreign": self.foreign, "acks": self.acks,
                 "missing": self.missing, "errors": self.errors, "foreign_samples": self.foreign_samples[:5]}
 
@@ -875,6 +890,7 @@ class EchoClient:
                 else:
                     received.add(payload)
                     result.echoed += 1
+                    result.echoed_by_call[key] = result.echoed_by_call.get(key, 0) + 1
             else:
                 result.foreign += 1
                 result.foreign_samples.append(f"from {src} key {key}: {payload[4:60]!r}")
@@ -906,6 +922,17 @@ def client_report(client, results, loss_tolerance):
             "missing": missing, "duplicates": sum(r.duplicates for r in results),
             "server_ids": [r.server_ids for r in results], "errors": errors,
             "rounds": [r.as_dict() for r in results]}
+
+
+def echo_calls(raw, server, bind, calls, packets=5, timeout=3.0, round_no=1, name=None):
+    """GRE on each of *calls* ((our call ID, the ID the far side gave it), ...) from *bind* to
+    *server*, as one round of an :class:`EchoClient` on a control connection the caller drives;
+    returns {our call ID: echoes that came back with it} (every call is a key)."""
+    client = EchoClient(server, bind, packets=packets, timeout=timeout, interval=0.0,
+                        name=name or bind, linger=0.05)
+    result = RoundResult(round_no)
+    client._exchange_gre(raw, [(i, ours, theirs) for i, (ours, theirs) in enumerate(calls)], result)
+    return {ours: result.echoed_by_call.get(ours, 0) for ours, _ in calls}
 
 
 def run_client(args):
@@ -1094,6 +1121,9 @@ def build_parser():
     s.add_argument("--status", metavar="FILE", help="write a JSON status here (SIGUSR1, SIGTERM, exit)")
     s.add_argument("--no-gre", action="store_true", help="control only: no raw socket, no echoes")
     s.add_argument("--announce", action="store_true", help="print 'call OURS PEER' for every call answered")
+    s.add_argument("--calls-per-connection", type=int, default=None, metavar="N",
+                   help="take N calls per control connection and close it on one more, as pptpd "
+                        "(poptop) does with N=1 [default: no limit]")
     c = sub.add_parser("client", help="place calls, send GRE, check the echoes")
     c.add_argument("--server", required=True, metavar="HOST[:PORT]")
     c.add_argument("--bind", required=True, metavar="ADDR", help="local address for TCP and GRE")

@@ -8,6 +8,9 @@ LRP and RRP carrying the same clients through that same NAT.
 Skipped where linux.uml (Debian's user-mode-linux) is not installed.
 """
 import os
+import re
+import stat
+import subprocess
 import time
 
 from twisted.trial import unittest
@@ -74,7 +77,96 @@ class ScriptTests(unittest.SynchronousTestCase):
             self.assertFalse(cli.LabRun("proxy", 4, uml.UMLResult(0, broken, 1.0, 2.0, "")).hangup_ok(),
                              bad)
         self.assertIsNone(cli.LabRun("direct", 4, uml.UMLResult(0, "", 1.0, 2.0, "")).hangup)
-        self.assertIn("kill $(pppd_pid 1)", topology.build_script("proxy", 2, hangup=True))
+        self.assertIn("p=$(pppd_pid $H)\nkill $p", topology.build_script("proxy", 2, hangup=True))
+
+    def test_calls_per_client_bounds(self):
+        for clients, calls in ((1, 0), (1, topology.MAX_CALLS_PER_CLIENT + 1), (31, 3)):
+            self.assertRaises(topology.LabScriptError, topology.build_script, "proxy", clients,
+                              calls_per_client=calls)
+        self.assertIn("\nN=3\n", topology.build_script("proxy", 30, calls_per_client=3))
+        self.assertEqual(cli.main(["--clients", "31", "--calls-per-client", "3"]), 2)   # before UML
+
+    def test_calls_per_client_option(self):
+        args = cli.parser().parse_args(["--calls-per-client", "3", "--mode", "direct", "--clients", "1"])
+        self.assertEqual((args.calls_per_client, args.mode, args.clients), (3, "direct", 1))
+        self.assertEqual(cli.parser().parse_args([]).calls_per_client, 1)
+        seen = {}
+
+        def run(script, timeout, keep, modules):
+            seen.update(script=script, timeout=timeout)
+            return uml.UMLResult(0, "LAB-RESULT client=c1-1 connected=yes addr=192.168.90.100 ping=yes "
+                                    "rtt=1 tx=1 rx=1\n", 1.0, 2.0, "")
+
+        run_ = cli.run_lab("direct", 1, calls_per_client=3, run=run)
+        self.assertIn("\nN=3\n", seen["script"])
+        self.assertEqual((run_.tunnels, run_.connected), (3, 1))
+        self.assertIn("mode direct (3 calls per client): 1 of 3 connected", cli.format_table(run_))
+
+    def shell(self, script, *functions, stubs=None, run=""):
+        """Run *run* under dash after the payload's PRELUDE and the named *functions* of
+        *script*, with *stubs* {command: sh body} on PATH first; returns stdout."""
+        bin_dir = self.mktemp()
+        os.makedirs(bin_dir)
+        for name, body in (stubs or {}).items():
+            path = os.path.join(bin_dir, name)
+            with open(path, "w") as f:
+                f.write(f"#!/bin/sh\n{body}\n")
+            os.chmod(path, stat.S_IRWXU)
+        prelude = script[:script.index("\nfor n in lrp nat rrp srv")]
+        parts = [prelude.split("busybox syslogd")[0] + script[script.index("ns() {"):len(prelude)]]
+        for name in functions:
+            parts.append(re.search(rf"^{name}\(\) \{{.*?(?:^\}}|; \}})$", script, re.S | re.M).group(0))
+        env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", LAB_WORK=bin_dir)
+        return subprocess.run(["dash", "-c", "\n".join(parts + [run])], capture_output=True,
+                              text=True, env=env, timeout=20, check=True).stdout
+
+    def test_tunnels_of_each_client(self):
+        three = topology.build_script("proxy", 2, calls_per_client=3)
+        out = self.shell(three, run='show() { echo "$i $j $t ppp$u"; }; each_tunnel show')
+        self.assertEqual(out.splitlines(), ["1 1 c1-1 ppp0", "1 2 c1-2 ppp1", "1 3 c1-3 ppp2",
+                                            "2 1 c2-1 ppp0", "2 2 c2-2 ppp1", "2 3 c2-3 ppp2"])
+        one = topology.build_script("proxy", 2)
+        out = self.shell(one, run='show() { echo "$t ppp$u user${t#c}"; }; each_tunnel show')
+        self.assertEqual(out.splitlines(), ["c1 ppp0 user1", "c2 ppp0 user2"])   # as before
+        self.assertIn("\nunit $u\n", three)
+        self.assertIn("--device ppp$u", topology.build_script("proxy", 1, calls_per_client=3, transfer_mb=1))
+
+    def test_a_clients_pppd_share_one_mount_namespace(self):
+        """dial I starts client I's N pppd from one `unshare -m` (one /run/pptp, so one
+        pptp call manager and one control connection); with N = 1 one pppd, as before."""
+        stubs = {"ip": 'shift 3; exec "$@"',                                # ip netns exec cI CMD
+                 "unshare": 'echo unshare >> "$LAB_WORK/calls"; shift 3; exec "$@"',
+                 "mount": 'echo "mount $*" >> "$LAB_WORK/calls"',
+                 "pppd": 'echo "pppd $*" >> "$LAB_WORK/calls"',
+                 "sleep": ":"}
+        for calls, expected in ((3, ["unshare", "mount -t tmpfs tmpfs /run/pptp", "pppd call c2-1",
+                                     "pppd call c2-2", "pppd call c2-3"]),
+                                (1, ["unshare", "mount -t tmpfs tmpfs /run/pptp", "pppd call c2"])):
+            script = topology.build_script("proxy", 2, calls_per_client=calls)
+            out = self.shell(script, "dial", stubs=stubs,
+                             run='LOGS=$LAB_WORK; dial 2; wait; cat "$LAB_WORK/calls"; rm "$LAB_WORK/calls"')
+            lines = out.splitlines()   # the stubbed pppd run in the background: any order
+            self.assertEqual(lines[:2] + sorted(lines[2:]), expected, calls)
+
+    def test_connected_count_is_of_client_namespaces_only(self):
+        listing = ("netns: srv\n5: ppp0    inet 192.168.90.1 peer 192.168.90.100/32 scope global ppp0\n"
+                   "netns: c1\n4: ppp0    inet 192.168.90.100 peer 192.168.90.1/32 scope global ppp0\n"
+                   "5: ppp1    inet 192.168.90.101 peer 192.168.90.1/32 scope global ppp1\n"
+                   "2: eth0    inet 10.1.0.11/24 scope global eth0\n")
+        script = topology.build_script("proxy", 1, calls_per_client=3)
+        out = self.shell(script, "ppp_up", stubs={"ip": f"printf '{listing}'"}, run="ppp_up")
+        self.assertEqual(out.strip(), "2")
+
+    def test_hangup_verdict_with_calls_per_client(self):
+        """With several calls per client the LRP session stays up on a hang-up: not required."""
+        line = ("LAB-HANGUP client=c1-1 pptpd_calls_before=3 pptpd_calls_after=2 lrp_closed=0 "
+                "rrp_upstreams_closed=1 others_ping=yes redial_addr=192.168.90.104 redial_ping=yes\n")
+        self.assertTrue(cli.LabRun("proxy", 1, uml.UMLResult(0, line, 1.0, 2.0, ""), 3).hangup_ok())
+        self.assertFalse(cli.LabRun("proxy", 1, uml.UMLResult(0, line, 1.0, 2.0, ""), 1).hangup_ok())
+        self.assertFalse(cli.LabRun("proxy", 1, uml.UMLResult(
+            0, line.replace("others_ping=yes", "others_ping=no"), 1.0, 2.0, ""), 3).hangup_ok())
+        script = topology.build_script("proxy", 1, calls_per_client=3, hangup=True)
+        self.assertIn("nsenter -t $p -m -n pppd call $H", script)
 
     def test_module_order_puts_dependencies_first(self):
         if uml.modules_version() is None:
@@ -113,14 +205,14 @@ class LabTests(unittest.SynchronousTestCase):
         run = cli.run_lab(mode, clients, **kw)
         # the table is the product's output: print it into the test log with the time
         print(f"\n{cli.format_table(run)}\n[{mode}: {time.monotonic() - started:.1f} s]")
-        self.assertEqual(len(run.rows), clients, run.result.output)
+        self.assertEqual(len(run.rows), run.tunnels, run.result.output)
         return run
 
     def assertAllUp(self, run):
-        self.assertEqual(run.connected, run.clients, cli.format_table(run))
-        self.assertEqual(run.pinged, run.clients, cli.format_table(run))
+        self.assertEqual(run.connected, run.tunnels, cli.format_table(run))
+        self.assertEqual(run.pinged, run.tunnels, cli.format_table(run))
         addrs = [r["addr"] for r in run.rows]
-        self.assertEqual(len(set(addrs)), run.clients)
+        self.assertEqual(len(set(addrs)), run.tunnels)
         for addr in addrs:
             self.assertTrue(addr.startswith("192.168.90."), addr)
 
@@ -164,6 +256,26 @@ class LabTests(unittest.SynchronousTestCase):
         self.assertAllUp(run)
         self.assertTrue(run.hangup_ok(), cli.format_table(run))
         self.assertEqual(run.hangup["pptpd_calls_before"], str(CLIENTS))
+
+
+class CallsPerClientLabTests(unittest.SynchronousTestCase):
+    """Issue 14: one client host, three pppd sharing one pptp call manager (one control
+    connection), to pptpd, which serves one call per control connection."""
+
+    skip = UML_MISSING
+    lab = LabTests.lab
+    assertAllUp = LabTests.assertAllUp
+    assertTransfers = LabTests.assertTransfers
+
+    def test_direct_serves_one_of_three(self):
+        run = self.lab("direct", 1, calls_per_client=3)
+        self.assertEqual(run.pinged, 1, cli.format_table(run))
+
+    def test_proxy_splits_the_calls(self):
+        run = self.lab("proxy", 1, calls_per_client=3, transfer_mb=BASELINE_MB, hangup=True, mtu=1400)
+        self.assertAllUp(run)
+        self.assertTransfers(run)
+        self.assertTrue(run.hangup_ok(), cli.format_table(run))
 
 
 class KeepVisibleTests(unittest.SynchronousTestCase):

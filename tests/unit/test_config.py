@@ -8,7 +8,7 @@ from twisted.python import usage
 from twisted.trial import unittest
 
 from routeproxy import lrp_tap, rrp_tap
-from routeproxy.config import parseHostPort
+from routeproxy.config import Profile, parseHostPort
 
 from tests.support.options import CA, LRP_REQUIRED, LRP_TLS, RRP_REQUIRED, RRP_TLS, parse
 
@@ -75,7 +75,30 @@ class RRPOptionsTests(unittest.SynchronousTestCase):
         options = parse(rrp_tap.Options, RRP_REQUIRED + [
             "--pptp-server", "10.0.0.1", "--profile", "b=10.0.0.2:1724", "--profile", "c=h"])
         self.assertEqual(options["profiles"], {
-            "default": ("10.0.0.1", 1723), "b": ("10.0.0.2", 1724), "c": ("h", 1723)})
+            "default": Profile("10.0.0.1", 1723), "b": Profile("10.0.0.2", 1724), "c": Profile("h", 1723)})
+        self.assertEqual({p.callsPerConnection for p in options["profiles"].values()}, {1})
+
+    def test_calls_per_connection(self):
+        options = parse(rrp_tap.Options, RRP_REQUIRED + [
+            "--profile", "pptpd=10.0.0.2,calls-per-connection=1",
+            "--profile", "accel=10.0.0.3:1724, calls-per-connection = 0"])
+        self.assertEqual(options["profiles"], {"pptpd": Profile("10.0.0.2", 1723, 1),
+                                               "accel": Profile("10.0.0.3", 1724, 0)})
+        for bad, text in (("a=h,calls-per-connection=-1", "must be at least 0"),
+                          ("a=h,calls-per-connection=x", "not a whole number"),
+                          ("a=h,calls=2", "unknown setting 'calls=2'")):
+            e = self.assertRaises(usage.UsageError, parse, rrp_tap.Options, RRP_REQUIRED + ["--profile", bad])
+            self.assertIn(text, str(e))
+
+    def test_calls_per_connection_in_ini(self):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("[rrp]\npptp-server = 10.0.0.1\nprofile = a=10.0.0.2,calls-per-connection=0, b=10.0.0.3\n"
+                    "  c=10.0.0.4:1724,calls-per-connection=2\n")
+        options = parse(rrp_tap.Options, ["--config", path] + RRP_REQUIRED)
+        self.assertEqual(options["profiles"], {
+            "default": Profile("10.0.0.1"), "a": Profile("10.0.0.2", 1723, 0),
+            "b": Profile("10.0.0.3", 1723, 1), "c": Profile("10.0.0.4", 1724, 2)})
 
     def test_needs_a_server(self):
         e = self.assertRaises(usage.UsageError, parse, rrp_tap.Options, RRP_REQUIRED)
@@ -141,7 +164,7 @@ class MakeServiceTests(unittest.SynchronousTestCase):
         options = parse(rrp_tap.Options, RRP_REQUIRED + ["--pptp-server", "10.0.0.1", "--source", "127.0.0.2"])
         top = rrp_tap.makeService(options, reactor=MemoryReactorClock())
         self.assertEqual(len(list(top)), 2)   # GRE port, TLS listener
-        self.assertEqual(top.rrp.profiles, {"default": ("10.0.0.1", 1723)})
+        self.assertEqual(top.rrp.profiles, {"default": Profile("10.0.0.1", 1723)})
         tls_server = [s for s in top if s.__class__.__name__ == "SSLServer"][0]
         self.assertEqual(tls_server.args[1].config.maxSessions, 20000)
         self.assertEqual(top.rrp.relay.grePort.localAddresses, ["127.0.0.2"])
