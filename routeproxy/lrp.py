@@ -15,8 +15,10 @@ from twisted.logger import Logger
 from routeproxy import pptp, tls
 from routeproxy.callids import CallIDSpace
 from routeproxy.control import PPTPControlProtocol
-from routeproxy.mux.frames import LinkError
+from routeproxy.mux.connection import MuxConfig
+from routeproxy.mux.frames import RESUME_CAPABILITY, LinkError
 from routeproxy.mux.protocol import MuxClientFactory
+from routeproxy.mux.resume import Resumer
 from routeproxy.mux.session import LinkDown
 from routeproxy.relay import Relay, Side
 from routeproxy.scopes import SharedScope
@@ -42,6 +44,7 @@ class LocalRouteProxy:
         self.space = space if space is not None else CallIDSpace("LRP")
         self.relay = Relay(LRP, SharedScope(self.space), openGREPort)
         self.links = set()        # MuxConnections (LinkFactory.connections)
+        self.resumer = None       # mux.resume.Resumer when --resume-grace is on
         self._linkWaiters = []
 
     # --- the link to the RRP ---------------------------------------------------------
@@ -91,21 +94,34 @@ class LocalRouteProxy:
 
     def snapshot(self):
         """The LRP as plain data (docs/status.md)."""
-        return dict(self.relay.snapshot(self.links), profile=self.profile)
+        snapshot = dict(self.relay.snapshot(self.links), profile=self.profile)
+        if self.resumer is not None:
+            snapshot["resume"] = self.resumer.snapshot()
+        return snapshot
 
 
 class LinkFactory(MuxClientFactory):
     """The LRP's end of the link: tells the LRP when each new connection is ready."""
 
-    def __init__(self, lrp, clock):
-        super().__init__(clock=clock, peerNameOf=tls.peerName)
+    def __init__(self, lrp, clock, resumeGrace=30.0, deadTimeout=8.0):
+        resumer = Resumer(clock, resumeGrace) if resumeGrace else None
+        super().__init__(config=muxConfig(resumeGrace, deadTimeout), clock=clock,
+                         peerNameOf=tls.peerName, resume=resumer)
         self.lrp = lrp
         lrp.links = self.connections
+        lrp.resumer = resumer
 
     def buildProtocol(self, addr):
         protocol = super().buildProtocol(addr)
         protocol.connection.whenReady().addCallbacks(self.lrp.linkUp, lambda f: None)
         return protocol
+
+
+def muxConfig(resumeGrace, deadTimeout, **more):
+    """Both daemons' link settings: "resume" when a grace time is set; a ping every quarter
+    of the dead timeout."""
+    return MuxConfig(pingInterval=deadTimeout / 4, deadTimeout=deadTimeout,
+                     capabilities=(RESUME_CAPABILITY,) if resumeGrace else (), **more)
 
 
 class LinkShutdown(Service):

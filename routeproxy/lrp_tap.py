@@ -4,7 +4,7 @@ from twisted.application.service import MultiService
 from twisted.python import usage
 
 from routeproxy import tls
-from routeproxy.config import ConfigOptions, Setting, parseCIDR, parseHostPort
+from routeproxy.config import LINK_SETTINGS, ConfigOptions, Setting, parseCIDR, parseHostPort
 
 
 class Options(ConfigOptions):
@@ -32,7 +32,7 @@ class Options(ConfigOptions):
         Setting("gre-interface", "any", "interface GRE from clients is captured on [default: any]"),
         Setting("status", None, "HOST:PORT for the status/metrics HTTP endpoint, loopback "
                 "recommended [default: off]", lambda v: parseHostPort(v, None, "--status")),
-    )
+    ) + LINK_SETTINGS
 
     def check(self):
         try:
@@ -55,7 +55,8 @@ def makeService(options, reactor=None):
     rrpHost, rrpPort = options["rrp"]
     # No prepareConnection: a refused handshake would fail it before the disconnect, which
     # ClientService cannot take (NoTransition); LinkFactory tells the LRP when a link is ready.
-    link = tls.rrpClientService(reactor, rrpHost, rrpPort, options["tls"], LinkFactory(lrp, reactor))
+    link = tls.rrpClientService(reactor, rrpHost, rrpPort, options["tls"], LinkFactory(
+        lrp, reactor, options["resume-grace"], options["dead-timeout"]))
     link.setServiceParent(top)
     LinkShutdown(lrp).setServiceParent(top)   # stops before the ClientService
     internet.TCPServer(port, PPTPServerFactory(lrp), interface=host, reactor=reactor).setServiceParent(top)

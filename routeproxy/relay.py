@@ -18,7 +18,8 @@ that ended, drops by reason, the GRE port and the ID scopes; its
 
 Echo-Request/-Reply pass through untouched: pptpd's keepalive then proves the whole path
 (client, both proxies and the link) is alive, and a dead path ends the call as it would
-without a proxy, instead of a proxy answering for a client that has gone.
+without a proxy, instead of a proxy answering for a client that has gone.  The one
+exception is a lost link waiting for a resume (:mod:`routeproxy.detach`).
 """
 import dataclasses
 from typing import Callable, Optional
@@ -29,6 +30,7 @@ from routeproxy import calls, gre, pptp
 from routeproxy.callids import CallIDExhausted
 from routeproxy.capture import GREIOError
 from routeproxy.control import MuxReadingControl
+from routeproxy.detach import DROP_MUX_DETACHED, Gap
 from routeproxy.gredemux import GREDemultiplexer
 from routeproxy.mux.frames import Reason, reasonName
 from routeproxy.stats import DropCounter
@@ -79,6 +81,7 @@ class RelaySession:
         self.greIn = self.greOut = 0           # packets from / to the peer
         self.greDropped = 0
         self._greAddress = None   # the local address we asked the GRE port to serve
+        self.gap = None           # a detach.Gap while the link is lost and may resume
 
     # --- the peer (client or pptpd) ----------------------------------------------------
 
@@ -104,6 +107,8 @@ class RelaySession:
         if self.closed:
             return
         self.controlIn += message.LENGTH
+        if self.gap is not None and self.gap.answered(message):
+            return
         try:
             message = self.book.translate(message, calls.TO_MUX)
         except calls.UnknownCallID as e:
@@ -137,7 +142,11 @@ class RelaySession:
         mux = self.mux
         if mux is None or not mux.sendGRE(call.pns_id, seq, ack, payload):
             self.greDropped += 1
-            self.relay.drops.add(DROP_MUX_SEND if mux is not None else DROP_MUX_NOT_OPEN)
+            if self.gap is not None:
+                self.gap.greDropped += 1
+                self.relay.drops.add(DROP_MUX_DETACHED)
+            else:
+                self.relay.drops.add(DROP_MUX_SEND if mux is not None else DROP_MUX_NOT_OPEN)
 
     # --- the mux session (ISessionReceiver) ---------------------------------------------
 
@@ -192,6 +201,15 @@ class RelaySession:
         self.relay.grePort.sendGRE(self.localAddress, self.peerAddress,
                                    gre.build_gre(self.book.gre_key(call), payload, seq, ack))
 
+    def sessionDetached(self):
+        """The link is lost; the mux session waits for a resume (routeproxy.detach)."""
+        self.gap = Gap(self, self.relay.clock)
+
+    def sessionResumed(self):
+        gap, self.gap = self.gap, None
+        if gap is not None:
+            gap.resumed()
+
     def sessionClosed(self, reason):
         """The mux session ended (the far side closed, refused, or the link went down)."""
         why = f"mux session closed ({reasonName(reason)})"
@@ -224,6 +242,8 @@ class RelaySession:
             client=f"; client {self.clientLabel}" if self.clientLabel else "")
         if self.opener is not None:
             self.opener.cancel()
+        if self.gap is not None and self.peer is not None:
+            self.gap.endInPPTP()   # before the calls' IDs are released
         if self.upstreams is not None:
             self.upstreams.closeAll()
         if self.book is not None:
@@ -289,7 +309,10 @@ class Relay:
               "greIn": "gre_packets_in", "greOut": "gre_packets_out",
               "greDropped": "gre_dropped"}
 
-    def __init__(self, side, scopes, openGREPort, drops=None):
+    def __init__(self, side, scopes, openGREPort, drops=None, clock=None):
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.clock = clock
         self.side = side
         self.scopes = scopes
         self.drops = drops if drops is not None else DropCounter()

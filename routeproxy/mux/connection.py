@@ -52,8 +52,8 @@ class MuxConfig:
 
     maxPayload: int = F.MIN_MAX_PAYLOAD   # largest payload we accept
     initialWindow: int = 65536            # CONTROL credit we grant per session
-    pingInterval: float = 10.0            # seconds between PINGs
-    deadTimeout: float = 30.0             # seconds of silence before the link is dead
+    pingInterval: float = 2.0             # seconds between PINGs
+    deadTimeout: float = 8.0              # seconds of silence before the link is dead
     greWatermark: int = 262144            # send-buffer + this turn's bytes above which GRE is dropped:
                                           # a full GRE wake-up (128 x 1400 B) fits, ~2 ms at 1 Gbit/s
     maxSessions: int = 4096               # acceptor: concurrent sessions

@@ -57,7 +57,8 @@ class Base(unittest.SynchronousTestCase):
         self.conn = self.makeConnection()
 
     def makeConnection(self, config=None, hello=PEER_HELLO, sessionRequested=None):
-        conn = MuxConnection(self.isOpener, self.clock, config or MuxConfig(initialWindow=100),
+        conn = MuxConnection(self.isOpener, self.clock,
+                             config or MuxConfig(initialWindow=100, pingInterval=10, deadTimeout=30),
                              sessionRequested or self.sessionRequested, peerName="peer.test")
         self.link = FakeLink()
         conn.start(self.link)
