@@ -209,6 +209,13 @@ class Resumer(_ResumeState):
     def _detachedLinks(self):
         return [] if self.detached is None else [self.detached]
 
+    def retryDelay(self, attempt, delay):
+        """While sessions wait, reconnect at once, then after 0.25, 0.75, 1, 1, ... s (within
+        the grace time only); otherwise the usual backoff *delay*."""
+        if self.detached is None:
+            return delay
+        return min(delay, 0.25 * (2 ** min(attempt - 1, 3) - 1), 1.0)
+
     def linkReady(self, connection):
         detached = self.detached
         if detached is None or detached.attempt is not None:

@@ -240,6 +240,47 @@ class ResumeTests(unittest.SynchronousTestCase):
         self.assertEqual(near.sentOffset - near.ackedOffset, len(near._unacked))
 
 
+class RetryTests(unittest.SynchronousTestCase):
+
+    def test_fastWhileSessionsWait(self):
+        clock = Clock()
+        resumer = Resumer(clock)
+        self.assertEqual(resumer.retryDelay(1, 1.5), 1.5)
+        resumer.detached = object()
+        self.assertEqual([resumer.retryDelay(a, 9.0) for a in (1, 2, 3, 4, 9)], [0, 0.25, 0.75, 1.0, 1.0])
+        self.assertEqual(resumer.retryDelay(3, 0.1), 0.1)
+
+
+class FailoverTests(unittest.SynchronousTestCase):
+    """FailoverEndpoint: the addresses in order, the first that answers."""
+
+    def endpoint(self, outcome, tried, label):
+        from twisted.internet import defer
+
+        class Endpoint:
+            def connect(self, factory):
+                tried.append(label)
+                return defer.succeed(label) if outcome else defer.fail(ConnectionRefusedError(label))
+        return Endpoint()
+
+    def test_triesInOrder(self):
+        from routeproxy.failover import FailoverEndpoint
+        tried, results = [], []
+        endpoint = FailoverEndpoint([self.endpoint(False, tried, "a"), self.endpoint(True, tried, "b"),
+                                     self.endpoint(True, tried, "c")], ["a", "b", "c"])
+        endpoint.connect(None).addCallback(results.append)
+        self.assertEqual((tried, results, endpoint.current), (["a", "b"], ["b"], "b"))
+
+    def test_allFail(self):
+        from routeproxy.failover import FailoverEndpoint
+        tried, failures = [], []
+        endpoint = FailoverEndpoint([self.endpoint(False, tried, "a"), self.endpoint(False, tried, "b")],
+                                    ["a", "b"])
+        endpoint.connect(None).addErrback(failures.append)
+        self.assertEqual(tried, ["a", "b"])
+        self.assertTrue(failures[0].check(ConnectionRefusedError))
+
+
 class VersionOnePeerTests(unittest.SynchronousTestCase):
     """A peer that offers only version 1 gets version 1: no token, sessions end with the link."""
 
