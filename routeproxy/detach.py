@@ -3,7 +3,8 @@
 The mux session is DETACHED (docs/protocol.md s.10) for up to ``--resume-grace`` seconds.
 Meanwhile the PPTP peer (client at the LRP, pptpd at the RRP) keeps its TCP connection:
 
-- an Echo-Request from it is answered here, so its keepalive does not end the call;
+- an Echo-Request from it is answered here, so its keepalive does not end the call, unless
+  an earlier one still waits for the far side's reply (the replies then keep their order);
 - any other message is held by the mux session, which then pauses reading the peer's
   connection until the resume (the control window bounds what is held);
 - GRE from it is dropped and counted (``mux_detached``): PPP tolerates loss, and there is
@@ -40,7 +41,7 @@ class Gap:
 
     def answered(self, message):
         """True if *message* from the peer was dealt with here (an Echo-Request)."""
-        if not isinstance(message, pptp.EchoRequest):
+        if not isinstance(message, pptp.EchoRequest) or self.session.echoesPending:
             return False
         self.echoesAnswered += 1
         self.session.sendToPeer(pptp.EchoReply(identifier=message.identifier,

@@ -82,6 +82,7 @@ class RelaySession:
         self.greDropped = 0
         self._greAddress = None   # the local address we asked the GRE port to serve
         self.gap = None           # a detach.Gap while the link is lost and may resume
+        self.echoesPending = 0    # the peer's Echo-Requests the far side has not answered yet
 
     # --- the peer (client or pptpd) ----------------------------------------------------
 
@@ -115,6 +116,8 @@ class RelaySession:
             self.log.warn("{side} {peer}: dropped {name}: {error}", side=self.side.name,
                           peer=self.peerLabel, name=message.NAME, error=str(e))
             return
+        if message.__class__ is pptp.EchoRequest:
+            self.echoesPending += 1
         if self.mux is not None:
             self.mux.sendControl(message.pack())
         else:
@@ -169,6 +172,8 @@ class RelaySession:
             self.close(f"bad PPTP from the mux: {e.reason}")
             return
         for message in messages:
+            if message.__class__ is pptp.EchoReply and self.echoesPending:
+                self.echoesPending -= 1
             try:
                 out, call = self.book.translate_call(message, calls.TO_PEER)
             except calls.UnknownCallID as e:
