@@ -16,15 +16,20 @@ NAT breaks the link's TCP with iptables:
   session works afterwards.
 
 The server runs in this process (in its namespace), so the test reads what it received.
-Needs root; skipped with the reason otherwise.
+A last test puts two RRPs behind HAProxy (TCP mode) and kills the one in use.
+
+Needs root (and haproxy for the last test); skipped with the reason otherwise.
 """
 import hashlib
 import os
 import selectors
+import shutil
+import signal
 import struct
 import threading
 import time
 
+from twisted.python import log
 from twisted.trial import unittest
 
 from routeproxy import gre, pptp
@@ -152,6 +157,8 @@ class Traffic(threading.Thread):
 
 
 class ResumeTestCase(unittest.TestCase):
+    """The daemons, the in-process server and the NAT's cut; the tests are in the subclasses."""
+
     timeout = 150
 
     def setUp(self):
@@ -200,6 +207,10 @@ class ResumeTestCase(unittest.TestCase):
     def diagnose(self):
         return self.topo.logs()
 
+
+
+class LinkCutTests(ResumeTestCase):
+
     def survives(self, target, seconds):
         self.build()
         clients = self.clients()
@@ -243,7 +254,7 @@ class ResumeTestCase(unittest.TestCase):
             self.assertEqual(status_rrp["resume"]["sessions_resumed"], CLIENTS, status_rrp["resume"])
             self.assertGreater(status_lrp["drops"].get("mux_detached", 0), 0, status_lrp["drops"])
         gap = time.monotonic()
-        print(f"\ntest_resume {target} {seconds} s: {resumed.strip()}; cut {cut_end - cut_start:.1f} s, "
+        log.msg(f"test_resume: {target} {seconds} s: {resumed.strip()}; cut {cut_end - cut_start:.1f} s, "
               f"GRE lost per client {[len(c.lost()) for c in clients]} of {[len(c.sentAt) for c in clients]}; "
               f"lines {len(lines)}; {gap - cut_start:.1f} s")
 
@@ -284,3 +295,95 @@ class ResumeTestCase(unittest.TestCase):
             self.addCleanup(later.close)
             self.assertEqual(later.start().result_code, pptp.StartResult.SUCCESS)
             later.round_trip()
+
+
+HAPROXY_CONFIG = """\
+global
+    maxconn 256
+defaults
+    mode tcp
+    timeout connect 2s
+    timeout client 120s
+    timeout server 120s
+    retries 2
+    option redispatch
+frontend rrps
+    bind {listen}:{port}
+    default_backend rrps
+backend rrps
+    balance first
+    server a {a}:{port} check inter 300 fall 2 rise 2
+    server b {b}:{port} check inter 300 fall 2 rise 2
+"""
+
+
+class FailoverTests(ResumeTestCase):
+    """Two RRPs behind HAProxy in TCP mode (Debian's package), run by the test in the NAT
+    namespace: SIGKILL the RRP in use; the LRP reconnects through HAProxy to the other one,
+    whose refusal of the RESUME ends the old sessions cleanly, and new sessions work."""
+
+    def setUp(self):
+        super().setUp()
+        if shutil.which("haproxy") is None:
+            raise unittest.SkipTest("haproxy is not installed (make apt)")
+
+    def interface(self, ns, address):
+        """The interface of *ns* that carries *address*."""
+        for line in self.topo.lab.run(ns, ["ip", "-o", "-4", "addr"]).stdout.splitlines():
+            if f" {address}/" in line:
+                return line.split()[1]
+        raise AssertionError(f"no interface with {address} in {ns}")
+
+    def test_rrp_behind_haproxy_fails_over(self):
+        topo = e2e.build(2, lab=netns.lab_for(self))
+        self.addCleanup(topo.cleanup)
+        self.topo = topo
+        lab, rrp_ns, nat_ns = topo.lab, topo.rrp.ns, topo.nat.ns
+        server_side = topo.servers[0]
+        lab.address(rrp_ns, self.interface(rrp_ns, "10.3.0.2"), "10.3.0.3/24")
+        lab.address(rrp_ns, self.interface(rrp_ns, server_side.gateway), "10.4.0.3/24")
+        listener = pptppeers.listen(server_side.address, opener=lambda: lab.inside(server_side.ns))
+        self.server = pptppeers.ScriptedServer(server_side.address, first_call_id=300).start(listener)
+        self.addCleanup(self.server.stop)
+        e2e.make_certs(topo, ["lrp0"])
+        rrps = {}
+        for name, address, source, status in (("a", "10.3.0.2", "10.4.0.1", RRP_STATUS),
+                                              ("b", "10.3.0.3", "10.4.0.3", RRP_STATUS + 10)):
+            topo.rrp = e2e.Side(rrp_ns, address)
+            rrps[name] = e2e.start_rrp(topo, status_port=status, extra=["--source", source])
+            rrps[name].name = f"rrp-{name}"
+        config = os.path.join(topo.workdir, "haproxy.cfg")
+        with open(config, "w") as f:
+            f.write(HAPROXY_CONFIG.format(listen="10.2.0.1", port=e2e.RRP_PORT, a="10.3.0.2", b="10.3.0.3"))
+        haproxy = lab.spawn(nat_ns, ["haproxy", "-db", "-f", config],
+                            logfile=os.path.join(topo.workdir, "haproxy.log"))
+        self.addCleanup(netns.stop_process, haproxy)
+        lab.wait_tcp(nat_ns, "10.2.0.1", e2e.RRP_PORT, proc=haproxy)
+        topo.rrp = e2e.Side(nat_ns, "10.2.0.1")          # the LRP dials HAProxy
+        self.lrp = e2e.start_lrp(topo, status_port=LRP_STATUS)
+        self.lrp.wait_line(r"LRP: link to the RRP .* is up", timeout=15)
+        opener = lambda: lab.inside(topo.clients_ns)  # noqa: E731
+
+        with topo.logs_on_failure():
+            before = pptppeers.PPTPClient((topo.lrps[0].address, e2e.PPTP_PORT), topo.client_addresses[0],
+                                          name="before", opener=opener, strict=False)
+            self.addCleanup(before.close)
+            self.assertEqual(before.start().result_code, pptp.StartResult.SUCCESS)
+            call = before.call()
+            self.assertEqual(self.server.connection_named("before").peer[0], "10.4.0.1", "not through RRP a")
+            since = self.lrp.mark()
+            rrps["a"].stop(signal.SIGKILL)
+            self.lrp.wait_line(r"resume refused \(UNKNOWN_TOKEN", since, timeout=20)
+            disconnect = before.expect(pptp.CallDisconnectNotify, 5)
+            self.assertEqual(disconnect.call_id, call.call_id)
+            before.expect(pptp.StopControlConnectionRequest, 5)
+            self.assertTrue(before.wait_closed(5))
+            self.assertEqual(self.callIDsInUse(self.lrp, LRP_STATUS), 0)
+
+            after = pptppeers.PPTPClient((topo.lrps[0].address, e2e.PPTP_PORT), topo.client_addresses[1],
+                                         name="after", opener=opener)
+            self.addCleanup(after.close)
+            self.assertEqual(after.start().result_code, pptp.StartResult.SUCCESS)
+            after.round_trip()
+            self.assertEqual(self.server.connection_named("after").peer[0], "10.4.0.3", "not through RRP b")
+            self.assertEqual(self.lrp.status()["resume"]["resumes_refused"], 1)
