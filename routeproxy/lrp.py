@@ -125,19 +125,22 @@ def muxConfig(resumeGrace, deadTimeout, **more):
 
 
 class LinkShutdown(Service):
-    """Closes the links with GOAWAY when the LRP stops.
+    """Closes the links with GOAWAY when the daemon (*proxy*: the LRP or the RRP) stops.
 
     ClientService would close the TLS transport itself, which waits for ever while the mux
-    protocol is registered as its producer; the mux's own close unregisters first.
+    protocol is registered as its producer; the mux's own close unregisters first.  A
+    GOAWAY also tells the peer that this is a stop, not a loss: its sessions end at once
+    instead of waiting for a resume (docs/protocol.md s.10).
     """
 
-    def __init__(self, lrp):
-        self.lrp = lrp
+    def __init__(self, proxy, name="LRP"):
+        self.lrp = proxy
+        self.name = name
 
     def stopService(self):
         super().stopService()
         for connection in list(self.lrp.links):
-            connection.goAway(LinkError.NO_ERROR, "LRP shutting down")
+            connection.goAway(LinkError.NO_ERROR, f"{self.name} shutting down")
 
 
 class PPTPServerFactory(Factory):

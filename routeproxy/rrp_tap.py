@@ -58,7 +58,7 @@ class Options(ConfigOptions):
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
-    from routeproxy.lrp import muxConfig
+    from routeproxy.lrp import LinkShutdown, muxConfig
     from routeproxy.mux.protocol import MuxServerFactory
     from routeproxy.mux.resume import ResumeTable
     from routeproxy.rrp import RemoteRouteProxy
@@ -77,6 +77,7 @@ def makeService(options, reactor=None):
                                resume=rrp.resumeTable)
     rrp.links = factory.connections
     internet.SSLServer(port, factory, options["tls"], interface=host, reactor=reactor).setServiceParent(top)
+    LinkShutdown(rrp, "RRP").setServiceParent(top)   # stops before the listener
     addStatusEndpoint(top, reactor, options["status"], rrp)
     top.rrp = rrp
     return top

@@ -33,7 +33,7 @@ from twisted.python import log
 from twisted.trial import unittest
 
 from routeproxy import gre, pptp
-from tests.support import e2e, netns, pptppeers
+from tests.support import e2e, netns, packets, pptppeers
 from tests.support.daemons import daemons_missing
 from tests.support.wait import wait_until
 
@@ -89,7 +89,7 @@ class TrafficClient:
             except BlockingIOError:
                 return
             try:
-                _, _, data = gre.parse_ipv4_gre(frame)
+                _, _, data = packets.parse_ipv4_gre(frame)
                 _, _, _, payload = gre.split_gre(data)
             except gre.GREError:
                 continue

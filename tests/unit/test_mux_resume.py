@@ -16,30 +16,9 @@ from routeproxy.mux.connection import MuxConfig, MuxConnection
 from routeproxy.mux.frames import Reason
 from routeproxy.mux.resume import ResumeTable, Resumer
 from routeproxy.mux.session import CLOSED, DETACHED, OPEN
+from routeproxy.testing import RecordingSessionReceiver
 
 RESUME = MuxConfig(initialWindow=4096, capabilities=(F.RESUME_CAPABILITY,))
-
-
-class Receiver:
-    def __init__(self):
-        self.control = bytearray()
-        self.closed = []
-        self.events = []
-
-    def controlReceived(self, data):
-        self.control += data
-
-    def datagramReceived(self, callTag, seq, ack, payload):
-        pass
-
-    def sessionClosed(self, reason):
-        self.closed.append(reason)
-
-    def sessionDetached(self):
-        self.events.append("detached")
-
-    def sessionResumed(self):
-        self.events.append("resumed")
 
 
 class PipeEnd:
@@ -98,7 +77,7 @@ class ResumeTests(unittest.SynchronousTestCase):
         self.accepted = []
 
     def sessionRequested(self, session, profile, clientInfo):
-        receiver = Receiver()
+        receiver = RecordingSessionReceiver()
         self.accepted.append((session, receiver))
         return receiver
 
@@ -113,7 +92,7 @@ class ResumeTests(unittest.SynchronousTestCase):
     def openSessions(self, pipe, n):
         out = []
         for i in range(n):
-            receiver = Receiver()
+            receiver = RecordingSessionReceiver()
             session = pipe.opener.openSession("office", f"client{i}", receiver)
             pipe.pump()
             self.assertEqual(session.state, OPEN)
@@ -289,7 +268,7 @@ class VersionOnePeerTests(unittest.SynchronousTestCase):
         self.accepted = []
 
     def sessionRequested(self, session, profile, clientInfo):
-        receiver = Receiver()
+        receiver = RecordingSessionReceiver()
         self.accepted.append(receiver)
         return receiver
 
@@ -302,7 +281,7 @@ class VersionOnePeerTests(unittest.SynchronousTestCase):
         self.assertEqual(opener.version, 1)
         self.assertFalse(opener.resumable or acceptor.resumable)
         self.assertIsNone(opener.resumeToken)
-        receiver = Receiver()
+        receiver = RecordingSessionReceiver()
         session = opener.openSession("office", "", receiver)
         pipe.pump()
         session.sendControl(b"x" * 3000)
@@ -342,7 +321,7 @@ class FrameTests(unittest.SynchronousTestCase):
 
     def test_resumeFrameWithoutTheCapabilityClosesTheLink(self):
         clock = Clock()
-        conn = MuxConnection(False, clock, MuxConfig(), lambda *a: Receiver(), resume=ResumeTable(clock))
+        conn = MuxConnection(False, clock, MuxConfig(), lambda *a: RecordingSessionReceiver(), resume=ResumeTable(clock))
         end = PipeEnd()
         conn.start(end)
         conn.dataReceived(F.Hello(versions=(1, 2)).encode() + F.Resume(b"t" * 16).encode())
