@@ -192,6 +192,21 @@ class ResumeTests(unittest.SynchronousTestCase):
         self.assertEqual((receiver.closed, farReceiver.closed), ([Reason.LINK_LOST], [Reason.LINK_LOST]))
         self.assertEqual(self.resumer.sessionsExpired, 1)
 
+    def test_openerSawTheLossFirst(self):
+        """The acceptor still thinks the old link is up: the RESUME ends it there first."""
+        pipe = self.link()
+        [(near, receiver, far, farReceiver)] = self.openSessions(pipe, 1)
+        far.sendControl(b"in flight")
+        self.clock.advance(0)
+        pipe.acceptorEnd.outbox = []
+        pipe.opener.linkLost("the LRP's side timed out")
+        self.assertEqual(far.state, OPEN)
+        again = self.link()
+        self.assertTrue(pipe.acceptorEnd.aborted)
+        self.assertEqual((near.state, far.state), (OPEN, OPEN))
+        self.assertIs(far.connection, again.acceptor)
+        self.assertEqual(bytes(receiver.control), b"in flight")
+
     def test_goAwayEndsSessionsAtOnce(self):
         pipe = self.link()
         [(near, receiver, far, farReceiver)] = self.openSessions(pipe, 1)
