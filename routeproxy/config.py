@@ -58,6 +58,27 @@ def parseCount(value, what, minimum=1):
     return count
 
 
+def parseSeconds(value, what, minimum=0.0, maximum=3600.0):
+    try:
+        seconds = float(str(value).strip())
+    except ValueError:
+        raise usage.UsageError(f"{what} {value!r}: not a number of seconds")
+    if not minimum <= seconds <= maximum:
+        raise usage.UsageError(f"{what} {value!r}: must be between {minimum:g} and {maximum:g} s")
+    return seconds
+
+
+#: The link's settings, the same on both daemons (docs/protocol.md s.9 and s.10).
+LINK_SETTINGS = (
+    Setting("resume-grace", 30.0, "seconds the sessions of a lost link wait for it to be "
+            "resumed; 0 turns resuming off (sessions end with their link, as in mux version 1) "
+            "[default: 30]", lambda v: parseSeconds(v, "--resume-grace")),
+    Setting("dead-timeout", 8.0, "seconds of silence after which the link is considered dead "
+            "(a PING goes out every quarter of it) [default: 8]",
+            lambda v: parseSeconds(v, "--dead-timeout", 2.0, 600.0)),
+)
+
+
 def parseCIDR(text):
     try:
         return ipaddress.ip_network(text.strip(), strict=False)

@@ -15,8 +15,10 @@ from twisted.logger import Logger
 from routeproxy import pptp, tls
 from routeproxy.callids import CallIDSpace
 from routeproxy.control import PPTPControlProtocol
-from routeproxy.mux.frames import LinkError
+from routeproxy.mux.connection import MuxConfig
+from routeproxy.mux.frames import RESUME_CAPABILITY, LinkError
 from routeproxy.mux.protocol import MuxClientFactory
+from routeproxy.mux.resume import Resumer
 from routeproxy.mux.session import LinkDown
 from routeproxy.relay import Relay, Side
 from routeproxy.scopes import SharedScope
@@ -42,6 +44,7 @@ class LocalRouteProxy:
         self.space = space if space is not None else CallIDSpace("LRP")
         self.relay = Relay(LRP, SharedScope(self.space), openGREPort)
         self.links = set()        # MuxConnections (LinkFactory.connections)
+        self.resumer = None       # mux.resume.Resumer when --resume-grace is on
         self._linkWaiters = []
 
     # --- the link to the RRP ---------------------------------------------------------
@@ -91,16 +94,22 @@ class LocalRouteProxy:
 
     def snapshot(self):
         """The LRP as plain data (docs/status.md)."""
-        return dict(self.relay.snapshot(self.links), profile=self.profile)
+        snapshot = dict(self.relay.snapshot(self.links), profile=self.profile)
+        if self.resumer is not None:
+            snapshot["resume"] = self.resumer.snapshot()
+        return snapshot
 
 
 class LinkFactory(MuxClientFactory):
     """The LRP's end of the link: tells the LRP when each new connection is ready."""
 
-    def __init__(self, lrp, clock):
-        super().__init__(clock=clock, peerNameOf=tls.peerName)
+    def __init__(self, lrp, clock, resumeGrace=30.0, deadTimeout=8.0):
+        resumer = Resumer(clock, resumeGrace) if resumeGrace else None
+        super().__init__(config=muxConfig(resumeGrace, deadTimeout), clock=clock,
+                         peerNameOf=tls.peerName, resume=resumer)
         self.lrp = lrp
         lrp.links = self.connections
+        lrp.resumer = resumer
 
     def buildProtocol(self, addr):
         protocol = super().buildProtocol(addr)
@@ -108,20 +117,30 @@ class LinkFactory(MuxClientFactory):
         return protocol
 
 
+def muxConfig(resumeGrace, deadTimeout, **more):
+    """Both daemons' link settings: "resume" when a grace time is set; a ping every quarter
+    of the dead timeout."""
+    return MuxConfig(pingInterval=deadTimeout / 4, deadTimeout=deadTimeout,
+                     capabilities=(RESUME_CAPABILITY,) if resumeGrace else (), **more)
+
+
 class LinkShutdown(Service):
-    """Closes the links with GOAWAY when the LRP stops.
+    """Closes the links with GOAWAY when the daemon (*proxy*: the LRP or the RRP) stops.
 
     ClientService would close the TLS transport itself, which waits for ever while the mux
-    protocol is registered as its producer; the mux's own close unregisters first.
+    protocol is registered as its producer; the mux's own close unregisters first.  A
+    GOAWAY also tells the peer that this is a stop, not a loss: its sessions end at once
+    instead of waiting for a resume (docs/protocol.md s.10).
     """
 
-    def __init__(self, lrp):
-        self.lrp = lrp
+    def __init__(self, proxy, name="LRP"):
+        self.lrp = proxy
+        self.name = name
 
     def stopService(self):
         super().stopService()
         for connection in list(self.lrp.links):
-            connection.goAway(LinkError.NO_ERROR, "LRP shutting down")
+            connection.goAway(LinkError.NO_ERROR, f"{self.name} shutting down")
 
 
 class PPTPServerFactory(Factory):

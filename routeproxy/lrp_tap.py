@@ -4,7 +4,7 @@ from twisted.application.service import MultiService
 from twisted.python import usage
 
 from routeproxy import tls
-from routeproxy.config import ConfigOptions, Setting, parseCIDR, parseHostPort
+from routeproxy.config import LINK_SETTINGS, ConfigOptions, Setting, parseCIDR, parseHostPort
 
 
 class Options(ConfigOptions):
@@ -19,8 +19,9 @@ class Options(ConfigOptions):
         Setting("pptp-listen", ("0.0.0.0", 1723),
                 "HOST:PORT where PPTP clients connect [default: 0.0.0.0:1723]",
                 lambda v: parseHostPort(v, 1723, "--pptp-listen")),
-        Setting("rrp", None, "HOST:PORT of the RRP's TLS listener (required)",
-                lambda v: parseHostPort(v, None, "--rrp")),
+        Setting("rrp", None, "HOST:PORT of the RRP's TLS listener (required); repeat it to "
+                "fail over to the next RRP when one does not answer (tried in order)",
+                lambda v: parseHostPort(v, None, "--rrp"), repeatable=True),
         Setting("rrp-name", None, "name the RRP's certificate must carry (required)"),
         Setting("cert", None, "this LRP's certificate (PEM) (required)"),
         Setting("key", None, "this LRP's private key (PEM) (required)"),
@@ -32,7 +33,7 @@ class Options(ConfigOptions):
         Setting("gre-interface", "any", "interface GRE from clients is captured on [default: any]"),
         Setting("status", None, "HOST:PORT for the status/metrics HTTP endpoint, loopback "
                 "recommended [default: off]", lambda v: parseHostPort(v, None, "--status")),
-    )
+    ) + LINK_SETTINGS
 
     def check(self):
         try:
@@ -52,10 +53,12 @@ def makeService(options, reactor=None):
     local = localIPv4Addresses() if host == "0.0.0.0" else [host]
     lrp = LocalRouteProxy(reactor, greOpener(top, reactor, local, options["gre-interface"]),
                           profile=options["profile"], allow=options["allow"])
-    rrpHost, rrpPort = options["rrp"]
+    (rrpHost, rrpPort), *moreRRPs = options["rrp"]
     # No prepareConnection: a refused handshake would fail it before the disconnect, which
     # ClientService cannot take (NoTransition); LinkFactory tells the LRP when a link is ready.
-    link = tls.rrpClientService(reactor, rrpHost, rrpPort, options["tls"], LinkFactory(lrp, reactor))
+    factory = LinkFactory(lrp, reactor, options["resume-grace"], options["dead-timeout"])
+    link = tls.rrpClientService(reactor, rrpHost, rrpPort, options["tls"], factory, more=moreRRPs,
+                                retryDelay=lrp.resumer.retryDelay if lrp.resumer else None)
     link.setServiceParent(top)
     LinkShutdown(lrp).setServiceParent(top)   # stops before the ClientService
     internet.TCPServer(port, PPTPServerFactory(lrp), interface=host, reactor=reactor).setServiceParent(top)

@@ -152,5 +152,19 @@ def format_metrics(snap):
                "Extra control connections to servers opened, failed, lost with calls (RRP).",
                [({"event": e}, upstreams.get(e)) for e in ("opened", "failed", "lost")]
                if upstreams else [])
+    resume = snap.get("resume") or {}
+    out.family("routeproxy_detached_sessions", "gauge",
+               "Sessions whose link is lost and that wait for a resume.",
+               [({}, resume.get("detached_sessions"))] if resume else [])
+    out.family("routeproxy_resumes_total", "counter", "Resumes of a lost link, by result.",
+               [({"result": r}, resume.get(f"resumes_{r}")) for r in ("done", "refused")]
+               if resume else [])
+    out.family("routeproxy_resumed_sessions_total", "counter",
+               "Detached sessions re-attached (resumed) or closed unresumed (expired).",
+               [({"result": r}, resume.get(f"sessions_{r}")) for r in ("resumed", "expired")]
+               if resume else [])
+    out.family("routeproxy_resume_gap_seconds", "gauge",
+               "The last and the longest gap between a link loss and its resume.",
+               [({"which": w}, resume.get(f"gap_{w}_s")) for w in ("last", "max")] if resume else [])
     return out.text()
 

@@ -18,7 +18,8 @@ that ended, drops by reason, the GRE port and the ID scopes; its
 
 Echo-Request/-Reply pass through untouched: pptpd's keepalive then proves the whole path
 (client, both proxies and the link) is alive, and a dead path ends the call as it would
-without a proxy, instead of a proxy answering for a client that has gone.
+without a proxy, instead of a proxy answering for a client that has gone.  The one
+exception is a lost link waiting for a resume (:mod:`routeproxy.detach`).
 """
 import dataclasses
 from typing import Callable, Optional
@@ -29,6 +30,7 @@ from routeproxy import calls, gre, pptp
 from routeproxy.callids import CallIDExhausted
 from routeproxy.capture import GREIOError
 from routeproxy.control import MuxReadingControl
+from routeproxy.detach import DROP_MUX_DETACHED, Gap
 from routeproxy.gredemux import GREDemultiplexer
 from routeproxy.mux.frames import Reason, reasonName
 from routeproxy.stats import DropCounter
@@ -79,6 +81,8 @@ class RelaySession:
         self.greIn = self.greOut = 0           # packets from / to the peer
         self.greDropped = 0
         self._greAddress = None   # the local address we asked the GRE port to serve
+        self.gap = None           # a detach.Gap while the link is lost and may resume
+        self.echoesPending = 0    # the peer's Echo-Requests the far side has not answered yet
 
     # --- the peer (client or pptpd) ----------------------------------------------------
 
@@ -104,12 +108,16 @@ class RelaySession:
         if self.closed:
             return
         self.controlIn += message.LENGTH
+        if self.gap is not None and self.gap.answered(message):
+            return
         try:
             message = self.book.translate(message, calls.TO_MUX)
         except calls.UnknownCallID as e:
             self.log.warn("{side} {peer}: dropped {name}: {error}", side=self.side.name,
                           peer=self.peerLabel, name=message.NAME, error=str(e))
             return
+        if message.__class__ is pptp.EchoRequest:
+            self.echoesPending += 1
         if self.mux is not None:
             self.mux.sendControl(message.pack())
         else:
@@ -137,7 +145,11 @@ class RelaySession:
         mux = self.mux
         if mux is None or not mux.sendGRE(call.pns_id, seq, ack, payload):
             self.greDropped += 1
-            self.relay.drops.add(DROP_MUX_SEND if mux is not None else DROP_MUX_NOT_OPEN)
+            if self.gap is not None:
+                self.gap.greDropped += 1
+                self.relay.drops.add(DROP_MUX_DETACHED)
+            else:
+                self.relay.drops.add(DROP_MUX_SEND if mux is not None else DROP_MUX_NOT_OPEN)
 
     # --- the mux session (ISessionReceiver) ---------------------------------------------
 
@@ -160,6 +172,8 @@ class RelaySession:
             self.close(f"bad PPTP from the mux: {e.reason}")
             return
         for message in messages:
+            if message.__class__ is pptp.EchoReply and self.echoesPending:
+                self.echoesPending -= 1
             try:
                 out, call = self.book.translate_call(message, calls.TO_PEER)
             except calls.UnknownCallID as e:
@@ -191,6 +205,15 @@ class RelaySession:
         self.greOut += 1
         self.relay.grePort.sendGRE(self.localAddress, self.peerAddress,
                                    gre.build_gre(self.book.gre_key(call), payload, seq, ack))
+
+    def sessionDetached(self):
+        """The link is lost; the mux session waits for a resume (routeproxy.detach)."""
+        self.gap = Gap(self, self.relay.clock)
+
+    def sessionResumed(self):
+        gap, self.gap = self.gap, None
+        if gap is not None:
+            gap.resumed()
 
     def sessionClosed(self, reason):
         """The mux session ended (the far side closed, refused, or the link went down)."""
@@ -224,6 +247,8 @@ class RelaySession:
             client=f"; client {self.clientLabel}" if self.clientLabel else "")
         if self.opener is not None:
             self.opener.cancel()
+        if self.gap is not None and self.peer is not None:
+            self.gap.endInPPTP()   # before the calls' IDs are released
         if self.upstreams is not None:
             self.upstreams.closeAll()
         if self.book is not None:
@@ -289,7 +314,10 @@ class Relay:
               "greIn": "gre_packets_in", "greOut": "gre_packets_out",
               "greDropped": "gre_dropped"}
 
-    def __init__(self, side, scopes, openGREPort, drops=None):
+    def __init__(self, side, scopes, openGREPort, drops=None, clock=None):
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.clock = clock
         self.side = side
         self.scopes = scopes
         self.drops = drops if drops is not None else DropCounter()

@@ -54,6 +54,7 @@ class RemoteRouteProxy:
         self.relay = Relay(RRP, self.scopes, openGREPort)
         self.links = set()        # live MuxConnections (MuxServerFactory.connections)
         self.upstreamCounters = UpstreamCounters()
+        self.resumeTable = None   # mux.resume.ResumeTable when --resume-grace is on
 
     def sessionRequested(self, mux, profile, clientInfo):
         """A mux OPEN: dial the profile's server; accept once connected, refuse otherwise."""
@@ -103,11 +104,14 @@ class RemoteRouteProxy:
 
     def snapshot(self):
         """The RRP as plain data (docs/status.md); links include idle LRPs."""
-        return dict(self.relay.snapshot(self.links),
-                    profiles={name: str(p) for name, p in sorted(self.profiles.items())},
-                    calls_per_connection={name: p.callsPerConnection
-                                          for name, p in sorted(self.profiles.items())},
-                    upstream_connections=self.upstreamCounters.snapshot())
+        snapshot = dict(self.relay.snapshot(self.links),
+                        profiles={name: str(p) for name, p in sorted(self.profiles.items())},
+                        calls_per_connection={name: p.callsPerConnection
+                                              for name, p in sorted(self.profiles.items())},
+                        upstream_connections=self.upstreamCounters.snapshot())
+        if self.resumeTable is not None:
+            snapshot["resume"] = self.resumeTable.snapshot()
+        return snapshot
 
 
 class _SessionFactory(Factory):

@@ -4,8 +4,8 @@ from twisted.application.service import MultiService
 from twisted.python import usage
 
 from routeproxy import tls
-from routeproxy.config import (ConfigOptions, Profile, Setting, parseCount, parseHostPort, parseProfile,
-                               splitProfiles)
+from routeproxy.config import (LINK_SETTINGS, ConfigOptions, Profile, Setting, parseCount, parseHostPort,
+                               parseProfile, splitProfiles)
 
 
 class Options(ConfigOptions):
@@ -39,7 +39,7 @@ class Options(ConfigOptions):
         Setting("gre-interface", "any", "interface GRE from servers is captured on [default: any]"),
         Setting("status", None, "HOST:PORT for the status/metrics HTTP endpoint, loopback "
                 "recommended [default: off]", lambda v: parseHostPort(v, None, "--status")),
-    )
+    ) + LINK_SETTINGS
 
     def check(self):
         profiles = dict(self["profile"] or ())
@@ -58,8 +58,9 @@ class Options(ConfigOptions):
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
-    from routeproxy.mux.connection import MuxConfig
+    from routeproxy.lrp import LinkShutdown, muxConfig
     from routeproxy.mux.protocol import MuxServerFactory
+    from routeproxy.mux.resume import ResumeTable
     from routeproxy.rrp import RemoteRouteProxy
     from routeproxy.service import addStatusEndpoint, greOpener, localIPv4Addresses
 
@@ -68,10 +69,15 @@ def makeService(options, reactor=None):
     rrp = RemoteRouteProxy(reactor, greOpener(top, reactor, local, options["gre-interface"]),
                            options["profiles"], source=options["source"])
     host, port = options["listen"]
-    factory = MuxServerFactory(rrp.sessionRequested, config=MuxConfig(maxSessions=options["max-sessions"]),
-                               clock=reactor, peerNameOf=tls.peerName)
+    grace = options["resume-grace"]
+    rrp.resumeTable = ResumeTable(reactor, grace) if grace else None
+    factory = MuxServerFactory(rrp.sessionRequested, clock=reactor, peerNameOf=tls.peerName,
+                               config=muxConfig(grace, options["dead-timeout"],
+                                                maxSessions=options["max-sessions"]),
+                               resume=rrp.resumeTable)
     rrp.links = factory.connections
     internet.SSLServer(port, factory, options["tls"], interface=host, reactor=reactor).setServiceParent(top)
+    LinkShutdown(rrp, "RRP").setServiceParent(top)   # stops before the listener
     addStatusEndpoint(top, reactor, options["status"], rrp)
     top.rrp = rrp
     return top

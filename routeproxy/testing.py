@@ -199,11 +199,12 @@ class RecordingSessionReceiver:
     ``control`` gathers the control bytes, ``gre`` the datagrams (``record=False`` only
     counts them in ``greCount``, for benchmarks), ``closed`` the close reasons.  ``echo``: a
     session to send each control chunk back on.  ``whenControl(n)`` fires with the control
-    bytes once *n* have arrived.
+    bytes once *n* have arrived.  ``events`` lists "detached" / "resumed" (a "resume" link).
     """
 
     def __init__(self, echo=None, record=True):
         self.control = bytearray()
+        self.events = []
         self.gre = []             # (callTag, seq, ack, payload)
         self.greCount = 0
         self.closed = []
@@ -227,6 +228,12 @@ class RecordingSessionReceiver:
 
     def sessionClosed(self, reason):
         self.closed.append(reason)
+
+    def sessionDetached(self):
+        self.events.append("detached")
+
+    def sessionResumed(self):
+        self.events.append("resumed")
 
     def whenControl(self, count):
         """A Deferred firing with all control bytes once *count* have arrived."""

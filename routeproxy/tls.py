@@ -498,7 +498,8 @@ class RefusalBackoff:
 
 
 def rrpClientService(reactor, host, port, creator, factory, initialDelay=1.0, maxDelay=60.0,
-                     factor=1.5, jitter=None, timeout=10, prepareConnection=None):
+                     factor=1.5, jitter=None, timeout=10, prepareConnection=None, more=(),
+                     retryDelay=None):
     """The LRP's side of the link: a ClientService that dials the RRP over
     TLS (*creator* from ``clientCreator``) and reconnects with exponential
     backoff, also after refused handshakes (``RefusalBackoff``).
@@ -506,9 +507,24 @@ def rrpClientService(reactor, host, port, creator, factory, initialDelay=1.0, ma
     *prepareConnection* is passed on to ClientService: a callable taking the
     protocol and returning a Deferred that fires once the link is usable (the
     mux HELLO) and fails if it is lost; ``whenConnected`` waits for it.
+
+    *more* are further (host, port) RRPs, tried in order after the first
+    (``failover.FailoverEndpoint``).  *retryDelay(attempt, delay)* may shorten the backoff's
+    *delay* (the LRP retries fast while sessions wait for a resume).
     """
     policy = backoffPolicy(initialDelay=initialDelay, maxDelay=maxDelay, factor=factor,
                            **({"jitter": jitter} if jitter is not None else {}))
-    endpoint = wrapClientTLS(creator, HostnameEndpoint(reactor, host, port, timeout=timeout))
-    return ClientService(endpoint, factory, retryPolicy=RefusalBackoff(creator, policy), clock=reactor,
+    addresses = [(host, port), *more]
+    endpoints = [wrapClientTLS(creator, HostnameEndpoint(reactor, h, p, timeout=timeout))
+                 for h, p in addresses]
+    if len(endpoints) > 1:
+        from routeproxy.failover import FailoverEndpoint
+        endpoint = FailoverEndpoint(endpoints, [f"{h}:{p}" for h, p in addresses])
+    else:
+        endpoint = endpoints[0]
+    retry = RefusalBackoff(creator, policy)
+    if retryDelay is not None:
+        backoff = retry
+        retry = lambda attempt: retryDelay(attempt, backoff(attempt))  # noqa: E731
+    return ClientService(endpoint, factory, retryPolicy=retry, clock=reactor,
                          prepareConnection=prepareConnection)

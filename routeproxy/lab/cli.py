@@ -21,6 +21,15 @@ class LabRun:
         self.rows, self.transfers, self.times = topology.parse_results(result.output)
         self.sessions = topology.parse_sessions(result.output)
         self.hangup = topology.parse_hangup(result.output)
+        self.cut = topology.parse_cut(result.output)
+
+    def cut_ok(self):
+        """The link was cut and resumed: every pppd is the one from before, and each pings."""
+        c = self.cut
+        if not c:
+            return False
+        return (c.get("pppd_before") == c.get("pppd_after") and "," in c.get("pppd_before", "")
+                and c.get("pinged_after") == str(self.tunnels) and c.get("resumed", "0") != "0")
 
     def hangup_ok(self):
         """Client 1 (its first pppd) hung up: pptpd lost exactly its call, the others kept
@@ -53,19 +62,19 @@ class LabRun:
 
 
 def run_lab(mode, clients, transfer_mb=0, connect_timeout=25, timeout=None, keep=False, mtu=None,
-            hangup=False, calls_per_client=1, run=None):
+            hangup=False, calls_per_client=1, run=None, cut_link=0):
     """Run the lab once; returns a LabRun.  Raises uml.UMLError when UML cannot run.
 
     *run* is ``uml.run_in_uml`` (a test passes its own)."""
     script = topology.build_script(mode, clients, transfer_mb=transfer_mb,
                                    connect_timeout=connect_timeout, mtu=mtu, hangup=hangup,
-                                   calls_per_client=calls_per_client)
+                                   calls_per_client=calls_per_client, cut_link=cut_link)
     tunnels = clients * calls_per_client
     if timeout is None:
         timeout = (60 + connect_timeout * (2 if hangup else 1) + tunnels * 5 + calls_per_client
-                   + transfer_mb * tunnels * 3)
+                   + transfer_mb * tunnels * 3 + (cut_link + 15 if cut_link else 0))
     result = (run or uml.run_in_uml)(script, timeout=timeout, keep=keep,
-                                     modules=topology.lab_modules(mode))
+                                     modules=topology.lab_modules(mode, cut_link))
     return LabRun(mode, clients, result, calls_per_client)
 
 
@@ -103,6 +112,11 @@ def format_table(run):
                      f"LRP closed {h.get('lrp_closed')}, RRP upstream connections closed "
                      f"{h.get('rrp_upstreams_closed', '-')}, others ping {h.get('others_ping')}, "
                      f"redial {h.get('redial_addr')} ping {h.get('redial_ping')})")
+    if run.cut:
+        c = run.cut
+        lines.append(f"link cut {c.get('seconds')} s: {'ok' if run.cut_ok() else 'FAILED'} (pppd "
+                     f"{'unchanged' if c.get('pppd_before') == c.get('pppd_after') else 'restarted'}, "
+                     f"{c.get('pinged_after')} pinged after, LRP resumes {c.get('resumed')})")
     times = ", ".join(f"{k} {v:.1f}s" for k, v in run.times.items())
     lines.append(f"UML boot {run.result.boot_seconds:.1f}s, whole run {run.result.total_seconds:.1f}s"
                  + (f"; inside: {times}" if times else ""))
@@ -127,6 +141,9 @@ def parser():
                         "connection carrying that many calls [1]")
     p.add_argument("--hangup", action="store_true",
                    help="after the pings, kill client 1's (first) pppd, check the rest, dial it again")
+    p.add_argument("--cut-link", type=int, default=0, metavar="SECONDS",
+                   help="proxy modes: 2 s into the transfer the NAT resets the LRP-RRP link's "
+                        "TCP both ways for SECONDS; pass if every pppd survives [0: no cut]")
     p.add_argument("--mtu", type=int, default=None,
                    help="clients' PPP MTU and MRU [pppd's default, 1500]")
     p.add_argument("--timeout", type=int, default=None,
@@ -141,7 +158,7 @@ def main(argv=None):
     args = parser().parse_args(argv)
     try:   # a bad argument is said before asking whether UML can run at all
         topology.build_script(args.mode, args.clients, transfer_mb=args.transfer_mb, mtu=args.mtu,
-                              calls_per_client=args.calls_per_client)
+                              calls_per_client=args.calls_per_client, cut_link=args.cut_link)
     except topology.LabScriptError as e:
         sys.stderr.write(f"routeproxy lab: {e}\n")
         return 2
@@ -152,7 +169,8 @@ def main(argv=None):
     try:
         run = run_lab(args.mode, args.clients, transfer_mb=args.transfer_mb,
                       connect_timeout=args.connect_timeout, timeout=args.timeout, keep=args.keep,
-                      mtu=args.mtu, hangup=args.hangup, calls_per_client=args.calls_per_client)
+                      mtu=args.mtu, hangup=args.hangup, calls_per_client=args.calls_per_client,
+                      cut_link=args.cut_link)
     except topology.LabScriptError as e:
         sys.stderr.write(f"routeproxy lab: {e}\n")
         return 2
@@ -172,4 +190,6 @@ def main(argv=None):
         ok = ok and len(run.transfers_ok()) == run.tunnels
     if args.hangup:
         ok = ok and run.hangup_ok()
+    if args.cut_link:
+        ok = ok and run.cut_ok()
     return 0 if ok else 1

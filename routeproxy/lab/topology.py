@@ -45,16 +45,18 @@ TRANSFER_PORT = 5001
 MODULES = ("ppp_generic", "ppp_async", "ppp_mppe", "veth", "bridge", "iptable_filter",
            "iptable_nat", "iptable_raw", "xt_MASQUERADE", "xt_tcpudp", "xt_CT", "nf_conntrack")
 HELPER_MODULES = ("nf_conntrack_pptp", "nf_nat_pptp")
+CUT_MODULES = ("nf_reject_ipv4", "ipt_REJECT")   # --cut-link: the NAT's TCP resets
 
 
 class LabScriptError(ValueError):
     """The lab was asked for something it cannot build."""
 
 
-def lab_modules(mode):
+def lab_modules(mode, cut_link=0):
     """UML kernel modules the mode needs (the pptp helper only where it is wanted:
     modules are global to the UML kernel)."""
-    return MODULES + (HELPER_MODULES if mode == "nat-helper" else ())
+    return (MODULES + (HELPER_MODULES if mode == "nat-helper" else ())
+            + (CUT_MODULES if cut_link else ()))
 
 
 def client_address(i):
@@ -93,13 +95,19 @@ MAX_CALLS_PER_CLIENT = 8
 
 
 def build_script(mode, clients, transfer_mb=0, connect_timeout=25, python=None, mtu=None,
-                 hangup=False, calls_per_client=1):
+                 hangup=False, calls_per_client=1, cut_link=0):
     """The /bin/sh payload for `run_in_uml` that builds the lab and measures it.
 
     `hangup`: after the pings, kill client 1's (first) pppd, check the others still
     ping and pptpd cleared the call, then dial it again.
     `calls_per_client`: pppd per client host, sharing one pptp call manager.
+    `cut_link`: (proxy modes) 2 s into the transfer the NAT resets the link's TCP both
+    ways for that many seconds; the run reports whether every pppd survived (LAB-CUT).
     """
+    if cut_link and mode not in PROXY_MODES:
+        raise LabScriptError(f"--cut-link needs a proxy mode ({', '.join(PROXY_MODES)}), not {mode}")
+    if not 0 <= cut_link <= 120:
+        raise LabScriptError(f"--cut-link {cut_link}: must be 0..120 seconds")
     if mode not in MODES:
         raise LabScriptError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     if not 1 <= clients <= 90:
@@ -134,8 +142,12 @@ def build_script(mode, clients, transfer_mb=0, connect_timeout=25, python=None, 
                                 mtu=f"mtu {mtu}\nmru {mtu}" if mtu else "# pppd's default MTU/MRU (1500)"))
     if hangup:
         parts.append(HANGUP.format(timeout=int(connect_timeout)))
+    if cut_link:
+        parts.append(CUT_LINK.format(port=RRP_TLS_PORT, seconds=int(cut_link)))
     if transfer_mb:
         parts.append(TRANSFER.format(mb=int(transfer_mb), port=TRANSFER_PORT))
+    if cut_link:
+        parts.append(CUT_LINK_END.format(seconds=int(cut_link)))
     parts.append(FINISH)
     return "\n".join(parts)
 
@@ -439,6 +451,35 @@ each_tunnel report_transfer
 stamp transferred
 """
 
+CUT_LINK = r"""
+# --cut-link: 2 s from now (into the transfer) the NAT resets the link's TCP both ways
+pid_of_tunnel() {{ printf '%s,' "$(pppd_pid $t)"; }}
+pppd_before=$(each_tunnel pid_of_tunnel)
+(
+  sleep 2
+  for dir in --dport --sport; do
+    ns nat iptables-legacy -I FORWARD -p tcp $dir {port} -j REJECT --reject-with tcp-reset
+  done
+  stamp cut
+  sleep {seconds}
+  for dir in --dport --sport; do
+    ns nat iptables-legacy -D FORWARD -p tcp $dir {port} -j REJECT --reject-with tcp-reset
+  done
+  stamp restored
+) &
+CUT=$!
+"""
+
+CUT_LINK_END = r"""
+wait $CUT
+sleep 3
+pinged=0
+ping_after_cut() {{
+  ns c$i busybox ping -I ppp$u -c 2 -A -W 3 -w 5 192.168.90.1 > /dev/null 2>&1 && pinged=$((pinged + 1))
+}}
+each_tunnel ping_after_cut
+echo "LAB-CUT seconds={seconds} pppd_before=$pppd_before pppd_after=$(each_tunnel pid_of_tunnel) pinged_after=$pinged resumed=$(grep -c 'link resumed after' $LOGS/lrp.log)"
+"""
 
 FINISH = r"""
 final_bytes() {
@@ -490,6 +531,14 @@ def parse_results(output):
         if row.get("client") in final:
             row["tx"], row["rx"] = final[row["client"]].get("tx", "-"), final[row["client"]].get("rx", "-")
     return rows, transfers, times
+
+
+def parse_cut(output):
+    """The `LAB-CUT` line's fields, or None when the run cut no link."""
+    for line in output.splitlines():
+        if line.startswith("LAB-CUT "):
+            return _fields(line)
+    return None
 
 
 def parse_hangup(output):

@@ -52,8 +52,8 @@ class MuxConfig:
 
     maxPayload: int = F.MIN_MAX_PAYLOAD   # largest payload we accept
     initialWindow: int = 65536            # CONTROL credit we grant per session
-    pingInterval: float = 10.0            # seconds between PINGs
-    deadTimeout: float = 30.0             # seconds of silence before the link is dead
+    pingInterval: float = 2.0             # seconds between PINGs
+    deadTimeout: float = 8.0              # seconds of silence before the link is dead
     greWatermark: int = 262144            # send-buffer + this turn's bytes above which GRE is dropped:
                                           # a full GRE wake-up (128 x 1400 B) fits, ~2 ms at 1 Gbit/s
     maxSessions: int = 4096               # acceptor: concurrent sessions
@@ -102,8 +102,14 @@ class MuxStats:
 class MuxConnection:
     log = Logger(namespace="routeproxy.mux")
 
-    def __init__(self, isOpener, clock, config=None, sessionRequested=None, peerName=None):
+    def __init__(self, isOpener, clock, config=None, sessionRequested=None, peerName=None,
+                 resume=None):
         self.isOpener = isOpener
+        # "resume" (docs/protocol.md s.10): a routeproxy.mux.resume ResumeTable (acceptor)
+        # or Resumer (opener), shared by a factory's connections; None: sessions end with
+        # their link, as in version 1.
+        self.resume = resume
+        self.resumeToken = None
         self.clock = clock
         self.config = config or MuxConfig()
         self.sessionRequested = sessionRequested
@@ -128,7 +134,8 @@ class MuxConnection:
         self._flushCall = None
         self._inBatch = False
         self._writePaused = False
-        self._nextSessionId = itertools.count(1)
+        # a resumed link goes on with the ids of the one it replaces
+        self._nextSessionId = resume.sessionIds if resume is not None else itertools.count(1)
         self._lastSessionId = 0  # acceptor: highest id opened so far
         self._lastReceived = clock.seconds()
         self._pingCounter = itertools.count(1)
@@ -138,6 +145,11 @@ class MuxConnection:
         self._logged = set()
         self._lostWaiters = []
         self.linkGone = False
+
+    @property
+    def resumable(self):
+        """Version 2 with "resume" on both ends: control streams are numbered and acked."""
+        return F.RESUME_CAPABILITY in self.capabilities
 
     @property
     def ready(self):
@@ -218,10 +230,10 @@ class MuxConnection:
         self._writePaused = False
 
     def linkLost(self, why="connection lost"):
-        """The transport is gone: every session closes with LINK_LOST."""
+        """The transport is gone: every session closes with LINK_LOST (or detaches)."""
         if not self.closed:
             self.log.info("mux {peer}: link lost: {why}", peer=self.peerLabel, why=why)
-        self._shutdown(why)
+        self._shutdown(why, detach=True)
         self.linkGone = True
         waiters, self._lostWaiters = self._lostWaiters, []
         for d in waiters:
@@ -371,9 +383,13 @@ class MuxConnection:
         self.capabilities = frozenset(hello.capabilities) & frozenset(self.config.capabilities)
         self.maxOutPayload = hello.maxPayload
         self.peerInitialWindow = hello.initialWindow
+        if self.version < 2:
+            self.capabilities = frozenset()   # version 1 defines none
         self.log.info("mux {peer}: link up, version {version}, capabilities {caps},"
                       " peer window {window}", peer=self.peerLabel, version=self.version,
                       caps=sorted(self.capabilities) or "none", window=hello.initialWindow)
+        if self.resume is not None:
+            self.resume.linkReady(self)
         held, self._heldUntilReady = self._heldUntilReady, []
         for encoded in held:
             self._queue(encoded, control=True)
@@ -471,7 +487,7 @@ class MuxConnection:
     def _onWindowUpdate(self, frame):
         session = self.sessions.get(frame.session)
         if session is not None and session.state == OPEN:
-            session._windowUpdate(frame.increment)
+            session._windowUpdate(frame.increment, frame.ack if self.resumable else None)
         # otherwise it crossed a CLOSE: ignore
 
     def _onGRE(self, frame):
@@ -490,6 +506,18 @@ class MuxConnection:
         F.Close: _onClose, F.Control: _onControl, F.WindowUpdate: _onWindowUpdate,
         F.Datagram: _onGRE,
     }
+
+    def _onResumeFrame(self, frame):
+        """TOKEN, RESUME, RESUMED: only on a link that negotiated "resume"."""
+        if not self.resumable or self.resume is None:
+            self.goAway(LinkError.PROTOCOL_ERROR,
+                        f"{F.TYPE_NAMES[frame.TYPE]} without the resume capability")
+            return
+        self.resume.frameReceived(self, frame)
+
+    for _type in (F.Token, F.Resume, F.Resumed):
+        _handlers[_type] = _onResumeFrame
+    del _type
 
     def _unknownReceived(self, frame):
         if not frame.ignorable:
@@ -547,7 +575,7 @@ class MuxConnection:
             self.log.warn("mux {peer}: nothing received for {silent:.1f} s (dead timeout"
                           " {limit} s); aborting the link", peer=self.peerLabel,
                           silent=silent, limit=self.config.deadTimeout)
-            self._shutdown(f"dead peer: nothing received for {silent:.1f} s")
+            self._shutdown(f"dead peer: nothing received for {silent:.1f} s", detach=True)
             if self._link is not None:
                 self._link.abortConnection()
             return
@@ -565,7 +593,9 @@ class MuxConnection:
 
     # --- teardown --------------------------------------------------------------
 
-    def _shutdown(self, why):
+    def _shutdown(self, why, detach=False):
+        """The link is over.  With *detach* (lost, not closed on purpose) a "resume" link's
+        open sessions wait for a resume (``resume.linkDetached``); the others close."""
         if self.closed:
             return
         self.closed = True
@@ -574,8 +604,15 @@ class MuxConnection:
             self._timer.cancel()
         self._timer = None
         self._heldUntilReady = []
+        detach = detach and self.resume is not None and self.resumable and (
+            self.resumeToken is not None)
         for session in list(self.sessions.values()):
-            session._terminate(Reason.LINK_LOST, why, byPeer=False)
+            if detach and session.state == OPEN:
+                session._detach()
+            else:
+                session._terminate(Reason.LINK_LOST, why, byPeer=False)
+        if self.resume is not None:
+            self.resume.linkClosed(self, detached=detach)
         waiters, self._readyWaiters = self._readyWaiters, []
         for d in waiters:
             d.errback(LinkDown(why))

@@ -24,7 +24,11 @@ HEADER = struct.Struct("!BBHII")
 HEADER_SIZE = HEADER.size  # 12
 
 MAGIC = b"RPMX"
-PROTOCOL_VERSIONS = (1,)
+PROTOCOL_VERSIONS = (1, 2)
+#: Version 2's capability: numbered control streams, resume tokens, RESUME (docs/protocol.md s.10).
+RESUME_CAPABILITY = "resume"
+#: Resume tokens: at least 128 bits, at most 64 bytes.
+MIN_TOKEN, MAX_TOKEN = 16, 64
 
 #: Largest payload every implementation must accept (HELLO must fit in it).
 MIN_MAX_PAYLOAD = 16384
@@ -42,6 +46,9 @@ HELLO = 0x01
 GOAWAY = 0x02
 PING = 0x03
 PONG = 0x04
+TOKEN = 0x05      # version 2 "resume": acceptor -> opener, the link's resume token
+RESUME = 0x06     # version 2 "resume": opener -> acceptor, re-attach a lost link's sessions
+RESUMED = 0x07    # version 2 "resume": acceptor -> opener, the answer to RESUME
 OPEN = 0x10
 OPEN_OK = 0x11
 OPEN_REFUSED = 0x12
@@ -86,6 +93,14 @@ class Reason:
     NOT_PERMITTED = 12
 
 
+class ResumeResult:
+    """RESUMED codes."""
+
+    OK = 0
+    UNKNOWN_TOKEN = 1   # never issued here, expired, or issued by another acceptor
+    WRONG_PEER = 2      # the token belongs to another certificate name
+
+
 def _names(cls):
     return {v: k for k, v in vars(cls).items() if k.isupper()}
 
@@ -96,8 +111,10 @@ TYPE_NAMES = {
     HELLO: "HELLO", GOAWAY: "GOAWAY", PING: "PING", PONG: "PONG", OPEN: "OPEN",
     OPEN_OK: "OPEN_OK", OPEN_REFUSED: "OPEN_REFUSED", CLOSE: "CLOSE",
     CONTROL: "CONTROL", WINDOW_UPDATE: "WINDOW_UPDATE", GRE: "GRE",
+    TOKEN: "TOKEN", RESUME: "RESUME", RESUMED: "RESUMED",
 }
-LINK_TYPES = frozenset((HELLO, GOAWAY, PING, PONG))
+LINK_TYPES = frozenset((HELLO, GOAWAY, PING, PONG, TOKEN, RESUME, RESUMED))
+RESUME_RESULT_NAMES = _names(ResumeResult)
 
 
 def linkErrorName(code):
@@ -390,24 +407,106 @@ class Control(Frame):
 
 
 class WindowUpdate(Frame):
-    __slots__ = ("increment",)
+    """CONTROL credit; with "resume" also the offset of control bytes received (*ack*)."""
+
+    __slots__ = ("increment", "ack")
     TYPE = WINDOW_UPDATE
 
-    def __init__(self, session, increment):
-        self.session, self.increment = session, increment
+    def __init__(self, session, increment, ack=None):
+        self.session, self.increment, self.ack = session, increment, ack
 
     def payload(self):
-        return self.increment.to_bytes(4, "big")
+        out = self.increment.to_bytes(4, "big")
+        return out if self.ack is None else out + self.ack.to_bytes(8, "big")
 
     @classmethod
     def fromPayload(cls, session, flags, data):
-        if len(data) != 4:
-            raise MalformedFrame(f"{len(data)} bytes, expected 4", WINDOW_UPDATE, session)
-        increment = int.from_bytes(data, "big")
+        if len(data) not in (4, 12):
+            raise MalformedFrame(f"{len(data)} bytes, expected 4 or 12", WINDOW_UPDATE, session)
+        increment = int.from_bytes(data[:4], "big")
         if not 1 <= increment <= MAX_WINDOW:
             raise MalformedFrame(f"increment {increment} outside 1..{MAX_WINDOW}",
                                  WINDOW_UPDATE, session)
-        return cls(session, increment)
+        ack = int.from_bytes(data[4:], "big") if len(data) == 12 else None
+        return cls(session, increment, ack)
+
+
+class Token(Frame):
+    """The acceptor's resume token for this link (version 2, "resume")."""
+
+    __slots__ = ("token",)
+    TYPE = TOKEN
+
+    def __init__(self, token, session=0):
+        self.session, self.token = session, bytes(token)
+
+    def payload(self):
+        return self.token
+
+    @classmethod
+    def fromPayload(cls, session, flags, data):
+        if not MIN_TOKEN <= len(data) <= MAX_TOKEN:
+            raise MalformedFrame(f"token of {len(data)} bytes, expected {MIN_TOKEN}..{MAX_TOKEN}",
+                                 TOKEN, session)
+        return cls(data, session)
+
+
+_OFFSET_ENTRY = struct.Struct("!IQ")
+
+
+def _offsets(r, what):
+    count = r.u32(f"{what} count")
+    if count * _OFFSET_ENTRY.size > len(r.data) - r.pos:
+        r.fail(f"{count} {what} entries do not fit the payload")
+    return tuple(_OFFSET_ENTRY.unpack(r.take(_OFFSET_ENTRY.size, what)) for _ in range(count))
+
+
+def _packOffsets(entries):
+    return len(entries).to_bytes(4, "big") + b"".join(_OFFSET_ENTRY.pack(s, o) for s, o in entries)
+
+
+class Resume(Frame):
+    """Re-attach the sessions of a lost link: its token, and per session the received offset."""
+
+    __slots__ = ("token", "offsets")
+    TYPE = RESUME
+
+    def __init__(self, token, offsets=(), session=0):
+        self.session, self.token, self.offsets = session, bytes(token), tuple(offsets)
+
+    def payload(self):
+        return bytes((len(self.token),)) + self.token + _packOffsets(self.offsets)
+
+    @classmethod
+    def fromPayload(cls, session, flags, data):
+        r = _Reader(data, RESUME, session)
+        n = r.u8("token length")
+        if not MIN_TOKEN <= n <= MAX_TOKEN:
+            r.fail(f"token of {n} bytes, expected {MIN_TOKEN}..{MAX_TOKEN}")
+        token = bytes(r.take(n, "token"))
+        offsets = _offsets(r, "session")
+        r.rest()
+        return cls(token, offsets, session)
+
+
+class Resumed(Frame):
+    """The answer to RESUME: a ResumeResult and, on OK, per session the received offset."""
+
+    __slots__ = ("code", "offsets", "text")
+    TYPE = RESUMED
+
+    def __init__(self, code, offsets=(), text="", session=0):
+        self.session, self.code, self.offsets, self.text = session, code, tuple(offsets), text
+
+    def payload(self):
+        return self.code.to_bytes(2, "big") + _packOffsets(self.offsets) + self.text.encode("utf-8")
+
+    @classmethod
+    def fromPayload(cls, session, flags, data):
+        r = _Reader(data, RESUMED, session)
+        code = r.u16("code")
+        offsets = _offsets(r, "session")
+        return cls(code, offsets, r.rest().decode("utf-8", "replace"), session)
 
 
 class Datagram(Frame):
@@ -504,7 +603,7 @@ class UnknownFrame(Frame):
 
 FRAME_CLASSES = {cls.TYPE: cls for cls in (
     Hello, GoAway, Ping, Pong, Open, OpenOk, OpenRefused, Close, Control,
-    WindowUpdate, Datagram)}
+    WindowUpdate, Datagram, Token, Resume, Resumed)}
 
 
 def decodeFrame(frameType, flags, session, payload):

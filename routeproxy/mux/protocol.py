@@ -161,10 +161,12 @@ class MuxFactory(Factory):
     protocol = MuxProtocol
     isOpener = None
 
-    def __init__(self, config=None, clock=None, sessionRequested=None, peerNameOf=None):
+    def __init__(self, config=None, clock=None, sessionRequested=None, peerNameOf=None,
+                 resume=None):
         if clock is None:
             from twisted.internet import reactor as clock
         self.config = config
+        self.resume = resume   # routeproxy.mux.resume: ResumeTable / Resumer, or None
         self.clock = clock
         self.sessionRequested = sessionRequested
         self.peerNameOf = peerNameOf
@@ -172,7 +174,7 @@ class MuxFactory(Factory):
 
     def buildProtocol(self, addr):
         connection = MuxConnection(self.isOpener, self.clock, self.config,
-                                   self.sessionRequested)
+                                   self.sessionRequested, resume=self.resume)
         protocol = self.protocol(connection, self.peerNameOf)
         protocol.factory = self
         return protocol
@@ -183,8 +185,8 @@ class MuxClientFactory(MuxFactory):
 
     isOpener = True
 
-    def __init__(self, config=None, clock=None, peerNameOf=None):
-        super().__init__(config, clock, None, peerNameOf)
+    def __init__(self, config=None, clock=None, peerNameOf=None, resume=None):
+        super().__init__(config, clock, None, peerNameOf, resume)
 
 
 class MuxServerFactory(MuxFactory):
@@ -192,5 +194,5 @@ class MuxServerFactory(MuxFactory):
 
     isOpener = False
 
-    def __init__(self, sessionRequested, config=None, clock=None, peerNameOf=None):
-        super().__init__(config, clock, sessionRequested, peerNameOf)
+    def __init__(self, sessionRequested, config=None, clock=None, peerNameOf=None, resume=None):
+        super().__init__(config, clock, sessionRequested, peerNameOf, resume)

@@ -6,7 +6,14 @@ it never touches a transport.  States (docs/protocol.md, "Sessions")::
     OPENING  the opener sent OPEN and waits for OPEN_OK / OPEN_REFUSED
     PENDING  the acceptor got OPEN and its sessionRequested callback is deciding
     OPEN     CONTROL, WINDOW_UPDATE and GRE flow both ways
+    DETACHED ("resume" only) the link was lost; the session waits for a RESUME on a new
+             link: CONTROL is held, GRE is dropped
     CLOSED   final; the id is never used again on this connection
+
+With the "resume" capability (docs/protocol.md s.10) the control stream is numbered by
+byte offset: ``sentOffset`` (bytes sent), ``ackedOffset`` (bytes the peer acknowledged in
+a WINDOW_UPDATE), ``recvOffset`` (bytes received); the bytes between ``ackedOffset`` and
+``sentOffset`` are kept (at most one window) and sent again after a resume.
 
 API for the daemons:
 
@@ -39,6 +46,7 @@ from routeproxy.mux.frames import Reason, reasonName
 OPENING = "OPENING"
 PENDING = "PENDING"
 OPEN = "OPEN"
+DETACHED = "DETACHED"
 CLOSED = "CLOSED"
 
 
@@ -53,6 +61,9 @@ class ISessionReceiver(Interface):
 
     def sessionClosed(reason):
         """The session ended (a Reason code); called once."""
+
+    # Optional ("resume" links): sessionDetached() when the link is lost and the session
+    # waits for a resume; sessionResumed() when it is attached to a new link.
 
 
 class SessionNotOpened(Exception):
@@ -125,6 +136,9 @@ class Session:
         self._decision = None  # the acceptor's pending sessionRequested Deferred
         self.controlBytesIn = self.controlBytesOut = 0
         self.greIn = self.greOut = 0
+        # "resume": the numbered control stream (see the module docstring)
+        self.sentOffset = self.ackedOffset = self.recvOffset = 0
+        self._unacked = bytearray()
 
     def __repr__(self):
         return f"<Session {self.id} {self.profile!r} {self.state}>"
@@ -148,8 +162,7 @@ class Session:
         conn = self.connection
         if (not self._outgoing and self.state == OPEN
                 and len(data) <= self.sendWindow and len(data) <= conn.maxOutPayload):
-            self.sendWindow -= len(data)
-            self.controlBytesOut += len(data)
+            self._sent(data)
             conn._queueControl(F.encodeControl(self.id, bytes(data)))
         else:
             self._outgoing += data
@@ -168,7 +181,9 @@ class Session:
     def close(self, reason=Reason.NORMAL, text=""):
         if self.state == CLOSED:
             return
-        if self.state == PENDING:
+        if self.state == DETACHED:
+            pass  # no link to tell; a resume leaves this session out and the peer ends it
+        elif self.state == PENDING:
             self.connection._queueControl(F.OpenRefused(self.id, reason, text).encode())
         else:
             self.connection._queueControl(F.Close(self.id, reason, text).encode())
@@ -245,6 +260,7 @@ class Session:
         self.recvWindow -= len(data)
         self._unreturned += len(data)
         self.controlBytesIn += len(data)
+        self.recvOffset += len(data)
         self._deliver("controlReceived", data)
         self._returnCredit()
 
@@ -255,7 +271,13 @@ class Session:
         except Exception:
             self._receiverFailed("datagramReceived")
 
-    def _windowUpdate(self, increment):
+    def _windowUpdate(self, increment, ack=None):
+        if ack is not None and not self._acked(ack):
+            self.log.warn("mux {peer}: session {sid}: acknowledgment of offset {ack} outside"
+                          " {low}..{high}; closing the session", peer=self.connection.peerLabel,
+                          sid=self.id, ack=ack, low=self.ackedOffset, high=self.sentOffset)
+            self.close(Reason.PROTOCOL_ERROR, "acknowledgment out of range")
+            return
         if self.sendWindow + increment > F.MAX_WINDOW:
             self.log.warn("mux {peer}: session {sid}: WINDOW_UPDATE overflows the"
                           " window; closing the session",
@@ -266,13 +288,63 @@ class Session:
         self._flushControl()
         self._updateProducer()
 
+    def _sent(self, chunk):
+        """*chunk* goes out as CONTROL now: use the window, number it, keep it until acked."""
+        n = len(chunk)
+        self.sendWindow -= n
+        self.controlBytesOut += n
+        self.sentOffset += n
+        if self.connection.resumable:
+            self._unacked += chunk
+
+    def _acked(self, offset):
+        """The peer received the stream up to *offset*: forget what it has; False if absurd."""
+        if not self.ackedOffset <= offset <= self.sentOffset:
+            return False
+        del self._unacked[:offset - self.ackedOffset]
+        self.ackedOffset = offset
+        return True
+
+    def _detach(self):
+        """The link is lost but may be resumed: hold CONTROL, drop GRE, tell the receiver."""
+        self.state = DETACHED
+        self._notify("sessionDetached")
+
+    def _resume(self, connection, peerReceived):
+        """Attach to *connection*; the peer has the stream up to *peerReceived*.
+
+        Both windows start afresh (the new link's HELLO values); every byte the peer lacks
+        is sent again ahead of what waited.  False (nothing changed) if *peerReceived* lies
+        outside what we kept.
+        """
+        if not self.ackedOffset <= peerReceived <= self.sentOffset:
+            return False
+        self._acked(peerReceived)
+        replay, self._unacked = self._unacked, bytearray()
+        self.sentOffset = peerReceived
+        self._outgoing = replay + self._outgoing
+        self.connection = connection
+        self.recvWindow = self.initialWindow
+        self._unreturned = 0
+        self.state = OPEN
+        self.sendWindow = connection.peerInitialWindow
+        self._flushControl()
+        self._updateProducer()
+        self._notify("sessionResumed")
+        return True
+
+    def _notify(self, method):
+        if self.receiver is not None and hasattr(self.receiver, method):
+            self._deliver(method)
+
     def _terminate(self, reason, text="", byPeer=True):
         if self.state == CLOSED:
             return
-        wasOpen = self.state == OPEN
+        wasOpen = self.state in (OPEN, DETACHED)
         self.state = CLOSED
         self.closeReason, self.closeText, self.closedByPeer = reason, text, byPeer
         self._outgoing = bytearray()
+        self._unacked = bytearray()
         self.connection._forget(self)
         self.log.info(
             "mux {peer}: session {sid} ({profile!r}) {what} by {who}: {reason}{extra}",
@@ -298,8 +370,7 @@ class Session:
             n = min(len(out), self.sendWindow, conn.maxOutPayload)
             chunk = bytes(out[:n])
             del out[:n]
-            self.sendWindow -= n
-            self.controlBytesOut += n
+            self._sent(chunk)
             conn._queueControl(F.encodeControl(self.id, chunk))
 
     def _updateProducer(self):
@@ -319,7 +390,8 @@ class Session:
         if force or self._unreturned >= self._creditThreshold:
             n, self._unreturned = self._unreturned, 0
             self.recvWindow += n
-            self.connection._queueControl(F.WindowUpdate(self.id, n).encode())
+            ack = self.recvOffset if self.connection.resumable else None
+            self.connection._queueControl(F.WindowUpdate(self.id, n, ack).encode())
 
     def _deliver(self, method, *args):
         try:

@@ -11,8 +11,9 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.test import iosim
 
 from routeproxy import pptp
-from routeproxy.lrp import LinkFactory, LocalRouteProxy, PPTPServerFactory
+from routeproxy.lrp import LinkFactory, LocalRouteProxy, PPTPServerFactory, muxConfig
 from routeproxy.mux.protocol import MuxServerFactory
+from routeproxy.mux.resume import ResumeTable
 from routeproxy.rrp import RemoteRouteProxy
 from routeproxy.testing import RecordingGREPort
 
@@ -39,18 +40,30 @@ class Peer:
 class RelayHarness:
     """An LRP and an RRP joined in memory, and helpers to connect clients and dial calls."""
 
+    resumeGrace = 0   # seconds; above 0 both ends speak "resume" (docs/protocol.md s.10)
+
     def setUp(self):
         self.reactor = MemoryReactorClock()
         self.lrp = LocalRouteProxy(self.reactor, RecordingGREPort)
+        self.lrp.relay.clock = self.reactor
         self.rrp = RemoteRouteProxy(self.reactor, RecordingGREPort, {"default": (SERVER_IP, 1723)})
-        self.server_factory = server_factory = MuxServerFactory(self.rrp.sessionRequested,
-                                                                clock=self.reactor)
-        client_factory = LinkFactory(self.lrp, self.reactor)
+        self.rrp.relay.clock = self.reactor
+        grace = self.resumeGrace
+        self.rrp.resumeTable = ResumeTable(self.reactor, grace) if grace else None
+        self.server_factory = server_factory = MuxServerFactory(
+            self.rrp.sessionRequested, clock=self.reactor, config=muxConfig(grace, 8.0),
+            resume=self.rrp.resumeTable)
+        self.client_factory = client_factory = LinkFactory(self.lrp, self.reactor, grace)
         client_factory.peerNameOf = server_factory.peerNameOf = None
         self.rrp.links = server_factory.connections
-        _, _, self.pump = iosim.connectedServerAndClient(
-            lambda: server_factory.buildProtocol(None), lambda: client_factory.buildProtocol(None),
-            greet=True)
+        self.connectLink()
+
+    def connectLink(self):
+        """A (new) link between the two: one in-memory connection."""
+        self.link_ends = iosim.connectedServerAndClient(
+            lambda: self.server_factory.buildProtocol(None),
+            lambda: self.client_factory.buildProtocol(None), greet=True)
+        self.pump = self.link_ends[2]
         self.flush()
         self.assertIsNotNone(self.lrp.link)
         self.client_port = 40000

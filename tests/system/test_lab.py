@@ -168,6 +168,21 @@ class ScriptTests(unittest.SynchronousTestCase):
         script = topology.build_script("proxy", 1, calls_per_client=3, hangup=True)
         self.assertIn("nsenter -t $p -m -n pppd call $H", script)
 
+    def test_cut_link_script_and_verdict(self):
+        script = topology.build_script("proxy", 3, transfer_mb=6, cut_link=3)
+        self.assertIn("REJECT --reject-with tcp-reset", script)
+        self.assertLess(script.index("CUT=$!"), script.index("routeproxy.lab.transfer recv"))
+        self.assertLess(script.index("routeproxy.lab.transfer recv"), script.index("wait $CUT"))
+        self.assertIn("ipt_REJECT", topology.lab_modules("proxy", 3))
+        self.assertNotIn("ipt_REJECT", topology.lab_modules("proxy"))
+        self.assertRaises(topology.LabScriptError, topology.build_script, "nat", 2, cut_link=3)
+        line = "LAB-CUT seconds=3 pppd_before=11,12,13, pppd_after=11,12,13, pinged_after=3 resumed=1\n"
+        self.assertTrue(cli.LabRun("proxy", 3, uml.UMLResult(0, line, 1.0, 2.0, "")).cut_ok())
+        for bad in ("pppd_after=11,14,13,", "pinged_after=2", "resumed=0"):
+            key = bad.split("=")[0]
+            broken = " ".join(bad if w.startswith(key + "=") else w for w in line.split())
+            self.assertFalse(cli.LabRun("proxy", 3, uml.UMLResult(0, broken, 1.0, 2.0, "")).cut_ok(), bad)
+
     def test_module_order_puts_dependencies_first(self):
         if uml.modules_version() is None:
             raise unittest.SkipTest("no UML modules installed")
@@ -248,6 +263,14 @@ class LabTests(unittest.SynchronousTestCase):
         self.assertTrue(run.hangup_ok(), cli.format_table(run))
         self.assertTransfers(run)   # c1's second call carries its 20 MiB too
         self.assertEqual(len(run.sessions), CLIENTS, "the LRP did not log one closed session per client")
+
+    def test_proxy_survives_a_link_cut(self):
+        """Issue 11 with real peers: three pptp-linux clients move 6 MB each while the NAT
+        resets the link's TCP for 3 s: equal sha256, no pppd restarted, all ping after."""
+        run = self.lab("proxy", clients=3, transfer_mb=6, cut_link=3)
+        self.assertAllUp(run)
+        self.assertTransfers(run)
+        self.assertTrue(run.cut_ok(), cli.format_table(run))
 
     def test_proxy_rrp_next_to_pptpd(self):
         """The RRP in pptpd's namespace, dialling it on 127.0.0.1; and a hang-up:

@@ -28,9 +28,19 @@ class LRPOptionsTests(unittest.SynchronousTestCase):
     def test_defaults(self):
         options = parse(lrp_tap.Options, LRP_REQUIRED)
         self.assertEqual(options["pptp-listen"], ("0.0.0.0", 1723))
-        self.assertEqual(options["rrp"], ("rrp.test", 4443))
+        self.assertEqual(options["rrp"], [("rrp.test", 4443)])
         self.assertEqual(options["profile"], "default")
         self.assertIsNone(options["allow"])
+
+    def test_several_rrps_and_link_settings(self):
+        options = parse(lrp_tap.Options, LRP_REQUIRED + ["--rrp", "second.test:4443",
+                                                         "--resume-grace", "12.5", "--dead-timeout", "6"])
+        self.assertEqual(options["rrp"], [("rrp.test", 4443), ("second.test", 4443)])
+        self.assertEqual((options["resume-grace"], options["dead-timeout"]), (12.5, 6.0))
+        defaults = parse(lrp_tap.Options, LRP_REQUIRED)
+        self.assertEqual((defaults["resume-grace"], defaults["dead-timeout"]), (30.0, 8.0))
+        for bad in (["--resume-grace", "-1"], ["--dead-timeout", "1"], ["--resume-grace", "soon"]):
+            self.assertRaises(usage.UsageError, parse, lrp_tap.Options, LRP_REQUIRED + bad)
 
     def test_allow_repeatable(self):
         options = parse(lrp_tap.Options, LRP_REQUIRED + ["--allow", "10.0.0.0/8", "--allow", "192.0.2.7"])
@@ -48,7 +58,7 @@ class LRPOptionsTests(unittest.SynchronousTestCase):
             f.write("[lrp]\nrrp = file.test:1\nrrp-name = file.test\ncert = c\nkey = k\nca = a\n"
                     "allow = 10.0.0.0/8, 172.16.0.0/12\nprofile = fromfile\n")
         options = parse(lrp_tap.Options, ["--config", path, "--rrp", "cli.test:2"] + LRP_TLS)
-        self.assertEqual(options["rrp"], ("cli.test", 2))           # command line wins
+        self.assertEqual(options["rrp"], [("cli.test", 2)])         # command line wins
         self.assertEqual(options["rrp-name"], "file.test")          # file fills the rest
         self.assertEqual(options["profile"], "fromfile")
         self.assertEqual(len(options["allow"]), 2)
@@ -163,7 +173,7 @@ class MakeServiceTests(unittest.SynchronousTestCase):
 
         options = parse(rrp_tap.Options, RRP_REQUIRED + ["--pptp-server", "10.0.0.1", "--source", "127.0.0.2"])
         top = rrp_tap.makeService(options, reactor=MemoryReactorClock())
-        self.assertEqual(len(list(top)), 2)   # GRE port, TLS listener
+        self.assertEqual(len(list(top)), 3)   # GRE port, TLS listener, the links' shutdown
         self.assertEqual(top.rrp.profiles, {"default": Profile("10.0.0.1", 1723)})
         tls_server = [s for s in top if s.__class__.__name__ == "SSLServer"][0]
         self.assertEqual(tls_server.args[1].config.maxSessions, 20000)

@@ -57,7 +57,8 @@ class Base(unittest.SynchronousTestCase):
         self.conn = self.makeConnection()
 
     def makeConnection(self, config=None, hello=PEER_HELLO, sessionRequested=None):
-        conn = MuxConnection(self.isOpener, self.clock, config or MuxConfig(initialWindow=100),
+        conn = MuxConnection(self.isOpener, self.clock,
+                             config or MuxConfig(initialWindow=100, pingInterval=10, deadTimeout=30),
                              sessionRequested or self.sessionRequested, peerName="peer.test")
         self.link = FakeLink()
         conn.start(self.link)
@@ -118,10 +119,10 @@ class HelloTests(Base):
         session = conn.openSession("office", "", Receiver())
         failures = []
         session.whenOpen().addErrback(failures.append)
-        conn.dataReceived(F.Hello(versions=(2, 3)).encode())
+        conn.dataReceived(F.Hello(versions=(3, 4)).encode())
         [goaway] = self.link.frames()
         self.assertEqual(goaway.code, LinkError.VERSION_MISMATCH)
-        self.assertIn("[2, 3]", goaway.text)
+        self.assertIn("[3, 4]", goaway.text)
         self.assertTrue(self.link.lost)
         self.assertEqual(failures[0].value.reason, Reason.LINK_LOST)
         self.assertIsInstance(failures[0].value, LinkDown)
