@@ -103,6 +103,7 @@ class GREStats:
         self.sent = 0
         self.reads = 0  # doRead wake-ups
         self.fragments = 0  # fragments taken into reassembly (pcap sees them before the kernel)
+        self.captureFailures = 0  # captures lost while running (interface gone, read error)
         self.reassembled = 0  # datagrams put back together from them (and delivered as one)
         self.dropped = collections.Counter()
 
@@ -275,7 +276,10 @@ class GREPort(abstract.FileDescriptor):
 
     def connectionLost(self, reason):
         if reason is not None and not reason.check(error.ConnectionDone):
-            self.log.failure("GRE capture on {interface} stopped", reason, interface=self.interface)
+            self.stats.captureFailures += 1
+            self.log.error("GRE capture on {interface} failed: {error}; no GRE is received until "
+                           "the daemon restarts (routeproxy_capture_up is 0)",
+                           interface=self.interface, error=reason.getErrorMessage())
         abstract.FileDescriptor.connectionLost(self, reason)
         self.connected = 0
         for sock in self._senders.values():
@@ -448,6 +452,8 @@ class GREPort(abstract.FileDescriptor):
         self._reassembler.expire(self._clock())
         result = self.stats.asDict()
         result["reassembling"] = len(self._reassembler)  # datagrams waiting for fragments
+        result["capture_up"] = bool(self.connected)
+        result["capture_failures"] = self.stats.captureFailures
         if self._capture is not None:
             try:
                 _, drop, ifdrop = self._capture.stats()

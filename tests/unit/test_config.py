@@ -165,7 +165,7 @@ class MakeServiceTests(unittest.SynchronousTestCase):
 
         options = parse(lrp_tap.Options, LRP_REQUIRED + ["--pptp-listen", "127.0.0.1:11723"])
         top = lrp_tap.makeService(options, reactor=MemoryReactorClock())
-        self.assertEqual(len(list(top)), 4)   # GRE port, link to the RRP, its shutdown, PPTP listener
+        self.assertEqual(len(list(top)), 3)   # GRE port, link to the RRP, PPTP listener (the top stops the link)
         self.assertEqual(top.lrp.relay.grePort.localAddresses, ["127.0.0.1"])
 
     def test_rrp(self):

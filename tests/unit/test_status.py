@@ -403,14 +403,16 @@ class TapTests(unittest.SynchronousTestCase):
         top = lrp_tap.makeService(options, reactor=MemoryReactorClock())
         web = list(top)[-1]
         self.assertEqual((web.args[0], web.kwargs["interface"]), (9723, "127.0.0.1"))
-        self.assertIs(web.args[1].resource.daemon, top.lrp)
+        self.assertIs(web.args[1].resource.daemon, top)   # the DaemonService: its proxy and itself
+        self.assertIs(top.proxy, top.lrp)
 
         options = parse(rrp_tap.Options, RRP_REQUIRED + ["--pptp-server", "10.0.0.1",
                                                          "--status", "127.0.0.1:9724"])
         top = rrp_tap.makeService(options, reactor=MemoryReactorClock())
         web = list(top)[-1]
         self.assertEqual(web.args[0], 9724)
-        self.assertIs(web.args[1].resource.daemon, top.rrp)
+        self.assertIs(web.args[1].resource.daemon, top)
+        self.assertIs(top.proxy, top.rrp)
         tlsServer = [s for s in top if s.__class__.__name__ == "SSLServer"][0]
         self.assertIs(top.rrp.links, tlsServer.args[1].connections)   # idle LRPs show too
 
