@@ -138,6 +138,8 @@ class LocalRouteProxy:
 class LinkFactory(MuxClientFactory):
     """The LRP's end of the link: tells the LRP when each new connection is ready."""
 
+    noisy = False  # no "Starting factory" line per reconnection
+
     def __init__(self, lrp, clock, resumeGrace=30.0, deadTimeout=8.0):
         resumer = Resumer(clock, resumeGrace) if resumeGrace else None
         super().__init__(config=muxConfig(resumeGrace, deadTimeout), clock=clock,

@@ -234,19 +234,23 @@ class RelaySession:
     def describeCall(self, call):
         return f"C={call.pns_id} {self.side.localName}={call.local_id} S={call.pac_id}"
 
+    def describeEnds(self):
+        """``client A`` (LRP), ``client A via LRP, server B`` (RRP: pptpd sees only the RRP)."""
+        if not self.clientLabel:
+            return f"{self.side.peerRole} {self.peerLabel}"
+        return f"client {self.clientLabel}, {self.side.peerRole} {self.peerLabel}"
+
     def callOpened(self, call):
         """One line per call, so pptpd's call (``S``, and ``R`` on the RRP) maps to a client."""
-        self.log.info("{side} call opened: client {client}, {peerRole} {peer}, {ids}",
-                      side=self.side.name, client=self.clientLabel or self.peerLabel,
-                      peerRole=self.side.peerRole, peer=self.peerLabel, ids=self.describeCall(call))
+        self.log.info("{side} call opened: {ends}, {ids}", side=self.side.name,
+                      ends=self.describeEnds(), ids=self.describeCall(call))
 
     def callClosed(self, call):
         self.callsEnded += 1
-        self.log.info("{side} call closed: client {client}, {peerRole} {peer}, {ids}; GRE "
-                      "{gin}/{gout} packets, {bin}/{bout} bytes in/out",
-                      side=self.side.name, client=self.clientLabel or self.peerLabel,
-                      peerRole=self.side.peerRole, peer=self.peerLabel, ids=self.describeCall(call),
-                      gin=call.gre_in, gout=call.gre_out, bin=call.bytes_in, bout=call.bytes_out)
+        self.log.info("{side} call closed: {ends}, {ids}; GRE {gin}/{gout} packets, "
+                      "{bin}/{bout} bytes in/out", side=self.side.name, ends=self.describeEnds(),
+                      ids=self.describeCall(call), gin=call.gre_in, gout=call.gre_out,
+                      bin=call.bytes_in, bout=call.bytes_out)
 
     # --- ending ---------------------------------------------------------------------------
 
