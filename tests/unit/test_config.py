@@ -178,3 +178,18 @@ class MakeServiceTests(unittest.SynchronousTestCase):
         tls_server = [s for s in top if s.__class__.__name__ == "SSLServer"][0]
         self.assertEqual(tls_server.args[1].config.maxSessions, 20000)
         self.assertEqual(top.rrp.relay.grePort.localAddresses, ["127.0.0.2"])
+
+
+class SamplesTests(unittest.SynchronousTestCase):
+    def test_every_setting_in_the_samples_and_docs(self):
+        """etc/*.ini shows every key (set or commented) and docs/daemons.md every option."""
+        import re
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        with open(os.path.join(root, "docs", "daemons.md")) as f:
+            docs = f.read()
+        for tap, name in ((lrp_tap, "routeproxy-lrp.ini"), (rrp_tap, "routeproxy-rrp.ini")):
+            with open(os.path.join(root, "etc", name)) as f:
+                keys = set(re.findall(r"^#? ?([a-z-]+) =", f.read(), re.M))
+            for setting in tap.Options.settings:
+                self.assertIn(setting.name, keys, name)
+                self.assertIn(f"`--{setting.name}", docs)
