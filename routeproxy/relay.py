@@ -232,7 +232,7 @@ class RelaySession:
     # --- calls (CallBook listener) ---------------------------------------------------------
 
     def describeCall(self, call):
-        return f"C={call.pns_id} {self.side.localName}={call.local_id} S={call.pac_id}"
+        return f"C={call.pns_id} S={call.pac_id} {self.side.localName}={call.local_id}"
 
     def describeEnds(self):
         """``client A`` (LRP), ``client A via LRP, server B`` (RRP: pptpd sees only the RRP)."""

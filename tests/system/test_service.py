@@ -124,8 +124,8 @@ class ServiceTests(unittest.TestCase):
         self.addCleanup(b.close)
         b.start()
         self.assertTrue(self.refused("127.0.3.1"))
-        self.lrp.wait_line(r"LRP call opened: client 127\.0\.1\.1:\d+, .*C=1 L=\d+ S=100")
-        self.rrp.wait_line(r"RRP call opened: client 127\.0\.1\.1:\d+ via lrp1, server .*C=1 R=\d+ S=100")
+        self.lrp.wait_line(r"LRP call opened: client 127\.0\.1\.1:\d+, .*C=1 S=100 L=\d+")
+        self.rrp.wait_line(r"RRP call opened: client 127\.0\.1\.1:\d+ via lrp1, server .*C=1 S=100 R=\d+")
 
         # SIGHUP with a changed allow-list: alice lives, bob is ended in PPTP, the new rule applies.
         self.writeINI("allow = 127.0.1.1/32, 127.0.3.0/24\n")
