@@ -10,7 +10,7 @@ import stat
 import tempfile
 
 from twisted.application.service import MultiService
-from twisted.internet import error, threads
+from twisted.internet import error, task, threads
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
@@ -131,3 +131,45 @@ class StatusEndpointTests(Logged, unittest.TestCase):
         self.assertEqual(len(self.logged("is not loopback")), 1)
         addStatusEndpoint(MultiService(), MemoryReactorClock(), ("127.0.0.1", 9723), None)
         self.assertEqual(len(self.logged("is not loopback")), 1)
+
+
+class LinkFailureTests(Logged, unittest.TestCase):
+    def test_failed_link_connection_says_why_in_one_line(self):
+        """A refused TCP connection to the RRP (real reactor, a closed loopback port): the
+        reason reaches the LRP's line and counter, and ClientService's own retry line is gone."""
+        from twisted.internet import defer, reactor
+        from twisted.internet.protocol import Factory
+
+        from routeproxy import tls
+        from routeproxy.lrp import LocalRouteProxy
+        from routeproxy.testing import RecordingGREPort
+        from tests.support.options import LRP_TLS
+
+        self.watchLog()
+        closed = socket.socket()
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        closed.close()
+        lrp = LocalRouteProxy(reactor, RecordingGREPort)
+        d = defer.Deferred()
+
+        def failed(why):
+            lrp.linkFailed(f"127.0.0.1:{port}", why)
+            if not d.called:
+                d.callback(None)
+
+        creator = tls.clientCreator("rrp.test", *LRP_TLS[1::2])
+        service = tls.rrpClientService(reactor, "127.0.0.1", port, creator, Factory.forProtocol(lambda: None),
+                                       onFailure=failed)
+        service.startService()
+        self.addCleanup(service.stopService)
+
+        def check(_):
+            [line] = self.logged("cannot connect the link")
+            self.assertIn(f"RRP 127.0.0.1:{port}: ", line)
+            self.assertIn("refused", line)
+            self.assertEqual(lrp.snapshot()["link_connect_failures"], 1)
+            self.assertEqual(self.logged("Scheduling retry"), [])
+
+        d.addCallback(lambda _: task.deferLater(reactor, 0.1, lambda: None))   # ClientService logs after us
+        return d.addCallback(check)
