@@ -174,6 +174,7 @@ class GREPort(abstract.FileDescriptor):
         self._loggedErrors = set()
         self._link = None
         self._reading = False
+        self._stopping = False
 
     # -- addresses -----------------------------------------------------------------------------
 
@@ -270,16 +271,19 @@ class GREPort(abstract.FileDescriptor):
     def stopListening(self):
         """Stop reading and close every handle and socket; returns a Deferred."""
         if self.connected:
+            self._stopping = True
             self.stopReading()
             self.connectionLost(failure.Failure(error.ConnectionDone()))
         return defer.succeed(None)
 
     def connectionLost(self, reason):
-        if reason is not None and not reason.check(error.ConnectionDone):
+        if not self._stopping:   # not stopListening: the capture failed under us
             self.stats.captureFailures += 1
+            why = (reason.getErrorMessage() if reason is not None and not reason.check(error.ConnectionDone)
+                   else "the capture socket reported an error (interface deleted or down)")
             self.log.error("GRE capture on {interface} failed: {error}; no GRE is received until "
                            "the daemon restarts (routeproxy_capture_up is 0)",
-                           interface=self.interface, error=reason.getErrorMessage())
+                           interface=self.interface, error=why)
         abstract.FileDescriptor.connectionLost(self, reason)
         self.connected = 0
         for sock in self._senders.values():

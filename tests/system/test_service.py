@@ -168,3 +168,39 @@ class ServiceTests(unittest.TestCase):
         self.assertTrue(self.lrp.exits_within(10))
         self.assertIn(self.lrp.proc.returncode, STOPPED)
         self.assertNotIn("Traceback", self.lrp.log() + self.rrp.log())
+
+
+class CaptureLostTests(unittest.TestCase):
+    """Deleting the capture interface (one end of a veth) under a running LRP: one log line, and /metrics (read
+    with prometheus_client's parser) says routeproxy_capture_up 0."""
+
+    def test_interface_deleted(self):
+        import urllib.request
+
+        from tests.unit.test_status import metric, parse_metrics
+
+        why = daemons.daemons_missing()
+        if why:
+            raise unittest.SkipTest(why)
+        lab = netns.lab_for(self)
+        ns = lab.namespace("capture")
+        link = lab.veth(ns, lab.namespace("far"), "10.77.0.1/24", "10.77.0.2/24")
+        workdir = tempfile.mkdtemp(prefix="routeproxy-capture-")
+        c = daemons.make_certs(workdir, RRP_NAME, ["lrp1"])
+        lrp = Daemon(lab, ns, workdir, "lrp", "routeproxy-lrp", [
+            "--pptp-listen", "10.77.0.1:1723", "--rrp", "127.0.0.1:9", "--rrp-name", RRP_NAME,
+            "--cert", c["lrp_cert"], "--key", c["lrp_key"], "--ca", c["ca"],
+            "--gre-interface", link.name_a, "--status", "127.0.0.1:8193"])
+        self.addCleanup(daemons.stop_all, [lrp])
+        lrp.start().wait_ready(listen=("10.77.0.1", 1723), status_port=8193)
+
+        def capture_up():
+            with lab.inside(ns):
+                with urllib.request.urlopen("http://127.0.0.1:8193/metrics", timeout=5) as reply:
+                    return metric(parse_metrics(reply.read().decode()), "routeproxy_capture_up")
+
+        self.assertEqual(capture_up(), 1)
+        lab.run(ns, ["ip", "link", "del", link.name_a])
+        lrp.wait_line(rf"GRE capture on {link.name_a} failed: .*routeproxy_capture_up is 0", timeout=10)
+        self.assertEqual(capture_up(), 0)
+        self.assertTrue(lrp.alive())
