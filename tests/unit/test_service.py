@@ -12,6 +12,7 @@ from twisted.trial import unittest
 
 from routeproxy import pptp, teardown
 from routeproxy.calls import Call
+from routeproxy.config import Profile
 from routeproxy.lrp import PPTPServerFactory
 from tests.support.relay import RelayHarness
 
@@ -138,7 +139,7 @@ class RelayServiceTests(RelayHarness, unittest.TestCase):
                                    "removed ['default'] (1 session(s) ended)"])
         self.assertEqual(names(server.received()), ["CallClearRequest", "StopControlConnectionRequest"])
         self.assertEqual(names(client.received()), ["CallDisconnectNotify", "StopControlConnectionRequest"])
-        self.assertEqual(self.rrp.profiles, {"lab": ("10.0.4.9", 1723)})
+        self.assertEqual(self.rrp.profiles, {"lab": Profile("10.0.4.9", 1723)})
 
 
 class CaptureGaugeTests(unittest.SynchronousTestCase):
