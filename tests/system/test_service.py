@@ -11,7 +11,9 @@ exactly those two.  In one namespace on ``lo`` (tests/support/netns.py):
     rrp      127.0.0.10:4443   --source 127.0.0.11
     lrp      127.0.0.30:1723   --config lrp.ini (allow = 127.0.1.0/24), clients bind 127.0.N.M
 
-One session is carried (a call placed), SIGHUP with a changed allow-list keeps it and lets
+A third daemon, lrp2 (127.0.0.31), is started as root and drops to nobody itself
+(``twistd --uid 65534 --gid 65534``); it carries a session and, stopped, gives its client and
+the server a PPTP teardown.  One session is carried (a call placed), SIGHUP with a changed allow-list keeps it and lets
 the new rule apply (a client the new list admits connects, one it drops is refused, and a
 live session whose permission went is ended with a PPTP teardown), SIGHUP with a broken file
 is refused with one line; then stopping the RRP gives both peers a PPTP teardown (the client
@@ -34,6 +36,7 @@ from tests.support.wait import wait_until
 SERVER = ("127.0.0.20", 1723)
 RRP, RRP_SOURCE = ("127.0.0.10", 4443), "127.0.0.11"
 LRP = ("127.0.0.30", 1723)
+LRP2 = ("127.0.0.31", 1723)
 RRP_NAME = "rrp.service.test"
 # twistd ends by re-raising the signal that stopped it (systemd counts SIGTERM as clean).
 STOPPED = (0, -signal.SIGTERM)
@@ -59,6 +62,16 @@ class ConfinedDaemon(Daemon):
             return int(re.search(r"^CapEff:\s*([0-9a-f]+)", f.read(), re.M).group(1), 16)
 
 
+class DroppedDaemon(Daemon):
+    """A daemon started as root that drops to nobody itself (``twistd --uid --gid``): the
+    capture, raw sockets and port 1723 open before, in privilegedStartService."""
+
+    @property
+    def argv(self):
+        argv = super().argv
+        return argv[:3] + ["--uid", "65534", "--gid", "65534"] + argv[3:]
+
+
 class ServiceTests(unittest.TestCase):
     def setUp(self):
         why = daemons.daemons_missing()
@@ -80,10 +93,17 @@ class ServiceTests(unittest.TestCase):
             "--config", self.ini, "--pptp-listen", hostport(LRP), "--rrp", hostport(RRP),
             "--rrp-name", RRP_NAME, "--cert", c["lrp_cert"], "--key", c["lrp_key"], "--ca", c["ca"],
             "--gre-interface", "lo"])
-        self.addCleanup(daemons.stop_all, [self.lrp, self.rrp])
+        self.lrp2 = DroppedDaemon(self.lab, self.ns, self.workdir, "lrp2", "routeproxy-lrp", [
+            "--pptp-listen", hostport(LRP2), "--rrp", hostport(RRP), "--rrp-name", RRP_NAME,
+            "--cert", c["lrp_cert"], "--key", c["lrp_key"], "--ca", c["ca"], "--gre-interface", "lo"])
+        for name in ("lrp_key", "rrp_key"):   # the key is read before the drop, the log opened
+            os.chmod(c[name], 0o600)
+        self.addCleanup(daemons.stop_all, [self.lrp, self.lrp2, self.rrp])
         self.rrp.start().wait_ready(listen=RRP)
         self.lrp.start().wait_ready(listen=LRP)
+        self.lrp2.start().wait_ready(listen=LRP2)
         self.lrp.wait_line(r"LRP: link to the RRP .* is up", timeout=15)
+        self.lrp2.wait_line(r"LRP: link to the RRP .* is up", timeout=15)
 
     def inside(self):
         return self.lab.inside(self.ns)
@@ -92,8 +112,8 @@ class ServiceTests(unittest.TestCase):
         with open(self.ini, "w") as f:
             f.write("[lrp]\n" + body)
 
-    def client(self, bind, name):
-        return PPTPClient(LRP, bind=bind, name=name, opener=self.inside, timeout=5.0)
+    def client(self, bind, name, lrp=LRP):
+        return PPTPClient(lrp, bind=bind, name=name, opener=self.inside, timeout=5.0)
 
     def refused(self, bind):
         """True if the LRP closes a client from *bind* without a word (not in --allow)."""
@@ -146,6 +166,25 @@ class ServiceTests(unittest.TestCase):
         a.echo()
         self.assertTrue(self.refused("127.0.1.4"))
 
+        # An LRP that dropped to nobody (twistd --uid) carries a session; stopping it gives
+        # its client and (through the RRP) the server a PPTP teardown.
+        with open(f"/proc/{self.lrp2.pid}/status") as f:
+            self.assertRegex(f.read(), r"Uid:\s+65534\s")
+        d = self.client("127.0.1.9", "dave", lrp=LRP2)
+        self.addCleanup(d.close)
+        d.start()
+        d_reply = d.call()
+        server_d = self.server.connection_named("dave")
+        self.lrp2.proc.send_signal(signal.SIGTERM)
+        self.assertEqual(d.expect(pptp.CallDisconnectNotify).call_id, d_reply.call_id)
+        d.expect(pptp.StopControlConnectionRequest)
+        self.assertTrue(d.wait_closed())
+        wait_until(lambda: [type(m).__name__ for m in server_d.received][-2:] ==
+                   ["CallClearRequest", "StopControlConnectionRequest"], 5,
+                   "the server to get Call-Clear-Request and Stop-Control-Connection-Request")
+        self.assertTrue(self.lrp2.exits_within(10))
+        self.assertIn(self.lrp2.proc.returncode, STOPPED)
+
         # Stop the RRP: GOAWAY, and each peer hears its PPTP teardown.
         mark = self.lrp.mark()
         self.rrp.proc.send_signal(signal.SIGTERM)
@@ -167,7 +206,7 @@ class ServiceTests(unittest.TestCase):
         self.lrp.proc.send_signal(signal.SIGTERM)
         self.assertTrue(self.lrp.exits_within(10))
         self.assertIn(self.lrp.proc.returncode, STOPPED)
-        self.assertNotIn("Traceback", self.lrp.log() + self.rrp.log())
+        self.assertNotIn("Traceback", self.lrp.log() + self.lrp2.log() + self.rrp.log())
 
 
 class CaptureLostTests(unittest.TestCase):
