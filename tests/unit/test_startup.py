@@ -22,8 +22,8 @@ TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 ROOT = os.geteuid() == 0
 
 
-def twistd(*args, logfile=None):
-    argv = [TWISTD, "-n", "--pidfile="] + ([f"--logfile={logfile}"] if logfile else []) + list(args)
+def twistd(*args, logfile=None, prefix=()):
+    argv = [*prefix, TWISTD, "-n", "--pidfile="] + ([f"--logfile={logfile}"] if logfile else []) + list(args)
     return subprocess.run(argv, capture_output=True, text=True, timeout=60)
 
 
@@ -82,6 +82,18 @@ class StartupErrorTests(unittest.TestCase):
     def test_capture_cannot_open(self):
         """A missing interface as root; without root, the missing privilege: one line either way."""
         result = self.rrp("--listen", "127.0.0.1:1", "--source", "127.0.0.1", "--gre-interface", "nosuch0")
+        self.assertOneLine(result, "cannot start: --gre-interface", "CAP_NET_RAW")
+
+    def test_without_capabilities(self):
+        """Started with no capability at all (setpriv, SECBIT_NOROOT: uid 0 gains none), as a
+        user without CAP_NET_RAW would be: one line naming the capability."""
+        import shutil
+        if not ROOT or shutil.which("setpriv") is None:
+            raise unittest.SkipTest("needs root and setpriv to take the capabilities away")
+        none = ["setpriv", "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all",
+                "--securebits=+noroot,+noroot_locked,+no_setuid_fixup,+no_setuid_fixup_locked"]
+        result = twistd("routeproxy-rrp", *RRP_TLS, "--pptp-server", "127.0.0.1", "--listen", "127.0.0.1:1",
+                        "--source", "127.0.0.1", "--gre-interface", "lo", logfile=self.log, prefix=none)
         self.assertOneLine(result, "cannot start: --gre-interface", "CAP_NET_RAW")
 
     def test_check_config(self):
