@@ -52,8 +52,14 @@ def describeFailure(child, e):
             fix = "check the address"
         return f"{option} {e.interface or '0.0.0.0'}:{e.port}: cannot listen ({text}); {fix}"
     if isinstance(e, GREIOError):
-        return (f"{option}: {e}; GRE needs root or CAP_NET_RAW, and an existing interface "
-                "(see docs/deploy.md)")
+        text = str(e)
+        if "not permitted" in text or "need root" in text or "Permission denied" in text:
+            fix = "GRE needs CAP_NET_RAW: run as root or grant it (the systemd units do; docs/deploy.md)"
+        elif "No such device" in text:
+            fix = "no such interface: give an existing one (or any)"
+        else:
+            fix = "GRE needs CAP_NET_RAW and an existing interface (docs/deploy.md)"
+        return f"{option}: {text}; {fix}"
     return f"{option}: cannot start: {e}"
 
 
