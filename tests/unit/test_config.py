@@ -173,7 +173,7 @@ class MakeServiceTests(unittest.SynchronousTestCase):
 
         options = parse(rrp_tap.Options, RRP_REQUIRED + ["--pptp-server", "10.0.0.1", "--source", "127.0.0.2"])
         top = rrp_tap.makeService(options, reactor=MemoryReactorClock())
-        self.assertEqual(len(list(top)), 3)   # GRE port, TLS listener, the links' shutdown
+        self.assertEqual(len(list(top)), 2)   # GRE port, TLS listener (the top stops the links)
         self.assertEqual(top.rrp.profiles, {"default": Profile("10.0.0.1", 1723)})
         tls_server = [s for s in top if s.__class__.__name__ == "SSLServer"][0]
         self.assertEqual(tls_server.args[1].config.maxSessions, 20000)

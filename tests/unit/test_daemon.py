@@ -153,8 +153,8 @@ class LinkFailureTests(Logged, unittest.TestCase):
         lrp = LocalRouteProxy(reactor, RecordingGREPort)
         d = defer.Deferred()
 
-        def failed(why):
-            lrp.linkFailed(f"127.0.0.1:{port}", why)
+        def failed(address, why):
+            lrp.linkFailed(address, why)
             if not d.called:
                 d.callback(None)
 

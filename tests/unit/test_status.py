@@ -401,7 +401,7 @@ class TapTests(unittest.SynchronousTestCase):
         self.assertIs(top.rrp.links, tlsServer.args[1].connections)   # idle LRPs show too
 
         options = parse(rrp_tap.Options, RRP_REQUIRED + ["--pptp-server", "10.0.0.1"])
-        self.assertEqual(len(list(rrp_tap.makeService(options, reactor=MemoryReactorClock()))), 3)
+        self.assertEqual(len(list(rrp_tap.makeService(options, reactor=MemoryReactorClock()))), 2)
 
     def test_sample_ini_lines(self):
         for name in ("routeproxy-lrp.ini", "routeproxy-rrp.ini"):
