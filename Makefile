@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := libpcap-dev tshark iproute2 iptables pptpd pptp-linux ppp user-mode-linux busybox tcpreplay haproxy
+APT_PACKAGES := libpcap-dev tshark iproute2 iptables pptpd pptp-linux ppp user-mode-linux busybox tcpreplay haproxy systemd
 TRIAL_JOBS ?= 2
 # trial's work directory; give each concurrent run in one checkout its own
 TRIAL_TEMP ?= _trial_temp
@@ -25,11 +25,12 @@ apt:
 
 venv: $(VENV)/.installed
 
-# editable_mode=compat puts the checkout on sys.path, so twistd finds twisted/plugins/ here.
+# setup.cfg's package_dir ("" -> the checkout) makes the default editable install a plain .pth
+# with the checkout, so twistd finds twisted/plugins/ here (tests/system/test_packaging.py).
 $(VENV)/.installed: setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
+	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
 test: deps

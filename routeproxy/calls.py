@@ -57,13 +57,16 @@ class UnknownCallID(ValueError):
 class Call:
     """One call: its IDs in both native spaces and the local ID this side handed out."""
 
-    __slots__ = ("book", "pns_id", "pac_id", "local_id", "established")
+    __slots__ = ("book", "pns_id", "pac_id", "local_id", "established",
+                 "gre_in", "gre_out", "bytes_in", "bytes_out")
 
     def __init__(self, book):
         self.book = book
         self.pns_id = None    # C: chosen by the client; also the call's tag on the mux
         self.pac_id = None    # S: chosen by pptpd
         self.local_id = None  # L on the LRP, R on the RRP
+        self.gre_in = self.gre_out = 0     # GRE packets from / to the facing peer
+        self.bytes_in = self.bytes_out = 0  # their payload bytes
         self.established = False
 
     def native(self, owner):
@@ -184,6 +187,7 @@ class CallBook:
         if cls in _REPLY_SUCCESS:
             if message.result_code == _REPLY_SUCCESS[cls]:
                 call.established = True
+                self._tell("callOpened", call)
             else:
                 self.release(call)
         elif cls is pptp.CallDisconnectNotify:
@@ -200,6 +204,14 @@ class CallBook:
                 del self._by_native[owner][native]
         if call.local_id is not None:
             self.space.release(call.local_id)
+        if call.established:
+            self._tell("callClosed", call)
+
+    def _tell(self, event, call):
+        """Tell the session a call opened or closed (its log lines), if it listens."""
+        listener = getattr(self.session, event, None)
+        if listener is not None:
+            listener(call)
 
     def release_all(self):
         """Free every call: the control connection is gone.  Returns the calls freed."""

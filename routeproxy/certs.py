@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -234,11 +235,107 @@ def write_lab_certs(out_dir, rrp_name, lrp_names, days=DEFAULT_DAYS, force=False
     return paths
 
 
+def load_ca(ca_dir):
+    """The CA in *ca_dir* (ca.crt and ca.key, as write_lab_certs writes them)."""
+    cert_path, key_path = os.path.join(ca_dir, "ca.crt"), os.path.join(ca_dir, "ca.key")
+    try:
+        with open(cert_path, "rb") as f:
+            cert = x509.load_pem_x509_certificate(f.read())
+        with open(key_path, "rb") as f:
+            key = serialization.load_pem_private_key(f.read(), password=None)
+    except OSError as e:
+        raise CertsError(f"--ca-dir {ca_dir}: {e.filename}: {e.strerror}") from None
+    except (ValueError, TypeError) as e:
+        raise CertsError(f"--ca-dir {ca_dir}: not a CA certificate and unencrypted key ({e})") from None
+    return Issued(cert, key)
+
+
+def issue_lrp(ca_dir, name, out_dir=None, days=DEFAULT_DAYS, force=False):
+    """One more LRP certificate from the existing CA in *ca_dir*, written to *out_dir* (default
+    *ca_dir*) as lrp-NAME.crt / lrp-NAME.key; returns their paths.  The RRP and the other LRPs
+    need no change: they trust the CA (add NAME to the RRP's --lrp-name if it lists names)."""
+    name = check_name(name)
+    if days < 1:
+        raise CertsError(f"--days {days}: must be at least 1")
+    ca = load_ca(ca_dir)
+    out_dir = out_dir or ca_dir
+    os.makedirs(out_dir, exist_ok=True)
+    cert_path = os.path.join(out_dir, f"lrp-{name}.crt")
+    key_path = os.path.join(out_dir, f"lrp-{name}.key")
+    if os.path.exists(cert_path) and not force:
+        raise CertsError(f"{cert_path} exists: use --force to replace it")
+    write_issued(make_leaf(ca, name, server=False, client=True, days=days), cert_path, key_path)
+    return cert_path, key_path
+
+
+def revoke(ca_dir, cert_paths, crl_path=None, days=30):
+    """Add the certificates in *cert_paths* to the CA's CRL (ca.crl in *ca_dir* unless
+    *crl_path*), keeping the entries it had; signed by the CA, next update in *days*.
+    Returns (the CRL's path, how many serials it lists)."""
+    ca = load_ca(ca_dir)
+    crl_path = crl_path or os.path.join(ca_dir, "ca.crl")
+    revoked = {}
+    if os.path.exists(crl_path):
+        with open(crl_path, "rb") as f:
+            old = x509.load_pem_x509_crl(f.read())
+        if not old.is_signature_valid(ca.cert.public_key()):
+            raise CertsError(f"{crl_path} was not signed by the CA in {ca_dir}")
+        revoked = {entry.serial_number: entry.revocation_date_utc for entry in old}
+    now = datetime.datetime.now(datetime.timezone.utc)
+    for path in cert_paths:
+        try:
+            with open(path, "rb") as f:
+                cert = x509.load_pem_x509_certificate(f.read())
+        except (OSError, ValueError) as e:
+            raise CertsError(f"{path}: cannot read a certificate ({e})") from None
+        try:
+            cert.verify_directly_issued_by(ca.cert)
+        except (ValueError, TypeError, InvalidSignature):
+            raise CertsError(f"{path} was not issued by the CA in {ca_dir}") from None
+        revoked.setdefault(cert.serial_number, now)
+    builder = (x509.CertificateRevocationListBuilder()
+               .issuer_name(ca.cert.subject)
+               .last_update(now - CLOCK_SKEW)
+               .next_update(now + datetime.timedelta(days=days)))
+    for serial, when in sorted(revoked.items()):
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build())
+    crl = builder.sign(ca.key, hashes.SHA256())
+    write_public(crl_path, crl.public_bytes(serialization.Encoding.PEM))
+    return crl_path, len(revoked)
+
+
+def _issue_main(argv):
+    p = argparse.ArgumentParser(prog="python -m routeproxy certs issue",
+                                description="Issue one more LRP certificate from an existing CA.")
+    p.add_argument("--ca-dir", required=True, metavar="DIR", help="holds ca.crt and ca.key")
+    p.add_argument("--lrp-name", required=True, metavar="NAME", help="the new LRP's name")
+    p.add_argument("--out", metavar="DIR", help="where to write lrp-NAME.crt/.key [default: --ca-dir]")
+    p.add_argument("--days", type=int, default=DEFAULT_DAYS, help=f"lifetime [default: {DEFAULT_DAYS}]")
+    p.add_argument("--force", action="store_true", help="replace an existing lrp-NAME.crt")
+    args = p.parse_args(argv)
+    paths = issue_lrp(args.ca_dir, args.lrp_name, args.out, args.days, args.force)
+    return [f"wrote {path}" for path in paths]
+
+
+def _revoke_main(argv):
+    p = argparse.ArgumentParser(prog="python -m routeproxy certs revoke",
+                                description="Add certificates to the CA's revocation list (CRL).")
+    p.add_argument("--ca-dir", required=True, metavar="DIR", help="holds ca.crt and ca.key")
+    p.add_argument("--crl", metavar="PATH", help="the CRL to update [default: DIR/ca.crl]")
+    p.add_argument("--days", type=int, default=30, help="days until the CRL's next update [default: 30]")
+    p.add_argument("cert", nargs="+", help="certificate file(s) to revoke")
+    args = p.parse_args(argv)
+    path, count = revoke(args.ca_dir, args.cert, args.crl, args.days)
+    return [f"wrote {path} ({count} revoked)"]
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         prog="python -m routeproxy certs",
         description="Write a private CA and certificates for one RRP and its LRPs (a lab; "
-        "see docs/tls.md for using a real CA instead).",
+        "see docs/tls.md for using a real CA instead).  `certs issue` adds an LRP certificate "
+        "from an existing CA, `certs revoke` writes its CRL.",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="directory to write into (created)")
     p.add_argument("--rrp-name", required=True, metavar="NAME",
@@ -252,6 +349,15 @@ def build_parser():
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("issue", "revoke"):
+        try:
+            lines = (_issue_main if argv[0] == "issue" else _revoke_main)(argv[1:])
+        except (CertsError, OSError) as e:
+            sys.stderr.write(f"routeproxy certs {argv[0]}: {e}\n")
+            return 1
+        print("\n".join(lines))
+        return 0
     args = build_parser().parse_args(argv)
     try:
         paths = write_lab_certs(args.out, args.rrp_name, args.lrp_name, days=args.days, force=args.force)

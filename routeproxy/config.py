@@ -7,7 +7,9 @@ which twistd prints without a traceback.
 """
 import configparser
 import dataclasses
+import hashlib
 import ipaddress
+import sys
 from typing import Any, Callable
 
 from twisted.python import usage
@@ -46,6 +48,58 @@ def parseHostPort(text, default_port=None, what="address"):
     if not host:
         raise usage.UsageError(f"{what} {text!r}: missing host")
     return host, port
+
+
+def parseListen(text, default_port, what):
+    """A listening ``HOST:PORT`` whose host must be an IPv4 literal: GRE is captured and sent
+    on IPv4 raw sockets, so a name or an IPv6 address cannot be served."""
+    host, port = parseHostPort(text, default_port, what)
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        raise usage.UsageError(f"{what} {text.strip()!r}: the host must be an IPv4 address "
+                               "(0.0.0.0 for all), not a name or IPv6")
+    return host, port
+
+
+def parseIPv4(text, what):
+    try:
+        return str(ipaddress.IPv4Address(text.strip()))
+    except ValueError:
+        raise usage.UsageError(f"{what} {text.strip()!r}: not an IPv4 address")
+
+
+def parseChoice(choices, what):
+    def parse(text):
+        value = text.strip()
+        if value not in choices:
+            raise usage.UsageError(f"{what} {value!r}: choose one of {', '.join(choices)}")
+        return value
+    return parse
+
+
+def parseStatus(text):
+    """``--status``: ``unix:PATH`` (a socket only its owner may use) or ``HOST:PORT``."""
+    text = text.strip()
+    if text.startswith("unix:"):
+        path = text[len("unix:"):]
+        if not path.startswith("/"):
+            raise usage.UsageError(f"--status {text!r}: give an absolute path, unix:/run/...")
+        return ("unix", path)
+    return parseHostPort(text, None, "--status")
+
+
+def fileDigest(*paths):
+    """One digest of the files' contents (None for one that cannot be read): whether a
+    reload found new certificates."""
+    digest = hashlib.sha256()
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                digest.update(f.read())
+        except (OSError, TypeError):
+            digest.update(b"\0missing")
+    return digest.hexdigest()
 
 
 def parseCount(value, what, minimum=1):
@@ -158,6 +212,8 @@ class ConfigOptions(usage.Options):
     section = None  # INI section read from --config
     settings = ()
     required = ()   # settings that must end up with a value
+    optFlags = [["check", None, "validate the configuration (files, certificates, addresses), "
+                 "print one line and exit 0 (valid) or 1"]]
 
     def __init_subclass__(cls, **kw):
         # usage.Options finds handlers by their opt_ method names; make one per
@@ -175,6 +231,40 @@ class ConfigOptions(usage.Options):
     def opt_config(self, path):
         """INI file with the same keys as the long options (the options win)."""
         self["config"] = path
+
+    def opt_version(self):
+        """print routeproxy's version and exit"""
+        from routeproxy.version import versionLine
+        sys.stdout.write(versionLine() + "\n")
+        sys.exit(0)
+
+    @property
+    def program(self):
+        return f"routeproxy-{self.section}"
+
+    def parseConfig(self, argv):
+        """Parse *argv* (and the --config file it names); raises usage.UsageError."""
+        self.argv = list(argv)
+        usage.Options.parseOptions(self, self.argv)
+
+    def parseOptions(self, options=None):
+        """As usage.Options, but a bad option is one line on stderr and exit status 1
+        (twistd would print the whole help first); ``--check`` ends here too."""
+        try:
+            self.parseConfig(sys.argv[1:] if options is None else options)
+        except usage.UsageError as e:
+            sys.stderr.write(f"{self.program}: {e} (see --help)\n")
+            sys.exit(1)
+        if self["check"]:
+            sys.stdout.write(f"{self.program}: configuration OK\n")
+            sys.exit(0)
+
+    def reparse(self):
+        """A fresh instance parsed from the same arguments (and so the same --config file,
+        read again): the reload's new configuration.  Raises usage.UsageError."""
+        fresh = type(self)()
+        fresh.parseConfig([a for a in self.argv if a != "--check"])
+        return fresh
 
     def postOptions(self):
         from_file = {}
@@ -216,8 +306,17 @@ def readINI(path, section):
             parser.read_file(f)
     except OSError as e:
         raise usage.UsageError(f"--config {path}: {e.strerror}")
+    except configparser.ParsingError as e:
+        lineno, line = e.errors[0]
+        line = line.strip("'").replace("\\n", "").strip()
+        raise usage.UsageError(f"--config {path} line {lineno}: cannot parse {line!r} "
+                               "(expected KEY = VALUE)")
+    except configparser.MissingSectionHeaderError as e:
+        raise usage.UsageError(f"--config {path} line {e.lineno}: a key before any [section] header")
     except configparser.Error as e:
-        raise usage.UsageError(f"--config {path}: {str(e).splitlines()[0]}")
+        where = f" line {e.lineno}" if getattr(e, "lineno", None) else ""
+        text = str(e).splitlines()[0].split("]: ", 1)[-1]
+        raise usage.UsageError(f"--config {path}{where}: {text}")
     if not parser.has_section(section):
         raise usage.UsageError(f"--config {path}: no [{section}] section")
     return dict(parser.items(section))

@@ -18,6 +18,11 @@ TRANSFER_MB = 2
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv:   # the demo takes no options; --help (or anything) never starts the lab
+        out = sys.stdout if argv[0] in ("-h", "--help") else sys.stderr
+        out.write("usage: python -m routeproxy demo\n\n" + __doc__.split("\n\n", 1)[1])
+        return 0 if out is sys.stdout else 2
     reason = uml.uml_available()
     if reason:
         sys.stderr.write(f"routeproxy demo: cannot run the lab: {reason}\n")

@@ -103,6 +103,7 @@ class GREStats:
         self.sent = 0
         self.reads = 0  # doRead wake-ups
         self.fragments = 0  # fragments taken into reassembly (pcap sees them before the kernel)
+        self.captureFailures = 0  # captures lost while running (interface gone, read error)
         self.reassembled = 0  # datagrams put back together from them (and delivered as one)
         self.dropped = collections.Counter()
 
@@ -173,6 +174,7 @@ class GREPort(abstract.FileDescriptor):
         self._loggedErrors = set()
         self._link = None
         self._reading = False
+        self._stopping = False
 
     # -- addresses -----------------------------------------------------------------------------
 
@@ -269,13 +271,19 @@ class GREPort(abstract.FileDescriptor):
     def stopListening(self):
         """Stop reading and close every handle and socket; returns a Deferred."""
         if self.connected:
+            self._stopping = True
             self.stopReading()
             self.connectionLost(failure.Failure(error.ConnectionDone()))
         return defer.succeed(None)
 
     def connectionLost(self, reason):
-        if reason is not None and not reason.check(error.ConnectionDone):
-            self.log.failure("GRE capture on {interface} stopped", reason, interface=self.interface)
+        if not self._stopping:   # not stopListening: the capture failed under us
+            self.stats.captureFailures += 1
+            why = (reason.getErrorMessage() if reason is not None and not reason.check(error.ConnectionDone)
+                   else "the capture socket reported an error (interface deleted or down)")
+            self.log.error("GRE capture on {interface} failed: {error}; no GRE is received until "
+                           "the daemon restarts (routeproxy_capture_up is 0)",
+                           interface=self.interface, error=why)
         abstract.FileDescriptor.connectionLost(self, reason)
         self.connected = 0
         for sock in self._senders.values():
@@ -448,6 +456,8 @@ class GREPort(abstract.FileDescriptor):
         self._reassembler.expire(self._clock())
         result = self.stats.asDict()
         result["reassembling"] = len(self._reassembler)  # datagrams waiting for fragments
+        result["capture_up"] = bool(self.connected)
+        result["capture_failures"] = self.stats.captureFailures
         if self._capture is not None:
             try:
                 _, drop, ifdrop = self._capture.stats()

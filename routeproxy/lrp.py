@@ -5,9 +5,9 @@ RRP, opened by an :class:`~routeproxy.upstream.UpstreamOpener`.  The LRP owns th
 its clients see for pptpd (``L``, one scope for all its calls), so GRE from clients is
 demultiplexed by its key alone, then checked against the control connection's address.
 """
+import collections
 import ipaddress
 
-from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -16,7 +16,7 @@ from routeproxy import pptp, tls
 from routeproxy.callids import CallIDSpace
 from routeproxy.control import PPTPControlProtocol
 from routeproxy.mux.connection import MuxConfig
-from routeproxy.mux.frames import RESUME_CAPABILITY, LinkError
+from routeproxy.mux.frames import RESUME_CAPABILITY
 from routeproxy.mux.protocol import MuxClientFactory
 from routeproxy.mux.resume import Resumer
 from routeproxy.mux.session import LinkDown
@@ -46,6 +46,10 @@ class LocalRouteProxy:
         self.links = set()        # MuxConnections (LinkFactory.connections)
         self.resumer = None       # mux.resume.Resumer when --resume-grace is on
         self._linkWaiters = []
+        self.tls = None           # the link's tls.ClientTLS (the tap sets it; reload swaps it)
+        self.refusals = collections.Counter()   # clients refused, by reason
+        self.linksUp = 0
+        self.linkConnectFailures = 0
 
     # --- the link to the RRP ---------------------------------------------------------
 
@@ -55,12 +59,20 @@ class LocalRouteProxy:
         return next((c for c in self.links if c.ready), None)
 
     def linkUp(self, connection):
+        self.linksUp += 1
         self.log.info("LRP: link to the RRP {peer} is up", peer=connection.peerLabel)
         waiters, self._linkWaiters = self._linkWaiters, []
         for d, timer in waiters:
             timer.cancel()
             d.callback(connection)
         return connection
+
+    def linkFailed(self, address, why):
+        """A connection attempt to the RRP failed: one line with the reason (the
+        reconnection backoff goes on)."""
+        self.linkConnectFailures += 1
+        self.log.warn("LRP: cannot connect the link to the RRP {address}: {why}; retrying",
+                      address=address, why=why)
 
     def whenLinkReady(self):
         """Deferred firing with the ready link, failing after ``linkWait`` seconds."""
@@ -92,9 +104,32 @@ class LocalRouteProxy:
         """A relay session for a client that just connected."""
         return self.relay.newSession(UpstreamOpener(self, self.profile))
 
+    def reconfigure(self, old, new):
+        """A reload: the allow-list and profile for new clients, the TLS settings for new
+        links; clients no longer allowed are ended with a PPTP teardown."""
+        changes = []
+        allow = list(new["allow"]) if new["allow"] else None
+        if allow != self.allow:
+            self.allow = allow
+            ended = self.relay.shutDown("no longer in --allow",
+                                        lambda s: s.peerAddress and not self.allowed(s.peerAddress))
+            shown = ", ".join(map(str, allow)) if allow else "any"
+            changes.append(f"--allow now {shown} ({len(ended)} session(s) ended)")
+        if new["profile"] != self.profile:
+            changes.append(f"--profile {self.profile} -> {new['profile']} (new sessions)")
+            self.profile = new["profile"]
+        if self.tls is not None and new["tls-files"] != old["tls-files"]:
+            self.tls.replaceWith(new["tls"])
+            changes.append("TLS certificate, key or CA reread (next link connection)")
+        return changes
+
     def snapshot(self):
         """The LRP as plain data (docs/status.md)."""
-        snapshot = dict(self.relay.snapshot(self.links), profile=self.profile)
+        snapshot = dict(self.relay.snapshot(self.links), profile=self.profile,
+                        refusals=dict(self.refusals),
+                        tls_handshake_failures=getattr(self.tls, "handshakeFailures", 0),
+                        link_connect_failures=self.linkConnectFailures,
+                        link_reconnects=max(0, self.linksUp - 1))
         if self.resumer is not None:
             snapshot["resume"] = self.resumer.snapshot()
         return snapshot
@@ -102,6 +137,8 @@ class LocalRouteProxy:
 
 class LinkFactory(MuxClientFactory):
     """The LRP's end of the link: tells the LRP when each new connection is ready."""
+
+    noisy = False  # no "Starting factory" line per reconnection
 
     def __init__(self, lrp, clock, resumeGrace=30.0, deadTimeout=8.0):
         resumer = Resumer(clock, resumeGrace) if resumeGrace else None
@@ -124,25 +161,6 @@ def muxConfig(resumeGrace, deadTimeout, **more):
                      capabilities=(RESUME_CAPABILITY,) if resumeGrace else (), **more)
 
 
-class LinkShutdown(Service):
-    """Closes the links with GOAWAY when the daemon (*proxy*: the LRP or the RRP) stops.
-
-    ClientService would close the TLS transport itself, which waits for ever while the mux
-    protocol is registered as its producer; the mux's own close unregisters first.  A
-    GOAWAY also tells the peer that this is a stop, not a loss: its sessions end at once
-    instead of waiting for a resume (docs/protocol.md s.10).
-    """
-
-    def __init__(self, proxy, name="LRP"):
-        self.lrp = proxy
-        self.name = name
-
-    def stopService(self):
-        super().stopService()
-        for connection in list(self.lrp.links):
-            connection.goAway(LinkError.NO_ERROR, f"{self.name} shutting down")
-
-
 class PPTPServerFactory(Factory):
     """Accepts client control connections from the allowed addresses only."""
 
@@ -155,6 +173,7 @@ class PPTPServerFactory(Factory):
 
     def buildProtocol(self, addr):
         if not self.lrp.allowed(addr.host):
+            self.lrp.refusals["not_allowed"] += 1
             self.log.warn("LRP: refused PPTP client {host}:{port}: not in --allow",
                           host=addr.host, port=addr.port)
             return None

@@ -1,10 +1,12 @@
 """`twistd routeproxy-lrp`: options and the service tree of a Local Route Proxy."""
 from twisted.application import internet
-from twisted.application.service import MultiService
 from twisted.python import usage
 
-from routeproxy import tls
-from routeproxy.config import LINK_SETTINGS, ConfigOptions, Setting, parseCIDR, parseHostPort
+from routeproxy import logs, tls
+from routeproxy.config import (
+    LINK_SETTINGS, ConfigOptions, Setting, fileDigest, parseChoice, parseCIDR, parseHostPort, parseListen,
+    parseStatus,
+)
 
 
 class Options(ConfigOptions):
@@ -18,7 +20,7 @@ class Options(ConfigOptions):
     settings = (
         Setting("pptp-listen", ("0.0.0.0", 1723),
                 "HOST:PORT where PPTP clients connect [default: 0.0.0.0:1723]",
-                lambda v: parseHostPort(v, 1723, "--pptp-listen")),
+                lambda v: parseListen(v, 1723, "--pptp-listen")),
         Setting("rrp", None, "HOST:PORT of the RRP's TLS listener (required); repeat it to "
                 "fail over to the next RRP when one does not answer (tried in order)",
                 lambda v: parseHostPort(v, None, "--rrp"), repeatable=True),
@@ -31,37 +33,50 @@ class Options(ConfigOptions):
         Setting("profile", "default",
                 "upstream profile the RRP maps to a PPTP server [default: default]"),
         Setting("gre-interface", "any", "interface GRE from clients is captured on [default: any]"),
-        Setting("status", None, "HOST:PORT for the status/metrics HTTP endpoint, loopback "
-                "recommended [default: off]", lambda v: parseHostPort(v, None, "--status")),
+        Setting("status", None, "HOST:PORT or unix:PATH for the status/metrics HTTP endpoint; "
+                "a unix socket (mode 0600) or loopback recommended [default: off]", parseStatus),
+        Setting("log-format", "text", "text or json (one JSON object per line) [default: text]",
+                parseChoice(("text", "json"), "--log-format")),
     ) + LINK_SETTINGS
+    restartOnly = ("pptp-listen", "rrp", "gre-interface", "status", "log-format", "resume-grace",
+                   "dead-timeout")
 
     def check(self):
         try:
             self["tls"] = tls.clientCreator(self["rrp-name"], self["cert"], self["key"], self["ca"])
         except tls.TLSConfigError as e:
             raise usage.UsageError(str(e))
+        self["tls-files"] = fileDigest(self["cert"], self["key"], self["ca"])
+        logs.useFormat(self)
 
 
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
-    from routeproxy.lrp import LinkFactory, LinkShutdown, LocalRouteProxy, PPTPServerFactory
+    from routeproxy.daemon import DaemonService, installExceptHook
+    from routeproxy.lrp import LinkFactory, LocalRouteProxy, PPTPServerFactory
     from routeproxy.service import addStatusEndpoint, greOpener, localIPv4Addresses
 
-    top = MultiService()
+    installExceptHook()
+    top = DaemonService("LRP", None, options, reactor, restartOnly=Options.restartOnly)
     host, port = options["pptp-listen"]
     local = localIPv4Addresses() if host == "0.0.0.0" else [host]
     lrp = LocalRouteProxy(reactor, greOpener(top, reactor, local, options["gre-interface"]),
                           profile=options["profile"], allow=options["allow"])
+    lrp.tls = options["tls"]
+    top.proxy = lrp
+    top.reloaders.append(lrp.reconfigure)
     (rrpHost, rrpPort), *moreRRPs = options["rrp"]
     # No prepareConnection: a refused handshake would fail it before the disconnect, which
     # ClientService cannot take (NoTransition); LinkFactory tells the LRP when a link is ready.
     factory = LinkFactory(lrp, reactor, options["resume-grace"], options["dead-timeout"])
     link = tls.rrpClientService(reactor, rrpHost, rrpPort, options["tls"], factory, more=moreRRPs,
-                                retryDelay=lrp.resumer.retryDelay if lrp.resumer else None)
+                                retryDelay=lrp.resumer.retryDelay if lrp.resumer else None,
+                                onFailure=lrp.linkFailed)
     link.setServiceParent(top)
-    LinkShutdown(lrp).setServiceParent(top)   # stops before the ClientService
-    internet.TCPServer(port, PPTPServerFactory(lrp), interface=host, reactor=reactor).setServiceParent(top)
-    addStatusEndpoint(top, reactor, options["status"], lrp)
+    listener = internet.TCPServer(port, PPTPServerFactory(lrp), interface=host, reactor=reactor)
+    listener.optionName = "--pptp-listen"
+    listener.setServiceParent(top)
+    addStatusEndpoint(top, reactor, options["status"], top)
     top.lrp = lrp
     return top

@@ -26,7 +26,7 @@ from typing import Callable, Optional
 
 from twisted.logger import Logger
 
-from routeproxy import calls, gre, pptp
+from routeproxy import calls, gre, pptp, teardown
 from routeproxy.callids import CallIDExhausted
 from routeproxy.capture import GREIOError
 from routeproxy.control import MuxReadingControl
@@ -80,6 +80,7 @@ class RelaySession:
         self.controlIn = self.controlOut = 0   # bytes from / to the peer
         self.greIn = self.greOut = 0           # packets from / to the peer
         self.greDropped = 0
+        self.callsEnded = 0
         self._greAddress = None   # the local address we asked the GRE port to serve
         self.gap = None           # a detach.Gap while the link is lost and may resume
         self.echoesPending = 0    # the peer's Echo-Requests the far side has not answered yet
@@ -142,6 +143,8 @@ class RelaySession:
     def greFromPeer(self, call, seq, ack, payload):
         """A GRE packet from the peer for *call* (found by the GRE demultiplexer)."""
         self.greIn += 1
+        call.gre_in += 1
+        call.bytes_in += len(payload)
         mux = self.mux
         if mux is None or not mux.sendGRE(call.pns_id, seq, ack, payload):
             self.greDropped += 1
@@ -203,6 +206,8 @@ class RelaySession:
             self.relay.drops.add(DROP_MUX_GRE_NO_CALL)
             return
         self.greOut += 1
+        call.gre_out += 1
+        call.bytes_out += len(payload)
         self.relay.grePort.sendGRE(self.localAddress, self.peerAddress,
                                    gre.build_gre(self.book.gre_key(call), payload, seq, ack))
 
@@ -224,13 +229,49 @@ class RelaySession:
         self.mux = None
         self.close(why)
 
+    # --- calls (CallBook listener) ---------------------------------------------------------
+
+    def describeCall(self, call):
+        return f"C={call.pns_id} S={call.pac_id} {self.side.localName}={call.local_id}"
+
+    def describeEnds(self):
+        """``client A`` (LRP), ``client A via LRP, server B`` (RRP: pptpd sees only the RRP)."""
+        if not self.clientLabel:
+            return f"{self.side.peerRole} {self.peerLabel}"
+        return f"client {self.clientLabel}, {self.side.peerRole} {self.peerLabel}"
+
+    def callOpened(self, call):
+        """One line per call, so pptpd's call (``S``, and ``R`` on the RRP) maps to a client."""
+        self.log.info("{side} call opened: {ends}, {ids}", side=self.side.name,
+                      ends=self.describeEnds(), ids=self.describeCall(call))
+
+    def callClosed(self, call):
+        self.callsEnded += 1
+        self.log.info("{side} call closed: {ends}, {ids}; GRE {gin}/{gout} packets, "
+                      "{bin}/{bout} bytes in/out", side=self.side.name, ends=self.describeEnds(),
+                      ids=self.describeCall(call), gin=call.gre_in, gout=call.gre_out,
+                      bin=call.bytes_in, bout=call.bytes_out)
+
     # --- ending ---------------------------------------------------------------------------
 
     def describeCalls(self):
         if self.book is None or not self.book.calls:
-            return "no calls"
-        return ", ".join(f"C={c.pns_id} S={c.pac_id} {self.side.localName}={c.local_id}"
-                         for c in self.book.calls)
+            return f"no calls open ({self.callsEnded} ended)"
+        return ", ".join(self.describeCall(c) for c in self.book.calls)
+
+    def shutDown(self, reason):
+        """End this session as the peer's counterpart would: the calls cleared and the control
+        connection stopped in PPTP, towards the peer and (in native IDs) through the mux, so
+        both peers hear it; then close (routeproxy.teardown)."""
+        if self.closed:
+            return
+        live = list(self.book.calls) if self.book is not None else []
+        for message in teardown.to_peer(self.side.owner, live):
+            self.sendToPeer(message)
+        if self.mux is not None:
+            for message in teardown.to_mux(self.side.owner, live):
+                self.mux.sendControl(message.pack())
+        self.close(reason)
 
     def close(self, reason):
         """End this session only: the peer's connection, the mux session, the calls' IDs."""
@@ -326,6 +367,17 @@ class Relay:
         self.sessions = set()
         self.sessionsEnded = 0
         self.endedTotals = dict.fromkeys(self.TOTALS.values(), 0)
+
+    def shutDown(self, reason, which=None):
+        """End every session (or those *which* selects) with a PPTP teardown; returns the
+        peer transports being closed, for a caller that waits until they are flushed."""
+        transports = []
+        for session in list(self.sessions):
+            if which is None or which(session):
+                if session.peer is not None and session.peer.transport is not None:
+                    transports.append(session.peer.transport)
+                session.shutDown(reason)
+        return transports
 
     def newSession(self, opener=None, clientLabel=""):
         session = RelaySession(self.side, self, opener, clientLabel)

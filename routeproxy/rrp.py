@@ -7,6 +7,8 @@ demultiplexed by (source address, key).  A profile whose server takes few calls 
 connection (pptpd: one) gets its sessions' calls spread over more connections
 (:mod:`routeproxy.callsplit`).
 """
+import collections
+
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -15,7 +17,7 @@ from routeproxy import pptp
 from routeproxy.callsplit import CallSplitter, UpstreamCounters
 from routeproxy.config import Profile
 from routeproxy.control import PPTPControlProtocol
-from routeproxy.mux.frames import Reason
+from routeproxy.mux.frames import LinkError, Reason
 from routeproxy.mux.session import SessionRefused
 from routeproxy.relay import Relay, RelaySession, Side
 from routeproxy.scopes import PerServerScopes
@@ -55,12 +57,15 @@ class RemoteRouteProxy:
         self.links = set()        # live MuxConnections (MuxServerFactory.connections)
         self.upstreamCounters = UpstreamCounters()
         self.resumeTable = None   # mux.resume.ResumeTable when --resume-grace is on
+        self.tls = None           # the listener's tls.ServerTLS (the tap sets it; reload swaps it)
+        self.refusals = collections.Counter()   # sessions refused, by reason
 
     def sessionRequested(self, mux, profile, clientInfo):
         """A mux OPEN: dial the profile's server; accept once connected, refuse otherwise."""
         lrp = mux.connection.peerLabel
         target = self.profiles.get(profile)
         if target is None:
+            self.refusals["unknown_profile"] += 1
             self.log.warn("RRP: LRP {lrp} asked for unknown profile {profile!r} (client {client}); "
                           "refused", lrp=lrp, profile=profile, client=clientInfo)
             raise SessionRefused(Reason.UNKNOWN_PROFILE, f"no profile {profile!r}")
@@ -86,6 +91,7 @@ class RemoteRouteProxy:
             return session
 
         def failed(failure):
+            self.refusals["upstream_unreachable"] += 1
             why = failure.getErrorMessage()
             self.log.warn("RRP: cannot reach server {host}:{port} of profile {profile} for "
                           "client {client}: {why}; refused", host=host, port=port,
@@ -102,9 +108,36 @@ class RemoteRouteProxy:
                                       bindAddress=(session.localAddress, 0))
         return endpoint.connect(_SessionFactory(receiver))
 
+    def reconfigure(self, old, new):
+        """A reload: profiles for new sessions (sessions of a removed profile end with a PPTP
+        teardown), and the TLS settings and --lrp-name for new links (links of an LRP whose
+        name was removed get GOAWAY)."""
+        changes = []
+        profiles = {name: p if isinstance(p, Profile) else Profile(*p)
+                    for name, p in dict(new["profiles"]).items()}
+        if profiles != self.profiles:
+            removed = set(self.profiles) - set(profiles)
+            ended = self.relay.shutDown("its profile was removed",
+                                        lambda s: getattr(s.mux, "profile", None) in removed)
+            changed = sorted(n for n in profiles if n in self.profiles and profiles[n] != self.profiles[n])
+            added = sorted(set(profiles) - set(self.profiles))
+            self.profiles = profiles
+            changes.append(f"profiles: added {added or 'none'}, changed {changed or 'none'} (new "
+                           f"sessions), removed {sorted(removed) or 'none'} ({len(ended)} session(s) ended)")
+        if self.tls is not None and (new["tls-files"], new["lrp-name"]) != (old["tls-files"], old["lrp-name"]):
+            self.tls.replaceWith(new["tls"])
+            changes.append("TLS certificate, key, CA or --lrp-name reread (new links)")
+            names = self.tls.allowedNames
+            for connection in list(self.links):
+                if names is not None and connection.peerName not in names:
+                    connection.goAway(LinkError.NO_ERROR, "LRP name no longer in --lrp-name")
+                    changes.append(f"link of LRP {connection.peerLabel} closed (not in --lrp-name)")
+        return changes
+
     def snapshot(self):
         """The RRP as plain data (docs/status.md); links include idle LRPs."""
-        snapshot = dict(self.relay.snapshot(self.links),
+        snapshot = dict(self.relay.snapshot(self.links), refusals=dict(self.refusals),
+                        tls_handshake_failures=getattr(self.tls, "handshakeFailures", 0),
                         profiles={name: str(p) for name, p in sorted(self.profiles.items())},
                         calls_per_connection={name: p.callsPerConnection
                                               for name, p in sorted(self.profiles.items())},

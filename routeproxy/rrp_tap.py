@@ -1,11 +1,12 @@
 """`twistd routeproxy-rrp`: options and the service tree of a Remote Route Proxy."""
 from twisted.application import internet
-from twisted.application.service import MultiService
 from twisted.python import usage
 
-from routeproxy import tls
-from routeproxy.config import (LINK_SETTINGS, ConfigOptions, Profile, Setting, parseCount, parseHostPort,
-                               parseProfile, splitProfiles)
+from routeproxy import logs, tls
+from routeproxy.config import (
+    LINK_SETTINGS, ConfigOptions, Profile, Setting, fileDigest, parseChoice, parseCount, parseHostPort,
+    parseIPv4, parseListen, parseProfile, parseStatus, splitProfiles,
+)
 
 
 class Options(ConfigOptions):
@@ -19,7 +20,7 @@ class Options(ConfigOptions):
     settings = (
         Setting("listen", ("0.0.0.0", 4443),
                 "HOST:PORT of the TLS listener for LRPs [default: 0.0.0.0:4443]",
-                lambda v: parseHostPort(v, None, "--listen")),
+                lambda v: parseListen(v, None, "--listen")),
         Setting("pptp-server", None, "HOST[:PORT] of the PPTP server of profile 'default'",
                 lambda v: parseHostPort(v, 1723, "--pptp-server")),
         Setting("cert", None, "this RRP's certificate (PEM) (required)"),
@@ -35,11 +36,15 @@ class Options(ConfigOptions):
                 "[default: 20000]", lambda v: parseCount(v, "--max-sessions")),
         Setting("source", None, "local address to dial PPTP servers from (and send their GRE "
                 "from); use one pptpd does not listen on when both share a host [default: the "
-                "kernel's choice]"),
+                "kernel's choice]", lambda v: parseIPv4(v, "--source")),
         Setting("gre-interface", "any", "interface GRE from servers is captured on [default: any]"),
-        Setting("status", None, "HOST:PORT for the status/metrics HTTP endpoint, loopback "
-                "recommended [default: off]", lambda v: parseHostPort(v, None, "--status")),
+        Setting("status", None, "HOST:PORT or unix:PATH for the status/metrics HTTP endpoint; "
+                "a unix socket (mode 0600) or loopback recommended [default: off]", parseStatus),
+        Setting("log-format", "text", "text or json (one JSON object per line) [default: text]",
+                parseChoice(("text", "json"), "--log-format")),
     ) + LINK_SETTINGS
+    restartOnly = ("listen", "source", "gre-interface", "status", "max-sessions", "log-format",
+                   "resume-grace", "dead-timeout")
 
     def check(self):
         profiles = dict(self["profile"] or ())
@@ -53,21 +58,28 @@ class Options(ConfigOptions):
                                             allowed_names=self["lrp-name"])
         except tls.TLSConfigError as e:
             raise usage.UsageError(str(e))
+        self["tls-files"] = fileDigest(self["cert"], self["key"], self["ca"])
+        logs.useFormat(self)
 
 
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
-    from routeproxy.lrp import LinkShutdown, muxConfig
+    from routeproxy.daemon import DaemonService, installExceptHook
+    from routeproxy.lrp import muxConfig
     from routeproxy.mux.protocol import MuxServerFactory
     from routeproxy.mux.resume import ResumeTable
     from routeproxy.rrp import RemoteRouteProxy
     from routeproxy.service import addStatusEndpoint, greOpener, localIPv4Addresses
 
-    top = MultiService()
+    installExceptHook()
+    top = DaemonService("RRP", None, options, reactor, restartOnly=Options.restartOnly)
     local = [options["source"]] if options["source"] else localIPv4Addresses()
     rrp = RemoteRouteProxy(reactor, greOpener(top, reactor, local, options["gre-interface"]),
                            options["profiles"], source=options["source"])
+    rrp.tls = options["tls"]
+    top.proxy = rrp
+    top.reloaders.append(rrp.reconfigure)
     host, port = options["listen"]
     grace = options["resume-grace"]
     rrp.resumeTable = ResumeTable(reactor, grace) if grace else None
@@ -76,8 +88,9 @@ def makeService(options, reactor=None):
                                                 maxSessions=options["max-sessions"]),
                                resume=rrp.resumeTable)
     rrp.links = factory.connections
-    internet.SSLServer(port, factory, options["tls"], interface=host, reactor=reactor).setServiceParent(top)
-    LinkShutdown(rrp, "RRP").setServiceParent(top)   # stops before the listener
-    addStatusEndpoint(top, reactor, options["status"], rrp)
+    listener = internet.SSLServer(port, factory, options["tls"], interface=host, reactor=reactor)
+    listener.optionName = "--listen"
+    listener.setServiceParent(top)
+    addStatusEndpoint(top, reactor, options["status"], top)
     top.rrp = rrp
     return top

@@ -10,7 +10,6 @@ import struct
 
 from twisted.application import internet
 from twisted.application.service import Service
-from twisted.logger import Logger
 
 SIOCGIFADDR = 0x8915
 
@@ -29,26 +28,22 @@ def localIPv4Addresses():
 
 
 class GREPortService(Service):
-    """Starts and stops a :class:`~routeproxy.greport.GREPort` with the daemon.
+    """Opens a :class:`~routeproxy.greport.GREPort` with the daemon, and closes it.
 
-    If GRE cannot be captured (not root, no such interface) the daemon cannot work: one clear
-    log line, then the reactor stops.
+    The capture and raw sockets open in ``privilegedStartService``, before twistd drops
+    privileges (``--uid``); a failure there is a fatal start-up error
+    (:class:`routeproxy.daemon.StartupError`, one line, exit 1).
     """
 
-    log = Logger()
+    optionName = "--gre-interface"
 
     def __init__(self, port, reactor):
         self.port = port
         self.reactor = reactor
 
-    def startService(self):
-        super().startService()
-        try:
-            self.port.startListening()
-        except Exception as e:
-            self.log.critical("cannot capture GRE on {iface}: {error} (capturing needs root or "
-                              "CAP_NET_RAW); stopping", iface=self.port.interface, error=e)
-            self.reactor.callWhenRunning(self.reactor.stop)
+    def privilegedStartService(self):
+        super().privilegedStartService()
+        self.port.startListening()
 
     def stopService(self):
         super().stopService()
@@ -68,10 +63,27 @@ def greOpener(parent, reactor, localAddresses, interface):
 
 
 def addStatusEndpoint(parent, reactor, address, daemon):
-    """Serve *daemon*'s ``snapshot()`` on *address* (host, port) under *parent*, if given."""
+    """Serve *daemon*'s ``snapshot()`` on *address* under *parent*, if given: ``("unix",
+    PATH)`` (a socket of mode 0600: only its owner, and root, may read it) or (host, port),
+    with a warning when that is not loopback (the snapshot names every client)."""
     if address is None:
         return
+    import ipaddress
+    from twisted.logger import Logger
     from routeproxy.status import StatusResource, StatusSite
-    host, port = address
-    internet.TCPServer(port, StatusSite(StatusResource(daemon)), interface=host,
-                       reactor=reactor).setServiceParent(parent)
+    site = StatusSite(StatusResource(daemon))
+    if address[0] == "unix":
+        server = internet.UNIXServer(address[1], site, mode=0o600, wantPID=True, reactor=reactor)
+    else:
+        host, port = address
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = host == "localhost"
+        if not loopback:
+            Logger().warn("--status {host}:{port} is not loopback: anyone who reaches it reads "
+                          "every client's address; prefer 127.0.0.1 or unix:PATH",
+                          host=host, port=port)
+        server = internet.TCPServer(port, site, interface=host, reactor=reactor)
+    server.optionName = "--status"
+    server.setServiceParent(parent)

@@ -53,7 +53,7 @@ class _JSONPage(_Page):
 class _MetricsPage(_Page):
     def render_GET(self, request):
         request.setHeader(b"content-type", METRICS_CONTENT_TYPE)
-        return format_metrics(self.root.snapshot()).encode()
+        return format_metrics(self.root.snapshot(), process=True).encode()
 
 
 class _IndexPage(_Page):

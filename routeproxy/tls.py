@@ -36,7 +36,9 @@ from service_identity.cryptography import verify_certificate_hostname, verify_ce
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import ssl
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator, IStreamClientEndpoint,
+)
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -343,11 +345,27 @@ class _Creator:
     before 25.2 has no per-connection info callback)."""
 
     role = None
+    notAfter = None          # our certificate's expiry (a UTC datetime), for the metrics
 
     def __init__(self, options):
         self.options = options
+        self.handshakeFailures = 0   # refused handshakes, ours or the peer's
         self._handshakes = weakref.WeakKeyDictionary()  # SSL.Connection -> _Handshake
         options.getContext().set_info_callback(self._info)
+
+    def refused(self, text):
+        self.handshakeFailures += 1
+
+    def replaceWith(self, other):
+        """Take *other*'s settings (a reload: certificates, CA, names) for new connections;
+        connections already made keep theirs.  *other* has made no connection yet, so its
+        context may still be given our info callback."""
+        self.options = other.options
+        self.options.getContext().set_info_callback(self._info)
+        self.notAfter = other.notAfter
+        for name in ("allowedNames", "rrpName", "_sni"):
+            if hasattr(other, name):
+                setattr(self, name, getattr(other, name))
 
     def _check(self, conn, handshake, mode):
         self._handshakes[conn] = handshake
@@ -379,7 +397,8 @@ class ServerTLS(_Creator):
 
     def serverConnectionForTLS(self, tlsProtocol):
         conn = self.options.serverConnectionForTLS(tlsProtocol)
-        return self._check(conn, _Handshake(tlsProtocol, self.role, allowedNames=self.allowedNames),
+        return self._check(conn, _Handshake(tlsProtocol, self.role, allowedNames=self.allowedNames,
+                                            onRefusal=self.refused),
                            _VERIFY_MODE | SSL.VERIFY_CLIENT_ONCE)
 
 
@@ -404,6 +423,7 @@ class ClientTLS(_Creator):
     lastRefusal = None  # why the latest connection was refused, or None (RefusalBackoff reads it)
 
     def refused(self, text):
+        super().refused(text)
         self.lastRefusal = text
 
     def clientConnectionForTLS(self, tlsProtocol):
@@ -442,7 +462,9 @@ def serverCreator(certPath, keyPath, caPath, allowed_names=None):  # rrp_tap pas
         options.getContext()  # build it now so errors surface here, not per connection
     except (SSL.Error, ValueError, TypeError) as e:
         raise TLSConfigError(f"cannot use {certPath} / {keyPath} / {caPath}: {e}") from None
-    return ServerTLS(options, _names(allowed_names))
+    creator = ServerTLS(options, _names(allowed_names))
+    creator.notAfter = leaf.not_valid_after_utc
+    return creator
 
 
 def clientCreator(rrpName, certPath, keyPath, caPath):
@@ -470,7 +492,9 @@ def clientCreator(rrpName, certPath, keyPath, caPath):
         options.getContext()
     except (SSL.Error, ValueError, TypeError) as e:
         raise TLSConfigError(f"cannot use {certPath} / {keyPath} / {caPath} for {rrpName!r}: {e}") from None
-    return ClientTLS(rrpName, options)
+    creator = ClientTLS(rrpName, options)
+    creator.notAfter = leaf.not_valid_after_utc
+    return creator
 
 
 class RefusalBackoff:
@@ -497,9 +521,31 @@ class RefusalBackoff:
         return self.policy(max(attempt, self.refusedInARow))
 
 
+@implementer(IStreamClientEndpoint)
+class _ReportingEndpoint:
+    """An endpoint that tells *onFailure* why each connection attempt failed (DNS, refused,
+    timed out), so the LRP logs one line with the reason instead of ClientService's."""
+
+    def __init__(self, endpoint, onFailure):
+        self.endpoint = endpoint
+        self.onFailure = onFailure
+
+    def connect(self, factory):
+        def failed(reason):
+            self.onFailure(reason.getErrorMessage())
+            return reason
+        return self.endpoint.connect(factory).addErrback(failed)
+
+
+class _QuietClientService(ClientService):
+    """ClientService without its own "Scheduling retry N to connect <endpoint>" lines."""
+
+    _log = Logger(observer=lambda event: None)
+
+
 def rrpClientService(reactor, host, port, creator, factory, initialDelay=1.0, maxDelay=60.0,
                      factor=1.5, jitter=None, timeout=10, prepareConnection=None, more=(),
-                     retryDelay=None):
+                     retryDelay=None, onFailure=None):
     """The LRP's side of the link: a ClientService that dials the RRP over
     TLS (*creator* from ``clientCreator``) and reconnects with exponential
     backoff, also after refused handshakes (``RefusalBackoff``).
@@ -517,6 +563,11 @@ def rrpClientService(reactor, host, port, creator, factory, initialDelay=1.0, ma
     addresses = [(host, port), *more]
     endpoints = [wrapClientTLS(creator, HostnameEndpoint(reactor, h, p, timeout=timeout))
                  for h, p in addresses]
+    service = ClientService
+    if onFailure is not None:
+        endpoints = [_ReportingEndpoint(e, lambda why, a=f"{h}:{p}": onFailure(a, why))
+                     for e, (h, p) in zip(endpoints, addresses)]
+        service = _QuietClientService
     if len(endpoints) > 1:
         from routeproxy.failover import FailoverEndpoint
         endpoint = FailoverEndpoint(endpoints, [f"{h}:{p}" for h, p in addresses])
@@ -526,5 +577,5 @@ def rrpClientService(reactor, host, port, creator, factory, initialDelay=1.0, ma
     if retryDelay is not None:
         backoff = retry
         retry = lambda attempt: retryDelay(attempt, backoff(attempt))  # noqa: E731
-    return ClientService(endpoint, factory, retryPolicy=retry, clock=reactor,
+    return service(endpoint, factory, retryPolicy=retry, clock=reactor,
                          prepareConnection=prepareConnection)

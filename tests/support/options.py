@@ -16,5 +16,5 @@ RRP_REQUIRED = RRP_TLS
 def parse(options_class, argv):
     """*argv* parsed by a fresh *options_class* (usage.UsageError on a bad value)."""
     options = options_class()
-    options.parseOptions(argv)
+    options.parseConfig(argv)
     return options

@@ -13,6 +13,7 @@ from twisted.trial import unittest
 from routeproxy import gre, metrics, pptp, status, statuscli
 from routeproxy.config import Profile
 from tests.support.relay import LRP_IP, RRP_SOURCE, SERVER_IP, Peer, RelayHarness
+from tests.unit.test_status import metric, parse_metrics
 
 CLIENT = "10.0.0.5"
 
@@ -109,9 +110,9 @@ class CallSplitTests(RelayHarness, unittest.TestCase):
         header, row = statuscli.format_table(snap, summary=False).splitlines()
         self.assertIn("upstreams", header)
         self.assertIn(" 1*:1 2:2 3:3 ", row)
-        text = metrics.format_metrics(snap)
-        self.assertIn("routeproxy_upstream_connections 2\n", text)
-        self.assertIn('routeproxy_upstream_connections_total{event="opened"} 2\n', text)
+        samples = parse_metrics(metrics.format_metrics(snap))
+        self.assertEqual(metric(samples, "routeproxy_upstream_connections"), 2)
+        self.assertEqual(metric(samples, "routeproxy_upstream_connections_total", event="opened"), 2)
         self.assertEqual(snap["calls_per_connection"], {"default": 1})
 
     def test_extra_connections_answer_echo_themselves(self):

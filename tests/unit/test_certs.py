@@ -191,3 +191,50 @@ class APITests(unittest.SynchronousTestCase):
             self.assertEqual(certs.check_name(good), good)
         for bad in ("", "a/b", "-x", "x.", "a..b", "spa ce", "ünï"):
             self.assertRaises(certs.CertsError, certs.check_name, bad)
+
+
+class IssueRevokeTests(unittest.TestCase):
+    """`certs issue` and `certs revoke` against a CA that write_lab_certs made."""
+
+    def setUp(self):
+        import tempfile
+        self.dir = tempfile.mkdtemp(prefix="routeproxy-issue-")
+        self.paths = certs.write_lab_certs(self.dir, "rrp.test", ["lrp1"])
+
+    def test_issue_from_existing_ca_is_trusted(self):
+        from cryptography import x509
+        from routeproxy import tls
+        self.assertEqual(certs.main(["issue", "--ca-dir", self.dir, "--lrp-name", "lrp2"]), 0)
+        path = os.path.join(self.dir, "lrp-lrp2.crt")
+        with open(path, "rb") as f:
+            cert = x509.load_pem_x509_certificate(f.read())
+        with open(self.paths["ca"], "rb") as f:
+            cert.verify_directly_issued_by(x509.load_pem_x509_certificate(f.read()))
+        self.assertEqual(tls.certName(cert), "lrp2")
+        self.assertEqual(os.stat(os.path.join(self.dir, "lrp-lrp2.key")).st_mode & 0o777, 0o600)
+        tls.clientCreator("rrp.test", path, os.path.join(self.dir, "lrp-lrp2.key"), self.paths["ca"])
+        self.assertEqual(certs.main(["issue", "--ca-dir", self.dir, "--lrp-name", "lrp2"]), 1)  # exists
+
+    def test_revoke_writes_a_crl_and_keeps_earlier_entries(self):
+        from cryptography import x509
+        certs.main(["issue", "--ca-dir", self.dir, "--lrp-name", "lrp2"])
+        second = os.path.join(self.dir, "lrp-lrp2.crt")
+        self.assertEqual(certs.main(["revoke", "--ca-dir", self.dir, self.paths["lrp_cert"]]), 0)
+        self.assertEqual(certs.main(["revoke", "--ca-dir", self.dir, second]), 0)
+        with open(os.path.join(self.dir, "ca.crl"), "rb") as f:
+            crl = x509.load_pem_x509_crl(f.read())
+        with open(self.paths["ca"], "rb") as f:
+            ca = x509.load_pem_x509_certificate(f.read())
+        self.assertTrue(crl.is_signature_valid(ca.public_key()))
+        for path in (self.paths["lrp_cert"], second):
+            with open(path, "rb") as f:
+                serial = x509.load_pem_x509_certificate(f.read()).serial_number
+            self.assertIsNotNone(crl.get_revoked_certificate_by_serial_number(serial))
+        with open(self.paths["rrp_cert"], "rb") as f:
+            self.assertIsNone(crl.get_revoked_certificate_by_serial_number(
+                x509.load_pem_x509_certificate(f.read()).serial_number))
+
+    def test_revoke_refuses_a_foreign_certificate(self):
+        import tempfile
+        other = certs.write_lab_certs(tempfile.mkdtemp(), "rrp.test", ["lrp1"])
+        self.assertEqual(certs.main(["revoke", "--ca-dir", self.dir, other["lrp_cert"]]), 1)

@@ -165,7 +165,7 @@ class MakeServiceTests(unittest.SynchronousTestCase):
 
         options = parse(lrp_tap.Options, LRP_REQUIRED + ["--pptp-listen", "127.0.0.1:11723"])
         top = lrp_tap.makeService(options, reactor=MemoryReactorClock())
-        self.assertEqual(len(list(top)), 4)   # GRE port, link to the RRP, its shutdown, PPTP listener
+        self.assertEqual(len(list(top)), 3)   # GRE port, link to the RRP, PPTP listener (the top stops the link)
         self.assertEqual(top.lrp.relay.grePort.localAddresses, ["127.0.0.1"])
 
     def test_rrp(self):
@@ -173,8 +173,23 @@ class MakeServiceTests(unittest.SynchronousTestCase):
 
         options = parse(rrp_tap.Options, RRP_REQUIRED + ["--pptp-server", "10.0.0.1", "--source", "127.0.0.2"])
         top = rrp_tap.makeService(options, reactor=MemoryReactorClock())
-        self.assertEqual(len(list(top)), 3)   # GRE port, TLS listener, the links' shutdown
+        self.assertEqual(len(list(top)), 2)   # GRE port, TLS listener (the top stops the links)
         self.assertEqual(top.rrp.profiles, {"default": Profile("10.0.0.1", 1723)})
         tls_server = [s for s in top if s.__class__.__name__ == "SSLServer"][0]
         self.assertEqual(tls_server.args[1].config.maxSessions, 20000)
         self.assertEqual(top.rrp.relay.grePort.localAddresses, ["127.0.0.2"])
+
+
+class SamplesTests(unittest.SynchronousTestCase):
+    def test_every_setting_in_the_samples_and_docs(self):
+        """etc/*.ini shows every key (set or commented) and docs/daemons.md every option."""
+        import re
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        with open(os.path.join(root, "docs", "daemons.md")) as f:
+            docs = f.read()
+        for tap, name in ((lrp_tap, "routeproxy-lrp.ini"), (rrp_tap, "routeproxy-rrp.ini")):
+            with open(os.path.join(root, "etc", name)) as f:
+                keys = set(re.findall(r"^#? ?([a-z-]+) =", f.read(), re.M))
+            for setting in tap.Options.settings:
+                self.assertIn(setting.name, keys, name)
+                self.assertIn(f"`--{setting.name}", docs)

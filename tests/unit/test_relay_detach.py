@@ -9,6 +9,7 @@ from twisted.trial import unittest
 
 from routeproxy import gre, metrics, pptp
 from tests.support.relay import LRP_IP, RelayHarness
+from tests.unit.test_status import metric, parse_metrics
 
 
 class DetachTests(RelayHarness, unittest.SynchronousTestCase):
@@ -46,10 +47,10 @@ class DetachTests(RelayHarness, unittest.SynchronousTestCase):
         [echo] = self.client.received()
         self.assertEqual(echo.identifier, 4)
         self.assertEqual(self.lrp.snapshot()["resume"]["resumes_done"], 1)
-        text = metrics.format_metrics(self.rrp.snapshot())
-        self.assertIn('routeproxy_resumes_total{result="done"} 1\n', text)
-        self.assertIn('routeproxy_resumed_sessions_total{result="resumed"} 1\n', text)
-        self.assertIn("routeproxy_detached_sessions 0\n", text)
+        samples = parse_metrics(metrics.format_metrics(self.rrp.snapshot()))
+        self.assertEqual(metric(samples, "routeproxy_resumes_total", result="done"), 1)
+        self.assertEqual(metric(samples, "routeproxy_resumed_sessions_total", result="resumed"), 1)
+        self.assertEqual(metric(samples, "routeproxy_detached_sessions"), 0)
         [session] = self.lrp.relay.sessions
         self.assertEqual(session.state(), "open")
 

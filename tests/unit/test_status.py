@@ -10,7 +10,6 @@ in a subprocess.
 import io
 import json
 import os
-import re
 import sys
 import urllib.error
 
@@ -24,45 +23,18 @@ from tests.support.relay import LRP_IP, RRP_SOURCE, SERVER_IP, RelayHarness
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# The text exposition format, one line at a time (prometheus.io/docs/instrumenting/exposition_formats).
-_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
-_LABEL = r'[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*"'
-_VALUE = r"(?:[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|NaN|[+-]Inf)"
-SAMPLE = re.compile(rf"({_NAME})(?:\{{((?:{_LABEL})(?:,{_LABEL})*)?\}})? ({_VALUE})\Z")
-COMMENT = re.compile(rf"# (?:HELP {_NAME} (?:[^\\\n]|\\[\\n])*|TYPE {_NAME} (?:counter|gauge|untyped))\Z")
-LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"')
-
-
-def unescape(value):
-    return re.sub(r"\\(.)", lambda m: {"n": "\n"}.get(m.group(1), m.group(1)), value)
-
-
 def parse_metrics(text):
-    """{(name, frozenset(labels)): value}; fails the test on any line not in the format."""
-    if not text.endswith("\n"):
-        raise AssertionError("exposition must end with a newline")
-    samples, types = {}, {}
-    for line in text[:-1].split("\n"):
-        if line.startswith("#"):
-            if not COMMENT.match(line):
-                raise AssertionError(f"bad comment line: {line!r}")
-            if line.startswith("# TYPE "):
-                _, _, name, kind = line.split(" ")
-                if name in types:
-                    raise AssertionError(f"TYPE twice for {name}")
-                types[name] = kind
-            continue
-        m = SAMPLE.match(line)
-        if m is None:
-            raise AssertionError(f"bad sample line: {line!r}")
-        name, labels, value = m.groups()
-        if name not in types:
-            raise AssertionError(f"sample before its TYPE: {line!r}")
-        labels = frozenset((k, unescape(v)) for k, v in LABEL.findall(labels or ""))
-        key = (name, labels)
-        if key in samples:
-            raise AssertionError(f"duplicate series: {line!r}")
-        samples[key] = float(value)
+    """{(sample name, frozenset(labels)): value}, read by prometheus_client's own parser
+    (what a Prometheus server's client library accepts); fails on a duplicate series."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = (sample.name, frozenset(sample.labels.items()))
+            if key in samples:
+                raise AssertionError(f"duplicate series: {key}")
+            samples[key] = sample.value
     return samples
 
 
@@ -259,8 +231,20 @@ class MetricsTests(unittest.TestCase):
         self.assertEqual(metric(samples, "routeproxy_links_up"), 1)
 
     def test_parser_can_fail(self):
-        for bad in ('x{a="b} 1\n', 'x 1 2 3\n', '# TYPE x counter\nx{a="\\q"} 1\n', 'x 1'):
-            self.assertRaises(AssertionError, parse_metrics, bad)
+        for bad in ('x{a="b} 1\n', 'x 1\nx 2\n', 'x one\n'):
+            self.assertRaises((AssertionError, ValueError), parse_metrics, bad)
+
+    def test_process_and_build_info(self):
+        """A live daemon's page: prometheus_client's process_* and the versions."""
+        from routeproxy import __version__
+        snap = dict(self.resource.snapshot(), build={"version": __version__, "twisted": "t", "python": "p"},
+                    refusals={"not_allowed": 3}, gre_port={"capture_up": False})
+        samples = parse_metrics(metrics.format_metrics(snap, process=True))
+        self.assertEqual(metric(samples, "routeproxy_build_info", version=__version__, twisted="t",
+                                python="p"), 1)
+        self.assertEqual(metric(samples, "routeproxy_refused_total", reason="not_allowed"), 3)
+        self.assertEqual(metric(samples, "routeproxy_capture_up"), 0)
+        self.assertGreater(metric(samples, "process_resident_memory_bytes"), 0)
 
 
 class TableTests(unittest.TestCase):
@@ -403,19 +387,21 @@ class TapTests(unittest.SynchronousTestCase):
         top = lrp_tap.makeService(options, reactor=MemoryReactorClock())
         web = list(top)[-1]
         self.assertEqual((web.args[0], web.kwargs["interface"]), (9723, "127.0.0.1"))
-        self.assertIs(web.args[1].resource.daemon, top.lrp)
+        self.assertIs(web.args[1].resource.daemon, top)   # the DaemonService: its proxy and itself
+        self.assertIs(top.proxy, top.lrp)
 
         options = parse(rrp_tap.Options, RRP_REQUIRED + ["--pptp-server", "10.0.0.1",
                                                          "--status", "127.0.0.1:9724"])
         top = rrp_tap.makeService(options, reactor=MemoryReactorClock())
         web = list(top)[-1]
         self.assertEqual(web.args[0], 9724)
-        self.assertIs(web.args[1].resource.daemon, top.rrp)
+        self.assertIs(web.args[1].resource.daemon, top)
+        self.assertIs(top.proxy, top.rrp)
         tlsServer = [s for s in top if s.__class__.__name__ == "SSLServer"][0]
         self.assertIs(top.rrp.links, tlsServer.args[1].connections)   # idle LRPs show too
 
         options = parse(rrp_tap.Options, RRP_REQUIRED + ["--pptp-server", "10.0.0.1"])
-        self.assertEqual(len(list(rrp_tap.makeService(options, reactor=MemoryReactorClock()))), 3)
+        self.assertEqual(len(list(rrp_tap.makeService(options, reactor=MemoryReactorClock()))), 2)
 
     def test_sample_ini_lines(self):
         for name in ("routeproxy-lrp.ini", "routeproxy-rrp.ini"):
