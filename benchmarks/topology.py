@@ -157,7 +157,7 @@ def measure_throughput(proxy, settings, log=print):
         rate = best["delivered_pps"] if best else 0
         entry["cpu"] = trial_with_cpu(proxy, path, int(size), rate, settings.duration)
         cpu = entry["cpu"]["cpu_us_per_packet"]
-        log(f"  proxy {size}B @ {rate:.0f} pps: CPU us/packet " +
+        log(f"  {path.label} {size}B @ {rate:.0f} pps: CPU us/packet " +
             ", ".join(f"{k} {v:.1f}" if v is not None else f"{k} -" for k, v in cpu.items()))
     return result
 

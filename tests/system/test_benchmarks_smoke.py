@@ -95,4 +95,9 @@ class QuickRunTests(unittest.TestCase):
             trials = proxy["throughput"]["sizes"]["512"]["trials"]
             self.assertGreater(max(t["received"] for t in trials), 0)
             self.assertEqual(proxy["scale"]["rows"][-1]["sessions"], 100)
+        reference = results["openvpn"]
+        if "skipped" not in reference:
+            for variant, got in reference.items():
+                self.assertNotIn("error", got, got)
+                self.assertGreater(max(t["received"] for t in got["sizes"]["512"]["trials"]), 0)
         self.assertIn("512-byte GRE", done.stdout)
