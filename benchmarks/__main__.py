@@ -199,12 +199,21 @@ def main(argv=None):
     parser.add_argument("--out", help="write all results as JSON here")
     parser.add_argument("--only", action="append", choices=ALL_PARTS, help="run only this part (repeatable)")
     parser.add_argument("--repeat", type=int, default=1, help="run the parts this many times, interleaved")
+    parser.add_argument("--size", type=int, action="append", help="measure only this packet size (repeatable)")
+    parser.add_argument("--c2s-only", action="store_true", help="skip the server->client and both-ways searches")
+    parser.add_argument("--proxy-options", default="",
+                        help="extra options for both routeproxy daemons, e.g. '--gre-max-sojourn 0' (an A/B)")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         sys.stderr.write("benchmarks: needs root (network namespaces, raw sockets)\n")
         return 2
     parts = args.only or list(ALL_PARTS)
     settings = kernel.Settings(quick=args.quick)
+    if args.size:
+        settings.sizes = settings.latency_sizes = tuple(args.size)
+    if args.c2s_only:
+        settings.directions = ()
+    settings.proxy_options = args.proxy_options.split()
     log = lambda text: print(text, flush=True)  # noqa: E731
     started = time.monotonic()
     rounds = []

@@ -51,8 +51,9 @@ def raise_fd_limit(want=65536):
 class ProxyPath:
     """The four namespaces, the certificates, the two daemons and the synthetic PAC."""
 
-    def __init__(self, lab, workdir=None):
+    def __init__(self, lab, workdir=None, options=()):
         self.lab = lab
+        self.options = list(options)  # extra options for both daemons
         self.workdir = workdir or tempfile.mkdtemp(prefix="rp-bench-")
         self.daemons = {}
         self.loop = asyncio.new_event_loop()
@@ -79,12 +80,12 @@ class ProxyPath:
         c = daemons.make_certs(self.workdir, RRP_NAME, [LRP_NAME])
         self._daemon("rrp", self.rrp_ns, "routeproxy-rrp", [
             "--listen", f"{self.middle.ip_b}:{RRP_PORT}", "--pptp-server", f"{self.right.ip_b}:{PPTP_PORT}",
-            "--cert", c["rrp_cert"], "--key", c["rrp_key"], "--ca", c["ca"]]
+            "--cert", c["rrp_cert"], "--key", c["rrp_key"], "--ca", c["ca"], *self.options]
         ).wait_ready(listen=(self.middle.ip_b, RRP_PORT), timeout=20)
         self._daemon("lrp", self.lrp_ns, "routeproxy-lrp", [
             "--pptp-listen", f"{self.left.ip_b}:{PPTP_PORT}", "--rrp", f"{self.middle.ip_b}:{RRP_PORT}",
             "--rrp-name", RRP_NAME, "--cert", c["lrp_cert"], "--key", c["lrp_key"], "--ca", c["ca"],
-            "--allow", "10.81.0.0/24"]
+            "--allow", "10.81.0.0/24", *self.options]
         ).wait_ready(listen=(self.left.ip_b, PPTP_PORT), link_port=RRP_PORT, timeout=20)
         return self
 
@@ -220,7 +221,7 @@ def run(settings, log=print, parts=PARTS):
     results = {}
     for part in parts:
         lab = netns.NetnsLab()
-        proxy = ProxyPath(lab)
+        proxy = ProxyPath(lab, options=settings.proxy_options)
         started = time.monotonic()
         try:
             proxy.start()

@@ -48,6 +48,30 @@ class MemoryPortTests(unittest.SynchronousTestCase):
             port.doRead()
             self.assertEqual(self.receiver.packets, [(SENDER, RECEIVER, gre)], datalink)
 
+    def test_packets_older_than_max_sojourn_are_dropped_unread(self):
+        """A backlog older than maxSojourn (capture timestamp vs. the wall clock) is counted and
+        skipped; fresh packets and packets without a timestamp go up."""
+        now = [1000.0]
+        port = self.port(maxSojourn=0.010, wallClock=lambda: now[0])
+        gre = enhanced_gre(7, b"x")
+        self.capture.timestamp = 1000.0 - 0.020
+        self.feed(frame(DLT_EN10MB, ipv4(SENDER, RECEIVER, gre)))
+        port.doRead()
+        self.assertEqual((self.receiver.packets, port.stats.dropped), ([], {"sojourn": 1}))
+        for stamp in (1000.0 - 0.005, 0.0):
+            self.capture.timestamp = stamp
+            self.feed(frame(DLT_EN10MB, ipv4(SENDER, RECEIVER, gre)))
+            port.doRead()
+        self.assertEqual(len(self.receiver.packets), 2)
+        self.assertEqual(port.snapshot()["dropped"], {"sojourn": 1})
+
+    def test_max_sojourn_zero_keeps_every_packet(self):
+        port = self.port(maxSojourn=0, wallClock=lambda: 1000.0)
+        self.capture.timestamp = 1.0
+        self.feed(frame(DLT_EN10MB, ipv4(SENDER, RECEIVER, enhanced_gre(7, b"x"))))
+        port.doRead()
+        self.assertEqual(len(self.receiver.packets), 1)
+
     def test_non_ipv4_link_type(self):
         """An IPv6/ARP ethertype or family is dropped as not_ipv4, on every typed link."""
         for datalink in (DLT_EN10MB, DLT_LINUX_SLL, DLT_LINUX_SLL2, DLT_NULL, DLT_LOOP):
