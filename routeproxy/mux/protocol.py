@@ -22,6 +22,7 @@ once the TLS handshake completes and names the peer in logs and in
 ``connection.peerName``.  ``factory.connections`` holds the live connections.
 """
 import inspect
+import socket
 
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
@@ -77,6 +78,25 @@ def noDelay(transport):
             pass
 
 
+TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
+
+
+def limitUnsent(transport, limit):
+    """Let at most *limit* unsent bytes wait in the kernel under *transport* (TCP_NOTSENT_LOWAT).
+
+    Past it the socket takes no more, so the backlog stays in Twisted's buffer, where the
+    GRE watermark sees it and drops GRE (counted) instead of queueing seconds of it in the
+    kernel's send buffer (autotuned up to megabytes).  0 leaves the kernel's default.
+    """
+    t = _bufferingTransport(transport)
+    sock = getattr(t, "socket", None)
+    if limit and sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, limit)
+        except OSError:
+            pass
+
+
 @implementer(IPushProducer, IHandshakeListener)
 class MuxProtocol(Protocol):
     log = Logger(namespace="routeproxy.mux")
@@ -90,6 +110,7 @@ class MuxProtocol(Protocol):
     def connectionMade(self):
         # Frames of one turn already go out in one write; Nagle would only hold them back.
         noDelay(self.transport)
+        limitUnsent(self.transport, self.connection.config.unsentLimit)
         self.transport.registerProducer(self, True)
         self._registered = True
         if self.factory is not None and hasattr(self.factory, "connections"):

@@ -6,6 +6,7 @@
   CONTROL round trips on another session (each must finish within 2 s).
 """
 import hashlib
+import socket
 import time
 
 from twisted.internet import defer, reactor, task
@@ -15,7 +16,7 @@ from twisted.trial import unittest
 
 from routeproxy import certs, tls
 from routeproxy.mux.connection import MuxConfig
-from routeproxy.mux.protocol import MuxClientFactory, MuxServerFactory
+from routeproxy.mux.protocol import TCP_NOTSENT_LOWAT, MuxClientFactory, MuxServerFactory, _bufferingTransport
 from routeproxy.mux.session import SessionRefused
 from routeproxy.testing import RecordingSessionReceiver
 
@@ -76,6 +77,13 @@ class MuxOverTLSTests(unittest.TestCase):
             for chunk in streamFor(number, "down"):
                 session.sendControl(chunk)
         return receiver
+
+    def test_unsentBytesLimitedInTheKernelUnderTLS(self):
+        """Both ends' TCP sockets under TLS carry TCP_NOTSENT_LOWAT = config.unsentLimit."""
+        ends = [self.lrp] + list(self.serverFactory.connections)
+        for connection in ends:
+            sock = _bufferingTransport(connection._link.transport).socket
+            self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT), self.config.unsentLimit)
 
     @defer.inlineCallbacks
     def test_thousandSessionsKeepTheirBytesInOrder(self):
