@@ -24,6 +24,7 @@ import tempfile
 import time
 
 from benchmarks import measure
+from benchmarks.topology import four_namespaces, measure_throughput
 from tests.support import daemons, netns
 from tests.support.wait import HarnessError, wait_until
 
@@ -52,13 +53,8 @@ class OpenVPNPath:
         self.label = "openvpn" if variant == "default" else f"openvpn-{variant}"
         self.workdir = workdir or tempfile.mkdtemp(prefix="rp-bench-ovpn-")
         self.procs = {}
-        self.client = lab.namespace("client")
-        self.left_ns = lab.namespace("ovpnl")
-        self.right_ns = lab.namespace("ovpnr")
-        self.server = lab.namespace("server")
-        self.left = lab.veth(self.client, self.left_ns, "10.81.0.2/24", "10.81.0.1/24")
-        self.middle = lab.veth(self.left_ns, self.right_ns, "10.82.0.1/24", "10.82.0.2/24")
-        self.right = lab.veth(self.right_ns, self.server, "10.83.0.1/24", "10.83.0.2/24")
+        (self.client, self.left_ns, self.right_ns, self.server,
+         self.left, self.middle, self.right) = four_namespaces(lab, "ovpnl", "ovpnr")
         lab.route(self.client, "default", "via", self.left.ip_b)
         lab.route(self.server, "default", "via", self.right.ip_a)
         for ns in (self.left_ns, self.right_ns):
@@ -115,7 +111,7 @@ class OpenVPNPath:
 
     def usage(self):
         """{daemon: (cpu seconds, rss KiB)} now (the openvpn processes themselves)."""
-        return {name.replace("ovpn-l", "lrp").replace("ovpn-r", "rrp"): (_cpu_seconds(proc.pid), _rss_kib(proc.pid))
+        return {name.replace("ovpn-l", "lrp").replace("ovpn-r", "rrp"): (daemons.cpu_seconds(proc.pid), daemons.rss_kib(proc.pid))
                 for name, (proc, _) in self.procs.items()}
 
     def close(self):
@@ -123,26 +119,11 @@ class OpenVPNPath:
             netns.stop_process(proc)
 
 
-def _cpu_seconds(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
 PARTS = ("openvpn",)
 
 
 def run(settings, log=print, variants=None):
     """{variant: throughput result} for each OpenVPN variant; {"skipped": reason} without openvpn."""
-    from benchmarks.topology import measure_throughput
     reason = missing()
     if reason:
         log(f"openvpn: skipped: {reason}")

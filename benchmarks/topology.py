@@ -48,6 +48,17 @@ def raise_fd_limit(want=65536):
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+def four_namespaces(lab, left_label, right_label):
+    """client - LEFT - RIGHT - server joined by three veth pairs (the addresses in the module
+    docstring): (client, left, right, server, left veth, middle veth, right veth)."""
+    client, left_ns, right_ns, server = (lab.namespace(label) for label in
+                                         ("client", left_label, right_label, "server"))
+    left = lab.veth(client, left_ns, "10.81.0.2/24", "10.81.0.1/24")
+    middle = lab.veth(left_ns, right_ns, "10.82.0.1/24", "10.82.0.2/24")
+    right = lab.veth(right_ns, server, "10.83.0.1/24", "10.83.0.2/24")
+    return client, left_ns, right_ns, server, left, middle, right
+
+
 class ProxyPath:
     """The four namespaces, the certificates, the two daemons and the synthetic PAC."""
 
@@ -59,13 +70,8 @@ class ProxyPath:
         self.loop = asyncio.new_event_loop()
         self.sessions = []
         self.pac = None
-        self.client = lab.namespace("client")
-        self.lrp_ns = lab.namespace("lrp")
-        self.rrp_ns = lab.namespace("rrp")
-        self.server = lab.namespace("server")
-        self.left = lab.veth(self.client, self.lrp_ns, "10.81.0.2/24", "10.81.0.1/24")
-        self.middle = lab.veth(self.lrp_ns, self.rrp_ns, "10.82.0.1/24", "10.82.0.2/24")
-        self.right = lab.veth(self.rrp_ns, self.server, "10.83.0.1/24", "10.83.0.2/24")
+        (self.client, self.lrp_ns, self.rrp_ns, self.server,
+         self.left, self.middle, self.right) = four_namespaces(lab, "lrp", "rrp")
         self.link = measure.link_from(lab, self.left)
 
     def _daemon(self, name, ns, plugin, options):
