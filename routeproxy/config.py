@@ -146,8 +146,9 @@ def parseMilliseconds(value, what):
 
 def greMaxSojourn():
     """The --gre-max-sojourn setting both daemons have (GREPort.maxSojourn, docs/gre-io.md)."""
-    return Setting("gre-max-sojourn", 0.010, "ms a captured GRE packet may wait before it is "
-                   "dropped unread (0: never) [default: 10]",
+    return Setting("gre-max-sojourn", 0.005, "ms captured GRE may wait once the capture queue "
+                   "has stood longer than that for 100 ms; older packets are then dropped unread "
+                   "(0: never) [default: 5]",
                    lambda v: parseMilliseconds(v, "--gre-max-sojourn"))
 
 

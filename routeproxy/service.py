@@ -50,7 +50,7 @@ class GREPortService(Service):
         return self.port.stopListening()
 
 
-def greOpener(parent, reactor, localAddresses, interface, maxSojourn=0.010):
+def greOpener(parent, reactor, localAddresses, interface, maxSojourn=0.005):
     """An ``openGREPort(receiver)`` for a daemon: the port it opens runs under *parent*."""
     from routeproxy.greport import GREPort
 

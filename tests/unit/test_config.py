@@ -128,7 +128,7 @@ class RRPOptionsTests(unittest.SynchronousTestCase):
 
     def test_gre_max_sojourn(self):
         base = RRP_REQUIRED + ["--pptp-server", "h"]
-        self.assertEqual(parse(rrp_tap.Options, base)["gre-max-sojourn"], 0.010)
+        self.assertEqual(parse(rrp_tap.Options, base)["gre-max-sojourn"], 0.005)
         self.assertEqual(parse(rrp_tap.Options, base + ["--gre-max-sojourn", "2.5"])["gre-max-sojourn"], 0.0025)
         self.assertEqual(parse(rrp_tap.Options, base + ["--gre-max-sojourn", "0"])["gre-max-sojourn"], 0.0)
         for bad in ("-1", "soon"):
