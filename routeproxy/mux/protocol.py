@@ -26,6 +26,7 @@ import socket
 
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -97,6 +98,24 @@ def limitUnsent(transport, limit):
             pass
 
 
+def turnWriter(transport):
+    """``write(chunks)`` for one reactor turn's frames: straight into TLS, not aggregated.
+
+    Twisted's TLS transport (``BufferingTLSTransport``) gathers small writes and encrypts them
+    on the next reactor turn: the mux already writes one turn's frames at once, so that adds a
+    turn of latency and copies every byte twice more (``b"".join``, then ``data + b""``, then
+    another join); py-spy put 19% of the LRP's samples at 1400 bytes under it.  Anything the
+    aggregator still holds goes first, so the byte order is kept.  None for other transports
+    (they get ``writeSequence``).
+    """
+    if isinstance(transport, BufferingTLSTransport):
+        def write(chunks):
+            transport._aggregator.flush()
+            TLSMemoryBIOProtocol.write(transport, b"".join(chunks))
+        return write
+    return None
+
+
 @implementer(IPushProducer, IHandshakeListener)
 class MuxProtocol(Protocol):
     log = Logger(namespace="routeproxy.mux")
@@ -142,7 +161,16 @@ class MuxProtocol(Protocol):
 
     def writeFrames(self, chunks):
         if not self._lost:
-            self.transport.writeSequence(chunks)
+            transport = self.transport
+            if transport is not self._writerOf:
+                self._writerOf, self._writer = transport, turnWriter(transport)
+            if self._writer is None:
+                transport.writeSequence(chunks)
+            else:
+                self._writer(chunks)
+
+    _writerOf = None      # the transport _writer writes to
+    _writer = None
 
     _bufferOf = None      # the transport _buffering was found under
     _buffering = None     # the transport that holds our unsent bytes, or None
