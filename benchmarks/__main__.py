@@ -1,7 +1,10 @@
-"""`python -m benchmarks [--quick] [--out results.json] [--only PART ...]`: the whole suite.
+"""`python -m benchmarks [--quick] [--out results.json] [--only PART ...] [--repeat N]`: the whole suite.
 
 Parts: generators (sendto vs sendmmsg vs AF_PACKET vs tcpreplay), veth (generator -> sink), router and nat (the kernel references), throughput and
-scale (through twistd routeproxy-lrp/rrp; skipped with a reason until the daemons exist).
+scale (through twistd routeproxy-lrp/rrp; skipped with a reason until the daemons exist),
+openvpn (OpenVPN 2.6 over TCP, default and TCP_NODELAY, in the same topology as the proxy).
+``--repeat N`` runs the chosen parts N times in turn (interleaved: proxy, openvpn, proxy, ...)
+and adds medians and spreads over the rounds.
 Needs root (namespaces, raw sockets).  Prints progress and a summary table with ratios
 against the kernel router; writes every trial to the JSON file.
 """
@@ -14,9 +17,9 @@ import subprocess
 import sys
 import time
 
-from benchmarks import generators, kernel, topology
+from benchmarks import generators, kernel, openvpn, topology
 
-ALL_PARTS = ("generators",) + kernel.PARTS + topology.PARTS
+ALL_PARTS = ("generators",) + kernel.PARTS + topology.PARTS + openvpn.PARTS
 
 
 def machine():
@@ -68,20 +71,21 @@ def table(results, settings):
     proxy = (results.get("proxy") or {}).get("throughput")
     if proxy and "sizes" in proxy:
         paths.append(("proxy", proxy))
+    paths += _openvpn_paths(results)
     for size in settings.sizes if any(result for _, result in paths) else ():
         router_best, _ = _max_of(results.get("router"), size)
         lines.append(f"\n{size}-byte GRE (IPv4 bytes); max rate with < 0.1% loss; one-way latency at 10/50/90% of it")
-        lines.append(f"{'path':8} {'pps':>9} {'Mbit/s':>8} {'x router':>8}  "
+        lines.append(f"{'path':16} {'pps':>9} {'Mbit/s':>8} {'x router':>8}  "
                      f"{'latency p50/p99/p99.9 us @10%':>30} {'@50%':>20} {'@90%':>20}")
         for name, result in paths:
             if result is None:
                 continue
             if "error" in result:
-                lines.append(f"{name:8} FAILED: {result['error'][:100]}")
+                lines.append(f"{name:16} FAILED: {result['error'][:100]}")
                 continue
             best, entry = _max_of(result, size)
             if best is None:
-                lines.append(f"{name:8} {'(no loss-free rate found)':>30}")
+                lines.append(f"{name:16} {'(no loss-free rate found)':>30}")
                 continue
             ratio = (best["delivered_pps"] / router_best["delivered_pps"]) if router_best else None
             cells = []
@@ -89,7 +93,7 @@ def table(results, settings):
                 lat = ((entry.get("latency") or {}).get(fraction) or {}).get("latency_us") or {}
                 cells.append("/".join(_fmt(lat.get(k), ".0f") for k in ("p50", "p99", "p99.9")) if lat else "-")
             mark = "*" if best.get("target_pps") == 0 else " "
-            lines.append(f"{name:7}{mark} {best['delivered_pps']:9.0f} {best['mbps']:8.1f} {_fmt(ratio, '8.2f'):>8}  "
+            lines.append(f"{name:15}{mark} {best['delivered_pps']:9.0f} {best['mbps']:8.1f} {_fmt(ratio, '8.2f'):>8}  "
                          f"{cells[0]:>30} {cells[1]:>20} {cells[2]:>20}")
         other = []
         for name, result in paths:
@@ -100,11 +104,11 @@ def table(results, settings):
         if other:
             lines.append("other directions (max pps, s2c = server->client, both = sum of both at once): "
                          + "; ".join(other))
-        if proxy and "sizes" in proxy:
-            cpu = (proxy["sizes"].get(str(size)) or {}).get("cpu") or {}
+        for name, result in paths:
+            cpu = ((result or {}).get("sizes", {}).get(str(size)) or {}).get("cpu") or {}
             per = cpu.get("cpu_us_per_packet") or {}
             if per:
-                lines.append("proxy CPU us/packet: " + ", ".join(f"{k} {_fmt(v, '.1f')}" for k, v in per.items())
+                lines.append(f"{name} CPU us/packet: " + ", ".join(f"{k} {_fmt(v, '.1f')}" for k, v in per.items())
                              + "; CPU %: " + ", ".join(f"{k} {v:.0f}" for k, v in (cpu.get("cpu_percent") or {}).items()))
     if any(result for _, result in paths):
         lines.append("* no loss flat out: the path kept up with the generator, its own limit is higher")
@@ -124,22 +128,57 @@ def table(results, settings):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a short smoke run (a few seconds per part)")
-    parser.add_argument("--out", help="write all results as JSON here")
-    parser.add_argument("--only", action="append", choices=ALL_PARTS, help="run only this part (repeatable)")
-    args = parser.parse_args(argv)
-    if os.geteuid() != 0:
-        sys.stderr.write("benchmarks: needs root (network namespaces, raw sockets)\n")
-        return 2
-    parts = args.only or list(ALL_PARTS)
-    settings = kernel.Settings(quick=args.quick)
-    log = lambda text: print(text, flush=True)  # noqa: E731
-    started = time.monotonic()
+def _openvpn_paths(results):
+    """[(label, throughput result)] of the OpenVPN variants measured (lrp/rrp = the two openvpn)."""
+    got = results.get("openvpn") or {}
+    return [("openvpn" if v == "default" else f"openvpn-{v}", r) for v, r in got.items()
+            if isinstance(r, dict) and "sizes" in r]
+
+
+def _figures(results):
+    """{(path, size): {"pps", "p50", "p99", "cpu"}} of one round: what --repeat summarises."""
+    paths = [("proxy", (results.get("proxy") or {}).get("throughput") or {})] + _openvpn_paths(results)
+    out = {}
+    for name, result in paths:
+        for size, entry in (result.get("sizes") or {}).items():
+            best = entry.get("max")
+            lat = (((entry.get("latency") or {}).get("50%") or {}).get("latency_us")) or {}
+            cpu = ((entry.get("cpu") or {}).get("cpu_us_per_packet")) or {}
+            out[(name, int(size))] = {"pps": best and best["delivered_pps"], "p50": lat.get("p50"),
+                                      "p99": lat.get("p99"), "lrp_us": cpu.get("lrp"), "rrp_us": cpu.get("rrp")}
+    return out
+
+
+def summary(rounds):
+    """Median [min-max] over the rounds of each figure, one line per path and size."""
+    per = {}
+    for results in rounds:
+        for key, figures in _figures(results).items():
+            for what, value in figures.items():
+                if value is not None:
+                    per.setdefault(key, {}).setdefault(what, []).append(value)
+    lines = [f"\nmedian [min-max] over {len(rounds)} interleaved rounds (loads "
+             + ", ".join(f"{r['machine']['load_before'][0]:.1f}" for r in rounds) + "):",
+             f"{'path':16} {'size':>5} {'max pps <0.1% loss':>26} {'p50 us @50%':>22} {'p99 us @50%':>24}"
+             f" {'LRP us/pkt':>18} {'RRP us/pkt':>18}"]
+    for (name, size) in sorted(per, key=lambda k: (k[1], k[0])):
+        row = per[(name, size)]
+
+        def cell(what, spec=".0f"):
+            values = sorted(row.get(what) or [])
+            if not values:
+                return "-"
+            median = values[len(values) // 2] if len(values) % 2 else sum(values[len(values) // 2 - 1:][:2]) / 2
+            return f"{median:{spec}} [{values[0]:{spec}}-{values[-1]:{spec}}]"
+        lines.append(f"{name:16} {size:>5} {cell('pps'):>26} {cell('p50'):>22} {cell('p99'):>24}"
+                     f" {cell('lrp_us', '.1f'):>18} {cell('rrp_us', '.1f'):>18}")
+    return "\n".join(lines)
+
+
+def run_round(parts, settings, log):
+    """Every chosen part once: one round's results."""
     results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "machine": machine(), "quick": args.quick,
-               "settings": {k: v for k, v in vars(settings).items()}}
+               "machine": machine()}
     if "generators" in parts:
         results["generators"] = generators.run(settings, log)
     kernel_parts = [p for p in parts if p in kernel.PARTS]
@@ -148,8 +187,50 @@ def main(argv=None):
     proxy_parts = [p for p in parts if p in topology.PARTS]
     if proxy_parts:
         results["proxy"] = topology.run(settings, log, proxy_parts)
+    if "openvpn" in parts:
+        results["openvpn"] = openvpn.run(settings, log)
+    results["load_after"] = os.getloadavg()
+    return results
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a short smoke run (a few seconds per part)")
+    parser.add_argument("--out", help="write all results as JSON here")
+    parser.add_argument("--only", action="append", choices=ALL_PARTS, help="run only this part (repeatable)")
+    parser.add_argument("--repeat", type=int, default=1, help="run the parts this many times, interleaved")
+    parser.add_argument("--size", type=int, action="append", help="measure only this packet size (repeatable)")
+    parser.add_argument("--c2s-only", action="store_true", help="skip the server->client and both-ways searches")
+    parser.add_argument("--proxy-options", default="",
+                        help="extra options for both routeproxy daemons, e.g. '--gre-max-sojourn 0' (an A/B)")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        sys.stderr.write("benchmarks: needs root (network namespaces, raw sockets)\n")
+        return 2
+    parts = args.only or list(ALL_PARTS)
+    settings = kernel.Settings(quick=args.quick)
+    if args.size:
+        settings.sizes = settings.latency_sizes = tuple(args.size)
+    if args.c2s_only:
+        settings.directions = ()
+    settings.proxy_options = args.proxy_options.split()
+    log = lambda text: print(text, flush=True)  # noqa: E731
+    started = time.monotonic()
+    rounds = []
+    for index in range(max(1, args.repeat)):
+        if args.repeat > 1:
+            log(f"round {index + 1} of {args.repeat} (load {os.getloadavg()[0]:.1f})")
+        rounds.append(run_round(parts, settings, log))
+        if args.repeat > 1:
+            print(table(rounds[-1], settings))
+    results = dict(rounds[0], quick=args.quick, settings={k: v for k, v in vars(settings).items()})
+    if len(rounds) > 1:
+        results["rounds"] = rounds
     results["seconds"] = time.monotonic() - started
-    print(table(results, settings))
+    if args.repeat == 1:
+        print(table(results, settings))
+    if any(_figures(r) for r in rounds):
+        print(summary(rounds))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1, default=str)

@@ -121,6 +121,7 @@ class Settings:
         self.scale_traffic = not quick               # a flat-out trial at each session count
         # Directions besides client->server, measured for the max rate only (no latency).
         self.directions = ("both",) if quick else ("s2c", "both")
+        self.proxy_options = []                      # extra options for both routeproxy daemons
 
 
 def measure_path(lab, path, settings, log=print, others=None):

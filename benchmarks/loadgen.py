@@ -3,8 +3,8 @@
 Both ends run as separate processes (one per namespace, so they do not share a GIL with
 each other or with the system under test) and speak JSON on stdout::
 
-    python -m benchmarks.loadgen send --dst 10.0.0.2 --size 1400 --rate 100000 --duration 2 --keys 7
-    python -m benchmarks.loadgen sink [--latency]      # prints "ready", then JSON on SIGUSR1/SIGTERM
+    python -m benchmarks.loadgen send --dst 10.0.0.2 --size 1400 --rate 100000 --duration 2 --keys 7 --run 5
+    python -m benchmarks.loadgen sink --run 5 [--latency]  # drains, prints "ready", JSON on SIGUSR1/SIGTERM
 
 Why these choices (measured, see docs/benchmarks.md):
 
@@ -16,9 +16,14 @@ Why these choices (measured, see docs/benchmarks.md):
   ``AF_PACKET`` socket with the qdisc bypassed, which skips the sender's IP output path.
 * The sink reads with ``recvmmsg(2)`` and takes each packet's arrival time from the kernel
   (``SO_TIMESTAMPNS``), so its own scheduling delay is not counted as network latency.
-* The probe in each GRE payload (after the GRE header) is ``magic, flow, seq, stamp``: the
-  sender's wall-clock time (``CLOCK_REALTIME``, the same clock ``SO_TIMESTAMPNS`` uses; network
-  namespaces share it), so the sink measures one-way latency and counts per flow.
+* The probe in each GRE payload (after the GRE header) is ``magic, run, flow, seq, stamp``:
+  *run* is the trial's own number (``--run``), so the sink counts only this trial's packets
+  and never the backlog of an earlier, overloaded one (counted apart as ``stale``); *stamp*
+  is the sender's wall-clock time (``CLOCK_REALTIME``, the same clock ``SO_TIMESTAMPNS``
+  uses; network namespaces share it), so the sink measures one-way latency and counts per flow.
+* The sink first drains: it reads and discards until the path has been quiet for
+  ``--quiet`` seconds, and only then says "ready"; asked to stop, it reads on until the path
+  has been quiet again, so a trial's own late packets are counted in it.
 
 Packet size means the IPv4 datagram (20-byte IP header + 12-byte GRE header + payload), what
 a PPTP client puts on the wire; Mbit/s counts those bytes.
@@ -40,12 +45,12 @@ import time
 IPPROTO_GRE = 47
 IP_HEADER = 20
 GRE_HEADER = 12                  # K+S: flags, protocol, payload length, call ID, sequence
-PROBE = struct.Struct("!4sIQQ")  # magic, flow, sequence, send time (ns, CLOCK_REALTIME)
+PROBE = struct.Struct("!4sIIQQ")  # magic, run, flow, sequence, send time (ns, CLOCK_REALTIME)
 MAGIC = b"RPb1"
-MIN_SIZE = IP_HEADER + GRE_HEADER + PROBE.size   # 56
+MIN_SIZE = IP_HEADER + GRE_HEADER + PROBE.size   # 60
 MAX_SIZE = 1500
 # Rewritten per packet, from offset 6 of the GRE header: call ID, GRE sequence, then the probe.
-_PER_PACKET = struct.Struct("!HI4sIQQ")
+_PER_PACKET = struct.Struct("!HI4sIIQQ")
 _GRE_FIXED = struct.Struct("!HHH")               # flags+version 0x3001, 0x880B, payload length
 
 SO_TIMESTAMPNS = 35
@@ -163,26 +168,36 @@ def _check_size(size):
         raise LoadgenError(f"packet size {size} outside {MIN_SIZE}..{MAX_SIZE} (IPv4 bytes)")
 
 
-def build_packet(size, call_id, seq, flow=0, stamp=0):
+def build_packet(size, call_id, seq, flow=0, stamp=0, run=0):
     """One GRE packet (no IP header) that makes a *size*-byte IPv4 datagram, probe included."""
     _check_size(size)
     payload_length = size - IP_HEADER - GRE_HEADER
     buf = bytearray(size - IP_HEADER)
     _GRE_FIXED.pack_into(buf, 0, 0x3001, 0x880B, payload_length)
-    _PER_PACKET.pack_into(buf, 6, call_id, seq & 0xFFFFFFFF, MAGIC, flow, seq, stamp)
+    _PER_PACKET.pack_into(buf, 6, call_id, seq & 0xFFFFFFFF, MAGIC, run, flow, seq, stamp)
     return bytes(buf)
 
 
-def probe_of(gre):
-    """``(flow, seq, stamp)`` from a GRE packet (header with or without ack), or None."""
+def new_run_id():
+    """A trial's own probe number: random, so no earlier trial (or run) shares it."""
+    return int.from_bytes(os.urandom(4), "big") or 1
+
+
+def probe_of(gre, run=None):
+    """``(flow, seq, stamp)`` from a GRE packet (header with or without ack), or None.
+
+    With *run*, a probe of another run is None too.
+    """
     if len(gre) < 8:
         return None
     flags = gre[1]
     start = 8 + (4 if gre[0] & 0x10 else 0) + (4 if flags & 0x80 else 0)
     if len(gre) < start + PROBE.size:
         return None
-    magic, flow, seq, stamp = PROBE.unpack_from(gre, start)
-    return (flow, seq, stamp) if magic == MAGIC else None
+    magic, probe_run, flow, seq, stamp = PROBE.unpack_from(gre, start)
+    if magic != MAGIC or (run is not None and probe_run != run):
+        return None
+    return (flow, seq, stamp)
 
 
 class Sender:
@@ -193,7 +208,7 @@ class Sender:
     offered.  Packets are built once; only their variable fields are rewritten.
     """
 
-    def __init__(self, dst, size, keys=(0,), rate=0, batch=64, flow_base=0, link=None):
+    def __init__(self, dst, size, keys=(0,), rate=0, batch=64, flow_base=0, link=None, run=0):
         _check_size(size)
         if not keys:
             raise LoadgenError("at least one call ID is needed")
@@ -203,6 +218,7 @@ class Sender:
         self.keys = [int(k) for k in keys]
         self.flow_base = flow_base
         self.link = link
+        self.run_id = run
         gre = build_packet(size, self.keys[0], 0)
         if link is None:
             self.sock = _raw_gre_socket()
@@ -236,7 +252,7 @@ class Sender:
         _quiet_timers()
         fd = self.sock.fileno()
         buf, slot, keys, nkeys, flow_base = self._buffer, self.slot, self.keys, len(self.keys), self.flow_base
-        offset = self.offset
+        offset, run_id = self.offset, self.run_id
         pack = _PER_PACKET.pack_into
         msgs, batch, rate = self._msgs, self.batch, self.rate
         clock, wall, sleep = time.monotonic_ns, time.time_ns, time.sleep
@@ -262,7 +278,7 @@ class Sender:
             for i in range(n):
                 k = seq + i
                 index = k % nkeys
-                pack(buf, i * slot + offset, keys[index], k & 0xFFFFFFFF, MAGIC, flow_base + index, k, stamp)
+                pack(buf, i * slot + offset, keys[index], k & 0xFFFFFFFF, MAGIC, run_id, flow_base + index, k, stamp)
             done = _sendmmsg(fd, msgs, n, 0)
             calls += 1
             if done < 0:
@@ -283,7 +299,8 @@ class Sender:
         """The naive loop (one ``sendto`` per packet), kept to show what batching buys."""
         if self.link is not None:
             raise LoadgenError("the sendto loop is for the raw IP socket only")
-        payloads = [build_packet(self.size, self.keys[i % len(self.keys)], i) for i in range(self.batch)]
+        payloads = [build_packet(self.size, self.keys[i % len(self.keys)], i, run=self.run_id)
+                    for i in range(self.batch)]
         send, dst = self.sock.sendto, (self.dst, 0)
         clock = time.monotonic_ns
         sent = 0
@@ -312,22 +329,25 @@ def percentiles(samples, points=(50, 99, 99.9)):
 
 
 class Sink:
-    """Counts probe packets arriving on a raw GRE socket; optionally their one-way latency.
+    """Counts this run's probe packets arriving on a raw GRE socket; optionally their latency.
 
-    ``run(until)`` reads until the callable *until* returns true (checked after every batch
-    and at least every 100 ms), then returns a dict: received, bytes, per-flow counts, the
-    highest sequence seen, latency percentiles in microseconds when *latency* is set.
-    Packets without the probe (other GRE) are counted apart, never as received.
+    ``drain(quiet, limit)`` discards whatever the path still carries (an earlier trial's
+    backlog) until nothing arrived for *quiet* seconds.  ``run(until, quiet)`` reads until
+    the callable *until* returns true (checked after every batch and at least every 100 ms)
+    and then until nothing arrived for *quiet* seconds, and returns a dict: received, bytes,
+    per-flow counts, the highest sequence seen, latency percentiles in microseconds when
+    *latency* is set.  Only probes of *run* count as received: probes of other runs are
+    ``stale``, GRE without a probe ``other``.
     """
 
     SLOT = 2048
     CONTROL = 64
 
-    def __init__(self, batch=256, latency=False, sock=None):
-        self.batch, self.latency = batch, latency
+    def __init__(self, batch=256, latency=False, sock=None, run=0):
+        self.batch, self.latency, self.run_id = batch, latency, run
         self.sock = sock or _raw_gre_socket()
         self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 64 << 20)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 100000))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 50000))
         if latency:
             self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         self._buffer = bytearray(self.SLOT * batch)
@@ -349,25 +369,56 @@ class Sink:
         # recvmmsg overwrites msg_controllen; one memmove of this copy restores every header.
         self._pristine = bytes(self._msgs)
 
-    def run(self, until):
-        fd = self.sock.fileno()
-        buf, slot, msgs, batch = self._buffer, self.SLOT, self._msgs, self.batch
-        latency = self.latency
-        unpack_probe = struct.Struct("!4sIQQ").unpack_from
+    def _receive(self):
+        """One recvmmsg: the number of packets now in the buffer (0 after the 50 ms timeout)."""
+        n = _recvmmsg(self.sock.fileno(), self._msgs, self.batch, MSG_WAITFORONE, None)
+        if n < 0:
+            err = ctypes.get_errno()
+            if err not in (errno.EAGAIN, errno.EINTR):
+                raise LoadgenError(f"recvmmsg: {os.strerror(err)}")
+            return 0
+        return n
+
+    def drain(self, quiet, limit):
+        """Discard packets until none came for *quiet* s (at most *limit* s): {drained, seconds}."""
+        start = last = time.monotonic()
+        drained = 0
+        while True:
+            n = self._receive()
+            now = time.monotonic()
+            if n:
+                drained += n
+                last = now
+                if self.latency:
+                    ctypes.memmove(self._msgs, self._pristine, n * ctypes.sizeof(_MMsgHdr))
+            if now - last >= quiet or now - start >= limit:
+                return {"drained": drained, "seconds": now - start, "quiet": now - last >= quiet}
+
+    def run(self, until, quiet=0.0, limit=30.0):
+        buf, slot, msgs = self._buffer, self.SLOT, self._msgs
+        latency, run_id = self.latency, self.run_id
+        unpack_probe = PROBE.unpack_from
         unpack_stamp = struct.Struct("qq").unpack_from
         control, cslot = self._control, self.CONTROL
         pristine, entry = self._pristine, ctypes.sizeof(_MMsgHdr)
+        receive, monotonic = self._receive, time.monotonic
         counts = {}
         samples = array.array("q")
-        received = other = size_sum = highest = 0
+        received = other = stale = size_sum = highest = 0
         first = last = None
-        while not until():
-            n = _recvmmsg(fd, msgs, batch, MSG_WAITFORONE, None)
-            if n <= 0:
-                err = ctypes.get_errno()
-                if n < 0 and err not in (errno.EAGAIN, errno.EINTR):
-                    raise LoadgenError(f"recvmmsg: {os.strerror(err)}")
+        stopping = None
+        heard = monotonic()
+        while True:
+            if stopping is None and until():
+                stopping = monotonic()
+            if stopping is not None:
+                now = monotonic()
+                if now - heard >= quiet or now - stopping >= limit:
+                    break
+            n = receive()
+            if not n:
                 continue
+            heard = monotonic()
             now = time.time_ns()
             if first is None:
                 first = now
@@ -378,9 +429,12 @@ class Sink:
                 ihl = (raw[off] & 0x0F) * 4
                 g = off + ihl
                 start = g + 8 + (4 if raw[g] & 0x10 else 0) + (4 if raw[g + 1] & 0x80 else 0)
-                magic, flow, seq, stamp = unpack_probe(raw, start)
+                magic, probe_run, flow, seq, stamp = unpack_probe(raw, start)
                 if magic != MAGIC:
                     other += 1
+                    continue
+                if probe_run != run_id:
+                    stale += 1
                     continue
                 received += 1
                 size_sum += (raw[off + 2] << 8) | raw[off + 3]
@@ -392,8 +446,10 @@ class Sink:
                     samples.append(sec * 1_000_000_000 + nsec - stamp)
             if latency:
                 ctypes.memmove(msgs, pristine, n * entry)
-        result = {"received": received, "other": other, "bytes": size_sum, "highest_seq": highest,
-                  "flows": len(counts), "per_flow_min": min(counts.values()) if counts else 0,
+        result = {"received": received, "other": other, "stale": stale, "bytes": size_sum,
+                  "highest_seq": highest, "flows": len(counts),
+                  "per_flow_min": min(counts.values()) if counts else 0,
+                  "tail_seconds": monotonic() - stopping if stopping is not None else 0.0,
                   "seconds": (last - first) / 1e9 if first is not None and last != first else 0.0}
         if latency:
             result["latency_us"] = percentiles([s / 1000.0 for s in samples])
@@ -411,10 +467,12 @@ def _sink_main(args):
     signal.signal(signal.SIGUSR1, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     signal.siginterrupt(signal.SIGUSR1, True)
-    sink = Sink(batch=args.batch, latency=args.latency)
-    print("ready", flush=True)
+    sink = Sink(batch=args.batch, latency=args.latency, run=args.run)
+    drained = sink.drain(args.quiet, args.drain_max)
+    print("ready " + json.dumps(drained), flush=True)
     deadline = time.monotonic() + args.max_seconds
-    result = sink.run(lambda: stop["now"] or time.monotonic() > deadline)
+    result = sink.run(lambda: stop["now"] or time.monotonic() > deadline, args.quiet, args.drain_max)
+    result["drain"] = drained
     print(json.dumps(result), flush=True)
     return 0
 
@@ -427,7 +485,7 @@ def _send_main(args):
             raise LoadgenError("--ifname needs --src, --src-mac and --dst-mac")
         link = Link(args.ifname, args.src, args.src_mac, args.dst_mac)
     sender = Sender(args.dst, args.size, keys=keys, rate=args.rate, batch=args.batch,
-                    flow_base=args.flow_base, link=link)
+                    flow_base=args.flow_base, link=link, run=args.run)
     if args.mode == "sendto":
         result = sender.run_sendto(args.duration)
     else:
@@ -446,6 +504,7 @@ def main(argv=None):
     send.add_argument("--duration", type=float, default=1.0)
     send.add_argument("--keys", default="0", help="comma-separated GRE call IDs, one per session")
     send.add_argument("--flow-base", type=int, default=0)
+    send.add_argument("--run", type=int, default=0, help="this trial's number, carried in every probe")
     send.add_argument("--batch", type=int, default=64)
     send.add_argument("--mode", choices=("sendmmsg", "sendto"), default="sendmmsg")
     send.add_argument("--ifname", help="send Ethernet frames on this interface (AF_PACKET)")
@@ -456,6 +515,10 @@ def main(argv=None):
     sink.add_argument("--latency", action="store_true")
     sink.add_argument("--batch", type=int, default=256)
     sink.add_argument("--max-seconds", type=float, default=600)
+    sink.add_argument("--run", type=int, default=0, help="count only probes of this trial")
+    sink.add_argument("--quiet", type=float, default=0.2,
+                      help="drain until nothing arrived for this long, before and after the trial (s)")
+    sink.add_argument("--drain-max", type=float, default=10.0, help="give up draining after this long (s)")
     args = parser.parse_args(argv)
     try:
         return _send_main(args) if args.command == "send" else _sink_main(args)

@@ -8,15 +8,17 @@ delivered rates, loss and latency; :func:`find_max_rate` searches the rates for 
 one with less than 0.1 % loss.
 """
 import json
+import os
 import signal
 import subprocess
 import sys
-import time
 
-from benchmarks.loadgen import Link
+from benchmarks.loadgen import Link, new_run_id
 from tests.support.daemons import REPO, child_env
 
 LOSS_LIMIT = 0.001
+QUIET = 0.2       # s without a packet at the sink: the path is empty (before and after a trial)
+ATTEMPTS = 3      # a trial that received more than it sent is rejected and run again
 
 
 class MeasureError(Exception):
@@ -69,9 +71,11 @@ def _json_line(text, what):
 def _merge_sinks(counts):
     """One sink result from several (their counts added; latency from the first with any)."""
     if len(counts) == 1:
-        return counts[0]
+        return dict(counts[0], drained=counts[0]["drain"]["drained"])
     merged = {"received": sum(c["received"] for c in counts), "bytes": sum(c["bytes"] for c in counts),
               "flows": sum(c["flows"] for c in counts), "other": sum(c["other"] for c in counts),
+              "stale": sum(c["stale"] for c in counts),
+              "drained": sum(c["drain"]["drained"] for c in counts),
               "per_flow_min": min(c["per_flow_min"] for c in counts),
               "per_sink": [{"received": c["received"], "flows": c["flows"]} for c in counts]}
     for c in counts:
@@ -81,27 +85,45 @@ def _merge_sinks(counts):
     return merged
 
 
-def run_trial(lab, path, size, rate, duration, latency=False, batch=None, drain=0.3):
+def run_trial(lab, path, size, rate, duration, latency=False, batch=None, quiet=QUIET):
     """Send *size*-byte GRE at *rate* pps (0: flat out) for *duration* s along *path*.
 
     Returns {offered_pps, delivered_pps, loss, mbps, sent, received, latency_us?, ...}.
-    Loss counts every probe sent and not received, wherever it was dropped.
+    Loss counts every probe of this trial sent and not received, wherever it was dropped.
+    Each trial has its own run number in its probes, starts once the path has been quiet for
+    *quiet* s (an earlier trial's backlog drained and counted as ``drained``) and ends once
+    it is quiet again; a trial that received more than it sent is rejected and run again
+    (MeasureError after ATTEMPTS).
     """
+    rejected = []
+    for _ in range(ATTEMPTS):
+        got = _one_trial(lab, path, size, rate, duration, latency, batch, quiet)
+        if got["received"] <= got["sent"]:
+            if rejected:
+                got["rejected"] = rejected
+            return got
+        rejected.append({k: got[k] for k in ("run", "sent", "received", "stale")})
+    raise MeasureError(f"{path.label} {size}B: every attempt received more than it sent: {rejected}")
+
+
+def _one_trial(lab, path, size, rate, duration, latency, batch, quiet):
+    run = new_run_id()
     sinks = []
     try:
         for ns in path.sinks:
-            sink = lab.spawn(ns, _loadgen_argv("sink", *(["--latency"] if latency else [])),
+            argv = ["sink", "--run", run, "--quiet", quiet] + (["--latency"] if latency else [])
+            sink = lab.spawn(ns, _loadgen_argv(*argv),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(), cwd=REPO)
             sinks.append(sink)
             ready = sink.stdout.readline()
-            if ready.strip() != "ready":
+            if not ready.startswith("ready"):
                 raise MeasureError(f"sink did not start: {ready!r} {sink.stderr.read()[-800:]}")
         senders = []
         share = rate / len(path.senders) if rate else 0
         flow_base = 0
         for ns, dst, keys, link in path.senders:
             argv = ["send", "--dst", dst, "--size", size, "--rate", share, "--duration", duration,
-                    "--keys", ",".join(map(str, keys)), "--flow-base", flow_base]
+                    "--keys", ",".join(map(str, keys)), "--flow-base", flow_base, "--run", run]
             if link is not None:
                 argv += link.argv()
             if batch:
@@ -115,8 +137,7 @@ def run_trial(lab, path, size, rate, duration, latency=False, batch=None, drain=
             if proc.returncode != 0:
                 raise MeasureError(f"sender failed (rc={proc.returncode}): {err[-800:]}")
             sent_results.append(_json_line(out, "sender"))
-        time.sleep(drain)  # let the last packets through the path under test
-        counts = []
+        counts = []  # each sink reads on until its path has been quiet (the trial's own tail)
         for sink in sinks:
             sink.send_signal(signal.SIGUSR1)
             out, err = sink.communicate(timeout=30)
@@ -132,8 +153,9 @@ def run_trial(lab, path, size, rate, duration, latency=False, batch=None, drain=
     seconds = max(r["seconds"] for r in sent_results)
     received = got["received"]
     result = {
-        "path": path.label, "size": size, "target_pps": rate, "duration": duration,
-        "sent": sent, "received": received,
+        "path": path.label, "size": size, "target_pps": rate, "duration": duration, "run": run,
+        "sent": sent, "received": received, "stale": got["stale"], "drained": got["drained"],
+        "tail_seconds": max(c["tail_seconds"] for c in counts), "load": os.getloadavg()[0],
         "offered_pps": sent / seconds if seconds else 0.0,
         "delivered_pps": received / seconds if seconds else 0.0,
         "loss": (sent - received) / sent if sent else 1.0,
@@ -164,7 +186,8 @@ def find_max_rate(lab, path, size, duration, steps=4, log=None):
         trials.append(got)
         if log:
             log(f"  {path.label} {size}B @ {rate or 'max'}: offered {got['offered_pps']:.0f} "
-                f"delivered {got['delivered_pps']:.0f} pps, loss {got['loss'] * 100:.3f}%")
+                f"delivered {got['delivered_pps']:.0f} pps, loss {got['loss'] * 100:.3f}% "
+                f"(drained before {got['drained']}, tail {got['tail_seconds']:.2f} s, load {got['load']:.1f})")
         return got
 
     flat = trial(0)
@@ -199,5 +222,5 @@ def latency_profile(lab, path, size, max_rate, duration, fractions=(0.1, 0.5, 0.
             lat = got["latency_us"]
             log(f"  {path.label} {size}B @ {fraction:.0%} ({max_rate * fraction:.0f} pps): "
                 f"p50 {lat.get('p50', 0):.1f} p99 {lat.get('p99', 0):.1f} p99.9 {lat.get('p99.9', 0):.1f} us, "
-                f"loss {got['loss'] * 100:.3f}%")
+                f"loss {got['loss'] * 100:.3f}% (drained before {got['drained']}, load {got['load']:.1f})")
     return profile

@@ -31,6 +31,7 @@ RRP_NAME = "rrp.bench.test"
 LRP_NAME = "lrp.bench.test"
 RRP_PORT = 4443
 PPTP_PORT = 1723
+STATUS_PORT = 9723  # each daemon's --status on 127.0.0.1 of its own namespace: the drop counters
 
 
 class TopologyError(Exception):
@@ -48,23 +49,30 @@ def raise_fd_limit(want=65536):
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+def four_namespaces(lab, left_label, right_label):
+    """client - LEFT - RIGHT - server joined by three veth pairs (the addresses in the module
+    docstring): (client, left, right, server, left veth, middle veth, right veth)."""
+    client, left_ns, right_ns, server = (lab.namespace(label) for label in
+                                         ("client", left_label, right_label, "server"))
+    left = lab.veth(client, left_ns, "10.81.0.2/24", "10.81.0.1/24")
+    middle = lab.veth(left_ns, right_ns, "10.82.0.1/24", "10.82.0.2/24")
+    right = lab.veth(right_ns, server, "10.83.0.1/24", "10.83.0.2/24")
+    return client, left_ns, right_ns, server, left, middle, right
+
+
 class ProxyPath:
     """The four namespaces, the certificates, the two daemons and the synthetic PAC."""
 
-    def __init__(self, lab, workdir=None):
+    def __init__(self, lab, workdir=None, options=()):
         self.lab = lab
+        self.options = list(options)  # extra options for both daemons
         self.workdir = workdir or tempfile.mkdtemp(prefix="rp-bench-")
         self.daemons = {}
         self.loop = asyncio.new_event_loop()
         self.sessions = []
         self.pac = None
-        self.client = lab.namespace("client")
-        self.lrp_ns = lab.namespace("lrp")
-        self.rrp_ns = lab.namespace("rrp")
-        self.server = lab.namespace("server")
-        self.left = lab.veth(self.client, self.lrp_ns, "10.81.0.2/24", "10.81.0.1/24")
-        self.middle = lab.veth(self.lrp_ns, self.rrp_ns, "10.82.0.1/24", "10.82.0.2/24")
-        self.right = lab.veth(self.rrp_ns, self.server, "10.83.0.1/24", "10.83.0.2/24")
+        (self.client, self.lrp_ns, self.rrp_ns, self.server,
+         self.left, self.middle, self.right) = four_namespaces(lab, "lrp", "rrp")
         self.link = measure.link_from(lab, self.left)
 
     def _daemon(self, name, ns, plugin, options):
@@ -79,13 +87,14 @@ class ProxyPath:
         c = daemons.make_certs(self.workdir, RRP_NAME, [LRP_NAME])
         self._daemon("rrp", self.rrp_ns, "routeproxy-rrp", [
             "--listen", f"{self.middle.ip_b}:{RRP_PORT}", "--pptp-server", f"{self.right.ip_b}:{PPTP_PORT}",
-            "--cert", c["rrp_cert"], "--key", c["rrp_key"], "--ca", c["ca"]]
-        ).wait_ready(listen=(self.middle.ip_b, RRP_PORT), timeout=20)
+            "--cert", c["rrp_cert"], "--key", c["rrp_key"], "--ca", c["ca"],
+            "--status", f"127.0.0.1:{STATUS_PORT}", *self.options]
+        ).wait_ready(listen=(self.middle.ip_b, RRP_PORT), status_port=STATUS_PORT, timeout=20)
         self._daemon("lrp", self.lrp_ns, "routeproxy-lrp", [
             "--pptp-listen", f"{self.left.ip_b}:{PPTP_PORT}", "--rrp", f"{self.middle.ip_b}:{RRP_PORT}",
             "--rrp-name", RRP_NAME, "--cert", c["lrp_cert"], "--key", c["lrp_key"], "--ca", c["ca"],
-            "--allow", "10.81.0.0/24"]
-        ).wait_ready(listen=(self.left.ip_b, PPTP_PORT), link_port=RRP_PORT, timeout=20)
+            "--allow", "10.81.0.0/24", "--status", f"127.0.0.1:{STATUS_PORT}", *self.options]
+        ).wait_ready(listen=(self.left.ip_b, PPTP_PORT), link_port=RRP_PORT, status_port=STATUS_PORT, timeout=20)
         return self
 
     def open_direct(self, count, concurrency=256):
@@ -128,6 +137,20 @@ class ProxyPath:
         """{daemon: (cpu seconds, rss KiB)} now."""
         return {name: (d.cpu_seconds(), d.rss_kib()) for name, d in self.daemons.items()}
 
+    def drops(self):
+        """{"lrp port sojourn": n, "rrp mux watermark": n, ...}: every drop counter of both daemons."""
+        counters = {}
+        for name, daemon in self.daemons.items():
+            snap = daemon.status(STATUS_PORT)
+            for reason, n in (snap.get("gre_port") or {}).get("dropped", {}).items():
+                counters[f"{name} port {reason}"] = n
+            for link in snap.get("links") or []:
+                for reason, n in (link.get("gre_dropped") or {}).items():
+                    counters[f"{name} mux {reason}"] = counters.get(f"{name} mux {reason}", 0) + n
+            for reason, n in (snap.get("drops") or {}).items():
+                counters[f"{name} {reason}"] = n
+        return counters
+
     def close(self):
         for s in self.sessions:
             s.close()
@@ -135,10 +158,15 @@ class ProxyPath:
 
 
 def trial_with_cpu(proxy, path, size, rate, duration):
-    """A trial plus each daemon's CPU microseconds per delivered packet."""
+    """A trial plus each daemon's CPU microseconds per delivered packet (and the daemons' drops
+    by reason during it, where they have counters)."""
+    counters = getattr(proxy, "drops", None)
+    dropped = counters() if counters else {}
     before = proxy.usage()
     got = measure.run_trial(proxy.lab, path, size, rate, duration)
     after = proxy.usage()
+    if counters:
+        got["daemon_drops"] = {k: v - dropped.get(k, 0) for k, v in counters().items() if v - dropped.get(k, 0)}
     got["cpu_us_per_packet"] = {
         name: ((after[name][0] - before[name][0]) * 1e6 / got["received"]) if got["received"] else None
         for name in after}
@@ -157,8 +185,14 @@ def measure_throughput(proxy, settings, log=print):
         rate = best["delivered_pps"] if best else 0
         entry["cpu"] = trial_with_cpu(proxy, path, int(size), rate, settings.duration)
         cpu = entry["cpu"]["cpu_us_per_packet"]
-        log(f"  proxy {size}B @ {rate:.0f} pps: CPU us/packet " +
-            ", ".join(f"{k} {v:.1f}" if v is not None else f"{k} -" for k, v in cpu.items()))
+        log(f"  {path.label} {size}B @ {rate:.0f} pps: CPU us/packet " +
+            ", ".join(f"{k} {v:.1f}" if v is not None else f"{k} -" for k, v in cpu.items()) +
+            f"; daemon drops {entry['cpu'].get('daemon_drops', '-')}")
+        if hasattr(proxy, "drops"):  # where an overload is dropped: one flat-out trial
+            flat = entry["overload"] = trial_with_cpu(proxy, path, int(size), 0, settings.duration)
+            log(f"  {path.label} {size}B flat out: offered {flat['offered_pps']:.0f} delivered "
+                f"{flat['delivered_pps']:.0f} pps, tail {flat['tail_seconds']:.2f} s, "
+                f"daemon drops {flat.get('daemon_drops')}")
     return result
 
 
@@ -220,7 +254,7 @@ def run(settings, log=print, parts=PARTS):
     results = {}
     for part in parts:
         lab = netns.NetnsLab()
-        proxy = ProxyPath(lab)
+        proxy = ProxyPath(lab, options=settings.proxy_options)
         started = time.monotonic()
         try:
             proxy.start()

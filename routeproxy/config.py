@@ -133,6 +133,25 @@ LINK_SETTINGS = (
 )
 
 
+def parseMilliseconds(value, what):
+    """A duration in ms (0 allowed: off) -> seconds."""
+    try:
+        ms = float(str(value).strip())
+    except ValueError:
+        raise usage.UsageError(f"{what} {value!r}: not a number of milliseconds")
+    if not 0 <= ms <= 60000:
+        raise usage.UsageError(f"{what} {value!r}: must be 0 (off) to 60000 ms")
+    return ms / 1000.0
+
+
+def greMaxSojourn():
+    """The --gre-max-sojourn setting both daemons have (GREPort.maxSojourn, docs/gre-io.md)."""
+    return Setting("gre-max-sojourn", 0.005, "ms captured GRE may wait once the capture queue "
+                   "has stood longer than that for 100 ms; older packets are then dropped unread "
+                   "(0: never) [default: 5]",
+                   lambda v: parseMilliseconds(v, "--gre-max-sojourn"))
+
+
 def parseCIDR(text):
     try:
         return ipaddress.ip_network(text.strip(), strict=False)

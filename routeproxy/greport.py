@@ -37,7 +37,7 @@ from twisted.logger import Logger
 from twisted.python import failure
 from zope.interface import Interface, implementer
 
-from routeproxy import ipfrag
+from routeproxy import ipfrag, sojourn
 from routeproxy.capture import (
     IP_MTU_DISCOVER, IP_PMTUDISC_DONT, IPPROTO_GRE, LINK_LAYERS, GREIOError, RawSocketCapture,
     RealGRESystem, attachDropAll, greFilter, packedAddress,
@@ -63,6 +63,7 @@ DROP_REASSEMBLY_EVICTED = ipfrag.DROP_REASSEMBLY_EVICTED  # too many datagrams i
 DROP_NOT_LOCAL = "not_local"  # destination is not one of our addresses
 DROP_RECEIVER_ERROR = "receiver_error"  # greReceived raised
 DROP_CAPTURE = "capture"  # dropped by the kernel/libpcap before we read (pcap stats)
+DROP_SOJOURN = "sojourn"  # waited longer than maxSojourn while the queue stood (sojourn.py)
 DROP_SEND_BUSY = "send_busy"  # socket buffer full (EAGAIN) or no buffers (ENOBUFS)
 DROP_SEND_ERROR = "send_error"  # any other send failure (no route, netfilter EPERM, ...)
 
@@ -138,6 +139,11 @@ class GREPort(abstract.FileDescriptor):
     * ``reassemblyTimeout``/``maxReassemblies``: IPv4 fragments of GRE to a local address
       (pcap sees them before the kernel reassembles) are put back together, at most
       ``maxReassemblies`` datagrams at a time, each for at most ``reassemblyTimeout`` s.
+    * ``maxSojourn``: the target of a CoDel-like gate (:mod:`routeproxy.sojourn`): once the
+      capture ring's head has waited longer than this for ``sojournInterval`` s, packets
+      older than it are dropped unread (counted as "sojourn") until the head is younger, so
+      an overload leaves no standing queue while a short stall drops nothing.  0 turns it
+      off.  The capture's own timestamp (the kernel's receive time) is the packet's age.
     * ``system``: the OS layer, RealGRESystem by default; MemoryGRESystem in tests.
     """
 
@@ -146,7 +152,8 @@ class GREPort(abstract.FileDescriptor):
 
     def __init__(self, receiver, localAddresses, interface="any", capture="pcap",
                  reactor=None, system=None, snaplen=2048, bufferSize=8 * 1024 * 1024,
-                 bpfFilter=None, reassemblyTimeout=5.0, maxReassemblies=256):
+                 bpfFilter=None, reassemblyTimeout=5.0, maxReassemblies=256, maxSojourn=0.005,
+                 sojournInterval=0.1, wallClock=time.time):
         abstract.FileDescriptor.__init__(self, reactor)
         if capture not in ("pcap", "raw"):
             raise GREIOError(f"capture must be 'pcap' or 'raw', not {capture!r}")
@@ -168,6 +175,11 @@ class GREPort(abstract.FileDescriptor):
         self._reassembler = ipfrag.Reassembler(reassemblyTimeout, maxReassemblies,
                                                dropped=self.stats.dropped)
         self._clock = getattr(self.reactor, "seconds", time.monotonic)
+        self.maxSojourn = maxSojourn
+        self._gate = sojourn.SojournGate(maxSojourn, sojournInterval) if maxSojourn else None
+        self._wallClock = wallClock  # the capture's timestamps are wall-clock time
+        self._dropBefore = 0.0  # captured before this: dropped (set per wake-up by the gate)
+        self._head = 0.0  # capture time of the last packet read
         self._sources = {}  # packed -> str cache for greReceived's src
         self._senders = {}  # local source address -> bound raw socket
         self._capture = None
@@ -305,6 +317,11 @@ class GREPort(abstract.FileDescriptor):
     def doRead(self):
         """Handle packets until none are left or maxPacketsPerRead were handled."""
         self.stats.reads += 1
+        gate = self._gate
+        if gate is not None:
+            now = self._wallClock()
+            self._dropBefore = gate.drop_before(now)
+            self._head = 0.0
         budget = self.maxPacketsPerRead
         read, handle = self._capture.read, self._frameReceived
         self._reading = True  # a receiver may stop the port from inside greReceived
@@ -319,6 +336,8 @@ class GREPort(abstract.FileDescriptor):
                 budget -= n
         finally:
             self._reading = False
+            if gate is not None:
+                gate.observe(now, self._head)
             if not self.connected:
                 self._closeCapture()
 
@@ -328,6 +347,11 @@ class GREPort(abstract.FileDescriptor):
             return  # stopped from an earlier greReceived in this same dispatch
         stats = self.stats
         stats.received += 1
+        if timestamp:  # None from a raw socket: no age, no gate
+            self._head = timestamp
+            if timestamp < self._dropBefore:
+                stats.dropped[DROP_SOJOURN] += 1
+                return
         offset, typeAt, typeEnd, ipv4Type = self._link
         if typeAt is not None and frame[typeAt:typeEnd] != ipv4Type:
             stats.dropped[DROP_NOT_IPV4] += 1

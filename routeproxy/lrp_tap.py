@@ -4,8 +4,8 @@ from twisted.python import usage
 
 from routeproxy import logs, tls
 from routeproxy.config import (
-    LINK_SETTINGS, ConfigOptions, Setting, fileDigest, parseChoice, parseCIDR, parseHostPort, parseListen,
-    parseStatus,
+    LINK_SETTINGS, ConfigOptions, Setting, fileDigest, greMaxSojourn, parseChoice, parseCIDR, parseHostPort,
+    parseListen, parseStatus,
 )
 
 
@@ -33,13 +33,14 @@ class Options(ConfigOptions):
         Setting("profile", "default",
                 "upstream profile the RRP maps to a PPTP server [default: default]"),
         Setting("gre-interface", "any", "interface GRE from clients is captured on [default: any]"),
+        greMaxSojourn(),
         Setting("status", None, "HOST:PORT or unix:PATH for the status/metrics HTTP endpoint; "
                 "a unix socket (mode 0600) or loopback recommended [default: off]", parseStatus),
         Setting("log-format", "text", "text or json (one JSON object per line) [default: text]",
                 parseChoice(("text", "json"), "--log-format")),
     ) + LINK_SETTINGS
-    restartOnly = ("pptp-listen", "rrp", "gre-interface", "status", "log-format", "resume-grace",
-                   "dead-timeout")
+    restartOnly = ("pptp-listen", "rrp", "gre-interface", "gre-max-sojourn", "status", "log-format",
+                   "resume-grace", "dead-timeout")
 
     def check(self):
         try:
@@ -61,7 +62,8 @@ def makeService(options, reactor=None):
     top = DaemonService("LRP", None, options, reactor, restartOnly=Options.restartOnly)
     host, port = options["pptp-listen"]
     local = localIPv4Addresses() if host == "0.0.0.0" else [host]
-    lrp = LocalRouteProxy(reactor, greOpener(top, reactor, local, options["gre-interface"]),
+    lrp = LocalRouteProxy(reactor, greOpener(top, reactor, local, options["gre-interface"],
+                                           options["gre-max-sojourn"]),
                           profile=options["profile"], allow=options["allow"])
     lrp.tls = options["tls"]
     top.proxy = lrp

@@ -4,8 +4,8 @@ from twisted.python import usage
 
 from routeproxy import logs, tls
 from routeproxy.config import (
-    LINK_SETTINGS, ConfigOptions, Profile, Setting, fileDigest, parseChoice, parseCount, parseHostPort,
-    parseIPv4, parseListen, parseProfile, parseStatus, splitProfiles,
+    LINK_SETTINGS, ConfigOptions, Profile, Setting, fileDigest, greMaxSojourn, parseChoice, parseCount,
+    parseHostPort, parseIPv4, parseListen, parseProfile, parseStatus, splitProfiles,
 )
 
 
@@ -38,13 +38,14 @@ class Options(ConfigOptions):
                 "from); use one pptpd does not listen on when both share a host [default: the "
                 "kernel's choice]", lambda v: parseIPv4(v, "--source")),
         Setting("gre-interface", "any", "interface GRE from servers is captured on [default: any]"),
+        greMaxSojourn(),
         Setting("status", None, "HOST:PORT or unix:PATH for the status/metrics HTTP endpoint; "
                 "a unix socket (mode 0600) or loopback recommended [default: off]", parseStatus),
         Setting("log-format", "text", "text or json (one JSON object per line) [default: text]",
                 parseChoice(("text", "json"), "--log-format")),
     ) + LINK_SETTINGS
-    restartOnly = ("listen", "source", "gre-interface", "status", "max-sessions", "log-format",
-                   "resume-grace", "dead-timeout")
+    restartOnly = ("listen", "source", "gre-interface", "gre-max-sojourn", "status", "max-sessions",
+                   "log-format", "resume-grace", "dead-timeout")
 
     def check(self):
         profiles = dict(self["profile"] or ())
@@ -75,7 +76,8 @@ def makeService(options, reactor=None):
     installExceptHook()
     top = DaemonService("RRP", None, options, reactor, restartOnly=Options.restartOnly)
     local = [options["source"]] if options["source"] else localIPv4Addresses()
-    rrp = RemoteRouteProxy(reactor, greOpener(top, reactor, local, options["gre-interface"]),
+    rrp = RemoteRouteProxy(reactor, greOpener(top, reactor, local, options["gre-interface"],
+                                           options["gre-max-sojourn"]),
                            options["profiles"], source=options["source"])
     rrp.tls = options["tls"]
     top.proxy = rrp

@@ -50,12 +50,12 @@ class GREPortService(Service):
         return self.port.stopListening()
 
 
-def greOpener(parent, reactor, localAddresses, interface):
+def greOpener(parent, reactor, localAddresses, interface, maxSojourn=0.005):
     """An ``openGREPort(receiver)`` for a daemon: the port it opens runs under *parent*."""
     from routeproxy.greport import GREPort
 
     def openGREPort(receiver):
-        port = GREPort(receiver, localAddresses, interface=interface, reactor=reactor)
+        port = GREPort(receiver, localAddresses, interface=interface, reactor=reactor, maxSojourn=maxSojourn)
         GREPortService(port, reactor).setServiceParent(parent)
         return port
 

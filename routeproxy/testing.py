@@ -31,6 +31,7 @@ class MemoryCapture:
         self.kernelDrops = (0, 0)
         self.closed = False
         self.error = None  # an OSError to raise from the next read
+        self.timestamp = 0.0  # what read() hands over as each frame's capture time (0: none)
 
     def fileno(self):
         return -1
@@ -45,7 +46,7 @@ class MemoryCapture:
             raise error
         n = 0
         while self.frames and n < min(budget, self.batch):
-            callback(0.0, self.frames.popleft())
+            callback(self.timestamp, self.frames.popleft())
             n += 1
         return n
 

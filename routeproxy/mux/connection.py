@@ -56,6 +56,8 @@ class MuxConfig:
     deadTimeout: float = 8.0              # seconds of silence before the link is dead
     greWatermark: int = 262144            # send-buffer + this turn's bytes above which GRE is dropped:
                                           # a full GRE wake-up (128 x 1400 B) fits, ~2 ms at 1 Gbit/s
+    unsentLimit: int = 131072             # TCP_NOTSENT_LOWAT on the link: the kernel holds at most this
+                                          # much unsent, the rest waits where greWatermark counts it
     maxSessions: int = 4096               # acceptor: concurrent sessions
     versions: tuple = F.PROTOCOL_VERSIONS
     capabilities: tuple = ()

@@ -28,6 +28,11 @@ class PacketFormatTests(unittest.SynchronousTestCase):
         self.assertEqual((call_id, seq, ack), (4321, 77, None))
         self.assertEqual(loadgen.probe_of(packet), (3, 77, 123456789))
 
+    def test_probe_of_another_run_is_not_counted(self):
+        packet = loadgen.build_packet(64, call_id=1, seq=2, flow=0, stamp=3, run=11)
+        self.assertEqual(loadgen.probe_of(packet, run=11), (0, 2, 3))
+        self.assertIsNone(loadgen.probe_of(packet, run=12))
+
     def test_probe_found_after_an_ack_word(self):
         packet = gre.build_gre(9, loadgen.build_packet(64, 9, 5, flow=1, stamp=42)[12:], seq=5, ack=4)
         self.assertEqual(loadgen.probe_of(packet), (1, 5, 42))
@@ -90,4 +95,9 @@ class QuickRunTests(unittest.TestCase):
             trials = proxy["throughput"]["sizes"]["512"]["trials"]
             self.assertGreater(max(t["received"] for t in trials), 0)
             self.assertEqual(proxy["scale"]["rows"][-1]["sessions"], 100)
+        reference = results["openvpn"]
+        if "skipped" not in reference:
+            for variant, got in reference.items():
+                self.assertNotIn("error", got, got)
+                self.assertGreater(max(t["received"] for t in got["sizes"]["512"]["trials"]), 0)
         self.assertIn("512-byte GRE", done.stdout)

@@ -126,6 +126,15 @@ class RRPOptionsTests(unittest.SynchronousTestCase):
         self.assertRaises(usage.UsageError, parse, rrp_tap.Options,
                           RRP_REQUIRED + ["--pptp-server", "h", "--max-sessions", "many"])
 
+    def test_gre_max_sojourn(self):
+        base = RRP_REQUIRED + ["--pptp-server", "h"]
+        self.assertEqual(parse(rrp_tap.Options, base)["gre-max-sojourn"], 0.005)
+        self.assertEqual(parse(rrp_tap.Options, base + ["--gre-max-sojourn", "2.5"])["gre-max-sojourn"], 0.0025)
+        self.assertEqual(parse(rrp_tap.Options, base + ["--gre-max-sojourn", "0"])["gre-max-sojourn"], 0.0)
+        for bad in ("-1", "soon"):
+            e = self.assertRaises(usage.UsageError, parse, rrp_tap.Options, base + ["--gre-max-sojourn", bad])
+            self.assertIn("--gre-max-sojourn", str(e))
+
     def test_bad_profile(self):
         self.assertRaises(usage.UsageError, parse, rrp_tap.Options, RRP_REQUIRED + ["--profile", "nohost"])
 

@@ -48,6 +48,51 @@ class MemoryPortTests(unittest.SynchronousTestCase):
             port.doRead()
             self.assertEqual(self.receiver.packets, [(SENDER, RECEIVER, gre)], datalink)
 
+    def sojournRound(self, port, now, clock, age, count=1):
+        """One wake-up at *now* reading *count* packets captured *age* seconds ago."""
+        clock[0] = now
+        self.capture.timestamp = now - age
+        self.feed(*[frame(DLT_EN10MB, ipv4(SENDER, RECEIVER, enhanced_gre(7, b"x")))] * count)
+        port.doRead()
+
+    def test_a_short_stall_drops_nothing(self):
+        """Packets older than the target within one interval: a burst, every one goes up."""
+        clock = [1000.0]
+        port = self.port(maxSojourn=0.005, sojournInterval=0.1, wallClock=lambda: clock[0])
+        self.sojournRound(port, 1000.0, clock, 0.050, 3)
+        self.sojournRound(port, 1000.05, clock, 0.020, 3)
+        self.sojournRound(port, 1000.08, clock, 0.001)
+        self.sojournRound(port, 1000.3, clock, 0.050, 3)  # above again: a new interval starts
+        self.assertEqual((len(self.receiver.packets), port.stats.dropped), (10, {}))
+
+    def test_a_standing_queue_is_dropped_down_to_the_target(self):
+        """Head above the target for a whole interval: older packets are dropped, counted,
+        until a wake-up's head is younger than the target again."""
+        clock = [1000.0]
+        port = self.port(maxSojourn=0.005, sojournInterval=0.1, wallClock=lambda: clock[0])
+        self.sojournRound(port, 1000.0, clock, 0.050)
+        self.sojournRound(port, 1000.11, clock, 0.050)  # above for 110 ms: dropping from now on
+        self.assertEqual(len(self.receiver.packets), 2)
+        self.sojournRound(port, 1000.12, clock, 0.050, 4)
+        self.assertEqual(port.snapshot()["dropped"], {"sojourn": 4})
+        self.sojournRound(port, 1000.13, clock, 0.001, 2)  # young packets pass, the gate closes
+        self.sojournRound(port, 1000.14, clock, 0.050)
+        self.assertEqual((len(self.receiver.packets), port.stats.dropped), (5, {"sojourn": 4}))
+
+    def test_no_timestamp_no_gate(self):
+        clock = [1000.0]
+        port = self.port(maxSojourn=0.005, sojournInterval=0.0, wallClock=lambda: clock[0])
+        for now in (1000.0, 1000.2, 1000.4, 1000.6):
+            self.sojournRound(port, now, clock, now)  # capture time 0.0: none known
+        self.assertEqual((len(self.receiver.packets), port.stats.dropped), (4, {}))
+
+    def test_max_sojourn_zero_keeps_every_packet(self):
+        port = self.port(maxSojourn=0, wallClock=lambda: 1000.0)
+        self.capture.timestamp = 1.0
+        self.feed(frame(DLT_EN10MB, ipv4(SENDER, RECEIVER, enhanced_gre(7, b"x"))))
+        port.doRead()
+        self.assertEqual(len(self.receiver.packets), 1)
+
     def test_non_ipv4_link_type(self):
         """An IPv6/ARP ethertype or family is dropped as not_ipv4, on every typed link."""
         for datalink in (DLT_EN10MB, DLT_LINUX_SLL, DLT_LINUX_SLL2, DLT_NULL, DLT_LOOP):

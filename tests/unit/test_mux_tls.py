@@ -6,16 +6,21 @@
   CONTROL round trips on another session (each must finish within 2 s).
 """
 import hashlib
+import socket
 import time
 
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.logger import Logger
+from twisted.protocols.tls import BufferingTLSTransport
 from twisted.trial import unittest
 
 from routeproxy import certs, tls
 from routeproxy.mux.connection import MuxConfig
-from routeproxy.mux.protocol import MuxClientFactory, MuxServerFactory
+from routeproxy.mux import frames as F
+from routeproxy.mux.protocol import (
+    TCP_NOTSENT_LOWAT, MuxClientFactory, MuxServerFactory, _bufferedBytes, _bufferingTransport,
+)
 from routeproxy.mux.session import SessionRefused
 from routeproxy.testing import RecordingSessionReceiver
 
@@ -76,6 +81,24 @@ class MuxOverTLSTests(unittest.TestCase):
             for chunk in streamFor(number, "down"):
                 session.sendControl(chunk)
         return receiver
+
+    def test_unsentBytesLimitedInTheKernelUnderTLS(self):
+        """Both ends' TCP sockets under TLS carry TCP_NOTSENT_LOWAT = config.unsentLimit."""
+        ends = [self.lrp] + list(self.serverFactory.connections)
+        for connection in ends:
+            sock = _bufferingTransport(connection._link.transport).socket
+            self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT), self.config.unsentLimit)
+
+    def test_aTurnsFramesGoStraightIntoTLS(self):
+        """The mux's one write per turn is encrypted at once, not held by Twisted's small-write
+        aggregator for another reactor turn: its bytes are at the TCP transport right away."""
+        link = self.lrp._link
+        self.assertIsInstance(link.transport, BufferingTLSTransport)
+        tcp = _bufferingTransport(link.transport)
+        before = _bufferedBytes(tcp)
+        link.writeFrames([F.Ping(b"12345678").encode()])  # the peer answers; nobody waits for it
+        self.assertIsNone(link.transport._aggregator._scheduled)
+        self.assertGreater(_bufferedBytes(tcp), before)
 
     @defer.inlineCallbacks
     def test_thousandSessionsKeepTheirBytesInOrder(self):
