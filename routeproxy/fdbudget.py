@@ -36,7 +36,8 @@ class FileBudget:
 
     def free(self):
         now = self.clock()
-        if self._checked is None or now - self._checked >= self.interval:
+        if (self._checked is None or now - self._checked >= self.interval
+                or self._free < 4 * self.reserve):   # close to the reserve: count every time
             self._checked, self._free = now, self._limit() - self._count()
         return self._free
 
@@ -69,6 +70,8 @@ class PausingPort(tcp.Port):
             self.stopReading()
             self._resumeCall = self.reactor.callLater(self.pauseFor, self._resume)
             return None
+        # one wake-up accepts at most what the budget has above its reserve
+        self.numberAccepts = max(1, min(self.numberAccepts, self.budget.free() - self.budget.reserve))
         return super().doRead()
 
     def _resume(self):
