@@ -93,7 +93,9 @@ class ProxyPath:
         self._daemon("lrp", self.lrp_ns, "routeproxy-lrp", [
             "--pptp-listen", f"{self.left.ip_b}:{PPTP_PORT}", "--rrp", f"{self.middle.ip_b}:{RRP_PORT}",
             "--rrp-name", RRP_NAME, "--cert", c["lrp_cert"], "--key", c["lrp_key"], "--ca", c["ca"],
-            "--allow", "10.81.0.0/24", "--status", f"127.0.0.1:{STATUS_PORT}", *self.options]
+            "--allow", "10.81.0.0/24", "--status", f"127.0.0.1:{STATUS_PORT}",
+            # every session comes from one address here: the per-address limits would bind
+            "--max-per-address", "1000000", "--id-share", "1", *self.options]
         ).wait_ready(listen=(self.left.ip_b, PPTP_PORT), link_port=RRP_PORT, status_port=STATUS_PORT, timeout=20)
         return self
 

@@ -16,7 +16,9 @@ A :class:`CallBook` is a plain object: it never touches the network, so tests dr
 messages.  Each relayed control connection owns one (its ``session``), and the GRE path
 goes from a local ID to the call (one look-up in the space) to that session.
 """
+import collections
 import dataclasses
+import time
 
 from routeproxy import pptp
 from routeproxy.pptp import PAC, PNS
@@ -31,6 +33,9 @@ INTRODUCING = frozenset({
     pptp.OutgoingCallRequest, pptp.OutgoingCallReply,
     pptp.IncomingCallRequest, pptp.IncomingCallReply,
 })
+
+# Messages that start a call; the replies above only add the replier's ID to one.
+REQUESTS = frozenset({pptp.OutgoingCallRequest, pptp.IncomingCallRequest})
 
 # Replies whose failure ends the call they answer.
 _REPLY_SUCCESS = {
@@ -57,11 +62,12 @@ class UnknownCallID(ValueError):
 class Call:
     """One call: its IDs in both native spaces and the local ID this side handed out."""
 
-    __slots__ = ("book", "pns_id", "pac_id", "local_id", "established",
+    __slots__ = ("book", "pns_id", "pac_id", "local_id", "established", "started",
                  "gre_in", "gre_out", "bytes_in", "bytes_out")
 
-    def __init__(self, book):
+    def __init__(self, book, started=0.0):
         self.book = book
+        self.started = started  # when its request passed (the unanswered-call timeout)
         self.pns_id = None    # C: chosen by the client; also the call's tag on the mux
         self.pac_id = None    # S: chosen by pptpd
         self.local_id = None  # L on the LRP, R on the RRP
@@ -84,12 +90,19 @@ class CallBook:
     :class:`Call`, so the GRE path finds a call from a local ID in one lookup.
     """
 
-    def __init__(self, owner, space, session=None):
+    def __init__(self, owner, space, session=None, clock=time.monotonic, tally=None, holder=None):
         if owner not in (PNS, PAC):
             raise ValueError(f"owner must be {PNS!r} or {PAC!r}")
         self.owner = owner
         self.space = space
         self.session = session    # the relayed control connection the GRE path delivers to
+        self.clock = clock
+        # calls by (space, holder: a client address, a link), and by (space, "*") in all,
+        # shared by the books of one daemon: what the share of an ID space one holder may
+        # take is checked against (a call counts from its request, before it has an ID)
+        self.tally = tally if tally is not None else collections.Counter()
+        self.holder = holder
+        self._keys = ((space.name, holder), (space.name, "*"))
         self._by_native = {PNS: {}, PAC: {}}   # native ID -> Call
         self.calls = []
 
@@ -132,10 +145,12 @@ class CallBook:
         resolved = [self._resolve(field, direction, field.field in alternates) for field in fields]
         call = next((found for _, found in resolved if found is not None), None)
         if call is None:
-            if cls not in INTRODUCING:
+            if cls not in REQUESTS:   # a reply answers a call that must exist already
                 raise UnknownCallID(message, fields[0].field, fields[0].value)
-            call = Call(self)
+            call = Call(self, self.clock())
             self.calls.append(call)
+            for key in self._keys:
+                self.tally[key] += 1
         changes = {}
         for field, (owner, found) in zip(fields, resolved):
             if found is not None and found is not call:
@@ -198,6 +213,10 @@ class CallBook:
         if call not in self.calls:
             return
         self.calls.remove(call)
+        for key in self._keys:
+            self.tally[key] -= 1
+            if self.tally[key] <= 0:
+                del self.tally[key]
         for owner in (PNS, PAC):
             native = call.native(owner)
             if native is not None and self._by_native[owner].get(native) is call:
@@ -212,6 +231,18 @@ class CallBook:
         listener = getattr(self.session, event, None)
         if listener is not None:
             listener(call)
+
+    def held(self):
+        """Calls this book's holder has in this book's space (all its control connections)."""
+        return self.tally[self._keys[0]]
+
+    def space_used(self):
+        """IDs of the space in use or promised to calls whose reply will need one."""
+        return max(len(self.space), self.tally[self._keys[1]])
+
+    def unanswered(self, before):
+        """Calls whose request passed before *before* and got no answer yet, oldest first."""
+        return [call for call in self.calls if not call.established and call.started < before]
 
     def release_all(self):
         """Free every call: the control connection is gone.  Returns the calls freed."""

@@ -168,6 +168,19 @@ def make_leaf(ca, name, server=True, client=True, not_before=None, not_after=Non
     return Issued(cert, key)
 
 
+def make_crl(ca, revoked=(), days=30):
+    """A CRL signed by *ca* (an ``Issued``) listing the certificates *revoked*, as PEM bytes
+    (for ``--crl``; a real CA publishes its own)."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateRevocationListBuilder().issuer_name(ca.cert.subject)
+               .last_update(now).next_update(now + datetime.timedelta(days=days)))
+    for cert in revoked:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(cert.serial_number)
+            .revocation_date(now).build())
+    return builder.sign(ca.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
 def write_private(path, data):
     """Write *data* to *path* readable by its owner only (0600), even if it existed."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -6,6 +6,8 @@ the peer address's space (:mod:`routeproxy.scopes`) finds the call; the call's c
 connection must come from the same address, or anyone could inject into a call by guessing
 its ID.  What is not delivered is counted by reason (and logged, rate-limited).
 """
+import collections
+
 from zope.interface import implementer
 
 from routeproxy import gre
@@ -24,6 +26,18 @@ class GREDemultiplexer:
     def __init__(self, scopes, drops):
         self.scopes = scopes
         self.drops = drops
+        self.peerAddresses = collections.Counter()   # addresses of live control connections
+
+    def acceptsFragment(self, src, dst, head):
+        """Fragments are held only from an address with a live session, and a first fragment
+        only if its key names a call of that address."""
+        if src not in self.peerAddresses:
+            return False
+        if head is None or len(head) < 8:
+            return True
+        space = self.scopes.lookup(src)
+        call = space.owner_of(int.from_bytes(head[6:8], "big")) if space is not None else None
+        return call is not None and call.book.session.peerAddress == src
 
     def greReceived(self, src, dst, data):
         space = self.scopes.lookup(src)

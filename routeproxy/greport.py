@@ -60,6 +60,7 @@ DROP_FRAGMENT_INVALID = ipfrag.DROP_FRAGMENT_INVALID  # no valid datagram has th
 DROP_REASSEMBLY_OVERLAP = ipfrag.DROP_REASSEMBLY_OVERLAP  # fragments disagree: datagram dropped
 DROP_REASSEMBLY_TIMEOUT = ipfrag.DROP_REASSEMBLY_TIMEOUT  # incomplete after reassemblyTimeout
 DROP_REASSEMBLY_EVICTED = ipfrag.DROP_REASSEMBLY_EVICTED  # too many datagrams in progress
+DROP_FRAGMENT_NO_SESSION = "fragment_no_session"  # the receiver has no session for its sender
 DROP_NOT_LOCAL = "not_local"  # destination is not one of our addresses
 DROP_RECEIVER_ERROR = "receiver_error"  # greReceived raised
 DROP_CAPTURE = "capture"  # dropped by the kernel/libpcap before we read (pcap stats)
@@ -76,6 +77,14 @@ class IGREReceiver(Interface):
 
         Called in the reactor thread, many times per wake-up: return quickly.  An exception
         is logged and counted (receiver_error); it does not stop the port.
+        """
+
+    def acceptsFragment(src, dst, head):
+        """May a fragment from *src* to *dst* be held for reassembly?
+
+        *head* is the first fragment's payload (the GRE header), or None for a later
+        fragment.  Asked before anything is stored, so fragments from senders with no
+        session cost one look-up each.
         """
 
 
@@ -406,17 +415,24 @@ class GREPort(abstract.FileDescriptor):
         if dstName is None:
             stats.dropped[DROP_NOT_LOCAL] += 1
             return
+        srcName = self._sources.get(src)
+        if srcName is None:
+            srcName = socket.inet_ntoa(src)
+        fragmentOffset = (fragment & _FRAGMENT_OFFSET) * 8
+        head = frame[offset + headerLength:end] if fragmentOffset == 0 else None
+        if not self.receiver.acceptsFragment(srcName, dstName, head):
+            stats.dropped[DROP_FRAGMENT_NO_SESSION] += 1   # checked before anything is stored
+            return
         stats.fragments += 1
-        gre = self._reassembler.add((src, dst, ident, IPPROTO_GRE), (fragment & _FRAGMENT_OFFSET) * 8,
+        gre = self._reassembler.add((src, dst, ident, IPPROTO_GRE), fragmentOffset,
                                     fragment & _MORE_FRAGMENTS, frame[offset + headerLength:end],
-                                    self._clock())
+                                    self._clock(), source=src)
         if gre is None:
             return
         stats.reassembled += 1
         if not gre:
             stats.dropped[DROP_TRUNCATED] += 1
             return
-        srcName = socket.inet_ntoa(src)
         try:
             self.receiver.greReceived(srcName, dstName, gre)
         except Exception:

@@ -10,6 +10,10 @@ It is bounded in every direction, because fragments are cheap for anyone to send
   (counted ``reassembly_evicted``);
 * at most ``max_bytes`` stored per datagram and no byte beyond offset 65535
   (``fragment_invalid``);
+* at most ``max_fragments`` fragments per datagram (``reassembly_too_many_fragments``) and
+  at most ``max_per_source`` datagrams in progress per source address
+  (``reassembly_source_limit``), so one sender cannot take the table, and each fragment
+  costs at most ``max_fragments`` steps: a flood costs O(packets);
 * a datagram not complete ``timeout`` seconds after its first fragment is dropped
   (``reassembly_timeout``), checked whenever a fragment arrives or ``expire`` is called;
 * fragments may come in any order; an exact duplicate, or an overlap carrying the same
@@ -21,11 +25,12 @@ Payload offsets are relative to the end of each fragment's own IP header, so the
 passes payloads (header stripped) and gets the reassembled payload back.  Plain state,
 no I/O: the clock is passed in.
 """
+import bisect
 import collections
 
 __all__ = ["Reassembler", "FragmentError",
            "DROP_FRAGMENT_INVALID", "DROP_REASSEMBLY_OVERLAP", "DROP_REASSEMBLY_TIMEOUT",
-           "DROP_REASSEMBLY_EVICTED"]
+           "DROP_REASSEMBLY_EVICTED", "DROP_TOO_MANY_FRAGMENTS", "DROP_SOURCE_LIMIT"]
 
 IP_MAXPACKET = 65535
 
@@ -33,6 +38,8 @@ DROP_FRAGMENT_INVALID = "fragment_invalid"  # not a multiple of 8 before the end
 DROP_REASSEMBLY_OVERLAP = "reassembly_overlap"  # two fragments disagree about the same bytes
 DROP_REASSEMBLY_TIMEOUT = "reassembly_timeout"  # incomplete after the timeout
 DROP_REASSEMBLY_EVICTED = "reassembly_evicted"  # pushed out by newer datagrams (table full)
+DROP_TOO_MANY_FRAGMENTS = "reassembly_too_many_fragments"  # more pieces than max_fragments
+DROP_SOURCE_LIMIT = "reassembly_source_limit"  # its source has max_per_source in progress
 
 
 class FragmentError(ValueError):
@@ -42,10 +49,11 @@ class FragmentError(ValueError):
 class _Partial:
     """One datagram in progress: its fragments sorted by offset, the end once known."""
 
-    __slots__ = ("started", "pieces", "end", "stored")
+    __slots__ = ("started", "pieces", "end", "stored", "source")
 
-    def __init__(self, started):
+    def __init__(self, started, source=None):
         self.started = started
+        self.source = source
         self.pieces = []  # (offset, bytes), sorted by offset
         self.end = None  # payload length, known from the fragment with MF clear
         self.stored = 0
@@ -58,20 +66,25 @@ class Reassembler:
     None.  Drops are counted in ``dropped`` (a Counter; pass the caller's own to share it).
     """
 
-    def __init__(self, timeout=5.0, max_datagrams=256, max_bytes=IP_MAXPACKET, dropped=None):
+    def __init__(self, timeout=5.0, max_datagrams=256, max_bytes=IP_MAXPACKET, dropped=None,
+                 max_fragments=64, max_per_source=16):
         self.timeout = timeout
         self.max_datagrams = max_datagrams
         self.max_bytes = max_bytes
+        self.max_fragments = max_fragments
+        self.max_per_source = max_per_source
         self.dropped = dropped if dropped is not None else collections.Counter()
         self.reassembled = 0
         self._partials = collections.OrderedDict()  # key -> _Partial, oldest first
+        self._per_source = collections.Counter()    # source -> datagrams in progress
 
     def __len__(self):
         return len(self._partials)
 
-    def add(self, key, offset, more, payload, now):
+    def add(self, key, offset, more, payload, now, source=None):
         """Take one fragment: *offset* in bytes, *more* the MF flag, *payload* its data.
 
+        *source* (e.g. the sender's address) is what ``max_per_source`` counts by.
         Returns the whole payload (bytes) when this fragment completed it, else None.
         """
         self.expire(now)
@@ -81,10 +94,14 @@ class Reassembler:
             return None
         partial = self._partials.get(key)
         if partial is None:
+            if self._per_source[source] >= self.max_per_source:
+                self.dropped[DROP_SOURCE_LIMIT] += 1
+                return None
             while len(self._partials) >= self.max_datagrams:
-                self._partials.popitem(last=False)
+                self._forget(next(iter(self._partials)))
                 self.dropped[DROP_REASSEMBLY_EVICTED] += 1
-            partial = self._partials[key] = _Partial(now)
+            partial = self._partials[key] = _Partial(now, source)
+            self._per_source[source] += 1
         try:
             self._insert(partial, offset, end, more, bytes(payload))
         except FragmentError as e:
@@ -92,9 +109,16 @@ class Reassembler:
             return None
         whole = self._complete(partial)
         if whole is not None:
-            del self._partials[key]
+            self._forget(key)
             self.reassembled += 1
         return whole
+
+    def _forget(self, key):
+        partial = self._partials.pop(key, None)
+        if partial is not None:
+            self._per_source[partial.source] -= 1
+            if self._per_source[partial.source] <= 0:
+                del self._per_source[partial.source]
 
     def expire(self, now):
         """Drop datagrams older than the timeout (counted); returns how many."""
@@ -103,14 +127,14 @@ class Reassembler:
             key, oldest = next(iter(partials.items()))
             if oldest.started > limit:
                 break
-            del partials[key]
+            self._forget(key)
             n += 1
         if n:
             self.dropped[DROP_REASSEMBLY_TIMEOUT] += n
         return n
 
     def _drop(self, key, reason):
-        self._partials.pop(key, None)
+        self._forget(key)
         self.dropped[reason] += 1
 
     def _insert(self, partial, offset, end, more, data):
@@ -133,14 +157,15 @@ class Reassembler:
             return
         if partial.stored + len(data) > self.max_bytes:
             raise FragmentError(DROP_FRAGMENT_INVALID)
+        if len(partial.pieces) >= self.max_fragments:
+            raise FragmentError(DROP_TOO_MANY_FRAGMENTS)
         partial.stored += len(data)
-        partial.pieces.append((offset, data))
-        partial.pieces.sort(key=lambda p: p[0])
+        bisect.insort(partial.pieces, (offset, data), key=lambda p: p[0])
 
     @staticmethod
     def _complete(partial):
-        if partial.end is None:
-            return None
+        if partial.end is None or partial.stored < partial.end:
+            return None   # not enough bytes yet: no walk over the pieces
         covered = 0
         for start, piece in partial.pieces:
             if start > covered:

@@ -13,8 +13,11 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from routeproxy import pptp, tls
+from routeproxy.admission import ClientAdmission, RefusingProtocol
 from routeproxy.callids import CallIDSpace
 from routeproxy.control import PPTPControlProtocol
+from routeproxy.fdbudget import FileBudget
+from routeproxy.limits import DEFAULT as DEFAULT_LIMITS, reconfigureLimits
 from routeproxy.mux.connection import MuxConfig
 from routeproxy.mux.frames import RESUME_CAPABILITY
 from routeproxy.mux.protocol import MuxClientFactory
@@ -37,17 +40,21 @@ class LocalRouteProxy:
     # (in PPTP) that no server is available.
     linkWait = 5.0
 
-    def __init__(self, reactor, openGREPort, profile="default", allow=None, space=None):
+    def __init__(self, reactor, openGREPort, profile="default", allow=None, space=None,
+                 limits=DEFAULT_LIMITS):
         self.reactor = reactor
         self.profile = profile
+        self.limits = limits
         self.allow = list(allow) if allow else None
         self.space = space if space is not None else CallIDSpace("LRP")
-        self.relay = Relay(LRP, SharedScope(self.space), openGREPort)
+        self.relay = Relay(LRP, SharedScope(self.space), openGREPort, limits=limits, clock=reactor)
+        self.admission = ClientAdmission(limits, self.relay.refusals)
+        self.files = FileBudget()   # the listener pauses while descriptors run low
         self.links = set()        # MuxConnections (LinkFactory.connections)
         self.resumer = None       # mux.resume.Resumer when --resume-grace is on
         self._linkWaiters = []
         self.tls = None           # the link's tls.ClientTLS (the tap sets it; reload swaps it)
-        self.refusals = collections.Counter()   # clients refused, by reason
+        self.refusals = self.relay.refusals     # clients, sessions and calls refused, by reason
         self.linksUp = 0
         self.linkConnectFailures = 0
 
@@ -121,12 +128,13 @@ class LocalRouteProxy:
         if self.tls is not None and new["tls-files"] != old["tls-files"]:
             self.tls.replaceWith(new["tls"])
             changes.append("TLS certificate, key or CA reread (next link connection)")
+        changes += reconfigureLimits(self, old, new)
         return changes
 
     def snapshot(self):
         """The LRP as plain data (docs/status.md)."""
         snapshot = dict(self.relay.snapshot(self.links), profile=self.profile,
-                        refusals=dict(self.refusals),
+                        admission=self.admission.snapshot(), files=self.files.snapshot(),
                         tls_handshake_failures=getattr(self.tls, "handshakeFailures", 0),
                         link_connect_failures=self.linkConnectFailures,
                         link_reconnects=max(0, self.linksUp - 1))
@@ -140,9 +148,9 @@ class LinkFactory(MuxClientFactory):
 
     noisy = False  # no "Starting factory" line per reconnection
 
-    def __init__(self, lrp, clock, resumeGrace=30.0, deadTimeout=8.0):
+    def __init__(self, lrp, clock, resumeGrace=30.0, deadTimeout=8.0, **more):
         resumer = Resumer(clock, resumeGrace) if resumeGrace else None
-        super().__init__(config=muxConfig(resumeGrace, deadTimeout), clock=clock,
+        super().__init__(config=muxConfig(resumeGrace, deadTimeout, **more), clock=clock,
                          peerNameOf=tls.peerName, resume=resumer)
         self.lrp = lrp
         lrp.links = self.connections
@@ -173,8 +181,12 @@ class PPTPServerFactory(Factory):
 
     def buildProtocol(self, addr):
         if not self.lrp.allowed(addr.host):
-            self.lrp.refusals["not_allowed"] += 1
-            self.log.warn("LRP: refused PPTP client {host}:{port}: not in --allow",
-                          host=addr.host, port=addr.port)
+            self.lrp.refusals.count("not_allowed")
+            self.lrp.relay.peerLog.warn("allow", "LRP: refused PPTP client {host}:{port}: not "
+                                        "in --allow", host=addr.host, port=addr.port)
             return None
+        refusal = self.lrp.admission.refusal(addr.host)
+        if refusal is not None:
+            self.lrp.admission.refusals.add(refusal, f"PPTP client {addr.host}:{addr.port}")
+            return RefusingProtocol()
         return PPTPControlProtocol(self.lrp.newSession())

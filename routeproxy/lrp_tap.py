@@ -1,8 +1,7 @@
 """`twistd routeproxy-lrp`: options and the service tree of a Local Route Proxy."""
-from twisted.application import internet
 from twisted.python import usage
 
-from routeproxy import logs, tls
+from routeproxy import limits, logs, tls
 from routeproxy.config import (
     LINK_SETTINGS, ConfigOptions, Setting, fileDigest, greMaxSojourn, parseChoice, parseCIDR, parseHostPort,
     parseListen, parseStatus,
@@ -38,13 +37,18 @@ class Options(ConfigOptions):
                 "a unix socket (mode 0600) or loopback recommended [default: off]", parseStatus),
         Setting("log-format", "text", "text or json (one JSON object per line) [default: text]",
                 parseChoice(("text", "json"), "--log-format")),
+        Setting("crl", None, "CRL file (PEM) of the CA: revoked RRP certificates are refused; "
+                "reread on reload [default: none]"),
+        *limits.settings("lrp"),
     ) + LINK_SETTINGS
     restartOnly = ("pptp-listen", "rrp", "gre-interface", "gre-max-sojourn", "status", "log-format",
-                   "resume-grace", "dead-timeout")
+                   "resume-grace", "dead-timeout", "mux-send-buffer", "mux-stall-timeout")
 
     def check(self):
+        self["limits"] = limits.fromOptions(self)
         try:
-            self["tls"] = tls.clientCreator(self["rrp-name"], self["cert"], self["key"], self["ca"])
+            self["tls"] = tls.clientCreator(self["rrp-name"], self["cert"], self["key"], self["ca"],
+                                            crlPath=self["crl"])
         except tls.TLSConfigError as e:
             raise usage.UsageError(str(e))
         self["tls-files"] = fileDigest(self["cert"], self["key"], self["ca"])
@@ -55,28 +59,33 @@ def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
     from routeproxy.daemon import DaemonService, installExceptHook
+    from routeproxy.fdbudget import PausingTCPServer
     from routeproxy.lrp import LinkFactory, LocalRouteProxy, PPTPServerFactory
-    from routeproxy.service import addStatusEndpoint, greOpener, localIPv4Addresses
+    from routeproxy.service import addStatusEndpoint, greOpener, localIPv4Addresses, raiseFileLimit
 
     installExceptHook()
+    raiseFileLimit()
     top = DaemonService("LRP", None, options, reactor, restartOnly=Options.restartOnly)
+    bounds = options["limits"]
     host, port = options["pptp-listen"]
     local = localIPv4Addresses() if host == "0.0.0.0" else [host]
     lrp = LocalRouteProxy(reactor, greOpener(top, reactor, local, options["gre-interface"],
                                            options["gre-max-sojourn"]),
-                          profile=options["profile"], allow=options["allow"])
+                          profile=options["profile"], allow=options["allow"], limits=bounds)
     lrp.tls = options["tls"]
     top.proxy = lrp
     top.reloaders.append(lrp.reconfigure)
     (rrpHost, rrpPort), *moreRRPs = options["rrp"]
     # No prepareConnection: a refused handshake would fail it before the disconnect, which
     # ClientService cannot take (NoTransition); LinkFactory tells the LRP when a link is ready.
-    factory = LinkFactory(lrp, reactor, options["resume-grace"], options["dead-timeout"])
+    factory = LinkFactory(lrp, reactor, options["resume-grace"], options["dead-timeout"],
+                          maxSendBuffer=bounds.muxSendBuffer, stallTimeout=bounds.muxStallTimeout)
     link = tls.rrpClientService(reactor, rrpHost, rrpPort, options["tls"], factory, more=moreRRPs,
                                 retryDelay=lrp.resumer.retryDelay if lrp.resumer else None,
                                 onFailure=lrp.linkFailed)
     link.setServiceParent(top)
-    listener = internet.TCPServer(port, PPTPServerFactory(lrp), interface=host, reactor=reactor)
+    listener = PausingTCPServer(port, PPTPServerFactory(lrp), interface=host, reactor=reactor,
+                                budget=lrp.files)
     listener.optionName = "--pptp-listen"
     listener.setServiceParent(top)
     addStatusEndpoint(top, reactor, options["status"], top)

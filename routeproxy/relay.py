@@ -21,6 +21,7 @@ Echo-Request/-Reply pass through untouched: pptpd's keepalive then proves the wh
 without a proxy, instead of a proxy answering for a client that has gone.  The one
 exception is a lost link waiting for a resume (:mod:`routeproxy.detach`).
 """
+import collections
 import dataclasses
 from typing import Callable, Optional
 
@@ -32,12 +33,17 @@ from routeproxy.capture import GREIOError
 from routeproxy.control import MuxReadingControl
 from routeproxy.detach import DROP_MUX_DETACHED, Gap
 from routeproxy.gredemux import GREDemultiplexer
+from routeproxy.limits import DEFAULT as DEFAULT_LIMITS
 from routeproxy.mux.frames import Reason, reasonName
-from routeproxy.stats import DropCounter
+from routeproxy.quota import CallQuota, answers_for_unanswered
+from routeproxy.stats import DropCounter, LimitedLog, printable
 
 DROP_MUX_GRE_NO_CALL = "mux_gre_no_call"   # a mux GRE frame names no call of its session
 DROP_MUX_NOT_OPEN = "mux_not_open"         # GRE from the peer before the mux session opened
 DROP_MUX_SEND = "mux_send"                 # the mux refused it (watermark: link congested)
+DROP_CALL_NOT_READY = "gre_call_not_ready"  # GRE for a call the far side has not answered yet
+IGNORED_UNKNOWN_CALL = "unknown_call_id"   # a control message naming no call of its connection
+IGNORED_BAD_IDS = "bad_call_ids"           # a control message whose IDs cannot be translated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,12 +68,14 @@ class RelaySession:
 
     log = Logger()
 
-    def __init__(self, side, relay, opener=None, clientLabel=""):
+    def __init__(self, side, relay, opener=None, clientLabel="", holder=None):
         self.side = side
         self.relay = relay
         self.opener = opener
         self.upstreams = None             # RRP: a callsplit.CallSplitter, when calls are split
         self.clientLabel = clientLabel    # the RRP names the real client in its lines
+        self.holder = holder              # whose share of the ID space its calls count in
+        self._callTimer = None
         self.book = None                  # CallBook, once the peer's address is known
         self.peer = None                  # PPTPControlProtocol
         self.mux = None                   # the open mux session
@@ -92,7 +100,10 @@ class RelaySession:
         peer, local = protocol.transport.getPeer(), protocol.transport.getHost()
         self.peerAddress, self.localAddress = peer.host, local.host
         self.peerLabel = f"{peer.host}:{peer.port}"
-        self.book = calls.CallBook(self.side.owner, self.relay.scopes.space_for(peer.host), self)
+        self.relay.demux.peerAddresses[peer.host] += 1
+        self.book = calls.CallBook(self.side.owner, self.relay.scopes.space_for(peer.host), self,
+                                   clock=self.relay.clock.seconds, tally=self.relay.callTally,
+                                   holder=self.holder if self.holder is not None else peer.host)
         try:
             self.relay.grePort.addLocalAddress(self.localAddress)   # capture GRE sent to it
         except GREIOError as e:
@@ -111,22 +122,38 @@ class RelaySession:
         self.controlIn += message.LENGTH
         if self.gap is not None and self.gap.answered(message):
             return
-        try:
-            message = self.book.translate(message, calls.TO_MUX)
-        except calls.UnknownCallID as e:
-            self.log.warn("{side} {peer}: dropped {name}: {error}", side=self.side.name,
-                          peer=self.peerLabel, name=message.NAME, error=str(e))
+        refusal = self.relay.quota.refuse(self, message)
+        if refusal is not None:
+            self.sendToPeer(refusal)
+            return
+        message = self._translate(message, calls.TO_MUX, "")[0]
+        if message is None:
             return
         if message.__class__ is pptp.EchoRequest:
             self.echoesPending += 1
         if self.mux is not None:
             self.mux.sendControl(message.pack())
-        else:
+            self._watchCalls()
+        elif self.opener is not None:
             self.opener.hold(message)
 
+    def _translate(self, message, direction, where):
+        """(*message* translated, its call), or (None, None) when it names no call of ours
+        (counted, logged)."""
+        try:
+            return self.book.translate_call(message, direction)
+        except calls.UnknownCallID as e:
+            self.relay.ignored.add(IGNORED_UNKNOWN_CALL,
+                                   f"{self.side.name} {self.peerLabel}: {message.NAME}{where}: {e}")
+        except (pptp.PPTPError, ValueError) as e:
+            self.relay.ignored.add(IGNORED_BAD_IDS,
+                                   f"{self.side.name} {self.peerLabel}: {message.NAME}{where}: {e}")
+        return None, None
+
     def peerFailed(self, error):
-        self.log.warn("{side} {peer}: bad PPTP from peer ({error}); closing this session",
-                      side=self.side.name, peer=self.peerLabel, error=str(error))
+        self.relay.peerLog.warn("bad_pptp", "{side} {peer}: bad PPTP from peer ({error}); "
+                                "closing this session", side=self.side.name,
+                                peer=self.peerLabel, error=printable(error))
         self.close(f"bad PPTP from peer: {error.reason}")
 
     def peerClosed(self, why):
@@ -143,6 +170,10 @@ class RelaySession:
     def greFromPeer(self, call, seq, ack, payload):
         """A GRE packet from the peer for *call* (found by the GRE demultiplexer)."""
         self.greIn += 1
+        if call.pns_id is None:   # an incoming call the client has not answered
+            self.greDropped += 1
+            self.relay.drops.add(DROP_CALL_NOT_READY)
+            return
         call.gre_in += 1
         call.bytes_in += len(payload)
         mux = self.mux
@@ -170,38 +201,43 @@ class RelaySession:
         try:
             messages = self.muxDecoder.feed(data)
         except pptp.PPTPError as e:
-            self.log.error("{side} {peer}: bad PPTP from the mux ({error}); closing this session",
-                           side=self.side.name, peer=self.peerLabel, error=str(e))
+            self.relay.peerLog.error("bad_pptp_mux", "{side} {peer}: bad PPTP from the mux "
+                                     "({error}); closing this session", side=self.side.name,
+                                     peer=self.peerLabel, error=printable(e))
             self.close(f"bad PPTP from the mux: {e.reason}")
             return
         for message in messages:
+            if self.closed:
+                return
             if message.__class__ is pptp.EchoReply and self.echoesPending:
                 self.echoesPending -= 1
-            try:
-                out, call = self.book.translate_call(message, calls.TO_PEER)
-            except calls.UnknownCallID as e:
-                self.log.warn("{side} {peer}: dropped {name} from the mux: {error}",
-                              side=self.side.name, peer=self.peerLabel, name=message.NAME,
-                              error=str(e))
+            refusal = self.relay.quota.refuse(self, message)
+            if refusal is not None:
+                self.mux.sendControl(refusal.pack())
                 continue
+            try:
+                out, call = self._translate(message, calls.TO_PEER, " from the mux")
             except CallIDExhausted as e:
-                self.log.error("{side} {peer}: {error}", side=self.side.name,
-                               peer=self.peerLabel, error=str(e))
+                self.relay.refusals.add("call_ids_exhausted", f"{self.side.name} "
+                                        f"{self.peerLabel}: {e}")
                 answer = self.side.answerExhausted(message)
                 if answer is None:
                     self.close("call IDs exhausted")
                     return
                 self.mux.sendControl(answer.pack())
                 continue
+            if out is None:
+                continue
             if self.upstreams is None:
                 self.sendToPeer(out)
             else:
                 self.upstreams.sendToServer(out, call)
+        self._watchCalls()
 
     def datagramReceived(self, callTag, seq, ack, payload):
         """A GRE datagram from the mux: rebuild its header with the peer's ID, send it."""
         call = self.book.by_tag(callTag)
-        if call is None:
+        if call is None or self.book.gre_key(call) is None:
             self.greDropped += 1
             self.relay.drops.add(DROP_MUX_GRE_NO_CALL)
             return
@@ -252,6 +288,38 @@ class RelaySession:
                       ids=self.describeCall(call), gin=call.gre_in, gout=call.gre_out,
                       bin=call.bytes_in, bout=call.bytes_out)
 
+    # --- calls whose request is never answered -----------------------------------------
+
+    def _watchCalls(self):
+        """Arm the timer for the oldest unanswered call, if there is one and none is armed."""
+        if self._callTimer is not None or self.closed or self.book is None:
+            return
+        waiting = self.book.unanswered(float("inf"))
+        if waiting:
+            due = waiting[0].started + self.relay.limits.callTimeout - self.relay.clock.seconds()
+            self._callTimer = self.relay.clock.callLater(max(due, 0.0), self._callsTimedOut)
+
+    def _callsTimedOut(self):
+        """Clear every call whose request has waited ``callTimeout`` s; its IDs are freed."""
+        self._callTimer = None
+        if self.closed:
+            return
+        for call in self.book.unanswered(self.relay.clock.seconds() - self.relay.limits.callTimeout
+                                         + 1e-6):
+            toPeer, toMux = answers_for_unanswered(self.book, call)
+            self.relay.refusals.add("call_timeout", f"{self.side.name} {self.peerLabel}: "
+                                    f"{call!r} unanswered for {self.relay.limits.callTimeout:g} s")
+            for message in toPeer:
+                if self.upstreams is None:
+                    self.sendToPeer(message)
+                else:
+                    self.upstreams.sendToServer(message, call)
+            if self.mux is not None:
+                for message in toMux:
+                    self.mux.sendControl(message.pack())
+            self.book.release(call)
+        self._watchCalls()
+
     # --- ending ---------------------------------------------------------------------------
 
     def describeCalls(self):
@@ -279,7 +347,9 @@ class RelaySession:
             return
         self.closed = True
         self.closeReason = reason
-        self.log.info(
+        log = self.log.info if self.opener is None or self.opener.started else \
+            lambda format, **kw: self.relay.peerLog.info("unstarted", format, **kw)
+        log(
             "{side} session closed: peer {peer}, {calls}; control {cin}/{cout} bytes in/out, "
             "GRE {gin}/{gout} packets in/out, {gdrop} dropped{client}; reason: {reason}",
             side=self.side.name, peer=self.peerLabel, calls=self.describeCalls(),
@@ -288,12 +358,20 @@ class RelaySession:
             client=f"; client {self.clientLabel}" if self.clientLabel else "")
         if self.opener is not None:
             self.opener.cancel()
+        if self._callTimer is not None and self._callTimer.active():
+            self._callTimer.cancel()
+        self._callTimer = None
         if self.gap is not None and self.peer is not None:
             self.gap.endInPPTP()   # before the calls' IDs are released
         if self.upstreams is not None:
             self.upstreams.closeAll()
         if self.book is not None:
             self.book.release_all()
+        addresses = self.relay.demux.peerAddresses
+        if self.peerAddress in addresses:
+            addresses[self.peerAddress] -= 1
+            if addresses[self.peerAddress] <= 0:
+                del addresses[self.peerAddress]
         if self._greAddress is not None:
             self.relay.grePort.removeLocalAddress(self._greAddress)
             self._greAddress = None
@@ -350,18 +428,26 @@ class Relay:
     relay each need the other, so the relay is handed the means to open its port.
     """
 
+    log = Logger()
+
     # session attribute -> total reported for ended sessions (status counters never go down)
     TOTALS = {"controlIn": "control_bytes_in", "controlOut": "control_bytes_out",
               "greIn": "gre_packets_in", "greOut": "gre_packets_out",
               "greDropped": "gre_dropped"}
 
-    def __init__(self, side, scopes, openGREPort, drops=None, clock=None):
+    def __init__(self, side, scopes, openGREPort, drops=None, limits=DEFAULT_LIMITS, clock=None):
         if clock is None:
             from twisted.internet import reactor as clock
-        self.clock = clock
         self.side = side
         self.scopes = scopes
+        self.limits = limits
+        self.clock = clock
         self.drops = drops if drops is not None else DropCounter()
+        self.refusals = DropCounter(verb="refused")        # clients and calls turned away
+        self.ignored = DropCounter(verb="ignored")         # control messages not relayed
+        self.peerLog = LimitedLog(self.log)                # lines a peer's input causes
+        self.callTally = collections.Counter()             # calls by holder (address, link)
+        self.quota = CallQuota(self)
         self.demux = GREDemultiplexer(scopes, self.drops)
         self.grePort = openGREPort(self.demux)
         self.sessions = set()
@@ -379,8 +465,8 @@ class Relay:
                 session.shutDown(reason)
         return transports
 
-    def newSession(self, opener=None, clientLabel=""):
-        session = RelaySession(self.side, self, opener, clientLabel)
+    def newSession(self, opener=None, clientLabel="", holder=None):
+        session = RelaySession(self.side, self, opener, clientLabel, holder)
         self.sessions.add(session)
         return session
 
@@ -407,6 +493,9 @@ class Relay:
             "calls": sum(len(s["calls"]) for s in sessions),
             "totals": totals,
             "drops": self.drops.snapshot(),
+            "refusals": self.refusals.snapshot(),
+            "ignored_messages": self.ignored.snapshot(),
+            "limits": self.limits.snapshot(),
             "gre_port": self.grePort.snapshot(),
             "call_ids": self.scopes.snapshot(),
         }

@@ -17,9 +17,12 @@ from routeproxy import pptp
 from routeproxy.callsplit import CallSplitter, UpstreamCounters
 from routeproxy.config import Profile
 from routeproxy.control import PPTPControlProtocol
+from routeproxy.fdbudget import FileBudget
+from routeproxy.limits import DEFAULT as DEFAULT_LIMITS, reconfigureLimits
 from routeproxy.mux.frames import LinkError, Reason
 from routeproxy.mux.session import SessionRefused
 from routeproxy.relay import Relay, RelaySession, Side
+from routeproxy.stats import printable
 from routeproxy.scopes import PerServerScopes
 
 
@@ -46,32 +49,46 @@ class RemoteRouteProxy:
 
     log = Logger()
 
-    def __init__(self, reactor, openGREPort, profiles, source=None, connectTimeout=10):
+    def __init__(self, reactor, openGREPort, profiles, source=None, connectTimeout=10,
+                 limits=DEFAULT_LIMITS, permits=None):
         self.reactor = reactor
         self.profiles = {name: p if isinstance(p, Profile) else Profile(*p)
                          for name, p in dict(profiles).items()}
         self.source = source
         self.connectTimeout = connectTimeout
+        self.limits = limits
+        # LRP name -> the profiles it may use; an LRP not named may use every profile
+        self.permits = {name: frozenset(names) for name, names in (permits or {}).items()}
         self.scopes = PerServerScopes("RRP")
-        self.relay = Relay(RRP, self.scopes, openGREPort)
+        self.relay = Relay(RRP, self.scopes, openGREPort, limits=limits, clock=reactor)
         self.links = set()        # live MuxConnections (MuxServerFactory.connections)
         self.upstreamCounters = UpstreamCounters()
         self.resumeTable = None   # mux.resume.ResumeTable when --resume-grace is on
         self.tls = None           # the listener's tls.ServerTLS (the tap sets it; reload swaps it)
-        self.refusals = collections.Counter()   # sessions refused, by reason
+        self.refusals = self.relay.refusals     # sessions and calls refused, by reason
+        self.linkDrops = {}       # links dropped by reason (MuxServerFactory.linkDrops)
+        self.startups = None      # the listener's StartupGate (pre-TLS connections)
+        self.files = FileBudget()   # the listener pauses while descriptors run low
 
     def sessionRequested(self, mux, profile, clientInfo):
         """A mux OPEN: dial the profile's server; accept once connected, refuse otherwise."""
         lrp = mux.connection.peerLabel
+        clientInfo = printable(clientInfo, 64)
         target = self.profiles.get(profile)
         if target is None:
-            self.refusals["unknown_profile"] += 1
-            self.log.warn("RRP: LRP {lrp} asked for unknown profile {profile!r} (client {client}); "
-                          "refused", lrp=lrp, profile=profile, client=clientInfo)
+            self.refusals.count("unknown_profile")
+            self.relay.peerLog.warn("profile", "RRP: LRP {lrp} asked for unknown profile "
+                                    "{profile!r} (client {client}); refused", lrp=lrp,
+                                    profile=profile, client=clientInfo)
             raise SessionRefused(Reason.UNKNOWN_PROFILE, f"no profile {profile!r}")
+        if not self.permitted(mux.connection.peerName, profile):
+            self.relay.refusals.add("not_permitted", f"LRP {lrp} may not use profile "
+                                    f"{profile!r} (client {clientInfo})")
+            raise SessionRefused(Reason.NOT_PERMITTED, f"profile {profile!r} not permitted")
         host, port = target.host, target.port
         # Counted among the relay's sessions once the server answers.
-        session = RelaySession(RRP, self.relay, clientLabel=f"{clientInfo} via {lrp}")
+        session = RelaySession(RRP, self.relay, clientLabel=f"{clientInfo} via {lrp}",
+                               holder=f"link {lrp}")   # one LRP's share of the ID space
         bind = (self.source, 0) if self.source else None
         endpoint = TCP4ClientEndpoint(self.reactor, host, port, timeout=self.connectTimeout,
                                       bindAddress=bind)
@@ -91,11 +108,12 @@ class RemoteRouteProxy:
             return session
 
         def failed(failure):
-            self.refusals["upstream_unreachable"] += 1
+            self.refusals.count("upstream_unreachable")
             why = failure.getErrorMessage()
-            self.log.warn("RRP: cannot reach server {host}:{port} of profile {profile} for "
-                          "client {client}: {why}; refused", host=host, port=port,
-                          profile=profile, client=session.clientLabel, why=why)
+            self.relay.peerLog.warn("dial", "RRP: cannot reach server {host}:{port} of profile "
+                                    "{profile} for client {client}: {why}; refused", host=host,
+                                    port=port, profile=profile, client=session.clientLabel,
+                                    why=why)
             raise SessionRefused(Reason.UPSTREAM_UNREACHABLE, f"{host}:{port}: {why}")
 
         return d.addCallbacks(connected, failed)
@@ -132,16 +150,28 @@ class RemoteRouteProxy:
                 if names is not None and connection.peerName not in names:
                     connection.goAway(LinkError.NO_ERROR, "LRP name no longer in --lrp-name")
                     changes.append(f"link of LRP {connection.peerLabel} closed (not in --lrp-name)")
+        permits = {name: frozenset(names) for name, names in (new.get("permits") or {}).items()}
+        if permits != self.permits:
+            self.permits = permits
+            changes.append("--permit (new sessions)")
+        changes += reconfigureLimits(self, old, new)
         return changes
+
+    def permitted(self, lrpName, profile):
+        """May the LRP of certificate name *lrpName* use *profile* (``--permit``)?"""
+        allowed = self.permits.get(lrpName)
+        return allowed is None or profile in allowed
 
     def snapshot(self):
         """The RRP as plain data (docs/status.md); links include idle LRPs."""
-        snapshot = dict(self.relay.snapshot(self.links), refusals=dict(self.refusals),
+        snapshot = dict(self.relay.snapshot(self.links),
                         tls_handshake_failures=getattr(self.tls, "handshakeFailures", 0),
                         profiles={name: str(p) for name, p in sorted(self.profiles.items())},
                         calls_per_connection={name: p.callsPerConnection
                                               for name, p in sorted(self.profiles.items())},
-                        upstream_connections=self.upstreamCounters.snapshot())
+                        upstream_connections=self.upstreamCounters.snapshot(),
+                        links_dropped=dict(self.linkDrops), files=self.files.snapshot(),
+                        startups=self.startups.snapshot() if self.startups is not None else None)
         if self.resumeTable is not None:
             snapshot["resume"] = self.resumeTable.snapshot()
         return snapshot

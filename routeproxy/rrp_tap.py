@@ -1,12 +1,35 @@
 """`twistd routeproxy-rrp`: options and the service tree of a Remote Route Proxy."""
-from twisted.application import internet
 from twisted.python import usage
 
-from routeproxy import logs, tls
+from routeproxy import limits, logs, tls
 from routeproxy.config import (
     LINK_SETTINGS, ConfigOptions, Profile, Setting, fileDigest, greMaxSojourn, parseChoice, parseCount,
     parseHostPort, parseIPv4, parseListen, parseProfile, parseStatus, splitProfiles,
 )
+
+
+def parsePermits(entries, profiles):
+    """``NAME=P1,P2`` entries -> {NAME: {P1, P2}}.  An INI value split at its commas comes
+    as ``NAME=P1``, ``P2``: a bare profile belongs to the name before it."""
+    permits, name = {}, None
+    for entry in entries:
+        for part in entry.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if "=" in part:
+                name, _, part = part.partition("=")
+                name = name.strip()
+                permits.setdefault(name, set())
+                part = part.strip()
+                if not part:
+                    continue
+            if name is None or not name:
+                raise usage.UsageError(f"--permit {entry!r}: expected NAME=PROFILE[,PROFILE...]")
+            if part not in profiles:
+                raise usage.UsageError(f"--permit {entry!r}: no profile {part!r}")
+            permits[name].add(part)
+    return permits
 
 
 class Options(ConfigOptions):
@@ -43,9 +66,15 @@ class Options(ConfigOptions):
                 "a unix socket (mode 0600) or loopback recommended [default: off]", parseStatus),
         Setting("log-format", "text", "text or json (one JSON object per line) [default: text]",
                 parseChoice(("text", "json"), "--log-format")),
+        Setting("permit", None, "NAME=PROFILE[,PROFILE...]: the LRP whose certificate carries "
+                "NAME may use only these profiles; repeatable [default: every LRP every profile]",
+                str.strip, repeatable=True),
+        Setting("crl", None, "CRL file (PEM) of the CA: revoked LRP certificates are refused; "
+                "reread on reload [default: none]"),
+        *limits.settings("rrp"),
     ) + LINK_SETTINGS
     restartOnly = ("listen", "source", "gre-interface", "gre-max-sojourn", "status", "max-sessions",
-                   "log-format", "resume-grace", "dead-timeout")
+                   "log-format", "resume-grace", "dead-timeout", "mux-send-buffer", "mux-stall-timeout")
 
     def check(self):
         profiles = dict(self["profile"] or ())
@@ -54,9 +83,11 @@ class Options(ConfigOptions):
         if not profiles:
             raise usage.UsageError("no PPTP server: give --pptp-server or --profile NAME=HOST[:PORT]")
         self["profiles"] = profiles
+        self["permits"] = parsePermits(self["permit"] or (), profiles)
+        self["limits"] = limits.fromOptions(self)
         try:
             self["tls"] = tls.serverCreator(self["cert"], self["key"], self["ca"],
-                                            allowed_names=self["lrp-name"])
+                                            allowed_names=self["lrp-name"], crlPath=self["crl"])
         except tls.TLSConfigError as e:
             raise usage.UsageError(str(e))
         self["tls-files"] = fileDigest(self["cert"], self["key"], self["ca"])
@@ -66,19 +97,26 @@ class Options(ConfigOptions):
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
     from routeproxy.daemon import DaemonService, installExceptHook
+    from routeproxy.fdbudget import PausingTCPServer
     from routeproxy.lrp import muxConfig
     from routeproxy.mux.protocol import MuxServerFactory
     from routeproxy.mux.resume import ResumeTable
     from routeproxy.rrp import RemoteRouteProxy
-    from routeproxy.service import addStatusEndpoint, greOpener, localIPv4Addresses
+    from routeproxy.service import addStatusEndpoint, greOpener, localIPv4Addresses, raiseFileLimit
+    from routeproxy.startups import StartupGate, StartupGateFactory
 
     installExceptHook()
+    raiseFileLimit()
     top = DaemonService("RRP", None, options, reactor, restartOnly=Options.restartOnly)
     local = [options["source"]] if options["source"] else localIPv4Addresses()
+    bounds = options["limits"]
     rrp = RemoteRouteProxy(reactor, greOpener(top, reactor, local, options["gre-interface"],
                                            options["gre-max-sojourn"]),
-                           options["profiles"], source=options["source"])
+                           options["profiles"], source=options["source"], limits=bounds,
+                           permits=options["permits"])
     rrp.tls = options["tls"]
     top.proxy = rrp
     top.reloaders.append(rrp.reconfigure)
@@ -87,10 +125,15 @@ def makeService(options, reactor=None):
     rrp.resumeTable = ResumeTable(reactor, grace) if grace else None
     factory = MuxServerFactory(rrp.sessionRequested, clock=reactor, peerNameOf=tls.peerName,
                                config=muxConfig(grace, options["dead-timeout"],
-                                                maxSessions=options["max-sessions"]),
+                                                maxSessions=options["max-sessions"],
+                                                maxSendBuffer=bounds.muxSendBuffer,
+                                                stallTimeout=bounds.muxStallTimeout),
                                resume=rrp.resumeTable)
-    rrp.links = factory.connections
-    listener = internet.SSLServer(port, factory, options["tls"], interface=host, reactor=reactor)
+    rrp.links, rrp.linkDrops = factory.connections, factory.linkDrops
+    rrp.startups = StartupGate(bounds, reactor, rrp.relay.refusals)
+    # TLS under a gate that bounds connections not through TLS yet (MaxStartups)
+    gated = StartupGateFactory(TLSMemoryBIOFactory(options["tls"], False, factory), rrp.startups)
+    listener = PausingTCPServer(port, gated, interface=host, reactor=reactor, budget=rrp.files)
     listener.optionName = "--listen"
     listener.setServiceParent(top)
     addStatusEndpoint(top, reactor, options["status"], top)

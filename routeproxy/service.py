@@ -5,11 +5,13 @@ would otherwise be written twice: a GRE port that starts and stops with the daem
 host's IPv4 addresses, and the optional status/metrics listener.
 """
 import fcntl
+import resource
 import socket
 import struct
 
 from twisted.application import internet
 from twisted.application.service import Service
+from twisted.logger import Logger
 
 SIOCGIFADDR = 0x8915
 
@@ -69,7 +71,7 @@ def addStatusEndpoint(parent, reactor, address, daemon):
     if address is None:
         return
     import ipaddress
-    from twisted.logger import Logger
+    from routeproxy.fdbudget import FileBudget, PausingTCPServer
     from routeproxy.status import StatusResource, StatusSite
     site = StatusSite(StatusResource(daemon))
     if address[0] == "unix":
@@ -84,6 +86,26 @@ def addStatusEndpoint(parent, reactor, address, daemon):
             Logger().warn("--status {host}:{port} is not loopback: anyone who reaches it reads "
                           "every client's address; prefer 127.0.0.1 or unix:PATH",
                           host=host, port=port)
-        server = internet.TCPServer(port, site, interface=host, reactor=reactor)
+        # its own, smaller reserve: the status still answers while client listeners pause
+        server = PausingTCPServer(port, site, interface=host, reactor=reactor,
+                                  budget=FileBudget(reserve=8))
     server.optionName = "--status"
     server.setServiceParent(parent)
+
+
+def raiseFileLimit(log=None):
+    """Raise the soft RLIMIT_NOFILE to the hard limit (every client costs descriptors).
+
+    Returns (soft, hard) in force afterwards, and logs them once.
+    """
+    log = log or Logger()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as e:
+            log.warn("cannot raise the open-file limit from {soft} to {hard}: {error}",
+                     soft=soft, hard=hard, error=e)
+    log.info("open-file limit: {soft} (hard {hard})", soft=soft, hard=hard)
+    return soft, hard

@@ -14,6 +14,7 @@ from zope.interface import implementer
 from routeproxy import gre
 from routeproxy.capture import DLT_EN10MB, ICapture, IGRESystem, IRawSocket, packedAddress
 from routeproxy.greport import IGREPort, IGREReceiver
+from routeproxy.mux import frames
 from routeproxy.mux.session import ISessionReceiver
 
 
@@ -171,6 +172,9 @@ class RecordingGREReceiver:
         self._clock = clock
         self._waiting = []
 
+    def acceptsFragment(self, src, dst, head):
+        return True
+
     def greReceived(self, src, dst, data):
         if data == self.failOn:
             raise RuntimeError("receiver bug")
@@ -263,3 +267,38 @@ class RecordingProducer:
 
     def stopProducing(self):
         self.calls.append("stop")
+
+
+class RecordingMuxLink:
+    """The link a ``MuxConnection`` writes through (docs/protocol.md section 10), recorded.
+
+    ``buffered`` is the send buffer the connection sees; with ``peerReads`` False every
+    write stays in it, as with a peer that stops reading.
+    """
+
+    def __init__(self, peerReads=True):
+        self.writes = []
+        self.buffered = 0
+        self.peerReads = peerReads
+        self.lost = self.aborted = False
+        self.decoder = frames.FrameDecoder(frames.MAX_MAX_PAYLOAD)
+
+    def writeFrames(self, chunks):
+        self.writes.append(list(chunks))
+        if not self.peerReads:
+            self.buffered += sum(len(c) for c in chunks)
+
+    def sendBufferSize(self):
+        return self.buffered
+
+    def loseConnection(self):
+        self.lost = True
+
+    def abortConnection(self):
+        self.aborted = True
+
+    def frames(self):
+        """Every frame written since the last call, decoded."""
+        data = b"".join(b"".join(w) for w in self.writes)
+        self.writes = []
+        return self.decoder.frames(data)

@@ -25,6 +25,8 @@ Give a mux protocol ``IHandshakeListener`` to learn when to call ``peerName``.
 """
 import datetime
 import ipaddress
+import os
+import stat
 import weakref
 
 from cryptography import x509
@@ -41,6 +43,9 @@ from twisted.internet.interfaces import (
 )
 from twisted.logger import Logger
 from zope.interface import implementer
+
+from routeproxy.crl import CRLError, is_revoked, load_revoked
+from routeproxy.stats import printable
 
 log = Logger(namespace="routeproxy.tls")
 
@@ -79,12 +84,24 @@ def loadCertificates(path, what="certificate file"):
 
 def loadPrivateKey(path):
     data = _read(path, "private key")
+    _warnKeyMode(path)
     try:
         return serialization.load_pem_private_key(data, password=None)
     except TypeError:
         raise TLSConfigError(f"private key {path}: encrypted with a passphrase; use an unencrypted key") from None
     except Exception as e:  # ValueError, or UnsupportedAlgorithm for odd key types
         raise TLSConfigError(f"private key {path}: not a PEM private key ({e})") from None
+
+
+def _warnKeyMode(path):
+    """A private key others on the host can read is as good as published: say so."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if mode & 0o077:
+        log.warn("TLS: private key {path} is readable by group or others (mode {mode:o}); "
+                 "chmod 600 it", path=path, mode=stat.S_IMODE(mode))
 
 
 def _publicDER(key):
@@ -238,8 +255,10 @@ class _Handshake:
     refusal, ours or the peer's, for the reconnection backoff.
     """
 
-    def __init__(self, tlsProtocol, role, expectedName=None, allowedNames=None, onRefusal=None):
+    def __init__(self, tlsProtocol, role, expectedName=None, allowedNames=None, onRefusal=None,
+                 revoked=frozenset()):
         self.tlsProtocol = weakref.ref(tlsProtocol)
+        self.revoked = revoked    # (issuer, serial) pairs of the --crl file
         self.role = role
         self.expectedName = expectedName
         self.allowedNames = allowedNames
@@ -256,7 +275,7 @@ class _Handshake:
             self.onRefusal(text)
 
     def refuse(self, reason, cert):
-        subject = _printable(cert.to_cryptography().subject.rfc4514_string()) if cert is not None else "-"
+        subject = printable(cert.to_cryptography().subject.rfc4514_string()) if cert is not None else "-"
         line = f"refused {self.role} at {self.address()}: {reason} [{subject}]"
         self.recordRefusal(line)
         log.warn("TLS: {line}", line=line)
@@ -272,15 +291,17 @@ class _Handshake:
                 return True
             leaf = cert.to_cryptography()
             name = certName(leaf)
+            if is_revoked(leaf, self.revoked):
+                return self.refuse(f"certificate of '{printable(name)}' is revoked (--crl)", cert)
             if self.allowedNames is not None and name not in self.allowedNames:
                 allowed = ", ".join(sorted(self.allowedNames)) or "none"
-                return self.refuse(f"name '{_printable(name)}' is not in allowed_names ({allowed})", cert)
+                return self.refuse(f"name '{printable(name)}' is not in allowed_names ({allowed})", cert)
             if self.expectedName is not None:
                 try:
                     _verifyName(leaf, self.expectedName)
                 except VerificationError:
                     return self.refuse(
-                        f"peer name mismatch: expected {self.expectedName} got {_printable(name)}", cert)
+                        f"peer name mismatch: expected {self.expectedName} got {printable(name)}", cert)
             return True
         except Exception:
             log.failure("TLS: while verifying a certificate")
@@ -319,12 +340,6 @@ class _Handshake:
                      role=role, address=address, alert=alert)
 
 
-def _printable(text, limit=200):
-    """A name from an unverified certificate, safe to put in a log line."""
-    text = text.encode("unicode_escape").decode("ascii")
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 def _verifyName(cert, name):
     try:
         ipaddress.ip_address(name)
@@ -346,6 +361,9 @@ class _Creator:
 
     role = None
     notAfter = None          # our certificate's expiry (a UTC datetime), for the metrics
+    revoked = frozenset()     # what the --crl file revokes (crl.load_revoked)
+    crlPath = None
+    caCerts = ()
 
     def __init__(self, options):
         self.options = options
@@ -366,6 +384,37 @@ class _Creator:
         for name in ("allowedNames", "rrpName", "_sni"):
             if hasattr(other, name):
                 setattr(self, name, getattr(other, name))
+        self.useCRLOf(other)
+
+    def useCRLOf(self, other):
+        """Take *other*'s CA and revocation list (a reload read the --crl file again)."""
+        self.crlPath, self.caCerts, self.revoked = other.crlPath, other.caCerts, other.revoked
+
+    def loadCRL(self, path, caCerts=None):
+        """Use the CRL file *path* for new connections; TLSConfigError if it cannot be used.
+
+        Call it again (``reloadCRL``) when the file changes, e.g. on SIGHUP.
+        """
+        caCerts = self.caCerts if caCerts is None else caCerts
+        try:
+            revoked = load_revoked(path, caCerts)
+        except CRLError as e:
+            raise TLSConfigError(str(e)) from None
+        self.crlPath, self.caCerts, self.revoked = path, caCerts, revoked
+        return len(revoked)
+
+    def reloadCRL(self):
+        """Read the CRL file again (a no-op without --crl); keeps the old set if it fails."""
+        if self.crlPath is None:
+            return None
+        try:
+            count = self.loadCRL(self.crlPath)
+        except TLSConfigError as e:
+            log.error("TLS: {error}; still using the previous CRL", error=str(e))
+            return None
+        log.info("TLS: CRL {path} reloaded: {count} revoked certificates",
+                 path=self.crlPath, count=count)
+        return count
 
     def _check(self, conn, handshake, mode):
         self._handshakes[conn] = handshake
@@ -398,7 +447,7 @@ class ServerTLS(_Creator):
     def serverConnectionForTLS(self, tlsProtocol):
         conn = self.options.serverConnectionForTLS(tlsProtocol)
         return self._check(conn, _Handshake(tlsProtocol, self.role, allowedNames=self.allowedNames,
-                                            onRefusal=self.refused),
+                                            onRefusal=self.refused, revoked=self.revoked),
                            _VERIFY_MODE | SSL.VERIFY_CLIENT_ONCE)
 
 
@@ -432,7 +481,8 @@ class ClientTLS(_Creator):
         if self._sni:
             conn.set_tlsext_host_name(self._sni)
         return self._check(conn, _Handshake(tlsProtocol, self.role, expectedName=self.rrpName,
-                                            onRefusal=self.refused), _VERIFY_MODE)
+                                            onRefusal=self.refused, revoked=self.revoked),
+                           _VERIFY_MODE)
 
 
 def _names(allowedNames):
@@ -446,7 +496,7 @@ def _names(allowedNames):
     return names or None
 
 
-def serverCreator(certPath, keyPath, caPath, allowed_names=None):  # rrp_tap passes allowed_names=
+def serverCreator(certPath, keyPath, caPath, allowed_names=None, crlPath=None):  # rrp_tap passes allowed_names=
     """TLS settings for the RRP: our certificate, TLS >= 1.2, and a client
     certificate signed by *caPath* required (with a name in *allowed_names*,
     if given: a list, or a string of names separated by spaces or commas).
@@ -464,10 +514,10 @@ def serverCreator(certPath, keyPath, caPath, allowed_names=None):  # rrp_tap pas
         raise TLSConfigError(f"cannot use {certPath} / {keyPath} / {caPath}: {e}") from None
     creator = ServerTLS(options, _names(allowed_names))
     creator.notAfter = leaf.not_valid_after_utc
-    return creator
+    return _withCRL(creator, cas, crlPath)
 
 
-def clientCreator(rrpName, certPath, keyPath, caPath):
+def clientCreator(rrpName, certPath, keyPath, caPath, crlPath=None):
     """TLS settings for the LRP: our certificate, TLS >= 1.2, and the RRP's
     certificate must chain to *caPath* and carry *rrpName*.  Raises
     ``TLSConfigError``."""
@@ -494,6 +544,15 @@ def clientCreator(rrpName, certPath, keyPath, caPath):
         raise TLSConfigError(f"cannot use {certPath} / {keyPath} / {caPath} for {rrpName!r}: {e}") from None
     creator = ClientTLS(rrpName, options)
     creator.notAfter = leaf.not_valid_after_utc
+    return _withCRL(creator, cas, crlPath)
+
+
+def _withCRL(creator, cas, crlPath):
+    """*creator* knowing its CA (for CRL signatures) and, with *crlPath*, what it revokes."""
+    creator.caCerts = [c.to_cryptography() for c in cas]
+    if crlPath is not None:
+        count = creator.loadCRL(crlPath)
+        log.info("TLS: CRL {path}: {count} revoked certificates", path=crlPath, count=count)
     return creator
 
 

@@ -2,10 +2,12 @@
 
 A client connects before anything exists behind the LRP.  :class:`UpstreamOpener` stands in
 for the mux session of one :class:`~routeproxy.relay.RelaySession` until the RRP has dialled
-pptpd: it waits for the link, opens the mux session, holds the client's first messages
-(a real client sends one Start-Control-Connection-Request and waits), and hands the open
-mux session to the relay session.  If the upstream cannot be had, the client is told in
-PPTP (Start-Control-Connection-Reply, general error), not by a bare close.
+pptpd.  Nothing is opened upstream until the client has sent a valid
+Start-Control-Connection-Request (within ``limits.startTimeout`` seconds, else it is closed),
+so a connection that sends nothing costs one socket here and nothing at the RRP or pptpd.
+Then it waits for the link, opens the mux session, holds the client's first messages, and
+hands the open mux session to the relay session.  If the upstream cannot be had, the client
+is told in PPTP (Start-Control-Connection-Reply, general error), not by a bare close.
 """
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -21,7 +23,6 @@ class UpstreamOpener:
     """Opens one client's mux session through *lrp*'s link to the RRP (see the module)."""
 
     log = Logger()
-    startWait = 10.0   # seconds a refused client gets to send its Start-Control-Connection-Request
 
     def __init__(self, lrp, profile):
         self.lrp = lrp
@@ -30,16 +31,37 @@ class UpstreamOpener:
         self.muxSession = None    # the mux session while it is OPENING
         self.early = []           # messages from the client before the session opens
         self.refusal = None       # why the mux session could not open
-        self.startPending = False
+        self.started = False      # the client's Start-Control-Connection-Request came
         self._startTimer = None
+        self._admitted = None     # the address counted in lrp.admission
 
     def start(self, session):
-        """The client is connected: find the link."""
+        """The client is connected: give it ``startTimeout`` s to send its Start request."""
         self.session = session
+        self._admitted = session.peerAddress
+        self.lrp.admission.connected(self._admitted)
+        self._startTimer = self.lrp.reactor.callLater(
+            self.lrp.limits.startTimeout, self._startTimedOut)
+
+    def _startTimedOut(self):
+        self._startTimer = None
+        self.lrp.admission.refusals.add(
+            "start_timeout", f"{self.session.peerLabel}: no Start-Control-Connection-Request "
+            f"within {self.lrp.limits.startTimeout:g} s")
+        self.session.close(f"no Start-Control-Connection-Request within "
+                           f"{self.lrp.limits.startTimeout:g} s")
+
+    def _begin(self):
+        """The client sent its Start request: now the link, the mux session and pptpd."""
+        self.started = True
+        self._stopTimer()
+        self.lrp.admission.started(self._admitted)
         self.lrp.whenLinkReady().addCallbacks(self._linkReady, self._failed)
 
     def state(self):
-        return "refused" if self.refusal is not None else "opening"
+        if self.refusal is not None:
+            return "refused"
+        return "opening" if self.started else "unstarted"
 
     def _linkReady(self, link):
         if self.session.closed:
@@ -68,11 +90,14 @@ class UpstreamOpener:
 
     def hold(self, message):
         """A client message (IDs already translated) before the mux session is open."""
-        if isinstance(message, pptp.StartControlConnectionRequest):
-            self.startPending = True
-            if self.refusal is not None:
-                self._answerStart()
+        if not self.started:
+            if not isinstance(message, pptp.StartControlConnectionRequest):
+                self.lrp.admission.refusals.add(
+                    "not_started", f"{self.session.peerLabel}: {message.NAME} before "
+                    "Start-Control-Connection-Request")
+                self.session.close(f"{message.NAME} before Start-Control-Connection-Request")
                 return
+            self._begin()
         if self.refusal is not None:
             self.session.close(f"upstream not available: {self.refusal}")
             return
@@ -82,32 +107,37 @@ class UpstreamOpener:
                                "answered")
 
     def refused(self, why):
-        """The upstream cannot be had: answer the client's Start request, now or when it comes."""
+        """The upstream cannot be had (only asked once the Start request came): answer it."""
         self.muxSession = None
         if self.session.closed or self.refusal is not None:
             return
         self.refusal = why
-        if self.startPending:
-            self._answerStart()
-        else:
-            # Answer the client's Start-Control-Connection-Request when it comes, but do not
-            # hold the connection for ever.
-            self._startTimer = self.lrp.reactor.callLater(
-                self.startWait, self.session.close, f"upstream not available ({why}); the "
-                "client sent no Start-Control-Connection-Request")
+        self._answerStart()
 
-    def cancel(self):
-        """The session is closing: no timer may outlive it."""
+    def _stopTimer(self):
         if self._startTimer is not None and self._startTimer.active():
             self._startTimer.cancel()
         self._startTimer = None
 
+    def cancel(self):
+        """The session is closing: no timer may outlive it, its admission is given back."""
+        self._stopTimer()
+        if self._admitted is not None:
+            self.lrp.admission.ended(self._admitted, self.started)
+            self._admitted = None
+
     def _answerStart(self):
         """Tell the client, in PPTP, that there is no server behind us; then hang up."""
-        self.log.warn("LRP client {peer}: upstream not available ({why}); answering "
-                      "Start-Control-Connection-Reply with a general error",
-                      peer=self.session.peerLabel, why=self.refusal)
-        self.session.sendToPeer(pptp.StartControlConnectionReply(
-            result_code=pptp.StartResult.GENERAL_ERROR, error_code=pptp.ErrorCode.PAC_ERROR,
-            host_name=b"routeproxy", vendor_string=b"routeproxy"))
+        self.lrp.relay.peerLog.warn(
+            "upstream", "LRP client {peer}: upstream not available ({why}); answering "
+            "Start-Control-Connection-Reply with a general error",
+            peer=self.session.peerLabel, why=self.refusal)
+        self.session.sendToPeer(startRefusal(pptp.ErrorCode.PAC_ERROR))
         self.session.close(f"upstream not available: {self.refusal}")
+
+
+def startRefusal(errorCode):
+    """The Start-Control-Connection-Reply that tells a client there is no room or no server."""
+    return pptp.StartControlConnectionReply(
+        result_code=pptp.StartResult.GENERAL_ERROR, error_code=errorCode,
+        host_name=b"routeproxy", vendor_string=b"routeproxy")

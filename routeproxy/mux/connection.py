@@ -44,6 +44,7 @@ from twisted.logger import Logger
 from routeproxy.mux import frames as F
 from routeproxy.mux.frames import Datagram, LinkError, Reason, linkErrorName
 from routeproxy.mux.session import OPEN, OPENING, PENDING, LinkDown, Session
+from routeproxy.stats import LimitedLog, printable
 
 
 @dataclasses.dataclass
@@ -59,6 +60,8 @@ class MuxConfig:
     unsentLimit: int = 131072             # TCP_NOTSENT_LOWAT on the link: the kernel holds at most this
                                           # much unsent, the rest waits where greWatermark counts it
     maxSessions: int = 4096               # acceptor: concurrent sessions
+    maxSendBuffer: int = 64 * 1024 * 1024  # unsent bytes before a peer that does not read is dropped
+    stallTimeout: float = 60.0            # s the unsent bytes may stay above greWatermark, not shrinking
     versions: tuple = F.PROTOCOL_VERSIONS
     capabilities: tuple = ()
 
@@ -81,6 +84,7 @@ class MuxStats:
         self.greDropped = collections.Counter()   # outgoing, by reason
         self.greIgnored = collections.Counter()   # incoming, by reason
         self.unknownFrames = 0
+        self.pongsSkipped = 0   # PINGs not answered while the send buffer was full
         self.sessionsOpened = self.sessionsRefused = 0
         self.rttLast = None
         self.rttSmoothed = None
@@ -147,6 +151,10 @@ class MuxConnection:
         self._logged = set()
         self._lostWaiters = []
         self.linkGone = False
+        self._stalledSince = None
+        self._lastUnsent = 0
+        self.linkDrops = collections.Counter()   # links dropped by reason (the factory's, shared)
+        self.peerLog = LimitedLog(self.log, clock.seconds)   # lines the peer's frames cause
 
     @property
     def resumable(self):
@@ -169,6 +177,7 @@ class MuxConnection:
             "sessions": len(self.sessions),
             "gre_dropped": dict(sorted(stats.greDropped.items())),
             "gre_ignored": dict(sorted(stats.greIgnored.items())),
+            "pongs_skipped": stats.pongsSkipped,
         }
 
     @property
@@ -310,6 +319,18 @@ class MuxConnection:
         self.stats.bytesOut += self._pendingBytes
         self._control, self._gre, self._pendingBytes, self._greFrames = [], [], 0, 0
         self._link.writeFrames(chunks)
+        unsent = self._link.sendBufferSize()
+        if unsent > self.config.maxSendBuffer:
+            self._dropSlowPeer(f"{unsent} bytes unsent (limit {self.config.maxSendBuffer})")
+
+    def _dropSlowPeer(self, why):
+        """The peer does not read what we send: its buffer would grow without bound."""
+        self.linkDrops["not_reading"] += 1
+        self.log.warn("mux {peer}: the peer is not reading ({why}); dropping the link",
+                      peer=self.peerLabel, why=why)
+        self._shutdown(f"peer not reading: {why}")
+        if self._link is not None:
+            self._link.abortConnection()
 
     # --- output scheduling (used by Session) ---------------------------------
 
@@ -404,12 +425,18 @@ class MuxConnection:
 
     def _onGoAway(self, frame):
         self.log.info("mux {peer}: peer sent GOAWAY {code}: {text}", peer=self.peerLabel,
-                      code=linkErrorName(frame.code), text=frame.text)
+                      code=linkErrorName(frame.code), text=printable(frame.text))
         self._shutdown(f"peer sent GOAWAY {linkErrorName(frame.code)}: {frame.text}")
         if self._link is not None:
             self._link.loseConnection()
 
     def _onPing(self, frame):
+        # A peer that pings and does not read would fill our send buffer with PONGs: while
+        # the buffer is over the GRE watermark, PINGs go unanswered (counted).  Any frame
+        # proves us alive to the peer, so a busy link loses nothing by it.
+        if self._pendingBytes + self._link.sendBufferSize() >= self.config.greWatermark:
+            self.stats.pongsSkipped += 1
+            return
         self._queue(F.Pong(frame.data).encode(), control=True)
 
     def _onPong(self, frame):
@@ -446,15 +473,15 @@ class MuxConnection:
 
     def _refuse(self, sid, reason, text):
         self.stats.sessionsRefused += 1
-        self.log.warn("mux {peer}: session {sid} refused: {reason} ({text})",
-                      peer=self.peerLabel, sid=sid, reason=F.reasonName(reason), text=text)
+        self.peerLog.warn("refused", "mux {peer}: session {sid} refused: {reason} ({text})",
+                          peer=self.peerLabel, sid=sid, reason=F.reasonName(reason), text=text)
         self._queue(F.OpenRefused(sid, reason, text).encode(), control=True)
 
     def _onOpenOk(self, frame):
         session = self.sessions.get(frame.session)
         if session is None or session.state != OPENING:
-            self.log.info("mux {peer}: ignoring OPEN_OK for session {sid}, which is not"
-                          " opening", peer=self.peerLabel, sid=frame.session)
+            self.peerLog.info("open_ok", "mux {peer}: ignoring OPEN_OK for session {sid}, which"
+                              " is not opening", peer=self.peerLabel, sid=frame.session)
             return
         self.stats.sessionsOpened += 1
         session._opened(self.peerInitialWindow)
@@ -462,8 +489,9 @@ class MuxConnection:
     def _onOpenRefused(self, frame):
         session = self.sessions.get(frame.session)
         if session is None or session.state != OPENING:
-            self.log.info("mux {peer}: ignoring OPEN_REFUSED for session {sid}, which is"
-                          " not opening", peer=self.peerLabel, sid=frame.session)
+            self.peerLog.info("open_refused", "mux {peer}: ignoring OPEN_REFUSED for session"
+                              " {sid}, which is not opening", peer=self.peerLabel,
+                              sid=frame.session)
             return
         self.stats.sessionsRefused += 1
         session._terminate(frame.code, frame.text, byPeer=True)
@@ -476,8 +504,8 @@ class MuxConnection:
     def _onControl(self, frame):
         session = self.sessions.get(frame.session)
         if session is None or session.state != OPEN:
-            self.log.warn("mux {peer}: CONTROL for session {sid}, which is not open;"
-                          " closing it", peer=self.peerLabel, sid=frame.session)
+            self.peerLog.warn("control_not_open", "mux {peer}: CONTROL for session {sid}, which"
+                              " is not open; closing it", peer=self.peerLabel, sid=frame.session)
             if session is not None:
                 session.close(Reason.NOT_OPEN, "CONTROL before the session was open")
             else:
@@ -554,8 +582,8 @@ class MuxConnection:
             self._refuse(e.session, Reason.MALFORMED_OPEN, e.reason)
         else:
             session = self.sessions.get(e.session)
-            self.log.warn("mux {peer}: {reason}; closing the session", peer=self.peerLabel,
-                          reason=e.reason)
+            self.peerLog.warn("malformed", "mux {peer}: {reason}; closing the session",
+                              peer=self.peerLabel, reason=e.reason)
             if session is not None:
                 if e.frameType in (F.CLOSE, F.OPEN_REFUSED):
                     session._terminate(Reason.PROTOCOL_ERROR, e.reason, byPeer=True)
@@ -581,6 +609,17 @@ class MuxConnection:
             if self._link is not None:
                 self._link.abortConnection()
             return
+        unsent = self._link.sendBufferSize() if self._link is not None else 0
+        if unsent > self.config.greWatermark and unsent >= self._lastUnsent:
+            if self._stalledSince is None:
+                self._stalledSince = now
+            elif now - self._stalledSince >= self.config.stallTimeout:
+                self._dropSlowPeer(f"over {self.config.greWatermark} bytes unsent and not "
+                                   f"shrinking for {now - self._stalledSince:.0f} s")
+                return
+        else:
+            self._stalledSince = None
+        self._lastUnsent = unsent
         if self.ready:
             self._sendPing()
         self._schedule(min(self.config.pingInterval,

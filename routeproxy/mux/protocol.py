@@ -21,6 +21,7 @@ Factories:
 once the TLS handshake completes and names the peer in logs and in
 ``connection.peerName``.  ``factory.connections`` holds the live connections.
 """
+import collections
 import inspect
 import socket
 
@@ -220,10 +221,12 @@ class MuxFactory(Factory):
         self.sessionRequested = sessionRequested
         self.peerNameOf = peerNameOf
         self.connections = set()
+        self.linkDrops = collections.Counter()   # links dropped by reason, all connections
 
     def buildProtocol(self, addr):
         connection = MuxConnection(self.isOpener, self.clock, self.config,
                                    self.sessionRequested, resume=self.resume)
+        connection.linkDrops = self.linkDrops
         protocol = self.protocol(connection, self.peerNameOf)
         protocol.factory = self
         return protocol

@@ -251,10 +251,10 @@ class Session:
 
     def _controlReceived(self, data):
         if len(data) > self.recvWindow:
-            self.log.warn("mux {peer}: session {sid}: CONTROL of {n} bytes exceeds"
-                          " the window of {w}; closing the session",
-                          peer=self.connection.peerLabel, sid=self.id, n=len(data),
-                          w=self.recvWindow)
+            self.connection.peerLog.warn(
+                "window", "mux {peer}: session {sid}: CONTROL of {n} bytes exceeds the window of"
+                " {w}; closing the session", peer=self.connection.peerLabel, sid=self.id,
+                n=len(data), w=self.recvWindow)
             self.close(Reason.FLOW_CONTROL_ERROR, "window exceeded")
             return
         self.recvWindow -= len(data)
@@ -279,9 +279,9 @@ class Session:
             self.close(Reason.PROTOCOL_ERROR, "acknowledgment out of range")
             return
         if self.sendWindow + increment > F.MAX_WINDOW:
-            self.log.warn("mux {peer}: session {sid}: WINDOW_UPDATE overflows the"
-                          " window; closing the session",
-                          peer=self.connection.peerLabel, sid=self.id)
+            self.connection.peerLog.warn(
+                "window", "mux {peer}: session {sid}: WINDOW_UPDATE overflows the window; closing"
+                " the session", peer=self.connection.peerLabel, sid=self.id)
             self.close(Reason.FLOW_CONTROL_ERROR, "window overflow")
             return
         self.sendWindow += increment

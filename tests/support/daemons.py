@@ -27,10 +27,15 @@ PR_SET_PDEATHSIG = 1
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
+# Another checkout whose daemons to run (a baseline: the same tests against older code).
+DAEMON_REPO = os.environ.get("ROUTEPROXY_DAEMON_REPO") or REPO
+
+
 def child_env(**more):
     """The environment for a child Python (a daemon, a peer, a load generator): this
-    checkout and this interpreter's path first, output unbuffered so logs are current."""
-    path = [REPO] + [p for p in sys.path if p]
+    checkout (or ``ROUTEPROXY_DAEMON_REPO``) and this interpreter's path first, output
+    unbuffered so logs are current."""
+    path = [DAEMON_REPO] + [p for p in sys.path if p]
     return dict(os.environ, PYTHONPATH=os.pathsep.join(path), PYTHONUNBUFFERED="1", **more)
 
 

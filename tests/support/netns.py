@@ -359,3 +359,24 @@ def stop_process(proc, grace=3.0, sig=signal.SIGTERM):
                 return []
             time.sleep(0.02)
     return [f"process {proc.pid} ({proc.args!r}) did not die"]
+
+
+def shared(build):
+    """A function that returns one object *build()* makes on first use, for every test of a
+    module (trial has no setUpClass); a failure to build is remembered and raised again.
+    Skips without namespaces."""
+    state = {}
+
+    def get():
+        skip_unless_available()
+        if "error" in state:
+            raise state["error"]
+        if "value" not in state:
+            try:
+                state["value"] = build()
+            except Exception as e:
+                state["error"] = e
+                raise
+        return state["value"]
+
+    return get

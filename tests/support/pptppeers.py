@@ -1035,13 +1035,16 @@ class MuxPeer:
     (raising ssl.SSLError or OSError if the RRP refuses us); ``hello()`` swaps HELLOs.
     """
 
-    def __init__(self, opener, address, ca, server_name, cert=None, key=None, timeout=5.0):
+    def __init__(self, opener, address, ca, server_name, cert=None, key=None, timeout=5.0,
+                 receive_buffer=None):
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.load_verify_locations(ca)
         if cert:
             context.load_cert_chain(cert, key)
         raw = tcp_socket(opener)
+        if receive_buffer:   # a small window: a peer that does not read fills the RRP's buffers
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
         raw.settimeout(timeout)
         raw.connect(address)
         self.sock = context.wrap_socket(raw, server_hostname=server_name, do_handshake_on_connect=False)

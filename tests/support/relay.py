@@ -74,14 +74,17 @@ class RelayHarness:
             self.reactor.advance(0)
             self.pump.flush()
 
-    def connect_client(self, ip):
-        """A client connects to the LRP; the RRP dials pptpd; returns (client, server)."""
+    def connect_client(self, ip, start=True):
+        """A client connects to the LRP and sends *start* (a Start-Control-Connection-Request,
+        by default an empty one); the RRP dials pptpd; returns (client, server)."""
         self.client_port += 1
         addr = IPv4Address("TCP", ip, self.client_port)
         protocol = PPTPServerFactory(self.lrp).buildProtocol(addr)
         transport = StringTransport(hostAddress=IPv4Address("TCP", LRP_IP, 1723), peerAddress=addr)
         protocol.makeConnection(transport)
         client = Peer(protocol, transport)
+        if start:   # nothing is dialled before the client's Start-Control-Connection-Request
+            client.send(pptp.StartControlConnectionRequest() if start is True else start)
         self.flush()
         host, port, factory = self.reactor.tcpClients[-1][:3]
         self.assertEqual((host, port), (SERVER_IP, 1723))
@@ -93,9 +96,8 @@ class RelayHarness:
         return client, Peer(sp, st)
 
     def dial(self, client, server, call_id, server_call_id):
-        """Control set-up of one call; returns (ID pptpd saw for the client, ID the client saw)."""
-        client.send(pptp.StartControlConnectionRequest())
-        self.flush()
+        """Control set-up of one call (connect_client sent the Start request); returns (ID
+        pptpd saw for the client, ID the client saw)."""
         [sccrq] = server.received()
         self.assertIsInstance(sccrq, pptp.StartControlConnectionRequest)
         server.send(pptp.StartControlConnectionReply(result_code=1))

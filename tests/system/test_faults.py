@@ -153,23 +153,7 @@ class FaultLab:
         self.lab.cleanup()
 
 
-_lab = None
-_lab_error = None
-
-
-def fault_lab():
-    """The shared FaultLab, built on first use (and its failure remembered for later tests)."""
-    global _lab, _lab_error
-    netns.skip_unless_available()
-    if _lab_error is not None:
-        raise _lab_error
-    if _lab is None:
-        try:
-            _lab = FaultLab()
-        except Exception as e:
-            _lab_error = e
-            raise
-    return _lab
+fault_lab = netns.shared(FaultLab)   # one FaultLab for every test of the module
 
 
 def bad_header(length=None, magic=None, control_type=None):

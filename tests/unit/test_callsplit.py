@@ -58,9 +58,8 @@ class CallSplitTests(RelayHarness, unittest.TestCase):
         return server, ocrq.call_id, ocrp.call_id
 
     def three_calls(self):
-        client, first = self.connect_client(CLIENT)
-        client.send(pptp.StartControlConnectionRequest(host_name=b"pns"))
-        self.flush()
+        client, first = self.connect_client(
+            CLIENT, start=pptp.StartControlConnectionRequest(host_name=b"pns"))
         [sccrq] = first.received()
         first.send(pptp.StartControlConnectionReply(result_code=1))
         self.flush()

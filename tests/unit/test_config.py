@@ -184,8 +184,9 @@ class MakeServiceTests(unittest.SynchronousTestCase):
         top = rrp_tap.makeService(options, reactor=MemoryReactorClock())
         self.assertEqual(len(list(top)), 2)   # GRE port, TLS listener (the top stops the links)
         self.assertEqual(top.rrp.profiles, {"default": Profile("10.0.0.1", 1723)})
-        tls_server = [s for s in top if s.__class__.__name__ == "SSLServer"][0]
-        self.assertEqual(tls_server.args[1].config.maxSessions, 20000)
+        tls_server = [s for s in top if s.__class__.__name__ == "PausingTCPServer"][0]
+        # the mux factory, under TLS, under the gate for connections not through TLS yet
+        self.assertEqual(tls_server.args[1].wrappedFactory.wrappedFactory.config.maxSessions, 20000)
         self.assertEqual(top.rrp.relay.grePort.localAddresses, ["127.0.0.2"])
 
 

@@ -12,35 +12,11 @@ from routeproxy.mux import frames as F
 from routeproxy.mux.connection import MuxConfig, MuxConnection
 from routeproxy.mux.frames import LinkError, Reason
 from routeproxy.mux.session import CLOSED, OPEN, PENDING, LinkDown, SessionRefused
+from routeproxy.testing import RecordingMuxLink
 from routeproxy.testing import RecordingProducer as Producer, RecordingSessionReceiver as Receiver
 
 
-class FakeLink:
-    """Records what the connection writes; send buffer size is settable."""
-
-    def __init__(self):
-        self.writes = []
-        self.buffered = 0
-        self.lost = self.aborted = False
-        self.decoder = F.FrameDecoder(F.MAX_MAX_PAYLOAD)
-
-    def writeFrames(self, chunks):
-        self.writes.append(list(chunks))
-
-    def sendBufferSize(self):
-        return self.buffered
-
-    def loseConnection(self):
-        self.lost = True
-
-    def abortConnection(self):
-        self.aborted = True
-
-    def frames(self):
-        """Every frame written since the last call, decoded."""
-        data = b"".join(b"".join(w) for w in self.writes)
-        self.writes = []
-        return self.decoder.frames(data)
+FakeLink = RecordingMuxLink
 
 
 PEER_HELLO = F.Hello(initialWindow=1000)

@@ -136,24 +136,29 @@ class RefusalTests(RelayHarness, unittest.TestCase):
         protocol.makeConnection(transport)
         return Peer(protocol, transport)
 
-    def test_unknown_profile_before_the_request(self):
+    def test_unknown_profile(self):
         self.lrp.profile = "nosuch"
         client = self.connect_only()
-        self.flush()                                    # the refusal arrives first
-        self.assertFalse(client.transport.disconnecting)
         client.send(pptp.StartControlConnectionRequest())
+        self.flush()                                    # the RRP refuses the mux session
         [reply] = client.received()
         self.assertEqual(reply.result_code, pptp.StartResult.GENERAL_ERROR)
         self.assertTrue(client.transport.disconnecting)
         self.assertEqual(self.reactor.tcpClients, [])   # nothing was dialled
 
-    def test_refused_client_that_never_asks_is_closed(self):
-        self.lrp.profile = "nosuch"
+    def test_nothing_upstream_before_the_start_request(self):
+        """A client that sends nothing opens no mux session, and is closed after startTimeout."""
         client = self.connect_only()
         self.flush()
-        self.reactor.advance(client.protocol.session.opener.startWait + 1)
+        self.assertEqual(len(self.lrp.link.sessions), 0)
+        self.reactor.advance(self.lrp.limits.startTimeout - 0.5)
+        self.assertFalse(client.transport.disconnecting)
+        self.reactor.advance(1)
         self.assertTrue(client.transport.disconnecting)
         self.assertEqual(client.received(), [])
+        self.assertEqual(self.lrp.relay.refusals["start_timeout"], 1)
+        self.assertEqual(self.lrp.admission.snapshot()["pending"], 0)
+        self.assertEqual(self.reactor.tcpClients, [])
 
     def test_cut_off_message_is_named(self):
         client, _ = self.connect_client("10.0.0.5")

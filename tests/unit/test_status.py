@@ -138,7 +138,7 @@ class SnapshotTests(unittest.TestCase):
         refused.opener.refusal = "session refused (LINK_LOST)"
         snap = status.snapshot(self.lab.lrp)
         states = sorted(s["state"] for s in snap["sessions"])
-        self.assertEqual(states, ["open", "open", "opening", "refused"])
+        self.assertEqual(states, ["open", "open", "refused", "unstarted"])
         odd = [s for s in snap["sessions"] if s["mux_session"] is None]
         self.assertEqual([s["calls"] for s in odd], [[], []])
         self.assertIn("-", statuscli.format_table(snap))
@@ -397,8 +397,9 @@ class TapTests(unittest.SynchronousTestCase):
         self.assertEqual(web.args[0], 9724)
         self.assertIs(web.args[1].resource.daemon, top)
         self.assertIs(top.proxy, top.rrp)
-        tlsServer = [s for s in top if s.__class__.__name__ == "SSLServer"][0]
-        self.assertIs(top.rrp.links, tlsServer.args[1].connections)   # idle LRPs show too
+        tlsServer = [s for s in top if s.__class__.__name__ == "PausingTCPServer"][0]
+        # the mux factory, under TLS, under the gate for connections not through TLS yet
+        self.assertIs(top.rrp.links, tlsServer.args[1].wrappedFactory.wrappedFactory.connections)
 
         options = parse(rrp_tap.Options, RRP_REQUIRED + ["--pptp-server", "10.0.0.1"])
         self.assertEqual(len(list(rrp_tap.makeService(options, reactor=MemoryReactorClock()))), 2)

@@ -285,6 +285,39 @@ class RRPRefusesTests(TLSCase):
         self.assertLogged("refused LRP at 127.0.0.1:", "the peer offered no TLS version >= 1.2")
 
 
+class RevocationTests(TLSCase):
+    """--crl: a revoked LRP certificate is refused; reloadCRL takes a new list for new
+    connections; a CRL from another CA is a configuration error."""
+
+    @defer.inlineCallbacks
+    def test_revokedThenReloaded(self):
+        issued = certs.make_leaf(self.lab.ca, LRP, server=False, client=True)
+        cert, key = self.lab.write("lrp-crl", issued)
+        crlPath = os.path.join(self.lab.base, "ca.crl")
+        with open(crlPath, "wb") as f:
+            f.write(certs.make_crl(self.lab.ca, [issued.cert]))
+        rrpCert, rrpKey = self.lab.leaf("rrp-crl", RRP, server=True, client=False)
+        server = tls.serverCreator(rrpCert, rrpKey, self.lab.caPath, crlPath=crlPath)
+        client = tls.clientCreator(RRP, cert, key, self.lab.caPath)
+        s, c = yield self.exchange(server, client)
+        self.assertEqual(s.received, b"")
+        self.assertLogged("refused LRP at 127.0.0.1:", "is revoked (--crl)")
+        with open(crlPath, "wb") as f:
+            f.write(certs.make_crl(self.lab.ca, []))
+        self.assertEqual(server.reloadCRL(), 0)
+        s, c = yield self.exchange(server, tls.clientCreator(RRP, cert, key, self.lab.caPath))
+        self.assertEqual(s.received, b"hello\n")
+
+    def test_crlOfAnotherCA(self):
+        crlPath = os.path.join(self.lab.base, "other.crl")
+        with open(crlPath, "wb") as f:
+            f.write(certs.make_crl(certs.make_ca("another CA")))
+        cert, key = self.lab.leaf("lrp-x", LRP, server=False)
+        e = self.assertRaises(tls.TLSConfigError, tls.clientCreator, RRP, cert, key,
+                              self.lab.caPath, crlPath=crlPath)
+        self.assertIn("not signed by the CA", str(e))
+
+
 class LRPRefusesTests(TLSCase):
     """The LRP (client) refuses RRPs and says why, with the RRP's address."""
 

@@ -1,0 +1,126 @@
+"""Every limit that keeps one client or one peer from starving the others, in one record.
+
+Each field has a safe default, an option and an INI key (:func:`settings`), a counter in
+the daemon's snapshot (``limits`` and ``refusals``) and a line in docs/limits.md.  The
+daemons read the values from one :class:`Limits` object; nothing else holds these numbers.
+"""
+import dataclasses
+
+from twisted.python import usage
+
+from routeproxy.config import Setting, parseCount, parseSeconds
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    # --- the LRP's clients ----------------------------------------------------------------
+    startTimeout: float = 10.0        # s a client has to send its Start-Control-Connection-Request
+    maxPerAddress: int = 64           # control connections one client address may hold
+    maxPending: int = 256             # connections (all addresses) that have not sent it yet
+    maxCalls: int = 16                # calls one control connection may hold
+    callTimeout: float = 60.0         # s a call request may wait for its answer
+    idShare: float = 0.25             # share of a call-ID space one client address (LRP) or
+                                      # one link (RRP) may hold
+    # --- the RRP's links ------------------------------------------------------------------
+    handshakeTimeout: float = 10.0    # s a TCP connection has to finish TLS and HELLO
+    maxStartups: tuple = (10, 30, 100)  # OpenSSH MaxStartups start:rate:full, pre-TLS connections
+    # --- both: the mux link ---------------------------------------------------------------
+    muxSendBuffer: int = 64 * 1024 * 1024  # unsent bytes to a peer before the link is dropped
+    muxStallTimeout: float = 60.0     # s the peer may leave over greWatermark bytes unread
+
+    def idQuota(self, capacity):
+        """How many IDs of a space of *capacity* one client address or one link may hold."""
+        return max(1, int(capacity * self.idShare))
+
+    def snapshot(self):
+        """The values in force, as plain data (docs/status.md ``limits``)."""
+        values = dataclasses.asdict(self)
+        values["maxStartups"] = ":".join(str(v) for v in self.maxStartups)
+        return values
+
+
+DEFAULT = Limits()
+
+
+def parseShare(value, what="--id-share"):
+    try:
+        share = float(str(value).strip())
+    except ValueError:
+        share = 0.0
+    if not 0.0 < share <= 1.0:
+        raise usage.UsageError(f"{what} {value!r}: a fraction in (0, 1]")
+    return share
+
+
+def parseStartups(value, what="--max-startups"):
+    """``START:RATE:FULL`` (or one number, FULL) as OpenSSH's MaxStartups."""
+    parts = str(value).strip().split(":")
+    if len(parts) == 1:
+        parts = [parts[0], "100", parts[0]]
+    if len(parts) != 3:
+        raise usage.UsageError(f"{what} {value!r}: expected START:RATE:FULL")
+    start, rate, full = (parseCount(p, what) for p in parts)
+    if not start <= full or rate > 100:
+        raise usage.UsageError(f"{what} {value!r}: need START <= FULL and RATE <= 100")
+    return start, rate, full
+
+
+# (option name, Limits field, parser, help, which daemons)
+_OPTIONS = (
+    ("start-timeout", "startTimeout", lambda v: parseSeconds(v, "--start-timeout", 0.1),
+     "seconds a client has to send Start-Control-Connection-Request", ("lrp",)),
+    ("max-per-address", "maxPerAddress", lambda v: parseCount(v, "--max-per-address"),
+     "control connections one client address may hold", ("lrp",)),
+    ("max-pending", "maxPending", lambda v: parseCount(v, "--max-pending"),
+     "connections (all addresses) still waiting for their Start request", ("lrp",)),
+    ("max-calls", "maxCalls", lambda v: parseCount(v, "--max-calls"),
+     "calls one control connection may hold", ("lrp", "rrp")),
+    ("call-timeout", "callTimeout", lambda v: parseSeconds(v, "--call-timeout", 0.1),
+     "seconds a call request may go unanswered before it is cleared", ("lrp", "rrp")),
+    ("id-share", "idShare", parseShare,
+     "share of a call-ID space one client address (LRP) or one link (RRP) may hold",
+     ("lrp", "rrp")),
+    ("handshake-timeout", "handshakeTimeout", lambda v: parseSeconds(v, "--handshake-timeout", 0.1),
+     "seconds a connection has to finish TLS and HELLO", ("rrp",)),
+    ("max-startups", "maxStartups", parseStartups,
+     "START:RATE:FULL: connections not through TLS yet; beyond START refuse RATE% rising to "
+     "100% at FULL (OpenSSH MaxStartups)", ("rrp",)),
+    ("mux-send-buffer", "muxSendBuffer", lambda v: parseCount(v, "--mux-send-buffer"),
+     "bytes left unsent to a peer before its link is dropped", ("lrp", "rrp")),
+    ("mux-stall-timeout", "muxStallTimeout", lambda v: parseSeconds(v, "--mux-stall-timeout", 0.1),
+     "seconds a peer may leave the link's send buffer above the GRE watermark", ("lrp", "rrp")),
+)
+
+
+def settings(daemon):
+    """The :class:`~routeproxy.config.Setting` records of *daemon* ("lrp" or "rrp")."""
+    result = []
+    for name, field, parse, text, daemons in _OPTIONS:
+        if daemon in daemons:
+            default = getattr(DEFAULT, field)
+            shown = ":".join(map(str, default)) if isinstance(default, tuple) else default
+            result.append(Setting(name, default, f"{text} [default: {shown}]", parse))
+    return tuple(result)
+
+
+def fromOptions(options):
+    """The :class:`Limits` an Options object (after postOptions) asks for."""
+    values = {field: options[name] for name, field, _, _, _ in _OPTIONS if name in options}
+    return Limits(**values)
+
+
+def reconfigureLimits(proxy, old, new):
+    """A reload: new limits for new connections and calls, the --crl file reread (for the
+    LRP or RRP *proxy*; *old*/*new* are its parsed Options).  Returns lines for the log."""
+    changes = []
+    bounds = new.get("limits")
+    if bounds is not None and bounds != proxy.limits:
+        proxy.limits = proxy.relay.limits = bounds
+        for part in (getattr(proxy, "admission", None), getattr(proxy, "startups", None)):
+            if part is not None:
+                part.limits = bounds
+        changes.append("limits (docs/limits.md) for new connections and calls")
+    if proxy.tls is not None and new.get("tls") is not None and (new.get("crl") or old.get("crl")):
+        proxy.tls.useCRLOf(new["tls"])
+        changes.append(f"--crl {new['crl'] or 'off'}: {len(proxy.tls.revoked)} revoked (new links)")
+    return changes

@@ -1,0 +1,138 @@
+"""Fuzz harnesses: the codecs, a whole mux connection and CallBook.translate.
+
+Each harness takes bytes and either returns or raises :class:`Finding`: the code under test
+may reject the input only with its own error (PPTPError, GREError, FrameError, UnknownCallID,
+CallIDExhausted); any other exception is a bug a peer could trigger.  They run under atheris
+(``python -m tests.fuzz NAME [libFuzzer flags]``, docs/limits.md) and, without it, over seeds
+and random bytes in tests/unit/test_fuzz.py (the short pass ``make test`` runs).
+"""
+import random
+
+from twisted.internet.testing import MemoryReactorClock
+
+from routeproxy import calls, gre, pptp
+from routeproxy.callids import CallIDExhausted, CallIDSpace
+from routeproxy.mux import frames as F
+from routeproxy.mux.connection import MuxConnection
+from routeproxy.testing import RecordingMuxLink
+
+
+class Finding(AssertionError):
+    """An exception the code under test should never raise for any input."""
+
+
+def _guard(expected, run, data):
+    try:
+        run(data)
+    except expected:
+        pass
+    except Exception as e:
+        raise Finding(f"{type(e).__name__}: {e} for input {data[:64]!r}") from e
+
+
+def pptp_stream(data):
+    def run(data):
+        decoder = pptp.PPTPStreamDecoder()
+        cut = data[0] % (len(data) or 1) if data else 0
+        decoder.feed(data[:cut])
+        decoder.feed(data[cut:])
+        decoder.finish()
+    _guard(pptp.PPTPError, run, data)
+
+
+def gre_codec(data):
+    def run(data):
+        call_id, seq, ack, payload = gre.split_gre(data)
+        if seq is not None or not payload:
+            gre.build_gre(call_id, payload, seq, ack)
+    _guard(gre.GREError, run, data)
+
+
+def mux_frames(data):
+    def run(data):
+        decoder = F.FrameDecoder(F.MIN_MAX_PAYLOAD)
+        decoder.feed(data)
+        for _ in range(10000):
+            try:
+                if decoder.nextFrame() is None:
+                    return
+            except F.MalformedFrame:
+                continue
+    _guard(F.FrameError, run, data)
+
+
+_HELLO = F.Hello((1,), F.MIN_MAX_PAYLOAD, 65536, 10, 30, ()).encode()
+
+
+def mux_connection(data):
+    """Both ends of a link fed the bytes after a valid HELLO: nothing may escape."""
+    def run(data):
+        for opener in (False, True):
+            conn = MuxConnection(opener, MemoryReactorClock(),
+                                 sessionRequested=lambda session, profile, info: _Sink())
+            conn.start(RecordingMuxLink())
+            conn.dataReceived(_HELLO + data)
+    _guard((), run, data)
+
+
+class _Sink:
+    def controlReceived(self, data):
+        pass
+
+    def datagramReceived(self, callTag, seq, ack, payload):
+        pass
+
+    def sessionClosed(self, reason):
+        pass
+
+
+def callbook(data):
+    """Messages parsed from the bytes, translated in directions the bytes choose."""
+    def run(data):
+        if len(data) < 2:
+            return
+        owner = pptp.PNS if data[0] & 1 else pptp.PAC
+        book = calls.CallBook(owner, CallIDSpace("fuzz", first=1, last=8, start=1))
+        try:
+            messages = pptp.PPTPStreamDecoder().feed(data[2:])
+        except pptp.PPTPError as e:
+            messages = getattr(e, "decoded", [])
+        for n, message in enumerate(messages):
+            direction = calls.TO_MUX if (data[1] >> (n % 8)) & 1 else calls.TO_PEER
+            try:
+                book.translate(message, direction)
+            except (calls.UnknownCallID, CallIDExhausted):
+                pass
+        book.release_all()
+    _guard((), run, data)
+
+
+HARNESSES = {"pptp": pptp_stream, "gre": gre_codec, "frames": mux_frames,
+             "mux": mux_connection, "callbook": callbook}
+
+
+def seeds():
+    """Inputs that reach past the first checks: real messages and frames, and their cuts."""
+    rng = random.Random(10)
+    out = [b"", b"\x00", bytes(16), b"\xff" * 64]
+    for cls in pptp.MESSAGE_CLASSES.values():
+        fields = {name: rng.randrange(0, 4) for name, _ in pptp.CALL_ID_FIELDS.get(cls, ())}
+        packed = cls(**fields).pack()
+        out += [packed, packed[: len(packed) // 2], b"\x01\x03" + packed * 3]
+    out += [gre.build_gre(7, b"\xff\x03ab", seq=1, ack=2), gre.build_gre(7, b"", ack=2)]
+    out += [F.Ping(b"12345678").encode(), F.Open(1, "default", "x").encode(),
+            F.Close(1, 0, "").encode(), F.Datagram(1, 7, 1, None, b"ab").encode()]
+    return out
+
+
+def mutate(data, rng):
+    """A cheap mutation for runs without atheris: flip, cut, splice, or fresh bytes."""
+    choice = rng.randrange(4)
+    if choice == 0 and data:
+        i = rng.randrange(len(data))
+        return data[:i] + bytes([rng.randrange(256)]) + data[i + 1:]
+    if choice == 1 and data:
+        return data[:rng.randrange(len(data))]
+    if choice == 2:
+        return data + rng.randbytes(rng.randrange(1, 40))
+    return rng.randbytes(rng.randrange(0, 300))
