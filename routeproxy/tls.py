@@ -45,7 +45,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from routeproxy.crl import CRLError, is_revoked, load_revoked
-from routeproxy.stats import printable
+from routeproxy.stats import LimitedLog, printable
 
 log = Logger(namespace="routeproxy.tls")
 
@@ -255,9 +255,10 @@ class _Handshake:
     refusal, ours or the peer's, for the reconnection backoff.
     """
 
-    def __init__(self, tlsProtocol, role, expectedName=None, allowedNames=None, onRefusal=None,
-                 revoked=frozenset()):
+    def __init__(self, tlsProtocol, role, lines, expectedName=None, allowedNames=None,
+                 onRefusal=None, revoked=frozenset()):
         self.tlsProtocol = weakref.ref(tlsProtocol)
+        self.lines = lines        # the creator's LimitedLog: handshakes are remote input
         self.revoked = revoked    # (issuer, serial) pairs of the --crl file
         self.role = role
         self.expectedName = expectedName
@@ -278,7 +279,7 @@ class _Handshake:
         subject = printable(cert.to_cryptography().subject.rfc4514_string()) if cert is not None else "-"
         line = f"refused {self.role} at {self.address()}: {reason} [{subject}]"
         self.recordRefusal(line)
-        log.warn("TLS: {line}", line=line)
+        self.lines.emit("warn", "refused", "TLS: {line}", line=line)
         return False
 
     def verify(self, conn, cert, errno, depth, ok):
@@ -329,15 +330,18 @@ class _Handshake:
                 return
             reason = _SENT_ALERT_REASONS.get(desc, f"sent TLS alert '{alert}'")
             self.recordRefusal(f"refused {role} at {address}: {reason}")
-            log.warn("TLS: refused {role} at {address}: {reason}", role=role, address=address, reason=reason)
+            self.lines.emit("warn", "refused", "TLS: refused {role} at {address}: {reason}",
+                            role=role, address=address, reason=reason)
         elif authentication:
             self.recordRefusal(f"{role} at {address} refused us: TLS alert '{alert}'")
-            log.warn("TLS: {role} at {address} refused the handshake with alert '{alert}' ({hint})",
-                     role=role, address=address, alert=alert,
-                     hint=_RECEIVED_ALERT_HINTS.get(desc, "it does not accept our certificate or TLS settings"))
+            self.lines.emit(
+                "warn", "refused-us",
+                "TLS: {role} at {address} refused the handshake with alert '{alert}' ({hint})",
+                role=role, address=address, alert=alert,
+                hint=_RECEIVED_ALERT_HINTS.get(desc, "it does not accept our certificate or TLS settings"))
         else:
-            log.info("TLS: {role} at {address} closed the connection with alert '{alert}'",
-                     role=role, address=address, alert=alert)
+            self.lines.emit("info", "alert", "TLS: {role} at {address} closed the connection with "
+                            "alert '{alert}'", role=role, address=address, alert=alert)
 
 
 def _verifyName(cert, name):
@@ -368,6 +372,7 @@ class _Creator:
     def __init__(self, options):
         self.options = options
         self.handshakeFailures = 0   # refused handshakes, ours or the peer's
+        self.lines = LimitedLog(log)  # a flood of bad handshakes costs a few lines per interval
         self._handshakes = weakref.WeakKeyDictionary()  # SSL.Connection -> _Handshake
         options.getContext().set_info_callback(self._info)
 
@@ -446,7 +451,7 @@ class ServerTLS(_Creator):
 
     def serverConnectionForTLS(self, tlsProtocol):
         conn = self.options.serverConnectionForTLS(tlsProtocol)
-        return self._check(conn, _Handshake(tlsProtocol, self.role, allowedNames=self.allowedNames,
+        return self._check(conn, _Handshake(tlsProtocol, self.role, self.lines, allowedNames=self.allowedNames,
                                             onRefusal=self.refused, revoked=self.revoked),
                            _VERIFY_MODE | SSL.VERIFY_CLIENT_ONCE)
 
@@ -480,7 +485,7 @@ class ClientTLS(_Creator):
         conn = self.options.clientConnectionForTLS(tlsProtocol)
         if self._sni:
             conn.set_tlsext_host_name(self._sni)
-        return self._check(conn, _Handshake(tlsProtocol, self.role, expectedName=self.rrpName,
+        return self._check(conn, _Handshake(tlsProtocol, self.role, self.lines, expectedName=self.rrpName,
                                             onRefusal=self.refused, revoked=self.revoked),
                            _VERIFY_MODE)
 

@@ -491,6 +491,25 @@ class RefusalBackoffTests(TLSCase):
         self.assertEqual(seen, [1, 2, 3, 1, 1, 2])
 
 
+class RefusalFloodTests(TLSCase):
+    """Bad handshakes are remote input: a flood of them costs a few lines, all counted."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_floodOfRefusalsIsRateLimited(self):
+        other = certs.make_ca("another CA")
+        cert, key = self.lab.leaf("lrp-other", LRP, ca=other, server=False)
+        server = self.lab.server()
+        attempts = 25
+        for _ in range(attempts):
+            yield self.exchange(server, tls.clientCreator(RRP, cert, key, self.lab.caPath))
+        refusals = [line for line in self.lines() if line.startswith("TLS: refused LRP")]
+        self.assertEqual(server.handshakeFailures, attempts)          # every one counted
+        self.assertEqual(len(refusals), server.lines.burst)          # but only a burst logged
+        self.assertEqual(server.lines.suppressed["refused"], attempts - server.lines.burst)
+
+
 class ConfigErrorTests(unittest.SynchronousTestCase):
     """Unusable files give one TLSConfigError saying which file and why."""
 
