@@ -144,12 +144,22 @@ def parseMilliseconds(value, what):
     return ms / 1000.0
 
 
-def greMaxSojourn():
-    """The --gre-max-sojourn setting both daemons have (GREPort.maxSojourn, docs/gre-io.md)."""
-    return Setting("gre-max-sojourn", 0.005, "ms captured GRE may wait once the capture queue "
-                   "has stood longer than that for 100 ms; older packets are then dropped unread "
-                   "(0: never) [default: 5]",
-                   lambda v: parseMilliseconds(v, "--gre-max-sojourn"))
+def daemonSettings(peers, linkPeer):
+    """The settings both daemons have, worded for the side: *peers* are the PPTP peers whose
+    GRE it captures ("clients", "servers"), *linkPeer* the daemon at the link's far end."""
+    return (
+        Setting("gre-interface", "any", f"interface GRE from {peers} is captured on "
+                "[default: any]"),
+        Setting("gre-max-sojourn", 0.005, "ms captured GRE may wait once the capture queue "
+                "has stood longer than that for 100 ms; older packets are then dropped unread "
+                "(0: never) [default: 5]", lambda v: parseMilliseconds(v, "--gre-max-sojourn")),
+        Setting("status", None, "HOST:PORT or unix:PATH for the status/metrics HTTP endpoint; "
+                "a unix socket (mode 0600) or loopback recommended [default: off]", parseStatus),
+        Setting("log-format", "text", "text or json (one JSON object per line) [default: text]",
+                parseChoice(("text", "json"), "--log-format")),
+        Setting("crl", None, f"CRL file (PEM) of the CA: revoked {linkPeer} certificates are "
+                "refused; reread on reload [default: none]"),
+    )
 
 
 def parseCIDR(text):

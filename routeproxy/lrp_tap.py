@@ -3,8 +3,8 @@ from twisted.python import usage
 
 from routeproxy import limits, logs, tls
 from routeproxy.config import (
-    LINK_SETTINGS, ConfigOptions, Setting, fileDigest, greMaxSojourn, parseChoice, parseCIDR, parseHostPort,
-    parseListen, parseStatus,
+    LINK_SETTINGS, ConfigOptions, Setting, fileDigest, daemonSettings, parseCIDR, parseHostPort,
+    parseListen,
 )
 
 
@@ -31,14 +31,7 @@ class Options(ConfigOptions):
                 parseCIDR, repeatable=True),
         Setting("profile", "default",
                 "upstream profile the RRP maps to a PPTP server [default: default]"),
-        Setting("gre-interface", "any", "interface GRE from clients is captured on [default: any]"),
-        greMaxSojourn(),
-        Setting("status", None, "HOST:PORT or unix:PATH for the status/metrics HTTP endpoint; "
-                "a unix socket (mode 0600) or loopback recommended [default: off]", parseStatus),
-        Setting("log-format", "text", "text or json (one JSON object per line) [default: text]",
-                parseChoice(("text", "json"), "--log-format")),
-        Setting("crl", None, "CRL file (PEM) of the CA: revoked RRP certificates are refused; "
-                "reread on reload [default: none]"),
+        *daemonSettings("clients", "RRP"),
         *limits.settings("lrp"),
     ) + LINK_SETTINGS
     restartOnly = ("pptp-listen", "rrp", "gre-interface", "gre-max-sojourn", "status", "log-format",

@@ -3,8 +3,8 @@ from twisted.python import usage
 
 from routeproxy import limits, logs, tls
 from routeproxy.config import (
-    LINK_SETTINGS, ConfigOptions, Profile, Setting, fileDigest, greMaxSojourn, parseChoice, parseCount,
-    parseHostPort, parseIPv4, parseListen, parseProfile, parseStatus, splitProfiles,
+    LINK_SETTINGS, ConfigOptions, Profile, Setting, fileDigest, daemonSettings, parseCount,
+    parseHostPort, parseIPv4, parseListen, parseProfile, splitProfiles,
 )
 
 
@@ -60,17 +60,10 @@ class Options(ConfigOptions):
         Setting("source", None, "local address to dial PPTP servers from (and send their GRE "
                 "from); use one pptpd does not listen on when both share a host [default: the "
                 "kernel's choice]", lambda v: parseIPv4(v, "--source")),
-        Setting("gre-interface", "any", "interface GRE from servers is captured on [default: any]"),
-        greMaxSojourn(),
-        Setting("status", None, "HOST:PORT or unix:PATH for the status/metrics HTTP endpoint; "
-                "a unix socket (mode 0600) or loopback recommended [default: off]", parseStatus),
-        Setting("log-format", "text", "text or json (one JSON object per line) [default: text]",
-                parseChoice(("text", "json"), "--log-format")),
+        *daemonSettings("servers", "LRP"),
         Setting("permit", None, "NAME=PROFILE[,PROFILE...]: the LRP whose certificate carries "
                 "NAME may use only these profiles; repeatable [default: every LRP every profile]",
                 str.strip, repeatable=True),
-        Setting("crl", None, "CRL file (PEM) of the CA: revoked LRP certificates are refused; "
-                "reread on reload [default: none]"),
         *limits.settings("rrp"),
     ) + LINK_SETTINGS
     restartOnly = ("listen", "source", "gre-interface", "gre-max-sojourn", "status", "max-sessions",
