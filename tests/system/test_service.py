@@ -1,11 +1,14 @@
 """The daemons run as a service would run them (issue 12's acceptance).
 
-Both daemons start under ``setpriv`` with no capability but CAP_NET_RAW and
-CAP_NET_BIND_SERVICE (bounding, inheritable and ambient sets; SECBIT_NOROOT, so uid 0 gains
-nothing at exec): what etc/systemd/*.service grants.  The interpreter of this machine lives
-under /root (mode 0700), so another uid could not even start Python here; uid 0 without
-capabilities is the unprivileged stand-in, and the test checks /proc/PID/status: CapEff is
-exactly those two.  In one namespace on ``lo`` (tests/support/netns.py):
+Both daemons start under ``setpriv`` as the unprivileged user nobody (uid/gid 65534, no
+groups) with no capability but CAP_NET_RAW and CAP_NET_BIND_SERVICE (bounding, inheritable
+and ambient sets): what etc/systemd/*.service grants.  The test checks /proc/PID/status: the
+uid, and CapEff exactly those two.  This venv's interpreter may live where nobody cannot
+read it (pyenv under /root, mode 0700); the daemons then run on the system's interpreter of
+the same version with this checkout and this venv's packages on PYTHONPATH, which nobody
+can read.  Where even that is not possible (a checkout nobody cannot read), uid 0 with
+SECBIT_NOROOT and only those capabilities stands in, and the test says so in its log.
+In one namespace on ``lo`` (tests/support/netns.py):
 
     server   127.0.0.20:1723   scripted pptpd (tests/support/pptppeers.py)
     rrp      127.0.0.10:4443   --source 127.0.0.11
@@ -23,8 +26,11 @@ Call-Clear-Request + Stop-Control-Connection-Request), and both daemons exit 0.
 import os
 import re
 import signal
+import subprocess
+import sys
 import tempfile
 
+from twisted.logger import Logger
 from twisted.trial import unittest
 
 from routeproxy import pptp
@@ -44,6 +50,27 @@ CAPS = "-all,+net_raw,+net_bind_service"
 CAP_NET_BIND_SERVICE, CAP_NET_RAW = 10, 13
 SETPRIV = ["setpriv", "--inh-caps", CAPS, "--ambient-caps", CAPS, "--bounding-set", CAPS,
            "--securebits", "+noroot,+noroot_locked,+no_setuid_fixup,+no_setuid_fixup_locked"]
+NOBODY = 65534
+AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+             "--inh-caps", CAPS, "--ambient-caps", CAPS, "--bounding-set", CAPS]
+# twistd on an interpreter nobody can run: the system's Python of this version.
+SYSTEM_PYTHON = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
+TWISTD_MAIN = ["-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def _nobodyCanRun():
+    """None if nobody can start the daemons' Python here, else why not (probed once)."""
+    if not os.access(SYSTEM_PYTHON, os.X_OK):
+        return f"no {SYSTEM_PYTHON}"
+    probe = subprocess.run(AS_NOBODY + [SYSTEM_PYTHON, "-c", "import routeproxy.lrp_tap, pcap"],
+                           capture_output=True, text=True, env=daemons.child_env(), cwd="/",
+                           timeout=60)
+    if probe.returncode != 0:
+        return f"nobody cannot import the daemons: {(probe.stderr.strip().splitlines() or ['?'])[-1]}"
+    return None
+
+
+NOBODY_CANNOT_RUN = _nobodyCanRun()
 
 
 def hostport(address):
@@ -51,15 +78,21 @@ def hostport(address):
 
 
 class ConfinedDaemon(Daemon):
-    """A daemon started under setpriv with only the service's capabilities."""
+    """A daemon started under setpriv as nobody with only the service's capabilities (or, where
+    nobody cannot run the interpreter, as uid 0 with SECBIT_NOROOT: see the module)."""
 
     @property
     def argv(self):
-        return SETPRIV + super().argv
+        if NOBODY_CANNOT_RUN:
+            return SETPRIV + super().argv
+        return AS_NOBODY + [SYSTEM_PYTHON, *TWISTD_MAIN] + super().argv[1:]
+
+    def status(self, field):
+        with open(f"/proc/{self.pid}/status") as f:
+            return re.search(rf"^{field}:\s*(\S+)", f.read(), re.M).group(1)
 
     def capabilities(self):
-        with open(f"/proc/{self.pid}/status") as f:
-            return int(re.search(r"^CapEff:\s*([0-9a-f]+)", f.read(), re.M).group(1), 16)
+        return int(self.status("CapEff"), 16)
 
 
 class DroppedDaemon(Daemon):
@@ -73,6 +106,8 @@ class DroppedDaemon(Daemon):
 
 
 class ServiceTests(unittest.TestCase):
+    log = Logger()
+
     def setUp(self):
         why = daemons.daemons_missing()
         if why:
@@ -81,6 +116,12 @@ class ServiceTests(unittest.TestCase):
         self.ns = self.lab.namespace("service")
         self.workdir = tempfile.mkdtemp(prefix="routeproxy-service-")
         c = daemons.make_certs(self.workdir, RRP_NAME, ["lrp1"])
+        if not NOBODY_CANNOT_RUN:   # nobody writes its logs here and reads its keys
+            os.chmod(self.workdir, 0o755)
+            os.chown(self.workdir, NOBODY, NOBODY)
+            os.chmod(os.path.dirname(c["ca"]), 0o755)
+            for name in ("lrp_key", "rrp_key"):
+                os.chown(c[name], NOBODY, NOBODY)
         listener = pptppeers.listen(*SERVER, opener=self.inside, backlog=16)
         self.server = pptppeers.ScriptedServer(*SERVER, first_call_id=100).start(listener)
         self.addCleanup(self.server.stop)
@@ -131,6 +172,11 @@ class ServiceTests(unittest.TestCase):
     def test_confined_reload_and_graceful_stop(self):
         for daemon in (self.lrp, self.rrp):
             self.assertEqual(daemon.capabilities(), (1 << CAP_NET_RAW) | (1 << CAP_NET_BIND_SERVICE))
+            if NOBODY_CANNOT_RUN:
+                self.log.warn("test_service: uid 0 without capabilities stands in for nobody: "
+                              "{why}", why=NOBODY_CANNOT_RUN)
+            else:
+                self.assertEqual(daemon.status("Uid").split()[:1], [str(NOBODY)])
         self.assertTrue(self.lrp.lines(r"routeproxy \S+ \(Twisted .*\) starting as the LRP"))
 
         # One session carried: a call placed through both proxies.
