@@ -17,7 +17,10 @@ Stop-Control-Connection-Request, so both PPTP ends free their calls at once.
 """
 from twisted.logger import Logger
 
-from routeproxy import pptp
+from routeproxy import pptp, teardown
+
+# How a session the link took with it ends in PPTP: as a lost carrier, no stop reason.
+LINK_GONE = (pptp.DisconnectResult.LOST_CARRIER, pptp.StopReason.NONE)
 
 DROP_MUX_DETACHED = "mux_detached"   # GRE from the peer while the link is lost
 
@@ -57,20 +60,6 @@ class Gap:
     def endInPPTP(self):
         """The session ends without a resume: end its calls and the control connection in PPTP."""
         session = self.session
-        splitter = session.upstreams   # RRP: calls may be on further connections to pptpd
-
-        def send(message, call=None):
-            if splitter is None:
-                session.sendToPeer(message)
-            else:
-                splitter.sendToServer(message, call)
-
-        for call in list(session.book.calls) if session.book is not None else ():
-            if call.local_id is None:
-                continue
-            if session.side.owner == pptp.PAC:   # LRP: we are the client's PAC
-                send(pptp.CallDisconnectNotify(
-                    call_id=call.local_id, result_code=pptp.DisconnectResult.LOST_CARRIER), call)
-            else:                                # RRP: we are pptpd's PNS
-                send(pptp.CallClearRequest(call_id=call.local_id), call)
-        send(pptp.StopControlConnectionRequest(reason=pptp.StopReason.NONE))
+        calls = list(session.book.calls) if session.book is not None else []
+        for message, call in teardown.to_peer(session.side.owner, calls, why=LINK_GONE):
+            session.sendToPeerAbout(message, call)

@@ -162,6 +162,14 @@ class RelaySession:
             return
         self.close(why)
 
+    def sendToPeerAbout(self, message, call):
+        """*message* (about *call*, or None) to the peer: at the RRP, on the server
+        connection that carries the call when calls are split (routeproxy.callsplit)."""
+        if self.upstreams is None:
+            self.sendToPeer(message)
+        else:
+            self.upstreams.sendToServer(message, call)
+
     def sendToPeer(self, message):
         if self.peer is not None:
             self.controlOut += message.LENGTH
@@ -228,10 +236,7 @@ class RelaySession:
                 continue
             if out is None:
                 continue
-            if self.upstreams is None:
-                self.sendToPeer(out)
-            else:
-                self.upstreams.sendToServer(out, call)
+            self.sendToPeerAbout(out, call)
         self._watchCalls()
 
     def datagramReceived(self, callTag, seq, ack, payload):
@@ -334,8 +339,8 @@ class RelaySession:
         if self.closed:
             return
         live = list(self.book.calls) if self.book is not None else []
-        for message in teardown.to_peer(self.side.owner, live):
-            self.sendToPeer(message)
+        for message, call in teardown.to_peer(self.side.owner, live):
+            self.sendToPeerAbout(message, call)
         if self.mux is not None:
             for message in teardown.to_mux(self.side.owner, live):
                 self.mux.sendControl(message.pack())

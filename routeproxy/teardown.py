@@ -15,26 +15,29 @@ from routeproxy import pptp
 __all__ = ["to_peer", "to_mux"]
 
 
-def _clear(owner, call_id):
+SHUTDOWN = (pptp.DisconnectResult.ADMIN_SHUTDOWN, pptp.StopReason.STOP_LOCAL_SHUTDOWN)
+
+
+def _clear(owner, call_id, result):
     """The message with which the role *owner* ends one call, carrying its own *call_id*:
-    the PAC sends Call-Disconnect-Notify, the PNS Call-Clear-Request."""
+    the PAC sends Call-Disconnect-Notify (with *result*), the PNS Call-Clear-Request."""
     if owner == pptp.PAC:
-        return pptp.CallDisconnectNotify(call_id=call_id,
-                                         result_code=pptp.DisconnectResult.ADMIN_SHUTDOWN)
+        return pptp.CallDisconnectNotify(call_id=call_id, result_code=result)
     return pptp.CallClearRequest(call_id=call_id)
 
 
-def _stop():
-    return pptp.StopControlConnectionRequest(reason=pptp.StopReason.STOP_LOCAL_SHUTDOWN)
-
-
-def to_peer(owner, calls):
+def to_peer(owner, calls, why=SHUTDOWN):
     """What a side owning *owner*'s ID space sends its facing peer: each call ended with the
-    ID the peer knows (``local_id``), then Stop-Control-Connection-Request.
+    ID the peer knows (``local_id``), then Stop-Control-Connection-Request; as (message,
+    call) pairs, the call None for the Stop.  *why* is the (Call-Disconnect-Notify result,
+    Stop reason) pair: an administrative shutdown unless said otherwise.
 
     The LRP owns PAC IDs and stands as the PAC to its client; the RRP owns PNS IDs and
     stands as the PNS to pptpd."""
-    return [_clear(owner, call.local_id) for call in calls if call.local_id is not None] + [_stop()]
+    result, reason = why
+    return ([(_clear(owner, call.local_id, result), call) for call in calls
+             if call.local_id is not None]
+            + [(pptp.StopControlConnectionRequest(reason=reason), None)])
 
 
 def to_mux(owner, calls):
@@ -43,4 +46,6 @@ def to_mux(owner, calls):
     RRP as the PAC (Call-Disconnect-Notify, ``S``)."""
     other = pptp.PNS if owner == pptp.PAC else pptp.PAC
     native = [call.native(other) for call in calls]
-    return [_clear(other, n) for n in native if n is not None] + [_stop()]
+    result, reason = SHUTDOWN
+    return ([_clear(other, n, result) for n in native if n is not None]
+            + [pptp.StopControlConnectionRequest(reason=reason)])

@@ -29,7 +29,9 @@ class TeardownMessagesTests(unittest.SynchronousTestCase):
 
     def test_lrp_speaks_pac_to_client_and_pns_to_mux(self):
         calls = [self.call(1, 100, 7)]
-        peer = teardown.to_peer(pptp.PAC, calls)
+        pairs = teardown.to_peer(pptp.PAC, calls)
+        self.assertEqual([call for _, call in pairs], [calls[0], None])   # routed by call
+        peer = [message for message, _ in pairs]
         self.assertEqual(names(peer), ["CallDisconnectNotify", "StopControlConnectionRequest"])
         self.assertEqual(peer[0].call_id, 7)        # L: what the client knows
         mux = teardown.to_mux(pptp.PAC, calls)
@@ -38,7 +40,7 @@ class TeardownMessagesTests(unittest.SynchronousTestCase):
 
     def test_rrp_speaks_pns_to_server_and_pac_to_mux(self):
         calls = [self.call(1, 100, 9), self.call(2, None, 10)]   # the second not answered yet
-        peer = teardown.to_peer(pptp.PNS, calls)
+        peer = [message for message, _ in teardown.to_peer(pptp.PNS, calls)]
         self.assertEqual([(type(m).__name__, getattr(m, "call_id", None)) for m in peer],
                          [("CallClearRequest", 9), ("CallClearRequest", 10),
                           ("StopControlConnectionRequest", None)])
