@@ -37,6 +37,18 @@ class Peer:
         return self.decoder.feed(data)
 
 
+def client_of(lrp, ip, port):
+    """A PPTP client at *ip*:*port* connected to *lrp* over a StringTransport (its Peer), or
+    None when the LRP's factory turns it away."""
+    addr = IPv4Address("TCP", ip, port)
+    protocol = PPTPServerFactory(lrp).buildProtocol(addr)
+    if protocol is None:
+        return None
+    transport = StringTransport(hostAddress=IPv4Address("TCP", LRP_IP, 1723), peerAddress=addr)
+    protocol.makeConnection(transport)
+    return Peer(protocol, transport)
+
+
 class RelayHarness:
     """An LRP and an RRP joined in memory, and helpers to connect clients and dial calls."""
 
@@ -74,15 +86,15 @@ class RelayHarness:
             self.reactor.advance(0)
             self.pump.flush()
 
+    def connect_only(self, ip="10.0.0.5"):
+        """A client connects to the LRP and says nothing yet; returns its Peer."""
+        self.client_port += 1
+        return client_of(self.lrp, ip, self.client_port)
+
     def connect_client(self, ip, start=True):
         """A client connects to the LRP and sends *start* (a Start-Control-Connection-Request,
         by default an empty one); the RRP dials pptpd; returns (client, server)."""
-        self.client_port += 1
-        addr = IPv4Address("TCP", ip, self.client_port)
-        protocol = PPTPServerFactory(self.lrp).buildProtocol(addr)
-        transport = StringTransport(hostAddress=IPv4Address("TCP", LRP_IP, 1723), peerAddress=addr)
-        protocol.makeConnection(transport)
-        client = Peer(protocol, transport)
+        client = self.connect_only(ip)
         if start:   # nothing is dialled before the client's Start-Control-Connection-Request
             client.send(pptp.StartControlConnectionRequest() if start is True else start)
         self.flush()

@@ -9,8 +9,7 @@ import dataclasses
 import random
 
 from hypothesis import given, settings, strategies as st
-from twisted.internet.address import IPv4Address
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
@@ -19,12 +18,12 @@ from routeproxy.admission import RefusingProtocol
 from routeproxy.callids import CallIDSpace
 from routeproxy.config import Profile
 from routeproxy.limits import DEFAULT, Limits, fromOptions, parseStartups, settings as limitSettings
-from routeproxy.lrp import LocalRouteProxy, PPTPServerFactory
+from routeproxy.lrp import LocalRouteProxy
 from routeproxy.mux.connection import MuxConfig, MuxConnection
 from routeproxy.mux import frames as F
 from routeproxy.startups import StartupGate
 from routeproxy.testing import RecordingMuxLink
-from tests.support.relay import LRP_IP, SERVER_IP, Peer, RelayHarness
+from tests.support.relay import LRP_IP, SERVER_IP, RelayHarness
 
 
 class LimitedHarness(RelayHarness):
@@ -39,14 +38,6 @@ class LimitedHarness(RelayHarness):
         # every call on the one connection to pptpd (no splitting, routeproxy/callsplit.py)
         self.rrp.profiles["default"] = Profile(SERVER_IP, 1723, callsPerConnection=0)
         self.lrp.admission.limits = self.limits
-
-    def connect_only(self, ip="10.0.0.5"):
-        self.client_port += 1
-        addr = IPv4Address("TCP", ip, self.client_port)
-        protocol = PPTPServerFactory(self.lrp).buildProtocol(addr)
-        transport = StringTransport(hostAddress=IPv4Address("TCP", LRP_IP, 1723), peerAddress=addr)
-        protocol.makeConnection(transport)
-        return Peer(protocol, transport)
 
     def call_flood(self, last):
         """A client with one dialled call that then asks for calls 2..*last*."""
@@ -175,20 +166,13 @@ class IDShareTests(LimitedHarness, unittest.TestCase):
 class PermitTests(RelayHarness, unittest.TestCase):
     def test_profile_not_permitted_is_refused_in_pptp(self):
         self.rrp.permits = {None: frozenset({"other"})}   # this harness's link has no name
-        client = Peer(*self._connect())
+        client = self.connect_only()
         client.send(pptp.StartControlConnectionRequest())
         self.flush()
         [reply] = client.received()
         self.assertEqual(reply.result_code, pptp.StartResult.GENERAL_ERROR)
         self.assertEqual(self.rrp.relay.refusals["not_permitted"], 1)
         self.assertEqual(self.reactor.tcpClients, [])
-
-    def _connect(self):
-        addr = IPv4Address("TCP", "10.0.0.5", 42000)
-        protocol = PPTPServerFactory(self.lrp).buildProtocol(addr)
-        transport = StringTransport(hostAddress=IPv4Address("TCP", LRP_IP, 1723), peerAddress=addr)
-        protocol.makeConnection(transport)
-        return protocol, transport
 
 
 class FragmentTests(unittest.SynchronousTestCase):

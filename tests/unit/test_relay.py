@@ -6,13 +6,13 @@ RRP's dials go to a MemoryReactorClock, and the GRE ports are a recorder.  The e
 tests (test_e2e) run the same code on real sockets, raw GRE and twistd.
 """
 from twisted.internet.address import IPv4Address
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
 from routeproxy import gre, pptp
 from routeproxy.lrp import LocalRouteProxy, PPTPServerFactory
 from routeproxy.testing import RecordingGREPort
-from tests.support.relay import LRP_IP, RRP_SOURCE, SERVER_IP, Peer, RelayHarness
+from tests.support.relay import LRP_IP, RRP_SOURCE, SERVER_IP, RelayHarness, client_of
 
 
 class RelayTests(RelayHarness, unittest.TestCase):
@@ -81,11 +81,8 @@ class RelayTests(RelayHarness, unittest.TestCase):
         self.assertEqual(len(self.lrp.relay.sessions), 1)
 
     def test_server_unreachable_answers_in_pptp(self):
-        addr = IPv4Address("TCP", "10.0.0.5", 40999)
-        protocol = PPTPServerFactory(self.lrp).buildProtocol(addr)
-        transport = StringTransport(hostAddress=IPv4Address("TCP", LRP_IP, 1723), peerAddress=addr)
-        protocol.makeConnection(transport)
-        client = Peer(protocol, transport)
+        client = self.connect_only()
+        transport = client.transport
         client.send(pptp.StartControlConnectionRequest())
         self.flush()
         connector = self.reactor.connectors[-1]
@@ -110,11 +107,8 @@ class NoLinkTests(unittest.SynchronousTestCase):
     def test_client_told_when_link_stays_down(self):
         reactor = MemoryReactorClock()
         lrp = LocalRouteProxy(reactor, RecordingGREPort)
-        addr = IPv4Address("TCP", "10.0.0.5", 40000)
-        protocol = PPTPServerFactory(lrp).buildProtocol(addr)
-        transport = StringTransport(hostAddress=IPv4Address("TCP", LRP_IP, 1723), peerAddress=addr)
-        protocol.makeConnection(transport)
-        client = Peer(protocol, transport)
+        client = client_of(lrp, "10.0.0.5", 40000)
+        transport = client.transport
         client.send(pptp.StartControlConnectionRequest())
         reactor.advance(lrp.linkWait - 0.1)
         self.assertEqual(client.received(), [])          # still waiting for the link
@@ -128,13 +122,6 @@ class NoLinkTests(unittest.SynchronousTestCase):
 
 class RefusalTests(RelayHarness, unittest.TestCase):
     """Refusals that reach the LRP before the client has said anything."""
-
-    def connect_only(self, ip="10.0.0.5"):
-        addr = IPv4Address("TCP", ip, 41000)
-        protocol = PPTPServerFactory(self.lrp).buildProtocol(addr)
-        transport = StringTransport(hostAddress=IPv4Address("TCP", LRP_IP, 1723), peerAddress=addr)
-        protocol.makeConnection(transport)
-        return Peer(protocol, transport)
 
     def test_unknown_profile(self):
         self.lrp.profile = "nosuch"
