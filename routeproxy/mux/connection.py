@@ -41,10 +41,21 @@ import itertools
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from routeproxy import turn
 from routeproxy.mux import frames as F
 from routeproxy.mux.frames import Datagram, LinkError, Reason, linkErrorName
 from routeproxy.mux.session import OPEN, OPENING, PENDING, LinkDown, Session
 from routeproxy.stats import LimitedLog, printable
+
+
+class _Held:
+    """``_flushCall`` while the flush waits for the end of a read (routeproxy.turn)."""
+
+    def active(self):
+        return False
+
+
+_HELD = _Held()
 
 
 @dataclasses.dataclass
@@ -343,7 +354,12 @@ class MuxConnection:
         (self._control if control else self._gre).append(encoded)
         self._pendingBytes += len(encoded)
         if not self._inBatch and self._flushCall is None:
-            self._flushCall = self.clock.callLater(0, self.flush)
+            self._scheduleFlush()
+
+    def _scheduleFlush(self):
+        # inside a marked read (the GRE port's wake-up) the flush runs as the read ends, not
+        # one reactor iteration later (routeproxy.turn)
+        self._flushCall = _HELD if turn.hold(self.flush) else self.clock.callLater(0, self.flush)
 
     def _queueControl(self, encoded):
         self._queue(encoded, control=True)
@@ -370,7 +386,7 @@ class MuxConnection:
             self._greFrames += 1
             self._pendingBytes += len(head) + len(payload)
             if not self._inBatch and self._flushCall is None:
-                self._flushCall = self.clock.callLater(0, self.flush)
+                self._scheduleFlush()
             return True
         self.stats.countDrop(reason)
         return False

@@ -108,13 +108,33 @@ def turnWriter(transport):
     another join); py-spy put 19% of the LRP's samples at 1400 bytes under it.  Anything the
     aggregator still holds goes first, so the byte order is kept.  None for other transports
     (they get ``writeSequence``).
+
+    When the socket transport had nothing waiting, the new bytes are sent at once
+    (``sendNow``), not on the reactor's next iteration after a poll for writability.
     """
     if isinstance(transport, BufferingTLSTransport):
+        tcp = _bufferingTransport(transport)
+
         def write(chunks):
             transport._aggregator.flush()
+            idle = tcp is not None and not _bufferedBytes(tcp)
             TLSMemoryBIOProtocol.write(transport, b"".join(chunks))
+            if idle:
+                sendNow(tcp)
         return write
     return None
+
+
+def sendNow(tcp):
+    """Write what *tcp* (a Twisted socket transport) holds now, as the reactor would on its
+    next poll: one iteration (poll, timers, the context wrappers) less per flush.
+
+    Only on an open connection that is not closing: there ``doWrite`` has nothing to report
+    but an error, and an error leaves the transport registered for writing, so the reactor's
+    own ``doWrite`` meets it again and closes the connection the usual way.
+    """
+    if tcp.connected and not tcp.disconnecting and not tcp._writeDisconnecting:
+        tcp.doWrite()
 
 
 @implementer(IPushProducer, IHandshakeListener)
