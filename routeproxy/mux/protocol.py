@@ -151,6 +151,9 @@ class MuxProtocol(Protocol):
         # Frames of one turn already go out in one write; Nagle would only hold them back.
         noDelay(self.transport)
         limitUnsent(self.transport, self.connection.config.unsentLimit)
+        t = _bufferingTransport(self.transport)
+        if t is not None:
+            t.bufferSize = max(t.bufferSize, 2 * self.connection.config.greWatermark)
         self.transport.registerProducer(self, True)
         self._registered = True
         if self.factory is not None and hasattr(self.factory, "connections"):

@@ -153,7 +153,7 @@ class MuxOverTLSTests(unittest.TestCase):
 
         def floodTurn():
             nonlocal sent, dropped
-            for seq in range(64):
+            for seq in range(256):  # 358 KB a turn: over the GRE watermark every turn
                 if flood.sendGRE(0x4242, seq, None, payload):
                     sent += 1
                 else:
