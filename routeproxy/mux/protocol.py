@@ -137,6 +137,20 @@ def sendNow(tcp):
         tcp.doWrite()
 
 
+def pauseAbove(transport, size):
+    """Let the socket transport under *transport* pause its producer only above *size* bytes.
+
+    Its pause drops every GRE frame (``paused``) until the buffer is empty again; at Twisted's
+    64 KiB, below the GRE watermark, one slow read at the far end dropped milliseconds of GRE
+    at 1400 bytes.  Above the watermark the watermark decides frame by frame.  Twisted counts
+    the bytes already sent from its current block too (up to ``SEND_LIMIT`` plus what was
+    joined to it), hence a multiple of the watermark, not the watermark itself.
+    """
+    t = _bufferingTransport(transport)
+    if t is not None:
+        t.bufferSize = max(t.bufferSize, size)
+
+
 @implementer(IPushProducer, IHandshakeListener)
 class MuxProtocol(Protocol):
     log = Logger(namespace="routeproxy.mux")
@@ -151,9 +165,7 @@ class MuxProtocol(Protocol):
         # Frames of one turn already go out in one write; Nagle would only hold them back.
         noDelay(self.transport)
         limitUnsent(self.transport, self.connection.config.unsentLimit)
-        t = _bufferingTransport(self.transport)
-        if t is not None:
-            t.bufferSize = max(t.bufferSize, 2 * self.connection.config.greWatermark)
+        pauseAbove(self.transport, 4 * self.connection.config.greWatermark)
         self.transport.registerProducer(self, True)
         self._registered = True
         if self.factory is not None and hasattr(self.factory, "connections"):

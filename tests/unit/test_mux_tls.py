@@ -92,6 +92,13 @@ class MuxOverTLSTests(unittest.TestCase):
             sock = _bufferingTransport(connection._link.transport).socket
             self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT), self.config.unsentLimit)
 
+    def test_transportPausesOnlyAboveTheGREWatermark(self):
+        """Twisted's producer pause (which drops every GRE frame until its buffer is empty) is
+        above what the GRE watermark lets into the buffer, on both ends."""
+        for connection in [self.lrp] + list(self.serverFactory.connections):
+            tcp = _bufferingTransport(connection._link.transport)
+            self.assertGreaterEqual(tcp.bufferSize, 4 * self.config.greWatermark)
+
     def test_aTurnsFramesGoStraightIntoTLS(self):
         """The mux's one write per turn is encrypted at once, not held by Twisted's small-write
         aggregator for another reactor turn, and sent at once, not after the reactor's next
