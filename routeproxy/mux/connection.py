@@ -163,7 +163,7 @@ class MuxConnection:
         self._lostWaiters = []
         self.linkGone = False
         self._stalledSince = None
-        self._lastUnsent = 0
+        self._lastLeft = 0
         self.linkDrops = collections.Counter()   # links dropped by reason (the factory's, shared)
         self.peerLog = LimitedLog(self.log, clock.seconds)   # lines the peer's frames cause
 
@@ -626,7 +626,11 @@ class MuxConnection:
                 self._link.abortConnection()
             return
         unsent = self._link.sendBufferSize() if self._link is not None else 0
-        if unsent > self.config.greWatermark and unsent >= self._lastUnsent:
+        # Stalled: nothing left the buffer since the last tick (written minus waiting did not
+        # grow).  Not "unsent did not shrink": under a GRE overload a reading peer keeps the
+        # buffer at the GRE watermark, refilled as fast as it drains.
+        left = self.stats.bytesOut - unsent
+        if unsent > self.config.greWatermark and left <= self._lastLeft:
             if self._stalledSince is None:
                 self._stalledSince = now
             elif now - self._stalledSince >= self.config.stallTimeout:
@@ -635,7 +639,7 @@ class MuxConnection:
                 return
         else:
             self._stalledSince = None
-        self._lastUnsent = unsent
+        self._lastLeft = left
         if self.ready:
             self._sendPing()
         self._schedule(min(self.config.pingInterval,
