@@ -256,6 +256,11 @@ def push_memory(pair, direction, packets, batch):
 
 # --- the daemons joined over real TLS on loopback -------------------------------------------
 
+try:  # the GRE port marks each wake-up; a tree without routeproxy.turn (an A/B) does not
+    from routeproxy.turn import begin as wake_up_begins, end as wake_up_ends
+except ImportError:
+    wake_up_begins = wake_up_ends = lambda: None  # noqa: E731
+
 def run_tls(count, size, batch, results, window_packets):
     """The same path over real mutual TLS on 127.0.0.1, driven by the real reactor."""
     from twisted.internet import defer, reactor, task
@@ -310,8 +315,12 @@ def run_tls(count, size, batch, results, window_packets):
             # Closed loop: keep at most window_packets in flight, like a sender that paces
             # itself to what arrives (the mux drops GRE, it never queues it).
             if outstanding() < window_packets:
-                for data in packets[sent:sent + batch]:
-                    receive(src, dst, data)
+                wake_up_begins()  # one capture wake-up, as GREPort.doRead marks it
+                try:
+                    for data in packets[sent:sent + batch]:
+                        receive(src, dst, data)
+                finally:
+                    wake_up_ends()
                 sent = min(n, sent + batch)
             yield sleep(0)
         while outstanding() > 0 and time.perf_counter() < deadline:

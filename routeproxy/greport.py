@@ -37,7 +37,7 @@ from twisted.logger import Logger
 from twisted.python import failure
 from zope.interface import Interface, implementer
 
-from routeproxy import ipfrag, sojourn
+from routeproxy import ipfrag, sojourn, turn
 from routeproxy.capture import (
     IP_MTU_DISCOVER, IP_PMTUDISC_DONT, IPPROTO_GRE, LINK_LAYERS, GREIOError, RawSocketCapture,
     RealGRESystem, attachDropAll, greFilter, packedAddress,
@@ -334,6 +334,7 @@ class GREPort(abstract.FileDescriptor):
         budget = self.maxPacketsPerRead
         read, handle = self._capture.read, self._frameReceived
         self._reading = True  # a receiver may stop the port from inside greReceived
+        turn.begin()  # the mux writes this wake-up's frames as it ends, not a turn later
         try:
             while budget > 0 and self.connected:
                 try:
@@ -349,6 +350,10 @@ class GREPort(abstract.FileDescriptor):
                 gate.observe(now, self._head)
             if not self.connected:
                 self._closeCapture()
+            try:
+                turn.end()
+            except Exception:
+                self.log.failure("a flush held for the end of a read raised")
 
     def _frameReceived(self, timestamp, frame):
         """One captured frame: link header off, IPv4 checked, GRE up.  Never raises."""

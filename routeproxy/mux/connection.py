@@ -41,10 +41,21 @@ import itertools
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from routeproxy import turn
 from routeproxy.mux import frames as F
 from routeproxy.mux.frames import Datagram, LinkError, Reason, linkErrorName
 from routeproxy.mux.session import OPEN, OPENING, PENDING, LinkDown, Session
 from routeproxy.stats import LimitedLog, printable
+
+
+class _Held:
+    """``_flushCall`` while the flush waits for the end of a read (routeproxy.turn)."""
+
+    def active(self):
+        return False
+
+
+_HELD = _Held()
 
 
 @dataclasses.dataclass
@@ -152,7 +163,7 @@ class MuxConnection:
         self._lostWaiters = []
         self.linkGone = False
         self._stalledSince = None
-        self._lastUnsent = 0
+        self._lastLeft = 0
         self.linkDrops = collections.Counter()   # links dropped by reason (the factory's, shared)
         self.peerLog = LimitedLog(self.log, clock.seconds)   # lines the peer's frames cause
 
@@ -343,7 +354,12 @@ class MuxConnection:
         (self._control if control else self._gre).append(encoded)
         self._pendingBytes += len(encoded)
         if not self._inBatch and self._flushCall is None:
-            self._flushCall = self.clock.callLater(0, self.flush)
+            self._scheduleFlush()
+
+    def _scheduleFlush(self):
+        # inside a marked read (the GRE port's wake-up) the flush runs as the read ends, not
+        # one reactor iteration later (routeproxy.turn)
+        self._flushCall = _HELD if turn.hold(self.flush) else self.clock.callLater(0, self.flush)
 
     def _queueControl(self, encoded):
         self._queue(encoded, control=True)
@@ -370,7 +386,7 @@ class MuxConnection:
             self._greFrames += 1
             self._pendingBytes += len(head) + len(payload)
             if not self._inBatch and self._flushCall is None:
-                self._flushCall = self.clock.callLater(0, self.flush)
+                self._scheduleFlush()
             return True
         self.stats.countDrop(reason)
         return False
@@ -610,7 +626,11 @@ class MuxConnection:
                 self._link.abortConnection()
             return
         unsent = self._link.sendBufferSize() if self._link is not None else 0
-        if unsent > self.config.greWatermark and unsent >= self._lastUnsent:
+        # Stalled: nothing left the buffer since the last tick (written minus waiting did not
+        # grow).  Not "unsent did not shrink": under a GRE overload a reading peer keeps the
+        # buffer at the GRE watermark, refilled as fast as it drains.
+        left = self.stats.bytesOut - unsent
+        if unsent > self.config.greWatermark and left <= self._lastLeft:
             if self._stalledSince is None:
                 self._stalledSince = now
             elif now - self._stalledSince >= self.config.stallTimeout:
@@ -619,7 +639,7 @@ class MuxConnection:
                 return
         else:
             self._stalledSince = None
-        self._lastUnsent = unsent
+        self._lastLeft = left
         if self.ready:
             self._sendPing()
         self._schedule(min(self.config.pingInterval,

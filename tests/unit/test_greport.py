@@ -17,6 +17,7 @@ from twisted.trial import unittest
 from routeproxy.capture import (
     DLT_EN10MB, DLT_IPV4, DLT_LINUX_SLL, DLT_LINUX_SLL2, DLT_LOOP, DLT_NULL, DLT_RAW, GREIOError,
 )
+from routeproxy import turn
 from routeproxy.greport import GREPort
 from routeproxy.testing import MemoryGRESystem, RecordingGREReceiver as Collector
 from tests.support.packets import OTHER, RECEIVER, SENDER, enhanced_gre, frame, ip_fragments, ipv4
@@ -227,6 +228,23 @@ class MemoryPortTests(unittest.SynchronousTestCase):
         self.assertEqual((len(self.receiver.packets), self.capture.readCalls), (250, 4 + 4 + 3))
         self.assertEqual([p[2][12:] for p in self.receiver.packets], [b"%d" % i for i in range(250)])
         self.assertEqual(port.stats.reads, 3)
+
+    def test_held_flush_runs_once_as_the_read_ends(self):
+        """What a receiver holds with routeproxy.turn during a wake-up runs once, after the
+        wake-up's last packet went up (the mux's one write per wake-up)."""
+        flushed = []
+        flush = lambda: flushed.append(len(self.receiver.packets))  # noqa: E731
+
+        class Holding(Collector):
+            def greReceived(self, src, dst, data):
+                super().greReceived(src, dst, data)
+                turn.hold(flush)
+
+        port = self.port(receiver=Holding())
+        self.feed(*[frame(DLT_EN10MB, ipv4(SENDER, RECEIVER, enhanced_gre(1, b"%d" % i))) for i in range(3)])
+        port.doRead()
+        self.assertEqual(flushed, [3, 3, 3])  # each asked once per packet here; all after the read
+        self.assertFalse(turn.hold(flush))  # outside a read nothing is held
 
     def test_receiver_error_counted_and_reading_goes_on(self):
         bad = enhanced_gre(1, b"bad")

@@ -236,6 +236,22 @@ class SlowPeerTests(unittest.SynchronousTestCase):
             conn.dataReceived(F.Pong(b"\0" * 8).encode())   # alive, but reads nothing
         self.assertTrue(link.aborted)
 
+    def test_a_reading_peer_at_the_watermark_is_not_stalled(self):
+        """Under a GRE overload the buffer sits at the watermark, refilled as fast as the peer
+        reads: bytes leave it every tick, so the link stays (issue 13: the watermark, not
+        Twisted's 64 KiB pause, bounds GRE now)."""
+        conn, link, clock = self.connection(greWatermark=1000, stallTimeout=30.0)
+        link.peerReads = True
+        link.buffered = 5000
+        for _ in range(40):   # 80 s, over the stall timeout and never silent past the dead one
+            clock.advance(conn.config.pingInterval)   # a tick writes a PING; the peer reads it ...
+            clock.advance(0)
+            pings = [f for f in link.frames() if isinstance(f, F.Ping)]
+            conn.dataReceived(b"".join(F.Pong(p.data).encode() for p in pings))   # ... and answers
+        self.assertGreater(conn.stats.bytesOut, 30 * 8)
+        self.assertFalse(link.aborted)
+        self.assertEqual(conn.linkDrops["not_reading"], 0)
+
 
 class StartupGateTests(unittest.SynchronousTestCase):
     def test_maxstartups_curve(self):

@@ -8,6 +8,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
+from routeproxy import turn
 from routeproxy.mux import frames as F
 from routeproxy.mux.connection import MuxConfig, MuxConnection
 from routeproxy.mux.frames import LinkError, Reason
@@ -426,6 +427,26 @@ class GRESendTests(Base):
         self.assertEqual(self.link.writes, [])
         self.clock.advance(0)
         self.assertEqual(len(self.link.writes), 1)
+
+    def test_flushedAsAMarkedReadEnds(self):
+        """Inside a read marked with routeproxy.turn (the GRE port's wake-up) nothing waits for
+        the clock: the read's frames go out in one write as it ends, and then the clock has
+        nothing left to flush."""
+        session, _ = self.openSession()
+        timers = list(self.clock.getDelayedCalls())  # the ping timer
+        turn.begin()
+        try:
+            session.sendGRE(5, 1, None, b"g1")
+            session.sendGRE(5, 2, None, b"g2")
+            self.assertEqual((self.link.writes, self.clock.getDelayedCalls()), ([], timers))
+        finally:
+            turn.end()
+        [write] = self.link.writes
+        self.assertEqual(F.FrameDecoder().frames(b"".join(write)),
+                         [F.Datagram(session.id, 5, 1, None, b"g1"), F.Datagram(session.id, 5, 2, None, b"g2")])
+        session.sendGRE(5, 3, None, b"g3")  # outside a read: the clock again
+        self.clock.advance(0)
+        self.assertEqual(len(self.link.writes), 2)
 
     def test_droppedWhilePaused(self):
         session, _ = self.openSession()

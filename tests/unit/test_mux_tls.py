@@ -5,8 +5,11 @@
 - a GRE flood on one session, as fast as the reactor allows, does not hold back
   CONTROL round trips on another session (each must finish within 2 s).
 """
+import fcntl
 import hashlib
 import socket
+import struct
+import termios
 import time
 
 from twisted.internet import defer, reactor, task
@@ -89,16 +92,28 @@ class MuxOverTLSTests(unittest.TestCase):
             sock = _bufferingTransport(connection._link.transport).socket
             self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT), self.config.unsentLimit)
 
+    def test_transportPausesOnlyAboveTheGREWatermark(self):
+        """Twisted's producer pause (which drops every GRE frame until its buffer is empty) is
+        above what the GRE watermark lets into the buffer, on both ends."""
+        for connection in [self.lrp] + list(self.serverFactory.connections):
+            tcp = _bufferingTransport(connection._link.transport)
+            self.assertGreaterEqual(tcp.bufferSize, 4 * self.config.greWatermark)
+
     def test_aTurnsFramesGoStraightIntoTLS(self):
         """The mux's one write per turn is encrypted at once, not held by Twisted's small-write
-        aggregator for another reactor turn: its bytes are at the TCP transport right away."""
+        aggregator for another reactor turn, and sent at once, not after the reactor's next
+        poll: its bytes are in the peer's socket before the reactor runs again."""
         link = self.lrp._link
         self.assertIsInstance(link.transport, BufferingTLSTransport)
         tcp = _bufferingTransport(link.transport)
-        before = _bufferedBytes(tcp)
+        peer = _bufferingTransport(list(self.serverFactory.connections)[0]._link.transport).socket
+        arrived = lambda: struct.unpack("i", fcntl.ioctl(peer.fileno(), termios.FIONREAD, b"\0" * 4))[0]  # noqa: E731
+        self.assertEqual(_bufferedBytes(tcp), 0)
+        before = arrived()
         link.writeFrames([F.Ping(b"12345678").encode()])  # the peer answers; nobody waits for it
         self.assertIsNone(link.transport._aggregator._scheduled)
-        self.assertGreater(_bufferedBytes(tcp), before)
+        self.assertEqual(_bufferedBytes(tcp), 0)
+        self.assertGreater(arrived(), before)
 
     @defer.inlineCallbacks
     def test_thousandSessionsKeepTheirBytesInOrder(self):
@@ -145,7 +160,7 @@ class MuxOverTLSTests(unittest.TestCase):
 
         def floodTurn():
             nonlocal sent, dropped
-            for seq in range(64):
+            for seq in range(256):  # 358 KB a turn: over the GRE watermark every turn
                 if flood.sendGRE(0x4242, seq, None, payload):
                     sent += 1
                 else:
