@@ -231,10 +231,11 @@ class SlowPeerTests(unittest.SynchronousTestCase):
     def test_stall_timer_drops_the_link(self):
         conn, link, clock = self.connection(greWatermark=1000, stallTimeout=30.0)
         link.buffered = 5000
-        for _ in range(5):
-            clock.advance(10)
+        for _ in range(20):   # 40 s in ping-sized steps: past the stall timeout, never dead
+            clock.advance(conn.config.pingInterval)
             conn.dataReceived(F.Pong(b"\0" * 8).encode())   # alive, but reads nothing
         self.assertTrue(link.aborted)
+        self.assertEqual(conn.linkDrops["not_reading"], 1)   # the stall check, not the dead one
 
     def test_a_reading_peer_at_the_watermark_is_not_stalled(self):
         """Under a GRE overload the buffer sits at the watermark, refilled as fast as the peer
