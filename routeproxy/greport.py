@@ -385,34 +385,7 @@ class GREPort(abstract.FileDescriptor):
         if protocol != IPPROTO_GRE:
             stats.dropped[DROP_NOT_GRE] += 1
             return
-        if fragment & _FRAGMENT_BITS:  # the one test the unfragmented fast path pays
-            self._fragmentReceived(frame, offset, headerLength, total, ident, fragment, src, dst)
-            return
         end = offset + total  # Ethernet pads short frames: the IP length says where GRE ends
-        if end > len(frame) or total == headerLength:
-            stats.dropped[DROP_TRUNCATED] += 1
-            return
-        dstName = self._local.get(dst)
-        if dstName is None:
-            stats.dropped[DROP_NOT_LOCAL] += 1
-            return
-        srcName = self._sources.get(src)
-        if srcName is None:
-            if len(self._sources) >= _SOURCE_CACHE_MAX:
-                self._sources.clear()
-            srcName = self._sources[src] = socket.inet_ntoa(src)
-        try:
-            self.receiver.greReceived(srcName, dstName, frame[offset + headerLength:end])
-        except Exception:
-            stats.dropped[DROP_RECEIVER_ERROR] += 1
-            self.log.failure("greReceived raised; packet dropped")
-            return
-        stats.delivered += 1
-
-    def _fragmentReceived(self, frame, offset, headerLength, total, ident, fragment, src, dst):
-        """A GRE fragment: held until its datagram is whole, which then goes up like any GRE."""
-        stats = self.stats
-        end = offset + total
         if end > len(frame):
             stats.dropped[DROP_TRUNCATED] += 1
             return
@@ -420,17 +393,45 @@ class GREPort(abstract.FileDescriptor):
         if dstName is None:
             stats.dropped[DROP_NOT_LOCAL] += 1
             return
-        srcName = self._sources.get(src)
-        if srcName is None:
-            srcName = socket.inet_ntoa(src)
+        srcName = self._sources.get(src) or self._sourceName(src)
+        if fragment & _FRAGMENT_BITS:  # the one test the unfragmented fast path pays
+            self._fragmentReceived(frame[offset + headerLength:end], ident, fragment, src, dst,
+                                   srcName, dstName)
+            return
+        if total == headerLength:
+            stats.dropped[DROP_TRUNCATED] += 1
+            return
+        self._deliver(srcName, dstName, frame[offset + headerLength:end])
+
+    def _sourceName(self, src):
+        """*src* (4 bytes) as a dotted quad, remembered in a bounded cache."""
+        if len(self._sources) >= _SOURCE_CACHE_MAX:
+            self._sources.clear()
+        name = self._sources[src] = socket.inet_ntoa(src)
+        return name
+
+    def _deliver(self, srcName, dstName, gre):
+        """Hand *gre* up; a receiver that raises costs the packet, never the port."""
+        try:
+            self.receiver.greReceived(srcName, dstName, gre)
+        except Exception:
+            self.stats.dropped[DROP_RECEIVER_ERROR] += 1
+            self.log.failure("greReceived raised; packet dropped")
+            return
+        self.stats.delivered += 1
+
+    def _fragmentReceived(self, data, ident, fragment, src, dst, srcName, dstName):
+        """A GRE fragment (*data*, its IP payload): held until its datagram is whole, which
+        then goes up like any GRE."""
+        stats = self.stats
         fragmentOffset = (fragment & _FRAGMENT_OFFSET) * 8
-        head = frame[offset + headerLength:end] if fragmentOffset == 0 else None
+        head = data if fragmentOffset == 0 else None
         if not self.receiver.acceptsFragment(srcName, dstName, head):
             stats.dropped[DROP_FRAGMENT_NO_SESSION] += 1   # checked before anything is stored
             return
         stats.fragments += 1
         gre = self._reassembler.add((src, dst, ident, IPPROTO_GRE), fragmentOffset,
-                                    fragment & _MORE_FRAGMENTS, frame[offset + headerLength:end],
+                                    fragment & _MORE_FRAGMENTS, data,
                                     self._clock(), source=src)
         if gre is None:
             return
@@ -438,13 +439,7 @@ class GREPort(abstract.FileDescriptor):
         if not gre:
             stats.dropped[DROP_TRUNCATED] += 1
             return
-        try:
-            self.receiver.greReceived(srcName, dstName, gre)
-        except Exception:
-            stats.dropped[DROP_RECEIVER_ERROR] += 1
-            self.log.failure("greReceived raised; packet dropped")
-            return
-        stats.delivered += 1
+        self._deliver(srcName, dstName, gre)
 
     # -- sending -------------------------------------------------------------------------------
 
