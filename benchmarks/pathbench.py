@@ -176,6 +176,8 @@ class Pair:
         client = PPTPServerFactory(self.lrp).buildProtocol(addr)
         ct = StringTransport(hostAddress=IPv4Address("TCP", LRP_IP, 1723), peerAddress=addr)
         client.makeConnection(ct)
+        # The LRP opens the upstream only after the client's Start-Control-Connection-Request.
+        client.dataReceived(pptp.StartControlConnectionRequest().pack())
         yield
         host, port, factory = self.dials.tcpClients[-1][:3]
         server = factory.buildProtocol(IPv4Address("TCP", host, port))
@@ -190,8 +192,6 @@ class Pair:
             transport.clear()
             return dec.feed(data)
 
-        client.dataReceived(pptp.StartControlConnectionRequest().pack())
-        yield
         received(st)
         server.dataReceived(pptp.StartControlConnectionReply(result_code=1).pack())
         yield

@@ -242,7 +242,8 @@ class RelaySession:
     def datagramReceived(self, callTag, seq, ack, payload):
         """A GRE datagram from the mux: rebuild its header with the peer's ID, send it."""
         call = self.book.by_tag(callTag)
-        if call is None or self.book.gre_key(call) is None:
+        key = None if call is None else self.book.gre_key(call)
+        if key is None:
             self.greDropped += 1
             self.relay.drops.add(DROP_MUX_GRE_NO_CALL)
             return
@@ -250,7 +251,7 @@ class RelaySession:
         call.gre_out += 1
         call.bytes_out += len(payload)
         self.relay.grePort.sendGRE(self.localAddress, self.peerAddress,
-                                   gre.build_gre(self.book.gre_key(call), payload, seq, ack))
+                                   gre.build_gre(key, payload, seq, ack))
 
     def sessionDetached(self):
         """The link is lost; the mux session waits for a resume (routeproxy.detach)."""
