@@ -1,4 +1,5 @@
-"""`python -m benchmarks.fixedrate [--rate PPS ...] [--size B] [--duration S] [--py-spy DIR]`
+"""`python -m benchmarks.fixedrate [--rate PPS ...] [--size B] [--duration S] [--py-spy DIR]
+[--proxy-options OPTS]`
 
 The proxy path of ``benchmarks.topology`` (real twistd daemons in namespaces) at fixed
 offered rates, client -> server: per daemon the CPU per delivered packet (the scheduler's
@@ -14,6 +15,7 @@ carries more packets; docs/perf-path.md).  Needs root.
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -53,13 +55,14 @@ def main(argv=None):
     p.add_argument("--duration", type=float, default=4.0)
     p.add_argument("--sessions", type=int, default=8)
     p.add_argument("--py-spy", metavar="DIR")
+    p.add_argument("--proxy-options", default="", help="extra options for both daemons (an A/B)")
     args = p.parse_args(argv)
     rates = args.rate or [5000, 20000]
     netns.skip_unless_available()
     netns.reap_stale()
     topology.raise_fd_limit()
     lab = netns.NetnsLab()
-    proxy = topology.ProxyPath(lab)
+    proxy = topology.ProxyPath(lab, options=shlex.split(args.proxy_options))
     try:
         proxy.start()
         if not proxy.open_sessions(args.sessions).calls:

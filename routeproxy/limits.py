@@ -27,6 +27,7 @@ class Limits:
     # --- both: the mux link ---------------------------------------------------------------
     muxSendBuffer: int = 64 * 1024 * 1024  # unsent bytes to a peer before the link is dropped
     muxStallTimeout: float = 60.0     # s the peer may leave over greWatermark bytes unread
+    greWatermark: int = 262144        # unsent link bytes above which GRE is dropped, not queued
 
     def idQuota(self, capacity):
         """How many IDs of a space of *capacity* one client address or one link may hold."""
@@ -89,6 +90,9 @@ _OPTIONS = (
      "bytes left unsent to a peer before its link is dropped", ("lrp", "rrp")),
     ("mux-stall-timeout", "muxStallTimeout", lambda v: parseSeconds(v, "--mux-stall-timeout", 0.1),
      "seconds a peer may leave the link's send buffer above the GRE watermark", ("lrp", "rrp")),
+    ("gre-watermark", "greWatermark", lambda v: parseCount(v, "--gre-watermark"),
+     "unsent bytes on the link above which GRE is dropped (counted), not queued; the "
+     "bound on the link's standing queue", ("lrp", "rrp")),
 )
 
 

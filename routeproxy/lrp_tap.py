@@ -72,7 +72,8 @@ def makeService(options, reactor=None):
     # No prepareConnection: a refused handshake would fail it before the disconnect, which
     # ClientService cannot take (NoTransition); LinkFactory tells the LRP when a link is ready.
     factory = LinkFactory(lrp, reactor, options["resume-grace"], options["dead-timeout"],
-                          maxSendBuffer=bounds.muxSendBuffer, stallTimeout=bounds.muxStallTimeout)
+                          maxSendBuffer=bounds.muxSendBuffer, stallTimeout=bounds.muxStallTimeout,
+                          greWatermark=bounds.greWatermark)
     link = tls.rrpClientService(reactor, rrpHost, rrpPort, options["tls"], factory, more=moreRRPs,
                                 retryDelay=lrp.resumer.retryDelay if lrp.resumer else None,
                                 onFailure=lrp.linkFailed)
