@@ -1,5 +1,5 @@
 """`python -m benchmarks.fixedrate [--rate PPS ...] [--size B] [--duration S] [--py-spy DIR]
-[--proxy-options OPTS]`
+[--proxy-options OPTS] [--latency]`
 
 The proxy path of ``benchmarks.topology`` (real twistd daemons in namespaces) at fixed
 offered rates, client -> server: per daemon the CPU per delivered packet (the scheduler's
@@ -54,6 +54,8 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=1400)
     p.add_argument("--duration", type=float, default=4.0)
     p.add_argument("--sessions", type=int, default=8)
+    p.add_argument("--latency", action="store_true",
+                   help="one-way latency too (batches of 8, as the latency trials)")
     p.add_argument("--py-spy", metavar="DIR")
     p.add_argument("--proxy-options", default="", help="extra options for both daemons (an A/B)")
     args = p.parse_args(argv)
@@ -72,10 +74,13 @@ def main(argv=None):
         spies = py_spy(proxy, args.py_spy, args.duration) if args.py_spy else []
         for rate in rates:
             drops, before = proxy.drops(), counters(proxy)
-            got = measure.run_trial(lab, path, args.size, rate, args.duration)
+            got = measure.run_trial(lab, path, args.size, rate, args.duration, latency=args.latency,
+                                    batch=8 if args.latency else None)
             after, dropped = counters(proxy), proxy.drops()
             row = {"rate": rate, "size": args.size, "offered_pps": round(got["offered_pps"]),
                    "delivered_pps": round(got["delivered_pps"]), "received": got["received"],
+                   **({"latency_us": {k: round(v) for k, v in (got.get("latency_us") or {}).items()}}
+                      if args.latency else {}),
                    "daemon_drops": {k: v - drops.get(k, 0) for k, v in dropped.items() if v - drops.get(k, 0)}}
             for name in after:
                 cpu = after[name][0] - before[name][0]

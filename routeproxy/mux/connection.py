@@ -147,6 +147,7 @@ class MuxConnection:
         self._gre = []           # GRE frames of this turn, each as two chunks: head, payload
         self._greFrames = 0
         self._pendingBytes = 0
+        self._unsent = None  # the link's unsent bytes as this turn's first GRE frame saw them
         self._heldUntilReady = []
         self._flushCall = None
         self._inBatch = False
@@ -330,6 +331,7 @@ class MuxConnection:
         self.stats.bytesOut += self._pendingBytes
         self._control, self._gre, self._pendingBytes, self._greFrames = [], [], 0, 0
         self._link.writeFrames(chunks)
+        self._unsent = None  # the reactor may send some before the next turn: sample again
         unsent = self._link.sendBufferSize()
         if unsent > self.config.maxSendBuffer:
             self._dropSlowPeer(f"{unsent} bytes unsent (limit {self.config.maxSendBuffer})")
@@ -371,8 +373,10 @@ class MuxConnection:
             reason = "paused"
         elif len(payload) + 10 > self.maxOutPayload:
             reason = "too_large"
-        elif self._pendingBytes + self._link.sendBufferSize() >= self.config.greWatermark:
+        elif self._pendingBytes + (self._unsent if self._unsent is not None else
+                                   self._sampleUnsent()) >= self.config.greWatermark:
             reason = "watermark"
+            self._unsent = None  # nothing queued, so no flush resets it: ask again next time
         else:
             # _queue inlined for the per-packet frame (a session is only open once the
             # link is ready, so nothing is held).  The payload is not copied into a new
@@ -390,6 +394,13 @@ class MuxConnection:
             return True
         self.stats.countDrop(reason)
         return False
+
+    def _sampleUnsent(self):
+        """The link's unsent bytes, asked once per turn, not per packet: until this turn's
+        flush (which forgets the sample) only the frames counted in _pendingBytes add to
+        them, and a drain by the reactor in between only errs towards dropping."""
+        self._unsent = self._link.sendBufferSize()
+        return self._unsent
 
     def _forget(self, session):
         self.sessions.pop(session.id, None)

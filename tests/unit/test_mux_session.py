@@ -469,6 +469,23 @@ class GRESendTests(Base):
         self.conn.flush()
         self.assertTrue(session.sendGRE(5, 9, None, bytes(400)))
 
+    def test_watermarkSeesTheBufferDrainWithoutAFlush(self):
+        """The send buffer is asked once per turn, not per packet (issue 13): a turn whose
+        GRE was all dropped queues nothing and flushes nothing, yet once the reactor has
+        drained the buffer the next packet goes."""
+        self.conn = self.makeConnection(MuxConfig(greWatermark=4000))
+        session, _ = self.openSession()
+        self.link.buffered = 5000
+        self.assertFalse(session.sendGRE(5, 1, None, bytes(400)))
+        self.link.buffered = 0  # the reactor wrote it out; no flush of ours in between
+        self.assertTrue(session.sendGRE(5, 2, None, bytes(400)))
+        self.link.buffered = 3800  # within the turn the first sample stands, ours are added
+        self.assertTrue(session.sendGRE(5, 3, None, bytes(400)))
+        self.clock.advance(0)  # the flush: the next turn asks the link again
+        self.link.buffered = 4100
+        self.assertFalse(session.sendGRE(5, 4, None, bytes(400)))
+        self.assertEqual(self.conn.stats.greDropped["watermark"], 2)
+
     def test_droppedWhenNotOpenOrTooLarge(self):
         session = self.conn.openSession("office", "", Receiver())
         self.assertFalse(session.sendGRE(1, None, None, b"x"))
