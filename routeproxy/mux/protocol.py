@@ -22,8 +22,10 @@ once the TLS handshake completes and names the peer in logs and in
 ``connection.peerName``.  ``factory.connections`` holds the live connections.
 """
 import collections
+import fcntl
 import inspect
 import socket
+import struct
 
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
@@ -78,6 +80,28 @@ def noDelay(transport):
             setter(True)
         except OSError:
             pass
+
+
+_INT = struct.Struct("i")
+_INT_ZERO = bytes(_INT.size)
+SIOCOUTQNSD = 0x894B  # Linux <linux/sockios.h>: bytes in the send queue not sent yet
+
+
+def _kernelUnsent(t):
+    """Bytes written to the TCP socket under the socket transport *t* and not sent yet
+    (SIOCOUTQNSD; 0 without a socket or where the ioctl does not exist).
+
+    TCP_NOTSENT_LOWAT only delays writability: a write made without waiting for it (the
+    mux's sendNow) is taken up to the whole send buffer, megabytes.  Counting these bytes
+    keeps the GRE watermark a bound on all unsent bytes, ours and the kernel's.
+    """
+    sock = getattr(t, "socket", None)
+    if sock is None:
+        return 0
+    try:
+        return _INT.unpack(fcntl.ioctl(sock.fileno(), SIOCOUTQNSD, _INT_ZERO))[0]
+    except (OSError, ValueError):
+        return 0
 
 
 TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
@@ -212,13 +236,13 @@ class MuxProtocol(Protocol):
     _buffering = None     # the transport that holds our unsent bytes, or None
 
     def sendBufferSize(self):
-        # Asked once per GRE packet: the transport chain is walked once per transport.
+        # Asked once per turn: the transport chain is walked once per transport.
         transport = self.transport
         if transport is not self._bufferOf:
             self._bufferOf = transport
             self._buffering = _bufferingTransport(transport)
         t = self._buffering
-        return 0 if t is None else _bufferedBytes(t)
+        return 0 if t is None else _bufferedBytes(t) + _kernelUnsent(t)
 
     def loseConnection(self):
         # A registered producer would make TLS wait for ever before close_notify.

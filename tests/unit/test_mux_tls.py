@@ -23,6 +23,7 @@ from routeproxy.mux.connection import MuxConfig
 from routeproxy.mux import frames as F
 from routeproxy.mux.protocol import (
     TCP_NOTSENT_LOWAT, MuxClientFactory, MuxServerFactory, _bufferedBytes, _bufferingTransport,
+    _kernelUnsent,
 )
 from routeproxy.mux.session import SessionRefused
 from routeproxy.testing import RecordingSessionReceiver
@@ -98,6 +99,31 @@ class MuxOverTLSTests(unittest.TestCase):
         for connection in [self.lrp] + list(self.serverFactory.connections):
             tcp = _bufferingTransport(connection._link.transport)
             self.assertGreaterEqual(tcp.bufferSize, 4 * self.config.greWatermark)
+
+    @defer.inlineCallbacks
+    def test_theWatermarkCountsTheKernelsUnsentBytes(self):
+        """With the peer not reading, the bytes written and not sent pile up in the kernel
+        (the mux writes without waiting for TCP_NOTSENT_LOWAT's writability): the GRE
+        watermark counts them, so ours and the kernel's together stay near it, not at the
+        socket's send buffer (megabytes)."""
+        flood = self.lrp.openSession("office", "1", RecordingSessionReceiver(record=False))
+        yield flood.whenOpen()
+        server = list(self.serverFactory.connections)[0]
+        serverTCP = _bufferingTransport(server._link.transport)
+        serverTCP.stopReading()
+        tcp = _bufferingTransport(self.lrp._link.transport)
+        payload = bytes(1400)
+        for turn in range(2000):
+            for seq in range(32):
+                flood.sendGRE(0x4242, seq, None, payload)
+            yield task.deferLater(reactor, 0, lambda: None)
+            if self.lrp.stats.greDropped["watermark"] > 100:
+                break
+        unsent = _kernelUnsent(tcp)
+        self.assertGreater(unsent, 0)
+        self.assertEqual(self.lrp._link.sendBufferSize(), _bufferedBytes(tcp) + unsent)
+        self.assertLess(_bufferedBytes(tcp) + unsent, 2 * self.config.greWatermark)
+        serverTCP.startReading()
 
     def test_aTurnsFramesGoStraightIntoTLS(self):
         """The mux's one write per turn is encrypted at once, not held by Twisted's small-write
