@@ -23,6 +23,10 @@ from tests.support.wait import HarnessError, wait_until
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+# Another interpreter for the daemons (e.g. Debian's PGO-built /usr/bin/python3.11: the same
+# ABI, so this venv's packages load in it); twistd runs as a module call, not a script.
+DAEMON_PYTHON = os.environ.get("ROUTEPROXY_DAEMON_PYTHON")
+TWISTD_MAIN = ["-c", "from twisted.scripts.twistd import run; run()"]
 PR_SET_PDEATHSIG = 1
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -35,7 +39,8 @@ def child_env(**more):
     """The environment for a child Python (a daemon, a peer, a load generator): this
     checkout (or ``ROUTEPROXY_DAEMON_REPO``) and this interpreter's path first, output
     unbuffered so logs are current."""
-    path = [DAEMON_REPO] + [p for p in sys.path if p]
+    path = [DAEMON_REPO] + [p for p in sys.path if p and not (
+        DAEMON_PYTHON and p.startswith(sys.base_prefix))]  # not our stdlib under another Python
     return dict(os.environ, PYTHONPATH=os.pathsep.join(path), PYTHONUNBUFFERED="1", **more)
 
 
@@ -108,7 +113,8 @@ class Daemon:
 
     @property
     def argv(self):
-        return [TWISTD, "-n", "--pidfile=", f"--logfile={self.log_path}", self.plugin, *self.options]
+        twistd = [DAEMON_PYTHON, *TWISTD_MAIN] if DAEMON_PYTHON else [TWISTD]
+        return [*twistd, "-n", "--pidfile=", f"--logfile={self.log_path}", self.plugin, *self.options]
 
     def start(self):
         self._pid = None

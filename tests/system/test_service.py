@@ -35,7 +35,7 @@ from twisted.trial import unittest
 
 from routeproxy import pptp
 from tests.support import daemons, netns, pptppeers
-from tests.support.daemons import Daemon
+from tests.support.daemons import TWISTD_MAIN, Daemon
 from tests.support.pptppeers import PPTPClient
 from tests.support.wait import wait_until
 
@@ -55,7 +55,6 @@ AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-group
              "--inh-caps", CAPS, "--ambient-caps", CAPS, "--bounding-set", CAPS]
 # twistd on an interpreter nobody can run: the system's Python of this version.
 SYSTEM_PYTHON = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
-TWISTD_MAIN = ["-c", "from twisted.scripts.twistd import run; run()"]
 
 
 def _nobodyCanRun():
