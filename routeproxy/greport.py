@@ -184,6 +184,7 @@ class GREPort(abstract.FileDescriptor):
         self._reassembler = ipfrag.Reassembler(reassemblyTimeout, maxReassemblies,
                                                dropped=self.stats.dropped)
         self._clock = getattr(self.reactor, "seconds", time.monotonic)
+        self._turn = turn.of(self.reactor)  # the mux connections' flushes wait for our reads
         self.maxSojourn = maxSojourn
         self._gate = sojourn.SojournGate(maxSojourn, sojournInterval) if maxSojourn else None
         self._wallClock = wallClock  # the capture's timestamps are wall-clock time
@@ -334,7 +335,7 @@ class GREPort(abstract.FileDescriptor):
         budget = self.maxPacketsPerRead
         read, handle = self._capture.read, self._frameReceived
         self._reading = True  # a receiver may stop the port from inside greReceived
-        turn.begin()  # the mux writes this wake-up's frames as it ends, not a turn later
+        self._turn.begin()  # the mux writes this wake-up's frames as it ends, not a turn later
         try:
             while budget > 0 and self.connected:
                 try:
@@ -351,7 +352,7 @@ class GREPort(abstract.FileDescriptor):
             if not self.connected:
                 self._closeCapture()
             try:
-                turn.end()
+                self._turn.end()
             except Exception:
                 self.log.failure("a flush held for the end of a read raised")
 

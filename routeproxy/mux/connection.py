@@ -128,6 +128,7 @@ class MuxConnection:
         self.resume = resume
         self.resumeToken = None
         self.clock = clock
+        self._turn = turn.of(clock)  # the GRE port's reads on this reactor hold our flush
         self.config = config or MuxConfig()
         self.sessionRequested = sessionRequested
         self.peerName = peerName
@@ -361,7 +362,7 @@ class MuxConnection:
     def _scheduleFlush(self):
         # inside a marked read (the GRE port's wake-up) the flush runs as the read ends, not
         # one reactor iteration later (routeproxy.turn)
-        self._flushCall = _HELD if turn.hold(self.flush) else self.clock.callLater(0, self.flush)
+        self._flushCall = _HELD if self._turn.hold(self.flush) else self.clock.callLater(0, self.flush)
 
     def _queueControl(self, encoded):
         self._queue(encoded, control=True)

@@ -238,13 +238,13 @@ class MemoryPortTests(unittest.SynchronousTestCase):
         class Holding(Collector):
             def greReceived(self, src, dst, data):
                 super().greReceived(src, dst, data)
-                turn.hold(flush)
+                turn.of(port.reactor).hold(flush)
 
         port = self.port(receiver=Holding())
         self.feed(*[frame(DLT_EN10MB, ipv4(SENDER, RECEIVER, enhanced_gre(1, b"%d" % i))) for i in range(3)])
         port.doRead()
         self.assertEqual(flushed, [3, 3, 3])  # each asked once per packet here; all after the read
-        self.assertFalse(turn.hold(flush))  # outside a read nothing is held
+        self.assertFalse(turn.of(port.reactor).hold(flush))  # outside a read nothing is held
 
     def test_receiver_error_counted_and_reading_goes_on(self):
         bad = enhanced_gre(1, b"bad")

@@ -434,13 +434,14 @@ class GRESendTests(Base):
         nothing left to flush."""
         session, _ = self.openSession()
         timers = list(self.clock.getDelayedCalls())  # the ping timer
-        turn.begin()
+        read = turn.of(self.clock)
+        read.begin()
         try:
             session.sendGRE(5, 1, None, b"g1")
             session.sendGRE(5, 2, None, b"g2")
             self.assertEqual((self.link.writes, self.clock.getDelayedCalls()), ([], timers))
         finally:
-            turn.end()
+            read.end()
         [write] = self.link.writes
         self.assertEqual(F.FrameDecoder().frames(b"".join(write)),
                          [F.Datagram(session.id, 5, 1, None, b"g1"), F.Datagram(session.id, 5, 2, None, b"g2")])
