@@ -14,7 +14,7 @@ shard, and a shard that did not take its first fragment passes it over (counted 
 """
 from dataclasses import dataclass
 
-__all__ = ["Shard", "UNSHARDED", "parse_shard", "ID_SPACE"]
+__all__ = ["Shard", "UNSHARDED", "parse_shard", "shard_index", "ID_SPACE"]
 
 ID_SPACE = 65536
 _GRE_CALL_ID = "ip[(ip[0] & 0xf) * 4 + 6:2]"
@@ -75,6 +75,11 @@ class Shard:
 
 
 UNSHARDED = Shard(0, 1)
+
+
+def shard_index(call_id, count):
+    """Which of *count* shards owns *call_id* (the I with low <= call_id < high)."""
+    return ((call_id + 1) * count - 1) // ID_SPACE
 
 
 def parse_shard(text):

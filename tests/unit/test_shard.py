@@ -14,7 +14,7 @@ from routeproxy import ipfrag, lrp_tap, rrp_tap
 from routeproxy.capture import DLT_EN10MB, DLT_LINUX_SLL, DLT_RAW, greFilter
 from routeproxy.fdbudget import PausingPort
 from routeproxy.greport import GREPort
-from routeproxy.shard import ID_SPACE, UNSHARDED, Shard, parse_shard
+from routeproxy.shard import ID_SPACE, UNSHARDED, Shard, parse_shard, shard_index
 from routeproxy.testing import MemoryGRESystem, RecordingGREReceiver
 from tests.support.options import LRP_REQUIRED, RRP_REQUIRED, parse
 from tests.support.packets import RECEIVER, SENDER, enhanced_gre, frame, ip_fragments, ipv4
@@ -35,8 +35,9 @@ class RangeTests(unittest.SynchronousTestCase):
             self.assertEqual((shards[0].low, shards[-1].high), (0, ID_SPACE))
             self.assertEqual(shards[0].first, 1)
             self.assertEqual(sum(s.last - s.first + 1 for s in shards), ID_SPACE - 1)
-            for call_id in (1, 2, 32767, 32768, 40000, 65535):
-                self.assertEqual(sum(s.owns(call_id) for s in shards), 1, (count, call_id))
+            for call_id in (1, 2, 21845, 21846, 32767, 32768, 40000, 65535):
+                self.assertEqual([s for s in shards if s.owns(call_id)], [shards[shard_index(call_id, count)]],
+                                 (count, call_id))
         self.assertEqual((Shard(1, 2).first, Shard(1, 2).last), (32768, 65535))
 
     def test_parse(self):
