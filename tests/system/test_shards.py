@@ -13,18 +13,26 @@ every call carries GRE both ways (the server echoes it), each shard's status lis
 own calls with IDs in its range, and no shard counts GRE for a call it does not know: the
 kernel gave each process only its own.
 
+A second test sends, from a client, hand-built GRE through the kernel's real filter: a
+1550-byte datagram in two IPv4 fragments (the first fragment reaches its shard only, the second
+every shard; the owner reassembles it, the other passes it over without a drop or any state
+held) and a packet with IP options (IHL 6: the filter finds the call ID after them).
+
 Needs root (namespaces, pcap, raw sockets); skipped with the reason otherwise.
 """
 import itertools
 import os
+import socket
 
 from twisted.trial import unittest
 
 from routeproxy import pptp
-from routeproxy.shard import Shard
+from routeproxy.shard import Shard, shard_index
 from tests.support import daemons, netns, pptppeers
 from tests.support.daemons import Daemon
+from tests.support.packets import enhanced_gre, ip_fragments, ipv4
 from tests.support.pptppeers import PPTPClient
+from tests.support.wait import wait_until
 
 SERVER = ("127.0.0.20", 1723)
 RRP, RRP_SOURCE = ("127.0.0.10", 4443), "127.0.0.11"
@@ -132,3 +140,41 @@ class ShardTests(unittest.TestCase):
         print(f"\ntest_shards: {len(calls)} calls; LRP shards {per_shard}, RRP shards {per_rrp} "
               f"(the LRPs' links landed by SO_REUSEPORT); {PACKETS} of {PACKETS} GRE echoed on every "
               "call, twice; no shard dropped GRE")
+
+    def port(self, index):
+        return self.lrps[index].status()["gre_port"]
+
+    def test_fragments_and_ip_options_through_the_kernel_filter(self):
+        calls = {}
+        for _ in range(MAX_CLIENTS):
+            bind, raw, lrp_id = self.open_call()
+            calls.setdefault(shard_index(lrp_id, SHARDS), (bind, lrp_id))
+            if len(calls) == SHARDS:
+                break
+        self.assertEqual(sorted(calls), [0, 1], "the kernel gave every connection to one shard")
+        with self.inside():
+            sender = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)   # IP_HDRINCL
+        self.addCleanup(sender.close)
+        before = [self.port(i) for i in range(SHARDS)]
+
+        bind, lrp_id = calls[0]   # shard 0's call: a datagram in two fragments
+        for fragment in ip_fragments(bind, LRP[0], enhanced_gre(lrp_id, os.urandom(1538), seq=100), 1480,
+                                     ident=0x4242):
+            sender.sendto(fragment, (LRP[0], 0))
+        wait_until(lambda: self.port(0)["reassembled"] > before[0]["reassembled"], 5,
+                   "shard 0 to reassemble its datagram")
+        owner, other = self.port(0), self.port(1)
+        self.assertEqual(other["fragments_other_shard"] - before[1]["fragments_other_shard"], 1)
+        self.assertEqual((other["received"] - before[1]["received"], other["reassembling"], other["dropped"]),
+                         (1, 0, {}), "shard 1: the later fragment only, passed over")
+        self.assertEqual((owner["delivered"] - before[0]["delivered"], owner["dropped"]), (1, {}))
+
+        bind, lrp_id = calls[1]   # shard 1's call: IHL 6
+        sender.sendto(ipv4(bind, LRP[0], enhanced_gre(lrp_id, b"options", seq=101), opts=b"\x01\x01\x01\x00"),
+                      (LRP[0], 0))
+        wait_until(lambda: self.port(1)["delivered"] > other["delivered"], 5, "shard 1 to take the packet with options")
+        self.assertEqual(self.port(0)["received"], owner["received"], "shard 0 saw shard 1's packet")
+        for i in range(SHARDS):
+            self.assertEqual(self.lrps[i].status()["drops"], {}, f"lrp{i}" + self.diagnosis())
+        print(f"\ntest_shards: a 2-fragment datagram reassembled by its shard, the other passed its "
+              f"later fragment over ({other['fragments_other_shard']}); IHL 6 GRE to its shard only")
