@@ -50,6 +50,15 @@ class RangeTests(unittest.SynchronousTestCase):
     def test_snapshot(self):
         self.assertEqual(Shard(1, 4).snapshot(), {"shard": "1/4", "first_id": 16384, "last_id": 32767})
 
+    def test_status_table_and_metrics_name_the_shard(self):
+        from routeproxy.metrics import format_metrics
+        from routeproxy.statuscli import format_table
+        snap = {"role": "lrp", "sessions": [], **Shard(1, 4).snapshot()}
+        self.assertIn("LRP shard 1/4 (IDs 16384-32767):", format_table(snap))
+        self.assertIn('routeproxy_shard_info{first_id="16384",last_id="32767",shard="1/4"} 1.0',
+                      format_metrics(snap))
+        self.assertIn("LRP: ", format_table(dict(snap, **UNSHARDED.snapshot())))
+
 
 def greFrame(datalink, callID, opts=b"", off=0):
     return frame(datalink, ipv4(SENDER, RECEIVER, enhanced_gre(callID, b"ppp"), opts=opts, off=off))
