@@ -169,6 +169,8 @@ class GREPort(abstract.FileDescriptor):
         if capture not in ("pcap", "raw"):
             raise GREIOError(f"capture must be 'pcap' or 'raw', not {capture!r}")
         sharded = shard is not None and shard.sharded
+        if sharded and capture != "pcap":
+            raise GREIOError("a shard captures with pcap: its filter picks the shard's call IDs")
         self.receiver = ShardReceiver(receiver) if sharded else receiver
         self._shardClause = shard.bpf_clause() if sharded else None
         self.interface = interface

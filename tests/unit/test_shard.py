@@ -11,7 +11,7 @@ from twisted.python import usage
 from twisted.trial import unittest
 
 from routeproxy import ipfrag, lrp_tap, rrp_tap
-from routeproxy.capture import DLT_EN10MB, DLT_LINUX_SLL, DLT_RAW, greFilter
+from routeproxy.capture import DLT_EN10MB, DLT_LINUX_SLL, DLT_RAW, GREIOError, greFilter
 from routeproxy.fdbudget import PausingPort
 from routeproxy.greport import GREPort
 from routeproxy.shard import ID_SPACE, UNSHARDED, Shard, parse_shard, shard_index
@@ -129,6 +129,8 @@ class ReassemblyTests(unittest.SynchronousTestCase):
         self.assertEqual(receiver.packets, [(SENDER, RECEIVER, ours)])
         self.assertEqual((snap["fragments_other_shard"], snap["reassembling"], snap["dropped"]), (2, 0, {}))
         self.assertNotIn("fragments_other_shard", GREPort(receiver, [RECEIVER], system=system).snapshot())
+        self.assertRaises(GREIOError, GREPort, receiver, [RECEIVER], capture="raw", system=system,
+                          shard=Shard(0, 2))
 
 
 class OptionTests(unittest.SynchronousTestCase):
