@@ -203,6 +203,7 @@ def main(argv=None):
     parser.add_argument("--c2s-only", action="store_true", help="skip the server->client and both-ways searches")
     parser.add_argument("--proxy-options", default="",
                         help="extra options for both routeproxy daemons, e.g. '--gre-max-sojourn 0' (an A/B)")
+    topology.add_shard_arguments(parser)
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         sys.stderr.write("benchmarks: needs root (network namespaces, raw sockets)\n")
@@ -214,6 +215,8 @@ def main(argv=None):
     if args.c2s_only:
         settings.directions = ()
     settings.proxy_options = args.proxy_options.split()
+    settings.shards, settings.pin = args.shards, args.pin
+    topology.pin_instruments(args.pin)
     log = lambda text: print(text, flush=True)  # noqa: E731
     started = time.monotonic()
     rounds = []

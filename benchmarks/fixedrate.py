@@ -1,5 +1,5 @@
 """`python -m benchmarks.fixedrate [--rate PPS ...] [--size B] [--duration S] [--py-spy DIR]
-[--proxy-options OPTS] [--latency]`
+[--proxy-options OPTS] [--latency] [--shards N] [--pin KEY=CPUS,...]`
 
 The proxy path of ``benchmarks.topology`` (real twistd daemons in namespaces) at fixed
 offered rates, client -> server: per daemon the CPU per delivered packet (the scheduler's
@@ -10,7 +10,9 @@ be on PATH or in this interpreter's bin directory.
 
 Unlike the max-rate search this holds the rate, so a change is compared at equal load (the
 CPU per packet of a daemon falls as the rate rises: each wake-up costs about the same and
-carries more packets; docs/perf-path.md).  Needs root.
+carries more packets; docs/perf-path.md).  ``--shards N`` runs N LRPs and N RRPs
+(``--shard I/N``; the figures per role are summed over them), ``--pin`` runs daemons and
+instruments under taskset (``benchmarks.topology.parse_pin``).  Needs root.
 """
 import argparse
 import json
@@ -31,12 +33,13 @@ def run_seconds(pid):
 
 
 def counters(proxy):
-    """{daemon: (run seconds, GRE port wake-ups, GRE port packets received)} now."""
+    """{daemon: (run seconds, GRE port wake-ups, GRE port packets received)} now (and per
+    role, summed over shards)."""
     got = {}
     for name, daemon in proxy.daemons.items():
-        port = daemon.status(topology.STATUS_PORT).get("gre_port") or {}
+        port = daemon.status().get("gre_port") or {}
         got[name] = (run_seconds(daemon.pid), port.get("reads", 0), port.get("received", 0))
-    return got
+    return topology.by_role(got)
 
 
 def py_spy(proxy, directory, seconds):
@@ -58,17 +61,21 @@ def main(argv=None):
                    help="one-way latency too (batches of 8, as the latency trials)")
     p.add_argument("--py-spy", metavar="DIR")
     p.add_argument("--proxy-options", default="", help="extra options for both daemons (an A/B)")
+    topology.add_shard_arguments(p)
     args = p.parse_args(argv)
     rates = args.rate or [5000, 20000]
     netns.skip_unless_available()
     netns.reap_stale()
     topology.raise_fd_limit()
+    topology.pin_instruments(args.pin)
     lab = netns.NetnsLab()
-    proxy = topology.ProxyPath(lab, options=shlex.split(args.proxy_options))
+    proxy = topology.ProxyPath(lab, options=shlex.split(args.proxy_options), shards=args.shards, pin=args.pin)
     try:
         proxy.start()
         if not proxy.open_sessions(args.sessions).calls:
             raise SystemExit("no call through the proxies")
+        proxy.balance(max(1, args.sessions // args.shards))
+        print(f"{args.shards} shard(s): {proxy.affinity()}", flush=True)
         path = proxy.path()
         measure.run_trial(lab, path, args.size, rates[0], 1.0)  # warm-up
         spies = py_spy(proxy, args.py_spy, args.duration) if args.py_spy else []

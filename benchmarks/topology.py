@@ -15,15 +15,24 @@ Besides throughput and latency (the same search as the kernel paths), this modul
 daemon's CPU time (``/proc/PID/stat`` utime+stime) around a trial, for CPU per packet, and
 its RSS (``/proc/PID/status``) as the session count grows, for RSS per session and the
 session set-up rate.
+
+``shards=N`` starts N LRPs and N RRPs (``--shard I/N``, docs/multiworker.md): the LRPs share
+the PPTP port (SO_REUSEPORT) and LRP shard *i* dials RRP shard *i* on port 4443+*i* (the
+pairing is fixed here so a run does not depend on how the kernel hashes two links; in a
+deployment any RRP shard may take any LRP's link).  Counters and CPU are summed per role
+(``lrp``, ``rrp``) besides each shard's own (``lrp0``, ``rrp1``, ...).  ``pin`` runs the
+daemons under ``taskset`` (see :func:`parse_pin`).
 """
 import asyncio
 import os
+import re
 import resource
 import shutil
 import tempfile
 import time
 
 from benchmarks import measure
+from routeproxy.shard import shard_index
 from tests.support import daemons, netns, pptppeers
 from tests.support.wait import HarnessError
 
@@ -36,6 +45,91 @@ STATUS_PORT = 9723  # each daemon's --status on 127.0.0.1 of its own namespace: 
 
 class TopologyError(Exception):
     """The proxy path could not be built (no call got through the proxies)."""
+
+
+def parse_pin(text):
+    """``"daemons=1,instruments=0"`` -> {"daemons": "1", "instruments": "0"}: CPU lists for
+    taskset.  Keys: ``instruments`` (this process and the generators, sinks and PAC it starts),
+    ``daemons``, ``lrp``, ``rrp``, ``shardI`` (LRP and RRP of shard I), ``lrpI``, ``rrpI``; a
+    daemon takes its most specific key.  A CPU list may hold commas: ``daemons=0,1,instruments=0``."""
+    pins, key = {}, None
+    for part in (text or "").split(","):
+        part = part.strip()
+        if "=" in part:
+            key, _, part = part.partition("=")
+            key = key.strip()
+            if not re.fullmatch(r"instruments|daemons|lrp|rrp|(shard|lrp|rrp)\d+", key):
+                raise ValueError(f"--pin: unknown key {key!r}")
+            pins[key] = part.strip()
+        elif part and key is not None:
+            pins[key] += "," + part
+        elif part:
+            raise ValueError(f"--pin {text!r}: expected KEY=CPUS[,KEY=CPUS...]")
+    for key, cpus in pins.items():
+        if not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", cpus):
+            raise ValueError(f"--pin {key}={cpus!r}: not a CPU list")
+    return pins
+
+
+def cpu_set(cpus):
+    """A taskset CPU list ("0,2-3") as a set of ints."""
+    out = set()
+    for item in cpus.split(","):
+        low, _, high = item.partition("-")
+        out.update(range(int(low), int(high or low) + 1))
+    return out
+
+
+def pin_instruments(pins):
+    """Move this process (and so every instrument it starts from now on) to the instruments' CPUs."""
+    if pins.get("instruments"):
+        os.sched_setaffinity(0, cpu_set(pins["instruments"]))
+
+
+def daemon_cpus(pins, role, index):
+    """The CPU list of daemon *role* (lrp/rrp) of shard *index*, or None (no --pin)."""
+    for key in (f"{role}{index}", f"shard{index}", role, "daemons"):
+        if key in pins:
+            return pins[key]
+    return f"0-{os.cpu_count() - 1}" if pins else None   # off the instruments' CPUs' limit
+
+
+def add_shard_arguments(parser):
+    """--shards and --pin, for python -m benchmarks and benchmarks.fixedrate."""
+    parser.add_argument("--shards", type=int, default=1,
+                        help="run N LRPs and N RRPs (--shard I/N; docs/multiworker.md) [default: 1]")
+    parser.add_argument("--pin", type=_pin_argument, default={}, metavar="KEY=CPUS,...",
+                        help="taskset CPU lists: instruments=0,daemons=1 or shard0=0,shard1=1 "
+                             "(keys: instruments, daemons, lrp, rrp, shardI, lrpI, rrpI)")
+
+
+def _pin_argument(text):
+    import argparse
+    try:
+        return parse_pin(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+class PinnedDaemon(daemons.Daemon):
+    """A daemon started under ``taskset -c CPUS`` (taskset execs twistd: the same process)."""
+
+    cpus = None
+
+    @property
+    def argv(self):
+        argv = super().argv
+        return ["taskset", "-c", self.cpus, *argv] if self.cpus else argv
+
+
+def by_role(values):
+    """{"lrp0": (a, b), "lrp1": (c, d), ...} plus {"lrp": (a+c, b+d), ...} when sharded."""
+    out = dict(values)
+    for role in ("lrp", "rrp"):
+        shards = [v for k, v in values.items() if k.startswith(role) and k[len(role):].isdigit()]
+        if shards:
+            out[role] = tuple(map(sum, zip(*shards)))
+    return out
 
 
 def raise_fd_limit(want=65536):
@@ -63,9 +157,12 @@ def four_namespaces(lab, left_label, right_label):
 class ProxyPath:
     """The four namespaces, the certificates, the two daemons and the synthetic PAC."""
 
-    def __init__(self, lab, workdir=None, options=()):
+    def __init__(self, lab, workdir=None, options=(), shards=1, pin=None):
         self.lab = lab
         self.options = list(options)  # extra options for both daemons
+        self.shards = shards
+        self.pin = dict(pin or {})
+        self.selected = None          # a key set balanced over the shards (balance())
         self.workdir = workdir or tempfile.mkdtemp(prefix="rp-bench-")
         self.daemons = {}
         self.loop = asyncio.new_event_loop()
@@ -75,29 +172,56 @@ class ProxyPath:
          self.left, self.middle, self.right) = four_namespaces(lab, "lrp", "rrp")
         self.link = measure.link_from(lab, self.left)
 
-    def _daemon(self, name, ns, plugin, options):
-        daemon = daemons.Daemon(self.lab, ns, self.workdir, name, plugin, options).start()
-        self.daemons[name] = daemon
+    def _daemon(self, role, index, ns, plugin, options):
+        name = role if self.shards == 1 else f"{role}{index}"
+        daemon = PinnedDaemon(self.lab, ns, self.workdir, name, plugin, options)
+        daemon.cpus = daemon_cpus(self.pin, role, index)
+        daemon.status_port = STATUS_PORT + index   # one namespace per role: ports by shard
+        self.daemons[name] = daemon.start()
         return daemon
 
     def start(self):
-        """The scripted PAC, the RRP, the LRP; returns once the TLS link is up."""
+        """The scripted PAC, the RRPs, the LRPs; returns once every TLS link is up."""
         self.pac = pptppeers.ServerProcess(self.lab, self.server, self.right.ip_b, self.workdir, PPTP_PORT,
                                            name="pac", gre=False)
         c = daemons.make_certs(self.workdir, RRP_NAME, [LRP_NAME])
-        self._daemon("rrp", self.rrp_ns, "routeproxy-rrp", [
-            "--listen", f"{self.middle.ip_b}:{RRP_PORT}", "--pptp-server", f"{self.right.ip_b}:{PPTP_PORT}",
-            "--cert", c["rrp_cert"], "--key", c["rrp_key"], "--ca", c["ca"],
-            "--status", f"127.0.0.1:{STATUS_PORT}", *self.options]
-        ).wait_ready(listen=(self.middle.ip_b, RRP_PORT), status_port=STATUS_PORT, timeout=20)
-        self._daemon("lrp", self.lrp_ns, "routeproxy-lrp", [
-            "--pptp-listen", f"{self.left.ip_b}:{PPTP_PORT}", "--rrp", f"{self.middle.ip_b}:{RRP_PORT}",
-            "--rrp-name", RRP_NAME, "--cert", c["lrp_cert"], "--key", c["lrp_key"], "--ca", c["ca"],
-            "--allow", "10.81.0.0/24", "--status", f"127.0.0.1:{STATUS_PORT}",
-            # every session comes from one address here: the per-address limits would bind
-            "--max-per-address", "1000000", "--id-share", "1", *self.options]
-        ).wait_ready(listen=(self.left.ip_b, PPTP_PORT), link_port=RRP_PORT, status_port=STATUS_PORT, timeout=20)
+        for i in range(self.shards):
+            shard = ["--shard", f"{i}/{self.shards}"] if self.shards > 1 else []
+            self._daemon("rrp", i, self.rrp_ns, "routeproxy-rrp", [
+                "--listen", f"{self.middle.ip_b}:{RRP_PORT + i}", "--pptp-server", f"{self.right.ip_b}:{PPTP_PORT}",
+                "--cert", c["rrp_cert"], "--key", c["rrp_key"], "--ca", c["ca"],
+                "--status", f"127.0.0.1:{STATUS_PORT + i}", *shard, *self.options]
+            ).wait_ready(listen=(self.middle.ip_b, RRP_PORT + i), status_port=STATUS_PORT + i, timeout=20)
+        for i in range(self.shards):
+            shard = ["--shard", f"{i}/{self.shards}"] if self.shards > 1 else []
+            self._daemon("lrp", i, self.lrp_ns, "routeproxy-lrp", [
+                "--pptp-listen", f"{self.left.ip_b}:{PPTP_PORT}", "--rrp", f"{self.middle.ip_b}:{RRP_PORT + i}",
+                "--rrp-name", RRP_NAME, "--cert", c["lrp_cert"], "--key", c["lrp_key"], "--ca", c["ca"],
+                "--allow", "10.81.0.0/24", "--status", f"127.0.0.1:{STATUS_PORT + i}",
+                # every session comes from one address here: the per-address limits would bind
+                "--max-per-address", "1000000", "--id-share", "1", *shard, *self.options]
+            ).wait_ready(listen=(self.left.ip_b, PPTP_PORT), link_port=RRP_PORT + i,
+                         status_port=STATUS_PORT + i, timeout=20)
         return self
+
+    def shard_of(self, key):
+        """The LRP shard that owns GRE key *key* (routeproxy.shard's ranges)."""
+        return shard_index(key, self.shards)
+
+    def balance(self, per_shard, log=print, tries=4):
+        """Open more sessions until every LRP shard holds *per_shard* of them (the kernel spreads
+        the control connections by hash), then measure with *per_shard* keys of each."""
+        if self.shards == 1:
+            return
+        for _ in range(tries):
+            spread = [[k for k in self._all_keys if self.shard_of(k) == i] for i in range(self.shards)]
+            if min(map(len, spread)) >= per_shard:
+                break
+            self.open_sessions(per_shard * self.shards)
+        spread = [[k for k in self._all_keys if self.shard_of(k) == i] for i in range(self.shards)]
+        log(f"  calls per LRP shard: {[len(keys) for keys in spread]}; measured with "
+            f"{[min(per_shard, len(keys)) for keys in spread]}")
+        self.selected = [k for keys in spread for k in keys[:per_shard]]
 
     def open_direct(self, count, concurrency=256):
         """*count* calls from the RRP's namespace straight to the PAC: the instruments' own
@@ -118,8 +242,12 @@ class ProxyPath:
         return got
 
     @property
-    def keys(self):
+    def _all_keys(self):
         return [k for s in self.sessions for k in s.keys]
+
+    @property
+    def keys(self):
+        return self.selected if self.selected is not None else self._all_keys
 
     def path(self, keys=None):
         """Client -> server: GRE to the LRP keyed with the LRP-owned IDs."""
@@ -135,15 +263,25 @@ class ProxyPath:
                                       measure.link_from(self.lab, self.right, "b"))], self.client)
         return directions("proxy", self.path(), s2c)
 
+    def affinity(self):
+        """"lrp0 CPUs 0, ..., instruments CPUs 0-1": where each process may run, read back from
+        the kernel (/proc/PID/status), so a --pin that did not take shows."""
+        cpus = {}
+        for name, daemon in self.daemons.items():
+            with open(f"/proc/{daemon.pid}/status") as f:
+                cpus[name] = next(line.split()[1] for line in f if line.startswith("Cpus_allowed_list"))
+        cpus["instruments"] = ",".join(map(str, sorted(os.sched_getaffinity(0))))
+        return ", ".join(f"{name} CPUs {value}" for name, value in cpus.items())
+
     def usage(self):
-        """{daemon: (cpu seconds, rss KiB)} now."""
-        return {name: (d.cpu_seconds(), d.rss_kib()) for name, d in self.daemons.items()}
+        """{daemon: (cpu seconds, rss KiB)} now (and per role, summed over shards)."""
+        return by_role({name: (d.cpu_seconds(), d.rss_kib()) for name, d in self.daemons.items()})
 
     def drops(self):
         """{"lrp port sojourn": n, "rrp mux watermark": n, ...}: every drop counter of both daemons."""
         counters = {}
         for name, daemon in self.daemons.items():
-            snap = daemon.status(STATUS_PORT)
+            snap = daemon.status()
             for reason, n in (snap.get("gre_port") or {}).get("dropped", {}).items():
                 counters[f"{name} port {reason}"] = n
             for link in snap.get("links") or []:
@@ -256,7 +394,8 @@ def run(settings, log=print, parts=PARTS):
     results = {}
     for part in parts:
         lab = netns.NetnsLab()
-        proxy = ProxyPath(lab, options=settings.proxy_options)
+        proxy = ProxyPath(lab, options=settings.proxy_options, shards=getattr(settings, "shards", 1),
+                          pin=getattr(settings, "pin", None))
         started = time.monotonic()
         try:
             proxy.start()
@@ -264,6 +403,8 @@ def run(settings, log=print, parts=PARTS):
                 got = proxy.open_sessions(settings.sessions)
                 if not got.calls:
                     raise TopologyError(f"no call through the proxies: {got.failures[:3]}")
+                proxy.balance(max(1, settings.sessions // proxy.shards), log)
+                log(f"  {proxy.shards} shard(s): {proxy.affinity()}")
                 results[part] = measure_throughput(proxy, settings, log)
                 results[part]["sessions"] = len(got.calls)
             else:

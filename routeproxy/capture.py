@@ -110,10 +110,25 @@ class IGRESystem(Interface):
         """An :class:`IRawSocket` (GREIOError without the privilege)."""
 
 
-def greFilter(localAddresses):
-    """The BPF expression that captures GRE sent to any of *localAddresses*."""
+def greFilter(localAddresses, shardClause=None):
+    """The BPF expression that captures GRE sent to any of *localAddresses* (and, for a
+    shard, only what *shardClause* keeps: :meth:`routeproxy.shard.Shard.bpf_clause`)."""
     hosts = " or ".join(f"dst host {address}" for address in sorted(localAddresses))
-    return f"ip proto {IPPROTO_GRE} and ({hosts})"
+    expression = f"ip proto {IPPROTO_GRE} and ({hosts})"
+    return f"{expression} and {shardClause}" if shardClause else expression
+
+
+class ShardReceiver:
+    """A shard's receiver: later fragments reach every shard (they carry no call ID), so
+    they are taken without asking *receiver*; the shard's reassembler keeps only those whose
+    first fragment it holds (``Reassembler(tails_open=False)``).  GRE goes straight through."""
+
+    def __init__(self, receiver):
+        self.greReceived = receiver.greReceived   # the bound method itself: no hop per packet
+        self._acceptsFragment = receiver.acceptsFragment
+
+    def acceptsFragment(self, src, dst, head):
+        return head is None or self._acceptsFragment(src, dst, head)
 
 
 def packedAddress(address):

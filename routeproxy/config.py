@@ -14,6 +14,8 @@ from typing import Any, Callable
 
 from twisted.python import usage
 
+from routeproxy.shard import UNSHARDED, parse_shard
+
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
@@ -159,7 +161,17 @@ def daemonSettings(peers, linkPeer):
                 parseChoice(("text", "json"), "--log-format")),
         Setting("crl", None, f"CRL file (PEM) of the CA: revoked {linkPeer} certificates are "
                 "refused; reread on reload [default: none]"),
+        Setting("shard", UNSHARDED, "I/N: run as shard I of N independent processes: call IDs "
+                "from the I-th of N ranges, GRE captured for those only, the listener shared "
+                "(SO_REUSEPORT); see docs/multiworker.md [default: 0/1, no sharding]", parseShard),
     )
+
+
+def parseShard(value):
+    try:
+        return parse_shard(value)
+    except ValueError as e:
+        raise usage.UsageError(str(e))
 
 
 def parseCIDR(text):

@@ -26,6 +26,7 @@ from twisted.python import usage
 
 from routeproxy.capture import GREIOError
 from routeproxy.mux.frames import LinkError
+from routeproxy.shard import UNSHARDED
 from routeproxy.version import versionLine, versions
 
 __all__ = ["DaemonService", "StartupError", "installExceptHook"]
@@ -73,6 +74,7 @@ class DaemonService(MultiService):
 
     log = Logger()
     stopGrace = 3.0      # seconds the peers' teardown and GOAWAY have to leave
+    shard = UNSHARDED    # --shard I/N, as started (the taps set it)
 
     def __init__(self, role, proxy, options, reactor, restartOnly=(), handleSignals=True):
         super().__init__()
@@ -150,7 +152,7 @@ class DaemonService(MultiService):
         """The proxy's snapshot, with what the service knows: versions, reloads, and when
         our certificate expires."""
         snap = dict(self.proxy.snapshot(), build=versions(), reloads=self.reloads,
-                    reload_failures=self.reloadFailures)
+                    reload_failures=self.reloadFailures, **self.shard.snapshot())
         notAfter = getattr(self.proxy.tls, "notAfter", None)
         if notAfter is not None:
             left = notAfter - datetime.datetime.now(datetime.timezone.utc)

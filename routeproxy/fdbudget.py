@@ -7,9 +7,14 @@ request) fails too.  So the daemons' listeners are :class:`PausingPort`: while f
 ``reserve`` descriptors are free they stop accepting for ``pauseFor`` seconds (the kernel's
 backlog holds new connections meanwhile) and count it; honest work in progress keeps its
 descriptors.  ``service.raiseFileLimit`` raises the soft limit to the hard one at start.
+
+With ``reusePort`` the listener binds with SO_REUSEPORT, so the N processes of a sharded
+daemon (``--shard I/N``, docs/multiworker.md) share one port and the kernel spreads new
+connections over them.
 """
 import os
 import resource
+import socket
 import time
 
 from twisted.application import internet
@@ -54,11 +59,18 @@ class PausingPort(tcp.Port):
     pauseFor = 1.0
     log = Logger()
 
-    def __init__(self, *args, budget=None, **kwargs):
+    def __init__(self, *args, budget=None, reusePort=False, **kwargs):
         super().__init__(*args, **kwargs)
         self.budget = budget if budget is not None else FileBudget()
+        self.reusePort = reusePort
         self.limitedLog = LimitedLog(self.log, burst=1)
         self._resumeCall = None
+
+    def createInternetSocket(self):
+        sock = super().createInternetSocket()
+        if self.reusePort:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        return sock
 
     def doRead(self):
         if self.budget.low():
@@ -89,9 +101,10 @@ class PausingPort(tcp.Port):
 class PausingTCPServer(internet.TCPServer):
     """``internet.TCPServer`` whose port is a :class:`PausingPort` sharing *budget*."""
 
-    def __init__(self, *args, budget=None, **kwargs):
+    def __init__(self, *args, budget=None, reusePort=False, **kwargs):
         super().__init__(*args, **kwargs)
         self.budget = budget if budget is not None else FileBudget()
+        self.reusePort = reusePort
 
     def _getPort(self):
         reactor = self.reactor
@@ -99,6 +112,7 @@ class PausingTCPServer(internet.TCPServer):
             from twisted.internet import reactor
         if not isinstance(reactor, PosixReactorBase):   # a memory reactor in tests
             return super()._getPort()
-        port = PausingPort(*self.args, reactor=reactor, budget=self.budget, **self.kwargs)
+        port = PausingPort(*self.args, reactor=reactor, budget=self.budget, reusePort=self.reusePort,
+                           **self.kwargs)
         port.startListening()
         return port

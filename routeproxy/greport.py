@@ -40,7 +40,7 @@ from zope.interface import Interface, implementer
 from routeproxy import ipfrag, sojourn, turn
 from routeproxy.capture import (
     IP_MTU_DISCOVER, IP_PMTUDISC_DONT, IPPROTO_GRE, LINK_LAYERS, GREIOError, RawSocketCapture,
-    RealGRESystem, attachDropAll, greFilter, packedAddress,
+    RealGRESystem, ShardReceiver, attachDropAll, greFilter, packedAddress,
 )
 
 # version/IHL, TOS, total length, id, flags/fragment offset, TTL, protocol, checksum, src, dst
@@ -154,6 +154,8 @@ class GREPort(abstract.FileDescriptor):
       an overload leaves no standing queue while a short stall drops nothing.  0 turns it
       off.  The capture's own timestamp (the kernel's receive time) is the packet's age.
     * ``system``: the OS layer, RealGRESystem by default; MemoryGRESystem in tests.
+    * ``shard``: a :class:`routeproxy.shard.Shard` of N > 1: capture only its call IDs'
+      GRE, and take later fragments only for first fragments it holds (docs/multiworker.md).
     """
 
     log = Logger()
@@ -162,11 +164,15 @@ class GREPort(abstract.FileDescriptor):
     def __init__(self, receiver, localAddresses, interface="any", capture="pcap",
                  reactor=None, system=None, snaplen=2048, bufferSize=8 * 1024 * 1024,
                  bpfFilter=None, reassemblyTimeout=5.0, maxReassemblies=256, maxSojourn=0.005,
-                 sojournInterval=0.1, wallClock=time.time):
+                 sojournInterval=0.1, wallClock=time.time, shard=None):
         abstract.FileDescriptor.__init__(self, reactor)
         if capture not in ("pcap", "raw"):
             raise GREIOError(f"capture must be 'pcap' or 'raw', not {capture!r}")
-        self.receiver = receiver
+        sharded = shard is not None and shard.sharded
+        if sharded and capture != "pcap":
+            raise GREIOError("a shard captures with pcap: its filter picks the shard's call IDs")
+        self.receiver = ShardReceiver(receiver) if sharded else receiver
+        self._shardClause = shard.bpf_clause() if sharded else None
         self.interface = interface
         self.captureKind = capture
         self.snaplen = snaplen
@@ -182,7 +188,7 @@ class GREPort(abstract.FileDescriptor):
         self._system = system if system is not None else RealGRESystem()
         self.stats = GREStats()
         self._reassembler = ipfrag.Reassembler(reassemblyTimeout, maxReassemblies,
-                                               dropped=self.stats.dropped)
+                                               dropped=self.stats.dropped, tails_open=not sharded)
         self._clock = getattr(self.reactor, "seconds", time.monotonic)
         self._turn = turn.of(self.reactor)  # the mux connections' flushes wait for our reads
         self.maxSojourn = maxSojourn
@@ -212,7 +218,7 @@ class GREPort(abstract.FileDescriptor):
 
     @property
     def bpfFilter(self):
-        return self._customFilter or greFilter(self._local.values())
+        return self._customFilter or greFilter(self._local.values(), self._shardClause)
 
     def addLocalAddress(self, address):
         """Also capture GRE sent to *address* and send from it, until as many removes.
@@ -499,6 +505,8 @@ class GREPort(abstract.FileDescriptor):
         result["reassembling"] = len(self._reassembler)  # datagrams waiting for fragments
         result["capture_up"] = bool(self.connected)
         result["capture_failures"] = self.stats.captureFailures
+        if self._shardClause:
+            result["fragments_other_shard"] = self._reassembler.foreign
         if self._capture is not None:
             try:
                 _, drop, ifdrop = self._capture.stats()

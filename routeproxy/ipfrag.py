@@ -64,10 +64,14 @@ class Reassembler:
 
     ``add`` returns the reassembled payload when the fragment completed a datagram, else
     None.  Drops are counted in ``dropped`` (a Counter; pass the caller's own to share it).
+
+    ``tails_open=False`` (a shard of docs/multiworker.md): only a first fragment opens a
+    datagram; a later one with no datagram in progress is another shard's and is passed
+    over, counted in ``foreign``, holding nothing (so the first fragment must come first).
     """
 
     def __init__(self, timeout=5.0, max_datagrams=256, max_bytes=IP_MAXPACKET, dropped=None,
-                 max_fragments=64, max_per_source=16):
+                 max_fragments=64, max_per_source=16, tails_open=True):
         self.timeout = timeout
         self.max_datagrams = max_datagrams
         self.max_bytes = max_bytes
@@ -75,6 +79,8 @@ class Reassembler:
         self.max_per_source = max_per_source
         self.dropped = dropped if dropped is not None else collections.Counter()
         self.reassembled = 0
+        self.tails_open = tails_open
+        self.foreign = 0  # later fragments passed over (tails_open=False)
         self._partials = collections.OrderedDict()  # key -> _Partial, oldest first
         self._per_source = collections.Counter()    # source -> datagrams in progress
 
@@ -94,6 +100,9 @@ class Reassembler:
             return None
         partial = self._partials.get(key)
         if partial is None:
+            if offset and not self.tails_open:
+                self.foreign += 1
+                return None
             if self._per_source[source] >= self.max_per_source:
                 self.dropped[DROP_SOURCE_LIMIT] += 1
                 return None

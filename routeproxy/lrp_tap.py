@@ -35,7 +35,7 @@ class Options(ConfigOptions):
         *limits.settings("lrp"),
     ) + LINK_SETTINGS
     restartOnly = ("pptp-listen", "rrp", "gre-interface", "gre-max-sojourn", "status", "log-format",
-                   "resume-grace", "dead-timeout", "mux-send-buffer", "mux-stall-timeout")
+                   "resume-grace", "dead-timeout", "mux-send-buffer", "mux-stall-timeout", "shard")
 
     def check(self):
         self["limits"] = limits.fromOptions(self)
@@ -52,6 +52,7 @@ def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
     from routeproxy.daemon import DaemonService, installExceptHook
+    from routeproxy.callids import CallIDSpace
     from routeproxy.fdbudget import PausingTCPServer
     from routeproxy.lrp import LinkFactory, LocalRouteProxy, PPTPServerFactory
     from routeproxy.service import addStatusEndpoint, greOpener, localIPv4Addresses, raiseFileLimit
@@ -62,9 +63,11 @@ def makeService(options, reactor=None):
     bounds = options["limits"]
     host, port = options["pptp-listen"]
     local = localIPv4Addresses() if host == "0.0.0.0" else [host]
+    shard = top.shard = options["shard"]
     lrp = LocalRouteProxy(reactor, greOpener(top, reactor, local, options["gre-interface"],
-                                           options["gre-max-sojourn"]),
-                          profile=options["profile"], allow=options["allow"], limits=bounds)
+                                           options["gre-max-sojourn"], shard),
+                          profile=options["profile"], allow=options["allow"], limits=bounds,
+                          space=CallIDSpace("LRP", shard.first, shard.last))
     lrp.tls = options["tls"]
     top.proxy = lrp
     top.reloaders.append(lrp.reconfigure)
@@ -79,7 +82,7 @@ def makeService(options, reactor=None):
                                 onFailure=lrp.linkFailed)
     link.setServiceParent(top)
     listener = PausingTCPServer(port, PPTPServerFactory(lrp), interface=host, reactor=reactor,
-                                budget=lrp.files)
+                                budget=lrp.files, reusePort=shard.sharded)
     listener.optionName = "--pptp-listen"
     listener.setServiceParent(top)
     addStatusEndpoint(top, reactor, options["status"], top)

@@ -65,6 +65,11 @@ def families(snap):
                       "Always 1; the labels give routeproxy's, Twisted's and Python's versions.",
                       ["version", "twisted", "python"],
                       [((build.get("version"), build.get("twisted"), build.get("python")), 1)])
+    if snap.get("shard"):
+        yield _family("gauge", "routeproxy_shard_info",
+                      "Always 1; the labels give this process's --shard I/N and the call IDs it allocates.",
+                      ["shard", "first_id", "last_id"],
+                      [((snap["shard"], snap.get("first_id"), snap.get("last_id")), 1)])
     yield _family("gauge", "routeproxy_sessions", "Relayed PPTP control connections now.", [],
                   [((), len(sessions))])
     yield _family("gauge", "routeproxy_calls", "Calls of those control connections now.", [],

@@ -67,7 +67,8 @@ class Options(ConfigOptions):
         *limits.settings("rrp"),
     ) + LINK_SETTINGS
     restartOnly = ("listen", "source", "gre-interface", "gre-max-sojourn", "status", "max-sessions",
-                   "log-format", "resume-grace", "dead-timeout", "mux-send-buffer", "mux-stall-timeout")
+                   "log-format", "resume-grace", "dead-timeout", "mux-send-buffer", "mux-stall-timeout",
+                   "shard")
 
     def check(self):
         profiles = dict(self["profile"] or ())
@@ -106,10 +107,12 @@ def makeService(options, reactor=None):
     top = DaemonService("RRP", None, options, reactor, restartOnly=Options.restartOnly)
     local = [options["source"]] if options["source"] else localIPv4Addresses()
     bounds = options["limits"]
+    shard = top.shard = options["shard"]
     rrp = RemoteRouteProxy(reactor, greOpener(top, reactor, local, options["gre-interface"],
-                                           options["gre-max-sojourn"]),
+                                           options["gre-max-sojourn"], shard),
                            options["profiles"], source=options["source"], limits=bounds,
                            permits=options["permits"])
+    rrp.scopes.first, rrp.scopes.last = shard.first, shard.last
     rrp.tls = options["tls"]
     top.proxy = rrp
     top.reloaders.append(rrp.reconfigure)
@@ -127,7 +130,8 @@ def makeService(options, reactor=None):
     rrp.startups = StartupGate(bounds, reactor, rrp.relay.refusals)
     # TLS under a gate that bounds connections not through TLS yet (MaxStartups)
     gated = StartupGateFactory(TLSMemoryBIOFactory(options["tls"], False, factory), rrp.startups)
-    listener = PausingTCPServer(port, gated, interface=host, reactor=reactor, budget=rrp.files)
+    listener = PausingTCPServer(port, gated, interface=host, reactor=reactor, budget=rrp.files,
+                                reusePort=shard.sharded)
     listener.optionName = "--listen"
     listener.setServiceParent(top)
     addStatusEndpoint(top, reactor, options["status"], top)

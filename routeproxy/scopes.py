@@ -6,7 +6,7 @@ per pptpd address (``R``): each server chooses its own IDs, so only (address, ke
 call.  Both the session (to allocate) and the GRE demultiplexer (to look up) ask the same
 object, so the rule is written once.
 """
-from routeproxy.callids import CallIDSpace
+from routeproxy.callids import FIRST_ID, LAST_ID, CallIDSpace
 
 
 class SharedScope:
@@ -31,14 +31,16 @@ class SharedScope:
 class PerServerScopes:
     """One space per peer address, made on first use (the RRP's servers: few, configured)."""
 
-    def __init__(self, name="RRP"):
+    def __init__(self, name="RRP", first=FIRST_ID, last=LAST_ID):
         self.name = name
+        self.first, self.last = first, last   # a shard's range (routeproxy.shard)
         self._spaces = {}
 
     def space_for(self, address):
         space = self._spaces.get(address)
         if space is None:
-            space = self._spaces[address] = CallIDSpace(f"{self.name} towards {address}")
+            space = self._spaces[address] = CallIDSpace(f"{self.name} towards {address}",
+                                                        self.first, self.last)
         return space
 
     def lookup(self, address):

@@ -52,12 +52,13 @@ class GREPortService(Service):
         return self.port.stopListening()
 
 
-def greOpener(parent, reactor, localAddresses, interface, maxSojourn=0.005):
+def greOpener(parent, reactor, localAddresses, interface, maxSojourn=0.005, shard=None):
     """An ``openGREPort(receiver)`` for a daemon: the port it opens runs under *parent*."""
     from routeproxy.greport import GREPort
 
     def openGREPort(receiver):
-        port = GREPort(receiver, localAddresses, interface=interface, reactor=reactor, maxSojourn=maxSojourn)
+        port = GREPort(receiver, localAddresses, interface=interface, reactor=reactor, maxSojourn=maxSojourn,
+                       shard=shard)
         GREPortService(port, reactor).setServiceParent(parent)
         return port
 

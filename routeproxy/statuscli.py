@@ -93,7 +93,10 @@ def _summary(snap, role):
     drops = sum(number(n) for n in (snap.get("drops") or {}).values())
     sessions = snap["sessions"]
     calls = sum(len(s.get("calls") or ()) for s in sessions if isinstance(s, dict))
-    return f"{role.upper()}: {link_text}; {len(sessions)} sessions, {calls} calls, {drops} GRE dropped"
+    shard = snap.get("shard")
+    name = role.upper() + (f" shard {shard} (IDs {snap.get('first_id')}-{snap.get('last_id')})"
+                           if shard and shard != "0/1" else "")
+    return f"{name}: {link_text}; {len(sessions)} sessions, {calls} calls, {drops} GRE dropped"
 
 
 

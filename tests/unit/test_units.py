@@ -34,7 +34,8 @@ class UnitTests(unittest.TestCase):
         self.assertEqual((result.returncode, result.stdout + result.stderr), (0, ""))
 
     def test_only_the_needed_capabilities(self):
-        self.assertEqual(self.units(), ["routeproxy-lrp.service", "routeproxy-rrp.service"])
+        self.assertEqual(self.units(), ["routeproxy-lrp.service", "routeproxy-lrp@.service",
+                                         "routeproxy-rrp.service", "routeproxy-rrp@.service"])
         for name in self.units():
             with open(os.path.join(UNITS, name)) as f:
                 lines = dict(line.split("=", 1) for line in f.read().splitlines()
@@ -46,3 +47,6 @@ class UnitTests(unittest.TestCase):
             self.assertIn("-HUP", lines["ExecReload"])
             self.assertIn("--check", lines["ExecStartPre"])
             self.assertIn("LimitNOFILE", lines)
+            if "@" in name:   # a shard template (docs/multiworker.md): the instance is the shard
+                self.assertIn("--shard %i/${SHARDS}", lines["ExecStart"])
+                self.assertIn("--shard %i/${SHARDS}", lines["ExecStartPre"])
