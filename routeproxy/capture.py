@@ -17,7 +17,7 @@ import ctypes
 import socket
 import struct
 
-from zope.interface import Interface, implementer
+from zope.interface import Attribute, Interface, implementer
 
 IPPROTO_GRE = 47
 SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)
@@ -64,6 +64,10 @@ class ICapture(Interface):
 
     def read(budget, callback):
         """Call ``callback(timestamp, frame)`` for up to *budget* frames; return how many."""
+
+    drainsOnShortRead = Attribute(
+        "True if read() returning fewer than *budget* frames means none are left (so the "
+        "port need not ask again); False for a capture that hands over one buffer at a time.")
 
     def setFilter(bpf):
         """Capture only what the BPF expression *bpf* matches (GREIOError if it is bad)."""
@@ -151,6 +155,10 @@ def attachDropAll(sock):
 class PcapCapture:
     """A non-blocking pypcap handle: ``read(budget, callback)`` -> packets handled (0: none left)."""
 
+    # Linux's mmap ring: pcap_dispatch hands over every frame up to its count, and a call on
+    # an empty ring still costs a poll().
+    drainsOnShortRead = True
+
     def __init__(self, interface, snaplen, bufferSize, bpf):
         import pcap
 
@@ -204,6 +212,8 @@ class RawSocketCapture:
     The kernel hands it every GRE packet for any local address, reassembled; the port
     filters the destination itself.  It also keeps the kernel from answering ICMP.
     """
+
+    drainsOnShortRead = True  # read() stops early only at EAGAIN
 
     def __init__(self, system, maxPacketSize, bufferSize):
         self._sock = system.openRawSocket()

@@ -340,6 +340,7 @@ class GREPort(abstract.FileDescriptor):
             self._head = 0.0
         budget = self.maxPacketsPerRead
         read, handle = self._capture.read, self._frameReceived
+        drained = self._capture.drainsOnShortRead
         self._reading = True  # a receiver may stop the port from inside greReceived
         self._turn.begin()  # the mux writes this wake-up's frames as it ends, not a turn later
         try:
@@ -348,8 +349,8 @@ class GREPort(abstract.FileDescriptor):
                     n = read(budget, handle)
                 except OSError as e:
                     return e  # the reactor stops reading and calls connectionLost
-                if n <= 0:
-                    break
+                if n <= 0 or (n < budget and drained):
+                    break  # empty: asking again would cost a call (and pcap a poll())
                 budget -= n
         finally:
             self._reading = False

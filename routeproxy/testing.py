@@ -25,7 +25,7 @@ class MemoryCapture:
 
     def __init__(self, datalink=DLT_EN10MB, batch=32):
         self._datalink = datalink
-        self.batch = batch  # frames one read() returns at most, like one pcap buffer
+        self.batch = batch  # frames one read() returns at most, like one pcap buffer; None: all
         self.frames = collections.deque()
         self.filters = []
         self.readCalls = 0
@@ -33,6 +33,10 @@ class MemoryCapture:
         self.closed = False
         self.error = None  # an OSError to raise from the next read
         self.timestamp = 0.0  # what read() hands over as each frame's capture time (0: none)
+
+    @property
+    def drainsOnShortRead(self):
+        return self.batch is None  # Linux's pcap ring; a batch models one buffer per read
 
     def fileno(self):
         return -1
@@ -46,7 +50,8 @@ class MemoryCapture:
             error, self.error = self.error, None
             raise error
         n = 0
-        while self.frames and n < min(budget, self.batch):
+        limit = budget if self.batch is None else min(budget, self.batch)
+        while self.frames and n < limit:
             callback(self.timestamp, self.frames.popleft())
             n += 1
         return n

@@ -328,14 +328,18 @@ class MuxConnection:
             return
         chunks = self._control + self._gre if self._gre else self._control
         # a GRE frame is two chunks (head, payload): see _queueGRE
+        written, sample = self._pendingBytes, self._unsent
         self.stats.framesOut += len(self._control) + self._greFrames
-        self.stats.bytesOut += self._pendingBytes
+        self.stats.bytesOut += written
         self._control, self._gre, self._pendingBytes, self._greFrames = [], [], 0, 0
         self._link.writeFrames(chunks)
         self._unsent = None  # the reactor may send some before the next turn: sample again
-        unsent = self._link.sendBufferSize()
-        if unsent > self.config.maxSendBuffer:
-            self._dropSlowPeer(f"{unsent} bytes unsent (limit {self.config.maxSendBuffer})")
+        # The turn's sample plus what it wrote bounds the unsent bytes now (they only
+        # shrink otherwise): the link is asked only when that bound is over the limit.
+        if sample is None or sample + written > self.config.maxSendBuffer:
+            unsent = self._link.sendBufferSize()
+            if unsent > self.config.maxSendBuffer:
+                self._dropSlowPeer(f"{unsent} bytes unsent (limit {self.config.maxSendBuffer})")
 
     def _dropSlowPeer(self, why):
         """The peer does not read what we send: its buffer would grow without bound."""

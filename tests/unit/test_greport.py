@@ -229,6 +229,21 @@ class MemoryPortTests(unittest.SynchronousTestCase):
         self.assertEqual([p[2][12:] for p in self.receiver.packets], [b"%d" % i for i in range(250)])
         self.assertEqual(port.stats.reads, 3)
 
+    def test_a_draining_capture_is_read_once_per_wake_up(self):
+        """A capture whose short read means "empty" (Linux's pcap ring, the raw socket) is not
+        asked again in the same wake-up: on pcap that call would cost a poll() for nothing."""
+        port = self.port()
+        self.capture.batch = None
+        self.feed(*[frame(DLT_EN10MB, ipv4(SENDER, RECEIVER, enhanced_gre(1, b"%d" % i)))
+                    for i in range(5)])
+        port.doRead()
+        self.assertEqual((len(self.receiver.packets), self.capture.readCalls), (5, 1))
+        port.maxPacketsPerRead = 3  # a full read may leave more: it is asked again next wake-up
+        self.feed(*[frame(DLT_EN10MB, ipv4(SENDER, RECEIVER, enhanced_gre(1, b"x")))
+                    for i in range(4)])
+        port.doRead()
+        self.assertEqual((len(self.receiver.packets), self.capture.readCalls), (8, 2))
+
     def test_held_flush_runs_once_as_the_read_ends(self):
         """What a receiver holds with routeproxy.turn during a wake-up runs once, after the
         wake-up's last packet went up (the mux's one write per wake-up)."""

@@ -470,6 +470,23 @@ class GRESendTests(Base):
         self.conn.flush()
         self.assertTrue(session.sendGRE(5, 9, None, bytes(400)))
 
+    def test_sendBufferCapSeenThroughGRETurns(self):
+        """A flush asks the link only when the turn's sample plus what it wrote could be over
+        maxSendBuffer: a peer that stops reading is still dropped once GRE fills its buffer."""
+        self.conn = self.makeConnection(MuxConfig(greWatermark=1 << 30, maxSendBuffer=20000))
+        session, _ = self.openSession()
+        self.link.peerReads = False
+        for turn in range(20):
+            for seq in range(4):
+                session.sendGRE(5, seq, None, bytes(400))
+            self.clock.advance(0)
+            if self.link.aborted:
+                break
+        self.assertTrue(self.link.aborted)
+        self.assertEqual(self.conn.linkDrops["not_reading"], 1)
+        self.assertGreater(self.link.buffered, 20000)
+        self.assertLess(self.link.buffered, 20000 + 4 * 420)  # the turn that crossed it
+
     def test_watermarkSeesTheBufferDrainWithoutAFlush(self):
         """The send buffer is asked once per turn, not per packet (issue 13): a turn whose
         GRE was all dropped queues nothing and flushes nothing, yet once the reactor has
