@@ -92,7 +92,7 @@ def table(results, settings):
             for fraction in ("10%", "50%", "90%"):
                 lat = ((entry.get("latency") or {}).get(fraction) or {}).get("latency_us") or {}
                 cells.append("/".join(_fmt(lat.get(k), ".0f") for k in ("p50", "p99", "p99.9")) if lat else "-")
-            mark = "*" if best.get("target_pps") == 0 else " "
+            mark = "*" if best.get("target_pps") == 0 else "?" if best.get("confirmed") is False else " "
             lines.append(f"{name:15}{mark} {best['delivered_pps']:9.0f} {best['mbps']:8.1f} {_fmt(ratio, '8.2f'):>8}  "
                          f"{cells[0]:>30} {cells[1]:>20} {cells[2]:>20}")
         other = []
@@ -112,6 +112,7 @@ def table(results, settings):
                              + "; CPU %: " + ", ".join(f"{k} {v:.0f}" for k, v in (cpu.get("cpu_percent") or {}).items()))
     if any(result for _, result in paths):
         lines.append("* no loss flat out: the path kept up with the generator, its own limit is higher")
+        lines.append("? unconfirmed: the rate found lost > 0.1 % when run again, and so did 10 % and 19 % less")
     scale = (results.get("proxy") or {}).get("scale") or {}
     if scale.get("rows"):
         direct = scale.get("direct") or {}
