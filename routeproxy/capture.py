@@ -122,19 +122,6 @@ def greFilter(localAddresses, shardClause=None):
     return f"{expression} and {shardClause}" if shardClause else expression
 
 
-class ShardReceiver:
-    """A shard's receiver: later fragments reach every shard (they carry no call ID), so
-    they are taken without asking *receiver*; the shard's reassembler keeps only those whose
-    first fragment it holds (``Reassembler(tails_open=False)``).  GRE goes straight through."""
-
-    def __init__(self, receiver):
-        self.greReceived = receiver.greReceived   # the bound method itself: no hop per packet
-        self._acceptsFragment = receiver.acceptsFragment
-
-    def acceptsFragment(self, src, dst, head):
-        return head is None or self._acceptsFragment(src, dst, head)
-
-
 def packedAddress(address):
     """*address* (a dotted quad) as 4 bytes, or None if it is not one."""
     try:

@@ -40,7 +40,7 @@ from zope.interface import Interface, implementer
 from routeproxy import ipfrag, sojourn, turn
 from routeproxy.capture import (
     IP_MTU_DISCOVER, IP_PMTUDISC_DONT, IPPROTO_GRE, LINK_LAYERS, GREIOError, RawSocketCapture,
-    RealGRESystem, ShardReceiver, attachDropAll, greFilter, packedAddress,
+    RealGRESystem, attachDropAll, greFilter, packedAddress,
 )
 
 # version/IHL, TOS, total length, id, flags/fragment offset, TTL, protocol, checksum, src, dst
@@ -123,6 +123,20 @@ class GREStats:
             "reads": self.reads, "fragments": self.fragments, "reassembled": self.reassembled,
             "dropped": dict(self.dropped),
         }
+
+
+@implementer(IGREReceiver)
+class ShardReceiver:
+    """A shard's receiver: later fragments reach every shard (they carry no call ID), so
+    they are taken without asking *receiver*; the shard's reassembler keeps only those whose
+    first fragment it holds (``Reassembler(tails_open=False)``).  GRE goes straight through."""
+
+    def __init__(self, receiver):
+        self.greReceived = receiver.greReceived   # the bound method itself: no hop per packet
+        self._acceptsFragment = receiver.acceptsFragment
+
+    def acceptsFragment(self, src, dst, head):
+        return head is None or self._acceptsFragment(src, dst, head)
 
 
 # -- the port ----------------------------------------------------------------------------------
