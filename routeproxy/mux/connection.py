@@ -324,16 +324,17 @@ class MuxConnection:
             if self._flushCall.active():
                 self._flushCall.cancel()
             self._flushCall = None
+        # the turn is over: the reactor may send some before the next one, so sample again
+        sample, self._unsent = self._unsent, None
         if not (self._control or self._gre) or self._link is None:
             return
         chunks = self._control + self._gre if self._gre else self._control
         # a GRE frame is two chunks (head, payload): see _queueGRE
-        written, sample = self._pendingBytes, self._unsent
+        written = self._pendingBytes
         self.stats.framesOut += len(self._control) + self._greFrames
         self.stats.bytesOut += written
         self._control, self._gre, self._pendingBytes, self._greFrames = [], [], 0, 0
         self._link.writeFrames(chunks)
-        self._unsent = None  # the reactor may send some before the next turn: sample again
         # The turn's sample plus what it wrote bounds the unsent bytes now (they only
         # shrink otherwise): the link is asked only when that bound is over the limit.
         if sample is None or sample + written > self.config.maxSendBuffer:
@@ -381,7 +382,8 @@ class MuxConnection:
         elif self._pendingBytes + (self._unsent if self._unsent is not None else
                                    self._sampleUnsent()) >= self.config.greWatermark:
             reason = "watermark"
-            self._unsent = None  # nothing queued, so no flush resets it: ask again next time
+            if not self._inBatch and self._flushCall is None:
+                self._scheduleFlush()  # nothing queued, but the turn's end must forget the sample
         else:
             # _queue inlined for the per-packet frame (a session is only open once the
             # link is ready, so nothing is held).  The payload is not copied into a new
@@ -401,9 +403,10 @@ class MuxConnection:
         return False
 
     def _sampleUnsent(self):
-        """The link's unsent bytes, asked once per turn, not per packet: until this turn's
-        flush (which forgets the sample) only the frames counted in _pendingBytes add to
-        them, and a drain by the reactor in between only errs towards dropping."""
+        """The link's unsent bytes, asked once per turn, not per packet (nor per dropped
+        packet: an overload must not cost a system call per drop).  Until the turn's flush,
+        which forgets the sample, only the frames counted in _pendingBytes add to them, and
+        a drain by the reactor in between only errs towards dropping."""
         self._unsent = self._link.sendBufferSize()
         return self._unsent
 

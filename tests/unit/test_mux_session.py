@@ -488,21 +488,25 @@ class GRESendTests(Base):
         self.assertLess(self.link.buffered, 20000 + 4 * 420)  # the turn that crossed it
 
     def test_watermarkSeesTheBufferDrainWithoutAFlush(self):
-        """The send buffer is asked once per turn, not per packet (issue 13): a turn whose
-        GRE was all dropped queues nothing and flushes nothing, yet once the reactor has
-        drained the buffer the next packet goes."""
+        """The send buffer is asked once per turn, not per packet nor per drop (issue 13): a
+        turn whose GRE was all dropped queues nothing, yet its end forgets the sample, so once
+        the reactor has drained the buffer the next turn's packet goes."""
         self.conn = self.makeConnection(MuxConfig(greWatermark=4000))
         session, _ = self.openSession()
         self.link.buffered = 5000
         self.assertFalse(session.sendGRE(5, 1, None, bytes(400)))
-        self.link.buffered = 0  # the reactor wrote it out; no flush of ours in between
-        self.assertTrue(session.sendGRE(5, 2, None, bytes(400)))
-        self.link.buffered = 3800  # within the turn the first sample stands, ours are added
+        self.link.buffered = 0  # the reactor wrote it out
+        self.assertFalse(session.sendGRE(5, 2, None, bytes(400)))  # the turn's sample stands
+        self.assertEqual(self.link.writes[1:], [])
+        self.clock.advance(0)  # the turn ends: nothing to write, the sample is forgotten
+        self.assertEqual(self.link.writes[1:], [])
         self.assertTrue(session.sendGRE(5, 3, None, bytes(400)))
+        self.link.buffered = 3800  # within the turn the first sample stands, ours are added
+        self.assertTrue(session.sendGRE(5, 4, None, bytes(400)))
         self.clock.advance(0)  # the flush: the next turn asks the link again
         self.link.buffered = 4100
-        self.assertFalse(session.sendGRE(5, 4, None, bytes(400)))
-        self.assertEqual(self.conn.stats.greDropped["watermark"], 2)
+        self.assertFalse(session.sendGRE(5, 5, None, bytes(400)))
+        self.assertEqual(self.conn.stats.greDropped["watermark"], 3)
 
     def test_droppedWhenNotOpenOrTooLarge(self):
         session = self.conn.openSession("office", "", Receiver())
