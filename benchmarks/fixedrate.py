@@ -100,9 +100,7 @@ def main(argv=None):
                 spy.wait()
             spies = []
     finally:
-        proxy.close()
-        lab.cleanup()
-        shutil.rmtree(proxy.workdir, ignore_errors=True)
+        topology.tear_down(proxy, lab)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import tempfile
 import time
 
 from benchmarks import measure
-from benchmarks.topology import four_namespaces, measure_throughput
+from benchmarks.topology import four_namespaces, measure_throughput, tear_down
 from tests.support import daemons, netns
 from tests.support.wait import HarnessError, wait_until
 
@@ -143,8 +143,6 @@ def run(settings, log=print, variants=None):
             results[variant] = {"error": str(e)}
             log(f"openvpn {variant}: FAILED: {e}")
         finally:
-            ovpn.close()
-            lab.cleanup()
-            shutil.rmtree(ovpn.workdir, ignore_errors=True)
+            tear_down(ovpn, lab)
         results[variant]["seconds"] = time.monotonic() - started
     return results

@@ -132,6 +132,13 @@ def by_role(values):
     return out
 
 
+def tear_down(path, lab):
+    """Stop what a path started (daemons, peers), its namespaces and its work directory."""
+    path.close()
+    lab.cleanup()
+    shutil.rmtree(path.workdir, ignore_errors=True)
+
+
 def raise_fd_limit(want=65536):
     """Raise RLIMIT_NOFILE (inherited by the daemons) for the session-scale runs."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -416,8 +423,6 @@ def run(settings, log=print, parts=PARTS):
             for daemon in proxy.daemons.values():
                 log(daemon.describe()[-1500:])
         finally:
-            proxy.close()
-            lab.cleanup()
-            shutil.rmtree(proxy.workdir, ignore_errors=True)
+            tear_down(proxy, lab)
         results[part]["seconds"] = time.monotonic() - started
     return results
