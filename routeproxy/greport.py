@@ -520,6 +520,7 @@ class GREPort(abstract.FileDescriptor):
         result["reassembling"] = len(self._reassembler)  # datagrams waiting for fragments
         result["capture_up"] = bool(self.connected)
         result["capture_failures"] = self.stats.captureFailures
+        result["fragments_duplicate"] = self._reassembler.duplicates  # a bridge's second copy
         if self._shardClause:
             result["fragments_other_shard"] = self._reassembler.foreign
         if self._capture is not None:

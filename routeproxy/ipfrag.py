@@ -17,7 +17,10 @@ It is bounded in every direction, because fragments are cheap for anyone to send
 * a datagram not complete ``timeout`` seconds after its first fragment is dropped
   (``reassembly_timeout``), checked whenever a fragment arrives or ``expire`` is called;
 * fragments may come in any order; an exact duplicate, or an overlap carrying the same
-  bytes, is ignored; an overlap carrying *different* bytes drops the whole datagram
+  bytes, is ignored, and so is a fragment of one of the last ``max_datagrams`` datagrams
+  already put back together (``duplicates``): pcap on "any" sees a packet that crosses a
+  bridge twice (on the port, then on the bridge), and each late copy would otherwise open a
+  datagram that never completes and count against its source's ``max_per_source``; an overlap carrying *different* bytes drops the whole datagram
   (``reassembly_overlap``), as RFC 5722 requires for IPv6: two readings of one datagram
   cannot both be right, and choosing one is how overlap attacks work.
 
@@ -81,7 +84,9 @@ class Reassembler:
         self.reassembled = 0
         self.tails_open = tails_open
         self.foreign = 0  # later fragments passed over (tails_open=False)
+        self.duplicates = 0  # fragments of a datagram already put back together
         self._partials = collections.OrderedDict()  # key -> _Partial, oldest first
+        self._completed = collections.OrderedDict()  # key -> None, the last max_datagrams done
         self._per_source = collections.Counter()    # source -> datagrams in progress
 
     def __len__(self):
@@ -100,6 +105,9 @@ class Reassembler:
             return None
         partial = self._partials.get(key)
         if partial is None:
+            if key in self._completed:
+                self.duplicates += 1
+                return None
             if offset and not self.tails_open:
                 self.foreign += 1
                 return None
@@ -120,6 +128,10 @@ class Reassembler:
         if whole is not None:
             self._forget(key)
             self.reassembled += 1
+            completed = self._completed
+            completed[key] = None
+            if len(completed) > self.max_datagrams:
+                completed.popitem(last=False)
         return whole
 
     def _forget(self, key):

@@ -20,8 +20,10 @@ import subprocess
 import tempfile
 import time
 
-UML_BINARY = "/usr/bin/linux.uml"
-UML_MODULES = "/usr/lib/uml/modules"
+# ROUTEPROXY_UML_KERNEL names a UML kernel of one's own (routeproxy/lab/kernel.py builds one
+# with everything the lab loads built in, so it has no modules); else Debian's package.
+UML_BINARY = os.environ.get("ROUTEPROXY_UML_KERNEL") or "/usr/bin/linux.uml"
+UML_MODULES = None if os.environ.get("ROUTEPROXY_UML_KERNEL") else "/usr/lib/uml/modules"
 
 # where the run's host work directory appears inside UML
 GUEST_WORK = "/run/lab"
@@ -71,7 +73,7 @@ def uml_available():
     """
     if not os.access(UML_BINARY, os.X_OK):
         return f"{UML_BINARY} not found (apt-get install user-mode-linux)"
-    if not modules_version():
+    if UML_MODULES and not modules_version():
         return f"no UML kernel modules under {UML_MODULES}"
     if not _boot_probe:
         _boot_probe.append(_probe_boot())
@@ -103,7 +105,7 @@ def _probe_boot(timeout=60):
 def modules_version():
     """The UML kernel version whose modules are installed (e.g. '6.1.176')."""
     try:
-        versions = sorted(os.listdir(UML_MODULES))
+        versions = sorted(os.listdir(UML_MODULES or ""))
     except OSError:
         return None
     return versions[-1] if versions else None
@@ -189,6 +191,8 @@ def module_load_order(names, version=None):
     hosts, busybox's modprobe only looks in /lib/modules, and every exec inside
     UML costs tens of milliseconds, so the guest just runs the insmods.
     """
+    if UML_MODULES is None:
+        return []  # a kernel with everything built in (ROUTEPROXY_UML_KERNEL)
     version = version or modules_version()
     root = os.path.join(UML_MODULES, version)
     deps = {}

@@ -1,0 +1,124 @@
+"""A UML kernel for the lab, built from Debian's kernel source, for hosts where the packaged one cannot boot.
+
+``python -m routeproxy.lab.kernel [--dest DIR] [--jobs N]`` (root, ~20 minutes on 2 cores)
+writes DIR/linux (default :data:`DEFAULT_DEST`); the lab then runs on it when
+``ROUTEPROXY_UML_KERNEL`` names it (``make uml-kernel`` does both steps' first half and says
+the second).
+
+Why: Debian 12's user-mode-linux (6.1) and Debian 13's (6.12) die at their first process on a
+host kernel that demands a full-size XSAVE buffer in ``PTRACE_SETREGSET`` (6.18 on a CPU with
+AMX: "ptrace set fp regs failed, errno = 14").  Debian unstable's 7.2 boots there, but its
+packaged build has no netfilter NAT, which the lab's NAT needs.  So this takes unstable's
+``linux-source`` package, configures UML (``defconfig``) with everything the lab loads as
+modules on Debian's kernel built in (PPP with MPPE, veth, bridge, legacy iptables with the
+filter, nat and raw tables, MASQUERADE, REJECT, CT, conntrack with the PPTP helper), and no
+module support at all, so the guest loads nothing.
+"""
+import argparse
+import lzma
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import urllib.request
+
+MIRROR = "http://deb.debian.org/debian"
+SUITE = "sid"
+SOURCE_PACKAGE = "linux-source-7.2"
+DEFAULT_DEST = "/var/lib/routeproxy/uml"
+BUILD_PACKAGES = ("build-essential", "flex", "bison", "bc", "xz-utils")
+
+#: Kconfig symbols the lab needs, built in (what routeproxy.lab.topology loads as modules on
+#: Debian's kernel, the guest's namespaces and file systems, and what the daemons use inside).
+OPTIONS = (
+    "NET_NS", "UTS_NS", "IPC_NS", "PID_NS", "HOSTFS", "TMPFS", "DEVTMPFS", "UNIX98_PTYS",
+    "UNIX", "INET", "PACKET", "BPF", "BPF_SYSCALL", "EPOLL", "SIGNALFD", "TIMERFD", "EVENTFD",
+    "INOTIFY_USER", "FUTEX", "SYSVIPC", "PROC_FS", "SYSFS",
+    "PPP", "PPP_ASYNC", "PPP_SYNC_TTY", "PPP_DEFLATE", "PPP_BSDCOMP", "PPP_MPPE",
+    "CRYPTO_SHA1", "CRYPTO_ARC4", "CRYPTO_ECB", "VETH", "BRIDGE", "TUN",
+    "NETFILTER", "NETFILTER_ADVANCED", "NF_CONNTRACK", "NF_NAT", "NETFILTER_XTABLES",
+    "NETFILTER_XTABLES_LEGACY", "IP_NF_IPTABLES", "IP_NF_IPTABLES_LEGACY", "IP_NF_FILTER",
+    "IP_NF_NAT", "IP_NF_RAW", "IP_NF_TARGET_MASQUERADE", "NETFILTER_XT_TARGET_MASQUERADE",
+    "IP_NF_TARGET_REJECT", "NF_REJECT_IPV4", "NETFILTER_XT_TARGET_CT", "NETFILTER_XT_NAT",
+    "NF_CONNTRACK_PPTP", "NF_NAT_PPTP",
+)
+
+
+class KernelBuildError(Exception):
+    """The kernel could not be fetched, configured or built (one line)."""
+
+
+def source_url(mirror=MIRROR, suite=SUITE, package=SOURCE_PACKAGE):
+    """The .deb of *package* in *suite*, from the archive's package index."""
+    index = f"{mirror}/dists/{suite}/main/binary-all/Packages.xz"
+    with urllib.request.urlopen(index, timeout=60) as response:
+        text = lzma.decompress(response.read()).decode("utf-8", "replace")
+    for stanza in text.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in stanza.splitlines() if ": " in line)
+        if fields.get("Package") == package:
+            return f"{mirror}/{fields['Filename']}"
+    raise KernelBuildError(f"{package} is not in {suite} at {mirror}")
+
+
+def _run(argv, cwd, log):
+    result = subprocess.run(argv, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+    if result.returncode:
+        raise KernelBuildError(f"{' '.join(argv)} failed (exit {result.returncode}); see {log.name}")
+
+
+def configure(tree, log):
+    """``defconfig`` for UML plus :data:`OPTIONS` built in and modules off; checked after."""
+    _run(["make", "ARCH=um", "defconfig"], tree, log)
+    enable = [arg for option in OPTIONS for arg in ("--enable", option)]
+    _run(["scripts/config", *enable, "--disable", "MODULES"], tree, log)
+    _run(["make", "ARCH=um", "olddefconfig"], tree, log)
+    with open(os.path.join(tree, ".config")) as f:
+        config = f.read()
+    missing = [o for o in OPTIONS if f"CONFIG_{o}=y" not in config]
+    if missing:
+        raise KernelBuildError(f"the kernel source does not offer {', '.join(missing)}")
+
+
+def build(dest=DEFAULT_DEST, jobs=None, work=None, say=print):
+    """Fetch, configure and build; returns the path of the kernel (DEST/linux)."""
+    jobs = jobs or (os.cpu_count() or 1) + 1
+    os.makedirs(dest, exist_ok=True)
+    work = work or tempfile.mkdtemp(prefix="routeproxy-uml-build-", dir="/var/tmp")
+    log_path = os.path.join(dest, "build.log")
+    with open(log_path, "w") as log:
+        url = source_url()
+        say(f"fetching {url}")
+        deb = os.path.join(work, "source.deb")
+        with urllib.request.urlopen(url, timeout=600) as response, open(deb, "wb") as out:
+            shutil.copyfileobj(response, out)
+        _run(["dpkg-deb", "-x", deb, work], work, log)
+        tarball = os.path.join(work, "usr", "src", f"{SOURCE_PACKAGE}.tar.xz")
+        _run(["tar", "xf", tarball], work, log)
+        tree = os.path.join(work, SOURCE_PACKAGE)
+        say(f"configuring and building UML in {tree} ({jobs} jobs, log {log_path})")
+        configure(tree, log)
+        _run(["make", "ARCH=um", f"-j{jobs}", "linux"], tree, log)
+    kernel = os.path.join(dest, "linux")
+    shutil.copy2(os.path.join(tree, "linux"), kernel)
+    shutil.rmtree(work, ignore_errors=True)
+    return kernel
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m routeproxy.lab.kernel",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dest", default=DEFAULT_DEST, help=f"where to put it [{DEFAULT_DEST}]")
+    parser.add_argument("--jobs", type=int, help="parallel compile jobs [CPUs + 1]")
+    args = parser.parse_args(argv)
+    try:
+        kernel = build(args.dest, args.jobs)
+    except (KernelBuildError, OSError) as e:
+        print(f"routeproxy.lab.kernel: {e}", file=sys.stderr)
+        return 2
+    print(f"built {kernel}; run the lab on it with ROUTEPROXY_UML_KERNEL={kernel}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
