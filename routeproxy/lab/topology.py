@@ -370,11 +370,16 @@ HANGUP = r"""
 # client 1's other tunnels, on the same control connection), pptpd (and the
 # proxies) must clear its call, and it must be able to dial again
 H=c1; [ $N -gt 1 ] && H=c1-1
-# pptpd's calls: one pptpctrl per control connection; with N > 1 (a control
-# connection may carry several calls) its pppd: every pppd not started by `call`
+# pptpd's calls: the pppd processes whose parent is a pptpctrl (one per call,
+# however many calls a control connection carries)
 pptpd_calls() {{
-  if [ $N -eq 1 ]; then busybox ps | grep -c '[p]ptpctrl'
-  else busybox ps | grep '[p]ppd' | grep -vc ' call '; fi
+  n=0
+  for d in /proc/[0-9]*; do
+    [ "$(cat $d/comm 2>/dev/null)" = pppd ] || continue
+    set -- $(cat $d/stat 2>/dev/null)
+    [ "$(cat /proc/$4/comm 2>/dev/null)" = pptpctrl ] && n=$((n + 1))
+  done
+  echo $n
 }}
 calls_before=$(pptpd_calls)
 p=$(pppd_pid $H)

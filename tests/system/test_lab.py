@@ -290,9 +290,12 @@ class CallsPerClientLabTests(unittest.SynchronousTestCase):
     assertAllUp = LabTests.assertAllUp
     assertTransfers = LabTests.assertTransfers
 
-    def test_direct_serves_one_of_three(self):
+    def test_direct_serves_at_most_one_of_three(self):
+        """Real pptpd closes the open call on each further Outgoing-Call-Request of the same
+        control connection ("Request to open call when call is already open, closing"); with
+        three in a row none stays up (0 of 3 here with pptpd 1.4), at best the last."""
         run = self.lab("direct", 1, calls_per_client=3)
-        self.assertEqual(run.pinged, 1, cli.format_table(run))
+        self.assertLessEqual(run.pinged, 1, cli.format_table(run))
 
     def test_proxy_splits_the_calls(self):
         run = self.lab("proxy", 1, calls_per_client=3, transfer_mb=BASELINE_MB, hangup=True, mtu=1400)
