@@ -3,17 +3,18 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := libpcap-dev tshark iproute2 iptables pptpd pptp-linux ppp user-mode-linux busybox tcpreplay haproxy systemd
+APT_PACKAGES := libpcap-dev tshark iproute2 iptables pptpd pptp-linux ppp user-mode-linux busybox tcpreplay haproxy systemd \
+                build-essential flex bison bc xz-utils
 TRIAL_JOBS ?= 2
 # trial's work directory; give each concurrent run in one checkout its own
 TRIAL_TEMP ?= _trial_temp
 TESTS ?= tests
 
-.PHONY: all deps apt venv test test-unit demo bench clean
+.PHONY: all deps apt venv uml-kernel test test-unit demo bench clean
 
 all: test
 
-deps: apt venv
+deps: apt venv uml-kernel
 
 # System packages: installed only when one is missing (apt-get update is slow).
 apt:
@@ -24,6 +25,10 @@ apt:
 	fi
 
 venv: $(VENV)/.installed
+
+# A UML kernel the lab can boot, built only where Debian's cannot (routeproxy/lab/kernel.py).
+uml-kernel: apt venv
+	$(PY) -m routeproxy.lab.kernel --if-needed
 
 # setup.cfg's package_dir ("" -> the checkout) makes the default editable install a plain .pth
 # with the checkout, so twistd finds twisted/plugins/ here (tests/system/test_packaging.py).

@@ -20,10 +20,22 @@ import subprocess
 import tempfile
 import time
 
-# ROUTEPROXY_UML_KERNEL names a UML kernel of one's own (routeproxy/lab/kernel.py builds one
-# with everything the lab loads built in, so it has no modules); else Debian's package.
-UML_BINARY = os.environ.get("ROUTEPROXY_UML_KERNEL") or "/usr/bin/linux.uml"
-UML_MODULES = None if os.environ.get("ROUTEPROXY_UML_KERNEL") else "/usr/lib/uml/modules"
+PACKAGED_BINARY = "/usr/bin/linux.uml"
+PACKAGED_MODULES = "/usr/lib/uml/modules"
+BUILT_BINARY = "/var/lib/routeproxy/uml/linux"   # routeproxy.lab.kernel's default output
+
+
+def _own_kernel():
+    """A UML kernel of one's own: ROUTEPROXY_UML_KERNEL, else the one routeproxy.lab.kernel
+    built (everything the lab loads is built in, so it has no modules); None: the package."""
+    named = os.environ.get("ROUTEPROXY_UML_KERNEL")
+    if named:
+        return named
+    return BUILT_BINARY if os.access(BUILT_BINARY, os.X_OK) else None
+
+
+UML_BINARY = _own_kernel() or PACKAGED_BINARY
+UML_MODULES = None if _own_kernel() else PACKAGED_MODULES
 
 # where the run's host work directory appears inside UML
 GUEST_WORK = "/run/lab"

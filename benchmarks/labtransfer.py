@@ -1,0 +1,54 @@
+"""`python -m benchmarks.labtransfer [--mb 4] [--rounds 3] [--clients 1]`: real peers, side by side.
+
+Issue 13's real-peer figure: the time real pptp-linux clients take to move *mb* MB each to a
+real pptpd in the UML lab (docs/lab.md), through the NAT with the kernel's PPTP helper
+(``nat-helper``: the kernel path, the baseline) and through LRP -> the same NAT -> RRP
+(``proxy``), interleaved, *rounds* of each.  Prints each run's seconds (the slowest client's,
+from its send to the sha256 check) and the proxy's time as a multiple of the helper's
+(median over the rounds).  Needs root and a UML the lab can boot.
+"""
+import argparse
+import statistics
+import sys
+
+from routeproxy.lab import cli, uml
+
+MODES = ("nat-helper", "proxy")
+
+
+def seconds_of(run):
+    """The slowest intact transfer of *run*, or None when one did not arrive intact."""
+    if len(run.transfers_ok()) != run.clients * run.calls_per_client:
+        return None
+    return max(float(t["seconds"]) for t in run.transfers.values())
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mb", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--clients", type=int, default=1)
+    args = parser.parse_args(argv)
+    reason = uml.uml_available()
+    if reason:
+        print(f"labtransfer: {reason}", file=sys.stderr)
+        return 2
+    times = {mode: [] for mode in MODES}
+    for round_ in range(args.rounds):
+        for mode in MODES:
+            run = cli.run_lab(mode, args.clients, transfer_mb=args.mb)
+            took = seconds_of(run)
+            print(f"round {round_ + 1} {mode:10} {args.clients} client(s) x {args.mb} MB: "
+                  + (f"{took:.2f} s" if took is not None else "FAILED\n" + cli.format_table(run)),
+                  flush=True)
+            if took is not None:
+                times[mode].append(took)
+    if all(times.values()):
+        helper, proxy = (statistics.median(times[m]) for m in MODES)
+        print(f"median: nat-helper {helper:.2f} s, proxy {proxy:.2f} s: proxy/helper x{proxy / helper:.2f} "
+              f"(per round: {', '.join(f'{p / h:.2f}' for h, p in zip(*times.values()))})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
