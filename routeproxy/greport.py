@@ -115,13 +115,14 @@ class GREStats:
         self.fragments = 0  # fragments taken into reassembly (pcap sees them before the kernel)
         self.captureFailures = 0  # captures lost while running (interface gone, read error)
         self.reassembled = 0  # datagrams put back together from them (and delivered as one)
+        self.duplicates = 0  # the same packet captured again at once (a bridge's second copy)
         self.dropped = collections.Counter()
 
     def asDict(self):
         return {
             "received": self.received, "delivered": self.delivered, "sent": self.sent,
             "reads": self.reads, "fragments": self.fragments, "reassembled": self.reassembled,
-            "dropped": dict(self.dropped),
+            "duplicates": self.duplicates, "dropped": dict(self.dropped),
         }
 
 
@@ -210,6 +211,7 @@ class GREPort(abstract.FileDescriptor):
         self._wallClock = wallClock  # the capture's timestamps are wall-clock time
         self._dropBefore = 0.0  # captured before this: dropped (set per wake-up by the gate)
         self._head = 0.0  # capture time of the last packet read
+        self._lastCopy, self._lastFrame, self._lastOffset = None, b"", 0  # for duplicates
         self._sources = {}  # packed -> str cache for greReceived's src
         self._senders = {}  # local source address -> bound raw socket
         self._capture = None
@@ -393,7 +395,7 @@ class GREPort(abstract.FileDescriptor):
             stats.dropped[DROP_NOT_IPV4] += 1
             return
         try:
-            versionIHL, _, total, ident, fragment, _, protocol, _, src, dst = _IPV4.unpack_from(frame, offset)
+            versionIHL, _, total, ident, fragment, _, protocol, checksum, src, dst = _IPV4.unpack_from(frame, offset)
         except struct.error:
             stats.dropped[DROP_TRUNCATED] += 1
             return
@@ -411,6 +413,15 @@ class GREPort(abstract.FileDescriptor):
         if end > len(frame):
             stats.dropped[DROP_TRUNCATED] += 1
             return
+        # pcap on "any" sees a packet that crosses a bridge twice, on the port and then on the
+        # bridge, one right after the other: the second copy is not sent on (it would double
+        # the link's traffic).  Header fields first; the bytes only when they match.
+        copy = (ident, checksum, src, total)
+        if copy == self._lastCopy and frame[offset:end] == self._lastFrame[self._lastOffset:
+                                                                          self._lastOffset + total]:
+            stats.duplicates += 1
+            return
+        self._lastCopy, self._lastFrame, self._lastOffset = copy, frame, offset
         dstName = self._local.get(dst)
         if dstName is None:
             stats.dropped[DROP_NOT_LOCAL] += 1
