@@ -211,7 +211,7 @@ class GREPort(abstract.FileDescriptor):
         self._wallClock = wallClock  # the capture's timestamps are wall-clock time
         self._dropBefore = 0.0  # captured before this: dropped (set per wake-up by the gate)
         self._head = 0.0  # capture time of the last packet read
-        self._lastCopy, self._lastFrame, self._lastOffset = None, b"", 0  # for duplicates
+        self._lastCopy, self._lastFrame = None, b""  # the packet before, for duplicates
         self._sources = {}  # packed -> str cache for greReceived's src
         self._senders = {}  # local source address -> bound raw socket
         self._capture = None
@@ -417,11 +417,10 @@ class GREPort(abstract.FileDescriptor):
         # bridge, one right after the other: the second copy is not sent on (it would double
         # the link's traffic).  Header fields first; the bytes only when they match.
         copy = (ident, checksum, src, total)
-        if copy == self._lastCopy and frame[offset:end] == self._lastFrame[self._lastOffset:
-                                                                          self._lastOffset + total]:
-            stats.duplicates += 1
+        if copy == self._lastCopy and frame[offset:end] == self._lastFrame[offset:end]:
+            stats.duplicates += 1  # (the link header's length is the port's: one offset)
             return
-        self._lastCopy, self._lastFrame, self._lastOffset = copy, frame, offset
+        self._lastCopy, self._lastFrame = copy, frame
         dstName = self._local.get(dst)
         if dstName is None:
             stats.dropped[DROP_NOT_LOCAL] += 1

@@ -34,8 +34,9 @@ def _own_kernel():
     return BUILT_BINARY if os.access(BUILT_BINARY, os.X_OK) else None
 
 
-UML_BINARY = _own_kernel() or PACKAGED_BINARY
-UML_MODULES = None if _own_kernel() else PACKAGED_MODULES
+_OWN_KERNEL = _own_kernel()
+UML_BINARY = _OWN_KERNEL or PACKAGED_BINARY
+UML_MODULES = None if _OWN_KERNEL else PACKAGED_MODULES
 
 # where the run's host work directory appears inside UML
 GUEST_WORK = "/run/lab"
@@ -204,7 +205,7 @@ def module_load_order(names, version=None):
     UML costs tens of milliseconds, so the guest just runs the insmods.
     """
     if UML_MODULES is None:
-        return []  # a kernel with everything built in (ROUTEPROXY_UML_KERNEL)
+        return []  # a kernel of one's own: everything built in
     version = version or modules_version()
     root = os.path.join(UML_MODULES, version)
     deps = {}
