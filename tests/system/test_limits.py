@@ -291,8 +291,11 @@ class FragmentFloodTests(LimitsTestCase):
                                     ident=ident)[:-1]   # never complete
         port = lambda: lab.lrp.status()["gre_port"]   # noqa: E731
         before, cpu_before, started = port(), lab.lrp.cpu_seconds(), time.monotonic()
-        for packet in packets:
+        for n, packet in enumerate(packets):
             raw.sendto(packet, (LRP[0], 0))
+            if n % 500 == 499:
+                time.sleep(0.05)  # a flood the capture ring holds even while CI starves the LRP:
+                                  # libpcap's drop count is not exact enough to balance the books
         report = lab.honest()                          # during the aftermath of the flood
         with contextlib.suppress(HarnessError):
             wait_until(lambda: port()["received"] - before["received"]
