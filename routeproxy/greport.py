@@ -218,6 +218,7 @@ class GREPort(abstract.FileDescriptor):
         self._loggedErrors = set()
         self._link = None
         self._reading = False
+        self._readTime = None  # the clock as this wake-up's first fragment read it
         self._stopping = False
 
     # -- addresses -----------------------------------------------------------------------------
@@ -370,6 +371,7 @@ class GREPort(abstract.FileDescriptor):
                 budget -= n
         finally:
             self._reading = False
+            self._readTime = None
             if gate is not None:
                 gate.observe(now, self._head)
             if not self.connected:
@@ -462,9 +464,13 @@ class GREPort(abstract.FileDescriptor):
             stats.dropped[DROP_FRAGMENT_NO_SESSION] += 1   # checked before anything is stored
             return
         stats.fragments += 1
+        now = self._readTime  # one clock read per wake-up: a fragment's timeout is seconds
+        if now is None:
+            now = self._clock()
+            if self._reading:
+                self._readTime = now
         gre = self._reassembler.add((src, dst, ident, IPPROTO_GRE), fragmentOffset,
-                                    fragment & _MORE_FRAGMENTS, data,
-                                    self._clock(), source=src)
+                                    fragment & _MORE_FRAGMENTS, data, now, source=src)
         if gre is None:
             return
         stats.reassembled += 1

@@ -284,6 +284,7 @@ class RecordingMuxLink:
     def __init__(self, peerReads=True):
         self.writes = []
         self.buffered = 0
+        self.asked = 0  # times sendBufferSize was called
         self.peerReads = peerReads
         self.lost = self.aborted = False
         self.decoder = frames.FrameDecoder(frames.MAX_MAX_PAYLOAD)
@@ -294,6 +295,7 @@ class RecordingMuxLink:
             self.buffered += sum(len(c) for c in chunks)
 
     def sendBufferSize(self):
+        self.asked += 1
         return self.buffered
 
     def loseConnection(self):

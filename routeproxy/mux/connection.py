@@ -149,6 +149,8 @@ class MuxConnection:
         self._greFrames = 0
         self._pendingBytes = 0
         self._unsent = None  # the link's unsent bytes as this turn's first GRE frame saw them
+        self._unsentAsked = False  # _unsent was asked of the link (else it is _unsentCeiling)
+        self._unsentCeiling = None  # no fewer unsent bytes than the link holds (None: unknown)
         self._heldUntilReady = []
         self._flushCall = None
         self._inBatch = False
@@ -325,8 +327,11 @@ class MuxConnection:
                 self._flushCall.cancel()
             self._flushCall = None
         # the turn is over: the reactor may send some before the next one, so sample again
-        sample, self._unsent = self._unsent, None
+        sample, self._unsent, self._unsentAsked = self._unsent, None, False
+        if sample is None:
+            sample = self._unsentCeiling
         if not (self._control or self._gre) or self._link is None:
+            self._unsentCeiling = sample
             return
         chunks = self._control + self._gre if self._gre else self._control
         # a GRE frame is two chunks (head, payload): see _queueGRE
@@ -335,10 +340,13 @@ class MuxConnection:
         self.stats.bytesOut += written
         self._control, self._gre, self._pendingBytes, self._greFrames = [], [], 0, 0
         self._link.writeFrames(chunks)
-        # The turn's sample plus what it wrote bounds the unsent bytes now (they only
-        # shrink otherwise): the link is asked only when that bound is over the limit.
-        if sample is None or sample + written > self.config.maxSendBuffer:
-            unsent = self._link.sendBufferSize()
+        # The turn's sample plus what it wrote (and TLS's few bytes per record) bounds the
+        # unsent bytes now: they only shrink otherwise.  The link is asked only when that
+        # bound is over the limit, and the bound carries over to the next turns.
+        self._unsentCeiling = ceiling = (None if sample is None else
+                                         sample + written + written // 512 + 64)
+        if ceiling is None or ceiling > self.config.maxSendBuffer:
+            self._unsentCeiling = unsent = self._link.sendBufferSize()
             if unsent > self.config.maxSendBuffer:
                 self._dropSlowPeer(f"{unsent} bytes unsent (limit {self.config.maxSendBuffer})")
 
@@ -380,7 +388,8 @@ class MuxConnection:
         elif len(payload) + 10 > self.maxOutPayload:
             reason = "too_large"
         elif self._pendingBytes + (self._unsent if self._unsent is not None else
-                                   self._sampleUnsent()) >= self.config.greWatermark:
+                                   self._turnUnsent()) >= self.config.greWatermark \
+                and not self._roomAfterAsking():
             reason = "watermark"
             if not self._inBatch and self._flushCall is None:
                 self._scheduleFlush()  # nothing queued, but the turn's end must forget the sample
@@ -402,13 +411,28 @@ class MuxConnection:
         self.stats.countDrop(reason)
         return False
 
-    def _sampleUnsent(self):
-        """The link's unsent bytes, asked once per turn, not per packet (nor per dropped
-        packet: an overload must not cost a system call per drop).  Until the turn's flush,
-        which forgets the sample, only the frames counted in _pendingBytes add to them, and
-        a drain by the reactor in between only errs towards dropping."""
-        self._unsent = self._link.sendBufferSize()
+    def _turnUnsent(self):
+        """The link's unsent bytes for this turn: asked at most once per turn, not per packet
+        (nor per dropped packet: an overload must not cost a system call per drop), and not
+        at all while the ceiling carried over from earlier turns leaves the watermark room
+        (a system call per wake-up is most of a light load's cost where they are dear, as
+        under UML).  Until the turn's flush, which forgets it, only the frames counted in
+        _pendingBytes add to them, and a drain by the reactor in between only errs towards
+        dropping."""
+        ceiling = self._unsentCeiling
+        if ceiling is None or self._pendingBytes + ceiling >= self.config.greWatermark:
+            self._unsent, self._unsentAsked = self._link.sendBufferSize(), True
+        else:
+            self._unsent = ceiling
         return self._unsent
+
+    def _roomAfterAsking(self):
+        """Over the watermark by the ceiling alone: ask the link once, and say whether the
+        frame fits after all."""
+        if self._unsentAsked:
+            return False
+        self._unsent, self._unsentAsked = self._link.sendBufferSize(), True
+        return self._pendingBytes + self._unsent < self.config.greWatermark
 
     def _forget(self, session):
         self.sessions.pop(session.id, None)
@@ -645,6 +669,8 @@ class MuxConnection:
                 self._link.abortConnection()
             return
         unsent = self._link.sendBufferSize() if self._link is not None else 0
+        if self._unsent is None:
+            self._unsentCeiling = unsent
         # Stalled: nothing left the buffer since the last tick (written minus waiting did not
         # grow).  Not "unsent did not shrink": under a GRE overload a reading peer keeps the
         # buffer at the GRE watermark, refilled as fast as it drains.

@@ -92,7 +92,7 @@ def _kernelUnsent(t):
     (SIOCOUTQNSD; 0 without a socket or where the ioctl does not exist).
 
     TCP_NOTSENT_LOWAT only delays writability: a write made without waiting for it (the
-    mux's sendNow) is taken up to the whole send buffer, megabytes.  Counting these bytes
+    mux's sendAtOnce) is taken up to the whole send buffer, megabytes.  Counting these bytes
     keeps the GRE watermark a bound on all unsent bytes, ours and the kernel's.
     """
     sock = getattr(t, "socket", None)
@@ -131,34 +131,48 @@ def turnWriter(transport):
     turn of latency and copies every byte twice more (``b"".join``, then ``data + b""``, then
     another join); py-spy put 19% of the LRP's samples at 1400 bytes under it.  Anything the
     aggregator still holds goes first, so the byte order is kept.  None for other transports
-    (they get ``writeSequence``).
-
-    When the socket transport had nothing waiting, the new bytes are sent at once
-    (``sendNow``), not on the reactor's next iteration after a poll for writability.
+    (they get ``writeSequence``).  The socket under it sends at once (:func:`sendAtOnce`).
     """
     if isinstance(transport, BufferingTLSTransport):
         tcp = _bufferingTransport(transport)
+        if tcp is not None:
+            sendAtOnce(tcp)
 
         def write(chunks):
             transport._aggregator.flush()
-            idle = tcp is not None and not _bufferedBytes(tcp)
             TLSMemoryBIOProtocol.write(transport, b"".join(chunks))
-            if idle:
-                sendNow(tcp)
         return write
     return None
 
 
-def sendNow(tcp):
-    """Write what *tcp* (a Twisted socket transport) holds now, as the reactor would on its
-    next poll: one iteration (poll, timers, the context wrappers) less per flush.
+def sendAtOnce(tcp):
+    """Make *tcp* (a Twisted socket transport) send a write at once when nothing waits.
 
-    Only on an open connection that is not closing: there ``doWrite`` has nothing to report
-    but an error, and an error leaves the transport registered for writing, so the reactor's
-    own ``doWrite`` meets it again and closes the connection the usual way.
+    Twisted queues every write and sends it on the reactor's next iteration, after asking the
+    poller for writability and then taking it back: two ``epoll_ctl`` and one more iteration
+    (its clock reads and context wrappers) per write.  With nothing queued, the bytes go to
+    the socket now; what it does not take (a full buffer, an error) is queued as before, so
+    the order is kept and the reactor's own ``doWrite`` meets any error and closes the usual
+    way.
     """
-    if tcp.connected and not tcp.disconnecting and not tcp._writeDisconnecting:
-        tcp.doWrite()
+    if getattr(tcp, "_sendsAtOnce", False):
+        return
+    queue = tcp.write   # Twisted's own (bound) write
+    sock = tcp.socket
+
+    def write(data):
+        if (not tcp._tempDataLen and len(tcp.dataBuffer) == tcp.offset and tcp.connected
+                and not tcp.disconnecting and not tcp._writeDisconnecting and data):
+            try:
+                sent = sock.send(data)
+            except OSError:
+                sent = 0  # (EAGAIN, or an error doWrite will meet again)
+            if sent == len(data):
+                return
+            data = data[sent:]
+        queue(data)
+    tcp.write = write
+    tcp._sendsAtOnce = True
 
 
 def pauseAbove(transport, size):
@@ -169,10 +183,15 @@ def pauseAbove(transport, size):
     at 1400 bytes.  Above the watermark the watermark decides frame by frame.  Twisted counts
     the bytes already sent from its current block too (up to ``SEND_LIMIT`` plus what was
     joined to it), hence a multiple of the watermark, not the watermark itself.
+
+    Twisted's ``bufferSize`` is also the size of every socket read: raised to a megabyte, each
+    read allocated (mmap), shrank (mremap) and freed (munmap) a fresh megabyte, three system
+    calls and a page fault per read.  So the pause test is given its own limit and the read
+    size stays Twisted's.
     """
     t = _bufferingTransport(transport)
-    if t is not None:
-        t.bufferSize = max(t.bufferSize, size)
+    if t is not None and size > t.bufferSize:
+        t._isSendBufferFull = lambda: len(t.dataBuffer) + t._tempDataLen > size
 
 
 @implementer(IPushProducer, IHandshakeListener)

@@ -199,6 +199,26 @@ class MemoryPortTests(unittest.SynchronousTestCase):
         port.doRead()
         self.assertEqual(receiver.packets, [])
 
+    def test_fragments_read_the_clock_once_per_wake_up(self):
+        """A wake-up's fragments share one clock reading (a system call per fragment where
+        clock reads are dear, as under UML); the next wake-up reads it afresh."""
+        clock = MemoryReactorClock()
+        reads = []
+        seconds = clock.seconds
+        clock.seconds = lambda: reads.append(1) or seconds()
+        self.system = MemoryGRESystem(DLT_RAW)
+        port = GREPort(Collector(), [RECEIVER], system=self.system, reactor=clock)
+        port.startListening()
+        datagrams = [ip_fragments(SENDER, RECEIVER, enhanced_gre(1, bytes(1538)), 1480, ident=i)
+                     for i in range(4)]
+        self.system.captures[0].frames.extend(f for pair in datagrams[:3] for f in pair)
+        port.doRead()
+        self.assertEqual((port.stats.reassembled, len(reads)), (3, 1))
+        clock.advance(1)
+        self.system.captures[0].frames.extend(datagrams[3])
+        port.doRead()
+        self.assertEqual((port.stats.reassembled, len(reads)), (4, 2))
+
     def test_reassembly_table_bounded(self):
         port = self.port(DLT_RAW, maxReassemblies=8)
         self.feed(*[ip_fragments(SENDER, RECEIVER, bytes(64), 32, ident=i)[0] for i in range(20)])

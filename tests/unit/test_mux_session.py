@@ -459,10 +459,22 @@ class GRESendTests(Base):
         self.assertTrue(session.sendGRE(5, 2, None, b"x"))
         self.assertEqual(self.conn.stats.greDropped, {"paused": 1})
 
+    def holdUnsent(self, size):
+        """An open session, and the link holding *size* unsent bytes, written as the
+        connection writes (unsent bytes grow only by its writes: the ceiling it keeps relies
+        on it).  The bytes are not frames: the link only keeps them."""
+        session, _ = self.openSession()
+        self.clock.advance(0)
+        self.link.peerReads = False
+        self.conn._queue(bytes(size), control=True)
+        self.clock.advance(0)
+        self.link.peerReads = True
+        return session
+
     def test_droppedOverWatermark(self):
         self.conn = self.makeConnection(MuxConfig(greWatermark=4000))
-        session, _ = self.openSession()
-        self.link.buffered = 3000
+        session = self.holdUnsent(3000)
+        self.assertEqual(self.link.buffered, 3000)
         results = [session.sendGRE(5, i, None, bytes(400)) for i in range(5)]
         self.assertEqual(results, [True, True, True, False, False])
         self.assertEqual(self.conn.stats.greDropped["watermark"], 2)
@@ -488,25 +500,49 @@ class GRESendTests(Base):
         self.assertLess(self.link.buffered, 20000 + 4 * 420)  # the turn that crossed it
 
     def test_watermarkSeesTheBufferDrainWithoutAFlush(self):
-        """The send buffer is asked once per turn, not per packet nor per drop (issue 13): a
-        turn whose GRE was all dropped queues nothing, yet its end forgets the sample, so once
-        the reactor has drained the buffer the next turn's packet goes."""
+        """The send buffer is asked at most once per turn, not per packet nor per drop (issue
+        13): a turn whose GRE was all dropped queues nothing, yet its end forgets the sample,
+        so once the reactor has drained the buffer the next turn's packet goes."""
         self.conn = self.makeConnection(MuxConfig(greWatermark=4000))
-        session, _ = self.openSession()
-        self.link.buffered = 5000
+        session = self.holdUnsent(5000)
+        asked = self.link.asked
         self.assertFalse(session.sendGRE(5, 1, None, bytes(400)))
         self.link.buffered = 0  # the reactor wrote it out
         self.assertFalse(session.sendGRE(5, 2, None, bytes(400)))  # the turn's sample stands
+        self.assertEqual(self.link.asked, asked + 1)
         self.assertEqual(self.link.writes[1:], [])
         self.clock.advance(0)  # the turn ends: nothing to write, the sample is forgotten
         self.assertEqual(self.link.writes[1:], [])
         self.assertTrue(session.sendGRE(5, 3, None, bytes(400)))
-        self.link.buffered = 3800  # within the turn the first sample stands, ours are added
         self.assertTrue(session.sendGRE(5, 4, None, bytes(400)))
-        self.clock.advance(0)  # the flush: the next turn asks the link again
-        self.link.buffered = 4100
-        self.assertFalse(session.sendGRE(5, 5, None, bytes(400)))
-        self.assertEqual(self.conn.stats.greDropped["watermark"], 3)
+        self.assertEqual(self.link.asked, asked + 2)
+        self.clock.advance(0)  # the flush
+        self.assertEqual(self.conn.stats.greDropped["watermark"], 2)
+
+    def test_watermarkNotAskedWhileTheCeilingLeavesRoom(self):
+        """Unsent bytes grow only by the connection's writes: the last answer plus what was
+        written since bounds them, and while that bound leaves the watermark room no turn asks
+        the link (a system call per wake-up).  Near the watermark it asks again, and a drained
+        buffer lets the packet through."""
+        self.conn = self.makeConnection(MuxConfig(greWatermark=8000))
+        session, _ = self.openSession()
+        self.clock.advance(0)
+        asked = self.link.asked
+        for seq in range(4):   # four light turns of 420 bytes: 1 700 bytes, far below 8 000
+            self.assertTrue(session.sendGRE(5, seq, None, bytes(400)))
+            self.clock.advance(0)
+        self.assertEqual(self.link.asked, asked)
+        for seq in range(4, 30):   # the bound grows with every turn's writes until it nears
+            self.assertTrue(session.sendGRE(5, seq, None, bytes(400)))   # the watermark
+            self.clock.advance(0)
+        self.assertGreater(self.link.asked, asked)
+        self.assertLess(self.link.asked - asked, 26)
+        self.link.peerReads = False   # now the peer stops reading: the bytes stay, and count
+        sent = sum(session.sendGRE(5, seq, None, bytes(400)) for seq in range(30, 60)
+                   if not self.clock.advance(0))
+        self.assertGreater(self.conn.stats.greDropped["watermark"], 0)
+        self.assertLess(self.link.buffered, 8000 + 500)
+        self.assertEqual(sent, 30 - self.conn.stats.greDropped["watermark"])
 
     def test_droppedWhenNotOpenOrTooLarge(self):
         session = self.conn.openSession("office", "", Receiver())

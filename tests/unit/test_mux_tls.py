@@ -96,9 +96,19 @@ class MuxOverTLSTests(unittest.TestCase):
     def test_transportPausesOnlyAboveTheGREWatermark(self):
         """Twisted's producer pause (which drops every GRE frame until its buffer is empty) is
         above what the GRE watermark lets into the buffer, on both ends."""
+        size = 4 * self.config.greWatermark
         for connection in [self.lrp] + list(self.serverFactory.connections):
             tcp = _bufferingTransport(connection._link.transport)
-            self.assertGreaterEqual(tcp.bufferSize, 4 * self.config.greWatermark)
+            self.assertFalse(tcp._isSendBufferFull())
+            tcp._tempDataLen += size   # (as if that much waited; put back at once)
+            try:
+                self.assertFalse(tcp._isSendBufferFull())
+                tcp._tempDataLen += 1
+                self.assertTrue(tcp._isSendBufferFull())
+            finally:
+                tcp._tempDataLen -= size + 1
+            # and every read stays Twisted's 64 KiB, under malloc's mmap threshold
+            self.assertLessEqual(tcp.bufferSize, 64 * 1024)
 
     @defer.inlineCallbacks
     def test_theWatermarkCountsTheKernelsUnsentBytes(self):
