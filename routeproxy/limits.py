@@ -28,6 +28,8 @@ class Limits:
     muxSendBuffer: int = 64 * 1024 * 1024  # unsent bytes to a peer before the link is dropped
     muxStallTimeout: float = 60.0     # s the peer may leave over greWatermark bytes unread
     greWatermark: int = 262144        # unsent link bytes above which GRE is dropped, not queued
+    # --- both: the GRE capture ------------------------------------------------------------
+    greCaptureBuffer: int = 8 * 1024 * 1024  # bytes of captured GRE the kernel holds unread
 
     def idQuota(self, capacity):
         """How many IDs of a space of *capacity* one client address or one link may hold."""
@@ -93,6 +95,9 @@ _OPTIONS = (
     ("gre-watermark", "greWatermark", lambda v: parseCount(v, "--gre-watermark"),
      "unsent bytes on the link above which GRE is dropped (counted), not queued; the "
      "bound on the link's standing queue", ("lrp", "rrp")),
+    ("gre-capture-buffer", "greCaptureBuffer", lambda v: parseCount(v, "--gre-capture-buffer", 65536),
+     "bytes of captured GRE the kernel holds until the daemon reads them (pcap's ring); what "
+     "does not fit is dropped, counted", ("lrp", "rrp")),
 )
 
 

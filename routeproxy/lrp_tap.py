@@ -35,7 +35,8 @@ class Options(ConfigOptions):
         *limits.settings("lrp"),
     ) + LINK_SETTINGS
     restartOnly = ("pptp-listen", "rrp", "gre-interface", "gre-max-sojourn", "status", "log-format",
-                   "resume-grace", "dead-timeout", "mux-send-buffer", "mux-stall-timeout", "shard")
+                   "resume-grace", "dead-timeout", "mux-send-buffer", "mux-stall-timeout", "shard",
+                   "gre-watermark", "gre-capture-buffer")
 
     def check(self):
         self["limits"] = limits.fromOptions(self)
@@ -65,7 +66,8 @@ def makeService(options, reactor=None):
     local = localIPv4Addresses() if host == "0.0.0.0" else [host]
     shard = top.shard = options["shard"]
     lrp = LocalRouteProxy(reactor, greOpener(top, reactor, local, options["gre-interface"],
-                                           options["gre-max-sojourn"], shard),
+                                           options["gre-max-sojourn"], shard,
+                                           captureBuffer=bounds.greCaptureBuffer),
                           profile=options["profile"], allow=options["allow"], limits=bounds,
                           space=CallIDSpace("LRP", shard.first, shard.last))
     lrp.tls = options["tls"]

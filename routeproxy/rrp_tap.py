@@ -68,7 +68,7 @@ class Options(ConfigOptions):
     ) + LINK_SETTINGS
     restartOnly = ("listen", "source", "gre-interface", "gre-max-sojourn", "status", "max-sessions",
                    "log-format", "resume-grace", "dead-timeout", "mux-send-buffer", "mux-stall-timeout",
-                   "shard")
+                   "shard", "gre-watermark", "gre-capture-buffer")
 
     def check(self):
         profiles = dict(self["profile"] or ())
@@ -109,7 +109,8 @@ def makeService(options, reactor=None):
     bounds = options["limits"]
     shard = top.shard = options["shard"]
     rrp = RemoteRouteProxy(reactor, greOpener(top, reactor, local, options["gre-interface"],
-                                           options["gre-max-sojourn"], shard),
+                                           options["gre-max-sojourn"], shard,
+                                           captureBuffer=bounds.greCaptureBuffer),
                            options["profiles"], source=options["source"], limits=bounds,
                            permits=options["permits"])
     rrp.scopes.first, rrp.scopes.last = shard.first, shard.last

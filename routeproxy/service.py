@@ -52,13 +52,14 @@ class GREPortService(Service):
         return self.port.stopListening()
 
 
-def greOpener(parent, reactor, localAddresses, interface, maxSojourn=0.005, shard=None):
+def greOpener(parent, reactor, localAddresses, interface, maxSojourn=0.005, shard=None,
+              captureBuffer=8 * 1024 * 1024):
     """An ``openGREPort(receiver)`` for a daemon: the port it opens runs under *parent*."""
     from routeproxy.greport import GREPort
 
     def openGREPort(receiver):
         port = GREPort(receiver, localAddresses, interface=interface, reactor=reactor, maxSojourn=maxSojourn,
-                       shard=shard)
+                       shard=shard, bufferSize=captureBuffer)
         GREPortService(port, reactor).setServiceParent(parent)
         return port
 

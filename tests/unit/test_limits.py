@@ -278,6 +278,23 @@ class OptionTests(unittest.SynchronousTestCase):
         self.assertEqual(fromOptions(options).maxCalls, 3)
         self.assertEqual(parseStartups("5:50:20"), (5, 50, 20))
 
+    def test_capture_buffer_reaches_the_gre_port(self):
+        """--gre-capture-buffer is the size the GRE port asks its capture for (both daemons
+        open their port through service.greOpener)."""
+        from twisted.application.service import MultiService
+        from twisted.internet.testing import MemoryReactor
+        from routeproxy.service import greOpener
+        from routeproxy.testing import RecordingGREReceiver
+        for role in ("lrp", "rrp"):
+            [setting] = [s for s in limitSettings(role) if s.name == "gre-capture-buffer"]
+            options = {s.name: s.default for s in limitSettings(role)}
+            options["gre-capture-buffer"] = setting.parse("3145728")
+            bounds = fromOptions(options)
+            opener = greOpener(MultiService(), MemoryReactor(), ["192.0.2.1"], "any",
+                               captureBuffer=bounds.greCaptureBuffer)
+            self.assertEqual(opener(RecordingGREReceiver()).bufferSize, 3 * 1024 * 1024, role)
+        self.assertEqual(Limits().greCaptureBuffer, 8 * 1024 * 1024)
+
     def test_permits_from_option_and_ini(self):
         from twisted.python import usage
         from routeproxy.rrp_tap import parsePermits
