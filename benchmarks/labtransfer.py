@@ -4,8 +4,9 @@ Issue 13's real-peer figure: the time real pptp-linux clients take to move *mb* 
 real pptpd in the UML lab (docs/lab.md), through the NAT with the kernel's PPTP helper
 (``nat-helper``: the kernel path, the baseline) and through LRP -> the same NAT -> RRP
 (``proxy``), interleaved, *rounds* of each.  Prints each run's seconds (the slowest client's,
-from its send to the sha256 check) and the proxy's time as a multiple of the helper's
-(median over the rounds).  Needs root and a UML the lab can boot.
+from its send to the sha256 check) and its ping round trip through the tunnel before the
+transfer (the slowest client's mean of 3), then the proxy's time and round trip as multiples
+of the helper's (medians over the rounds).  Needs root and a UML the lab can boot.
 """
 import argparse
 import statistics
@@ -23,6 +24,17 @@ def seconds_of(run):
     return max(float(t["seconds"]) for t in run.transfers.values())
 
 
+def rtt_of(run):
+    """The slowest client's mean ping round trip (ms) before the transfer, or None."""
+    rtts = []
+    for row in run.rows:
+        try:
+            rtts.append(float(row.get("rtt")))
+        except (TypeError, ValueError):
+            return None
+    return max(rtts) if rtts else None
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mb", type=int, default=4)
@@ -34,19 +46,26 @@ def main(argv=None):
         print(f"labtransfer: {reason}", file=sys.stderr)
         return 2
     times = {mode: [] for mode in MODES}
+    rtts = {mode: [] for mode in MODES}
     for round_ in range(args.rounds):
         for mode in MODES:
             run = cli.run_lab(mode, args.clients, transfer_mb=args.mb)
-            took = seconds_of(run)
+            took, rtt = seconds_of(run), rtt_of(run)
             print(f"round {round_ + 1} {mode:10} {args.clients} client(s) x {args.mb} MB: "
-                  + (f"{took:.2f} s" if took is not None else "FAILED\n" + cli.format_table(run)),
+                  + (f"{took:.2f} s, ping {rtt if rtt is not None else '-'} ms" if took is not None
+                     else "FAILED\n" + cli.format_table(run)),
                   flush=True)
             if took is not None:
                 times[mode].append(took)
+            if rtt is not None:
+                rtts[mode].append(rtt)
     if all(times.values()):
         helper, proxy = (statistics.median(times[m]) for m in MODES)
         print(f"median: nat-helper {helper:.2f} s, proxy {proxy:.2f} s: proxy/helper x{proxy / helper:.2f} "
               f"(per round: {', '.join(f'{p / h:.2f}' for h, p in zip(*times.values()))})")
+    if all(rtts.values()):
+        helper, proxy = (statistics.median(rtts[m]) for m in MODES)
+        print(f"median ping: nat-helper {helper:.2f} ms, proxy {proxy:.2f} ms: x{proxy / helper:.2f}")
     return 0
 
 

@@ -1,0 +1,25 @@
+"""benchmarks.labtransfer's reading of a lab run: the slowest client's seconds and ping."""
+from twisted.trial import unittest
+
+from benchmarks.labtransfer import rtt_of, seconds_of
+
+
+class FakeRun:
+    def __init__(self, rows, transfers, ok=None):
+        self.rows, self.transfers = rows, transfers
+        self.clients, self.calls_per_client = len(rows), 1
+        self._ok = list(transfers) if ok is None else ok
+
+    def transfers_ok(self):
+        return self._ok
+
+
+class ReadingTests(unittest.SynchronousTestCase):
+    def test_slowest_client_counts(self):
+        run = FakeRun([{"client": "c1", "rtt": "2.1"}, {"client": "c2", "rtt": "3.4"}],
+                      {"c1": {"seconds": "1.5"}, "c2": {"seconds": "2.5"}})
+        self.assertEqual((seconds_of(run), rtt_of(run)), (2.5, 3.4))
+
+    def test_a_failed_transfer_or_ping_is_no_figure(self):
+        run = FakeRun([{"client": "c1", "rtt": "-"}], {"c1": {"seconds": "1.5"}}, ok=[])
+        self.assertEqual((seconds_of(run), rtt_of(run)), (None, None))
