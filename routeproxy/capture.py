@@ -157,7 +157,7 @@ class PcapCapture:
             )
             self._pcap.setfilter(bpf)
             self._pcap.setnonblock(True)
-        except (OSError, TypeError, ValueError) as e:
+        except (OSError, TypeError, ValueError, OverflowError) as e:
             if self._pcap is not None:
                 self._pcap.close()
             raise GREIOError(f"cannot capture GRE on {interface!r} with {bpf!r}: {e}") from None

@@ -45,6 +45,14 @@ class Limits:
 DEFAULT = Limits()
 
 
+def parseBytes(value, what, minimum, maximum):
+    """A whole number of bytes from *minimum* to *maximum*."""
+    count = parseCount(value, what, minimum)
+    if count > maximum:
+        raise usage.UsageError(f"{what} {value!r}: must be at most {maximum}")
+    return count
+
+
 def parseShare(value, what="--id-share"):
     try:
         share = float(str(value).strip())
@@ -95,7 +103,7 @@ _OPTIONS = (
     ("gre-watermark", "greWatermark", lambda v: parseCount(v, "--gre-watermark"),
      "unsent bytes on the link above which GRE is dropped (counted), not queued; the "
      "bound on the link's standing queue", ("lrp", "rrp")),
-    ("gre-capture-buffer", "greCaptureBuffer", lambda v: parseCount(v, "--gre-capture-buffer", 65536),
+    ("gre-capture-buffer", "greCaptureBuffer", lambda v: parseBytes(v, "--gre-capture-buffer", 65536, 1 << 30),
      "bytes of captured GRE the kernel holds until the daemon reads them (pcap's ring); what "
      "does not fit is dropped, counted", ("lrp", "rrp")),
 )

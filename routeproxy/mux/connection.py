@@ -461,6 +461,9 @@ class MuxConnection:
                         f" the peer offers {sorted(hello.versions)}")
             return
         self.peerHello = hello
+        # TLS wrote its own handshake and tickets since the ceiling began, unseen by it: the
+        # first flush of the ready link asks the link afresh
+        self._unsentCeiling = None
         self.version = max(common)
         self.capabilities = frozenset(hello.capabilities) & frozenset(self.config.capabilities)
         self.maxOutPayload = hello.maxPayload

@@ -136,7 +136,7 @@ def turnWriter(transport):
     if isinstance(transport, BufferingTLSTransport):
         tcp = _bufferingTransport(transport)
         if tcp is not None:
-            sendAtOnce(tcp)
+            sendAtOnce(tcp, transport)
 
         def write(chunks):
             transport._aggregator.flush()
@@ -145,7 +145,7 @@ def turnWriter(transport):
     return None
 
 
-def sendAtOnce(tcp):
+def sendAtOnce(tcp, tlsProtocol=None):
     """Make *tcp* (a Twisted socket transport) send a write at once when nothing waits.
 
     Twisted queues every write and sends it on the reactor's next iteration, after asking the
@@ -153,7 +153,9 @@ def sendAtOnce(tcp):
     (its clock reads and context wrappers) per write.  With nothing queued, the bytes go to
     the socket now; what it does not take (a full buffer, an error) is queued as before, so
     the order is kept and the reactor's own ``doWrite`` meets any error and closes the usual
-    way.
+    way.  An abort is silent as before: once *tlsProtocol* (the TLS above *tcp*) or the socket
+    is aborting, writes go to Twisted's queue, which the abort throws away, so the
+    close_notify TLS writes as it aborts never precedes the reset.
     """
     if getattr(tcp, "_sendsAtOnce", False):
         return
@@ -162,7 +164,8 @@ def sendAtOnce(tcp):
 
     def write(data):
         if (not tcp._tempDataLen and len(tcp.dataBuffer) == tcp.offset and tcp.connected
-                and not tcp.disconnecting and not tcp._writeDisconnecting and data):
+                and not tcp.disconnecting and not tcp._writeDisconnecting and not tcp._aborting
+                and not (tlsProtocol is not None and tlsProtocol._aborted) and data):
             try:
                 sent = sock.send(data)
             except OSError:

@@ -519,6 +519,21 @@ class GRESendTests(Base):
         self.clock.advance(0)  # the flush
         self.assertEqual(self.conn.stats.greDropped["watermark"], 2)
 
+    def test_theCeilingStartsAfreshOnceTheLinkIsReady(self):
+        """TLS writes its handshake and tickets on its own, unseen by the ceiling: the peer's
+        HELLO (the link is ready) forgets it, and the next turn asks the link."""
+        self.conn = self.makeConnection(MuxConfig(greWatermark=8000), hello=None)
+        self.assertIsNotNone(self.conn._unsentCeiling)   # our HELLO's flush asked the link
+        self.conn.dataReceived(PEER_HELLO.encode())
+        self.assertIsNone(self.conn._unsentCeiling)
+        session, _ = self.openSession()
+        self.clock.advance(0)
+        asked = self.link.asked
+        for seq in range(3):   # the light turns after it go by the fresh ceiling
+            self.assertTrue(session.sendGRE(5, seq, None, bytes(400)))
+            self.clock.advance(0)
+        self.assertEqual(self.link.asked, asked)
+
     def test_watermarkNotAskedWhileTheCeilingLeavesRoom(self):
         """Unsent bytes grow only by the connection's writes: the last answer plus what was
         written since bounds them, and while that bound leaves the watermark room no turn asks

@@ -6,11 +6,14 @@ a recording socket where an error or a partial send must be forced."""
 import errno
 import socket
 
-from twisted.internet import abstract, tcp as twisted_tcp
-from twisted.internet.testing import MemoryReactor
+from twisted.internet import abstract, defer, reactor, task, tcp as twisted_tcp
+from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
+from twisted.internet.testing import MemoryReactor, MemoryReactorClock
 from twisted.trial import unittest
 
-from routeproxy.mux.protocol import pauseAbove, sendAtOnce
+from routeproxy import certs, tls
+from routeproxy.mux.connection import MuxConfig
+from routeproxy.mux.protocol import MuxClientFactory, MuxServerFactory, pauseAbove, sendAtOnce
 
 
 class ScriptedSocket:
@@ -36,6 +39,8 @@ class QueueingTransport(abstract.FileDescriptor):
         self.socket = sock
         self.connected = True
         self.writers = None   # the times startWriting was called, once it was
+
+    _aborting = False   # (tcp.Connection's)
 
     def startWriting(self):
         self.writers = (self.writers or []) + [self]
@@ -102,6 +107,58 @@ class SendAtOnceTests(unittest.SynchronousTestCase):
         conn.write(b"frames")
         self.assertEqual(b.recv(100), b"frames")
         self.assertEqual(reactor.getWriters(), [])
+
+
+    def test_nothingSentOnceAborting(self):
+        """An aborted transport sends nothing more (Twisted queues the write and the abort
+        throws it away): the reset is not preceded by late bytes."""
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        a.setblocking(False)
+        b.setblocking(False)
+        conn = twisted_tcp.Connection(a, None, MemoryReactorClock())
+        conn.connected = True
+        sendAtOnce(conn)
+        conn.abortConnection()
+        conn.write(b"after the abort")
+        self.assertRaises(BlockingIOError, b.recv, 100)
+
+
+class AbortOverTLSTests(unittest.TestCase):
+    """Over real mutual TLS: a link the mux aborts (dead or slow peer, a stale link on resume)
+    is reset, not closed in order: TLS's close_notify, written as TLS aborts, must not reach
+    the peer before the reset."""
+
+    timeout = 20
+
+    @defer.inlineCallbacks
+    def test_anAbortedLinkSendsNoCloseNotify(self):
+        rrpName, lrpName = "rrp.mux.test", "lrp.mux.test"
+        paths = certs.write_lab_certs(self.mktemp(), rrpName, [lrpName])
+        config = MuxConfig()
+        server = MuxServerFactory(lambda *a: None, config, reactor, peerNameOf=tls.peerName)
+        port = reactor.listenSSL(0, server, tls.serverCreator(paths["rrp_cert"], paths["rrp_key"],
+                                                              paths["ca"]), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        endpoint = wrapClientTLS(
+            tls.clientCreator(rrpName, paths["lrp_cert"], paths["lrp_key"], paths["ca"]),
+            TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port))
+        protocol = yield endpoint.connect(MuxClientFactory(config, reactor, peerNameOf=tls.peerName))
+        lrp = protocol.connection
+        yield lrp.whenReady()
+        yield task.deferLater(reactor, 0.05, lambda: None)
+        [rrp] = list(server.connections)
+        lrp.ping()   # a write through the link's writer, so sendAtOnce is in place
+        yield task.deferLater(reactor, 0.05, lambda: None)
+        serverTLS = rrp._link.transport
+        arrived = []
+        received = serverTLS.dataReceived
+        serverTLS.dataReceived = lambda data: (arrived.append(len(data)), received(data))[1]
+        lrp._dropSlowPeer("test")   # aborts the link
+        yield rrp.whenLinkLost()
+        yield lrp.whenLinkLost()
+        self.assertEqual(arrived, [])
 
 
 class PauseAboveTests(unittest.SynchronousTestCase):
