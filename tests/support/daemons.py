@@ -10,6 +10,7 @@ killed run leaves no daemon behind.
 import contextlib
 import ctypes
 import json
+import functools
 import os
 import re
 import signal
@@ -35,12 +36,27 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 DAEMON_REPO = os.environ.get("ROUTEPROXY_DAEMON_REPO") or REPO
 
 
+@functools.lru_cache(maxsize=None)
+def _foreign(python):
+    """True when *python* cannot load this interpreter's packages (another implementation or
+    version, e.g. PyPy: it brings its own, in its own venv)."""
+    try:
+        tag = subprocess.run([python, "-c", "import sys; print(sys.implementation.cache_tag)"],
+                             capture_output=True, text=True, timeout=60).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return True
+    return tag != sys.implementation.cache_tag
+
+
 def child_env(**more):
     """The environment for a child Python (a daemon, a peer, a load generator): this
     checkout (or ``ROUTEPROXY_DAEMON_REPO``) and this interpreter's path first, output
-    unbuffered so logs are current."""
-    path = [DAEMON_REPO] + [p for p in sys.path if p and not (
-        DAEMON_PYTHON and p.startswith(sys.base_prefix))]  # not our stdlib under another Python
+    unbuffered so logs are current.  Under ``ROUTEPROXY_DAEMON_PYTHON`` not our standard
+    library, and not our packages either when that Python cannot load them (children run
+    with our own interpreter find them through its venv anyway)."""
+    own = (sys.base_prefix, sys.prefix) if DAEMON_PYTHON and _foreign(DAEMON_PYTHON) else (
+        (sys.base_prefix,) if DAEMON_PYTHON else ())
+    path = [DAEMON_REPO] + [p for p in sys.path if p and not (own and p.startswith(own))]
     return dict(os.environ, PYTHONPATH=os.pathsep.join(path), PYTHONUNBUFFERED="1", **more)
 
 
