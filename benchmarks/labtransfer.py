@@ -5,7 +5,8 @@ real pptpd in the UML lab (docs/lab.md), through the NAT with the kernel's PPTP 
 (``nat-helper``: the kernel path, the baseline) and through LRP -> the same NAT -> RRP
 (``proxy``), interleaved, *rounds* of each.  Prints each run's seconds (the slowest client's,
 from its send to the sha256 check) and its ping round trip through the tunnel before the
-transfer (the slowest client's mean of 3), then the proxy's time and round trip as multiples
+transfer (the slowest client's mean of 3), for the proxy also the CPU time each daemon used
+over the transfer (from /proc in the guest), then the proxy's time and round trip as multiples
 of the helper's (medians over the rounds).  Needs root and a UML the lab can boot.
 """
 import argparse
@@ -51,8 +52,9 @@ def main(argv=None):
         for mode in MODES:
             run = cli.run_lab(mode, args.clients, transfer_mb=args.mb)
             took, rtt = seconds_of(run), rtt_of(run)
+            cpu = "".join(f", {d.upper()} CPU {s:.2f} s" for d, s in sorted(getattr(run, "cpu", {}).items()))
             print(f"round {round_ + 1} {mode:10} {args.clients} client(s) x {args.mb} MB: "
-                  + (f"{took:.2f} s, ping {rtt if rtt is not None else '-'} ms" if took is not None
+                  + (f"{took:.2f} s, ping {rtt if rtt is not None else '-'} ms{cpu}" if took is not None
                      else "FAILED\n" + cli.format_table(run)),
                   flush=True)
             if took is not None:

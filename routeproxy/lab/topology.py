@@ -435,12 +435,21 @@ send_tunnel() {{
     eval "SEND_${{i}}_$j=$!"
   fi
 }}
+# the proxy daemons' CPU (user + system ticks) around the transfer: LAB-CPU WHEN DAEMON TICKS HZ
+daemon_cpu() {{
+  for d in lrp rrp; do
+    p=$(cat /run/$d.pid 2>/dev/null)
+    [ -n "$p" ] && [ -r /proc/$p/stat ] && echo "LAB-CPU $1 $d $(cut -d')' -f2 /proc/$p/stat | awk '{{print $12 + $13}}') $(getconf CLK_TCK 2>/dev/null || echo 100)"
+  done
+}}
+daemon_cpu before
 each_tunnel send_tunnel
 wait_send() {{
   eval "pid=\$SEND_${{i}}_$j"
   [ -n "$pid" ] && wait $pid
 }}
 each_tunnel wait_send
+daemon_cpu after
 wait $RECV
 report_transfer() {{
   addr=$(ppp_addr $i $u)
@@ -536,6 +545,21 @@ def parse_results(output):
         if row.get("client") in final:
             row["tx"], row["rx"] = final[row["client"]].get("tx", "-"), final[row["client"]].get("rx", "-")
     return rows, transfers, times
+
+
+def parse_cpu(output):
+    """{daemon: CPU seconds (user + system) it used over the transfer} from `LAB-CPU` lines
+    (proxy modes with a transfer; empty otherwise)."""
+    seen = {}
+    for line in output.splitlines():
+        parts = line.split()
+        if len(parts) == 5 and parts[0] == "LAB-CPU":
+            try:
+                seen[(parts[1], parts[2])] = int(parts[3]) / (int(parts[4]) or 100)
+            except ValueError:
+                continue
+    return {daemon: round(seen[("after", daemon)] - seen[("before", daemon)], 2)
+            for (when, daemon) in seen if when == "before" and ("after", daemon) in seen}
 
 
 def parse_cut(output):

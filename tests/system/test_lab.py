@@ -54,6 +54,14 @@ class ScriptTests(unittest.SynchronousTestCase):
         self.assertIn("routeproxy-rrp", script)
         self.assertIn(f'pty "pptp {topology.SERVER} ', topology.build_script("nat", 2))
 
+    def test_parse_cpu(self):
+        """The proxy daemons' CPU over the transfer, from the ticks before and after."""
+        output = ("LAB-CPU before lrp 120 100\nLAB-CPU before rrp 80 100\nnoise\n"
+                  "LAB-CPU after lrp 185 100\nLAB-CPU after rrp 121 100\nLAB-CPU after xx 5\n")
+        self.assertEqual(topology.parse_cpu(output), {"lrp": 0.65, "rrp": 0.41})
+        self.assertEqual(topology.parse_cpu("LAB-CPU before lrp 1 100\n"), {})
+        self.assertIn("daemon_cpu before", topology.build_script("proxy", 1, transfer_mb=1))
+
     def test_parse_results(self):
         output = ("noise\nLAB-TIME connected 8.22\n"
                   "LAB-RESULT client=c1 connected=yes addr=192.168.90.100 ping=yes rtt=0.874 tx=302 rx=302\n"
@@ -263,6 +271,7 @@ class LabTests(unittest.SynchronousTestCase):
         self.assertTrue(run.hangup_ok(), cli.format_table(run))
         self.assertTransfers(run)   # c1's second call carries its 20 MiB too
         self.assertEqual(len(run.sessions), CLIENTS, "the LRP did not log one closed session per client")
+        self.assertEqual(set(run.cpu), {"lrp", "rrp"}, "no CPU figure for the daemons")
 
     def test_proxy_survives_a_link_cut(self):
         """Issue 11 with real peers: three pptp-linux clients move 6 MB each while the NAT
