@@ -10,7 +10,7 @@ from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
 from routeproxy import pptp
-from routeproxy.mux.protocol import noDelay
+from routeproxy.mux.linksocket import noDelay
 
 
 class PPTPControlProtocol(Protocol):

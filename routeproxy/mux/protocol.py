@@ -22,179 +22,16 @@ once the TLS handshake completes and names the peer in logs and in
 ``connection.peerName``.  ``factory.connections`` holds the live connections.
 """
 import collections
-import fcntl
-import inspect
-import socket
-import struct
 
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
-from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from routeproxy.mux.connection import MuxConnection
-
-
-def _owns(t, name):
-    """*t* has *name* itself (instance or class), not through a forwarding ``__getattr__``."""
-    try:
-        inspect.getattr_static(t, name)
-    except AttributeError:
-        return False
-    return True
-
-
-def _bufferingTransport(transport):
-    """The socket transport under *transport* (through TLS) that buffers writes, or None.
-
-    The TLS wrapper (a ProtocolWrapper) forwards unknown attributes to the transport under
-    it through ``__getattr__``; were it taken for the socket, every read of the buffer would
-    pay a failed look-up and a forwarded one (measured: 13% of the whole path's time).
-    """
-    t = transport
-    for _ in range(4):
-        if t is None:
-            return None
-        if _owns(t, "_tempDataLen") and _owns(t, "dataBuffer"):
-            return t
-        t = getattr(t, "transport", None)
-    return None
-
-
-def _bufferedBytes(t):
-    return len(t.dataBuffer) - getattr(t, "offset", 0) + t._tempDataLen
-
-
-def _socketBufferSize(transport):
-    """Bytes waiting in the socket transport under *transport* (through TLS), or 0."""
-    t = _bufferingTransport(transport)
-    return 0 if t is None else _bufferedBytes(t)
-
-
-def noDelay(transport):
-    """Turn Nagle off on the TCP connection under *transport* (through TLS), if there is one."""
-    setter = getattr(transport, "setTcpNoDelay", None)
-    if setter is not None:
-        try:
-            setter(True)
-        except OSError:
-            pass
-
-
-_INT = struct.Struct("i")
-_INT_ZERO = bytes(_INT.size)
-SIOCOUTQNSD = 0x894B  # Linux <linux/sockios.h>: bytes in the send queue not sent yet
-
-
-def _kernelUnsent(t):
-    """Bytes written to the TCP socket under the socket transport *t* and not sent yet
-    (SIOCOUTQNSD; 0 without a socket or where the ioctl does not exist).
-
-    TCP_NOTSENT_LOWAT only delays writability: a write made without waiting for it (the
-    mux's sendAtOnce) is taken up to the whole send buffer, megabytes.  Counting these bytes
-    keeps the GRE watermark a bound on all unsent bytes, ours and the kernel's.
-    """
-    sock = getattr(t, "socket", None)
-    if sock is None:
-        return 0
-    try:
-        return _INT.unpack(fcntl.ioctl(sock.fileno(), SIOCOUTQNSD, _INT_ZERO))[0]
-    except (OSError, ValueError):
-        return 0
-
-
-TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
-
-
-def limitUnsent(transport, limit):
-    """Let at most *limit* unsent bytes wait in the kernel under *transport* (TCP_NOTSENT_LOWAT).
-
-    Past it the socket takes no more, so the backlog stays in Twisted's buffer, where the
-    GRE watermark sees it and drops GRE (counted) instead of queueing seconds of it in the
-    kernel's send buffer (autotuned up to megabytes).  0 leaves the kernel's default.
-    """
-    t = _bufferingTransport(transport)
-    sock = getattr(t, "socket", None)
-    if limit and sock is not None:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, limit)
-        except OSError:
-            pass
-
-
-def turnWriter(transport):
-    """``write(chunks)`` for one reactor turn's frames: straight into TLS, not aggregated.
-
-    Twisted's TLS transport (``BufferingTLSTransport``) gathers small writes and encrypts them
-    on the next reactor turn: the mux already writes one turn's frames at once, so that adds a
-    turn of latency and copies every byte twice more (``b"".join``, then ``data + b""``, then
-    another join); py-spy put 19% of the LRP's samples at 1400 bytes under it.  Anything the
-    aggregator still holds goes first, so the byte order is kept.  None for other transports
-    (they get ``writeSequence``).  The socket under it sends at once (:func:`sendAtOnce`).
-    """
-    if isinstance(transport, BufferingTLSTransport):
-        tcp = _bufferingTransport(transport)
-        if tcp is not None:
-            sendAtOnce(tcp, transport)
-
-        def write(chunks):
-            transport._aggregator.flush()
-            TLSMemoryBIOProtocol.write(transport, b"".join(chunks))
-        return write
-    return None
-
-
-def sendAtOnce(tcp, tlsProtocol=None):
-    """Make *tcp* (a Twisted socket transport) send a write at once when nothing waits.
-
-    Twisted queues every write and sends it on the reactor's next iteration, after asking the
-    poller for writability and then taking it back: two ``epoll_ctl`` and one more iteration
-    (its clock reads and context wrappers) per write.  With nothing queued, the bytes go to
-    the socket now; what it does not take (a full buffer, an error) is queued as before, so
-    the order is kept and the reactor's own ``doWrite`` meets any error and closes the usual
-    way.  An abort is silent as before: once *tlsProtocol* (the TLS above *tcp*) or the socket
-    is aborting, writes go to Twisted's queue, which the abort throws away, so the
-    close_notify TLS writes as it aborts never precedes the reset.
-    """
-    if getattr(tcp, "_sendsAtOnce", False):
-        return
-    queue = tcp.write   # Twisted's own (bound) write
-    sock = tcp.socket
-
-    def write(data):
-        if (not tcp._tempDataLen and len(tcp.dataBuffer) == tcp.offset and tcp.connected
-                and not tcp.disconnecting and not tcp._writeDisconnecting and not tcp._aborting
-                and not (tlsProtocol is not None and tlsProtocol._aborted) and data):
-            try:
-                sent = sock.send(data)
-            except OSError:
-                sent = 0  # (EAGAIN, or an error doWrite will meet again)
-            if sent == len(data):
-                return
-            data = data[sent:]
-        queue(data)
-    tcp.write = write
-    tcp._sendsAtOnce = True
-
-
-def pauseAbove(transport, size):
-    """Let the socket transport under *transport* pause its producer only above *size* bytes.
-
-    Its pause drops every GRE frame (``paused``) until the buffer is empty again; at Twisted's
-    64 KiB, below the GRE watermark, one slow read at the far end dropped milliseconds of GRE
-    at 1400 bytes.  Above the watermark the watermark decides frame by frame.  Twisted counts
-    the bytes already sent from its current block too (up to ``SEND_LIMIT`` plus what was
-    joined to it), hence a multiple of the watermark, not the watermark itself.
-
-    Twisted's ``bufferSize`` is also the size of every socket read: raised to a megabyte, each
-    read allocated (mmap), shrank (mremap) and freed (munmap) a fresh megabyte, three system
-    calls and a page fault per read.  So the pause test is given its own limit and the read
-    size stays Twisted's.
-    """
-    t = _bufferingTransport(transport)
-    if t is not None and size > t.bufferSize:
-        t._isSendBufferFull = lambda: len(t.dataBuffer) + t._tempDataLen > size
+from routeproxy.mux.linksocket import (
+    bufferedBytes, bufferingTransport, kernelUnsent, limitUnsent, noDelay, pauseAbove, turnWriter,
+)
 
 
 @implementer(IPushProducer, IHandshakeListener)
@@ -262,9 +99,9 @@ class MuxProtocol(Protocol):
         transport = self.transport
         if transport is not self._bufferOf:
             self._bufferOf = transport
-            self._buffering = _bufferingTransport(transport)
+            self._buffering = bufferingTransport(transport)
         t = self._buffering
-        return 0 if t is None else _bufferedBytes(t) + _kernelUnsent(t)
+        return 0 if t is None else bufferedBytes(t) + kernelUnsent(t)
 
     def loseConnection(self):
         # A registered producer would make TLS wait for ever before close_notify.

@@ -14,7 +14,8 @@ from twisted.trial import unittest
 from routeproxy.mux import frames as F
 from routeproxy.mux.connection import MuxConfig
 from routeproxy.mux.frames import LinkError, Reason
-from routeproxy.mux.protocol import MuxClientFactory, MuxServerFactory, _socketBufferSize
+from routeproxy.mux.linksocket import bufferedBytes, bufferingTransport
+from routeproxy.mux.protocol import MuxClientFactory, MuxServerFactory
 from routeproxy.mux.session import OPEN, SessionRefused
 
 from routeproxy.testing import RecordingProducer as Producer, RecordingSessionReceiver as Receiver
@@ -95,14 +96,14 @@ class StringTransportTests(unittest.SynchronousTestCase):
         self.assertEqual(receiver.closed, [Reason.LINK_LOST])
         self.assertEqual(self.factory.connections, set())
 
-    def test_socketBufferSizeReadsThroughWrappers(self):
+    def test_bufferedBytesReadThroughWrappers(self):
         class Socketish:
             dataBuffer, offset, _tempDataLen = b"x" * 100, 30, 5
 
         class Wrapper:
             transport = Socketish()
-        self.assertEqual(_socketBufferSize(Wrapper()), 75)
-        self.assertEqual(_socketBufferSize(StringTransport()), 0)
+        self.assertEqual(bufferedBytes(bufferingTransport(Wrapper())), 75)
+        self.assertIsNone(bufferingTransport(StringTransport()))
 
 
 class PairTests(unittest.SynchronousTestCase):

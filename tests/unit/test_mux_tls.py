@@ -21,10 +21,8 @@ from twisted.trial import unittest
 from routeproxy import certs, tls
 from routeproxy.mux.connection import MuxConfig
 from routeproxy.mux import frames as F
-from routeproxy.mux.protocol import (
-    TCP_NOTSENT_LOWAT, MuxClientFactory, MuxServerFactory, _bufferedBytes, _bufferingTransport,
-    _kernelUnsent,
-)
+from routeproxy.mux.linksocket import TCP_NOTSENT_LOWAT, bufferedBytes, bufferingTransport, kernelUnsent
+from routeproxy.mux.protocol import MuxClientFactory, MuxServerFactory
 from routeproxy.mux.session import SessionRefused
 from routeproxy.testing import RecordingSessionReceiver
 
@@ -90,7 +88,7 @@ class MuxOverTLSTests(unittest.TestCase):
         """Both ends' TCP sockets under TLS carry TCP_NOTSENT_LOWAT = config.unsentLimit."""
         ends = [self.lrp] + list(self.serverFactory.connections)
         for connection in ends:
-            sock = _bufferingTransport(connection._link.transport).socket
+            sock = bufferingTransport(connection._link.transport).socket
             self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT), self.config.unsentLimit)
 
     def test_transportPausesOnlyAboveTheGREWatermark(self):
@@ -98,7 +96,7 @@ class MuxOverTLSTests(unittest.TestCase):
         above what the GRE watermark lets into the buffer, on both ends."""
         size = 4 * self.config.greWatermark
         for connection in [self.lrp] + list(self.serverFactory.connections):
-            tcp = _bufferingTransport(connection._link.transport)
+            tcp = bufferingTransport(connection._link.transport)
             self.assertFalse(tcp._isSendBufferFull())
             tcp._tempDataLen += size   # (as if that much waited; put back at once)
             try:
@@ -119,9 +117,9 @@ class MuxOverTLSTests(unittest.TestCase):
         flood = self.lrp.openSession("office", "1", RecordingSessionReceiver(record=False))
         yield flood.whenOpen()
         server = list(self.serverFactory.connections)[0]
-        serverTCP = _bufferingTransport(server._link.transport)
+        serverTCP = bufferingTransport(server._link.transport)
         serverTCP.stopReading()
-        tcp = _bufferingTransport(self.lrp._link.transport)
+        tcp = bufferingTransport(self.lrp._link.transport)
         payload = bytes(1400)
         for turn in range(2000):
             for seq in range(32):
@@ -129,10 +127,10 @@ class MuxOverTLSTests(unittest.TestCase):
             yield task.deferLater(reactor, 0, lambda: None)
             if self.lrp.stats.greDropped["watermark"] > 100:
                 break
-        unsent = _kernelUnsent(tcp)
+        unsent = kernelUnsent(tcp)
         self.assertGreater(unsent, 0)
-        self.assertEqual(self.lrp._link.sendBufferSize(), _bufferedBytes(tcp) + unsent)
-        self.assertLess(_bufferedBytes(tcp) + unsent, 2 * self.config.greWatermark)
+        self.assertEqual(self.lrp._link.sendBufferSize(), bufferedBytes(tcp) + unsent)
+        self.assertLess(bufferedBytes(tcp) + unsent, 2 * self.config.greWatermark)
         serverTCP.startReading()
 
     def test_aTurnsFramesGoStraightIntoTLS(self):
@@ -141,14 +139,14 @@ class MuxOverTLSTests(unittest.TestCase):
         poll: its bytes are in the peer's socket before the reactor runs again."""
         link = self.lrp._link
         self.assertIsInstance(link.transport, BufferingTLSTransport)
-        tcp = _bufferingTransport(link.transport)
-        peer = _bufferingTransport(list(self.serverFactory.connections)[0]._link.transport).socket
+        tcp = bufferingTransport(link.transport)
+        peer = bufferingTransport(list(self.serverFactory.connections)[0]._link.transport).socket
         arrived = lambda: struct.unpack("i", fcntl.ioctl(peer.fileno(), termios.FIONREAD, b"\0" * 4))[0]  # noqa: E731
-        self.assertEqual(_bufferedBytes(tcp), 0)
+        self.assertEqual(bufferedBytes(tcp), 0)
         before = arrived()
         link.writeFrames([F.Ping(b"12345678").encode()])  # the peer answers; nobody waits for it
         self.assertIsNone(link.transport._aggregator._scheduled)
-        self.assertEqual(_bufferedBytes(tcp), 0)
+        self.assertEqual(bufferedBytes(tcp), 0)
         self.assertGreater(arrived(), before)
 
     @defer.inlineCallbacks

@@ -1,4 +1,4 @@
-"""The link's socket transport, tuned by routeproxy.mux.protocol: writes sent at once when
+"""The link's socket transport, tuned by routeproxy.mux.linksocket: writes sent at once when
 nothing waits (sendAtOnce), the producer paused only above its own limit (pauseAbove).
 
 A real socket pair under a real Twisted transport where the kernel's behaviour is the point;
@@ -13,7 +13,8 @@ from twisted.trial import unittest
 
 from routeproxy import certs, tls
 from routeproxy.mux.connection import MuxConfig
-from routeproxy.mux.protocol import MuxClientFactory, MuxServerFactory, pauseAbove, sendAtOnce
+from routeproxy.mux.linksocket import pauseAbove, sendAtOnce
+from routeproxy.mux.protocol import MuxClientFactory, MuxServerFactory
 
 
 class ScriptedSocket:
