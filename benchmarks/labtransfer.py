@@ -1,4 +1,5 @@
-"""`python -m benchmarks.labtransfer [--mb 4] [--rounds 3] [--clients 1]`: real peers, side by side.
+"""`python -m benchmarks.labtransfer [--mb 4] [--rounds 3] [--clients 1] [--proxy-options OPTS]`:
+real peers, side by side.
 
 Issue 13's real-peer figure: the time real pptp-linux clients take to move *mb* MB each to a
 real pptpd in the UML lab (docs/lab.md), through the NAT with the kernel's PPTP helper
@@ -10,6 +11,7 @@ over the transfer (from /proc in the guest), then the proxy's time and round tri
 of the helper's (medians over the rounds).  Needs root and a UML the lab can boot.
 """
 import argparse
+import shlex
 import statistics
 import sys
 
@@ -41,6 +43,8 @@ def main(argv=None):
     parser.add_argument("--mb", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", type=int, default=1)
+    parser.add_argument("--proxy-options", default="",
+                        help='more options for both daemons, e.g. "--gre-capture raw"')
     args = parser.parse_args(argv)
     reason = uml.uml_available()
     if reason:
@@ -50,7 +54,8 @@ def main(argv=None):
     rtts = {mode: [] for mode in MODES}
     for round_ in range(args.rounds):
         for mode in MODES:
-            run = cli.run_lab(mode, args.clients, transfer_mb=args.mb)
+            run = cli.run_lab(mode, args.clients, transfer_mb=args.mb,
+                              proxy_options=shlex.split(args.proxy_options))
             took, rtt = seconds_of(run), rtt_of(run)
             cpu = "".join(f", {d.upper()} CPU {s:.2f} s" for d, s in sorted(getattr(run, "cpu", {}).items()))
             print(f"round {round_ + 1} {mode:10} {args.clients} client(s) x {args.mb} MB: "

@@ -146,12 +146,24 @@ def parseMilliseconds(value, what):
     return ms / 1000.0
 
 
+def checkCapture(options):
+    """--gre-capture raw cannot shard: a shard's capture filter picks its call IDs."""
+    if options["gre-capture"] == "raw" and options["shard"].sharded:
+        raise usage.UsageError("--gre-capture raw cannot be sharded (--shard): a shard's pcap "
+                               "filter picks its calls' GRE; use --gre-capture pcap")
+
+
 def daemonSettings(peers, linkPeer):
     """The settings both daemons have, worded for the side: *peers* are the PPTP peers whose
     GRE it captures ("clients", "servers"), *linkPeer* the daemon at the link's far end."""
     return (
         Setting("gre-interface", "any", f"interface GRE from {peers} is captured on "
                 "[default: any]"),
+        Setting("gre-capture", "pcap", "how GRE is received: pcap (libpcap's ring on "
+                "--gre-interface: the --gre-max-sojourn gate, shards, drops counted) or raw (a raw "
+                "GRE socket: the kernel puts fragments back together and captures nothing twice, "
+                "one read per packet; no sojourn gate, no shards; docs/gre-io.md) [default: pcap]",
+                parseChoice(("pcap", "raw"), "--gre-capture")),
         Setting("gre-max-sojourn", 0.005, "ms captured GRE may wait once the capture queue "
                 "has stood longer than that for 100 ms; older packets are then dropped unread "
                 "(0: never) [default: 5]", lambda v: parseMilliseconds(v, "--gre-max-sojourn")),

@@ -3,8 +3,8 @@ from twisted.python import usage
 
 from routeproxy import limits, logs, tls
 from routeproxy.config import (
-    LINK_SETTINGS, ConfigOptions, Setting, fileDigest, daemonSettings, parseCIDR, parseHostPort,
-    parseListen,
+    LINK_SETTINGS, ConfigOptions, Setting, checkCapture, fileDigest, daemonSettings, parseCIDR,
+    parseHostPort, parseListen,
 )
 
 
@@ -36,9 +36,10 @@ class Options(ConfigOptions):
     ) + LINK_SETTINGS
     restartOnly = ("pptp-listen", "rrp", "gre-interface", "gre-max-sojourn", "status", "log-format",
                    "resume-grace", "dead-timeout", "mux-send-buffer", "mux-stall-timeout", "shard",
-                   "gre-watermark", "gre-capture-buffer")
+                   "gre-watermark", "gre-capture-buffer", "gre-capture")
 
     def check(self):
+        checkCapture(self)
         self["limits"] = limits.fromOptions(self)
         try:
             self["tls"] = tls.clientCreator(self["rrp-name"], self["cert"], self["key"], self["ca"],
@@ -67,7 +68,8 @@ def makeService(options, reactor=None):
     shard = top.shard = options["shard"]
     lrp = LocalRouteProxy(reactor, greOpener(top, reactor, local, options["gre-interface"],
                                            options["gre-max-sojourn"], shard,
-                                           captureBuffer=bounds.greCaptureBuffer),
+                                           captureBuffer=bounds.greCaptureBuffer,
+                                           capture=options["gre-capture"]),
                           profile=options["profile"], allow=options["allow"], limits=bounds,
                           space=CallIDSpace("LRP", shard.first, shard.last))
     lrp.tls = options["tls"]

@@ -3,8 +3,8 @@ from twisted.python import usage
 
 from routeproxy import limits, logs, tls
 from routeproxy.config import (
-    LINK_SETTINGS, ConfigOptions, Profile, Setting, fileDigest, daemonSettings, parseCount,
-    parseHostPort, parseIPv4, parseListen, parseProfile, splitProfiles,
+    LINK_SETTINGS, ConfigOptions, Profile, Setting, checkCapture, fileDigest, daemonSettings,
+    parseCount, parseHostPort, parseIPv4, parseListen, parseProfile, splitProfiles,
 )
 
 
@@ -68,9 +68,10 @@ class Options(ConfigOptions):
     ) + LINK_SETTINGS
     restartOnly = ("listen", "source", "gre-interface", "gre-max-sojourn", "status", "max-sessions",
                    "log-format", "resume-grace", "dead-timeout", "mux-send-buffer", "mux-stall-timeout",
-                   "shard", "gre-watermark", "gre-capture-buffer")
+                   "shard", "gre-watermark", "gre-capture-buffer", "gre-capture")
 
     def check(self):
+        checkCapture(self)
         profiles = dict(self["profile"] or ())
         if self["pptp-server"] is not None:
             profiles.setdefault("default", Profile(*self["pptp-server"]))
@@ -110,7 +111,8 @@ def makeService(options, reactor=None):
     shard = top.shard = options["shard"]
     rrp = RemoteRouteProxy(reactor, greOpener(top, reactor, local, options["gre-interface"],
                                            options["gre-max-sojourn"], shard,
-                                           captureBuffer=bounds.greCaptureBuffer),
+                                           captureBuffer=bounds.greCaptureBuffer,
+                                           capture=options["gre-capture"]),
                            options["profiles"], source=options["source"], limits=bounds,
                            permits=options["permits"])
     rrp.scopes.first, rrp.scopes.last = shard.first, shard.last

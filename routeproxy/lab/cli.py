@@ -63,13 +63,14 @@ class LabRun:
 
 
 def run_lab(mode, clients, transfer_mb=0, connect_timeout=25, timeout=None, keep=False, mtu=None,
-            hangup=False, calls_per_client=1, run=None, cut_link=0):
+            hangup=False, calls_per_client=1, run=None, cut_link=0, proxy_options=()):
     """Run the lab once; returns a LabRun.  Raises uml.UMLError when UML cannot run.
 
     *run* is ``uml.run_in_uml`` (a test passes its own)."""
     script = topology.build_script(mode, clients, transfer_mb=transfer_mb,
                                    connect_timeout=connect_timeout, mtu=mtu, hangup=hangup,
-                                   calls_per_client=calls_per_client, cut_link=cut_link)
+                                   calls_per_client=calls_per_client, cut_link=cut_link,
+                                   proxy_options=proxy_options)
     tunnels = clients * calls_per_client
     if timeout is None:
         timeout = (60 + connect_timeout * (2 if hangup else 1) + tunnels * 5 + calls_per_client

@@ -95,7 +95,7 @@ MAX_CALLS_PER_CLIENT = 8
 
 
 def build_script(mode, clients, transfer_mb=0, connect_timeout=25, python=None, mtu=None,
-                 hangup=False, calls_per_client=1, cut_link=0):
+                 hangup=False, calls_per_client=1, cut_link=0, proxy_options=()):
     """The /bin/sh payload for `run_in_uml` that builds the lab and measures it.
 
     `hangup`: after the pings, kill client 1's (first) pppd, check the others still
@@ -103,6 +103,7 @@ def build_script(mode, clients, transfer_mb=0, connect_timeout=25, python=None, 
     `calls_per_client`: pppd per client host, sharing one pptp call manager.
     `cut_link`: (proxy modes) 2 s into the transfer the NAT resets the link's TCP both
     ways for that many seconds; the run reports whether every pppd survived (LAB-CUT).
+    `proxy_options`: more options for both daemons (e.g. ``("--gre-capture", "raw")``).
     """
     if cut_link and mode not in PROXY_MODES:
         raise LabScriptError(f"--cut-link needs a proxy mode ({', '.join(PROXY_MODES)}), not {mode}")
@@ -131,10 +132,11 @@ def build_script(mode, clients, transfer_mb=0, connect_timeout=25, python=None, 
         rrp_ns = "srv" if mode == "proxy-colocated" else "rrp"
         rrp_addr = SERVER if mode == "proxy-colocated" else RRP_WAN
         pptp_server = "127.0.0.1" if mode == "proxy-colocated" else SERVER
+        more = "".join(" " + shlex.quote(option) for option in proxy_options)
         parts.append(PROXY_SETUP.format(
             certs=CERTS_COMMAND, rrp_ns=rrp_ns, rrp_addr=rrp_addr,
-            lrp=LRP_COMMAND.format(lrp_lan=LRP_LAN, rrp_addr=rrp_addr, tls_port=RRP_TLS_PORT),
-            rrp=RRP_COMMAND.format(tls_port=RRP_TLS_PORT, pptp_server=pptp_server),
+            lrp=LRP_COMMAND.format(lrp_lan=LRP_LAN, rrp_addr=rrp_addr, tls_port=RRP_TLS_PORT) + more,
+            rrp=RRP_COMMAND.format(tls_port=RRP_TLS_PORT, pptp_server=pptp_server) + more,
             tls_port=RRP_TLS_PORT))
     if mtu is not None and not 576 <= mtu <= 1500:
         raise LabScriptError(f"--mtu {mtu}: must be 576..1500")

@@ -54,6 +54,11 @@ class ScriptTests(unittest.SynchronousTestCase):
         self.assertIn("routeproxy-rrp", script)
         self.assertIn(f'pty "pptp {topology.SERVER} ', topology.build_script("nat", 2))
 
+    def test_proxy_options_reach_both_daemons(self):
+        script = topology.build_script("proxy", 1, proxy_options=("--gre-capture", "raw"))
+        self.assertEqual(script.count("--gre-capture raw"), 2)
+        self.assertNotIn("--gre-capture", topology.build_script("proxy", 1))
+
     def test_parse_cpu(self):
         """The proxy daemons' CPU over the transfer, from the ticks before and after."""
         output = ("LAB-CPU before lrp 120 100\nLAB-CPU before rrp 80 100\nnoise\n"
@@ -271,6 +276,15 @@ class LabTests(unittest.SynchronousTestCase):
         self.assertTrue(run.hangup_ok(), cli.format_table(run))
         self.assertTransfers(run)   # c1's second call carries its 20 MiB too
         self.assertEqual(len(run.sessions), CLIENTS, "the LRP did not log one closed session per client")
+        self.assertEqual(set(run.cpu), {"lrp", "rrp"}, "no CPU figure for the daemons")
+
+    def test_proxy_with_raw_capture(self):
+        """--gre-capture raw on both daemons: the kernel puts the clients' fragmented GRE
+        together (pppd's MTU 1500) and nothing is captured twice on the LRP's bridge; every
+        transfer arrives intact."""
+        run = self.lab("proxy", transfer_mb=4, proxy_options=("--gre-capture", "raw"))
+        self.assertAllUp(run)
+        self.assertTransfers(run)
         self.assertEqual(set(run.cpu), {"lrp", "rrp"}, "no CPU figure for the daemons")
 
     def test_proxy_survives_a_link_cut(self):

@@ -279,8 +279,8 @@ class OptionTests(unittest.SynchronousTestCase):
         self.assertEqual(parseStartups("5:50:20"), (5, 50, 20))
 
     def test_capture_buffer_reaches_the_gre_port(self):
-        """--gre-capture-buffer is the size the GRE port asks its capture for (both daemons
-        open their port through service.greOpener)."""
+        """--gre-capture-buffer is the size the GRE port asks its capture for, and
+        --gre-capture its kind (both daemons open their port through service.greOpener)."""
         from twisted.application.service import MultiService
         from twisted.internet.testing import MemoryReactor
         from routeproxy.service import greOpener
@@ -291,8 +291,9 @@ class OptionTests(unittest.SynchronousTestCase):
             options["gre-capture-buffer"] = setting.parse("3145728")
             bounds = fromOptions(options)
             opener = greOpener(MultiService(), MemoryReactor(), ["192.0.2.1"], "any",
-                               captureBuffer=bounds.greCaptureBuffer)
-            self.assertEqual(opener(RecordingGREReceiver()).bufferSize, 3 * 1024 * 1024, role)
+                               captureBuffer=bounds.greCaptureBuffer, capture="raw")
+            port = opener(RecordingGREReceiver())
+            self.assertEqual((port.bufferSize, port.captureKind), (3 * 1024 * 1024, "raw"), role)
         self.assertEqual(Limits().greCaptureBuffer, 8 * 1024 * 1024)
 
     def test_permits_from_option_and_ini(self):

@@ -143,6 +143,16 @@ class OptionTests(unittest.SynchronousTestCase):
             self.assertEqual(str(caught.exception).count("\n"), 0)
             self.assertIn("--shard '2/2'", str(caught.exception))
 
+    def test_raw_capture_does_not_shard(self):
+        """--gre-capture raw parses alone and is refused with --shard, in one line."""
+        for tap, required in ((lrp_tap, LRP_REQUIRED), (rrp_tap, RRP_REQUIRED + ["--pptp-server", "10.0.0.1"])):
+            self.assertEqual(parse(tap.Options, required)["gre-capture"], "pcap")
+            self.assertEqual(parse(tap.Options, required + ["--gre-capture", "raw"])["gre-capture"], "raw")
+            with self.assertRaises(usage.UsageError) as caught:
+                parse(tap.Options, required + ["--gre-capture", "raw", "--shard", "0/2"])
+            self.assertIn("--gre-capture raw cannot be sharded", str(caught.exception))
+            self.assertEqual(str(caught.exception).count("\n"), 0)
+
     def test_services_allocate_in_range(self):
         """The taps give the LRP's space and the RRP's scopes the shard's range, and the
         snapshot names the shard."""
