@@ -391,6 +391,7 @@ class GREPort(abstract.FileDescriptor):
             self._head = timestamp
             if timestamp < self._dropBefore:
                 stats.dropped[DROP_SOJOURN] += 1
+                self._dropBefore = self._gate.dropped()  # the next one is due later
                 return
         offset, typeAt, typeEnd, ipv4Type = self._link
         if typeAt is not None and frame[typeAt:typeEnd] != ipv4Type:

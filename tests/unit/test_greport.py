@@ -68,19 +68,28 @@ class MemoryPortTests(unittest.SynchronousTestCase):
         self.sojournRound(port, 1000.3, clock, 0.050, 3)  # above again: a new interval starts
         self.assertEqual((len(self.receiver.packets), port.stats.dropped), (10, {}))
 
-    def test_a_standing_queue_is_dropped_down_to_the_target(self):
-        """Head above the target for a whole interval: older packets are dropped, counted,
-        until a wake-up's head is younger than the target again."""
+    def test_a_standing_queue_is_dropped_gently_until_it_is_gone(self):
+        """Head above the target for a whole interval: one packet older than the target is
+        dropped at once, the next ones interval/sqrt(count) apart (CoDel's control law: TCP
+        inside PPTP takes each drop as congestion, so not every old packet goes); a wake-up
+        whose head is younger than the target ends it."""
         clock = [1000.0]
         port = self.port(maxSojourn=0.005, sojournInterval=0.1, wallClock=lambda: clock[0])
-        self.sojournRound(port, 1000.0, clock, 0.050)
-        self.sojournRound(port, 1000.11, clock, 0.050)  # above for 110 ms: dropping from now on
-        self.assertEqual(len(self.receiver.packets), 2)
-        self.sojournRound(port, 1000.12, clock, 0.050, 4)
-        self.assertEqual(port.snapshot()["dropped"], {"sojourn": 4})
-        self.sojournRound(port, 1000.13, clock, 0.001, 2)  # young packets pass, the gate closes
-        self.sojournRound(port, 1000.14, clock, 0.050)
-        self.assertEqual((len(self.receiver.packets), port.stats.dropped), (5, {"sojourn": 4}))
+        dropRounds = []
+        for step in range(61):   # a wake-up every 10 ms for 600 ms, 4 packets 50 ms old each
+            now = 1000.0 + step * 0.01
+            before = port.stats.dropped.get("sojourn", 0)
+            self.sojournRound(port, now, clock, 0.050, 4)
+            dropRounds += [round(now - 1000.0, 2)] * (port.stats.dropped.get("sojourn", 0) - before)
+        self.assertEqual(dropRounds[0], 0.11)   # above since 0.00, standing at 0.10, drop at 0.11
+        gaps = [round(b - a, 2) for a, b in zip(dropRounds, dropRounds[1:])]
+        self.assertEqual(gaps[0], 0.09)   # due at 0.20: 0.10 after the entry
+        self.assertLessEqual(max(gaps[-3:]), 0.04)   # closer as the queue stands on
+        self.assertEqual(len(dropRounds), 10)   # of 244 packets, all of them over the target
+        self.sojournRound(port, 1000.62, clock, 0.001, 2)  # young packets pass, the gate closes
+        self.sojournRound(port, 1000.63, clock, 0.050, 4)
+        self.assertEqual(port.stats.dropped, {"sojourn": 10})
+        self.assertEqual(len(self.receiver.packets), 244 - 10 + 2 + 4)
 
     def test_no_timestamp_no_gate(self):
         clock = [1000.0]
