@@ -8,7 +8,10 @@ apart, as in CoDel: a queue whose head has waited longer than *target* for a who
 *interval* is standing, not a burst.  Then one packet older than *target* is dropped, and the
 next one *interval*/sqrt(count) later (CoDel's control law), until the head is younger than
 *target* again.  A short stall (a busy host, a GC pause) is absorbed and drops nothing; a
-standing queue gets drops that start gently and grow until it is gone.
+standing queue gets drops that start gently and grow until it is gone.  A flood that does
+not slow down (nothing inside reads drops as congestion) would outrun that ramp and fill the
+ring, so while dropping, a packet that waited longer than *ceiling* (10x *target*) is
+dropped too, however many.
 
 Gentle matters: PPTP carries TCP, and TCP reads each drop as congestion.  An earlier version
 dropped every packet over *target* once the queue stood; with real peers in the UML lab that
@@ -24,8 +27,9 @@ import math
 class SojournGate:
     """CoDel's state for one capture; the port asks it once per wake-up, and once per drop."""
 
-    def __init__(self, target, interval=0.1):
+    def __init__(self, target, interval=0.1, ceiling=None):
         self.target, self.interval = target, interval
+        self.ceiling = 10 * target if ceiling is None else ceiling
         self.dropping = False
         self.above_since = None  # when the head first waited longer than target, or None
         self.episodes = 0  # times the gate started dropping
@@ -35,18 +39,23 @@ class SojournGate:
         self._now = 0.0
 
     def drop_before(self, now):
-        """At a wake-up: capture timestamps older than this may be dropped (0.0: none is due)."""
+        """At a wake-up: capture timestamps older than this are dropped (0.0: none): older
+        than *target* when a drop is due, else older than *ceiling* while dropping."""
         self._now = now
-        if self.dropping and now >= self.drop_next:
-            return now - self.target
-        return 0.0
+        return self._threshold()
 
     def dropped(self):
-        """One packet was dropped: the next is due interval/sqrt(count) later.  Returns the
-        threshold for the rest of this wake-up (0.0 unless another drop is already due)."""
-        self.count += 1
-        self.drop_next += self.interval / math.sqrt(self.count)
-        return self._now - self.target if self._now >= self.drop_next else 0.0
+        """A packet was dropped: if it was the one due, the next is due interval/sqrt(count)
+        later.  Returns the threshold for the rest of this wake-up."""
+        if self._now >= self.drop_next:
+            self.count += 1
+            self.drop_next += self.interval / math.sqrt(self.count)
+        return self._threshold()
+
+    def _threshold(self):
+        if not self.dropping:
+            return 0.0
+        return self._now - (self.target if self._now >= self.drop_next else self.ceiling)
 
     def observe(self, now, head):
         """After a wake-up: *head* is the capture time of the last packet read (0: unknown)."""

@@ -91,6 +91,18 @@ class MemoryPortTests(unittest.SynchronousTestCase):
         self.assertEqual(port.stats.dropped, {"sojourn": 10})
         self.assertEqual(len(self.receiver.packets), 244 - 10 + 2 + 4)
 
+    def test_past_the_ceiling_a_standing_queue_loses_every_old_packet(self):
+        """A flood that does not slow down: while dropping, every packet that waited longer
+        than 10x the target goes, not just the ones the control law picks."""
+        clock = [1000.0]
+        port = self.port(maxSojourn=0.005, sojournInterval=0.1, wallClock=lambda: clock[0])
+        self.sojournRound(port, 1000.0, clock, 0.080)
+        self.sojournRound(port, 1000.11, clock, 0.080)   # standing: dropping from now on
+        self.sojournRound(port, 1000.12, clock, 0.080, 5)
+        self.assertEqual(port.stats.dropped, {"sojourn": 5})
+        self.sojournRound(port, 1000.13, clock, 0.030, 5)   # under the ceiling, none due
+        self.assertEqual(port.stats.dropped, {"sojourn": 5})
+
     def test_no_timestamp_no_gate(self):
         clock = [1000.0]
         port = self.port(maxSojourn=0.005, sojournInterval=0.0, wallClock=lambda: clock[0])

@@ -22,9 +22,9 @@ class ControlLawTests(unittest.SynchronousTestCase):
         for count in range(1, 6):
             due.append(due[-1] + 0.1 / math.sqrt(count))
         for when in due:
-            self.assertEqual(gate.drop_before(when - 1e-6), 0.0)   # not due yet
+            self.assertAlmostEqual(gate.drop_before(when - 1e-6), when - 1e-6 - 0.05)   # the ceiling only
             self.assertAlmostEqual(gate.drop_before(when), when - 0.005)
-            self.assertEqual(gate.dropped(), 0.0)   # one drop per due time
+            self.assertAlmostEqual(gate.dropped(), when - 0.05)   # one drop per due time
         self.assertEqual(gate.count, 6)
 
     def test_behind_schedule_several_drops_in_one_wake_up(self):
@@ -32,7 +32,7 @@ class ControlLawTests(unittest.SynchronousTestCase):
         entered = self.standing(gate, 10.0)
         now = entered + 0.1 + 0.1 / math.sqrt(2) + 1e-9   # three drops due by now
         threshold, drops = gate.drop_before(now), 0
-        while threshold:
+        while threshold > now - 0.05:   # due drops (older than the target)
             drops += 1
             threshold = gate.dropped()
         self.assertEqual(drops, 3)
@@ -58,3 +58,19 @@ class ControlLawTests(unittest.SynchronousTestCase):
         gate.observe(10.09, 10.04)
         self.assertFalse(gate.dropping)
         self.assertEqual(gate.drop_before(10.095), 0.0)
+
+    def test_past_the_ceiling_everything_goes_while_dropping(self):
+        """A flood that does not slow down: between due drops, packets that waited longer than
+        the ceiling (10x the target) are dropped too, and do not speed the control law up."""
+        gate = SojournGate(0.005, 0.1)
+        entered = self.standing(gate, 10.0)
+        gate.drop_before(entered)
+        gate.dropped()   # the due one
+        now = entered + 0.01
+        threshold = gate.drop_before(now)
+        self.assertAlmostEqual(threshold, now - 0.05)
+        for _ in range(100):
+            threshold = gate.dropped()   # a hundred packets past the ceiling
+        self.assertAlmostEqual(threshold, now - 0.05)
+        self.assertEqual(gate.count, 1)
+        self.assertEqual(SojournGate(0.005, 0.1).drop_before(20.0), 0.0)   # not standing: nothing
