@@ -166,7 +166,8 @@ def daemonSettings(peers, linkPeer):
                 parseChoice(("pcap", "raw"), "--gre-capture")),
         Setting("gre-max-sojourn", 0.005, "ms captured GRE may wait once the capture queue "
                 "has stood longer than that for 100 ms; older packets are then dropped unread, one "
-                "and then more often while it stands (CoDel) (0: never) [default: 5]", lambda v: parseMilliseconds(v, "--gre-max-sojourn")),
+                "and then more often while it stands (CoDel), and every one older than 10x it "
+                "(0: never) [default: 5]", lambda v: parseMilliseconds(v, "--gre-max-sojourn")),
         Setting("status", None, "HOST:PORT or unix:PATH for the status/metrics HTTP endpoint; "
                 "a unix socket (mode 0600) or loopback recommended [default: off]", parseStatus),
         Setting("log-format", "text", "text or json (one JSON object per line) [default: text]",

@@ -103,7 +103,8 @@ _OPTIONS = (
     ("gre-watermark", "greWatermark", lambda v: parseCount(v, "--gre-watermark"),
      "unsent bytes on the link above which GRE is dropped (counted), not queued; the "
      "bound on the link's standing queue", ("lrp", "rrp")),
-    ("gre-capture-buffer", "greCaptureBuffer", lambda v: parseBytes(v, "--gre-capture-buffer", 65536, 1 << 30),
+    ("gre-capture-buffer", "greCaptureBuffer",
+     lambda v: parseBytes(v, "--gre-capture-buffer", 65536, 1 << 30),
      "bytes of captured GRE the kernel holds until the daemon reads them (pcap's ring); what "
      "does not fit is dropped, counted", ("lrp", "rrp")),
 )

@@ -27,9 +27,9 @@ import math
 class SojournGate:
     """CoDel's state for one capture; the port asks it once per wake-up, and once per drop."""
 
-    def __init__(self, target, interval=0.1, ceiling=None):
+    def __init__(self, target, interval=0.1):
         self.target, self.interval = target, interval
-        self.ceiling = 10 * target if ceiling is None else ceiling
+        self.ceiling = 10 * target  # while dropping, older than this always goes
         self.dropping = False
         self.above_since = None  # when the head first waited longer than target, or None
         self.episodes = 0  # times the gate started dropping
