@@ -103,19 +103,6 @@ class DaemonService(MultiService):
         if self.handleSignals:
             signal.signal(signal.SIGHUP, self._hangUp)
         super().startService()
-        import os, gc, time as _t
-        if os.environ.get("RP_GC_LOG"):
-            starts = {}
-            def cb(phase, info):
-                if phase == "start":
-                    starts[0] = _t.perf_counter()
-                elif info["generation"] >= 1:
-                    d = (_t.perf_counter() - starts[0]) * 1e6
-                    if d > 200:
-                        print(f"GC gen{info['generation']} {d:.0f} us collected {info['collected']}", flush=True)
-            gc.callbacks.append(cb)
-        if os.environ.get("RP_GC_FREEZE"):
-            self.reactor.callWhenRunning(gc.freeze)
 
     def _hangUp(self, signum, frame):
         self.reactor.callFromThread(self.reload)
