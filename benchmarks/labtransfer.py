@@ -50,6 +50,8 @@ def main(argv=None):
     if reason:
         print(f"labtransfer: {reason}", file=sys.stderr)
         return 2
+    print(f"UML {uml.UML_BINARY}, guests in {'seccomp' if uml.seccomp_options() else 'ptrace'} mode "
+          "(docs/lab.md)", flush=True)
     times = {mode: [] for mode in MODES}
     rtts = {mode: [] for mode in MODES}
     for round_ in range(args.rounds):

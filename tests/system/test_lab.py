@@ -337,3 +337,39 @@ class KeepVisibleTests(unittest.SynchronousTestCase):
         self.assertEqual(before, "mkdir -p /run/keep/0 && mount --bind /tmp/clone /run/keep/0\n")
         self.assertEqual(after, "mkdir -p /tmp/clone && mount --bind /run/keep/0 /tmp/clone\n")
         self.assertEqual(_keep_visible(["/work/main", "/root/.pyenv"]), ("", ""))
+
+
+class SeccompModeTests(unittest.SynchronousTestCase):
+    """The lab boots its guests in seccomp mode where the kernel has it (no boot here)."""
+
+    def setUp(self):
+        self.patch(uml, "_seccomp", [])
+        self.dir = self.mktemp()
+        os.makedirs(self.dir)
+
+    def kernel(self, text):
+        path = os.path.join(self.dir, "linux")
+        with open(path, "wb") as f:
+            f.write(text)
+        return path
+
+    def test_the_mark_is_found_across_read_chunks(self):
+        mark = uml.SECCOMP_MARK
+        binary = self.kernel(b"x" * 10 + mark + b"y" * 10)
+        for chunk in (4, 7, 12, 1 << 20):
+            self.assertTrue(uml.offers_seccomp(binary, chunk=chunk), chunk)
+        self.assertFalse(uml.offers_seccomp(self.kernel(b"x" * 50 + mark[:-1]), chunk=8))
+        self.assertFalse(uml.offers_seccomp(os.path.join(self.dir, "absent")))
+
+    def test_options_follow_the_kernel_and_the_environment(self):
+        self.patch(uml, "UML_BINARY", self.kernel(b"." + uml.SECCOMP_MARK))
+        self.assertEqual(uml.seccomp_options(), ["seccomp=on"])
+        self.assertIn("seccomp=on", uml.uml_command("/init", "64M", "/run/x"))
+        self.patch(uml, "_seccomp", [])
+        self.patch(os, "environ", dict(os.environ, ROUTEPROXY_UML_SECCOMP="off"))
+        self.assertEqual(uml.seccomp_options(), [])
+        self.patch(uml, "_seccomp", [])
+        self.patch(uml, "UML_BINARY", self.kernel(b"a kernel without it"))
+        self.patch(os, "environ", dict(os.environ))
+        self.assertEqual(uml.seccomp_options(), [])
+        self.assertNotIn("seccomp=on", uml.uml_command("/init", "64M", "/run/x"))
