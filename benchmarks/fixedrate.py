@@ -1,5 +1,5 @@
 """`python -m benchmarks.fixedrate [--rate PPS ...] [--size B] [--duration S] [--py-spy DIR]
-[--proxy-options OPTS] [--latency] [--shards N] [--pin KEY=CPUS,...]`
+[--proxy-options OPTS] [--latency] [--openvpn default|nodelay ...] [--shards N] [--pin KEY=CPUS,...]`
 
 The proxy path of ``benchmarks.topology`` (real twistd daemons in namespaces) at fixed
 offered rates, client -> server: per daemon the CPU per delivered packet (the scheduler's
@@ -12,7 +12,10 @@ Unlike the max-rate search this holds the rate, so a change is compared at equal
 CPU per packet of a daemon falls as the rate rises: each wake-up costs about the same and
 carries more packets; docs/perf-path.md).  ``--shards N`` runs N LRPs and N RRPs
 (``--shard I/N``; the figures per role are summed over them), ``--pin`` runs daemons and
-instruments under taskset (``benchmarks.topology.parse_pin``).  Needs root.
+instruments under taskset (``benchmarks.topology.parse_pin``).  ``--openvpn VARIANT`` runs
+the same rates through OpenVPN-TCP (``benchmarks.openvpn``) in the same run, rate by rate
+after the proxy (``lrp``/``rrp`` are then the client's and the server's openvpn), and ends
+with both side by side.  Needs root.
 """
 import argparse
 import json
@@ -22,7 +25,7 @@ import shutil
 import subprocess
 import sys
 
-from benchmarks import measure, topology
+from benchmarks import measure, openvpn, topology
 from tests.support import netns
 
 
@@ -51,6 +54,47 @@ def py_spy(proxy, directory, seconds):
             for name, d in proxy.daemons.items()]
 
 
+def openvpn_counters(path):
+    """{"lrp"|"rrp": (run seconds,)} of an OpenVPN path's client and server daemons."""
+    return {name.replace("ovpn-l", "lrp").replace("ovpn-r", "rrp"): (run_seconds(proc.pid),)
+            for name, (proc, _) in path.procs.items()}
+
+
+def measure_rate(lab, label, path, rate, args, counters_of, drops_of=dict):
+    """One trial of *path* at *rate*: the row printed, with each daemon's CPU per packet."""
+    drops, before = drops_of(), counters_of()
+    got = measure.run_trial(lab, path, args.size, rate, args.duration, latency=args.latency,
+                            batch=8 if args.latency else None)
+    after, dropped = counters_of(), drops_of()
+    row = {"path": label, "rate": rate, "size": args.size, "offered_pps": round(got["offered_pps"]),
+           "delivered_pps": round(got["delivered_pps"]), "received": got["received"],
+           **({"latency_us": {k: round(v) for k, v in (got.get("latency_us") or {}).items()}}
+              if args.latency else {}),
+           "daemon_drops": {k: v - drops.get(k, 0) for k, v in dropped.items() if v - drops.get(k, 0)}}
+    for name in after:
+        cpu = after[name][0] - before[name][0]
+        row[f"{name}_us_per_packet"] = round(cpu * 1e6 / got["received"], 1) if got["received"] else None
+        if len(after[name]) > 2:
+            wakeUps, captured = after[name][1] - before[name][1], after[name][2] - before[name][2]
+            if captured:
+                row[f"{name}_packets_per_wake_up"] = round(captured / wakeUps, 2)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def side_by_side(rows):
+    """The rows as one table, rate by rate (what the JSON lines say, for reading)."""
+    lines = [f"{'rate':>7} {'path':16} {'delivered':>9} {'LRP us/pkt':>10} {'RRP us/pkt':>10}"
+             f" {'min/p50/p99 us':>18}"]
+    for row in sorted(rows, key=lambda r: r["rate"]):
+        latency = row.get("latency_us") or {}
+        lat = "/".join(str(latency.get(k, "-")) for k in ("min", "p50", "p99")) if latency else "-"
+        lines.append(f"{row['rate']:>7} {row['path']:16} {row['delivered_pps']:>9} "
+                     f"{row.get('lrp_us_per_packet') or '-':>10} {row.get('rrp_us_per_packet') or '-':>10}"
+                     f" {lat:>18}")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
     p.add_argument("--rate", type=int, action="append", help="offered packets/s (repeatable; 0: flat out)")
@@ -61,45 +105,49 @@ def main(argv=None):
                    help="one-way latency too (batches of 8, as the latency trials)")
     p.add_argument("--py-spy", metavar="DIR")
     p.add_argument("--proxy-options", default="", help="extra options for both daemons (an A/B)")
+    p.add_argument("--openvpn", action="append", default=[], choices=sorted(openvpn.VARIANTS),
+                   help="also run each rate through this OpenVPN-TCP variant (repeatable)")
     topology.add_shard_arguments(p)
     args = p.parse_args(argv)
     rates = args.rate or [5000, 20000]
+    if args.openvpn and openvpn.missing():
+        raise SystemExit(f"fixedrate: --openvpn: {openvpn.missing()}")
     netns.skip_unless_available()
     netns.reap_stale()
     topology.raise_fd_limit()
     topology.pin_instruments(args.pin)
     lab = netns.NetnsLab()
     proxy = topology.ProxyPath(lab, options=shlex.split(args.proxy_options), shards=args.shards, pin=args.pin)
+    references = {}
     try:
         proxy.start()
         if not proxy.open_sessions(args.sessions).calls:
             raise SystemExit("no call through the proxies")
         proxy.balance(max(1, args.sessions // args.shards))
         print(f"{args.shards} shard(s): {proxy.affinity()}", flush=True)
+        for variant in args.openvpn:
+            reference = references[variant] = openvpn.OpenVPNPath(lab, variant)
+            reference.start()
         path = proxy.path()
         measure.run_trial(lab, path, args.size, rates[0], 1.0)  # warm-up
+        for reference in references.values():
+            measure.run_trial(lab, reference.path(), args.size, rates[0], 1.0)
         spies = py_spy(proxy, args.py_spy, args.duration) if args.py_spy else []
+        rows = []
         for rate in rates:
-            drops, before = proxy.drops(), counters(proxy)
-            got = measure.run_trial(lab, path, args.size, rate, args.duration, latency=args.latency,
-                                    batch=8 if args.latency else None)
-            after, dropped = counters(proxy), proxy.drops()
-            row = {"rate": rate, "size": args.size, "offered_pps": round(got["offered_pps"]),
-                   "delivered_pps": round(got["delivered_pps"]), "received": got["received"],
-                   **({"latency_us": {k: round(v) for k, v in (got.get("latency_us") or {}).items()}}
-                      if args.latency else {}),
-                   "daemon_drops": {k: v - drops.get(k, 0) for k, v in dropped.items() if v - drops.get(k, 0)}}
-            for name in after:
-                cpu = after[name][0] - before[name][0]
-                row[f"{name}_us_per_packet"] = round(cpu * 1e6 / got["received"], 1) if got["received"] else None
-                wakeUps, captured = after[name][1] - before[name][1], after[name][2] - before[name][2]
-                if captured:
-                    row[f"{name}_packets_per_wake_up"] = round(captured / wakeUps, 2)
-            print(json.dumps(row), flush=True)
+            rows.append(measure_rate(lab, "proxy", path, rate, args, lambda: counters(proxy), proxy.drops))
             for spy in spies:
                 spy.wait()
             spies = []
+            for reference in references.values():
+                rows.append(measure_rate(lab, reference.label, reference.path(), rate, args,
+                                         lambda: openvpn_counters(reference)))
+        if references:
+            print(side_by_side(rows), flush=True)
     finally:
+        for reference in references.values():
+            reference.close()
+            shutil.rmtree(reference.workdir, ignore_errors=True)
         topology.tear_down(proxy, lab)
 
 

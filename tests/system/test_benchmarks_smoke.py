@@ -101,3 +101,43 @@ class QuickRunTests(unittest.TestCase):
                 self.assertNotIn("error", got, got)
                 self.assertGreater(max(t["received"] for t in got["sizes"]["512"]["trials"]), 0)
         self.assertIn("512-byte GRE", done.stdout)
+
+
+class FixedRateTests(unittest.TestCase):
+    """`python -m benchmarks.fixedrate --openvpn nodelay`: both paths at each rate, one table."""
+
+    def test_side_by_side_table(self):
+        from benchmarks import fixedrate
+
+        rows = [{"path": "proxy", "rate": 2000, "delivered_pps": 2000, "lrp_us_per_packet": 97.1,
+                 "rrp_us_per_packet": 90.0, "latency_us": {"min": 80, "p50": 190, "p99": 400}},
+                {"path": "openvpn-nodelay", "rate": 1000, "delivered_pps": 999,
+                 "lrp_us_per_packet": 30.2, "rrp_us_per_packet": None}]
+        lines = fixedrate.side_by_side(rows).splitlines()
+        self.assertEqual(len(lines), 3)
+        self.assertEqual(lines[1].split(), ["1000", "openvpn-nodelay", "999", "30.2", "-", "-"])
+        self.assertEqual(lines[2].split(), ["2000", "proxy", "2000", "97.1", "90.0", "80/190/400"])
+
+    def test_proxy_and_openvpn_at_the_same_rates(self):
+        netns.skip_unless_available()
+        from benchmarks import openvpn
+        if openvpn.missing():
+            raise unittest.SkipTest(openvpn.missing())
+        if daemons.daemons_missing():
+            raise unittest.SkipTest(daemons.daemons_missing())
+        done = subprocess.run([sys.executable, "-m", "benchmarks.fixedrate", "--rate", "1000",
+                               "--rate", "3000", "--duration", "1", "--sessions", "2", "--latency",
+                               "--openvpn", "nodelay"],
+                              capture_output=True, text=True, cwd=daemons.REPO, timeout=180,
+                              env=daemons.child_env())
+        self.assertEqual(done.returncode, 0, done.stderr[-2000:])
+        rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+        self.assertEqual([(r["path"], r["rate"]) for r in rows],
+                         [("proxy", 1000), ("openvpn-nodelay", 1000), ("proxy", 3000),
+                          ("openvpn-nodelay", 3000)])
+        for row in rows:
+            self.assertGreater(row["received"], 0, row)
+            self.assertGreater(row["lrp_us_per_packet"], 0, row)
+            self.assertGreater(row["rrp_us_per_packet"], 0, row)
+            self.assertGreater(row["latency_us"]["count"], 0, row)
+        self.assertIn("openvpn-nodelay", done.stdout.splitlines()[-1] + done.stdout.splitlines()[-2])
