@@ -30,9 +30,16 @@ from tests.support import netns
 
 
 def run_seconds(pid):
-    """The process's CPU run time so far, in seconds (schedstat: nanoseconds, not ticks)."""
-    with open(f"/proc/{pid}/schedstat") as f:
-        return int(f.read().split()[0]) / 1e9
+    """The process's CPU run time so far, in seconds: every thread's (``/proc/PID/schedstat``
+    is the main thread's alone), from schedstat (nanoseconds, not ticks)."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that ended between the listing and the read
+    return total / 1e9
 
 
 def counters(proxy):

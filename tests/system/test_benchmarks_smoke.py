@@ -141,3 +141,29 @@ class FixedRateTests(unittest.TestCase):
             self.assertGreater(row["rrp_us_per_packet"], 0, row)
             self.assertGreater(row["latency_us"]["count"], 0, row)
         self.assertIn("openvpn-nodelay", done.stdout.splitlines()[-1] + done.stdout.splitlines()[-2])
+
+
+class RunSecondsTests(unittest.SynchronousTestCase):
+    """fixedrate charges a daemon with every thread's CPU, not only its main thread's."""
+
+    def test_a_busy_thread_counts(self):
+        import threading
+        import time
+
+        from benchmarks import fixedrate
+
+        def main_thread_only():
+            with open(f"/proc/{os.getpid()}/schedstat") as f:
+                return int(f.read().split()[0]) / 1e9
+
+        done = threading.Event()
+        worker = threading.Thread(target=lambda: [None for _ in iter(done.is_set, True)])
+        worker.start()   # (a thread's CPU is counted while it lives, as a daemon's threads do)
+        before, mainBefore = fixedrate.run_seconds(os.getpid()), main_thread_only()
+        time.sleep(0.3)
+        spent = fixedrate.run_seconds(os.getpid()) - before
+        mainSpent = main_thread_only() - mainBefore
+        done.set()
+        worker.join()
+        self.assertGreater(spent, 0.2)
+        self.assertLess(mainSpent, spent / 2)
