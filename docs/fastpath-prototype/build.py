@@ -9,6 +9,9 @@ int plane_start(const char *iface, const char *bpf, uintptr_t ssl, uintptr_t wbi
                 uintptr_t sslWrite, uintptr_t bioRead, int fd);
 void plane_stop(void);
 uint64_t plane_count(int which);
+int plane_open(const char *iface, const char *bpf, uintptr_t ssl, uintptr_t wbio,
+               uintptr_t sslWrite, uintptr_t bioRead, int fd);
+int plane_pump(void);
 """)
 ffi.set_source("_lrpplane", r"""
 #include <pcap/pcap.h>
@@ -131,6 +134,41 @@ int plane_start(const char *iface, const char *bpf, uintptr_t ssl, uintptr_t wbi
     P.p = p; P.ssl = (void *)ssl; P.wbio = (void *)wbio; P.sw = (ssl_write_t)sslWrite;
     P.br = (bio_read_t)bioRead; P.fd = fd; P.stop = 0;
     return pthread_create(&P.thread, NULL, loop, NULL);
+}
+
+int plane_open(const char *iface, const char *bpf, uintptr_t ssl, uintptr_t wbio,
+               uintptr_t sslWrite, uintptr_t bioRead, int fd) {
+    char err[PCAP_ERRBUF_SIZE];
+    pcap_t *p = pcap_create(iface, err);
+    if (!p) return -1;
+    pcap_set_snaplen(p, 2048); pcap_set_immediate_mode(p, 1); pcap_set_buffer_size(p, 8 << 20);
+    if (pcap_activate(p) < 0) return -2;
+    struct bpf_program prog;
+    if (pcap_compile(p, &prog, bpf, 1, PCAP_NETMASK_UNKNOWN) < 0 || pcap_setfilter(p, &prog) < 0) return -3;
+    pcap_setdirection(p, PCAP_D_IN);
+    pcap_setnonblock(p, 1, err);
+    int dlt = pcap_datalink(p);
+    P.linkoff = dlt == 113 ? 16 : dlt == 276 ? 20 : dlt == 1 ? 14 : 0;
+    P.p = p; P.ssl = (void *)ssl; P.wbio = (void *)wbio; P.sw = (ssl_write_t)sslWrite;
+    P.br = (bio_read_t)bioRead; P.fd = fd;
+    return pcap_get_selectable_fd(p);
+}
+
+/* One wake-up from the reactor's thread: no lock, no thread. */
+int plane_pump(void) {
+    P.wakeups++;
+    P.n = 0;
+    pcap_dispatch(P.p, 512, cb, NULL);
+    if (!P.n) return 0;
+    int done = 0;
+    while (done < P.n) {
+        int w = P.sw(P.ssl, P.buf + done, P.n - done);
+        if (w <= 0) break;
+        done += w;
+    }
+    int m;
+    while ((m = P.br(P.wbio, P.out, sizeof(P.out))) > 0) { sendall(P.out, m); P.writes++; }
+    return P.n;
 }
 
 void plane_stop(void) { P.stop = 1; pthread_join(P.thread, NULL); }
