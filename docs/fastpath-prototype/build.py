@@ -93,47 +93,34 @@ static void sendall(const unsigned char *b, int n) {
     }
 }
 
+static int pump_once(int locked) {
+    P.wakeups++;
+    P.n = 0;
+    pcap_dispatch(P.p, 512, cb, NULL);
+    if (!P.n) return 0;
+    if (locked) pthread_mutex_lock(&tls_lock);
+    int done = 0;
+    while (done < P.n) {
+        int w = P.sw(P.ssl, P.buf + done, P.n - done);
+        if (w <= 0) break;
+        done += w;
+    }
+    int m;
+    while ((m = P.br(P.wbio, P.out, sizeof(P.out))) > 0) { sendall(P.out, m); P.writes++; }
+    if (locked) pthread_mutex_unlock(&tls_lock);
+    return P.n;
+}
+
 static void *loop(void *arg) {
     int ep = epoll_create1(0);
     struct epoll_event ev = {.events = EPOLLIN}, got;
     ev.data.fd = pcap_get_selectable_fd(P.p);
     epoll_ctl(ep, EPOLL_CTL_ADD, ev.data.fd, &ev);
     while (!P.stop) {
-        if (epoll_wait(ep, &got, 1, 200) <= 0) continue;
-        P.wakeups++;
-        P.n = 0;
-        pcap_dispatch(P.p, 512, cb, NULL);
-        if (!P.n) continue;
-        pthread_mutex_lock(&tls_lock);
-        int done = 0;
-        while (done < P.n) {
-            int w = P.sw(P.ssl, P.buf + done, P.n - done);
-            if (w <= 0) break;
-            done += w;
-        }
-        int m;
-        while ((m = P.br(P.wbio, P.out, sizeof(P.out))) > 0) { sendall(P.out, m); P.writes++; }
-        pthread_mutex_unlock(&tls_lock);
+        if (epoll_wait(ep, &got, 1, 200) > 0)
+            pump_once(1);
     }
     return NULL;
-}
-
-int plane_start(const char *iface, const char *bpf, uintptr_t ssl, uintptr_t wbio,
-                uintptr_t sslWrite, uintptr_t bioRead, int fd) {
-    char err[PCAP_ERRBUF_SIZE];
-    pcap_t *p = pcap_create(iface, err);
-    if (!p) return -1;
-    pcap_set_snaplen(p, 2048); pcap_set_immediate_mode(p, 1); pcap_set_buffer_size(p, 8 << 20);
-    if (pcap_activate(p) < 0) return -2;
-    struct bpf_program prog;
-    if (pcap_compile(p, &prog, bpf, 1, PCAP_NETMASK_UNKNOWN) < 0 || pcap_setfilter(p, &prog) < 0) return -3;
-    pcap_setdirection(p, PCAP_D_IN);
-    pcap_setnonblock(p, 1, err);
-    int dlt = pcap_datalink(p);
-    P.linkoff = dlt == 113 ? 16 : dlt == 276 ? 20 : dlt == 1 ? 14 : 0;
-    P.p = p; P.ssl = (void *)ssl; P.wbio = (void *)wbio; P.sw = (ssl_write_t)sslWrite;
-    P.br = (bio_read_t)bioRead; P.fd = fd; P.stop = 0;
-    return pthread_create(&P.thread, NULL, loop, NULL);
 }
 
 int plane_open(const char *iface, const char *bpf, uintptr_t ssl, uintptr_t wbio,
@@ -154,21 +141,15 @@ int plane_open(const char *iface, const char *bpf, uintptr_t ssl, uintptr_t wbio
     return pcap_get_selectable_fd(p);
 }
 
-/* One wake-up from the reactor's thread: no lock, no thread. */
-int plane_pump(void) {
-    P.wakeups++;
-    P.n = 0;
-    pcap_dispatch(P.p, 512, cb, NULL);
-    if (!P.n) return 0;
-    int done = 0;
-    while (done < P.n) {
-        int w = P.sw(P.ssl, P.buf + done, P.n - done);
-        if (w <= 0) break;
-        done += w;
-    }
-    int m;
-    while ((m = P.br(P.wbio, P.out, sizeof(P.out))) > 0) { sendall(P.out, m); P.writes++; }
-    return P.n;
+/* One wake-up from the reactor's thread (PLANE_MODE=pump): no lock, no thread. */
+int plane_pump(void) { return pump_once(0); }
+
+/* The thread (PLANE_MODE=thread): its own epoll on the handle; TLS under the lock. */
+int plane_start(const char *iface, const char *bpf, uintptr_t ssl, uintptr_t wbio,
+                uintptr_t sslWrite, uintptr_t bioRead, int fd) {
+    if (plane_open(iface, bpf, ssl, wbio, sslWrite, bioRead, fd) < 0) return -1;
+    P.stop = 0;
+    return pthread_create(&P.thread, NULL, loop, NULL);
 }
 
 void plane_stop(void) { P.stop = 1; pthread_join(P.thread, NULL); }
