@@ -67,6 +67,7 @@ RESERVED_FLAGS = "reserved flag bits set"
 NOT_PPP = "protocol is not PPP 0x880B"
 PAYLOAD_TRUNCATED = "payload length mismatch: longer than the data"
 PAYLOAD_WITHOUT_SEQUENCE = "payload without sequence number"
+OUT_OF_RANGE = "field out of range"  # building: a field does not fit its width
 
 _HEAD = struct.Struct("!HHHH")  # flags+version, protocol, payload length, call ID
 _WORD = struct.Struct("!I")
@@ -171,7 +172,7 @@ def build_gre(call_id, payload=b"", seq=None, ack=None):
             return _HEAD.pack(0x2001, PPP_PROTOCOL, 0, call_id)
         return _HEAD.pack(0x2081, PPP_PROTOCOL, 0, call_id) + _WORD.pack(ack)
     except struct.error as e:
-        raise GREError("field out of range", str(e)) from None
+        raise GREError(OUT_OF_RANGE, str(e)) from None
 
 
 def with_call_id(data, call_id):
@@ -181,7 +182,7 @@ def with_call_id(data, call_id):
     try:
         return b"".join((data[:6], _CALL_ID.pack(call_id), data[8:]))
     except struct.error as e:
-        raise GREError("field out of range", str(e)) from None
+        raise GREError(OUT_OF_RANGE, str(e)) from None
 
 
 class GREPacket:
@@ -191,13 +192,13 @@ class GREPacket:
 
     def __init__(self, call_id, payload=b"", seq=None, ack=None):
         if not 0 <= call_id <= 0xFFFF:
-            raise GREError("field out of range", f"call ID {call_id}")
+            raise GREError(OUT_OF_RANGE, f"call ID {call_id}")
         payload = bytes(payload)
         if len(payload) > MAX_PAYLOAD:
-            raise GREError("field out of range", f"payload of {len(payload)} bytes")
+            raise GREError(OUT_OF_RANGE, f"payload of {len(payload)} bytes")
         for name, value in (("sequence number", seq), ("acknowledgment number", ack)):
             if value is not None and not 0 <= value <= 0xFFFFFFFF:
-                raise GREError("field out of range", f"{name} {value}")
+                raise GREError(OUT_OF_RANGE, f"{name} {value}")
         if payload and seq is None:
             raise GREError(PAYLOAD_WITHOUT_SEQUENCE, f"payload length {len(payload)}")
         set_ = object.__setattr__

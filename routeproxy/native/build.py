@@ -1,0 +1,55 @@
+"""``python -m routeproxy.native.build``: compile gre.c into ``routeproxy.native._gre`` in place.
+
+cffi's API mode (docs/fastpath.md, step 1): the compiler checks our declarations against the
+C, so no ABI is guessed.  The extension lands next to this file, where the editable install
+(setup.cfg's package_dir) imports it from; ``make venv`` runs this after pip.  A failure is
+one line and a non-zero exit: the daemons run without the module (``load()`` says why).
+"""
+import hashlib
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODULE = "routeproxy.native._gre"
+SOURCES = ("gre.h", "gre.c")
+
+
+def source_digest():
+    """A digest of the C sources, compiled into the module so a stale build is noticed."""
+    digest = hashlib.sha256()
+    for name in SOURCES:
+        with open(os.path.join(HERE, name), "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
+def ffibuilder():
+    from cffi import FFI
+
+    with open(os.path.join(HERE, "gre.h")) as f:
+        declarations = f.read()
+    with open(os.path.join(HERE, "gre.c")) as f:
+        code = f.read()
+    ffi = FFI()
+    ffi.cdef(declarations)
+    # gre.c's text, with its own name for the compiler's messages (the generated file is _gre.c)
+    ffi.set_source(MODULE, f'#define RP_SOURCE_DIGEST "{source_digest()}"\n#line 1 "gre.c"\n{code}',
+                   include_dirs=[HERE], extra_compile_args=["-O2", "-Wall", "-Wextra"])
+    return ffi
+
+
+def main():
+    root = os.path.dirname(os.path.dirname(HERE))  # the checkout: _gre lands in routeproxy/native/
+    try:
+        path = ffibuilder().compile(tmpdir=root, verbose=False)
+    except Exception as e:
+        reason = str(e).strip().splitlines()
+        print(f"routeproxy.native: build failed: {type(e).__name__}: {reason[0] if reason else ''}",
+              file=sys.stderr)
+        return 1
+    print(f"routeproxy.native: built {os.path.relpath(path)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
