@@ -4,7 +4,7 @@
 """
 import sys
 
-NAMES = ("pptp", "gre", "frames", "mux", "callbook")
+NAMES = ("pptp", "gre", "frames", "mux", "callbook", "native")
 
 
 def main(argv):
@@ -21,6 +21,12 @@ def main(argv):
         import subprocess
         return max(subprocess.call([sys.executable, "-m", "tests.fuzz", name, *argv[2:]])
                    for name in names)
+    if names[0] == "native":
+        from routeproxy.native import load
+        module, reason = load()
+        if module is None:
+            print(f"native: nothing to compare, {reason}")
+            return 0
     harness = HARNESSES[names[0]]
     for seed in seeds():
         harness(seed)

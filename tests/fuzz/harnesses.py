@@ -1,4 +1,5 @@
-"""Fuzz harnesses: the codecs, a whole mux connection and CallBook.translate.
+"""Fuzz harnesses: the codecs, a whole mux connection, CallBook.translate, and the C parsers
+of routeproxy.native against their Python twins.
 
 Each harness takes bytes and either returns or raises :class:`Finding`: the code under test
 may reject the input only with its own error (PPTPError, GREError, FrameError, UnknownCallID,
@@ -10,11 +11,14 @@ import random
 
 from twisted.internet.testing import MemoryReactorClock
 
-from routeproxy import calls, gre, pptp
+from routeproxy import calls, gre, native, pptp
+from routeproxy.capture import DLT_EN10MB, DLT_LINUX_SLL, LINK_LAYERS
 from routeproxy.callids import CallIDExhausted, CallIDSpace
 from routeproxy.mux import frames as F
 from routeproxy.mux.connection import MuxConnection
 from routeproxy.testing import RecordingMuxLink
+from tests.support.native import PortProbe, native_outcome, outcome
+from tests.support.packets import frame, ip_fragments, ipv4
 
 
 class Finding(AssertionError):
@@ -107,8 +111,32 @@ def callbook(data):
     _guard((), run, data)
 
 
+_DATALINKS = sorted(LINK_LAYERS)
+_PROBES = {}  # one port per datalink: PortProbe.outcome starts each frame from a clean state
+
+
+def native_parsers(data):
+    """rp_split_gre on the bytes, rp_ipv4_gre on the bytes after the first (which picks the
+    datalink): each must do what split_gre and the port's IPv4 checks do.  Without the
+    built module there is nothing to compare (tests/unit/test_native_gre.py says why)."""
+    if native.load()[0] is None or not data:
+        return
+
+    def run(data):
+        ours, theirs = outcome(native.split_gre, data), outcome(gre.split_gre, data)
+        if ours != theirs:
+            raise Finding(f"rp_split_gre {ours!r} != split_gre {theirs!r} for {data.hex()}")
+        datalink, captured = _DATALINKS[data[0] % len(_DATALINKS)], data[1:]
+        probe = _PROBES.get(datalink) or _PROBES.setdefault(datalink, PortProbe(datalink))
+        ours, theirs = native_outcome(captured, LINK_LAYERS[datalink]), probe.outcome(captured)
+        if ours != theirs:
+            raise Finding(f"rp_ipv4_gre {ours!r} != GREPort {theirs!r} for datalink {datalink}, "
+                          f"{captured.hex()}")
+    _guard((), run, data)
+
+
 HARNESSES = {"pptp": pptp_stream, "gre": gre_codec, "frames": mux_frames,
-             "mux": mux_connection, "callbook": callbook}
+             "mux": mux_connection, "callbook": callbook, "native": native_parsers}
 
 
 def seeds():
@@ -120,6 +148,11 @@ def seeds():
         packed = cls(**fields).pack()
         out += [packed, packed[: len(packed) // 2], b"\x01\x03" + packed * 3]
     out += [gre.build_gre(7, b"\xff\x03ab", seq=1, ack=2), gre.build_gre(7, b"", ack=2)]
+    # captured frames for the native harness: the first byte picks the datalink
+    packet = ipv4("10.0.0.1", "10.0.0.2", gre.build_gre(7, b"\xff\x03" * 8, seq=1, ack=2))
+    fragments = ip_fragments("10.0.0.1", "10.0.0.2", gre.build_gre(7, b"\xff\x03" * 20, seq=1), 24)
+    out += [bytes([_DATALINKS.index(datalink)]) + frame(datalink, ip)
+            for datalink in (DLT_EN10MB, DLT_LINUX_SLL) for ip in (packet, fragments[0], fragments[-1])]
     out += [F.Ping(b"12345678").encode(), F.Open(1, "default", "x").encode(),
             F.Close(1, 0, "").encode(), F.Datagram(1, 7, 1, None, b"ab").encode()]
     return out

@@ -8,18 +8,15 @@ sojourn gate) out of the way.  Without the built module these skip with load()'s
 except under CI, where its absence is a failure.
 """
 import os
-import socket
 import struct
 
 from hypothesis import HealthCheck, given, settings, strategies as st
-from twisted.internet.testing import MemoryReactor
 from twisted.trial import unittest
 
 from routeproxy import gre, native
-from routeproxy.capture import LINK_LAYERS
-from routeproxy.greport import GREPort
+from routeproxy.capture import DLT_EN10MB, LINK_LAYERS
 from routeproxy.mux.frames import encodeGRE
-from routeproxy.testing import MemoryGRESystem, RecordingGREReceiver
+from tests.support.native import PortProbe, native_outcome, outcome
 from tests.support.packets import frame, ipv4
 
 MODULE, REASON = native.load()
@@ -31,16 +28,6 @@ U32 = st.integers(0, 0xFFFFFFFF)
 ANY_INT = st.one_of(st.integers(-2, 0x10001), st.integers(0xFFFFFFFE, 0x100000001),
                     st.sampled_from([-(1 << 70), 1 << 63, 1 << 64]))
 OPTIONAL_U32 = st.none() | U32
-
-
-def outcome(function, *args):
-    """What a call did: its result, or the kind and reason of its refusal."""
-    try:
-        return ("ok", function(*args))
-    except gre.GREError as e:
-        return ("GREError", e.reason)
-    except struct.error:
-        return ("struct.error",)
 
 
 class BuiltTests(unittest.SynchronousTestCase):
@@ -190,52 +177,6 @@ class BuildTests(NativeTestCase):
 # -- IPv4 ------------------------------------------------------------------------------------
 
 
-class _EveryAddress:
-    """A port's local addresses that hold every address: the native check has none."""
-
-    def get(self, address):
-        return socket.inet_ntoa(address)
-
-
-class PortProbe:
-    """``GREPort._frameReceived`` with its stateful checks out of the way, watched."""
-
-    def __init__(self, datalink):
-        self.port = GREPort(RecordingGREReceiver(), ["10.0.0.2"], system=MemoryGRESystem(datalink),
-                            reactor=MemoryReactor(), maxSojourn=0)
-        self.port.startListening()
-        self.port._local = _EveryAddress()
-        self.port._deliver = lambda srcName, dstName, data: self.seen.append(
-            ("gre", bytes(data), srcName, dstName))
-        self.port._fragmentReceived = lambda data, ident, fragment, src, dst, *names: self.seen.append(
-            ("fragment", bytes(data), ident, fragment, src, dst))
-
-    def outcome(self, data):
-        """What the port did with one frame: ("drop", reason) or what it handed on, with the
-        fields its duplicate check keeps."""
-        self.seen, port = [], self.port
-        port._lastCopy = port._lastFrame = None
-        port.stats.dropped.clear()
-        port._frameReceived(None, data)
-        if port.stats.dropped:
-            [reason] = port.stats.dropped
-            return ("drop", reason)
-        [handed] = self.seen
-        return handed + (port._lastCopy,)
-
-
-def native_outcome(data, link):
-    """The same, from rp_ipv4_gre's result and the rule greport applies after its checks."""
-    code, fields = native.ipv4_gre(data, link)
-    if fields is None or code == native.IPV4_EMPTY:
-        return ("drop", native.IPV4_DROPS[code])
-    gre_bytes = data[fields.gre_start:fields.gre_end]
-    copy = (fields.ident, fields.checksum, fields.src, fields.total)
-    if code == native.IPV4_FRAGMENT:
-        return ("fragment", gre_bytes, fields.ident, fields.fragment, fields.src, fields.dst, copy)
-    return ("gre", gre_bytes, socket.inet_ntoa(fields.src), socket.inet_ntoa(fields.dst), copy)
-
-
 ADDRESSES = st.sampled_from(["10.0.0.1", "10.0.0.2", "192.168.7.9"])
 
 
@@ -251,8 +192,7 @@ def ipv4_frames(draw, datalink):
 
 
 class IPv4Tests(NativeTestCase):
-    def setUp(self):
-        self.probes = {}
+    probes = {}  # one port per datalink; each outcome() starts from a clean state
 
     def check(self, datalink, data):
         probe = self.probes.get(datalink) or self.probes.setdefault(datalink, PortProbe(datalink))
@@ -266,37 +206,34 @@ class IPv4Tests(NativeTestCase):
     @HYPOTHESIS
     @given(st.sampled_from(sorted(LINK_LAYERS)), st.binary(max_size=80))
     def test_random_bytes(self, datalink, data):
-        self.setUp()
         self.check(datalink, data)
 
     @HYPOTHESIS
     @given(st.data())
     def test_frames_cut_at_every_length(self, data):
-        self.setUp()
         datalink = data.draw(st.sampled_from(sorted(LINK_LAYERS)))
         self.checkCuts(datalink, data.draw(ipv4_frames(datalink)))
 
     @HYPOTHESIS
     @given(st.data(), st.integers(0, 1000), st.integers(0, 255), st.integers(0, 7))
     def test_frames_mutated(self, data, index, value, bit):
-        self.setUp()
         datalink = data.draw(st.sampled_from(sorted(LINK_LAYERS)))
         for mutated in mutations(data.draw(ipv4_frames(datalink)), index, value, bit):
             self.checkCuts(datalink, mutated)
 
     def test_each_outcome_is_reached(self):
-        """The corpus above reaches every result (so agreeing is not agreeing on one drop)."""
-        link = LINK_LAYERS[1]  # Ethernet
-        good = frame(1, ipv4("10.0.0.1", "10.0.0.2", gre.build_gre(7, b"ab", 1)))
+        """Every result, one frame each, agreed (so agreeing is not agreeing on one drop)."""
+        link = LINK_LAYERS[DLT_EN10MB]
+        good = frame(DLT_EN10MB, ipv4("10.0.0.1", "10.0.0.2", gre.build_gre(7, b"ab", 1)))
         cases = {
             native.IPV4_GRE: good,
-            native.IPV4_FRAGMENT: frame(1, ipv4("10.0.0.1", "10.0.0.2", b"abcdefgh", off=0x2000)),
-            native.IPV4_EMPTY: frame(1, ipv4("10.0.0.1", "10.0.0.2", b"")),
-            -1: frame(1, ipv4("10.0.0.1", "10.0.0.2", b"x"), 0x86DD),
+            native.IPV4_FRAGMENT: frame(DLT_EN10MB, ipv4("10.0.0.1", "10.0.0.2", b"abcdefgh", off=0x2000)),
+            native.IPV4_EMPTY: frame(DLT_EN10MB, ipv4("10.0.0.1", "10.0.0.2", b"")),
+            -1: frame(DLT_EN10MB, ipv4("10.0.0.1", "10.0.0.2", b"x"), 0x86DD),
             -2: good[:30],
             -3: good[:14] + b"\x44" + good[15:],
-            -4: frame(1, ipv4("10.0.0.1", "10.0.0.2", b"x", proto=6)),
+            -4: frame(DLT_EN10MB, ipv4("10.0.0.1", "10.0.0.2", b"x", proto=6)),
         }
         for code, data in cases.items():
             self.assertEqual(native.ipv4_gre(data, link)[0], code)
-            self.check(1, data)
+            self.check(DLT_EN10MB, data)
