@@ -62,6 +62,24 @@ static uint8_t *put32(uint8_t *p, uint32_t v)
 
 static int fits(int64_t value, int64_t max) { return value >= 0 && value <= max; }
 
+/* Both builders end the same way: the optional seq and ack words, then the payload. */
+static int words_fit(int has_seq, int64_t seq, int has_ack, int64_t ack)
+{
+    return (!has_seq || fits(seq, 0xFFFFFFFF)) && (!has_ack || fits(ack, 0xFFFFFFFF));
+}
+
+static long put_words(const uint8_t *out, uint8_t *p, int has_seq, int64_t seq, int has_ack,
+                      int64_t ack, const uint8_t *data, size_t length)
+{
+    if (has_seq)
+        p = put32(p, (uint32_t)seq);
+    if (has_ack)
+        p = put32(p, (uint32_t)ack);
+    if (length)
+        memcpy(p, data, length);
+    return (long)(p - out) + (long)length;
+}
+
 /* routeproxy.gre._diagnose: the first thing wrong with a first word, in the same order. */
 static int diagnose(uint16_t flags_version)
 {
@@ -130,8 +148,7 @@ long rp_build_gre(uint8_t *out, size_t room, int64_t call_id, const uint8_t *pay
 
     if (!has_seq && length)
         return RP_GRE_PAYLOAD_WITHOUT_SEQUENCE;
-    if (!fits(call_id, 0xFFFF) || length > 0xFFFF || (has_seq && !fits(seq, 0xFFFFFFFF))
-        || (has_ack && !fits(ack, 0xFFFFFFFF)))
+    if (!fits(call_id, 0xFFFF) || length > 0xFFFF || !words_fit(has_seq, seq, has_ack, ack))
         return RP_RANGE;
     if (room < head || length > room - head)
         return RP_NO_ROOM;
@@ -139,13 +156,7 @@ long rp_build_gre(uint8_t *out, size_t room, int64_t call_id, const uint8_t *pay
     p = put16(p, PPP_PROTOCOL);
     p = put16(p, (uint32_t)length);
     p = put16(p, (uint32_t)call_id);
-    if (has_seq)
-        p = put32(p, (uint32_t)seq);
-    if (has_ack)
-        p = put32(p, (uint32_t)ack);
-    if (length)
-        memcpy(p, payload, length);
-    return (long)(head + length);
+    return put_words(out, p, has_seq, seq, has_ack, ack, payload, length);
 }
 
 long rp_mux_gre_frame(uint8_t *out, size_t room, int64_t session, int64_t call_tag,
@@ -157,7 +168,7 @@ long rp_mux_gre_frame(uint8_t *out, size_t room, int64_t session, int64_t call_t
     uint8_t *p = out;
 
     if (!fits(session, 0xFFFFFFFF) || !fits(call_tag, 0xFFFF) || length > 0xFFFFFFFF - fields
-        || (has_seq && !fits(seq, 0xFFFFFFFF)) || (has_ack && !fits(ack, 0xFFFFFFFF)))
+        || !words_fit(has_seq, seq, has_ack, ack))
         return RP_RANGE;
     if (room < head || length > room - head || length > (size_t)LONG_MAX - head)
         return RP_NO_ROOM;
@@ -167,13 +178,7 @@ long rp_mux_gre_frame(uint8_t *out, size_t room, int64_t session, int64_t call_t
     p = put32(p, (uint32_t)session);
     p = put32(p, (uint32_t)(length + fields));
     p = put16(p, (uint32_t)call_tag);
-    if (has_seq)
-        p = put32(p, (uint32_t)seq);
-    if (has_ack)
-        p = put32(p, (uint32_t)ack);
-    if (length)
-        memcpy(p, data, length);
-    return (long)(head + length);
+    return put_words(out, p, has_seq, seq, has_ack, ack, data, length);
 }
 
 int rp_ipv4_gre(const uint8_t *frame, size_t size, size_t link_length, long type_at,
