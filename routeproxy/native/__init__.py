@@ -9,6 +9,7 @@ uses them yet.
 """
 import collections
 import functools
+import importlib
 import struct
 
 from routeproxy import gre
@@ -52,7 +53,7 @@ def load():
     """``(module, None)`` if ``routeproxy.native._gre`` is built from the sources here, else
     ``(None, reason)``, one line.  Never raises: the caller decides whether that is fatal."""
     try:
-        from routeproxy.native import _gre
+        _gre = importlib.import_module("routeproxy.native._gre")
     except ImportError as e:
         if e.name == "routeproxy.native._gre":
             return None, "routeproxy.native is not built (python -m routeproxy.native.build)"

@@ -34,7 +34,7 @@ def ffibuilder():
     ffi.cdef(declarations)
     # gre.c's text, with its own name for the compiler's messages (the generated file is _gre.c)
     ffi.set_source(MODULE, f'#define RP_SOURCE_DIGEST "{source_digest()}"\n#line 1 "gre.c"\n{code}',
-                   include_dirs=[HERE], extra_compile_args=["-O2", "-Wall", "-Wextra"])
+                   include_dirs=[HERE], extra_compile_args=["-Wall", "-Wextra"])
     return ffi
 
 

@@ -9,6 +9,7 @@ except under CI, where its absence is a failure.
 """
 import os
 import struct
+import sys
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 from twisted.trial import unittest
@@ -37,6 +38,18 @@ class BuiltTests(unittest.SynchronousTestCase):
             if os.environ.get("CI") == "true":
                 self.fail(f"CI=true and {REASON}")
             raise unittest.SkipTest(REASON)
+
+    def test_not_built_is_one_line(self):
+        """The reason a missing module gives, whether or not this checkout built it."""
+        real = native.load.__wrapped__
+        try:
+            sys.modules["routeproxy.native._gre"] = None  # import fails as for a missing file
+            self.assertEqual(real(), (None, "routeproxy.native is not built "
+                                            "(python -m routeproxy.native.build)"))
+        finally:
+            del sys.modules["routeproxy.native._gre"]
+            if MODULE is not None:
+                sys.modules["routeproxy.native._gre"] = MODULE
 
     def test_a_missing_module_is_one_line(self):
         """load() never raises; its reason is one line naming the fix."""
