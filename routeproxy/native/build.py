@@ -1,4 +1,5 @@
-"""``python -m routeproxy.native.build``: compile gre.c into ``routeproxy.native._gre`` in place.
+"""``python -m routeproxy.native.build``: compile gre.c and pump.c into ``routeproxy.native._gre``
+in place (pump.c reads libpcap: the extension links -lpcap).
 
 cffi's API mode (docs/fastpath.md, step 1): the compiler checks our declarations against the
 C, so no ABI is guessed.  The extension lands next to this file, where the editable install
@@ -11,7 +12,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODULE = "routeproxy.native._gre"
-SOURCES = ("gre.h", "gre.c")
+SOURCES = ("gre.h", "gre.c", "pump.h", "pump.c")
 
 
 def source_digest():
@@ -26,15 +27,18 @@ def source_digest():
 def ffibuilder():
     from cffi import FFI
 
-    with open(os.path.join(HERE, "gre.h")) as f:
-        declarations = f.read()
-    with open(os.path.join(HERE, "gre.c")) as f:
-        code = f.read()
+    def read(name):
+        with open(os.path.join(HERE, name)) as f:
+            return f.read()
+
     ffi = FFI()
-    ffi.cdef(declarations)
-    # gre.c's text, with its own name for the compiler's messages (the generated file is _gre.c)
-    ffi.set_source(MODULE, f'#define RP_SOURCE_DIGEST "{source_digest()}"\n#line 1 "gre.c"\n{code}',
-                   include_dirs=[HERE], extra_compile_args=["-Wall", "-Wextra"])
+    ffi.cdef(read("gre.h") + read("pump.h"))
+    # gre.c's and pump.c's text in one unit (pump.c calls gre.c's functions), each with its
+    # own name for the compiler's messages (the generated file is _gre.c)
+    # (<pcap/pcap.h> first: it brings <netinet/in.h>, whose IPPROTO_GRE gre.c then keeps)
+    ffi.set_source(MODULE, f'#define RP_SOURCE_DIGEST "{source_digest()}"\n#include <pcap/pcap.h>\n'
+                   f'#line 1 "gre.c"\n{read("gre.c")}\n#line 1 "pump.c"\n{read("pump.c")}',
+                   include_dirs=[HERE], libraries=["pcap"], extra_compile_args=["-Wall", "-Wextra"])
     return ffi
 
 

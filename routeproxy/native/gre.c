@@ -16,7 +16,9 @@
 #endif
 
 #define PPP_PROTOCOL 0x880B
+#ifndef IPPROTO_GRE /* <netinet/in.h>, when pump.c's <pcap/pcap.h> came first */
 #define IPPROTO_GRE 47
+#endif
 #define IPV4_MIN 20
 #define FRAGMENT_BITS 0x3FFF /* MF + fragment offset */
 

@@ -1,0 +1,447 @@
+/* The LRP's capture pump (declared in pump.h): GREPort._frameReceived in C for one frame,
+ * the flow table that frames the common packet for the mux, and a libpcap handle read
+ * through it.  Compiled in one unit after gre.c (build.py), whose functions it calls.
+ *
+ * Every decision is the Python path's: rp_ipv4_gre for the IPv4 checks, then the bridge
+ * duplicate check, the local-address check, and for unfragmented GRE of a flow entry from
+ * its client the mux frame (rp_mux_gre_frame).  Anything else is handed back, so Python's
+ * code (the one implementation of the unusual packet) decides it, in order.
+ */
+#include <stdlib.h>
+#include <string.h>
+#include <pcap/pcap.h>
+
+#include "pump.h"
+
+#define LAST_MAX 65536
+
+struct rp_flow {
+    uint8_t used;
+    uint8_t touched;
+    uint8_t src[4];
+    uint32_t session;
+    uint32_t tag;
+    uint32_t packets, dropped, too_large;
+    uint64_t bytes;
+};
+
+struct rp_pump {
+    /* the link layer */
+    size_t link_length;
+    long type_at;
+    uint8_t type_value[8];
+    size_t type_length;
+    /* the port's local addresses */
+    uint8_t local[RP_MAX_LOCAL][4];
+    size_t n_local;
+    /* the last frame that passed the IPv4 checks: (ident, checksum, src, total) and its
+     * IP bytes */
+    int has_last;
+    uint16_t last_ident, last_checksum, last_total;
+    uint8_t last_src[4];
+    uint8_t last[LAST_MAX];
+    /* this pump call */
+    double drop_before;
+    int64_t room;
+    int hand_back_over;
+    int64_t max_payload;
+    int has_head;
+    double head;
+    int back_reason;
+    uint8_t *out;
+    size_t out_capacity, out_length;
+    uint32_t out_frames;
+    /* counters until the next take */
+    struct rp_counts counts;
+    uint32_t n_touched;
+    uint16_t touched[RP_FLOW_KEYS];
+    struct rp_flow flows[RP_FLOW_KEYS];
+};
+
+struct rp_pump *rp_pump_new(size_t out_capacity)
+{
+    struct rp_pump *p = calloc(1, sizeof *p);
+    if (p == NULL)
+        return NULL;
+    p->out = malloc(out_capacity ? out_capacity : 1);
+    if (p->out == NULL) {
+        free(p);
+        return NULL;
+    }
+    p->out_capacity = out_capacity;
+    p->type_at = -1;
+    return p;
+}
+
+void rp_pump_free(struct rp_pump *p)
+{
+    if (p != NULL) {
+        free(p->out);
+        free(p);
+    }
+}
+
+int rp_pump_set_link(struct rp_pump *p, size_t link_length, long type_at,
+                     const uint8_t *type_value, size_t type_length)
+{
+    if (type_length > sizeof p->type_value)
+        return -1;
+    p->link_length = link_length;
+    p->type_at = type_at;
+    if (type_length)
+        memcpy(p->type_value, type_value, type_length);
+    p->type_length = type_length;
+    return 0;
+}
+
+int rp_pump_set_local(struct rp_pump *p, const uint8_t *addresses, size_t n)
+{
+    if (n > RP_MAX_LOCAL)
+        return -1;
+    if (n)
+        memcpy(p->local, addresses, 4 * n);
+    p->n_local = n;
+    return 0;
+}
+
+void rp_pump_set_flow(struct rp_pump *p, uint32_t key, const uint8_t *src, uint32_t session,
+                      uint32_t tag)
+{
+    struct rp_flow *f = &p->flows[key & 0xFFFF];
+    f->used = 1;
+    memcpy(f->src, src, 4);
+    f->session = session;
+    f->tag = tag;
+}
+
+void rp_pump_clear_flow(struct rp_pump *p, uint32_t key)
+{
+    p->flows[key & 0xFFFF].used = 0;  /* its counters wait for the next take */
+}
+
+void rp_pump_clear_flows(struct rp_pump *p)
+{
+    for (size_t key = 0; key < RP_FLOW_KEYS; key++)
+        p->flows[key].used = 0;
+}
+
+void rp_pump_begin(struct rp_pump *p, double drop_before, int64_t room, int hand_back_over,
+                   int64_t max_payload)
+{
+    p->drop_before = drop_before;
+    p->room = room;
+    p->hand_back_over = hand_back_over;
+    p->max_payload = max_payload;
+    p->has_head = 0;
+    p->back_reason = 0;
+    p->out_length = 0;
+    p->out_frames = 0;
+}
+
+static int is_local(const struct rp_pump *p, const uint8_t *dst)
+{
+    for (size_t i = 0; i < p->n_local; i++)
+        if (!memcmp(p->local[i], dst, 4))
+            return 1;
+    return 0;
+}
+
+static int hand_back(struct rp_pump *p, int reason)
+{
+    p->back_reason = reason;
+    p->counts.handed_back++;
+    return RP_PUMP_HAND_BACK;
+}
+
+static struct rp_flow *touch(struct rp_pump *p, uint16_t key)
+{
+    struct rp_flow *f = &p->flows[key];
+    if (!f->touched) {
+        f->touched = 1;
+        p->touched[p->n_touched++] = key;
+    }
+    return f;
+}
+
+int rp_pump_frame(struct rp_pump *p, const uint8_t *frame, size_t size, double ts, int has_ts)
+{
+    struct rp_ipv4 ip;
+    struct rp_gre g;
+    struct rp_flow *f;
+    const uint8_t *gre;
+    size_t start;
+    long n;
+    int code;
+
+    if (has_ts && ts != 0.0) {  /* Python: "if timestamp:" */
+        if (ts < p->drop_before)
+            return hand_back(p, RP_BACK_SOJOURN);  /* Python's gate drops it and moves on */
+        p->has_head = 1;
+        p->head = ts;
+    }
+    p->counts.received++;
+    code = rp_ipv4_gre(frame, size, p->link_length, p->type_at, p->type_value, p->type_length,
+                       &ip);
+    switch (code) {
+    case RP_IPV4_NOT_IPV4: p->counts.not_ipv4++; return RP_PUMP_TAKEN;
+    case RP_IPV4_TRUNCATED: p->counts.truncated++; return RP_PUMP_TAKEN;
+    case RP_IPV4_BAD_HEADER: p->counts.bad_header++; return RP_PUMP_TAKEN;
+    case RP_IPV4_NOT_GRE: p->counts.not_gre++; return RP_PUMP_TAKEN;
+    default: break;
+    }
+    /* a bridge's second copy: header fields first, the bytes only when they match */
+    start = p->link_length;
+    if (p->has_last && ip.ident == p->last_ident && ip.checksum == p->last_checksum
+        && ip.total == p->last_total && !memcmp(ip.src, p->last_src, 4)
+        && !memcmp(frame + start, p->last, ip.total)) {
+        p->counts.duplicates++;
+        return RP_PUMP_TAKEN;
+    }
+    p->has_last = 1;
+    p->last_ident = ip.ident;
+    p->last_checksum = ip.checksum;
+    p->last_total = ip.total;
+    memcpy(p->last_src, ip.src, 4);
+    memcpy(p->last, frame + start, ip.total);  /* total <= 65535 < LAST_MAX, within size */
+    if (!is_local(p, ip.dst)) {
+        p->counts.not_local++;
+        return RP_PUMP_TAKEN;
+    }
+    if (code == RP_IPV4_FRAGMENT)
+        goto back_fragment;
+    if (code == RP_IPV4_EMPTY) {
+        p->counts.truncated++;
+        return RP_PUMP_TAKEN;
+    }
+    gre = frame + ip.gre_offset;
+    if (rp_split_gre(gre, ip.gre_length, &g) < 0)
+        goto back_malformed;
+    f = &p->flows[g.call_id];
+    if (!f->used)
+        goto back_unknown;
+    if (memcmp(f->src, ip.src, 4))
+        goto back_wrong;
+    if ((int64_t)g.payload_length + 10 > p->max_payload) {
+        f = touch(p, g.call_id);
+        f->too_large++;
+    } else if ((int64_t)p->out_length >= p->room) {
+        if (p->hand_back_over)
+            goto back_budget;
+        f = touch(p, g.call_id);
+        f->dropped++;
+    } else {
+        size_t room = p->out_capacity - p->out_length;
+        if (room < RP_MUX_GRE_HEAD_MAX + g.payload_length)
+            goto back_no_room;
+        n = rp_mux_gre_frame(p->out + p->out_length, room, f->session, f->tag, g.has_seq,
+                             g.seq, g.has_ack, g.ack, gre + g.payload_offset,
+                             g.payload_length);
+        if (n < 0)
+            goto back_no_room;
+        p->out_length += (size_t)n;
+        p->out_frames++;
+        f = touch(p, g.call_id);
+    }
+    f->packets++;
+    f->bytes += g.payload_length;
+    p->counts.delivered++;
+    return RP_PUMP_TAKEN;
+
+    /* handed back after the checks above: Python's received counts it, not ours */
+back_fragment: p->counts.received--; return hand_back(p, RP_BACK_FRAGMENT);
+back_malformed: p->counts.received--; return hand_back(p, RP_BACK_MALFORMED);
+back_unknown: p->counts.received--; return hand_back(p, RP_BACK_UNKNOWN_KEY);
+back_wrong: p->counts.received--; return hand_back(p, RP_BACK_WRONG_SOURCE);
+back_budget: p->counts.received--; return hand_back(p, RP_BACK_BUDGET);
+back_no_room: p->counts.received--; return hand_back(p, RP_BACK_NO_ROOM);
+}
+
+const uint8_t *rp_pump_out(struct rp_pump *p, size_t *length, uint32_t *frames)
+{
+    *length = p->out_length;
+    *frames = p->out_frames;
+    return p->out;
+}
+
+int rp_pump_head(struct rp_pump *p, double *head)
+{
+    *head = p->head;
+    return p->has_head;
+}
+
+int rp_pump_back_reason(struct rp_pump *p) { return p->back_reason; }
+
+void rp_pump_take_counts(struct rp_pump *p, struct rp_counts *out)
+{
+    *out = p->counts;
+    memset(&p->counts, 0, sizeof p->counts);
+}
+
+size_t rp_pump_take_deltas(struct rp_pump *p, struct rp_flow_delta *out, size_t max)
+{
+    size_t n = 0;
+    while (p->n_touched && n < max) {
+        uint16_t key = p->touched[--p->n_touched];
+        struct rp_flow *f = &p->flows[key];
+        out[n].key = key;
+        out[n].packets = f->packets;
+        out[n].bytes = f->bytes;
+        out[n].dropped = f->dropped;
+        out[n].too_large = f->too_large;
+        f->packets = f->dropped = f->too_large = 0;
+        f->bytes = 0;
+        f->touched = 0;
+        n++;
+    }
+    return n;
+}
+
+/* -- libpcap ------------------------------------------------------------------------------ */
+
+struct rp_pcap {
+    pcap_t *handle;
+    struct rp_pump *pump;
+    int read;
+    int back;
+    size_t back_length;
+    double back_ts;
+    uint8_t *back_buffer;
+    size_t back_capacity;
+};
+
+static void error_text(char *err, const char *what, const char *detail)
+{
+    snprintf(err, 256, "%s: %s", what, detail);
+}
+
+static int compile_filter(pcap_t *handle, const char *filter, char *err)
+{
+    struct bpf_program program;
+    int failed;
+
+    if (pcap_compile(handle, &program, filter, 1, PCAP_NETMASK_UNKNOWN) < 0) {
+        error_text(err, "bad filter", pcap_geterr(handle));
+        return -1;
+    }
+    failed = pcap_setfilter(handle, &program) < 0;
+    if (failed)
+        error_text(err, "cannot set the filter", pcap_geterr(handle));
+    pcap_freecode(&program);
+    return failed ? -1 : 0;
+}
+
+struct rp_pcap *rp_pcap_open(const char *device, int snaplen, int buffer_size,
+                             const char *filter, char *err)
+{
+    char errbuf[PCAP_ERRBUF_SIZE] = "";
+    struct rp_pcap *c = calloc(1, sizeof *c);
+    pcap_t *handle;
+    int status;
+
+    if (c == NULL || (c->back_buffer = malloc((size_t)snaplen)) == NULL) {
+        free(c);
+        error_text(err, "cannot open", "out of memory");
+        return NULL;
+    }
+    c->back_capacity = (size_t)snaplen;
+    handle = pcap_create(device, errbuf);
+    if (handle == NULL) {
+        error_text(err, "cannot open", errbuf);
+        goto fail;
+    }
+    pcap_set_snaplen(handle, snaplen);
+    pcap_set_promisc(handle, 0);
+    pcap_set_timeout(handle, 1);
+    pcap_set_immediate_mode(handle, 1);
+    if (buffer_size > 0)
+        pcap_set_buffer_size(handle, buffer_size);
+    status = pcap_activate(handle);
+    if (status < 0) {
+        error_text(err, "cannot activate", pcap_geterr(handle));
+        goto fail_handle;
+    }
+    if (compile_filter(handle, filter, err) < 0)
+        goto fail_handle;
+    if (pcap_setnonblock(handle, 1, errbuf) < 0) {
+        error_text(err, "cannot set non-blocking", errbuf);
+        goto fail_handle;
+    }
+    pcap_setdirection(handle, PCAP_D_IN);  /* only what arrives; `lo` skips the copy anyway */
+    c->handle = handle;
+    return c;
+
+fail_handle:
+    pcap_close(handle);
+fail:
+    free(c->back_buffer);
+    free(c);
+    return NULL;
+}
+
+int rp_pcap_set_filter(struct rp_pcap *c, const char *filter, char *err)
+{
+    return compile_filter(c->handle, filter, err);
+}
+
+int rp_pcap_fileno(struct rp_pcap *c) { return pcap_get_selectable_fd(c->handle); }
+
+int rp_pcap_datalink(struct rp_pcap *c) { return pcap_datalink(c->handle); }
+
+int rp_pcap_stats(struct rp_pcap *c, uint64_t *received, uint64_t *dropped, uint64_t *ifdropped)
+{
+    struct pcap_stat s;
+    if (pcap_stats(c->handle, &s) < 0)
+        return -1;
+    *received = s.ps_recv;
+    *dropped = s.ps_drop;
+    *ifdropped = s.ps_ifdrop;
+    return 0;
+}
+
+void rp_pcap_close(struct rp_pcap *c)
+{
+    if (c != NULL) {
+        pcap_close(c->handle);
+        free(c->back_buffer);
+        free(c);
+    }
+}
+
+static void on_frame(u_char *user, const struct pcap_pkthdr *h, const u_char *bytes)
+{
+    struct rp_pcap *c = (struct rp_pcap *)user;
+    double ts = (double)h->ts.tv_sec + (double)h->ts.tv_usec / 1e6;
+    size_t length = h->caplen;
+
+    if (c->back)
+        return;  /* after a break: none comes, but never two hand-backs */
+    c->read++;
+    if (rp_pump_frame(c->pump, bytes, length, ts, 1) == RP_PUMP_HAND_BACK) {
+        if (length > c->back_capacity)
+            length = c->back_capacity;  /* caplen <= snaplen: not reached */
+        memcpy(c->back_buffer, bytes, length);
+        c->back = 1;
+        c->back_length = length;
+        c->back_ts = ts;
+        pcap_breakloop(c->handle);
+    }
+}
+
+int rp_pcap_pump(struct rp_pcap *c, struct rp_pump *p, int budget, const uint8_t **back,
+                 size_t *back_length, double *back_ts, char *err)
+{
+    int n;
+
+    c->pump = p;
+    c->read = 0;
+    c->back = 0;
+    n = pcap_dispatch(c->handle, budget, on_frame, (u_char *)c);
+    if (n == PCAP_ERROR) {
+        error_text(err, "capture failed", pcap_geterr(c->handle));
+        return -1;
+    }
+    *back = c->back ? c->back_buffer : NULL;
+    *back_length = c->back ? c->back_length : 0;
+    *back_ts = c->back_ts;
+    return c->read;
+}

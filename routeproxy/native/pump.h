@@ -1,0 +1,91 @@
+/* The LRP's capture pump (docs/fastpath.md step 3a): the declarations; also cffi's cdef.
+ *
+ * One rp_pump holds what a wake-up's common packet needs from the port and the relay: the
+ * link layer, the local addresses, the last frame seen (the bridge duplicate check), the
+ * flow table (key L -> client address, mux session, tag C) and the counters Python folds
+ * into its own after every pump call.  rp_pump_frame is GREPort._frameReceived for one
+ * frame; the pcap callback and the tests (frames from Python) both call it.
+ */
+
+/* rp_pump_frame's results */
+#define RP_PUMP_TAKEN 0       /* handled here: framed, dropped or counted */
+#define RP_PUMP_HAND_BACK 1   /* Python must run it through GREPort._frameReceived */
+
+/* why a frame was handed back (rp_pump.back_reason; the tests and the status read them) */
+#define RP_BACK_SOJOURN 1     /* older than drop_before: Python's gate drops it */
+#define RP_BACK_FRAGMENT 2
+#define RP_BACK_MALFORMED 3   /* rp_split_gre refused it: the demux counts it */
+#define RP_BACK_UNKNOWN_KEY 4
+#define RP_BACK_WRONG_SOURCE 5
+#define RP_BACK_BUDGET 6      /* over the byte budget while Python may still ask the link */
+#define RP_BACK_NO_ROOM 7     /* the output buffer is full */
+
+#define RP_FLOW_KEYS 65536
+#define RP_MAX_LOCAL 64
+
+struct rp_counts {
+    uint64_t received;     /* frames taken (handed-back ones Python counts itself) */
+    uint64_t delivered;    /* frames of flow entries: greReceived in the Python path */
+    uint64_t duplicates;
+    uint64_t not_ipv4;
+    uint64_t truncated;
+    uint64_t bad_header;
+    uint64_t not_gre;
+    uint64_t not_local;
+    uint64_t handed_back;
+};
+
+struct rp_flow_delta {
+    uint32_t key;
+    uint32_t packets;      /* from the client: greIn, call.gre_in */
+    uint64_t bytes;        /* their payload bytes: call.bytes_in */
+    uint32_t dropped;      /* over the byte budget: the mux's watermark (or paused) drop */
+    uint32_t too_large;    /* longer than the link's maxOutPayload allows */
+};
+
+struct rp_pump;
+
+struct rp_pump *rp_pump_new(size_t out_capacity);
+void rp_pump_free(struct rp_pump *p);
+
+/* The link layer (capture.LINK_LAYERS): type_at < 0 when it has no protocol field. */
+int rp_pump_set_link(struct rp_pump *p, size_t link_length, long type_at,
+                     const uint8_t *type_value, size_t type_length);
+/* The local addresses, 4 bytes each, n of them: -1 if more than RP_MAX_LOCAL. */
+int rp_pump_set_local(struct rp_pump *p, const uint8_t *addresses, size_t n);
+/* A flow entry for key (the LRP's call ID L), or its removal. */
+void rp_pump_set_flow(struct rp_pump *p, uint32_t key, const uint8_t *src, uint32_t session,
+                      uint32_t tag);
+void rp_pump_clear_flow(struct rp_pump *p, uint32_t key);
+void rp_pump_clear_flows(struct rp_pump *p);
+
+/* Before a pump call: the sojourn gate's threshold (0: none), the byte budget for frames
+ * (the GRE watermark's room), whether a frame over it is handed back (Python has not asked
+ * the link yet) rather than dropped, and the link's largest payload. */
+void rp_pump_begin(struct rp_pump *p, double drop_before, int64_t room, int hand_back_over,
+                   int64_t max_payload);
+/* One frame (GREPort._frameReceived): RP_PUMP_TAKEN or RP_PUMP_HAND_BACK. */
+int rp_pump_frame(struct rp_pump *p, const uint8_t *frame, size_t size, double ts, int has_ts);
+
+/* What the pump call produced: the mux frames, and the head of the capture queue. */
+const uint8_t *rp_pump_out(struct rp_pump *p, size_t *length, uint32_t *frames);
+int rp_pump_head(struct rp_pump *p, double *head);
+int rp_pump_back_reason(struct rp_pump *p);
+/* The counters since the last take, zeroed by it; deltas of at most max entries (the rest
+ * on the next call: the return says how many were written). */
+void rp_pump_take_counts(struct rp_pump *p, struct rp_counts *out);
+size_t rp_pump_take_deltas(struct rp_pump *p, struct rp_flow_delta *out, size_t max);
+
+/* libpcap: a handle opened here, read with the pump.  Errors as text in err (256 bytes). */
+struct rp_pcap;
+struct rp_pcap *rp_pcap_open(const char *device, int snaplen, int buffer_size,
+                             const char *filter, char *err);
+int rp_pcap_set_filter(struct rp_pcap *c, const char *filter, char *err);
+int rp_pcap_fileno(struct rp_pcap *c);
+int rp_pcap_datalink(struct rp_pcap *c);
+int rp_pcap_stats(struct rp_pcap *c, uint64_t *received, uint64_t *dropped, uint64_t *ifdropped);
+void rp_pcap_close(struct rp_pcap *c);
+/* Up to budget frames through rp_pump_frame; stops after a hand-back (pcap_breakloop), whose
+ * frame and timestamp are then *back, *back_length, *back_ts.  Frames read, or -1 (err). */
+int rp_pcap_pump(struct rp_pcap *c, struct rp_pump *p, int budget, const uint8_t **back,
+                 size_t *back_length, double *back_ts, char *err);
