@@ -7,6 +7,9 @@ PPTP's data channel is GRE, IP protocol 47: no ports, so no ordinary socket rece
   reassembles them (the port puts them back together).
 * :class:`RawSocketCapture`: an unbound raw IPPROTO_GRE socket (the kernel reassembles; the
   port checks destinations itself).  docs/gre-io.md measures the two.
+* :class:`NativeCapture` (``--gre-capture native``, the LRP): a libpcap handle opened in C
+  (routeproxy.native), read by ``pump``: one C call per wake-up that frames the common
+  packet for the mux and hands the rest back (routeproxy.flows, docs/fastpath.md step 3a).
 * :class:`RealGRESystem` is the operating system as a :class:`~routeproxy.greport.GREPort`
   sees it (``IGRESystem``): it opens captures and raw sockets.  Tests inject the fakes of
   :mod:`routeproxy.testing` instead, as twisted.pair's tuntap does.
@@ -243,12 +246,78 @@ class RawSocketCapture:
         self._sock.close()
 
 
+@implementer(ICapture)
+class NativeCapture:
+    """libpcap opened and read in C (routeproxy.native's rp_pcap_*), as PcapCapture opens it.
+
+    ``pump(state, budget)`` reads up to *budget* frames through ``rp_pump_frame`` with the
+    pump *state* (a :class:`routeproxy.flows.FlowTable`'s) and stops after the first frame
+    it hands back: ``(frames read, (timestamp, frame) or None)``.  ``read`` (the Python path,
+    for a port without a flow table) is not offered: the port always pumps this capture.
+    """
+
+    drainsOnShortRead = True
+
+    def __init__(self, module, interface, snaplen, bufferSize, bpf):
+        self._ffi, self._lib = module.ffi, module.lib
+        self._err = self._ffi.new("char[]", 256)
+        handle = self._lib.rp_pcap_open(interface.encode(), snaplen, bufferSize, bpf.encode(),
+                                        self._err)
+        if handle == self._ffi.NULL:
+            raise GREIOError(f"cannot capture GRE on {interface!r} with {bpf!r}: {self._error()}")
+        self._handle = handle
+        self._back = self._ffi.new("const uint8_t **")
+        self._backLength = self._ffi.new("size_t *")
+        self._backTime = self._ffi.new("double *")
+        self._pump = self._lib.rp_pcap_pump
+
+    def _error(self):
+        return self._ffi.string(self._err).decode("utf-8", "replace")
+
+    def fileno(self):
+        return self._lib.rp_pcap_fileno(self._handle)
+
+    def datalink(self):
+        return self._lib.rp_pcap_datalink(self._handle)
+
+    def read(self, budget, callback):
+        raise NotImplementedError("a native capture is pumped (GREPort with its flow table)")
+
+    def pump(self, state, budget):
+        n = self._pump(self._handle, state, budget, self._back, self._backLength,
+                       self._backTime, self._err)
+        if n < 0:
+            raise OSError(self._error())
+        back = self._back[0]
+        if back == self._ffi.NULL:
+            return n, None
+        return n, (self._backTime[0], self._ffi.buffer(back, self._backLength[0])[:])
+
+    def setFilter(self, bpf):
+        if self._lib.rp_pcap_set_filter(self._handle, bpf.encode(), self._err) < 0:
+            raise GREIOError(f"bad capture filter {bpf!r}: {self._error()}")
+
+    def stats(self):
+        counts = self._ffi.new("uint64_t[3]")
+        if self._lib.rp_pcap_stats(self._handle, counts, counts + 1, counts + 2) < 0:
+            raise OSError("pcap_stats failed")
+        return (counts[0], counts[1], counts[2])
+
+    def close(self):
+        if self._handle is not None:
+            self._lib.rp_pcap_close(self._handle)
+            self._handle = None
+
+
 @implementer(IGRESystem)
 class RealGRESystem:
     """The parts of the operating system a GREPort uses."""
 
     def openCapture(self, interface, snaplen, bufferSize, bpf):
         return PcapCapture(interface, snaplen, bufferSize, bpf)
+
+    def openNativeCapture(self, module, interface, snaplen, bufferSize, bpf):
+        return NativeCapture(module, interface, snaplen, bufferSize, bpf)
 
     def openRawSocket(self):
         try:

@@ -154,7 +154,10 @@ class GREPort(abstract.FileDescriptor):
       (a socket bound to each is opened at start, so a foreign address fails then).
     * ``interface``: the pcap device; "any" (default) covers every interface, "lo" too.
     * ``capture``: "pcap" (default) or "raw" (read an unbound raw GRE socket instead;
-      ``interface`` is then unused: the socket sees every interface).
+      ``interface`` is then unused: the socket sees every interface), or "native" (pcap
+      opened and read in C, the common packet framed for the mux there: ``flows``, a
+      :class:`routeproxy.flows.FlowTable` the relay maintains; GREIOError with
+      ``native.load()``'s reason where the module is not built).
     * ``snaplen``: bytes kept per packet.  libpcap's ring has fixed slots of about
       snaplen bytes, so 65535 would fit only 128 packets in 8 MiB; 2048 holds a full
       1500-byte packet plus link header, and 8 MiB ~3,900 packets.  Longer packets are
@@ -181,11 +184,20 @@ class GREPort(abstract.FileDescriptor):
                  bpfFilter=None, reassemblyTimeout=5.0, maxReassemblies=256, maxSojourn=0.005,
                  sojournInterval=0.1, wallClock=time.time, shard=None):
         abstract.FileDescriptor.__init__(self, reactor)
-        if capture not in ("pcap", "raw"):
-            raise GREIOError(f"capture must be 'pcap' or 'raw', not {capture!r}")
+        if capture not in ("pcap", "raw", "native"):
+            raise GREIOError(f"capture must be 'pcap', 'raw' or 'native', not {capture!r}")
         sharded = shard is not None and shard.sharded
-        if sharded and capture != "pcap":
+        if sharded and capture == "raw":
             raise GREIOError("a shard captures with pcap: its filter picks the shard's call IDs")
+        self.flows = None  # native: the pump's flow table (routeproxy.flows), the relay's too
+        self._native = None
+        if capture == "native":
+            from routeproxy import native
+            from routeproxy.flows import FlowTable
+            self._native, reason = native.load()
+            if self._native is None:
+                raise GREIOError(reason)
+            self.flows = FlowTable(self._native, self.maxPacketsPerRead * (snaplen + 32))
         self.receiver = ShardReceiver(receiver) if sharded else receiver
         self._shardClause = shard.bpf_clause() if sharded else None
         self.interface = interface
@@ -202,6 +214,9 @@ class GREPort(abstract.FileDescriptor):
         self._references = collections.Counter()
         self._system = system if system is not None else RealGRESystem()
         self.stats = GREStats()
+        if self.flows is not None:
+            self.flows.stats = self.stats
+            self.flows.setLocal(self._local)
         self._reassembler = ipfrag.Reassembler(reassemblyTimeout, maxReassemblies,
                                                dropped=self.stats.dropped, tails_open=not sharded)
         self._clock = getattr(self.reactor, "seconds", time.monotonic)
@@ -251,6 +266,8 @@ class GREPort(abstract.FileDescriptor):
         if packed in self._local:
             return
         self._addLocal(address)
+        if self.flows is not None:
+            self.flows.setLocal(self._local)
         if self._capture is not None:
             try:
                 self._openSender(self._local[packed])
@@ -273,6 +290,8 @@ class GREPort(abstract.FileDescriptor):
             return
         del self._references[packed]
         name = self._local.pop(packed)
+        if self.flows is not None:
+            self.flows.setLocal(self._local)
         if self._capture is not None:
             self._capture.setFilter(self.bpfFilter)
         sender = self._senders.pop(name, None)
@@ -288,6 +307,10 @@ class GREPort(abstract.FileDescriptor):
             if self.captureKind == "pcap":
                 capture = self._system.openCapture(self.interface, self.snaplen, self.bufferSize,
                                                    self.bpfFilter)
+            elif self.captureKind == "native":
+                capture = self._system.openNativeCapture(self._native, self.interface,
+                                                         self.snaplen, self.bufferSize,
+                                                         self.bpfFilter)
             else:
                 capture = RawSocketCapture(self._system, self.snaplen, self.bufferSize)
             datalink = capture.datalink()
@@ -304,6 +327,8 @@ class GREPort(abstract.FileDescriptor):
         self._capture = capture
         offset, typeAt, ipv4Type = LINK_LAYERS[datalink]
         self._link = (offset, typeAt, typeAt + len(ipv4Type) if ipv4Type else None, ipv4Type)
+        if self.flows is not None:
+            self.flows.setLink(LINK_LAYERS[datalink])
         self.connected = 1
         self.log.info("GRE I/O on {interface} ({kind}, datalink {dlt}) for {bpf}",
                       interface=self.interface, kind=self.captureKind, dlt=datalink,
@@ -361,6 +386,8 @@ class GREPort(abstract.FileDescriptor):
         self._reading = True  # a receiver may stop the port from inside greReceived
         self._turn.begin()  # the mux writes this wake-up's frames as it ends, not a turn later
         try:
+            if self.flows is not None:
+                return self._pump(budget)
             while budget > 0 and self.connected:
                 try:
                     n = read(budget, handle)
@@ -380,6 +407,29 @@ class GREPort(abstract.FileDescriptor):
                 self._turn.end()
             except Exception:
                 self.log.failure("a flush held for the end of a read raised")
+
+    def _pump(self, budget):
+        """doRead with the native capture: one C call takes the wake-up's common packets
+        (routeproxy.flows); each frame it hands back goes through _frameReceived, in order,
+        and the pump goes on after it."""
+        flows, pump, handle = self.flows, self._capture.pump, self._frameReceived
+        state = flows.state
+        while budget > 0 and self.connected:
+            flows.begin(self._dropBefore)
+            try:
+                n, back = pump(state, budget)
+            except OSError as e:
+                return e  # the reactor stops reading and calls connectionLost
+            finally:
+                head = flows.end()  # the frames C built go out before a handed-back one
+            if head is not None:
+                self._head = head
+            if back is not None:
+                self._lastCopy = None  # C checked it against the last frame, and keeps it
+                handle(*back)
+            elif n < budget:
+                break
+            budget -= n
 
     def _frameReceived(self, timestamp, frame):
         """One captured frame: link header off, IPv4 checked, GRE up.  Never raises."""

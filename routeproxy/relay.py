@@ -255,15 +255,23 @@ class RelaySession:
 
     def sessionDetached(self):
         """The link is lost; the mux session waits for a resume (routeproxy.detach)."""
+        if self.relay.flows is not None:
+            self.relay.flows.sessionGone(self)   # GRE in the gap: the Python path counts it
         self.gap = Gap(self, self.relay.clock)
 
     def sessionResumed(self):
         gap, self.gap = self.gap, None
         if gap is not None:
             gap.resumed()
+        if self.relay.flows is not None and self.book is not None:
+            for call in self.book.calls:
+                if call.established:
+                    self.relay.flows.callReady(self, call)
 
     def sessionClosed(self, reason):
         """The mux session ended (the far side closed, refused, or the link went down)."""
+        if self.relay.flows is not None:
+            self.relay.flows.sessionGone(self)
         why = f"mux session closed ({reasonName(reason)})"
         if self.mux is None and self.opener is not None:
             self.opener.refused(why)   # never opened: the client still gets a PPTP answer
@@ -286,8 +294,12 @@ class RelaySession:
         """One line per call, so pptpd's call (``S``, and ``R`` on the RRP) maps to a client."""
         self.log.info("{side} call opened: {ends}, {ids}", side=self.side.name,
                       ends=self.describeEnds(), ids=self.describeCall(call))
+        if self.relay.flows is not None and self.gap is None:
+            self.relay.flows.callReady(self, call)   # the native pump frames its GRE
 
     def callClosed(self, call):
+        if self.relay.flows is not None:
+            self.relay.flows.callGone(call)
         self.callsEnded += 1
         self.log.info("{side} call closed: {ends}, {ids}; GRE {gin}/{gout} packets, "
                       "{bin}/{bout} bytes in/out", side=self.side.name, ends=self.describeEnds(),
@@ -456,6 +468,10 @@ class Relay:
         self.quota = CallQuota(self)
         self.demux = GREDemultiplexer(scopes, self.drops)
         self.grePort = openGREPort(self.demux)
+        # the native capture's flow table (routeproxy.flows), kept by the sessions' calls
+        self.flows = getattr(self.grePort, "flows", None)
+        if self.flows is not None:
+            self.flows.drops = self.drops
         self.sessions = set()
         self.sessionsEnded = 0
         self.endedTotals = dict.fromkeys(self.TOTALS.values(), 0)

@@ -33,6 +33,19 @@ class MemoryCapture:
         self.closed = False
         self.error = None  # an OSError to raise from the next read
         self.timestamp = 0.0  # what read() hands over as each frame's capture time (0: none)
+        self.timestamps = collections.deque()  # frames' own times (add), in step with frames
+
+    def add(self, frame, timestamp=None):
+        """Queue *frame* with its own capture time (None: ``self.timestamp``)."""
+        if len(self.timestamps) != len(self.frames):
+            raise ValueError("frames were appended without add(): use one or the other")
+        self.frames.append(frame)
+        self.timestamps.append(timestamp)
+
+    def _next(self):
+        frame = self.frames.popleft()
+        timestamp = self.timestamps.popleft() if self.timestamps else None
+        return (self.timestamp if timestamp is None else timestamp), frame
 
     @property
     def drainsOnShortRead(self):
@@ -52,7 +65,7 @@ class MemoryCapture:
         n = 0
         limit = budget if self.batch is None else min(budget, self.batch)
         while self.frames and n < limit:
-            callback(self.timestamp, self.frames.popleft())
+            callback(*self._next())
             n += 1
         return n
 
@@ -64,6 +77,28 @@ class MemoryCapture:
 
     def close(self):
         self.closed = True
+
+
+class MemoryNativeCapture(MemoryCapture):
+    """A MemoryCapture that is pumped as NativeCapture is: each frame, from Python, through
+    the same C (rp_pump_frame) that NativeCapture's pcap callback calls."""
+
+    def __init__(self, module, datalink=DLT_EN10MB):
+        super().__init__(datalink, batch=None)
+        self._frame = module.lib.rp_pump_frame
+
+    def pump(self, state, budget):
+        self.readCalls += 1
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+        n = 0
+        while self.frames and n < budget:
+            timestamp, frame = self._next()
+            n += 1
+            if self._frame(state, frame, len(frame), timestamp or 0.0, bool(timestamp)):
+                return n, (timestamp, frame)
+        return n, None
 
 
 @implementer(IRawSocket)
@@ -122,6 +157,13 @@ class MemoryGRESystem:
 
     def openCapture(self, interface, snaplen, bufferSize, bpf):
         capture = MemoryCapture(self.datalink)
+        capture.interface = interface
+        capture.filters.append(bpf)
+        self.captures.append(capture)
+        return capture
+
+    def openNativeCapture(self, module, interface, snaplen, bufferSize, bpf):
+        capture = MemoryNativeCapture(module, self.datalink)
         capture.interface = interface
         capture.filters.append(bpf)
         self.captures.append(capture)

@@ -411,6 +411,30 @@ class MuxConnection:
         self.stats.countDrop(reason)
         return False
 
+    def greRoom(self):
+        """For the native capture pump (routeproxy.flows): ``(room, handBack, reason)``, the
+        bytes of GRE frames this turn may still queue before _queueGRE would drop for
+        *reason*, and whether a frame past them must be handed back to the Python path
+        (the link was not asked yet: _queueGRE would ask it once) rather than dropped."""
+        if self.closed:
+            return 0, False, "link_down"
+        if self._writePaused:
+            return 0, False, "paused"
+        unsent = self._unsent if self._unsent is not None else self._turnUnsent()
+        if not self._inBatch and self._flushCall is None:
+            self._scheduleFlush()  # the turn's end must forget the sample, as _queueGRE's
+        return (self.config.greWatermark - self._pendingBytes - unsent, not self._unsentAsked,
+                "watermark")
+
+    def queueFrames(self, data, frames):
+        """*frames* mux GRE frames built by the native pump (*data*, bytes), for this turn:
+        counted in _pendingBytes and written at its end as _queueGRE's are."""
+        self._gre.append(data)
+        self._greFrames += frames
+        self._pendingBytes += len(data)
+        if not self._inBatch and self._flushCall is None:
+            self._scheduleFlush()
+
     def _turnUnsent(self):
         """The link's unsent bytes for this turn: asked at most once per turn, not per packet
         (nor per dropped packet: an overload must not cost a system call per drop), and not
