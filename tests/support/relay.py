@@ -53,10 +53,11 @@ class RelayHarness:
     """An LRP and an RRP joined in memory, and helpers to connect clients and dial calls."""
 
     resumeGrace = 0   # seconds; above 0 both ends speak "resume" (docs/protocol.md s.10)
+    lrpGREPort = RecordingGREPort   # the LRP's openGREPort(receiver)
 
     def setUp(self):
         self.reactor = MemoryReactorClock()
-        self.lrp = LocalRouteProxy(self.reactor, RecordingGREPort)
+        self.lrp = LocalRouteProxy(self.reactor, self.lrpGREPort)
         self.lrp.relay.clock = self.reactor
         self.rrp = RemoteRouteProxy(self.reactor, RecordingGREPort, {"default": (SERVER_IP, 1723)})
         self.rrp.relay.clock = self.reactor
