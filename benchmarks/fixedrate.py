@@ -1,5 +1,5 @@
 """`python -m benchmarks.fixedrate [--rate PPS ...] [--size B] [--duration S] [--py-spy DIR]
-[--proxy-options OPTS] [--latency] [--openvpn default|nodelay ...] [--shards N] [--pin KEY=CPUS,...]`
+[--proxy-options OPTS] [--lrp-options OPTS] [--latency] [--openvpn default|nodelay ...] [--shards N] [--pin KEY=CPUS,...]`
 
 The proxy path of ``benchmarks.topology`` (real twistd daemons in namespaces) at fixed
 offered rates, client -> server: per daemon the CPU per delivered packet (the scheduler's
@@ -112,6 +112,8 @@ def main(argv=None):
                    help="one-way latency too (batches of 8, as the latency trials)")
     p.add_argument("--py-spy", metavar="DIR")
     p.add_argument("--proxy-options", default="", help="extra options for both daemons (an A/B)")
+    p.add_argument("--lrp-options", default="", help="extra options for the LRP only "
+                   "(e.g. --gre-capture native, which the RRP refuses)")
     p.add_argument("--openvpn", action="append", default=[], choices=sorted(openvpn.VARIANTS),
                    help="also run each rate through this OpenVPN-TCP variant (repeatable)")
     topology.add_shard_arguments(p)
@@ -124,7 +126,8 @@ def main(argv=None):
     topology.raise_fd_limit()
     topology.pin_instruments(args.pin)
     lab = netns.NetnsLab()
-    proxy = topology.ProxyPath(lab, options=shlex.split(args.proxy_options), shards=args.shards, pin=args.pin)
+    proxy = topology.ProxyPath(lab, options=shlex.split(args.proxy_options), shards=args.shards, pin=args.pin,
+                               lrp_options=shlex.split(args.lrp_options))
     references = {}
     try:
         proxy.start()

@@ -164,9 +164,10 @@ def four_namespaces(lab, left_label, right_label):
 class ProxyPath:
     """The four namespaces, the certificates, the two daemons and the synthetic PAC."""
 
-    def __init__(self, lab, workdir=None, options=(), shards=1, pin=None):
+    def __init__(self, lab, workdir=None, options=(), shards=1, pin=None, lrp_options=()):
         self.lab = lab
         self.options = list(options)  # extra options for both daemons
+        self.lrp_options = list(lrp_options)  # and for the LRPs only (e.g. --gre-capture native)
         self.shards = shards
         self.pin = dict(pin or {})
         self.selected = None          # a key set balanced over the shards (balance())
@@ -206,7 +207,8 @@ class ProxyPath:
                 "--rrp-name", RRP_NAME, "--cert", c["lrp_cert"], "--key", c["lrp_key"], "--ca", c["ca"],
                 "--allow", "10.81.0.0/24", "--status", f"127.0.0.1:{STATUS_PORT + i}",
                 # every session comes from one address here: the per-address limits would bind
-                "--max-per-address", "1000000", "--id-share", "1", *shard, *self.options]
+                "--max-per-address", "1000000", "--id-share", "1", *shard, *self.options,
+                *self.lrp_options]
             ).wait_ready(listen=(self.left.ip_b, PPTP_PORT), link_port=RRP_PORT + i,
                          status_port=STATUS_PORT + i, timeout=20)
         return self

@@ -71,7 +71,7 @@ class Options(ConfigOptions):
                    "shard", "gre-watermark", "gre-capture-buffer", "gre-capture")
 
     def check(self):
-        checkCapture(self)
+        checkCapture(self, native=False)
         profiles = dict(self["profile"] or ())
         if self["pptp-server"] is not None:
             profiles.setdefault("default", Profile(*self["pptp-server"]))

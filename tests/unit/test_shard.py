@@ -153,6 +153,25 @@ class OptionTests(unittest.SynchronousTestCase):
             self.assertIn("--gre-capture raw cannot be sharded", str(caught.exception))
             self.assertEqual(str(caught.exception).count("\n"), 0)
 
+    def test_native_capture_is_the_lrps(self):
+        """--gre-capture native: the LRP takes it (and shards: the native handle compiles the
+        same filter); the RRP refuses it in one line; where the module cannot load, the
+        LRP refuses it with load()'s reason."""
+        from routeproxy import native
+        if native.load()[0] is not None:
+            self.assertEqual(parse(lrp_tap.Options, LRP_REQUIRED + ["--gre-capture", "native"])
+                             ["gre-capture"], "native")
+        with self.assertRaises(usage.UsageError) as caught:
+            parse(rrp_tap.Options, RRP_REQUIRED + ["--pptp-server", "10.0.0.1",
+                                                   "--gre-capture", "native"])
+        self.assertIn("--gre-capture native is the LRP's only", str(caught.exception))
+        self.assertEqual(str(caught.exception).count("\n"), 0)
+        self.patch(native, "load", lambda: (None, "routeproxy.native is not built (why)"))
+        with self.assertRaises(usage.UsageError) as caught:
+            parse(lrp_tap.Options, LRP_REQUIRED + ["--gre-capture", "native"])
+        self.assertEqual(str(caught.exception),
+                         "--gre-capture native: routeproxy.native is not built (why)")
+
     def test_services_allocate_in_range(self):
         """The taps give the LRP's space and the RRP's scopes the shard's range, and the
         snapshot names the shard."""
