@@ -60,6 +60,8 @@ class FlowTable:
         self._outLength = ffi.new("size_t *")
         self._outFrames = ffi.new("uint32_t *")
         self._head = ffi.new("double *")
+        self.framed = 0               # frames C built for the mux (totals for the status)
+        self.handedBack = 0           # frames C handed to the Python path
 
     def __len__(self):
         return len(self._entries)
@@ -96,10 +98,12 @@ class FlowTable:
         out = lib.rp_pump_out(state, self._outLength, self._outFrames)
         frames = self._outFrames[0]
         if frames:
+            self.framed += frames
             self.connection.queueFrames(self._ffi.buffer(out, self._outLength[0])[:], frames)
         counts = self._counts
         lib.rp_pump_take_counts(state, counts)
         stats = self.stats
+        self.handedBack += counts.handed_back
         if counts.received:
             stats.received += counts.received
             stats.delivered += counts.delivered
@@ -201,4 +205,5 @@ class FlowTable:
 
     def snapshot(self):
         return {"entries": len(self._entries),
-                "in_c": sum(1 for f in self._entries.values() if f.installed)}
+                "in_c": sum(1 for f in self._entries.values() if f.installed),
+                "framed": self.framed, "handed_back": self.handedBack}

@@ -590,6 +590,8 @@ class GREPort(abstract.FileDescriptor):
         result["fragments_duplicate"] = self._reassembler.duplicates  # a bridge's second copy
         if self._shardClause:
             result["fragments_other_shard"] = self._reassembler.foreign
+        if self.flows is not None:  # --gre-capture native: what C took (docs/gre-io.md)
+            result["native"] = self.flows.snapshot()
         if self._capture is not None:
             try:
                 _, drop, ifdrop = self._capture.stats()

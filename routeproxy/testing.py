@@ -57,11 +57,15 @@ class MemoryCapture:
     def datalink(self):
         return self._datalink
 
-    def read(self, budget, callback):
+    def _startRead(self):
+        """Count a read; raise the error set for it, once."""
         self.readCalls += 1
         if self.error is not None:
             error, self.error = self.error, None
             raise error
+
+    def read(self, budget, callback):
+        self._startRead()
         n = 0
         limit = budget if self.batch is None else min(budget, self.batch)
         while self.frames and n < limit:
@@ -88,10 +92,7 @@ class MemoryNativeCapture(MemoryCapture):
         self._frame = module.lib.rp_pump_frame
 
     def pump(self, state, budget):
-        self.readCalls += 1
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
+        self._startRead()
         n = 0
         while self.frames and n < budget:
             timestamp, frame = self._next()
