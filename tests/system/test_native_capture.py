@@ -1,0 +1,85 @@
+"""``--gre-capture native`` on the LRP end to end (docs/fastpath.md step 3a, docs/gre-io.md):
+the daemons as users start them (tests/support/e2e.py), scripted clients and server, GRE
+through the LRP's C pump.  Needs root and the built routeproxy.native.
+"""
+import sys
+import time
+
+from routeproxy import native
+from tests.support import e2e
+from tests.support.wait import wait_until
+from tests.system.test_e2e import E2ETestCase
+
+CLIENTS = 4
+PACKETS = 20
+STATUS_PORT = 8094
+NATIVE = ["--gre-capture", "native"]
+
+SEND_GRE = """
+import socket, struct, sys
+src, dst, key, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, 47)
+s.bind((src, 0))
+for i in range(n):
+    payload = b"late" * 10
+    s.sendto(struct.pack("!HHHHI", 0x3001, 0x880B, len(payload), key, 1000 + i) + payload, (dst, 0))
+"""
+
+
+class NativeCaptureTests(E2ETestCase):
+    timeout = 120
+
+    def setUp(self):
+        module, reason = native.load()
+        if module is None:
+            self.skipTest(reason)
+
+    def startAll(self, topo):
+        """The server, the RRP, and the LRP with the native capture: (server, rrp, lrp)."""
+        e2e.make_certs(topo, ["lrp0"])
+        daemons = [e2e.start_server(topo), e2e.start_rrp(topo, status_port=STATUS_PORT)]
+        return (*daemons, e2e.start_lrp(topo, status_port=STATUS_PORT, extra=NATIVE))
+
+    def test_gre_through_the_pump_and_a_link_loss(self):
+        topo = self.topology(CLIENTS)
+        with topo.logs_on_failure():
+            server, rrp, lrp = self.startAll(topo)
+            self.assertTrue(lrp.lines(r"GRE I/O on .* \(native, datalink"), lrp.log()[-2000:])
+            target = f"{lrp.address}:{e2e.PPTP_PORT}"
+
+            # every client's GRE echoed, framed by C, counted as the Python path counts it
+            reports = e2e.run_clients(topo, target, call_id=1, packets=PACKETS)
+            self.assertAllEchoed(reports, PACKETS)
+            self.waitForCalls(topo, [rrp, lrp], 0)
+            status = lrp.status()
+            port, totals = status["gre_port"], status["totals"]
+            self.assertEqual(totals["gre_packets_in"], CLIENTS * PACKETS, status)
+            self.assertEqual(port["delivered"], CLIENTS * PACKETS, port)
+            self.assertEqual(port["native"]["framed"], CLIENTS * PACKETS, port)
+            self.assertEqual(port["native"]["entries"], 0, port)   # every call released
+            self.assertEqual(server.status()["gre_echoed"], CLIENTS * PACKETS)
+
+            # a closed call's GRE no longer goes through: handed back, counted as unknown
+            key = reports[0]["server_ids"][0][0]
+            before = port["native"]["handed_back"]
+            topo.lab.run(topo.clients_ns, [sys.executable, "-c", SEND_GRE,
+                                           topo.client_addresses[0], lrp.address, str(key), "5"])
+            wait_until(lambda: lrp.status()["drops"].get("gre_unknown_call_id", 0) >= 5, 5,
+                       "the LRP to count the closed call's GRE")
+            after = lrp.status()
+            self.assertEqual(after["gre_port"]["native"]["handed_back"], before + 5, after["gre_port"])
+            self.assertEqual(after["gre_port"]["native"]["framed"], CLIENTS * PACKETS)
+
+            # the link lost and back: the LRP lives on and carries GRE again
+            rrp.stop()
+            wait_until(lambda: not lrp.status()["links"] or not lrp.status()["links"][0]["up"], 15,
+                       "the LRP to see its link down")
+            time.sleep(0.5)
+            rrp = e2e.start_rrp(topo, status_port=STATUS_PORT)
+            wait_until(lambda: any(link["up"] for link in lrp.status()["links"]), 30,
+                       "the LRP's link back up")
+            reports = e2e.run_clients(topo, target, call_id=1, packets=PACKETS)
+            self.assertAllEchoed(reports, PACKETS)
+            self.waitForCalls(topo, [rrp, lrp], 0)
+            self.assertEqual(lrp.status()["gre_port"]["native"]["framed"], 2 * CLIENTS * PACKETS)
+            self.assertIsNone(lrp.proc.poll())
