@@ -445,3 +445,110 @@ int rp_pcap_pump(struct rp_pcap *c, struct rp_pump *p, int budget, const uint8_t
     *back_ts = c->back_ts;
     return c->read;
 }
+
+/* --- the link's TLS write (pump.h, step 3b) ------------------------------------------------ */
+
+#include <errno.h>
+#include <sys/socket.h>
+
+typedef int (*rp_ssl_write_t)(void *ssl, const void *data, int length);
+typedef int (*rp_bio_read_t)(void *bio, void *data, int length);
+
+#define TLS_RECORD_IN (1 << 14)  /* SSL_write a TLS record's worth at a time, as Twisted does */
+#define TLS_READ_MIN (1 << 15)
+
+struct rp_tls {
+    void *ssl;
+    void *write_bio;
+    rp_ssl_write_t ssl_write;
+    rp_bio_read_t bio_read;
+    int fd;
+    uint8_t *buf;       /* the records read from the write BIO */
+    size_t capacity;
+};
+
+struct rp_tls *rp_tls_new(uintptr_t ssl, uintptr_t write_bio, uintptr_t ssl_write,
+                          uintptr_t bio_read, int fd)
+{
+    struct rp_tls *t = calloc(1, sizeof *t);
+    if (t == NULL)
+        return NULL;
+    t->capacity = 4 * TLS_READ_MIN;
+    t->buf = malloc(t->capacity);
+    if (t->buf == NULL) {
+        free(t);
+        return NULL;
+    }
+    t->ssl = (void *)ssl;
+    t->write_bio = (void *)write_bio;
+    t->ssl_write = (rp_ssl_write_t)ssl_write;
+    t->bio_read = (rp_bio_read_t)bio_read;
+    t->fd = fd;
+    return t;
+}
+
+void rp_tls_free(struct rp_tls *t)
+{
+    if (t != NULL) {
+        free(t->buf);
+        free(t);
+    }
+}
+
+/* Everything in the write BIO into t->buf: its length, or -1 without memory (what was read
+ * stays in t->buf: *n says how much). */
+static int read_records(struct rp_tls *t, size_t *n)
+{
+    *n = 0;
+    for (;;) {
+        if (t->capacity - *n < TLS_READ_MIN) {
+            size_t capacity = 2 * t->capacity;
+            uint8_t *buf = realloc(t->buf, capacity);
+            if (buf == NULL)
+                return -1;
+            t->buf = buf;
+            t->capacity = capacity;
+        }
+        size_t room = t->capacity - *n;
+        int got = t->bio_read(t->write_bio, t->buf + *n, room > INT32_MAX ? INT32_MAX : (int)room);
+        if (got <= 0)
+            return 0;
+        *n += (size_t)got;
+    }
+}
+
+int rp_tls_send(struct rp_tls *t, const uint8_t *data, size_t length, size_t *taken,
+                const uint8_t **rest, size_t *rest_length, int *send_errno)
+{
+    int result = RP_TLS_SENT;
+    size_t done = 0;
+    while (done < length) {
+        size_t chunk = length - done < TLS_RECORD_IN ? length - done : TLS_RECORD_IN;
+        int w = t->ssl_write(t->ssl, data + done, (int)chunk);
+        if (w <= 0) {
+            result = RP_TLS_WRITE_FAILED;
+            break;
+        }
+        done += (size_t)w;  /* a short write (partial writes on): the rest next round */
+    }
+    *taken = done;
+    size_t n;
+    if (read_records(t, &n) < 0 && result == RP_TLS_SENT)
+        result = RP_TLS_NO_MEMORY;
+    size_t sent = 0;
+    *send_errno = 0;
+    while (sent < n) {
+        ssize_t s = send(t->fd, t->buf + sent, n - sent, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (s < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno != EAGAIN && errno != EWOULDBLOCK)
+                *send_errno = errno;
+            break;
+        }
+        sent += (size_t)s;
+    }
+    *rest = t->buf + sent;
+    *rest_length = n - sent;
+    return result;
+}

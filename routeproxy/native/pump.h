@@ -89,3 +89,24 @@ void rp_pcap_close(struct rp_pcap *c);
  * frame and timestamp are then *back, *back_length, *back_ts.  Frames read, or -1 (err). */
 int rp_pcap_pump(struct rp_pcap *c, struct rp_pump *p, int budget, const uint8_t **back,
                  size_t *back_length, double *back_ts, char *err);
+
+/* The link's TLS write in C (docs/fastpath.md step 3b): a wake-up's mux frames SSL_write'n
+ * into the link's own SSL* (pyOpenSSL's, through its SSL_write and BIO_read, whose addresses
+ * Python passes), the records read from its write BIO and sent on the TCP socket at once.
+ * Only from the reactor's thread, inside a turn in which Python checked the link alive and
+ * idle (routeproxy.mux.linksocket.NativeTLSWriter). */
+#define RP_TLS_SENT 0           /* every byte taken by SSL_write (the rest of the records, if
+                                 * any, in *rest for Python to queue) */
+#define RP_TLS_WRITE_FAILED -1  /* SSL_write refused some: *taken bytes were (their records
+                                 * are in *rest or sent), the others take the Python path */
+#define RP_TLS_NO_MEMORY -2
+
+struct rp_tls;
+struct rp_tls *rp_tls_new(uintptr_t ssl, uintptr_t write_bio, uintptr_t ssl_write,
+                          uintptr_t bio_read, int fd);
+void rp_tls_free(struct rp_tls *t);
+/* data[0:length] through SSL_write, the write BIO's records through send(); what send() did
+ * not take (EAGAIN, a short send, an error: *send_errno) is *rest[0:*rest_length], valid
+ * until the next call. */
+int rp_tls_send(struct rp_tls *t, const uint8_t *data, size_t length, size_t *taken,
+                const uint8_t **rest, size_t *rest_length, int *send_errno);
