@@ -11,8 +11,9 @@ session closes, the mux session goes away or the link is lost (every one of whic
 the call or detaches the session first).
 
 Around each pump call the port calls :meth:`begin` (the sojourn gate's threshold, the GRE
-watermark's room) and :meth:`end`, which queues the frames C built on the mux connection
-(``MuxConnection.queueFrames``) and folds the counters into the port's, the sessions', the
+watermark's room) and :meth:`end`, which writes the frames C built to the link's TLS in C
+when the link is idle (``MuxConnection.writeNative``, step 3b), else queues them on the mux
+connection (``MuxConnection.queueFrames``), and folds the counters into the port's, the sessions', the
 calls' and the mux's: the same ones the Python path updates, so the status is the same.
 
 Entries go in C only for the one mux connection the first live entry names (the LRP has one
@@ -46,6 +47,7 @@ class FlowTable:
 
     def __init__(self, module, outCapacity, drops=None):
         ffi, lib = self._ffi, self._lib = module.ffi, module.lib
+        self._module = module
         state = lib.rp_pump_new(outCapacity)
         if state == ffi.NULL:
             raise MemoryError("rp_pump_new")
@@ -62,6 +64,7 @@ class FlowTable:
         self._head = ffi.new("double *")
         self.framed = 0               # frames C built for the mux (totals for the status)
         self.handedBack = 0           # frames C handed to the Python path
+        self.written = 0              # frames C wrote to the link's TLS itself (step 3b)
 
     def __len__(self):
         return len(self._entries)
@@ -99,7 +102,13 @@ class FlowTable:
         frames = self._outFrames[0]
         if frames:
             self.framed += frames
-            self.connection.queueFrames(self._ffi.buffer(out, self._outLength[0])[:], frames)
+            length, connection = self._outLength[0], self.connection
+            # to the link in C now when it is idle (step 3b), else (or the rest) at the turn's end
+            written = connection.writeNative(self._module, out, length, frames)
+            if written == length:
+                self.written += frames
+            else:
+                connection.queueFrames(self._ffi.buffer(out + written, length - written)[:], frames)
         counts = self._counts
         lib.rp_pump_take_counts(state, counts)
         stats = self.stats
@@ -206,4 +215,4 @@ class FlowTable:
     def snapshot(self):
         return {"entries": len(self._entries),
                 "in_c": sum(1 for f in self._entries.values() if f.installed),
-                "framed": self.framed, "handed_back": self.handedBack}
+                "framed": self.framed, "handed_back": self.handedBack, "written": self.written}

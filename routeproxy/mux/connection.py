@@ -151,6 +151,7 @@ class MuxConnection:
         self._unsent = None  # the link's unsent bytes as this turn's first GRE frame saw them
         self._unsentAsked = False  # _unsent was asked of the link (else it is _unsentCeiling)
         self._unsentCeiling = None  # no fewer unsent bytes than the link holds (None: unknown)
+        self._wroteNative = False  # writeNative wrote this turn (its bytes are in _unsent)
         self._heldUntilReady = []
         self._flushCall = None
         self._inBatch = False
@@ -330,16 +331,18 @@ class MuxConnection:
         sample, self._unsent, self._unsentAsked = self._unsent, None, False
         if sample is None:
             sample = self._unsentCeiling
-        if not (self._control or self._gre) or self._link is None:
+        wroteNative, self._wroteNative = self._wroteNative, False
+        if not (self._control or self._gre or wroteNative) or self._link is None:
             self._unsentCeiling = sample
             return
-        chunks = self._control + self._gre if self._gre else self._control
-        # a GRE frame is two chunks (head, payload): see _queueGRE
         written = self._pendingBytes
-        self.stats.framesOut += len(self._control) + self._greFrames
-        self.stats.bytesOut += written
-        self._control, self._gre, self._pendingBytes, self._greFrames = [], [], 0, 0
-        self._link.writeFrames(chunks)
+        if self._control or self._gre:
+            chunks = self._control + self._gre if self._gre else self._control
+            # a GRE frame is two chunks (head, payload): see _queueGRE
+            self.stats.framesOut += len(self._control) + self._greFrames
+            self.stats.bytesOut += written
+            self._control, self._gre, self._pendingBytes, self._greFrames = [], [], 0, 0
+            self._link.writeFrames(chunks)
         # The turn's sample plus what it wrote (and TLS's few bytes per record) bounds the
         # unsent bytes now: they only shrink otherwise.  The link is asked only when that
         # bound is over the limit, and the bound carries over to the next turns.
@@ -434,6 +437,30 @@ class MuxConnection:
         self._pendingBytes += len(data)
         if not self._inBatch and self._flushCall is None:
             self._scheduleFlush()
+
+    def writeNative(self, module, data, length, frames):
+        """*frames* mux GRE frames built by the native pump (*length* bytes at the cdata
+        *data*), written to the link in C now (docs/fastpath.md step 3b) if nothing of this
+        turn is queued before them and the link is idle Twisted TLS (MuxProtocol.writeNative).
+        Returns how many bytes were written: the caller queues the rest (queueFrames), which
+        then goes out after them.  Counted as flush counts its own: frames and bytes out, and
+        this turn's unsent sample (then the ceiling flush carries over) grows by them."""
+        write = getattr(self._link, "writeNative", None)   # (links in memory have none)
+        if self._control or self._gre or self.closed or write is None or self.version is None:
+            return 0
+        if self._unsent is None:
+            self._turnUnsent()   # before the write: asked after it, the link counts it twice
+        taken = write(module, data, length)
+        if not taken:
+            return 0
+        if taken == length:
+            self.stats.framesOut += frames   # else queueFrames counts them with the rest
+        self.stats.bytesOut += taken
+        self._unsent += taken + taken // 512
+        self._wroteNative = True
+        if not self._inBatch and self._flushCall is None:
+            self._scheduleFlush()   # the turn's end checks the ceiling and forgets the sample
+        return taken
 
     def _turnUnsent(self):
         """The link's unsent bytes for this turn: asked at most once per turn, not per packet

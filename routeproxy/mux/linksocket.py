@@ -137,11 +137,10 @@ def sendAtOnce(tcp, tlsProtocol=None):
         return
     queue = tcp.write   # Twisted's own (bound) write
     sock = tcp.socket
+    tcp._queueWrite = queue
 
     def write(data):
-        if (not tcp._tempDataLen and len(tcp.dataBuffer) == tcp.offset and tcp.connected
-                and not tcp.disconnecting and not tcp._writeDisconnecting and not tcp._aborting
-                and not (tlsProtocol is not None and tlsProtocol._aborted) and data):
+        if data and canSendNow(tcp, tlsProtocol):
             try:
                 sent = sock.send(data)
             except OSError:
@@ -152,6 +151,94 @@ def sendAtOnce(tcp, tlsProtocol=None):
         queue(data)
     tcp.write = write
     tcp._sendsAtOnce = True
+
+
+def canSendNow(tcp, tlsProtocol=None):
+    """Whether a write to *tcp* may go to its socket now: nothing queued in Twisted, connected,
+    not closing or aborting (nor *tlsProtocol*, the TLS above it)."""
+    return (not tcp._tempDataLen and len(tcp.dataBuffer) == tcp.offset and tcp.connected
+            and not tcp.disconnecting and not tcp._writeDisconnecting and not tcp._aborting
+            and not (tlsProtocol is not None and tlsProtocol._aborted))
+
+
+class NativeTLSWriter:
+    """The link's TLS write in C (docs/fastpath.md step 3b): a wake-up's mux frames, built by
+    the native pump, SSL_write'n into the link's own ``SSL*`` and sent on its socket in the
+    same call (``rp_tls_send``), with no Python bytes in between.
+
+    Only while Twisted's TLS (*tls*, a BufferingTLSTransport) and the socket transport under
+    it (*tcp*) hold nothing and are not closing (:meth:`idle`, checked by the caller in the
+    same turn, in the reactor's thread: pyOpenSSL cannot free the ``SSL*`` under the call),
+    so the bytes go out in the order Twisted would have sent them.  The records the socket
+    does not take go to Twisted's queue (its writability machinery drains them, and its
+    ``doWrite`` meets a send error and closes as usual).
+    """
+
+    def __init__(self, module, tls, tcp):
+        from OpenSSL._util import ffi as sslFFI, lib as sslLib
+        from OpenSSL.SSL import WantReadError
+        self._ffi, self._lib, self._WantReadError = module.ffi, module.lib, WantReadError
+        self.tls, self.tcp = tls, tcp
+        self._connection = connection = tls._tlsConnection   # holds the SSL* alive
+
+        def address(pointer):
+            return int(sslFFI.cast("uintptr_t", pointer))
+        state = module.lib.rp_tls_new(
+            address(connection._ssl), address(connection._from_ssl),
+            address(sslFFI.cast("void *", sslLib.SSL_write)),
+            address(sslFFI.cast("void *", sslLib.BIO_read)), tcp.socket.fileno())
+        if state == module.ffi.NULL:
+            raise MemoryError("rp_tls_new")
+        self._state = module.ffi.gc(state, module.lib.rp_tls_free)
+        self._taken = module.ffi.new("size_t *")
+        self._rest = module.ffi.new("uint8_t **")
+        self._restLength = module.ffi.new("size_t *")
+        self._errno = module.ffi.new("int *")
+
+    @classmethod
+    def over(cls, module, transport):
+        """The writer for *transport* (the mux's), or None if it is not Twisted's buffering TLS
+        over a socket transport."""
+        if not isinstance(transport, BufferingTLSTransport):
+            return None
+        tcp = bufferingTransport(transport)
+        if tcp is None or getattr(tcp, "socket", None) is None \
+                or getattr(transport, "_tlsConnection", None) is None:
+            return None
+        return cls(module, transport, tcp)
+
+    def idle(self):
+        """The handshake done, TLS not closing and holding nothing (its aggregator, its
+        ``_appSendBuffer``), the socket transport as :func:`sendAtOnce` sends at once."""
+        tls = self.tls
+        return (tls._handshakeDone and not tls._lostTLSConnection and not tls._aborted
+                and not tls.disconnecting and not tls._appSendBuffer
+                and not getattr(tls._aggregator, "_buffer", None)
+                and canSendNow(self.tcp, tls))
+
+    def write(self, data, length):
+        """*length* bytes at the cdata *data* to the link: how many SSL_write took (the rest,
+        on an SSL_write error, is the caller's to write through Twisted, after these)."""
+        result = self._lib.rp_tls_send(self._state, data, length, self._taken, self._rest,
+                                       self._restLength, self._errno)
+        rest = self._restLength[0]
+        if rest:
+            self._queue(self._ffi.buffer(self._rest[0], rest)[:])
+        if result != self._lib.RP_TLS_SENT:
+            self._drain()   # records the C read could not take (no memory)
+        return self._taken[0]
+
+    def _queue(self, data):
+        tcp = self.tcp
+        getattr(tcp, "_queueWrite", tcp.write)(data)
+
+    def _drain(self):
+        while True:
+            try:
+                data = self._connection.bio_read(2 ** 15)
+            except self._WantReadError:
+                return
+            self._queue(data)
 
 
 def pauseAbove(transport, size):

@@ -30,7 +30,8 @@ from zope.interface import implementer
 
 from routeproxy.mux.connection import MuxConnection
 from routeproxy.mux.linksocket import (
-    bufferedBytes, bufferingTransport, kernelUnsent, limitUnsent, noDelay, pauseAbove, turnWriter,
+    NativeTLSWriter, bufferedBytes, bufferingTransport, kernelUnsent, limitUnsent, noDelay,
+    pauseAbove, turnWriter,
 )
 
 
@@ -90,6 +91,23 @@ class MuxProtocol(Protocol):
 
     _writerOf = None      # the transport _writer writes to
     _writer = None
+
+    def writeNative(self, module, data, length):
+        """*length* bytes of frames at the cdata *data*, written to the link in C now
+        (linksocket.NativeTLSWriter): how many its TLS took, or None when the link is not
+        idle Twisted TLS over a socket (nothing was written: the caller takes the Python path)."""
+        if self._lost:
+            return None
+        transport = self.transport
+        if transport is not self._nativeOf:
+            self._nativeOf, self._native = transport, NativeTLSWriter.over(module, transport)
+        native = self._native
+        if native is None or not native.idle():
+            return None
+        return native.write(data, length)
+
+    _nativeOf = None      # the transport _native writes to
+    _native = None
 
     _bufferOf = None      # the transport _buffering was found under
     _buffering = None     # the transport that holds our unsent bytes, or None
