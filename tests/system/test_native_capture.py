@@ -57,6 +57,11 @@ class NativeCaptureTests(E2ETestCase):
             self.assertEqual(port["delivered"], CLIENTS * PACKETS, port)
             self.assertEqual(port["native"]["framed"], CLIENTS * PACKETS, port)
             self.assertEqual(port["native"]["entries"], 0, port)   # every call released
+            # (step 3b) C wrote frames to the link's TLS itself, and the mux counted them
+            written = port["native"]["written"]
+            self.assertGreater(written, 0, port)
+            self.assertLessEqual(written, CLIENTS * PACKETS, port)
+            self.assertGreaterEqual(status["links"][0]["frames_out"], CLIENTS * PACKETS, status["links"])
             self.assertEqual(server.status()["gre_echoed"], CLIENTS * PACKETS)
 
             # a closed call's GRE no longer goes through: handed back, counted as unknown
@@ -81,5 +86,7 @@ class NativeCaptureTests(E2ETestCase):
             reports = e2e.run_clients(topo, target, call_id=1, packets=PACKETS)
             self.assertAllEchoed(reports, PACKETS)
             self.waitForCalls(topo, [rrp, lrp], 0)
-            self.assertEqual(lrp.status()["gre_port"]["native"]["framed"], 2 * CLIENTS * PACKETS)
+            again = lrp.status()["gre_port"]["native"]
+            self.assertEqual(again["framed"], 2 * CLIENTS * PACKETS)
+            self.assertGreater(again["written"], written, again)   # through the new link's SSL*
             self.assertIsNone(lrp.proc.poll())

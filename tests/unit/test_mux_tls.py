@@ -40,7 +40,10 @@ def streamFor(sessionNumber, direction, chunks=4):
     return out
 
 
-class MuxOverTLSTests(unittest.TestCase):
+class TLSLinkTestCase(unittest.TestCase):
+    """An LRP's mux connection (``self.lrp``) to an RRP's over real mutual TLS on loopback;
+    the RRP's sessions go to ``self.sessionRequested``."""
+
     timeout = 60
 
     @defer.inlineCallbacks
@@ -71,6 +74,8 @@ class MuxOverTLSTests(unittest.TestCase):
         self.lrp.goAway(0, "test over")
         yield defer.gatherResults([c.whenLinkLost() for c in [self.lrp] + server])
 
+
+class MuxOverTLSTests(TLSLinkTestCase):
     def sessionRequested(self, session, profile, clientInfo):
         if profile != "office":
             raise SessionRefused(1, "unknown")

@@ -308,7 +308,7 @@ class FlowTableTests(unittest.SynchronousTestCase):
 
     def test_entry_while_established(self):
         self.assertEqual(self.flows.snapshot(), {"entries": 1, "in_c": 1, "framed": 0,
-                                                 "handed_back": 0})
+                                                 "handed_back": 0, "written": 0})
         self.assertIs(self.flows.connection, self.h.link)
 
     def test_gone_with_the_call(self):
