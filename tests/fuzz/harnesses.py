@@ -1,5 +1,5 @@
-"""Fuzz harnesses: the codecs, a whole mux connection, CallBook.translate, and the C parsers
-of routeproxy.native against their Python twins.
+"""Fuzz harnesses: the codecs, a whole mux connection, CallBook.translate, the C parsers
+of routeproxy.native against their Python twins, and the native capture's pump.
 
 Each harness takes bytes and either returns or raises :class:`Finding`: the code under test
 may reject the input only with its own error (PPTPError, GREError, FrameError, UnknownCallID,
@@ -135,8 +135,45 @@ def native_parsers(data):
     _guard((), run, data)
 
 
+_PUMP = []  # (module, state, out length, out frames): one pump for the whole run
+
+
+def _pump():
+    if not _PUMP:
+        module = native.load()[0]
+        ffi, lib = module.ffi, module.lib
+        state = ffi.gc(lib.rp_pump_new(_PUMP_OUT), lib.rp_pump_free)
+        link = LINK_LAYERS[DLT_EN10MB]
+        lib.rp_pump_set_link(state, link[0], link[1], link[2], len(link[2]))
+        lib.rp_pump_set_local(state, bytes([10, 0, 0, 2]), 1)
+        for key in range(0, 65536, 3):  # a third of the keys have a flow, from 10.0.0.1
+            lib.rp_pump_set_flow(state, key, bytes([10, 0, 0, 1]), key, key)
+        _PUMP.append((module, state, ffi.new("size_t *"), ffi.new("uint32_t *")))
+    return _PUMP[0]
+
+
+_PUMP_OUT = 1 << 16
+
+
+def native_pump(data):
+    """rp_pump_frame (the LRP's native capture) on an Ethernet frame after two bytes that
+    pick its byte budget and whether a frame over it is handed back: it must never read or
+    write out of bounds (a crash is the finding) and never report more output than its
+    buffer holds.  Its agreement with the Python path is tests/unit/test_native_pump.py's."""
+    if native.load()[0] is None or len(data) < 2:
+        return
+    module, state, length, frames = _pump()
+    lib = module.lib
+    lib.rp_pump_begin(state, 0.0, (data[0] << 4) - 16, data[1] & 1, 1500)
+    taken = lib.rp_pump_frame(state, data[2:], len(data) - 2, 1.0, data[1] & 2)
+    lib.rp_pump_out(state, length, frames)
+    if taken not in (lib.RP_PUMP_TAKEN, lib.RP_PUMP_HAND_BACK) or length[0] > _PUMP_OUT:
+        raise Finding(f"rp_pump_frame {taken}, {length[0]} bytes out for {data[:64].hex()}")
+
+
 HARNESSES = {"pptp": pptp_stream, "gre": gre_codec, "frames": mux_frames,
-             "mux": mux_connection, "callbook": callbook, "native": native_parsers}
+             "mux": mux_connection, "callbook": callbook, "native": native_parsers,
+             "pump": native_pump}
 
 
 def seeds():
@@ -153,6 +190,10 @@ def seeds():
     fragments = ip_fragments("10.0.0.1", "10.0.0.2", gre.build_gre(7, b"\xff\x03" * 20, seq=1), 24)
     out += [bytes([_DATALINKS.index(datalink)]) + frame(datalink, ip)
             for datalink in (DLT_EN10MB, DLT_LINUX_SLL) for ip in (packet, fragments[0], fragments[-1])]
+    # for the pump: budget and hand-back bytes, then an Ethernet frame of a flow's GRE
+    flow = ipv4("10.0.0.1", "10.0.0.2", gre.build_gre(9, b"\xff\x03" * 30, seq=5, ack=4))
+    out += [bytes([budget, flags]) + frame(DLT_EN10MB, flow) for budget in (0, 5, 255)
+            for flags in (0, 1, 2, 3)]
     out += [F.Ping(b"12345678").encode(), F.Open(1, "default", "x").encode(),
             F.Close(1, 0, "").encode(), F.Datagram(1, 7, 1, None, b"ab").encode()]
     return out
