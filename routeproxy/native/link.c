@@ -1,0 +1,267 @@
+/* The RRP's link read (link.h; docs/fastpath.md step 3a): mux frames -> GRE sends.
+ * Compiled after gre.c in one unit (build.py): rp_build_gre and get32 are gre.c's. */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <netinet/in.h>
+
+#include "link.h"
+
+#define LINK_HEADER 12
+#define LINK_GRE 0x20
+
+struct link_entry {
+    uint32_t session, tag, key;
+    int used;                       /* 0 empty, 1 used, 2 removed */
+    int fd;
+    int dirty;
+    struct sockaddr_in dst;
+    struct rp_link_delta delta;
+};
+
+struct rp_link {
+    uint8_t *buf;                   /* held bytes: buf[start:end] */
+    size_t start, end, cap;
+    int failed;                     /* a frame too large was seen: everything goes to Python */
+    struct link_entry *table;
+    size_t slots, used, removed;    /* slots: a power of two */
+    size_t *dirty;                  /* entries with counts, by index */
+    size_t ndirty;
+    uint8_t gre[RP_GRE_HEADER_MAX + 65536];
+};
+
+static size_t slot_of(uint32_t session, uint32_t tag, size_t slots) {
+    return ((session * 2654435761u) ^ (tag * 40503u)) & (slots - 1);
+}
+
+static struct link_entry *find(struct rp_link *l, uint32_t session, uint32_t tag) {
+    size_t mask = l->slots - 1, i = slot_of(session, tag, l->slots);
+    for (size_t n = 0; n < l->slots; n++, i = (i + 1) & mask) {
+        struct link_entry *e = &l->table[i];
+        if (!e->used)
+            return NULL;
+        if (e->used == 1 && e->session == session && e->tag == tag)
+            return e;
+    }
+    return NULL;
+}
+
+static int resize(struct rp_link *l, size_t slots) {
+    struct link_entry *table = calloc(slots, sizeof *table);
+    size_t *dirty = calloc(slots, sizeof *dirty);
+    if (!table || !dirty) {
+        free(table);
+        free(dirty);
+        return -1;
+    }
+    struct link_entry *old = l->table;
+    size_t oldSlots = l->slots;
+    l->table = table;
+    l->slots = slots;
+    l->removed = 0;
+    free(l->dirty);
+    l->dirty = dirty;
+    l->ndirty = 0;
+    for (size_t j = 0; j < oldSlots; j++) {
+        if (old[j].used != 1)
+            continue;
+        size_t i = slot_of(old[j].session, old[j].tag, slots);
+        while (table[i].used)
+            i = (i + 1) & (slots - 1);
+        table[i] = old[j];
+        if (table[i].dirty)
+            dirty[l->ndirty++] = i;
+    }
+    free(old);
+    return 0;
+}
+
+struct rp_link *rp_link_new(void) {
+    struct rp_link *l = calloc(1, sizeof *l);
+    if (!l)
+        return NULL;
+    if (resize(l, 64) < 0) {
+        free(l);
+        return NULL;
+    }
+    return l;
+}
+
+void rp_link_free(struct rp_link *l) {
+    if (!l)
+        return;
+    free(l->buf);
+    free(l->table);
+    free(l->dirty);
+    free(l);
+}
+
+int rp_link_set_flow(struct rp_link *l, uint32_t session, uint32_t tag, int fd,
+                     const uint8_t *dst, uint32_t key) {
+    struct link_entry *e = find(l, session, tag);
+    if (!e) {
+        if (2 * (l->used + l->removed + 1) > l->slots &&
+            resize(l, 2 * (l->used + 1) > l->slots / 2 ? l->slots * 2 : l->slots) < 0)
+            return -1;
+        size_t i = slot_of(session, tag, l->slots);
+        while (l->table[i].used == 1)
+            i = (i + 1) & (l->slots - 1);
+        e = &l->table[i];
+        if (e->used == 2)
+            l->removed--;
+        memset(e, 0, sizeof *e);
+        e->used = 1;
+        e->session = session;
+        e->tag = tag;
+        l->used++;
+    }
+    e->fd = fd;
+    e->key = key;
+    memset(&e->dst, 0, sizeof e->dst);
+    e->dst.sin_family = AF_INET;
+    memcpy(&e->dst.sin_addr.s_addr, dst, 4);
+    return 0;
+}
+
+void rp_link_clear_flow(struct rp_link *l, uint32_t session, uint32_t tag) {
+    struct link_entry *e = find(l, session, tag);
+    if (!e)
+        return;
+    if (e->dirty) {  /* its counts stay until taken (the caller takes them before, normally) */
+        for (size_t j = 0; j < l->ndirty; j++)
+            if (&l->table[l->dirty[j]] == e) {
+                l->dirty[j] = l->dirty[--l->ndirty];
+                break;
+            }
+    }
+    e->used = 2;
+    e->dirty = 0;
+    l->used--;
+    l->removed++;
+}
+
+size_t rp_link_flows(struct rp_link *l) { return l->used; }
+
+size_t rp_link_buffered(struct rp_link *l) { return l->end - l->start; }
+
+size_t rp_link_take_deltas(struct rp_link *l, struct rp_link_delta *out, size_t max) {
+    size_t n = 0;
+    while (n < max && l->ndirty) {
+        struct link_entry *e = &l->table[l->dirty[--l->ndirty]];
+        out[n] = e->delta;
+        out[n].session = e->session;
+        out[n].tag = e->tag;
+        memset(&e->delta, 0, sizeof e->delta);
+        e->dirty = 0;
+        n++;
+    }
+    return n;
+}
+
+/* A GRE frame C sends: 1 if taken (sent or dropped, counted), 0 if Python must have it. */
+static int send_gre(struct rp_link *l, const uint8_t *h, uint32_t length) {
+    uint32_t flags = h[1] & 3, need = 2 + ((flags & 1) ? 4 : 0) + ((flags & 2) ? 4 : 0);
+    if (length < need)
+        return 0;   /* MalformedFrame in Python */
+    const uint8_t *p = h + LINK_HEADER;
+    struct link_entry *e = find(l, get32(h + 4), (uint32_t)p[0] << 8 | p[1]);
+    if (!e)
+        return 0;
+    int64_t seq = 0, ack = 0;
+    size_t at = 2;
+    if (flags & 1) { seq = get32(p + at); at += 4; }
+    if (flags & 2) { ack = get32(p + at); at += 4; }
+    long n = rp_build_gre(l->gre, sizeof l->gre, e->key, p + at, length - at, flags & 1, seq,
+                          (flags & 2) != 0, ack);
+    if (n < 0)
+        return 0;   /* build_gre raises in Python: its path decides */
+    struct rp_link_delta *d = &e->delta;
+    d->packets++;
+    d->bytes += length - at;
+    if (sendto(e->fd, l->gre, (size_t)n, 0, (struct sockaddr *)&e->dst, sizeof e->dst) < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS) {
+            d->busy++;
+        } else {
+            d->errors++;
+            d->last_errno = errno;
+        }
+    } else {
+        d->sent++;
+    }
+    if (!e->dirty) {
+        e->dirty = 1;
+        l->dirty[l->ndirty++] = (size_t)(e - l->table);
+    }
+    return 1;
+}
+
+int rp_link_feed(struct rp_link *l, const uint8_t *data, size_t length, uint32_t max_payload,
+                 const uint8_t **out, size_t *out_length) {
+    *out = NULL;
+    *out_length = 0;
+    if (l->failed) {   /* Python's decoder has failed: the bytes are its to refuse */
+        *out = data;
+        *out_length = length;
+        return RP_LINK_DONE;
+    }
+    if (length) {
+        if (l->start == l->end) {
+            l->start = l->end = 0;
+        } else if (l->start && l->cap - l->end < length) {
+            memmove(l->buf, l->buf + l->start, l->end - l->start);
+            l->end -= l->start;
+            l->start = 0;
+        }
+        if (l->cap - l->end < length) {
+            size_t cap = l->cap ? l->cap : 65536;
+            while (cap - l->end < length)
+                cap *= 2;
+            uint8_t *buf = realloc(l->buf, cap);
+            if (!buf)
+                return RP_LINK_NO_MEMORY;
+            l->buf = buf;
+            l->cap = cap;
+        }
+        memcpy(l->buf + l->end, data, length);
+        l->end += length;
+    }
+    size_t run = l->start, runLength = 0;   /* frames for Python: buf[run:run + runLength] */
+    while (l->end - l->start >= LINK_HEADER) {
+        const uint8_t *h = l->buf + l->start;
+        uint32_t frameLength = get32(h + 8);
+        if (frameLength > max_payload) {
+            l->failed = 1;   /* FrameTooLarge in Python, from this header on */
+            if (!runLength)
+                run = l->start;
+            runLength += l->end - l->start;
+            l->start = l->end;
+            break;
+        }
+        if (l->end - l->start - LINK_HEADER < frameLength)
+            break;
+        if (h[0] == LINK_GRE && get32(h + 4)) {
+            if (runLength) {   /* Python's frames first, then this one */
+                uint32_t flags = h[1] & 3, need = 2 + ((flags & 1) ? 4 : 0) + ((flags & 2) ? 4 : 0);
+                if (frameLength >= need &&
+                    find(l, get32(h + 4), (uint32_t)h[LINK_HEADER] << 8 | h[LINK_HEADER + 1])) {
+                    *out = l->buf + run;
+                    *out_length = runLength;
+                    return RP_LINK_MORE;
+                }
+            } else if (send_gre(l, h, frameLength)) {
+                l->start += LINK_HEADER + frameLength;
+                continue;
+            }
+        }
+        if (!runLength)
+            run = l->start;
+        runLength += LINK_HEADER + frameLength;
+        l->start += LINK_HEADER + frameLength;
+    }
+    if (runLength) {
+        *out = l->buf + run;
+        *out_length = runLength;
+    }
+    return RP_LINK_DONE;
+}

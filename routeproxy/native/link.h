@@ -1,0 +1,42 @@
+/* The RRP's link read (docs/fastpath.md step 3a, RRP): the declarations; also cffi's cdef.
+ *
+ * One rp_link per mux connection.  rp_link_feed takes the link's decrypted bytes (what
+ * Twisted's TLS hands MuxConnection.dataReceived), splits them into mux frames, sends each
+ * GRE frame (type 0x20) of a flow entry as enhanced GRE with the entry's key on the entry's
+ * raw socket, and hands every other frame back to Python's decoder, in order: it stops
+ * before a frame it would send when frames for Python precede it (RP_LINK_MORE: Python
+ * handles them, then calls again without data).  A trailing partial frame stays here.
+ */
+
+#define RP_LINK_DONE 0        /* every complete frame was sent or is in *out */
+#define RP_LINK_MORE 1        /* *out first, then rp_link_feed(l, NULL, 0, ...) again */
+#define RP_LINK_NO_MEMORY -1  /* nothing was taken: the link cannot go on */
+
+struct rp_link_delta {
+    uint32_t session;
+    uint32_t tag;
+    uint32_t packets;      /* GRE frames C took: framesIn, greIn, greOut, call.gre_out */
+    uint32_t sent;         /* the port's sent */
+    uint32_t busy;         /* the port's send_busy drops */
+    uint32_t errors;       /* the port's send_error drops (last_errno: the last one's) */
+    uint64_t bytes;        /* their payload bytes: call.bytes_out */
+    int last_errno;
+};
+
+struct rp_link;
+
+struct rp_link *rp_link_new(void);
+void rp_link_free(struct rp_link *l);
+/* The entry for (mux session, call tag C): GRE goes to dst (4 bytes) on fd, keyed key (S).
+ * 0, or -1 (no memory: the call stays on the Python path). */
+int rp_link_set_flow(struct rp_link *l, uint32_t session, uint32_t tag, int fd,
+                     const uint8_t *dst, uint32_t key);
+void rp_link_clear_flow(struct rp_link *l, uint32_t session, uint32_t tag);
+size_t rp_link_flows(struct rp_link *l);
+/* data[0:length] (may be NULL, 0) after what is held; frames longer than max_payload make the
+ * link fail here as in Python: that header and every later byte go to *out as they are. */
+int rp_link_feed(struct rp_link *l, const uint8_t *data, size_t length, uint32_t max_payload,
+                 const uint8_t **out, size_t *out_length);
+size_t rp_link_buffered(struct rp_link *l);
+/* The entries' counters since the last take, zeroed by it (at most max: the rest next time). */
+size_t rp_link_take_deltas(struct rp_link *l, struct rp_link_delta *out, size_t max);
