@@ -4,7 +4,7 @@
 """
 import sys
 
-NAMES = ("pptp", "gre", "frames", "mux", "callbook", "native", "pump")
+NAMES = ("pptp", "gre", "frames", "mux", "callbook", "native", "pump", "link")
 
 
 def main(argv):
@@ -21,7 +21,7 @@ def main(argv):
         import subprocess
         return max(subprocess.call([sys.executable, "-m", "tests.fuzz", name, *argv[2:]])
                    for name in names)
-    if names[0] in ("native", "pump"):
+    if names[0] in ("native", "pump", "link"):
         from routeproxy.native import load
         module, reason = load()
         if module is None:

@@ -171,9 +171,67 @@ def native_pump(data):
         raise Finding(f"rp_pump_frame {taken}, {length[0]} bytes out for {data[:64].hex()}")
 
 
+_LINK = []  # (module, state, out, out length, deltas): one link read for the whole run
+
+
+def _link():
+    if not _LINK:
+        module = native.load()[0]
+        ffi, lib = module.ffi, module.lib
+        state = ffi.gc(lib.rp_link_new(), lib.rp_link_free)
+        for sid in range(1, 4):   # sessions 1-3, every third tag to 300; fd -1: sends fail
+            for tag in range(0, 300, 3):
+                lib.rp_link_set_flow(state, sid, tag, -1, bytes([127, 0, 0, 1]), tag ^ 0x5a5a)
+        _LINK.append((module, state, ffi.new("uint8_t **"), ffi.new("size_t *"),
+                      ffi.new("struct rp_link_delta[]", 64)))
+    return _LINK[0]
+
+
+def native_link(data):
+    """rp_link_feed (the RRP's native link read) on a mux stream after a byte that picks where
+    it is cut in two reads: no crash, and what it hands back is whole frames (until a frame
+    too large, after which everything is handed back) that, with what it keeps and what it
+    sent, are no more than it was fed.  Agreement with the Python path is
+    tests/unit/test_native_link.py's.  A fresh link state when one has failed."""
+    if native.load()[0] is None or not data:
+        return
+    module, state, out, outLength, deltas = _link()
+    lib, ffi = module.lib, module.ffi
+    held = lib.rp_link_buffered(state)
+    cut = 1 + (data[0] * (len(data) - 1)) // 255
+    handed, fed = 0, held + len(data) - 1
+    for part in (data[1:cut], data[cut:]):
+        more = True
+        while more:
+            code = lib.rp_link_feed(state, part, len(part), 1 << 14, out, outLength)
+            part = b""
+            if code not in (lib.RP_LINK_DONE, lib.RP_LINK_MORE):
+                raise Finding(f"rp_link_feed {code} for {data[:64].hex()}")
+            more = code == lib.RP_LINK_MORE
+            chunk = ffi.buffer(out[0], outLength[0])[:] if outLength[0] else b""
+            handed += len(chunk)
+            failed = False
+            while len(chunk) >= 12 and not failed:
+                length = int.from_bytes(chunk[8:12], "big")
+                failed = length > 1 << 14
+                if not failed:
+                    if len(chunk) < 12 + length:
+                        raise Finding(f"a partial frame handed back for {data[:64].hex()}")
+                    chunk = chunk[12 + length:]
+            if chunk and not failed:
+                raise Finding(f"{len(chunk)} stray bytes handed back for {data[:64].hex()}")
+            if failed:   # the link would close: start again
+                _LINK.clear()
+                return
+    while lib.rp_link_take_deltas(state, deltas, 64):
+        pass
+    if handed + lib.rp_link_buffered(state) > fed:
+        raise Finding(f"rp_link_feed handed back more than it was fed for {data[:64].hex()}")
+
+
 HARNESSES = {"pptp": pptp_stream, "gre": gre_codec, "frames": mux_frames,
              "mux": mux_connection, "callbook": callbook, "native": native_parsers,
-             "pump": native_pump}
+             "pump": native_pump, "link": native_link}
 
 
 def seeds():
@@ -196,6 +254,10 @@ def seeds():
             for flags in (0, 1, 2, 3)]
     out += [F.Ping(b"12345678").encode(), F.Open(1, "default", "x").encode(),
             F.Close(1, 0, "").encode(), F.Datagram(1, 7, 1, None, b"ab").encode()]
+    # for the link read: a cut byte, then GRE of flows (tags 3, 6), another tag, a PING
+    stream = b"".join([F.encodeGRE(1, 3, 1, 2, b"\xff\x03" * 20), F.Ping(b"12345678").encode(),
+                       F.encodeGRE(2, 6, 5, None, b"ab"), F.encodeGRE(1, 4, 1, None, b"x")])
+    out += [bytes([cut]) + stream for cut in (0, 1, 100, 255)]
     return out
 
 
