@@ -146,18 +146,15 @@ def parseMilliseconds(value, what):
     return ms / 1000.0
 
 
-def checkCapture(options, native=True):
+def checkCapture(options):
     """--gre-capture raw cannot shard: a shard's capture filter picks its call IDs.
-    --gre-capture native needs routeproxy.native built, and a daemon that has the pump
-    (*native*: the LRP; docs/fastpath.md step 3a)."""
+    --gre-capture native needs routeproxy.native built (docs/fastpath.md step 3a: the LRP's
+    capture pump, the RRP's link read)."""
     kind = options["gre-capture"]
     if kind == "raw" and options["shard"].sharded:
         raise usage.UsageError("--gre-capture raw cannot be sharded (--shard): a shard's pcap "
                                "filter picks its calls' GRE; use --gre-capture pcap")
     if kind == "native":
-        if not native:
-            raise usage.UsageError("--gre-capture native is the LRP's only (the RRP has no "
-                                   "native pump yet); use --gre-capture pcap or raw")
         from routeproxy import native as nativeModule
         module, reason = nativeModule.load()
         if module is None:
@@ -173,8 +170,9 @@ def daemonSettings(peers, linkPeer):
         Setting("gre-capture", "pcap", "how GRE is received: pcap (libpcap's ring on "
                 "--gre-interface: the --gre-max-sojourn gate, shards, drops counted) or raw (a raw "
                 "GRE socket: the kernel puts fragments back together and captures nothing twice, "
-                "one read per packet; no sojourn gate, no shards; docs/gre-io.md) or native (LRP "
-                "only: pcap read in C, established calls' GRE framed for the link there; needs "
+                "one read per packet; no sojourn gate, no shards; docs/gre-io.md) or native (the LRP: "
+                "pcap read in C, established calls' GRE framed for the link there; the RRP: pcap "
+                "as usual, the link's GRE frames sent to the servers in C; needs "
                 "python -m routeproxy.native.build) [default: pcap]",
                 parseChoice(("pcap", "raw", "native"), "--gre-capture")),
         Setting("gre-max-sojourn", 0.005, "ms captured GRE may wait once the capture queue "

@@ -1,4 +1,6 @@
-"""The LRP's flow table for the native capture pump (docs/fastpath.md step 3a).
+"""The native flow tables (docs/fastpath.md step 3a): the LRP's capture pump's
+(:class:`FlowTable`) and the RRP's link read's (:class:`LinkFlows`, at the end), which share
+the relay's side (:class:`_Entries`).
 
 One :class:`FlowTable` per GRE port that captures with ``--gre-capture native``: the C pump's
 state (routeproxy/native/pump.c) and, beside it, what Python needs to fold the pump's
@@ -38,16 +40,60 @@ class Flow:
     call: object      # its calls.Call
     mux: object       # the mux Session
     installed: bool = False
+    reader: object = None   # the RRP's: the LinkReader it is installed in
 
 
-class FlowTable:
-    """The pump's C state and the entries behind it (see the module's docstring)."""
+class _Entries:
+    """What both daemons' tables share: an entry per call that can carry GRE, keyed by the
+    call's local ID, kept through callReady / callGone / sessionGone (the relay's calls)."""
 
     log = Logger()
 
+    def __init__(self, module):
+        self._ffi, self._lib, self._module = module.ffi, module.lib, module
+        self._entries = {}            # key (the call's local ID) -> Flow
+
+    def __len__(self):
+        return len(self._entries)
+
+    def callReady(self, session, call):
+        """*call* of *session* can carry GRE (established, its mux session open): its key."""
+        key, mux = call.local_id, session.mux
+        if key is None or call.pns_id is None or mux is None or session.peerAddress is None:
+            return
+        old = self._entries.get(key)
+        if old is not None and old.installed:
+            self._clear(key, old)
+        flow = self._entries[key] = Flow(session, call, mux)
+        self._ready(key, flow)
+
+    def callGone(self, call):
+        """*call* can no longer carry GRE (released, or its session detached or closed)."""
+        key = call.local_id
+        flow = self._entries.get(key)
+        if flow is None or flow.call is not call:
+            return
+        del self._entries[key]
+        if flow.installed:
+            self._clear(key, flow)
+        if not self._entries:
+            self._emptied()
+
+    def sessionGone(self, session):
+        """Every call of *session* (its mux session detached or closed)."""
+        for flow in [f for f in self._entries.values() if f.session is session]:
+            self.callGone(flow.call)
+
+    def _emptied(self):
+        pass
+
+
+class FlowTable(_Entries):
+    """The pump's C state and the entries behind it (see the module's docstring)."""
+
     def __init__(self, module, outCapacity, drops=None):
-        ffi, lib = self._ffi, self._lib = module.ffi, module.lib
-        self._module = module
+        super().__init__(module)
+        ffi, lib = self._ffi, self._lib
         state = lib.rp_pump_new(outCapacity)
         if state == ffi.NULL:
             raise MemoryError("rp_pump_new")
@@ -55,7 +101,6 @@ class FlowTable:
         self.drops = drops            # the relay's DropCounter (attach)
         self.stats = None             # the port's GREStats (the port sets it)
         self.connection = None        # the mux connection whose entries are in C
-        self._entries = {}            # key L -> Flow
         self._reason = "watermark"    # what a frame over this pump call's budget is dropped as
         self._counts = ffi.new("struct rp_counts *")
         self._deltas = ffi.new("struct rp_flow_delta[]", _DELTAS)
@@ -65,9 +110,6 @@ class FlowTable:
         self.framed = 0               # frames C built for the mux (totals for the status)
         self.handedBack = 0           # frames C handed to the Python path
         self.written = 0              # frames C wrote to the link's TLS itself (step 3b)
-
-    def __len__(self):
-        return len(self._entries)
 
     # -- the port ------------------------------------------------------------------------------
 
@@ -161,38 +203,19 @@ class FlowTable:
 
     # -- the relay ----------------------------------------------------------------------------
 
-    def callReady(self, session, call):
-        """*call* of *session* can carry GRE (established, its mux session open): its key."""
-        key, mux = call.local_id, session.mux
-        if key is None or call.pns_id is None or mux is None or session.peerAddress is None:
-            return
-        old = self._entries.get(key)
-        if old is not None and old.installed:
-            self._lib.rp_pump_clear_flow(self.state, key)
-        flow = self._entries[key] = Flow(session, call, mux)
-        connection = mux.connection
+    def _ready(self, key, flow):
+        connection = flow.mux.connection
         if self.connection is not connection:
             if self.connection is not None and not self.connection.closed:
                 return   # another link's: its GRE goes the Python path
             self._switch(connection)
         self._install(key, flow)
 
-    def callGone(self, call):
-        """*call* can no longer carry GRE (released, or its session detached or closed)."""
-        key = call.local_id
-        flow = self._entries.get(key)
-        if flow is None or flow.call is not call:
-            return
-        del self._entries[key]
-        if flow.installed:
-            self._lib.rp_pump_clear_flow(self.state, key)
-        if not self._entries:
-            self.connection = None
+    def _clear(self, key, flow):
+        self._lib.rp_pump_clear_flow(self.state, key)
 
-    def sessionGone(self, session):
-        """Every call of *session* (its mux session detached or closed)."""
-        for flow in [f for f in self._entries.values() if f.session is session]:
-            self.callGone(flow.call)
+    def _emptied(self):
+        self.connection = None
 
     def _install(self, key, flow):
         from routeproxy.capture import packedAddress
@@ -216,3 +239,127 @@ class FlowTable:
         return {"entries": len(self._entries),
                 "in_c": sum(1 for f in self._entries.values() if f.installed),
                 "framed": self.framed, "handed_back": self.handedBack, "written": self.written}
+
+
+# -- the RRP's link read (docs/fastpath.md step 3a, RRP) ---------------------------------------
+
+
+class LinkFlows(_Entries):
+    """The RRP's flow table: an entry per established call of an open mux session, in the C
+    state (:class:`LinkReader`, routeproxy/native/link.c) of that session's mux connection:
+    (mux session id, call tag ``C``) -> the port's raw socket for the session's local address,
+    pptpd's address and the GRE key ``S``.  Kept by the relay as the LRP's :class:`FlowTable`
+    is (callReady / callGone / sessionGone); an entry also goes when the mux connection
+    forgets its session (:meth:`LinkReader.sessionForgotten`) and when the port closes the
+    sender it names (``GREPort.removeLocalAddress``)."""
+
+    def __init__(self, module, port):
+        super().__init__(module)
+        self.port = port
+        port.linkFlows = self
+        self.taken = 0                # GRE frames C sent (or dropped sending), all links
+
+    def reader(self, connection):
+        """A :class:`LinkReader` for *connection* (MuxConnection.nativeReader)."""
+        return LinkReader(self, connection)
+
+    def _ready(self, key, flow):
+        reader = getattr(flow.mux.connection, "nativeReader", None)
+        if reader is None or flow.call.pac_id is None:
+            return
+        fd = self.port.senderFileno(flow.session.localAddress)
+        if fd is not None and reader.install(flow, fd):
+            flow.installed = True
+
+    def _clear(self, key, flow):
+        flow.installed = False
+        flow.reader.clear(flow)
+
+    def senderClosing(self, address):
+        """The port closes its socket for *address*: no entry may send on it."""
+        for key, flow in list(self._entries.items()):
+            if flow.installed and flow.session.localAddress == address:
+                self._clear(key, flow)
+
+    def snapshot(self):
+        return {"entries": len(self._entries),
+                "in_c": sum(1 for f in self._entries.values() if f.installed),
+                "sent_by_c": self.taken}
+
+
+class LinkReader:
+    """One mux connection's C link read: :meth:`feed` takes the decrypted bytes, sends the GRE
+    frames of its entries and returns the rest for the Python decoder (see link.h)."""
+
+    def __init__(self, table, connection):
+        module = table._module
+        ffi, lib = self._ffi, self._lib = module.ffi, module.lib
+        state = lib.rp_link_new()
+        if state == ffi.NULL:
+            raise MemoryError("rp_link_new")
+        self.state = ffi.gc(state, lib.rp_link_free)
+        self.table, self.connection = table, connection
+        self._flows = {}              # (mux session id, tag C) -> Flow
+        self._out = ffi.new("uint8_t **")
+        self._outLength = ffi.new("size_t *")
+        self._deltas = ffi.new("struct rp_link_delta[]", _DELTAS)
+
+    def install(self, flow, fd):
+        from routeproxy.capture import packedAddress
+        key = (flow.mux.id, flow.call.pns_id)
+        if self._lib.rp_link_set_flow(self.state, key[0], key[1], fd,
+                                      packedAddress(flow.session.peerAddress),
+                                      flow.call.pac_id) < 0:
+            return False
+        self._flows[key] = flow
+        flow.reader = self
+        return True
+
+    def clear(self, flow):
+        key = (flow.mux.id, flow.call.pns_id)
+        if self._flows.get(key) is flow:
+            del self._flows[key]
+            self._lib.rp_link_clear_flow(self.state, key[0], key[1])
+
+    def sessionForgotten(self, sid):
+        """The mux session *sid* is no longer open here (MuxConnection._forget)."""
+        for key, flow in [(k, f) for k, f in self._flows.items() if k[0] == sid]:
+            flow.installed = False
+            self.clear(flow)
+
+    def feed(self, data, maxPayload):
+        """*data* (b"" to go on after RP_LINK_MORE): ``(bytes for the decoder, more)``."""
+        lib = self._lib
+        code = lib.rp_link_feed(self.state, data, len(data), maxPayload, self._out,
+                                self._outLength)
+        if code < 0:
+            raise MemoryError("rp_link_feed")
+        self._fold()
+        n = self._outLength[0]
+        return (self._ffi.buffer(self._out[0], n)[:] if n else b""), code == lib.RP_LINK_MORE
+
+    @property
+    def buffered(self):
+        return self._lib.rp_link_buffered(self.state)
+
+    def _fold(self):
+        """The counters the Python path updates per frame (RelaySession.datagramReceived,
+        Session._datagramReceived, MuxConnection.dataReceived, GREPort.sendGRE)."""
+        deltas, flows = self._deltas, self._flows
+        while True:
+            n = self._lib.rp_link_take_deltas(self.state, deltas, _DELTAS)
+            for i in range(n):
+                delta = deltas[i]
+                flow = flows[(delta.session, delta.tag)]
+                packets = delta.packets
+                self.connection.stats.framesIn += packets
+                self.table.taken += packets
+                flow.mux.greIn += packets
+                session, call = flow.session, flow.call
+                session.greOut += packets
+                call.gre_out += packets
+                call.bytes_out += delta.bytes
+                self.table.port.countSent(session.localAddress, session.peerAddress, delta.sent,
+                                          delta.busy, delta.errors, delta.last_errno)
+            if n < _DELTAS:
+                return

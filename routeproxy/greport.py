@@ -28,6 +28,7 @@ The operating system is injected (``system=``, an ``IGRESystem``), as in tuntap;
 """
 import collections
 import errno
+import os
 import socket
 import struct
 import time
@@ -229,6 +230,7 @@ class GREPort(abstract.FileDescriptor):
         self._lastCopy, self._lastFrame = None, b""  # the packet before, for duplicates
         self._sources = {}  # packed -> str cache for greReceived's src
         self._senders = {}  # local source address -> bound raw socket
+        self.linkFlows = None  # the RRP's native link read (routeproxy.flows.LinkFlows)
         self._capture = None
         self._loggedErrors = set()
         self._link = None
@@ -296,6 +298,8 @@ class GREPort(abstract.FileDescriptor):
             self._capture.setFilter(self.bpfFilter)
         sender = self._senders.pop(name, None)
         if sender is not None:
+            if self.linkFlows is not None:
+                self.linkFlows.senderClosing(name)
             sender.close()
 
     # -- life cycle ----------------------------------------------------------------------------
@@ -356,7 +360,9 @@ class GREPort(abstract.FileDescriptor):
                            interface=self.interface, error=why)
         abstract.FileDescriptor.connectionLost(self, reason)
         self.connected = 0
-        for sock in self._senders.values():
+        for name, sock in self._senders.items():
+            if self.linkFlows is not None:
+                self.linkFlows.senderClosing(name)
             sock.close()
         self._senders.clear()
         if not self._reading:  # else doRead closes it once pcap's dispatch has returned
@@ -554,6 +560,22 @@ class GREPort(abstract.FileDescriptor):
         self.stats.sent += 1
         return True
 
+    def senderFileno(self, src):
+        """The raw socket sendGRE uses for *src* (its descriptor), or None."""
+        sock = self._senders.get(src)
+        return None if sock is None else sock.fileno()
+
+    def countSent(self, src, dst, sent, busy, errors, lastErrno):
+        """What sendGRE would have counted for GRE sent elsewhere (the RRP's native link
+        read) on senderFileno(src): *sent* taken, *busy* and *errors* dropped."""
+        stats = self.stats
+        stats.sent += sent
+        if busy:
+            stats.dropped[DROP_SEND_BUSY] += busy
+        if errors:
+            stats.dropped[DROP_SEND_ERROR] += errors - 1
+            self._sendFailed(src, dst, OSError(lastErrno, os.strerror(lastErrno)))
+
     def _openSender(self, src):
         """A raw GRE socket bound to *src*, opened now so it lives in the port's namespace."""
         sock = None
@@ -592,6 +614,8 @@ class GREPort(abstract.FileDescriptor):
             result["fragments_other_shard"] = self._reassembler.foreign
         if self.flows is not None:  # --gre-capture native: what C took (docs/gre-io.md)
             result["native"] = self.flows.snapshot()
+        if self.linkFlows is not None:  # the RRP's --gre-capture native: what C sent
+            result["native_link"] = self.linkFlows.snapshot()
         if self._capture is not None:
             try:
                 _, drop, ifdrop = self._capture.stats()

@@ -71,7 +71,7 @@ class Options(ConfigOptions):
                    "shard", "gre-watermark", "gre-capture-buffer", "gre-capture")
 
     def check(self):
-        checkCapture(self, native=False)
+        checkCapture(self)
         profiles = dict(self["profile"] or ())
         if self["pptp-server"] is not None:
             profiles.setdefault("default", Profile(*self["pptp-server"]))
@@ -112,7 +112,10 @@ def makeService(options, reactor=None):
     rrp = RemoteRouteProxy(reactor, greOpener(top, reactor, local, options["gre-interface"],
                                            options["gre-max-sojourn"], shard,
                                            captureBuffer=bounds.greCaptureBuffer,
-                                           capture=options["gre-capture"]),
+                                           # native: the capture stays pcap; the link's
+                                           # read is native (below)
+                                           capture=("pcap" if options["gre-capture"] == "native"
+                                                    else options["gre-capture"])),
                            options["profiles"], source=options["source"], limits=bounds,
                            permits=options["permits"])
     rrp.scopes.first, rrp.scopes.last = shard.first, shard.last
@@ -130,6 +133,11 @@ def makeService(options, reactor=None):
                                                 greWatermark=bounds.greWatermark),
                                resume=rrp.resumeTable)
     rrp.links, rrp.linkDrops = factory.connections, factory.linkDrops
+    if options["gre-capture"] == "native":   # the link's GRE frames sent in C (routeproxy.flows)
+        from routeproxy import native
+        from routeproxy.flows import LinkFlows
+        module, _ = native.load()   # checkCapture refused it where not built
+        rrp.relay.flows = factory.linkFlows = LinkFlows(module, rrp.relay.grePort)
     rrp.startups = StartupGate(bounds, reactor, rrp.relay.refusals)
     # TLS under a gate that bounds connections not through TLS yet (MaxStartups)
     gated = StartupGateFactory(TLSMemoryBIOFactory(options["tls"], False, factory), rrp.startups)

@@ -156,6 +156,10 @@ class MuxConnection:
         self._flushCall = None
         self._inBatch = False
         self._writePaused = False
+        # the RRP's native link read (routeproxy.flows.LinkReader; MuxFactory.linkFlows), and
+        # whether it has the stream (from the first read after HELLO with nothing buffered)
+        self.nativeReader = None
+        self._readingNative = False
         # a resumed link goes on with the ids of the one it replaces
         self._nextSessionId = resume.sessionIds if resume is not None else itertools.count(1)
         self._lastSessionId = 0  # acceptor: highest id opened so far
@@ -219,36 +223,54 @@ class MuxConnection:
         self._lastReceived = self.clock.seconds()
         self.stats.bytesIn += len(data)
         self._inBatch = True
-        stats, sessions = self.stats, self.sessions
-        nextFrame = self._decoder.nextFrame
         try:
-            self._decoder.feed(data)
-            while not self.closed:
-                try:
-                    frame = nextFrame()
-                except F.MalformedFrame as e:
-                    stats.framesIn += 1
-                    self._malformed(e)
-                    continue
-                except F.FrameError as e:
-                    self.goAway(e.code, e.reason)
-                    break
-                if frame is None:
-                    break
-                stats.framesIn += 1
-                if frame.__class__ is Datagram and self.version is not None:
-                    # the per-packet frame: no handler table; _onGRE when it is not for
-                    # an open session
-                    session = sessions.get(frame.session)
-                    if session is not None and session.state == OPEN:
-                        session._datagramReceived(frame)
-                    else:
-                        self._onGRE(frame)
-                else:
-                    self._frameReceived(frame)
+            reader = self.nativeReader
+            if reader is not None and (self._readingNative or (
+                    self.version is not None and not self._decoder.buffered)):
+                # the RRP's native link read (routeproxy.flows.LinkReader): C sends the GRE
+                # frames of its entries and hands the rest back, in order
+                self._readingNative = True
+                maxPayload = self._decoder.maxPayload
+                while True:
+                    rest, more = reader.feed(data, maxPayload)
+                    if rest:
+                        self._decode(rest)
+                    if not more or self.closed:
+                        break
+                    data = b""
+            else:
+                self._decode(data)
         finally:
             self._inBatch = False
             self.flush()
+
+    def _decode(self, data):
+        stats, sessions = self.stats, self.sessions
+        nextFrame = self._decoder.nextFrame
+        self._decoder.feed(data)
+        while not self.closed:
+            try:
+                frame = nextFrame()
+            except F.MalformedFrame as e:
+                stats.framesIn += 1
+                self._malformed(e)
+                continue
+            except F.FrameError as e:
+                self.goAway(e.code, e.reason)
+                break
+            if frame is None:
+                break
+            stats.framesIn += 1
+            if frame.__class__ is Datagram and self.version is not None:
+                # the per-packet frame: no handler table; _onGRE when it is not for
+                # an open session
+                session = sessions.get(frame.session)
+                if session is not None and session.state == OPEN:
+                    session._datagramReceived(frame)
+                else:
+                    self._onGRE(frame)
+            else:
+                self._frameReceived(frame)
 
     def pauseWriting(self):
         self._writePaused = True
@@ -487,6 +509,8 @@ class MuxConnection:
 
     def _forget(self, session):
         self.sessions.pop(session.id, None)
+        if self.nativeReader is not None:
+            self.nativeReader.sessionForgotten(session.id)
 
     # --- incoming frames -----------------------------------------------------
 

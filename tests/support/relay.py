@@ -54,12 +54,18 @@ class RelayHarness:
 
     resumeGrace = 0   # seconds; above 0 both ends speak "resume" (docs/protocol.md s.10)
     lrpGREPort = RecordingGREPort   # the LRP's openGREPort(receiver)
+    rrpGREPort = RecordingGREPort   # the RRP's
+    serverIP, rrpSource = SERVER_IP, RRP_SOURCE   # pptpd's address, the RRP's dial source
+
+    def prepare(self):
+        """Before the link connects (a subclass sets up the factories)."""
 
     def setUp(self):
         self.reactor = MemoryReactorClock()
         self.lrp = LocalRouteProxy(self.reactor, self.lrpGREPort)
         self.lrp.relay.clock = self.reactor
-        self.rrp = RemoteRouteProxy(self.reactor, RecordingGREPort, {"default": (SERVER_IP, 1723)})
+        self.rrp = RemoteRouteProxy(self.reactor, self.rrpGREPort,
+                                    {"default": (self.serverIP, 1723)})
         self.rrp.relay.clock = self.reactor
         grace = self.resumeGrace
         self.rrp.resumeTable = ResumeTable(self.reactor, grace) if grace else None
@@ -69,6 +75,7 @@ class RelayHarness:
         self.client_factory = client_factory = LinkFactory(self.lrp, self.reactor, grace)
         client_factory.peerNameOf = server_factory.peerNameOf = None
         self.rrp.links = server_factory.connections
+        self.prepare()
         self.connectLink()
 
     def connectLink(self):
@@ -100,10 +107,10 @@ class RelayHarness:
             client.send(pptp.StartControlConnectionRequest() if start is True else start)
         self.flush()
         host, port, factory = self.reactor.tcpClients[-1][:3]
-        self.assertEqual((host, port), (SERVER_IP, 1723))
+        self.assertEqual((host, port), (self.serverIP, 1723))
         sp = factory.buildProtocol(IPv4Address("TCP", host, port))
-        st = StringTransport(hostAddress=IPv4Address("TCP", RRP_SOURCE, self.client_port),
-                             peerAddress=IPv4Address("TCP", SERVER_IP, 1723))
+        st = StringTransport(hostAddress=IPv4Address("TCP", self.rrpSource, self.client_port),
+                             peerAddress=IPv4Address("TCP", self.serverIP, 1723))
         sp.makeConnection(st)
         self.flush()
         return client, Peer(sp, st)
