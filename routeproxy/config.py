@@ -148,8 +148,8 @@ def parseMilliseconds(value, what):
 
 def checkCapture(options):
     """--gre-capture raw cannot shard: a shard's capture filter picks its call IDs.
-    --gre-capture native needs routeproxy.native built (docs/fastpath.md step 3a: the LRP's
-    capture pump, the RRP's link read)."""
+    --gre-capture native needs routeproxy.native built (docs/fastpath.md step 3: the capture
+    pump and the link read)."""
     kind = options["gre-capture"]
     if kind == "raw" and options["shard"].sharded:
         raise usage.UsageError("--gre-capture raw cannot be sharded (--shard): a shard's pcap "
@@ -170,9 +170,9 @@ def daemonSettings(peers, linkPeer):
         Setting("gre-capture", "pcap", "how GRE is received: pcap (libpcap's ring on "
                 "--gre-interface: the --gre-max-sojourn gate, shards, drops counted) or raw (a raw "
                 "GRE socket: the kernel puts fragments back together and captures nothing twice, "
-                "one read per packet; no sojourn gate, no shards; docs/gre-io.md) or native (the LRP: "
-                "pcap read in C, established calls' GRE framed for the link there; the RRP: pcap "
-                "as usual, the link's GRE frames sent to the servers in C; needs "
+                "one read per packet; no sojourn gate, no shards; docs/gre-io.md) or native (pcap "
+                f"read in C, established calls' GRE from {peers} framed for the link there, and "
+                f"the link's GRE frames sent to {peers} in C; docs/fastpath.md; needs "
                 "python -m routeproxy.native.build) [default: pcap]",
                 parseChoice(("pcap", "raw", "native"), "--gre-capture")),
         Setting("gre-max-sojourn", 0.005, "ms captured GRE may wait once the capture queue "

@@ -1,25 +1,28 @@
-"""The native flow tables (docs/fastpath.md step 3a): the LRP's capture pump's
-(:class:`FlowTable`) and the RRP's link read's (:class:`LinkFlows`, at the end), which share
-the relay's side (:class:`_Entries`).
+"""The native flow tables (docs/fastpath.md step 3): each daemon's capture pump
+(:class:`FlowTable`: GRE from the facing peer, framed for the link in C) and link read
+(:class:`LinkFlows`: the link's GRE frames sent to the facing peer in C), which share the
+relay's side (:class:`_Entries`) and are kept together (:class:`RelayFlows`).
 
 One :class:`FlowTable` per GRE port that captures with ``--gre-capture native``: the C pump's
 state (routeproxy/native/pump.c) and, beside it, what Python needs to fold the pump's
-counters back.  An entry per call that can carry GRE: its key is the LRP's call ID ``L``
-(what the client keys GRE with), and it holds the client's address, the mux session's id and
-the call's tag ``C``.  The relay maintains it through four calls (:class:`routeproxy.relay.
-RelaySession`): :meth:`callReady` when a call is established on an open mux session (and
-again when a detached session resumes), :meth:`callGone` when the call is released, the
-session closes, the mux session goes away or the link is lost (every one of which releases
-the call or detaches the session first).
+counters back.  An entry per call that can carry GRE: its key is the call's local ID (``L``
+on the LRP, ``R`` on the RRP: what the facing peer keys its GRE with), and it holds the
+peer's address, the mux session's id and the call's tag ``C``.  The relay maintains it
+through three calls (:class:`routeproxy.relay.RelaySession`): :meth:`callReady` when a call
+is established on an open mux session (and again when a detached session resumes),
+:meth:`callGone` when the call is released, :meth:`sessionGone` when the session closes, the
+mux session goes away or the link is lost.
 
 Around each pump call the port calls :meth:`begin` (the sojourn gate's threshold, the GRE
 watermark's room) and :meth:`end`, which writes the frames C built to the link's TLS in C
 when the link is idle (``MuxConnection.writeNative``, step 3b), else queues them on the mux
-connection (``MuxConnection.queueFrames``), and folds the counters into the port's, the sessions', the
-calls' and the mux's: the same ones the Python path updates, so the status is the same.
+connection (``MuxConnection.queueFrames``), and folds the counters into the port's, the
+sessions', the calls' and the mux's: the same ones the Python path updates, so the status
+is the same.
 
-Entries go in C only for the one mux connection the first live entry names (the LRP has one
-link at a time); an entry on another connection stays in Python and its GRE is handed back.
+A pump's entries go in C for one mux connection at a time, the one the first live entry
+names (the LRP has one link; an RRP serving several LRPs frames the first one's GRE in C);
+an entry on another connection stays in Python and its GRE is handed back.
 """
 import dataclasses
 
@@ -86,6 +89,30 @@ class _Entries:
 
     def _emptied(self):
         pass
+
+
+class RelayFlows:
+    """The relay's native tables, kept through one set of calls: the GRE port's capture pump
+    (:class:`FlowTable`, GRE from the facing peer) and the link read (:class:`LinkFlows`,
+    GRE to it); a daemon with ``--gre-capture native`` has both."""
+
+    def __init__(self):
+        self.tables = []
+
+    def add(self, table):
+        self.tables.append(table)
+
+    def callReady(self, session, call):
+        for table in self.tables:
+            table.callReady(session, call)
+
+    def callGone(self, call):
+        for table in self.tables:
+            table.callGone(call)
+
+    def sessionGone(self, session):
+        for table in self.tables:
+            table.sessionGone(session)
 
 
 class FlowTable(_Entries):
@@ -241,15 +268,16 @@ class FlowTable(_Entries):
                 "framed": self.framed, "handed_back": self.handedBack, "written": self.written}
 
 
-# -- the RRP's link read (docs/fastpath.md step 3a, RRP) ---------------------------------------
+# -- the link read (docs/fastpath.md step 3a) ----------------------------------------------------
 
 
 class LinkFlows(_Entries):
-    """The RRP's flow table: an entry per established call of an open mux session, in the C
-    state (:class:`LinkReader`, routeproxy/native/link.c) of that session's mux connection:
-    (mux session id, call tag ``C``) -> the port's raw socket for the session's local address,
-    pptpd's address and the GRE key ``S``.  Kept by the relay as the LRP's :class:`FlowTable`
-    is (callReady / callGone / sessionGone); an entry also goes when the mux connection
+    """The link read's flow table: an entry per established call of an open mux session, in
+    the C state (:class:`LinkReader`, routeproxy/native/link.c) of that session's mux
+    connection: (mux session id, call tag ``C``) -> the port's raw socket for the session's
+    local address, the facing peer's address and the GRE key the peer expects (``C`` from the
+    LRP to the client, ``S`` from the RRP to pptpd: ``CallBook.gre_key``).  Kept by the relay
+    as :class:`FlowTable` is (callReady / callGone / sessionGone); an entry also goes when the mux connection
     forgets its session (:meth:`LinkReader.sessionForgotten`) and when the port closes the
     sender it names (``GREPort.removeLocalAddress``)."""
 
@@ -265,10 +293,11 @@ class LinkFlows(_Entries):
 
     def _ready(self, key, flow):
         reader = getattr(flow.mux.connection, "nativeReader", None)
-        if reader is None or flow.call.pac_id is None:
+        greKey = flow.session.book.gre_key(flow.call)
+        if reader is None or greKey is None:
             return
         fd = self.port.senderFileno(flow.session.localAddress)
-        if fd is not None and reader.install(flow, fd):
+        if fd is not None and reader.install(flow, fd, greKey):
             flow.installed = True
 
     def _clear(self, key, flow):
@@ -304,12 +333,12 @@ class LinkReader:
         self._outLength = ffi.new("size_t *")
         self._deltas = ffi.new("struct rp_link_delta[]", _DELTAS)
 
-    def install(self, flow, fd):
+    def install(self, flow, fd, greKey):
+        """*flow*'s GRE to be sent on *fd*, keyed *greKey* (the facing peer's ID for the call)."""
         from routeproxy.capture import packedAddress
         key = (flow.mux.id, flow.call.pns_id)
         if self._lib.rp_link_set_flow(self.state, key[0], key[1], fd,
-                                      packedAddress(flow.session.peerAddress),
-                                      flow.call.pac_id) < 0:
+                                      packedAddress(flow.session.peerAddress), greKey) < 0:
             return False
         self._flows[key] = flow
         flow.reader = self

@@ -230,7 +230,7 @@ class GREPort(abstract.FileDescriptor):
         self._lastCopy, self._lastFrame = None, b""  # the packet before, for duplicates
         self._sources = {}  # packed -> str cache for greReceived's src
         self._senders = {}  # local source address -> bound raw socket
-        self.linkFlows = None  # the RRP's native link read (routeproxy.flows.LinkFlows)
+        self.linkFlows = None  # the native link read's table (routeproxy.flows.LinkFlows)
         self._capture = None
         self._loggedErrors = set()
         self._link = None
@@ -566,8 +566,8 @@ class GREPort(abstract.FileDescriptor):
         return None if sock is None else sock.fileno()
 
     def countSent(self, src, dst, sent, busy, errors, lastErrno):
-        """What sendGRE would have counted for GRE sent elsewhere (the RRP's native link
-        read) on senderFileno(src): *sent* taken, *busy* and *errors* dropped."""
+        """What sendGRE would have counted for GRE sent elsewhere (the native link read)
+        on senderFileno(src): *sent* taken, *busy* and *errors* dropped."""
         stats = self.stats
         stats.sent += sent
         if busy:
@@ -614,7 +614,7 @@ class GREPort(abstract.FileDescriptor):
             result["fragments_other_shard"] = self._reassembler.foreign
         if self.flows is not None:  # --gre-capture native: what C took (docs/gre-io.md)
             result["native"] = self.flows.snapshot()
-        if self.linkFlows is not None:  # the RRP's --gre-capture native: what C sent
+        if self.linkFlows is not None:  # --gre-capture native: what C sent
             result["native_link"] = self.linkFlows.snapshot()
         if self._capture is not None:
             try:

@@ -468,13 +468,22 @@ class Relay:
         self.quota = CallQuota(self)
         self.demux = GREDemultiplexer(scopes, self.drops)
         self.grePort = openGREPort(self.demux)
-        # the native capture's flow table (routeproxy.flows), kept by the sessions' calls
-        self.flows = getattr(self.grePort, "flows", None)
-        if self.flows is not None:
-            self.flows.drops = self.drops
+        # the native tables (routeproxy.flows.RelayFlows), kept by the sessions' calls: the
+        # capture pump's (the port's) and the link read's (addFlows)
+        self.flows = None
+        if getattr(self.grePort, "flows", None) is not None:
+            self.grePort.flows.drops = self.drops
+            self.addFlows(self.grePort.flows)
         self.sessions = set()
         self.sessionsEnded = 0
         self.endedTotals = dict.fromkeys(self.TOTALS.values(), 0)
+
+    def addFlows(self, table):
+        """Keep the native *table* (routeproxy.flows) with the sessions' calls from now on."""
+        if self.flows is None:
+            from routeproxy.flows import RelayFlows
+            self.flows = RelayFlows()
+        self.flows.add(table)
 
     def shutDown(self, reason, which=None):
         """End every session (or those *which* selects) with a PPTP teardown; returns the

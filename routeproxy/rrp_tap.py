@@ -100,7 +100,8 @@ def makeService(options, reactor=None):
     from routeproxy.mux.protocol import MuxServerFactory
     from routeproxy.mux.resume import ResumeTable
     from routeproxy.rrp import RemoteRouteProxy
-    from routeproxy.service import addStatusEndpoint, greOpener, localIPv4Addresses, raiseFileLimit
+    from routeproxy.service import (addLinkFlows, addStatusEndpoint, greOpener,
+                                    localIPv4Addresses, raiseFileLimit)
     from routeproxy.startups import StartupGate, StartupGateFactory
 
     installExceptHook()
@@ -112,10 +113,7 @@ def makeService(options, reactor=None):
     rrp = RemoteRouteProxy(reactor, greOpener(top, reactor, local, options["gre-interface"],
                                            options["gre-max-sojourn"], shard,
                                            captureBuffer=bounds.greCaptureBuffer,
-                                           # native: the capture stays pcap; the link's
-                                           # read is native (below)
-                                           capture=("pcap" if options["gre-capture"] == "native"
-                                                    else options["gre-capture"])),
+                                           capture=options["gre-capture"]),
                            options["profiles"], source=options["source"], limits=bounds,
                            permits=options["permits"])
     rrp.scopes.first, rrp.scopes.last = shard.first, shard.last
@@ -133,11 +131,7 @@ def makeService(options, reactor=None):
                                                 greWatermark=bounds.greWatermark),
                                resume=rrp.resumeTable)
     rrp.links, rrp.linkDrops = factory.connections, factory.linkDrops
-    if options["gre-capture"] == "native":   # the link's GRE frames sent in C (routeproxy.flows)
-        from routeproxy import native
-        from routeproxy.flows import LinkFlows
-        module, _ = native.load()   # checkCapture refused it where not built
-        rrp.relay.flows = factory.linkFlows = LinkFlows(module, rrp.relay.grePort)
+    addLinkFlows(options, rrp.relay, factory)
     rrp.startups = StartupGate(bounds, reactor, rrp.relay.refusals)
     # TLS under a gate that bounds connections not through TLS yet (MaxStartups)
     gated = StartupGateFactory(TLSMemoryBIOFactory(options["tls"], False, factory), rrp.startups)

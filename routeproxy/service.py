@@ -66,6 +66,18 @@ def greOpener(parent, reactor, localAddresses, interface, maxSojourn=0.005, shar
     return openGREPort
 
 
+def addLinkFlows(options, relay, factory):
+    """With ``--gre-capture native``, the link's GRE frames are sent to the facing peer in C
+    (routeproxy.flows.LinkFlows: every mux connection *factory* builds reads in C)."""
+    if options["gre-capture"] != "native":
+        return
+    from routeproxy import native
+    from routeproxy.flows import LinkFlows
+    module, _ = native.load()   # checkCapture refused the option where it is not built
+    factory.linkFlows = LinkFlows(module, relay.grePort)
+    relay.addFlows(factory.linkFlows)
+
+
 def addStatusEndpoint(parent, reactor, address, daemon):
     """Serve *daemon*'s ``snapshot()`` on *address* under *parent*, if given: ``("unix",
     PATH)`` (a socket of mode 0600: only its owner, and root, may read it) or (host, port),

@@ -146,7 +146,7 @@ class MuxProtocol(Protocol):
 class MuxFactory(Factory):
     protocol = MuxProtocol
     isOpener = None
-    linkFlows = None   # routeproxy.flows.LinkFlows: each connection's link read in C (the RRP)
+    linkFlows = None   # routeproxy.flows.LinkFlows: each connection's link read in C
 
     def __init__(self, config=None, clock=None, sessionRequested=None, peerNameOf=None,
                  resume=None):
@@ -164,7 +164,7 @@ class MuxFactory(Factory):
         connection = MuxConnection(self.isOpener, self.clock, self.config,
                                    self.sessionRequested, resume=self.resume)
         connection.linkDrops = self.linkDrops
-        if self.linkFlows is not None:   # the RRP's --gre-capture native
+        if self.linkFlows is not None:   # --gre-capture native
             connection.nativeReader = self.linkFlows.reader(connection)
         protocol = self.protocol(connection, self.peerNameOf)
         protocol.factory = self

@@ -37,14 +37,14 @@ class Peer:
         return self.decoder.feed(data)
 
 
-def client_of(lrp, ip, port):
-    """A PPTP client at *ip*:*port* connected to *lrp* over a StringTransport (its Peer), or
-    None when the LRP's factory turns it away."""
+def client_of(lrp, ip, port, lrpIP=LRP_IP):
+    """A PPTP client at *ip*:*port* connected to *lrp* (at *lrpIP*) over a StringTransport
+    (its Peer), or None when the LRP's factory turns it away."""
     addr = IPv4Address("TCP", ip, port)
     protocol = PPTPServerFactory(lrp).buildProtocol(addr)
     if protocol is None:
         return None
-    transport = StringTransport(hostAddress=IPv4Address("TCP", LRP_IP, 1723), peerAddress=addr)
+    transport = StringTransport(hostAddress=IPv4Address("TCP", lrpIP, 1723), peerAddress=addr)
     protocol.makeConnection(transport)
     return Peer(protocol, transport)
 
@@ -56,6 +56,7 @@ class RelayHarness:
     lrpGREPort = RecordingGREPort   # the LRP's openGREPort(receiver)
     rrpGREPort = RecordingGREPort   # the RRP's
     serverIP, rrpSource = SERVER_IP, RRP_SOURCE   # pptpd's address, the RRP's dial source
+    lrpIP = LRP_IP                                # where the clients reach the LRP
 
     def prepare(self):
         """Before the link connects (a subclass sets up the factories)."""
@@ -97,7 +98,7 @@ class RelayHarness:
     def connect_only(self, ip="10.0.0.5"):
         """A client connects to the LRP and says nothing yet; returns its Peer."""
         self.client_port += 1
-        return client_of(self.lrp, ip, self.client_port)
+        return client_of(self.lrp, ip, self.client_port, self.lrpIP)
 
     def connect_client(self, ip, start=True):
         """A client connects to the LRP and sends *start* (a Start-Control-Connection-Request,

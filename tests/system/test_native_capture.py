@@ -1,6 +1,6 @@
-"""``--gre-capture native`` on the LRP end to end (docs/fastpath.md step 3a, docs/gre-io.md):
-the daemons as users start them (tests/support/e2e.py), scripted clients and server, GRE
-through the LRP's C pump.  Needs root and the built routeproxy.native.
+"""``--gre-capture native`` end to end (docs/fastpath.md step 3, docs/gre-io.md): the daemons
+as users start them (tests/support/e2e.py), scripted clients and server, GRE through the C
+pumps and link reads.  Needs root and the built routeproxy.native.
 """
 import sys
 import time
@@ -93,8 +93,10 @@ class NativeCaptureTests(E2ETestCase):
 
 
 class NativeLinkReadTests(E2ETestCase):
-    """``--gre-capture native`` on both daemons: the RRP's link read in C (its GRE frames to
-    pptpd sent by routeproxy/native/link.c), the LRP's capture pump."""
+    """``--gre-capture native`` on both daemons, GRE both ways: each daemon's capture pump
+    (routeproxy/native/pump.c: the client's GRE framed by the LRP, the echo by the RRP) and
+    link read (routeproxy/native/link.c: the GRE to pptpd sent by the RRP, the echo to the
+    client by the LRP)."""
 
     timeout = 120
 
@@ -103,7 +105,7 @@ class NativeLinkReadTests(E2ETestCase):
         if module is None:
             self.skipTest(reason)
 
-    def test_gre_sent_by_the_rrps_c(self):
+    def test_gre_both_ways_in_c(self):
         topo = self.topology(CLIENTS)
         with topo.logs_on_failure():
             e2e.make_certs(topo, ["lrp0"])
@@ -126,4 +128,21 @@ class NativeLinkReadTests(E2ETestCase):
             self.assertLessEqual(link["sent_by_c"], CLIENTS * PACKETS, link)
             self.assertGreaterEqual(status["links"][0]["frames_in"], CLIENTS * PACKETS,
                                     status["links"])
+            # the echoes: captured and framed by the RRP's pump, sent to the clients by the
+            # LRP's link read, counted as the Python path counts them
+            self.assertTrue(rrp.lines(r"GRE I/O on .* \(native, datalink"), rrp.log()[-2000:])
+            self.assertEqual(port["delivered"], CLIENTS * PACKETS, port)
+            self.assertEqual(totals["gre_packets_in"], CLIENTS * PACKETS, totals)
+            self.assertEqual(port["native"]["entries"], 0, port)
+            self.assertGreater(port["native"]["framed"], CLIENTS * PACKETS // 2, port)
+            self.assertLessEqual(port["native"]["framed"], CLIENTS * PACKETS, port)
+            lrpStatus = lrp.status()
+            lrpPort = lrpStatus["gre_port"]
+            self.assertEqual(lrpPort["sent"], CLIENTS * PACKETS, lrpPort)
+            self.assertEqual(lrpStatus["totals"]["gre_packets_out"], CLIENTS * PACKETS)
+            self.assertGreater(lrpPort["native_link"]["sent_by_c"], CLIENTS * PACKETS // 2,
+                               lrpPort)
+            self.assertLessEqual(lrpPort["native_link"]["sent_by_c"], CLIENTS * PACKETS, lrpPort)
+            self.assertEqual(lrpPort["native_link"]["entries"], 0, lrpPort)
             self.assertIsNone(rrp.proc.poll())
+            self.assertIsNone(lrp.proc.poll())

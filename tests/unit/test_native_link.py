@@ -1,15 +1,16 @@
-"""The RRP's native link read (routeproxy/native/link.c, routeproxy.flows.LinkFlows) against
-the Python path, stream by stream.
+"""The native link read (routeproxy/native/link.c, routeproxy.flows.LinkFlows) against the
+Python path, stream by stream, on either daemon.
 
-An LRP and an RRP joined in memory (tests/support/relay.py) whose RRP has a real GREPort
-sending on real raw GRE sockets on the loopback (the C path sends on the very descriptor
-sendGRE uses), once as is and once with ``--gre-capture native``'s link read.  Each scenario
-writes the same bytes, in the same reads, into the RRP's mux connection (what Twisted's TLS
-hands it decrypted) and compares the GRE that reached "pptpd" (byte for byte, with its source
-and destination), the frames left for Python (by their effects: the mux's, the sessions',
-the call's, the relay's and the port's counters, the link's state) and, native only, that C
-sent the common frames.  Needs root (raw sockets) and the built module; CI may not skip the
-module.
+An LRP and an RRP joined in memory (tests/support/relay.py), one of which (the "facing"
+side: the RRP towards pptpd, or the LRP towards its client) has a real GREPort sending on
+real raw GRE sockets on the loopback (the C path sends on the very descriptor sendGRE uses),
+once as is and once with ``--gre-capture native``'s link read.  Each scenario writes the
+same bytes, in the same reads, into that side's mux connection (what Twisted's TLS hands it
+decrypted) and compares the GRE that reached the peer (byte for byte, with its source and
+destination, so its key: ``S`` to pptpd, ``C`` to the client), the frames left for Python
+(by their effects: the mux's, the sessions', the call's, the relay's and the port's
+counters, the link's state) and, native only, that C sent the common frames.  Needs root
+(raw sockets) and the built module; CI may not skip the module.
 """
 import itertools
 import os
@@ -32,8 +33,9 @@ _HARNESSES = itertools.count()
 
 
 def addresses():
-    """The RRP's source and pptpd's address for one harness: on the loopback (the raw sends
-    arrive), of this process and harness only (trial -j runs tests side by side)."""
+    """The facing side's source and its peer's address for one harness: on the loopback
+    (the raw sends arrive), of this process and harness only (trial -j runs tests side by
+    side)."""
     net = f"127.{100 + os.getpid() % 150}.{next(_HARNESSES) % 250}"
     return f"{net}.1", f"{net}.2"
 
@@ -49,18 +51,22 @@ class RawSendSystem(MemoryGRESystem):
 
 class LinkHarness(RelayHarness):
     native = False
+    side = "rrp"   # whose link read: "rrp" (GRE to pptpd) or "lrp" (GRE to the client)
 
-    def rrpGREPort(self, receiver):
-        port = GREPort(receiver, [self.rrpSource], reactor=self.reactor, system=RawSendSystem(DLT_EN10MB),
-                       capture="pcap", maxSojourn=0)
+    def facingGREPort(self, receiver):
+        port = GREPort(receiver, [self.source], reactor=self.reactor,
+                       system=RawSendSystem(DLT_EN10MB), capture="pcap", maxSojourn=0)
         port.startListening()
         self.addCleanup(port.stopListening)
         return port
 
     def prepare(self):
+        self.relay = (self.lrp if self.side == "lrp" else self.rrp).relay
+        factory = self.client_factory if self.side == "lrp" else self.server_factory
+        self.flows = None
         if self.native:
-            flows = LinkFlows(MODULE, self.rrp.relay.grePort)
-            self.rrp.relay.flows = self.server_factory.linkFlows = flows
+            self.flows = factory.linkFlows = LinkFlows(MODULE, self.relay.grePort)
+            self.relay.addFlows(self.flows)
 
     def setUp(self):
         if MODULE is None:
@@ -69,25 +75,34 @@ class LinkHarness(RelayHarness):
             raise unittest.SkipTest(REASON)
         if os.geteuid() != 0:
             raise unittest.SkipTest("raw GRE sockets need root")
-        self.rrpSource, self.serverIP = addresses()
+        self.source, self.peerIP = addresses()
+        clientIP = "10.0.0.5"
+        if self.side == "lrp":
+            self.lrpIP, clientIP, self.lrpGREPort = self.source, self.peerIP, self.facingGREPort
+        else:
+            self.rrpSource, self.serverIP, self.rrpGREPort = (self.source, self.peerIP,
+                                                              self.facingGREPort)
         self.sink = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_GRE)
         self.sink.setblocking(False)
         self.sink.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
         self.addCleanup(self.sink.close)
         RelayHarness.setUp(self)
-        client, server = self.connect_client("10.0.0.5")
+        client, server = self.connect_client(clientIP)
         self.client, self.server = client, server
         self.server_call_id = 70
         self.dial(client, server, 7, self.server_call_id)
-        [self.connection] = self.rrp.links
-        [self.session] = self.rrp.relay.sessions
+        if self.side == "lrp":
+            self.connection, [self.far] = self.lrp.link, self.rrp.links
+        else:
+            [self.connection], self.far = self.rrp.links, self.lrp.link
+        [self.session] = self.relay.sessions
         self.call = self.session.book.calls[0]
         self.sid, self.tag = self.session.mux.id, self.call.pns_id
         self.received()   # nothing of the set-up
         self.gre = []
 
     def received(self):
-        """GRE that reached pptpd from the RRP since the last call: (src, dst, gre)."""
+        """GRE that reached the peer from the facing side since the last call: (src, dst, gre)."""
         out = []
         while True:
             try:
@@ -95,7 +110,7 @@ class LinkHarness(RelayHarness):
             except BlockingIOError:
                 return out
             src, dst = socket.inet_ntoa(packet[12:16]), socket.inet_ntoa(packet[16:20])
-            if (src, dst) == (self.rrpSource, self.serverIP):
+            if (src, dst) == (self.source, self.peerIP):
                 out.append((src, dst, packet[(packet[0] & 15) * 4:]))
 
     def write(self, reads):
@@ -105,7 +120,7 @@ class LinkHarness(RelayHarness):
         self.flush()
 
     def observed(self):
-        session, call, port = self.session, self.call, self.rrp.relay.grePort.snapshot()
+        session, call, port = self.session, self.call, self.relay.grePort.snapshot()
         deadline = time.monotonic() + 5   # what the loopback has not delivered yet
         while len(self.gre) < port["sent"] and time.monotonic() < deadline:
             self.gre.extend(self.received())
@@ -114,15 +129,15 @@ class LinkHarness(RelayHarness):
         for key in ("rtt_last_ms", "rtt_smoothed_ms"):
             mux.pop(key)
         return {
-            "gre": [(src == self.rrpSource, dst == self.serverIP, data)
+            "gre": [(src == self.source, dst == self.peerIP, data)
                     for src, dst, data in self.gre + self.received()],
             "port": port,
-            "drops": self.rrp.relay.drops.snapshot(),
+            "drops": self.relay.drops.snapshot(),
             "session": (session.greIn, session.greOut, session.greDropped),
             "mux_session": None if session.mux is None else (session.mux.greIn, session.mux.state),
             "call": (call.gre_out, call.bytes_out, call.established),
             "mux": mux,
-            "lrp": self.lrp.link.snapshot()["frames_in"] if self.lrp.link else None,
+            "far": self.far.snapshot()["frames_in"] if self.far else None,
         }
 
 
@@ -134,16 +149,18 @@ class NativePath(LinkHarness, unittest.TestCase):
     native = True
 
 
-def run(scenario):
-    """*scenario(harness)* -> reads (a list of lists of bytes, run in turn); on both paths."""
+def run(scenario, side="rrp"):
+    """*scenario(harness)* -> reads (a list of lists of bytes, run in turn); on both paths,
+    on *side*'s link read."""
     results = []
     for cls in (PythonPath, NativePath):
         h = cls("run")
+        h.side = side
         h.setUp()
         try:
             for reads in scenario(h):
                 h.write(reads)
-            taken = h.rrp.relay.flows.taken if h.native else None
+            taken = h.flows.taken if h.native else None
             results.append((h.observed(), taken))
         finally:
             h.doCleanups()
@@ -179,8 +196,12 @@ def same(case, python, nativeResult):
 
 
 class DifferentialTests(unittest.SynchronousTestCase):
+    """The RRP's link read (GRE to pptpd, keyed ``S``)."""
+
+    side = "rrp"
+
     def compare(self, scenario, minimumTaken=1):
-        python, nativeResult, taken = run(scenario)
+        python, nativeResult, taken = run(scenario, self.side)
         same(self, python, nativeResult)
         self.assertGreaterEqual(taken, minimumTaken)
         return python
@@ -196,7 +217,7 @@ class DifferentialTests(unittest.SynchronousTestCase):
             lengths.append(len(data))
             return [[data[:k], data[k:]] for k in range(len(data) + 1)]
         lengths = []
-        python, nativeResult, taken = run(scenario)
+        python, nativeResult, taken = run(scenario, self.side)
         same(self, python, nativeResult)
         reads = lengths[0] + 1
         self.assertEqual((python["port"]["sent"], len(python["gre"])), (7 * reads, 7 * reads))
@@ -254,7 +275,7 @@ class DifferentialTests(unittest.SynchronousTestCase):
         def scenario(h):
             udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             h.addCleanup(udp.close)
-            for sock in h.rrp.relay.grePort._senders.values():
+            for sock in h.relay.grePort._senders.values():
                 os.dup2(udp.fileno(), sock.fileno())
             yield [gre(h, 1), gre(h, 2)]
             yield [gre(h, 3)]
@@ -263,14 +284,23 @@ class DifferentialTests(unittest.SynchronousTestCase):
         self.assertEqual(result["session"][1], 3)
 
 
+class LRPDifferentialTests(DifferentialTests):
+    """The LRP's link read (GRE to the client, keyed ``C``)."""
+
+    side = "lrp"
+
+
 class LinkFlowsTests(unittest.SynchronousTestCase):
     """Entries: in C while the call is established and its session open."""
 
+    side = "rrp"
+
     def setUp(self):
         self.h = NativePath("run")
+        self.h.side = self.side
         self.h.setUp()
         self.addCleanup(self.h.doCleanups)
-        self.flows = self.h.rrp.relay.flows
+        self.flows = self.h.flows
 
     def inC(self):
         return native.load()[0].lib.rp_link_flows(self.h.connection.nativeReader.state)
@@ -279,7 +309,7 @@ class LinkFlowsTests(unittest.SynchronousTestCase):
         self.assertEqual(self.flows.snapshot(), {"entries": 1, "in_c": 1, "sent_by_c": 0})
         self.assertEqual(self.inC(), 1)
         self.h.write([gre(self.h, 1)])
-        self.assertEqual(self.h.rrp.relay.grePort.snapshot()["native_link"]["sent_by_c"], 1)
+        self.assertEqual(self.h.relay.grePort.snapshot()["native_link"]["sent_by_c"], 1)
 
     def test_gone_with_the_call(self):
         self.h.server.send(pptp.CallDisconnectNotify(call_id=self.h.server_call_id))
@@ -295,5 +325,9 @@ class LinkFlowsTests(unittest.SynchronousTestCase):
         self.assertEqual(len(self.flows), 0)
 
     def test_gone_with_the_sender(self):
-        self.h.rrp.relay.grePort.linkFlows.senderClosing(self.h.rrpSource)
+        self.h.relay.grePort.linkFlows.senderClosing(self.h.source)
         self.assertEqual((len(self.flows), self.inC()), (1, 0))
+
+
+class LRPLinkFlowsTests(LinkFlowsTests):
+    side = "lrp"

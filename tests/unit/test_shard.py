@@ -154,24 +154,25 @@ class OptionTests(unittest.SynchronousTestCase):
             self.assertEqual(str(caught.exception).count("\n"), 0)
 
     def test_native_capture_on_both_daemons(self):
-        """--gre-capture native: the LRP takes it (and shards: the native handle compiles the
-        same filter), the RRP too (its link read in C, its capture pcap, and each link
-        connection gets a C reader); where the module cannot load, both refuse it with
+        """--gre-capture native: both daemons take it (and shards: the native handle compiles
+        the same filter): the capture read in C and each link connection gets a C reader,
+        both tables kept by the relay; where the module cannot load, both refuse it with
         load()'s reason, in one line."""
         from routeproxy import native
         rrpArgs = RRP_REQUIRED + ["--pptp-server", "10.0.0.1", "--source", "127.0.0.2",
                                   "--gre-capture", "native"]
         if native.load()[0] is not None:
-            self.assertEqual(parse(lrp_tap.Options, LRP_REQUIRED + ["--gre-capture", "native"])
-                             ["gre-capture"], "native")
-            options = parse(rrp_tap.Options, rrpArgs)
-            self.assertEqual(options["gre-capture"], "native")
-            top = rrp_tap.makeService(options, reactor=MemoryReactorClock())
-            relay = top.proxy.relay
-            self.assertEqual(relay.grePort.captureKind, "pcap")
-            self.assertIs(relay.flows, relay.grePort.linkFlows)
-            self.assertEqual(relay.grePort.snapshot()["native_link"],
-                             {"entries": 0, "in_c": 0, "sent_by_c": 0})
+            for tap, args in ((lrp_tap, LRP_REQUIRED + ["--gre-capture", "native"]),
+                              (rrp_tap, rrpArgs)):
+                options = parse(tap.Options, args)
+                self.assertEqual(options["gre-capture"], "native")
+                top = tap.makeService(options, reactor=MemoryReactorClock())
+                relay = top.proxy.relay
+                self.assertEqual(relay.grePort.captureKind, "native")
+                self.assertEqual(relay.flows.tables,
+                                 [relay.grePort.flows, relay.grePort.linkFlows])
+                self.assertEqual(relay.grePort.snapshot()["native_link"],
+                                 {"entries": 0, "in_c": 0, "sent_by_c": 0})
         self.patch(native, "load", lambda: (None, "routeproxy.native is not built (why)"))
         for tap, args in ((lrp_tap, LRP_REQUIRED + ["--gre-capture", "native"]),
                           (rrp_tap, rrpArgs)):
