@@ -149,16 +149,23 @@ def parseMilliseconds(value, what):
 def checkCapture(options):
     """--gre-capture raw cannot shard: a shard's capture filter picks its call IDs.
     --gre-capture native needs routeproxy.native built (docs/fastpath.md step 3: the capture
-    pump and the link read)."""
+    pump and the link read); auto (the default) is native where it is built, else pcap, and
+    leaves the reason in ``gre-capture-note`` for the daemon's start-up line."""
     kind = options["gre-capture"]
     if kind == "raw" and options["shard"].sharded:
         raise usage.UsageError("--gre-capture raw cannot be sharded (--shard): a shard's pcap "
                                "filter picks its calls' GRE; use --gre-capture pcap")
-    if kind == "native":
+    options["gre-capture-note"] = None
+    if kind in ("native", "auto"):
         from routeproxy import native as nativeModule
         module, reason = nativeModule.load()
-        if module is None:
+        if module is not None:
+            options["gre-capture"] = "native"
+        elif kind == "native":
             raise usage.UsageError(f"--gre-capture native: {reason}")
+        else:
+            options["gre-capture"] = "pcap"
+            options["gre-capture-note"] = f"--gre-capture auto: pcap, as {reason}"
 
 
 def daemonSettings(peers, linkPeer):
@@ -167,14 +174,15 @@ def daemonSettings(peers, linkPeer):
     return (
         Setting("gre-interface", "any", f"interface GRE from {peers} is captured on "
                 "[default: any]"),
-        Setting("gre-capture", "pcap", "how GRE is received: pcap (libpcap's ring on "
+        Setting("gre-capture", "auto", "how GRE is received: auto (native where "
+                "routeproxy.native is built, else pcap) or pcap (libpcap's ring on "
                 "--gre-interface: the --gre-max-sojourn gate, shards, drops counted) or raw (a raw "
                 "GRE socket: the kernel puts fragments back together and captures nothing twice, "
                 "one read per packet; no sojourn gate, no shards; docs/gre-io.md) or native (pcap "
                 f"read in C, established calls' GRE from {peers} framed for the link there, and "
                 f"the link's GRE frames sent to {peers} in C; docs/fastpath.md; needs "
-                "python -m routeproxy.native.build) [default: pcap]",
-                parseChoice(("pcap", "raw", "native"), "--gre-capture")),
+                "python -m routeproxy.native.build) [default: auto]",
+                parseChoice(("auto", "pcap", "raw", "native"), "--gre-capture")),
         Setting("gre-max-sojourn", 0.005, "ms captured GRE may wait once the capture queue "
                 "has stood longer than that for 100 ms; older packets are then dropped unread, one "
                 "and then more often while it stands (CoDel), and every one older than 10x it "

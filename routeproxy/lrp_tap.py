@@ -57,8 +57,8 @@ def makeService(options, reactor=None):
     from routeproxy.callids import CallIDSpace
     from routeproxy.fdbudget import PausingTCPServer
     from routeproxy.lrp import LinkFactory, LocalRouteProxy, PPTPServerFactory
-    from routeproxy.service import (addLinkFlows, addStatusEndpoint, greOpener,
-                                    localIPv4Addresses, raiseFileLimit)
+    from routeproxy.service import (addStatusEndpoint, greOpener, localIPv4Addresses,
+                                    raiseFileLimit, useNativePlane)
 
     installExceptHook()
     raiseFileLimit()
@@ -82,7 +82,7 @@ def makeService(options, reactor=None):
     factory = LinkFactory(lrp, reactor, options["resume-grace"], options["dead-timeout"],
                           maxSendBuffer=bounds.muxSendBuffer, stallTimeout=bounds.muxStallTimeout,
                           greWatermark=bounds.greWatermark)
-    addLinkFlows(options, lrp.relay, factory)
+    useNativePlane(options, lrp.relay, factory)
     link = tls.rrpClientService(reactor, rrpHost, rrpPort, options["tls"], factory, more=moreRRPs,
                                 retryDelay=lrp.resumer.retryDelay if lrp.resumer else None,
                                 onFailure=lrp.linkFailed)

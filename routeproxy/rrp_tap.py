@@ -100,8 +100,8 @@ def makeService(options, reactor=None):
     from routeproxy.mux.protocol import MuxServerFactory
     from routeproxy.mux.resume import ResumeTable
     from routeproxy.rrp import RemoteRouteProxy
-    from routeproxy.service import (addLinkFlows, addStatusEndpoint, greOpener,
-                                    localIPv4Addresses, raiseFileLimit)
+    from routeproxy.service import (addStatusEndpoint, greOpener, localIPv4Addresses,
+                                    raiseFileLimit, useNativePlane)
     from routeproxy.startups import StartupGate, StartupGateFactory
 
     installExceptHook()
@@ -131,7 +131,7 @@ def makeService(options, reactor=None):
                                                 greWatermark=bounds.greWatermark),
                                resume=rrp.resumeTable)
     rrp.links, rrp.linkDrops = factory.connections, factory.linkDrops
-    addLinkFlows(options, rrp.relay, factory)
+    useNativePlane(options, rrp.relay, factory)
     rrp.startups = StartupGate(bounds, reactor, rrp.relay.refusals)
     # TLS under a gate that bounds connections not through TLS yet (MaxStartups)
     gated = StartupGateFactory(TLSMemoryBIOFactory(options["tls"], False, factory), rrp.startups)

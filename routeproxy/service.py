@@ -66,9 +66,13 @@ def greOpener(parent, reactor, localAddresses, interface, maxSojourn=0.005, shar
     return openGREPort
 
 
-def addLinkFlows(options, relay, factory):
-    """With ``--gre-capture native``, the link's GRE frames are sent to the facing peer in C
-    (routeproxy.flows.LinkFlows: every mux connection *factory* builds reads in C)."""
+def useNativePlane(options, relay, factory):
+    """With ``--gre-capture native`` (or auto where it is built) the link's GRE frames are
+    sent to the facing peer in C too (routeproxy.flows.LinkFlows: every mux connection
+    *factory* builds reads in C); where auto fell back to pcap, one line says why."""
+    if options.get("gre-capture-note"):
+        Logger().warn("{note}; GRE takes the Python path (docs/fastpath.md)",
+                      note=options["gre-capture-note"])
     if options["gre-capture"] != "native":
         return
     from routeproxy import native

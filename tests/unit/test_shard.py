@@ -7,6 +7,7 @@ import socket
 from twisted.internet import error, reactor
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactor, MemoryReactorClock
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python import usage
 from twisted.trial import unittest
 
@@ -146,7 +147,8 @@ class OptionTests(unittest.SynchronousTestCase):
     def test_raw_capture_does_not_shard(self):
         """--gre-capture raw parses alone and is refused with --shard, in one line."""
         for tap, required in ((lrp_tap, LRP_REQUIRED), (rrp_tap, RRP_REQUIRED + ["--pptp-server", "10.0.0.1"])):
-            self.assertEqual(parse(tap.Options, required)["gre-capture"], "pcap")
+            self.assertEqual(parse(tap.Options, required + ["--gre-capture", "pcap"])
+                             ["gre-capture"], "pcap")
             self.assertEqual(parse(tap.Options, required + ["--gre-capture", "raw"])["gre-capture"], "raw")
             with self.assertRaises(usage.UsageError) as caught:
                 parse(tap.Options, required + ["--gre-capture", "raw", "--shard", "0/2"])
@@ -157,7 +159,8 @@ class OptionTests(unittest.SynchronousTestCase):
         """--gre-capture native: both daemons take it (and shards: the native handle compiles
         the same filter): the capture read in C and each link connection gets a C reader,
         both tables kept by the relay; where the module cannot load, both refuse it with
-        load()'s reason, in one line."""
+        load()'s reason, in one line.  auto (the default) is native where it loads, else
+        pcap with the reason."""
         from routeproxy import native
         rrpArgs = RRP_REQUIRED + ["--pptp-server", "10.0.0.1", "--source", "127.0.0.2",
                                   "--gre-capture", "native"]
@@ -173,6 +176,8 @@ class OptionTests(unittest.SynchronousTestCase):
                                  [relay.grePort.flows, relay.grePort.linkFlows])
                 self.assertEqual(relay.grePort.snapshot()["native_link"],
                                  {"entries": 0, "in_c": 0, "sent_by_c": 0})
+            for tap, args in ((lrp_tap, LRP_REQUIRED), (rrp_tap, rrpArgs[:-2])):
+                self.assertEqual(parse(tap.Options, args)["gre-capture"], "native")   # auto
         self.patch(native, "load", lambda: (None, "routeproxy.native is not built (why)"))
         for tap, args in ((lrp_tap, LRP_REQUIRED + ["--gre-capture", "native"]),
                           (rrp_tap, rrpArgs)):
@@ -180,6 +185,21 @@ class OptionTests(unittest.SynchronousTestCase):
                 parse(tap.Options, args)
             self.assertEqual(str(caught.exception),
                              "--gre-capture native: routeproxy.native is not built (why)")
+            # the default, auto, falls back to pcap with the reason for the start-up line
+            options = parse(tap.Options, args[:-2])
+            self.assertEqual((options["gre-capture"], options["gre-capture-note"]),
+                             ("pcap", "--gre-capture auto: pcap, as routeproxy.native is not "
+                                      "built (why)"))
+            events = []
+            globalLogPublisher.addObserver(events.append)
+            try:
+                top = tap.makeService(options, reactor=MemoryReactorClock())
+            finally:
+                globalLogPublisher.removeObserver(events.append)
+            self.assertIsNone(top.proxy.relay.flows)
+            self.assertIn("--gre-capture auto: pcap, as routeproxy.native is not built (why); "
+                          "GRE takes the Python path (docs/fastpath.md)",
+                          [formatEvent(e) for e in events])
 
     def test_services_allocate_in_range(self):
         """The taps give the LRP's space and the RRP's scopes the shard's range, and the
