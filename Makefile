@@ -32,9 +32,10 @@ uml-kernel: apt venv
 
 # setup.cfg's package_dir ("" -> the checkout) makes the default editable install a plain .pth
 # with the checkout, so twistd finds twisted/plugins/ here (tests/system/test_packaging.py),
-# and routeproxy.native's extension, compiled in place, is imported from there too.  After
-# editing routeproxy/native/gre.c, run the build again (load() refuses a stale module).
-$(VENV)/.installed: setup.cfg pyproject.toml
+# and routeproxy.native's extension, compiled in place (by pip through setup.py, then by its
+# own build, which keeps one), is imported from there too.  After editing routeproxy/native/*.c,
+# run `python -m routeproxy.native.build` again (load() refuses a stale module).
+$(VENV)/.installed: setup.cfg setup.py pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q -e '.[test]'

@@ -5,6 +5,7 @@ cffi's API mode (docs/fastpath.md, step 1): the compiler checks our declarations
 C, so no ABI is guessed.  The extension lands next to this file, where the editable install
 (setup.cfg's package_dir) imports it from; ``make venv`` runs this after pip.  A failure is
 one line and a non-zero exit: the daemons run without the module (``load()`` says why).
+``pip install`` builds the same module through setup.py's ``cffi_modules`` (ffibuilder).
 """
 import hashlib
 import os
@@ -52,6 +53,10 @@ def main():
         print(f"routeproxy.native: build failed: {type(e).__name__}: {reason[0] if reason else ''}",
               file=sys.stderr)
         return 1
+    for name in os.listdir(HERE):   # one build here: an editable pip install's (abi3) goes
+        other = os.path.join(HERE, name)
+        if name.startswith("_gre.") and name.endswith(".so") and not os.path.samefile(other, path):
+            os.remove(other)
     print(f"routeproxy.native: built {os.path.relpath(path)}")
     return 0
 

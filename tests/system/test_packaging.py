@@ -1,5 +1,6 @@
 """`pip install .` and `pip install -e .` (setuptools' default editable mode, no
---config-settings) each give twistd both plugins.  Each builds a fresh venv from the
+--config-settings) each give twistd both plugins, and the native data plane built
+(setup.py's cffi_modules: the daemons' default capture is native where it loads).  Each builds a fresh venv from the
 package index pip is configured with here (about 25 s each); no root needed.
 """
 import os
@@ -28,6 +29,10 @@ class InstallTests(unittest.TestCase):
         if result.returncode != 0:
             raise unittest.SkipTest(f"pip cannot install here: {result.stderr.strip()[-300:]}")
         # Elsewhere than the checkout, so only what was installed can be found.
+        native = subprocess.run([os.path.join(venv, "bin", "python"), "-c",
+                                 "from routeproxy import native; print(native.load()[1] or 'loaded')"],
+                                capture_output=True, text=True, timeout=60, cwd=venv, env=env)
+        self.assertEqual((native.returncode, native.stdout.strip()), (0, "loaded"), native.stderr)
         return subprocess.run([os.path.join(venv, "bin", "twistd"), "--help"], capture_output=True,
                               text=True, timeout=60, cwd=venv, env=env)
 
