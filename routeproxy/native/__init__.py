@@ -1,11 +1,13 @@
-"""The native data plane (docs/fastpath.md): so far only pure per-packet functions in C.
+"""The native data plane (docs/fastpath.md): the per-packet functions in C, and the capture
+pump (pump.c) and link read (link.c) built on them, which the daemons use through
+routeproxy.flows with ``--gre-capture native`` (the default where the module loads).
 
-``load()`` finds the compiled module (``python -m routeproxy.native.build``) or says in one
-line why not, so a daemon can fall back to Python.  The functions below are thin wrappers
-with the signatures and errors of their Python twins (``routeproxy.gre.split_gre``,
-``build_gre``, ``routeproxy.mux.frames.encodeGRE`` and the stateless IPv4 checks of
-``GREPort._frameReceived``), so the differential tests call both the same way.  No daemon
-uses them yet.
+``load()`` finds the compiled module (``python -m routeproxy.native.build``, or pip through
+setup.py) or says in one line why not, so a daemon can fall back to Python.  The functions
+below are thin wrappers with the signatures and errors of their Python twins
+(``routeproxy.gre.split_gre``, ``build_gre``, ``routeproxy.mux.frames.encodeGRE`` and the
+stateless IPv4 checks of ``GREPort._frameReceived``), so the differential tests call both
+the same way.
 """
 import collections
 import functools
@@ -69,7 +71,7 @@ def load():
     except Exception as e:
         return None, f"routeproxy.native cannot be loaded: {_line(e)}"
     if built != current:
-        return None, ("routeproxy.native was built from other sources than gre.c and gre.h "
+        return None, ("routeproxy.native was built from other sources than its C files here "
                       "(python -m routeproxy.native.build)")
     return _gre, None
 
