@@ -12,9 +12,11 @@ RRP, keyed with the call IDs the PAC was given (as pptpd keys it), so the RRP ca
 the LRP sends it to the client, where the sink counts it.  ``--direction both`` runs both at
 once, each at the offered rate (``--rate`` is per direction), one trial marker for both:
 delivered, loss and latency per direction, each daemon's CPU per packet over the packets of
-both directions.  ``--py-spy DIR`` samples each daemon with py-spy
-during the first rate (``DIR/lrp.raw``, ``DIR/rrp.raw``, py-spy's raw format) — py-spy must
-be on PATH or in this interpreter's bin directory.
+both directions.
+
+``--py-spy DIR`` samples each daemon with py-spy during the first rate (``DIR/lrp.raw``,
+``DIR/rrp.raw``, py-spy's raw format) — py-spy must be on PATH or in this interpreter's bin
+directory.
 
 Unlike the max-rate search this holds the rate, so a change is compared at equal load (the
 CPU per packet of a daemon falls as the rate rises: each wake-up costs about the same and
@@ -86,7 +88,8 @@ def directed(paths_of, direction):
 
 
 def offered(path, rate):
-    """The rate run_trial shares over *path*'s senders for *rate* per direction."""
+    """The total rate to give run_trial (which shares it over *path*'s senders) for *rate*
+    in each direction: a ``Path.both`` has a leg per direction."""
     return rate * len(path.legs) if path.legs else rate
 
 
@@ -183,7 +186,7 @@ def main(argv=None):
                         "captures, the LRP sends); both: the two at once, --rate per direction")
     p.add_argument("--proxy-options", default="", help="extra options for both daemons (an A/B)")
     p.add_argument("--lrp-options", default="", help="extra options for the LRP only "
-                   "(e.g. --gre-capture native, which the RRP refuses)")
+                   "(e.g. --gre-capture native on the LRP alone)")
     p.add_argument("--openvpn", action="append", default=[], choices=sorted(openvpn.VARIANTS),
                    help="also run each rate through this OpenVPN-TCP variant (repeatable)")
     topology.add_shard_arguments(p)
