@@ -1,12 +1,22 @@
 """`python -m benchmarks.fixedrate [--rate PPS ...] [--size B] [--duration S] [--py-spy DIR]
-[--proxy-options OPTS] [--lrp-options OPTS] [--latency] [--openvpn default|nodelay ...] [--shards N] [--pin KEY=CPUS,...]`
+[--direction forward|reverse|both] [--proxy-options OPTS] [--lrp-options OPTS] [--latency]
+[--openvpn default|nodelay ...] [--shards N] [--pin KEY=CPUS,...]`
 
 The proxy path of ``benchmarks.topology`` (real twistd daemons in namespaces) at fixed
-offered rates, client -> server: per daemon the CPU per delivered packet (the scheduler's
-own run time, ``/proc/PID/schedstat``), the GRE port's wake-ups per packet, what arrived and
-every drop by reason.  Rate 0 is flat out.  ``--py-spy DIR`` samples each daemon with py-spy
-during the first rate (``DIR/lrp.raw``, ``DIR/rrp.raw``, py-spy's raw format) — py-spy must
-be on PATH or in this interpreter's bin directory.
+offered rates, client -> server by default: per daemon the CPU per delivered packet (the
+scheduler's own run time, ``/proc/PID/schedstat``), the GRE port's wake-ups per packet, what
+arrived and every drop by reason.  Rate 0 is flat out.
+
+``--direction reverse`` sends server -> client instead: from the server's namespace to the
+RRP, keyed with the call IDs the PAC was given (as pptpd keys it), so the RRP captures it and
+the LRP sends it to the client, where the sink counts it.  ``--direction both`` runs both at
+once, each at the offered rate (``--rate`` is per direction), one trial marker for both:
+delivered, loss and latency per direction, each daemon's CPU per packet over the packets of
+both directions.
+
+``--py-spy DIR`` samples each daemon with py-spy during the first rate (``DIR/lrp.raw``,
+``DIR/rrp.raw``, py-spy's raw format) — py-spy must be on PATH or in this interpreter's bin
+directory.
 
 Unlike the max-rate search this holds the rate, so a change is compared at equal load (the
 CPU per packet of a daemon falls as the rate rises: each wake-up costs about the same and
@@ -67,16 +77,46 @@ def openvpn_counters(path):
             for name, (proc, _) in path.procs.items()}
 
 
+DIRECTIONS = {"forward": "c2s", "reverse": "s2c", "both": "both"}  # -> topology/kernel's names
+LEGS = ("forward", "reverse")   # the order of a "both" Path's legs (kernel.directions)
+
+
+def directed(paths_of, direction):
+    """The Path of *direction* from a {"c2s", "s2c", "both"} builder (ProxyPath.paths,
+    OpenVPNPath.paths)."""
+    return paths_of()[DIRECTIONS[direction]]
+
+
+def offered(path, rate):
+    """The total rate to give run_trial (which shares it over *path*'s senders) for *rate*
+    in each direction: a ``Path.both`` has a leg per direction."""
+    return rate * len(path.legs) if path.legs else rate
+
+
+def _latency(got):
+    return {k: round(v) for k, v in (got.get("latency_us") or {}).items()}
+
+
+def _direction_cells(got, latency):
+    return {"offered_pps": round(got["offered_pps"]), "delivered_pps": round(got["delivered_pps"]),
+            "sent": got["sent"], "received": got["received"], "loss": round(got["loss"], 5),
+            **({"latency_us": _latency(got)} if latency else {})}
+
+
 def measure_rate(lab, label, path, rate, args, counters_of, drops_of=dict):
-    """One trial of *path* at *rate*: the row printed, with each daemon's CPU per packet."""
+    """One trial of *path* at *rate* (per direction): the row printed, with each daemon's CPU
+    per packet (every packet delivered, both directions together with ``both``)."""
+    direction = getattr(args, "direction", "forward")
     drops, before = drops_of(), counters_of()
-    got = measure.run_trial(lab, path, args.size, rate, args.duration, latency=args.latency,
+    got = measure.run_trial(lab, path, args.size, offered(path, rate), args.duration, latency=args.latency,
                             batch=8 if args.latency else None)
     after, dropped = counters_of(), drops_of()
-    row = {"path": label, "rate": rate, "size": args.size, "offered_pps": round(got["offered_pps"]),
+    row = {"path": label, **({"direction": direction} if direction != "forward" else {}),
+           "rate": rate, "size": args.size, "offered_pps": round(got["offered_pps"]),
            "delivered_pps": round(got["delivered_pps"]), "received": got["received"],
-           **({"latency_us": {k: round(v) for k, v in (got.get("latency_us") or {}).items()}}
-              if args.latency else {}),
+           **({"loss": round(got["loss"], 5)} if direction != "forward" else {}),
+           **({"latency_us": _latency(got)} if args.latency and direction != "both" else {}),
+           **{leg: _direction_cells(part, args.latency) for leg, part in zip(LEGS, got.get("legs", ()))},
            "daemon_drops": {k: v - drops.get(k, 0) for k, v in dropped.items() if v - drops.get(k, 0)}}
     for name in after:
         cpu = after[name][0] - before[name][0]
@@ -89,8 +129,38 @@ def measure_rate(lab, label, path, rate, args, counters_of, drops_of=dict):
     return row
 
 
-def side_by_side(rows):
+def _lat(latency):
+    return "/".join(str(latency.get(k, "-")) for k in ("min", "p50", "p99")) if latency else "-"
+
+
+def _loss(cells):
+    return f"{cells['loss'] * 100:.2f}%" if "loss" in cells else "-"
+
+
+def side_by_side(rows, direction="forward"):
     """The rows as one table, rate by rate (what the JSON lines say, for reading)."""
+    ordered = sorted(rows, key=lambda r: r["rate"])
+    if direction == "reverse":
+        lines = ["server -> client (--direction reverse):",
+                 f"{'rate':>7} {'path':16} {'delivered':>9} {'loss':>7} {'LRP us/pkt':>10} {'RRP us/pkt':>10}"
+                 f" {'min/p50/p99 us':>18}"]
+        for row in ordered:
+            lines.append(f"{row['rate']:>7} {row['path']:16} {row['delivered_pps']:>9} {_loss(row):>7} "
+                         f"{row.get('lrp_us_per_packet') or '-':>10} {row.get('rrp_us_per_packet') or '-':>10}"
+                         f" {_lat(row.get('latency_us')):>18}")
+        return "\n".join(lines)
+    if direction == "both":
+        lines = ["both directions at once (--direction both): rate offered per direction; "
+                 "us/pkt over the packets of both",
+                 f"{'rate':>7} {'path':16} {'fwd deliv':>9} {'fwd loss':>8} {'rev deliv':>9} {'rev loss':>8}"
+                 f" {'LRP us/pkt':>10} {'RRP us/pkt':>10} {'fwd min/p50/p99':>18} {'rev min/p50/p99':>18}"]
+        for row in ordered:
+            fwd, rev = row.get("forward") or {}, row.get("reverse") or {}
+            lines.append(f"{row['rate']:>7} {row['path']:16} {fwd.get('delivered_pps', '-'):>9} {_loss(fwd):>8} "
+                         f"{rev.get('delivered_pps', '-'):>9} {_loss(rev):>8} "
+                         f"{row.get('lrp_us_per_packet') or '-':>10} {row.get('rrp_us_per_packet') or '-':>10}"
+                         f" {_lat(fwd.get('latency_us')):>18} {_lat(rev.get('latency_us')):>18}")
+        return "\n".join(lines)
     lines = [f"{'rate':>7} {'path':16} {'delivered':>9} {'LRP us/pkt':>10} {'RRP us/pkt':>10}"
              f" {'min/p50/p99 us':>18}"]
     for row in sorted(rows, key=lambda r: r["rate"]):
@@ -111,9 +181,12 @@ def main(argv=None):
     p.add_argument("--latency", action="store_true",
                    help="one-way latency too (batches of 8, as the latency trials)")
     p.add_argument("--py-spy", metavar="DIR")
+    p.add_argument("--direction", choices=tuple(DIRECTIONS), default="forward",
+                   help="forward: client -> server (default); reverse: server -> client (the RRP "
+                        "captures, the LRP sends); both: the two at once, --rate per direction")
     p.add_argument("--proxy-options", default="", help="extra options for both daemons (an A/B)")
     p.add_argument("--lrp-options", default="", help="extra options for the LRP only "
-                   "(e.g. --gre-capture native, which the RRP refuses)")
+                   "(e.g. --gre-capture native on the LRP alone)")
     p.add_argument("--openvpn", action="append", default=[], choices=sorted(openvpn.VARIANTS),
                    help="also run each rate through this OpenVPN-TCP variant (repeatable)")
     topology.add_shard_arguments(p)
@@ -138,10 +211,11 @@ def main(argv=None):
         for variant in args.openvpn:
             reference = references[variant] = openvpn.OpenVPNPath(lab, variant)
             reference.start()
-        path = proxy.path()
-        measure.run_trial(lab, path, args.size, rates[0], 1.0)  # warm-up
-        for reference in references.values():
-            measure.run_trial(lab, reference.path(), args.size, rates[0], 1.0)
+        path = proxy.path() if args.direction == "forward" else directed(proxy.paths, args.direction)
+        paths = {label: directed(reference.paths, args.direction) for label, reference in references.items()}
+        measure.run_trial(lab, path, args.size, offered(path, rates[0]), 1.0)  # warm-up
+        for reference in paths.values():
+            measure.run_trial(lab, reference, args.size, offered(reference, rates[0]), 1.0)
         spies = py_spy(proxy, args.py_spy, args.duration) if args.py_spy else []
         rows = []
         for rate in rates:
@@ -149,11 +223,11 @@ def main(argv=None):
             for spy in spies:
                 spy.wait()
             spies = []
-            for reference in references.values():
-                rows.append(measure_rate(lab, reference.label, reference.path(), rate, args,
+            for variant, reference in references.items():
+                rows.append(measure_rate(lab, reference.label, paths[variant], rate, args,
                                          lambda: openvpn_counters(reference)))
-        if references:
-            print(side_by_side(rows), flush=True)
+        if references or args.direction != "forward":
+            print(side_by_side(rows, args.direction), flush=True)
     finally:
         for reference in references.values():
             reference.close()

@@ -449,6 +449,7 @@ class Sink:
         result = {"received": received, "other": other, "stale": stale, "bytes": size_sum,
                   "highest_seq": highest, "flows": len(counts),
                   "per_flow_min": min(counts.values()) if counts else 0,
+                  "flow_min": min(counts) if counts else None, "flow_max": max(counts) if counts else None,
                   "tail_seconds": monotonic() - stopping if stopping is not None else 0.0,
                   "seconds": (last - first) / 1e9 if first is not None and last != first else 0.0}
         if latency:

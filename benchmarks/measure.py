@@ -36,16 +36,21 @@ class Path:
     def __init__(self, label, senders, sink_ns):
         self.label, self.senders = label, list(senders)
         self.sinks = [sink_ns] if isinstance(sink_ns, str) else list(sink_ns)
+        self.legs = []   # the Paths a both() Path is made of: run_trial reports each apart
 
     def __repr__(self):
         return f"<Path {self.label}: {self.senders} -> {self.sinks}>"
 
     @staticmethod
     def both(label, *paths):
-        """Every sender and sink of *paths* at once (both directions together)."""
+        """Every sender and sink of *paths* at once (both directions together).  Its trials
+        carry one run number (the trial's marker) for all of them and report each path's own
+        sent, received and latency as ``legs``, in the order of *paths*."""
         senders = [s for p in paths for s in p.senders]
         sinks = [ns for p in paths for ns in p.sinks]
-        return Path(label, senders, sinks)
+        path = Path(label, senders, sinks)
+        path.legs = list(paths)
+        return path
 
 
 def link_from(lab, veth, side="a"):
@@ -96,12 +101,14 @@ def run_trial(lab, path, size, rate, duration, latency=False, batch=None, quiet=
     Each trial has its own run number in its probes, starts once the path has been quiet for
     *quiet* s (an earlier trial's backlog drained and counted as ``drained``) and ends once
     it is quiet again; a trial that received more than it sent is rejected and run again
-    (MeasureError after ATTEMPTS).
+    (MeasureError after ATTEMPTS).  A path of several (``Path.both``) adds ``legs``: each
+    one's own figures (its senders, its sinks; the same keys as the whole), and a trial is
+    rejected if any leg received more than it sent.
     """
     rejected = []
     for _ in range(ATTEMPTS):
         got = _one_trial(lab, path, size, rate, duration, latency, batch, quiet)
-        if got["received"] <= got["sent"]:
+        if all(part["received"] <= part["sent"] for part in [got, *got.get("legs", ())]):
             if rejected:
                 got["rejected"] = rejected
             return got
@@ -151,14 +158,33 @@ def _one_trial(lab, path, size, rate, duration, latency, batch, quiet):
         for sink in sinks:
             if sink.poll() is None:
                 sink.kill()
+    result = {"path": path.label, "size": size, "target_pps": rate, "duration": duration, "run": run,
+              **_figures(sent_results, counts, latency), "load": os.getloadavg()[0]}
+    if path.legs:
+        result["legs"] = []
+        flows = sender = sink = 0
+        for leg in path.legs:
+            mine = slice(sender, sender + len(leg.senders))
+            width = sum(len(keys) for _, _, keys, _ in leg.senders)
+            for count in counts[sink:sink + len(leg.sinks)]:
+                if count["received"] and not flows <= count["flow_min"] <= count["flow_max"] < flows + width:
+                    raise MeasureError(f"{leg.label}: a sink of this leg got another leg's probes "
+                                       f"(flows {count['flow_min']}-{count['flow_max']}, its own "
+                                       f"{flows}-{flows + width - 1})")
+            result["legs"].append(_figures(sent_results[mine], counts[sink:sink + len(leg.sinks)], latency))
+            flows, sender, sink = flows + width, mine.stop, sink + len(leg.sinks)
+    return result
+
+
+def _figures(sent_results, counts, latency):
+    """Offered, delivered, loss (and latency) of these senders' results and sinks' counts."""
     got = _merge_sinks(counts)
     sent = sum(r["sent"] for r in sent_results)
     seconds = max(r["seconds"] for r in sent_results)
     received = got["received"]
     result = {
-        "path": path.label, "size": size, "target_pps": rate, "duration": duration, "run": run,
         "sent": sent, "received": received, "stale": got["stale"], "drained": got["drained"],
-        "tail_seconds": max(c["tail_seconds"] for c in counts), "load": os.getloadavg()[0],
+        "tail_seconds": max(c["tail_seconds"] for c in counts),
         "offered_pps": sent / seconds if seconds else 0.0,
         "delivered_pps": received / seconds if seconds else 0.0,
         "loss": (sent - received) / sent if sent else 1.0,

@@ -267,7 +267,11 @@ class ProxyPath:
         """{"c2s", "s2c", "both"}: server -> client is GRE to the RRP keyed with the IDs the
         PAC received in the Outgoing-Call-Requests (the RRP-owned IDs)."""
         from benchmarks.kernel import directions
-        peers = self.pac.peer_ids(len(self.keys))
+        peers = self.pac.peer_ids(len(self._all_keys))
+        if self.selected is not None:  # as many per shard as client -> server uses (balance())
+            # LRP shard i dials RRP shard i, whose IDs (the PAC's peers) are in range i.
+            per = [sum(1 for k in self.selected if self.shard_of(k) == i) for i in range(self.shards)]
+            peers = [p for i in range(self.shards) for p in [p for p in peers if self.shard_of(p) == i][:per[i]]]
         s2c = measure.Path("proxy", [(self.server, self.right.ip_a, peers,
                                       measure.link_from(self.lab, self.right, "b"))], self.client)
         return directions("proxy", self.path(), s2c)

@@ -143,6 +143,83 @@ class FixedRateTests(unittest.TestCase):
         self.assertIn("openvpn-nodelay", done.stdout.splitlines()[-1] + done.stdout.splitlines()[-2])
 
 
+def _fixedrate(*argv):
+    """Run ``python -m benchmarks.fixedrate ARGV`` as a user would: (its JSON rows, stdout)."""
+    done = subprocess.run([sys.executable, "-m", "benchmarks.fixedrate", *argv],
+                          capture_output=True, text=True, cwd=daemons.REPO, timeout=180,
+                          env=daemons.child_env())
+    if done.returncode != 0:
+        raise AssertionError(f"fixedrate {argv} failed (rc={done.returncode}): {done.stderr[-2000:]}")
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")], done.stdout
+
+
+class FixedRateDirectionTests(unittest.TestCase):
+    """`python -m benchmarks.fixedrate --direction reverse|both`: server -> client through the
+    real daemons (the RRP captures, the LRP sends to the client) and both at once, per direction."""
+
+    def setUp(self):
+        netns.skip_unless_available()
+        if daemons.daemons_missing():
+            raise unittest.SkipTest(daemons.daemons_missing())
+
+    def assertCarried(self, cells, what):
+        """Most of what was offered arrived (1000 pps is far below either path's limit)."""
+        self.assertGreater(cells["received"], 0, what)
+        self.assertLess(cells["loss"], 0.1, what)
+
+    def test_tables(self):
+        from benchmarks import fixedrate
+
+        both = {"path": "proxy", "direction": "both", "rate": 2000, "delivered_pps": 3990,
+                "lrp_us_per_packet": 61.0, "rrp_us_per_packet": 70.5,
+                "forward": {"delivered_pps": 2000, "loss": 0.0, "latency_us": {"min": 80, "p50": 190, "p99": 400}},
+                "reverse": {"delivered_pps": 1990, "loss": 0.005, "latency_us": {"min": 90, "p50": 200, "p99": 500}}}
+        lines = fixedrate.side_by_side([both], "both").splitlines()
+        self.assertIn("rate offered per direction", lines[0])
+        self.assertEqual(lines[2].split(), ["2000", "proxy", "2000", "0.00%", "1990", "0.50%", "61.0", "70.5",
+                                            "80/190/400", "90/200/500"])
+        reverse = {"path": "proxy", "direction": "reverse", "rate": 2000, "delivered_pps": 1990, "loss": 0.005,
+                   "lrp_us_per_packet": 61.0, "rrp_us_per_packet": 70.5}
+        lines = fixedrate.side_by_side([reverse], "reverse").splitlines()
+        self.assertIn("server -> client", lines[0])
+        self.assertEqual(lines[2].split(), ["2000", "proxy", "1990", "0.50%", "61.0", "70.5", "-"])
+
+    def test_reverse_through_the_daemons(self):
+        rows, out = _fixedrate("--rate", "1000", "--duration", "1", "--sessions", "2", "--latency",
+                               "--direction", "reverse")
+        self.assertEqual([(r["path"], r["direction"], r["rate"]) for r in rows], [("proxy", "reverse", 1000)])
+        row = rows[0]
+        self.assertCarried(row, row)
+        self.assertGreater(row["latency_us"]["count"], 0, row)
+        self.assertGreater(row["lrp_us_per_packet"], 0, row)
+        self.assertGreater(row["rrp_us_per_packet"], 0, row)
+        # The RRP captured it (its GRE port woke up for it) and the LRP's capture saw nothing.
+        self.assertIn("rrp_packets_per_wake_up", row)
+        self.assertNotIn("lrp_packets_per_wake_up", row)
+        self.assertIn("server -> client", out)
+
+    def test_both_beside_openvpn(self):
+        from benchmarks import openvpn
+        if openvpn.missing():
+            raise unittest.SkipTest(openvpn.missing())
+        rows, out = _fixedrate("--rate", "1000", "--duration", "1", "--sessions", "2", "--latency",
+                               "--direction", "both", "--openvpn", "nodelay")
+        self.assertEqual([(r["path"], r["direction"], r["rate"]) for r in rows],
+                         [("proxy", "both", 1000), ("openvpn-nodelay", "both", 1000)])
+        for row in rows:
+            for leg in ("forward", "reverse"):
+                self.assertCarried(row[leg], (leg, row))
+                self.assertGreater(row[leg]["latency_us"]["count"], 0, (leg, row))
+                self.assertLessEqual(row[leg]["received"], row[leg]["sent"], (leg, row))
+            # --rate is per direction: each leg was offered it, the row counts both.
+            self.assertEqual(row["received"], row["forward"]["received"] + row["reverse"]["received"], row)
+            self.assertGreater(row["lrp_us_per_packet"], 0, row)
+            self.assertGreater(row["rrp_us_per_packet"], 0, row)
+        self.assertGreater(rows[0]["forward"]["offered_pps"], 800, rows[0])
+        self.assertGreater(rows[0]["reverse"]["offered_pps"], 800, rows[0])
+        self.assertIn("rate offered per direction", out)
+
+
 class RunSecondsTests(unittest.SynchronousTestCase):
     """fixedrate charges a daemon with every thread's CPU, not only its main thread's."""
 
