@@ -318,7 +318,15 @@ class LinkFlows(_Entries):
 
 class LinkReader:
     """One mux connection's C link read: :meth:`feed` takes the decrypted bytes, sends the GRE
-    frames of its entries and returns the rest for the Python decoder (see link.h)."""
+    frames of its entries and returns the rest for the Python decoder (see link.h).
+
+    And its TLS read (step 3b): once the C state has the stream (the connection's
+    ``_readingNative``), :meth:`watchTLS` lets the link socket's readable wake-ups run
+    :meth:`readTLS` (recv, decrypt, split, send, one C call) instead of Twisted's read and TLS
+    (routeproxy.mux.linksocket.NativeTLSReader, which falls back to them for anything
+    unusual).  ``tlsRead = False`` keeps the reads Twisted's (3a only)."""
+
+    tlsRead = True
 
     def __init__(self, table, connection):
         module = table._module
@@ -332,6 +340,9 @@ class LinkReader:
         self._out = ffi.new("uint8_t **")
         self._outLength = ffi.new("size_t *")
         self._deltas = ffi.new("struct rp_link_delta[]", _DELTAS)
+        self._info = ffi.new("struct rp_read_info *")
+        self.tls = None               # the NativeTLSReader of the link's transport, or None
+        self._tlsOf = False           # the transport self.tls was made for
 
     def install(self, flow, fd, greKey):
         """*flow*'s GRE to be sent on *fd*, keyed *greKey* (the facing peer's ID for the call)."""
@@ -370,6 +381,31 @@ class LinkReader:
     @property
     def buffered(self):
         return self._lib.rp_link_buffered(self.state)
+
+    def watchTLS(self):
+        """The link socket's next reads in C, when its transport is Twisted's TLS over a
+        socket and idle for reading (called by the connection while C has the stream)."""
+        if not self.tlsRead:
+            return
+        transport = getattr(self.connection._link, "transport", None)
+        if transport is not self._tlsOf:
+            from routeproxy.mux.linksocket import NativeTLSReader
+            self._tlsOf = transport
+            self.tls = NativeTLSReader.over(self.table._module, transport, self)
+        if self.tls is not None:
+            self.tls.install()
+
+    def readTLS(self, tlsIn, recv):
+        """One rp_link_read (*recv*: a wake-up's, else its continuation after RP_READ_AGAIN):
+        ``(flags, plaintext length, bytes for the decoder)``, C's counters folded."""
+        lib, info = self._lib, self._info
+        flags = lib.rp_link_read(self.state, tlsIn, recv, self.connection._decoder.maxPayload,
+                                 self._out, self._outLength, info)
+        if flags & lib.RP_READ_NO_MEMORY:
+            raise MemoryError("rp_link_read")
+        self._fold()
+        n = self._outLength[0]
+        return flags, info.plaintext, self._ffi.buffer(self._out[0], n)[:] if n else b""
 
     def _fold(self):
         """The counters the Python path updates per frame (RelaySession.datagramReceived,

@@ -238,8 +238,26 @@ class MuxConnection:
                     if not more or self.closed:
                         break
                     data = b""
+                reader.watchTLS()   # the next reads in C (step 3b), where it can
             else:
                 self._decode(data)
+        finally:
+            self._inBatch = False
+            self.flush()
+
+    def nativeReceived(self, length, rest):
+        """*length* plaintext bytes the link's TLS read in C took (step 3b: linksocket.
+        NativeTLSReader), whose GRE frames of flow entries C sent; *rest*, bytes for the
+        decoder: counted and decoded as dataReceived does Twisted's plaintext."""
+        if self.closed:
+            return
+        if length:
+            self._lastReceived = self.clock.seconds()
+            self.stats.bytesIn += length
+        self._inBatch = True
+        try:
+            if rest:
+                self._decode(rest)
         finally:
             self._inBatch = False
             self.flush()

@@ -15,6 +15,7 @@ import inspect
 import socket
 import struct
 
+from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
 
 
@@ -239,6 +240,128 @@ class NativeTLSWriter:
             except self._WantReadError:
                 return
             self._queue(data)
+
+
+class NativeTLSReader:
+    """The link's TLS read in C (docs/fastpath.md step 3b): each readable wake-up of the link's
+    socket is one C call (``rp_link_read``: recv, BIO_write into the link's own ``SSL*``,
+    SSL_read until WANT_READ, the plaintext split and the GRE of the flow entries sent as
+    ``rp_link_feed`` does), not Twisted's ``doRead``, its TLS and Python bytes per record.
+
+    Installed as the socket transport's ``doRead`` (on the instance, as Twisted's own
+    ``abortConnection`` does; never over another) by the connection's :class:`routeproxy.flows.
+    LinkReader` while C has its plaintext stream, and only while :meth:`usable`: the
+    handshake done, TLS not closing, nothing it must do first (``_appSendBuffer``); checked
+    in the reactor's thread before every C call, so pyOpenSSL has not freed the ``SSL*``.
+    Anything unusual is Twisted's: EOF and socket errors return what its ``doRead`` returns,
+    an SSL error (close_notify, an alert, a bad record) leaves OpenSSL's error queue as it is
+    and Twisted's ``_flushReceiveBIO`` meets the same again (SSL_read repeats it), conditions
+    failing mid-wake-up hand C's held frames to the 3a path and the rest of the records to
+    Twisted's TLS; then ``doRead`` is Twisted's until the connection installs it again.
+    """
+
+    def __init__(self, module, tls, tcp, reader):
+        from OpenSSL._util import ffi as sslFFI, lib as sslLib
+        lib = self._lib = module.lib
+        self.tls, self.tcp, self.reader, self.mux = tls, tcp, reader, reader.connection
+        self._connection = connection = tls._tlsConnection   # holds the SSL* alive
+
+        def address(pointer):
+            return int(sslFFI.cast("uintptr_t", pointer))
+
+        def function(name):
+            return address(sslFFI.cast("void *", getattr(sslLib, name)))
+        state = lib.rp_tls_in_new(
+            address(connection._ssl), address(connection._into_ssl),
+            address(connection._from_ssl), function("SSL_read"), function("SSL_get_error"),
+            function("BIO_write"), function("BIO_get_mem_data"), tcp.socket.fileno(),
+            tcp.bufferSize)
+        if state == module.ffi.NULL:
+            raise MemoryError("rp_tls_in_new")
+        self._state = module.ffi.gc(state, lib.rp_tls_in_free)
+        self._doRead = self.doRead   # the bound method installed (identity for uninstall)
+        self._ends = lib.RP_READ_EOF | lib.RP_READ_SOCKET_ERROR
+        self.reads = 0        # wake-ups read in C
+        self.handedBack = 0   # wake-ups left to Twisted's TLS part way (SSL errors, conditions)
+        self.flushed = 0      # wake-ups whose SSL_read left TLS records to send (KeyUpdate...)
+
+    @classmethod
+    def over(cls, module, transport, reader):
+        """The reader for *transport* (the mux's), or None if it is not Twisted's TLS over a
+        TCP socket transport whose reads go straight to it."""
+        from twisted.internet.tcp import Connection
+        if not isinstance(transport, TLSMemoryBIOProtocol) \
+                or getattr(transport, "_tlsConnection", None) is None:
+            return None
+        tcp = bufferingTransport(transport)
+        if not isinstance(tcp, Connection) or type(tcp).doRead is not Connection.doRead \
+                or getattr(tcp, "socket", None) is None:
+            return None
+        protocol = getattr(tcp, "protocol", None)   # (a client endpoint's _WrappingProtocol)
+        if protocol is not transport and getattr(protocol, "_wrappedProtocol", None) is not transport:
+            return None
+        return cls(module, transport, tcp, reader)
+
+    @property
+    def installed(self):
+        return self.tcp.__dict__.get("doRead") is self._doRead
+
+    def usable(self):
+        """The handshake done, TLS not closing nor holding writes for a read, the socket
+        transport reading, C holding the mux's plaintext stream, the mux open."""
+        tls, tcp, mux = self.tls, self.tcp, self.mux
+        return (tls._handshakeDone and not tls._lostTLSConnection and not tls._aborted
+                and not tls.disconnecting and not tls._appSendBuffer
+                and tls._tlsConnection is self._connection
+                and tcp.connected and not tcp.disconnecting and not tcp._aborting
+                and mux._readingNative and not mux.closed)
+
+    def install(self):
+        tcp = self.tcp
+        if "doRead" not in tcp.__dict__ and self.usable():
+            tcp.doRead = self._doRead
+
+    def uninstall(self):
+        if self.installed:
+            del self.tcp.doRead
+
+    def doRead(self):
+        """The reactor's read of the link socket (what tcp.Connection.doRead returns)."""
+        if not self.usable():
+            self.uninstall()
+            return self.tcp.doRead()
+        lib, reader, mux, state = self._lib, self.reader, self.mux, self._state
+        flags, plaintext, rest = reader.readTLS(state, 1)
+        if flags & self._ends:
+            self.uninstall()
+            return CONNECTION_DONE if flags & lib.RP_READ_EOF else CONNECTION_LOST
+        self.reads += 1
+        while True:
+            if plaintext or rest:
+                mux.nativeReceived(plaintext, rest)
+            if flags & lib.RP_READ_SSL_ERROR:
+                self._handBack(held=False)
+                return None
+            if not flags & lib.RP_READ_AGAIN:
+                break
+            if not self.usable():   # Python's frames closed or changed the link
+                self._handBack(held=True)
+                return None
+            flags, plaintext, rest = reader.readTLS(state, 0)
+        if flags & lib.RP_READ_TLS_OUT:
+            self.flushed += 1
+            self.tls._flushSendBIO()   # as Twisted's _flushReceiveBIO ends
+        return None
+
+    def _handBack(self, held):
+        """The rest of this wake-up, and the next ones, Twisted's: C's complete frames
+        (*held*: after RP_READ_AGAIN) through the 3a path first, then the records still in
+        the SSL through Twisted's TLS, which ends by flushing its write BIO."""
+        self.uninstall()
+        self.handedBack += 1
+        if held and not self.mux.closed:
+            self.mux.dataReceived(b"")
+        self.tls._flushReceiveBIO()
 
 
 def pauseAbove(transport, size):

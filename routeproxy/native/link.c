@@ -196,37 +196,36 @@ static int send_gre(struct rp_link *l, const uint8_t *h, uint32_t length) {
     return 1;
 }
 
-int rp_link_feed(struct rp_link *l, const uint8_t *data, size_t length, uint32_t max_payload,
-                 const uint8_t **out, size_t *out_length) {
-    *out = NULL;
-    *out_length = 0;
-    if (l->failed) {   /* Python's decoder has failed: the bytes are its to refuse */
-        *out = data;
-        *out_length = length;
-        return RP_LINK_DONE;
+/* Room for length more bytes after buf[end] (held bytes moved to the front if that makes it). */
+static int reserve(struct rp_link *l, size_t length) {
+    if (l->start == l->end) {
+        l->start = l->end = 0;
+    } else if (l->start && l->cap - l->end < length) {
+        memmove(l->buf, l->buf + l->start, l->end - l->start);
+        l->end -= l->start;
+        l->start = 0;
     }
-    if (length) {
-        if (l->start == l->end) {
-            l->start = l->end = 0;
-        } else if (l->start && l->cap - l->end < length) {
-            memmove(l->buf, l->buf + l->start, l->end - l->start);
-            l->end -= l->start;
-            l->start = 0;
-        }
-        if (l->cap - l->end < length) {
-            size_t cap = l->cap ? l->cap : 65536;
-            while (cap - l->end < length)
-                cap *= 2;
-            uint8_t *buf = realloc(l->buf, cap);
-            if (!buf)
-                return RP_LINK_NO_MEMORY;
-            l->buf = buf;
-            l->cap = cap;
-        }
-        memcpy(l->buf + l->end, data, length);
-        l->end += length;
+    if (l->cap - l->end < length) {
+        size_t cap = l->cap ? l->cap : 65536;
+        while (cap - l->end < length)
+            cap *= 2;
+        uint8_t *buf = realloc(l->buf, cap);
+        if (!buf)
+            return -1;
+        l->buf = buf;
+        l->cap = cap;
     }
+    return 0;
+}
+
+/* The held complete frames: GRE of entries sent, the first run for Python in *out (see
+ * rp_link_feed).  After a failure everything held is Python's. */
+static int parse(struct rp_link *l, uint32_t max_payload, const uint8_t **out, size_t *out_length) {
     size_t run = l->start, runLength = 0;   /* frames for Python: buf[run:run + runLength] */
+    if (l->failed) {
+        runLength = l->end - l->start;
+        l->start = l->end;
+    }
     while (l->end - l->start >= LINK_HEADER) {
         const uint8_t *h = l->buf + l->start;
         uint32_t frameLength = get32(h + 8);
@@ -264,4 +263,127 @@ int rp_link_feed(struct rp_link *l, const uint8_t *data, size_t length, uint32_t
         *out_length = runLength;
     }
     return RP_LINK_DONE;
+}
+
+int rp_link_feed(struct rp_link *l, const uint8_t *data, size_t length, uint32_t max_payload,
+                 const uint8_t **out, size_t *out_length) {
+    *out = NULL;
+    *out_length = 0;
+    if (l->failed) {   /* Python's decoder has failed: the bytes are its to refuse */
+        *out = data;
+        *out_length = length;
+        return RP_LINK_DONE;
+    }
+    if (length) {
+        if (reserve(l, length) < 0)
+            return RP_LINK_NO_MEMORY;
+        memcpy(l->buf + l->end, data, length);
+        l->end += length;
+    }
+    return parse(l, max_payload, out, out_length);
+}
+
+/* --- the link's TLS read (link.h, step 3b) ------------------------------------------------- */
+
+typedef int (*rp_ssl_read_t)(void *ssl, void *data, int length);
+typedef int (*rp_ssl_get_error_t)(const void *ssl, int result);
+typedef int (*rp_bio_write_t)(void *bio, const void *data, int length);
+typedef long (*rp_bio_get_mem_data_t)(void *bio, char **data);
+
+#define SSL_ERROR_WANT_READ_ 2      /* <openssl/ssl.h>'s SSL_ERROR_WANT_READ (a stable ABI value) */
+#define TLS_PLAINTEXT_IN (1 << 15)  /* SSL_read's size, as Twisted's recv(2**15) */
+
+struct rp_tls_in {
+    void *ssl, *read_bio, *write_bio;
+    rp_ssl_read_t ssl_read;
+    rp_ssl_get_error_t ssl_get_error;
+    rp_bio_write_t bio_write;
+    rp_bio_get_mem_data_t bio_get_mem_data;
+    int fd;
+    size_t recv_size;
+    uint8_t *rbuf;
+};
+
+struct rp_tls_in *rp_tls_in_new(uintptr_t ssl, uintptr_t read_bio, uintptr_t write_bio,
+                                uintptr_t ssl_read, uintptr_t ssl_get_error, uintptr_t bio_write,
+                                uintptr_t bio_get_mem_data, int fd, size_t recv_size) {
+    struct rp_tls_in *t = calloc(1, sizeof *t);
+    if (!t)
+        return NULL;
+    t->recv_size = recv_size ? recv_size : 65536;
+    if (t->recv_size > INT32_MAX)
+        t->recv_size = INT32_MAX;
+    t->rbuf = malloc(t->recv_size);
+    if (!t->rbuf) {
+        free(t);
+        return NULL;
+    }
+    t->ssl = (void *)ssl;
+    t->read_bio = (void *)read_bio;
+    t->write_bio = (void *)write_bio;
+    t->ssl_read = (rp_ssl_read_t)ssl_read;
+    t->ssl_get_error = (rp_ssl_get_error_t)ssl_get_error;
+    t->bio_write = (rp_bio_write_t)bio_write;
+    t->bio_get_mem_data = (rp_bio_get_mem_data_t)bio_get_mem_data;
+    t->fd = fd;
+    return t;
+}
+
+void rp_tls_in_free(struct rp_tls_in *t) {
+    if (t) {
+        free(t->rbuf);
+        free(t);
+    }
+}
+
+int rp_link_read(struct rp_link *l, struct rp_tls_in *t, int do_recv, uint32_t max_payload,
+                 const uint8_t **out, size_t *out_length, struct rp_read_info *info) {
+    int flags = 0;
+    *out = NULL;
+    *out_length = 0;
+    memset(info, 0, sizeof *info);
+    if (do_recv) {
+        ssize_t n;
+        do {
+            n = recv(t->fd, t->rbuf, t->recv_size, MSG_DONTWAIT);
+        } while (n < 0 && errno == EINTR);
+        if (n == 0)
+            return RP_READ_EOF;
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                return 0;
+            info->error = errno;
+            return RP_READ_SOCKET_ERROR;
+        }
+        info->received = (size_t)n;
+        /* a memory BIO takes everything it is given, or fails (no memory) */
+        if (t->bio_write(t->read_bio, t->rbuf, (int)n) != (int)n)
+            return RP_READ_NO_MEMORY;
+    }
+    for (;;) {
+        parse(l, max_payload, out, out_length);
+        if (*out_length) {   /* Python's frames first: it calls again for the rest */
+            flags |= RP_READ_AGAIN;
+            break;
+        }
+        if (reserve(l, TLS_PLAINTEXT_IN) < 0)
+            return flags | RP_READ_NO_MEMORY;
+        int n = t->ssl_read(t->ssl, l->buf + l->end, TLS_PLAINTEXT_IN);
+        if (n > 0) {
+            l->end += (size_t)n;
+            info->plaintext += (size_t)n;
+            continue;
+        }
+        if (t->ssl_get_error(t->ssl, n) != SSL_ERROR_WANT_READ_) {
+            /* close_notify, an alert, a bad record: the error queue is left as it is, for
+             * Twisted's _flushReceiveBIO to meet the same (SSL_read says it again) */
+            info->ssl_result = n;
+            flags |= RP_READ_SSL_ERROR;
+        }
+        break;
+    }
+    char *pending;
+    if (t->bio_get_mem_data(t->write_bio, &pending) > 0)
+        flags |= RP_READ_TLS_OUT;
+    return flags;
 }

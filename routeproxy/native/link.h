@@ -40,3 +40,37 @@ int rp_link_feed(struct rp_link *l, const uint8_t *data, size_t length, uint32_t
 size_t rp_link_buffered(struct rp_link *l);
 /* The entries' counters since the last take, zeroed by it (at most max: the rest next time). */
 size_t rp_link_take_deltas(struct rp_link *l, struct rp_link_delta *out, size_t max);
+
+/* The link's TLS read in C (docs/fastpath.md step 3b): one readable wake-up of the link's
+ * socket in one call.  recv() once (Twisted's read size), BIO_write into the SSL's read BIO,
+ * SSL_read until WANT_READ straight into the held bytes above, the frames split as
+ * rp_link_feed splits them.  Through pyOpenSSL's own SSL* and BIOs and the addresses of its
+ * SSL_read, SSL_get_error, BIO_write, BIO_get_mem_data, which Python passes.  Only from the
+ * reactor's thread, inside a turn in which Python checked the link alive and idle
+ * (routeproxy.mux.linksocket.NativeTLSReader).  Everything unusual is Twisted's: */
+#define RP_READ_AGAIN 1         /* *out first (frames for Python), then call again without recv:
+                                 * no record was read after the one that completed them */
+#define RP_READ_EOF 2           /* recv() returned 0: nothing else was done */
+#define RP_READ_SOCKET_ERROR 4  /* recv() failed (info->error): nothing else was done */
+#define RP_READ_SSL_ERROR 8     /* SSL_read failed otherwise than WANT_READ (close_notify, an
+                                 * alert, a bad record: info->ssl_result); OpenSSL's error queue
+                                 * is left as it is, so Twisted's own read meets the same */
+#define RP_READ_TLS_OUT 16      /* the write BIO holds bytes (post-handshake messages): to send */
+#define RP_READ_NO_MEMORY 32    /* the link cannot go on */
+
+struct rp_read_info {
+    size_t received;      /* ciphertext bytes recv() took */
+    size_t plaintext;     /* plaintext bytes SSL_read gave (MuxStats.bytesIn) */
+    int ssl_result;       /* SSL_read's result, with RP_READ_SSL_ERROR */
+    int error;            /* recv()'s errno, with RP_READ_SOCKET_ERROR */
+};
+
+struct rp_tls_in;
+struct rp_tls_in *rp_tls_in_new(uintptr_t ssl, uintptr_t read_bio, uintptr_t write_bio,
+                                uintptr_t ssl_read, uintptr_t ssl_get_error, uintptr_t bio_write,
+                                uintptr_t bio_get_mem_data, int fd, size_t recv_size);
+void rp_tls_in_free(struct rp_tls_in *t);
+/* One wake-up (do_recv 1) or its continuation after RP_READ_AGAIN (do_recv 0): RP_READ_*
+ * flags.  *out (valid until the next call on l) as rp_link_feed's. */
+int rp_link_read(struct rp_link *l, struct rp_tls_in *t, int do_recv, uint32_t max_payload,
+                 const uint8_t **out, size_t *out_length, struct rp_read_info *info);
