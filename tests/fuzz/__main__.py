@@ -4,7 +4,7 @@
 """
 import sys
 
-NAMES = ("pptp", "gre", "frames", "mux", "callbook", "native", "pump", "link")
+NAMES = ("pptp", "gre", "frames", "mux", "callbook", "native", "pump", "link", "tlsread")
 
 
 def main(argv):
@@ -21,7 +21,7 @@ def main(argv):
         import subprocess
         return max(subprocess.call([sys.executable, "-m", "tests.fuzz", name, *argv[2:]])
                    for name in names)
-    if names[0] in ("native", "pump", "link"):
+    if names[0] in ("native", "pump", "link", "tlsread"):
         from routeproxy.native import load
         module, reason = load()
         if module is None:

@@ -229,9 +229,147 @@ def native_link(data):
         raise Finding(f"rp_link_feed handed back more than it was fed for {data[:64].hex()}")
 
 
+_TLSREAD = {}  # the TLS pair, the socket pair and both link states: kept while they agree
+
+
+def _tlsread():
+    """A server SSL* (pyOpenSSL, handshaken on memory BIOs with its client), a socket pair
+    whose read end rp_link_read reads it from, and two link states with the same entries (fd
+    -1: every send fails, counted): one read by rp_link_read, one fed by rp_link_feed."""
+    if "tlsIn" not in _TLSREAD:
+        import socket
+        import tempfile
+        from OpenSSL import SSL
+        from OpenSSL._util import ffi as sslFFI, lib as sslLib
+        from routeproxy import certs, tls
+        module = native.load()[0]
+        ffi, lib = module.ffi, module.lib
+        if "contexts" not in _TLSREAD:
+            paths = certs.write_lab_certs(tempfile.mkdtemp(), "rrp.fuzz", ["lrp.fuzz"])
+            _TLSREAD["contexts"] = (
+                tls.serverCreator(paths["rrp_cert"], paths["rrp_key"], paths["ca"]).options.getContext(),
+                tls.clientCreator("rrp.fuzz", paths["lrp_cert"], paths["lrp_key"], paths["ca"])
+                .options.getContext())
+        server = SSL.Connection(_TLSREAD["contexts"][0], None)
+        server.set_accept_state()
+        client = SSL.Connection(_TLSREAD["contexts"][1], None)
+        client.set_connect_state()
+        for _ in range(8):
+            for a, b in ((client, server), (server, client)):
+                try:
+                    a.do_handshake()
+                except SSL.WantReadError:
+                    pass
+                try:
+                    b.bio_write(a.bio_read(1 << 16))
+                except SSL.WantReadError:
+                    pass
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+
+        def address(pointer):
+            return int(sslFFI.cast("uintptr_t", pointer))
+        tlsIn = ffi.gc(lib.rp_tls_in_new(
+            address(server._ssl), address(server._into_ssl), address(server._from_ssl),
+            *(address(sslFFI.cast("void *", getattr(sslLib, name)))
+              for name in ("SSL_read", "SSL_get_error", "BIO_write", "BIO_get_mem_data")),
+            theirs.fileno(), 65536), lib.rp_tls_in_free)
+        _TLSREAD.pop("states", None)
+        _TLSREAD.update(module=module, server=server, client=client, ours=ours,
+                        theirs=theirs, tlsIn=tlsIn, out=ffi.new("uint8_t **"),
+                        outLength=ffi.new("size_t *"), info=ffi.new("struct rp_read_info *"),
+                        deltas=ffi.new("struct rp_link_delta[]", 64), clear=sslLib.ERR_clear_error)
+    if "states" not in _TLSREAD:
+        ffi, lib = _TLSREAD["module"].ffi, _TLSREAD["module"].lib
+        states = []
+        for _ in range(2):
+            state = ffi.gc(lib.rp_link_new(), lib.rp_link_free)
+            for tag in range(0, 300, 3):
+                lib.rp_link_set_flow(state, 1, tag, -1, bytes([127, 0, 0, 1]), tag)
+            states.append(state)
+        _TLSREAD["states"] = states
+    return _TLSREAD
+
+
+def _counts(t, state):
+    lib, deltas, total = t["module"].lib, t["deltas"], {}
+    while True:
+        n = lib.rp_link_take_deltas(state, deltas, 64)
+        for i in range(n):
+            d = deltas[i]
+            key = (d.session, d.tag)
+            total[key] = tuple(a + b for a, b in zip(total.get(key, (0,) * 5),
+                                                     (d.packets, d.sent, d.busy, d.errors, d.bytes)))
+        if n < 64:
+            return total
+
+
+def native_tlsread(data):
+    """rp_link_read (the link's TLS read in C) against rp_link_feed (3a, below Twisted's TLS)
+    on the same plaintext: a mux stream (session 1, every third tag an entry) after two bytes
+    that pick the TLS record size and where the ciphertext is cut in two reads (a first byte
+    of 1 mod 8 also flips one ciphertext byte there: the read stops, RP_READ_SSL_ERROR).
+    The frames handed back, the bytes kept and the entries' counts must be the same; nothing
+    may crash.  A fresh pair after a flipped byte or a frame too large."""
+    if native.load()[0] is None or len(data) < 2:
+        return
+    t = _tlsread()
+    lib, ffi = t["module"].lib, t["module"].ffi
+    out, outLength, info = t["out"], t["outLength"], t["info"]
+    reading, feeding = t["states"]
+    size, plaintext = 1 + data[0] * 64, data[2:]
+    ciphertext = b""
+    for at in range(0, len(plaintext), size):
+        t["client"].send(plaintext[at:at + size])
+        ciphertext += t["client"].bio_read(1 << 20)
+    cut = (data[1] * len(ciphertext)) // 256
+    corrupt = data[0] % 8 == 1 and ciphertext
+    if corrupt:
+        ciphertext = ciphertext[:cut] + bytes([ciphertext[cut] ^ 0x40]) + ciphertext[cut + 1:]
+    read, failed = b"", False
+    for part in (ciphertext[:cut], ciphertext[cut:]):
+        t["ours"].sendall(part)
+        recv = 1
+        while True:
+            flags = lib.rp_link_read(reading, t["tlsIn"], recv, 1 << 14, out, outLength, info)
+            recv = 0
+            if flags & ~(lib.RP_READ_AGAIN | lib.RP_READ_SSL_ERROR | lib.RP_READ_TLS_OUT):
+                raise Finding(f"rp_link_read {flags} for {data[:64].hex()}")
+            read += ffi.buffer(out[0], outLength[0])[:] if outLength[0] else b""
+            if flags & lib.RP_READ_SSL_ERROR:
+                failed = True
+                break
+            if not flags & lib.RP_READ_AGAIN:
+                break
+        if failed:
+            break
+    if failed and not corrupt:
+        raise Finding(f"rp_link_read: an SSL error on intact records for {data[:64].hex()}")
+    fed, more, part = b"", True, plaintext
+    while more and not corrupt:
+        code = lib.rp_link_feed(feeding, part, len(part), 1 << 14, out, outLength)
+        part, more = b"", code == lib.RP_LINK_MORE
+        fed += ffi.buffer(out[0], outLength[0])[:] if outLength[0] else b""
+    readCounts, fedCounts = _counts(t, reading), _counts(t, feeding)
+    if not corrupt and (read != fed or readCounts != fedCounts or
+                        lib.rp_link_buffered(reading) != lib.rp_link_buffered(feeding)):
+        raise Finding(f"rp_link_read and rp_link_feed differ for {data[:64].hex()}")
+    at, tooLarge = 0, False   # (handed back: whole frames, until one too large)
+    while len(fed) - at >= 12 and not tooLarge:
+        length = int.from_bytes(fed[at + 8:at + 12], "big")
+        tooLarge, at = length > 1 << 14, at + 12 + length
+    if corrupt or tooLarge:   # fresh link states (and a fresh TLS pair after a flipped byte)
+        del _TLSREAD["states"]
+    if corrupt:   # (a flipped length byte may leave the read waiting: no error)
+        t["clear"]()   # (the error queue of the failed SSL*)
+        t["ours"].close()
+        t["theirs"].close()
+        del _TLSREAD["tlsIn"]
+
+
 HARNESSES = {"pptp": pptp_stream, "gre": gre_codec, "frames": mux_frames,
              "mux": mux_connection, "callbook": callbook, "native": native_parsers,
-             "pump": native_pump, "link": native_link}
+             "pump": native_pump, "link": native_link, "tlsread": native_tlsread}
 
 
 def seeds():
@@ -258,6 +396,9 @@ def seeds():
     stream = b"".join([F.encodeGRE(1, 3, 1, 2, b"\xff\x03" * 20), F.Ping(b"12345678").encode(),
                        F.encodeGRE(2, 6, 5, None, b"ab"), F.encodeGRE(1, 4, 1, None, b"x")])
     out += [bytes([cut]) + stream for cut in (0, 1, 100, 255)]
+    # for the TLS read: a record size byte (1 mod 8: a flipped ciphertext byte), a cut, the stream
+    out += [bytes([size, cut]) + stream for size in (0, 2, 255) for cut in (0, 100, 255)]
+    out += [bytes([1, 128]) + stream]
     return out
 
 
