@@ -401,9 +401,9 @@ class LinkReader:
         lib, info = self._lib, self._info
         flags = lib.rp_link_read(self.state, tlsIn, recv, self.connection._decoder.maxPayload,
                                  self._out, self._outLength, info)
+        self._fold()
         if flags & lib.RP_READ_NO_MEMORY:
             raise MemoryError("rp_link_read")
-        self._fold()
         n = self._outLength[0]
         return flags, info.plaintext, self._ffi.buffer(self._out[0], n)[:] if n else b""
 

@@ -1,7 +1,8 @@
-/* The RRP's link read (docs/fastpath.md step 3a, RRP): the declarations; also cffi's cdef.
+/* The link read (docs/fastpath.md steps 3a and 3b): the declarations; also cffi's cdef.
  *
  * One rp_link per mux connection.  rp_link_feed takes the link's decrypted bytes (what
- * Twisted's TLS hands MuxConnection.dataReceived), splits them into mux frames, sends each
+ * Twisted's TLS hands MuxConnection.dataReceived; rp_link_read below decrypts them itself
+ * and splits them the same way), splits them into mux frames, sends each
  * GRE frame (type 0x20) of a flow entry as enhanced GRE with the entry's key on the entry's
  * raw socket, and hands every other frame back to Python's decoder, in order: it stops
  * before a frame it would send when frames for Python precede it (RP_LINK_MORE: Python
