@@ -281,6 +281,8 @@ class OrderReceiver:
 
     def controlReceived(self, data):
         self.events.append(("c", bytes(data), self._sent()))
+        if data == b"lose the link":   # (the server closes its TLS, the mux still open)
+            self.run.connection._link.loseConnection()
 
     def datagramReceived(self, callTag, seq, ack, payload):
         self.events.append(("g", callTag, seq, ack, bytes(payload), self._sent()))
@@ -609,6 +611,23 @@ class EndTests(TLSReadTests):
                             + run.peer.records(gre(3)))
         twisted, c = yield self.compare(scenario, linkUp=False)
         self.assertEqual(len(c["gre"]), 1)
+        self.assertEqual(self.runs[1].reader.tls.handedBack, 1)
+
+
+    @defer.inlineCallbacks
+    def test_tlsClosingMidRecord(self):
+        """The server's TLS starts closing part way through a read, its mux still open: C's
+        complete frames go the 3a path, the records after them Twisted's, all in order (the
+        GRE after the close is sent on both paths), then the link ends as Twisted ends it."""
+        @defer.inlineCallbacks
+        def scenario(run):
+            yield run.send(run.peer.records(gre(1) + F.Control(SID, b"lose the link").encode()
+                                            + gre(2) + F.Control(SID, b"after").encode() + gre(3)))
+            run.notes.append(("sent in that read", run.port.stats.sent))
+            yield run.send(run.peer.records(gre(4) + gre(5)))
+        twisted, c = yield self.compare(scenario, linkUp=False)
+        self.assertEqual(c["notes"], [("sent in that read", 3)])
+        self.assertEqual(len(c["gre"]), 5)
         self.assertEqual(self.runs[1].reader.tls.handedBack, 1)
 
 
