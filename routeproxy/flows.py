@@ -397,10 +397,13 @@ class LinkReader:
 
     def readTLS(self, tlsIn, recv):
         """One rp_link_read (*recv*: a wake-up's, else its continuation after RP_READ_AGAIN):
-        ``(flags, plaintext length, bytes for the decoder)``, C's counters folded."""
-        lib, info = self._lib, self._info
-        flags = lib.rp_link_read(self.state, tlsIn, recv, self.connection._decoder.maxPayload,
-                                 self._out, self._outLength, info)
+        ``(flags, plaintext length, bytes for the decoder)``, C's counters folded.  With
+        frames of the mux queued (a timer's, flushed on the next turn), C stops after the
+        first record, as the mux writes them after Twisted's first record and before its
+        next (so a later record's TLS error finds them written, as there)."""
+        lib, info, connection = self._lib, self._info, self.connection
+        flags = lib.rp_link_read(self.state, tlsIn, recv, bool(connection._control or connection._gre),
+                                 connection._decoder.maxPayload, self._out, self._outLength, info)
         self._fold()
         if flags & lib.RP_READ_NO_MEMORY:
             raise MemoryError("rp_link_read")

@@ -336,8 +336,9 @@ void rp_tls_in_free(struct rp_tls_in *t) {
     }
 }
 
-int rp_link_read(struct rp_link *l, struct rp_tls_in *t, int do_recv, uint32_t max_payload,
-                 const uint8_t **out, size_t *out_length, struct rp_read_info *info) {
+int rp_link_read(struct rp_link *l, struct rp_tls_in *t, int do_recv, int first_record,
+                 uint32_t max_payload, const uint8_t **out, size_t *out_length,
+                 struct rp_read_info *info) {
     int flags = 0;
     *out = NULL;
     *out_length = 0;
@@ -362,8 +363,8 @@ int rp_link_read(struct rp_link *l, struct rp_tls_in *t, int do_recv, uint32_t m
     }
     for (;;) {
         parse(l, max_payload, out, out_length);
-        if (*out_length) {   /* Python's frames first: it calls again for the rest */
-            flags |= RP_READ_AGAIN;
+        if (*out_length || (first_record && info->plaintext)) {
+            flags |= RP_READ_AGAIN;   /* Python's frames (or turn) first: it calls again */
             break;
         }
         if (reserve(l, TLS_PLAINTEXT_IN) < 0)

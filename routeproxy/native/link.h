@@ -72,6 +72,9 @@ struct rp_tls_in *rp_tls_in_new(uintptr_t ssl, uintptr_t read_bio, uintptr_t wri
                                 uintptr_t bio_get_mem_data, int fd, size_t recv_size);
 void rp_tls_in_free(struct rp_tls_in *t);
 /* One wake-up (do_recv 1) or its continuation after RP_READ_AGAIN (do_recv 0): RP_READ_*
- * flags.  *out (valid until the next call on l) as rp_link_feed's. */
-int rp_link_read(struct rp_link *l, struct rp_tls_in *t, int do_recv, uint32_t max_payload,
-                 const uint8_t **out, size_t *out_length, struct rp_read_info *info);
+ * flags.  *out (valid until the next call on l) as rp_link_feed's.  With first_record it
+ * also returns (RP_READ_AGAIN) after the first record that gives plaintext: Python has
+ * output of its own queued, which Twisted's read would write before the next record. */
+int rp_link_read(struct rp_link *l, struct rp_tls_in *t, int do_recv, int first_record,
+                 uint32_t max_payload, const uint8_t **out, size_t *out_length,
+                 struct rp_read_info *info);

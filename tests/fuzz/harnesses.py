@@ -331,7 +331,8 @@ def native_tlsread(data):
         t["ours"].sendall(part)
         recv = 1
         while True:
-            flags = lib.rp_link_read(reading, t["tlsIn"], recv, 1 << 14, out, outLength, info)
+            flags = lib.rp_link_read(reading, t["tlsIn"], recv, data[1] & 1, 1 << 14, out,
+                                     outLength, info)
             recv = 0
             if flags & ~(lib.RP_READ_AGAIN | lib.RP_READ_SSL_ERROR | lib.RP_READ_TLS_OUT):
                 raise Finding(f"rp_link_read {flags} for {data[:64].hex()}")

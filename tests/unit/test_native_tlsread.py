@@ -591,6 +591,23 @@ class EndTests(TLSReadTests):
         self.assertIn("bad record mac", c["lost"][1])
 
     @defer.inlineCallbacks
+    def test_corruptRecordAfterQueuedOutput(self):
+        """A frame the mux queued outside a read (a timer's: flushed on the next turn) and, in
+        the wake-up before that turn, good records then a bad one: Twisted's read writes the
+        frame after the first record, before the error; so does C's (it stops after the first
+        record when the mux has output queued)."""
+        def scenario(run):
+            good = run.peer.records(gre(1) + gre(2)) + run.peer.records(gre(3))   # C's only
+            bad = bytearray(run.peer.records(gre(4)))
+            bad[-5] ^= 1
+            run.peer.sock.sendall(good + bytes(bad))
+            run.session.sendControl(b"queued by a timer")
+            return run.read()
+        twisted, c = yield self.compare(scenario, linkUp=False)
+        self.assertIn(("Control", SID, b"queued by a timer"), c["client"][0])
+        self.assertEqual(c["lost"][0], "Error")
+
+    @defer.inlineCallbacks
     def test_oversizeFrame(self):
         """A frame longer than the link allows: GOAWAY, the link closes; nothing after it is
         sent, in the same read or later."""
