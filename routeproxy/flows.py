@@ -286,6 +286,9 @@ class LinkFlows(_Entries):
         self.port = port
         port.linkFlows = self
         self.taken = 0                # GRE frames C sent (or dropped sending), all links
+        self.tlsReads = 0             # link socket wake-ups read in C (step 3b), all links
+        self.tlsHandedBack = 0        # of them, left to Twisted's TLS part way
+        self.tlsFlushed = 0           # of them, whose SSL_read left TLS records to send
 
     def reader(self, connection):
         """A :class:`LinkReader` for *connection* (MuxConnection.nativeReader)."""
@@ -313,7 +316,8 @@ class LinkFlows(_Entries):
     def snapshot(self):
         return {"entries": len(self._entries),
                 "in_c": sum(1 for f in self._entries.values() if f.installed),
-                "sent_by_c": self.taken}
+                "sent_by_c": self.taken, "tls_reads": self.tlsReads,
+                "tls_handed_back": self.tlsHandedBack, "tls_flushed": self.tlsFlushed}
 
 
 class LinkReader:

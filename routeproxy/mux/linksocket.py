@@ -284,6 +284,7 @@ class NativeTLSReader:
         self.reads = 0        # wake-ups read in C
         self.handedBack = 0   # wake-ups left to Twisted's TLS part way (SSL errors, conditions)
         self.flushed = 0      # wake-ups whose SSL_read left TLS records to send (KeyUpdate...)
+        self.totals = reader.table   # the same, all links (LinkFlows: the status's native_link)
 
     @classmethod
     def over(cls, module, transport, reader):
@@ -336,6 +337,7 @@ class NativeTLSReader:
             self.uninstall()
             return CONNECTION_DONE if flags & lib.RP_READ_EOF else CONNECTION_LOST
         self.reads += 1
+        self.totals.tlsReads += 1
         while True:
             if plaintext or rest:
                 mux.nativeReceived(plaintext, rest)
@@ -350,6 +352,7 @@ class NativeTLSReader:
             flags, plaintext, rest = reader.readTLS(state, 0)
         if flags & lib.RP_READ_TLS_OUT:
             self.flushed += 1
+            self.totals.tlsFlushed += 1
             self.tls._flushSendBIO()   # as Twisted's _flushReceiveBIO ends
         return None
 
@@ -359,6 +362,7 @@ class NativeTLSReader:
         the SSL through Twisted's TLS, which ends by flushing its write BIO."""
         self.uninstall()
         self.handedBack += 1
+        self.totals.tlsHandedBack += 1
         if held and not self.mux.closed:
             self.mux.dataReceived(b"")
         self.tls._flushReceiveBIO()

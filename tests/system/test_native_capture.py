@@ -144,5 +144,8 @@ class NativeLinkReadTests(E2ETestCase):
                                lrpPort)
             self.assertLessEqual(lrpPort["native_link"]["sent_by_c"], CLIENTS * PACKETS, lrpPort)
             self.assertEqual(lrpPort["native_link"]["entries"], 0, lrpPort)
+            # the link's TLS read in C too (step 3b), on both daemons
+            self.assertGreater(link["tls_reads"], 0, link)
+            self.assertGreater(lrpPort["native_link"]["tls_reads"], 0, lrpPort)
             self.assertIsNone(rrp.proc.poll())
             self.assertIsNone(lrp.proc.poll())

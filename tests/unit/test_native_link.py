@@ -306,7 +306,9 @@ class LinkFlowsTests(unittest.SynchronousTestCase):
         return native.load()[0].lib.rp_link_flows(self.h.connection.nativeReader.state)
 
     def test_entry_while_established(self):
-        self.assertEqual(self.flows.snapshot(), {"entries": 1, "in_c": 1, "sent_by_c": 0})
+        self.assertEqual(self.flows.snapshot(), {"entries": 1, "in_c": 1, "sent_by_c": 0,
+                                                 "tls_reads": 0, "tls_handed_back": 0,
+                                                 "tls_flushed": 0})
         self.assertEqual(self.inC(), 1)
         self.h.write([gre(self.h, 1)])
         self.assertEqual(self.h.relay.grePort.snapshot()["native_link"]["sent_by_c"], 1)

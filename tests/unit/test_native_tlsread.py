@@ -468,6 +468,10 @@ class TLSReadTests(unittest.TestCase):
             self.assertEqual(twisted[key], c[key], f"{key} differs: Twisted's read, then C's")
         self.assertIsNone(runs[0].reader.tls)
         self.assertGreater(runs[1].reader.tls.reads, 0)     # C did read
+        totals = runs[1].reader.table.snapshot()              # and the status says so
+        tls = runs[1].reader.tls
+        self.assertEqual((totals["tls_reads"], totals["tls_handed_back"], totals["tls_flushed"]),
+                         (tls.reads, tls.handedBack, tls.flushed))
         self.runs = runs
         return twisted, c
 

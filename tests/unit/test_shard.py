@@ -175,7 +175,8 @@ class OptionTests(unittest.SynchronousTestCase):
                 self.assertEqual(relay.flows.tables,
                                  [relay.grePort.flows, relay.grePort.linkFlows])
                 self.assertEqual(relay.grePort.snapshot()["native_link"],
-                                 {"entries": 0, "in_c": 0, "sent_by_c": 0})
+                                 {"entries": 0, "in_c": 0, "sent_by_c": 0, "tls_reads": 0,
+                                  "tls_handed_back": 0, "tls_flushed": 0})
             for tap, args in ((lrp_tap, LRP_REQUIRED), (rrp_tap, rrpArgs[:-2])):
                 self.assertEqual(parse(tap.Options, args)["gre-capture"], "native")   # auto
         self.patch(native, "load", lambda: (None, "routeproxy.native is not built (why)"))
