@@ -547,6 +547,18 @@ class MultiLinkTests(unittest.SynchronousTestCase):
         self.assertEqual(dropped[1:], [0, 0])
         self.assertEqual([len(sent) for sent in seen["far_gre"][1:]], [40, 40])
 
+    def test_drop_reason_per_link(self):
+        """Link 2's writes paused, link 0 over its watermark, link 1 neither: each link's drops
+        are counted under its own reason."""
+        def scenario(h):
+            conn = h.conns[0]
+            conn.config = dataclasses.replace(conn.config, greWatermark=3000)
+            h.conns[2].pauseWriting()
+            yield [pptpd_gre(h, n % 3, n, 1000) for n in range(30)]
+        seen = self.compare(scenario, ["budget"])
+        self.assertEqual([link["gre_dropped"] for link in seen["links"]],
+                         [{"watermark": 7}, {}, {"paused": 10}])
+
     def test_too_large_per_link(self):
         """maxOutPayload is each link's own."""
         def scenario(h):
@@ -607,3 +619,82 @@ class MultiLinkTests(unittest.SynchronousTestCase):
             yield [pptpd_gre(h, 7 - n % 8, n) for n in range(40, 56)]
         seen = self.compare(scenario, [], lrps=8)
         self.assertEqual([len(sent) for sent in seen["far_gre"]], [7] * 8)
+
+
+class PumpLinksCTests(unittest.SynchronousTestCase):
+    """pump.c's links directly: what Python never asks of it but C must still get right."""
+
+    def setUp(self):
+        if MODULE is None:
+            raise unittest.SkipTest(REASON)
+        ffi, lib = self.ffi, self.lib = MODULE.ffi, MODULE.lib
+        self.state = ffi.gc(lib.rp_pump_new(1 << 16), lib.rp_pump_free)
+        lib.rp_pump_set_link(self.state, 14, 12, b"\x08\x00", 2)
+        lib.rp_pump_set_local(self.state, socket.inet_aton("10.0.3.1"), 1)
+        self.src = socket.inet_aton("10.0.4.2")
+
+    def frame(self, key, n):
+        data = eth(ipv4("10.0.4.2", "10.0.3.1", gre(key, bytes([n]) * 20, seq=n)))
+        return self.lib.rp_pump_frame(self.state, data, len(data), 0.0, 0)
+
+    def outs(self):
+        lib, ffi = self.lib, self.ffi
+        counts = ffi.new("struct rp_counts *")
+        lib.rp_pump_take_counts(self.state, counts)
+        link, length, frames = ffi.new("uint32_t *"), ffi.new("size_t *"), ffi.new("uint32_t *")
+        result = []
+        for i in range(counts.links):
+            out = lib.rp_pump_out(self.state, i, link, length, frames)
+            result.append((link[0], frames[0], ffi.buffer(out, length[0])[:]))
+        self.assertEqual(lib.rp_pump_out(self.state, counts.links, link, length, frames), ffi.NULL)
+        return result
+
+    def test_bounds(self):
+        lib = self.lib
+        self.assertEqual(lib.rp_pump_set_flow(self.state, 5, self.src, 1, 1, lib.RP_MAX_LINKS), -1)
+        self.assertEqual(lib.rp_pump_begin_link(self.state, lib.RP_MAX_LINKS, 0, 0, 0), -1)
+        self.assertEqual(lib.rp_pump_set_flow(self.state, 5, self.src, 1, 1,
+                                              lib.RP_MAX_LINKS - 1), 0)
+
+    def test_link_not_begun_hands_back(self):
+        """A flow whose link was not begun for this call (the last call's budget is stale)."""
+        lib = self.lib
+        lib.rp_pump_set_flow(self.state, 5, self.src, 1, 11, 0)
+        lib.rp_pump_set_flow(self.state, 6, self.src, 2, 12, 3)
+        lib.rp_pump_begin(self.state, 0.0)
+        lib.rp_pump_begin_link(self.state, 3, 1 << 20, 0, 4000)
+        self.assertEqual(self.frame(6, 1), lib.RP_PUMP_TAKEN)
+        self.assertEqual(self.frame(5, 2), lib.RP_PUMP_HAND_BACK)
+        self.assertEqual(lib.rp_pump_back_reason(self.state), lib.RP_BACK_NO_LINK)
+        [(link, frames, _)] = self.outs()
+        self.assertEqual((link, frames), (3, 1))
+        # the next call: link 3 begun again, link 0 not: its budget from before does not count
+        lib.rp_pump_begin(self.state, 0.0)
+        lib.rp_pump_begin_link(self.state, 0, 1 << 20, 0, 4000)
+        self.assertEqual(self.frame(6, 3), lib.RP_PUMP_HAND_BACK)
+        self.assertEqual(self.frame(5, 4), lib.RP_PUMP_TAKEN)
+        self.assertEqual([(link, frames) for link, frames, _ in self.outs()], [(0, 1)])
+
+    def test_links_in_order_of_first_frame(self):
+        """Each link's frames in capture order in its own buffer; begun twice in a call, a
+        link keeps what it has."""
+        lib = self.lib
+        for key, link in ((5, 7), (6, 2), (8, 7)):
+            lib.rp_pump_set_flow(self.state, key, self.src, key, key, link)
+        lib.rp_pump_begin(self.state, 0.0)
+        for link in (2, 7):
+            lib.rp_pump_begin_link(self.state, link, 1 << 20, 0, 4000)
+        self.frame(8, 1)
+        self.frame(6, 2)
+        lib.rp_pump_begin_link(self.state, 7, 1 << 20, 0, 4000)
+        self.frame(5, 3)
+        self.frame(6, 4)
+        outs = self.outs()
+        self.assertEqual([(link, frames) for link, frames, _ in outs], [(7, 2), (2, 2)])
+        from routeproxy.mux import frames as F
+        decoded = []
+        for _, _, data in outs:
+            decoder = F.FrameDecoder(65535)
+            decoder.feed(data)
+            decoded.append([(frame.session, frame.seq) for frame in iter(decoder.nextFrame, None)])
+        self.assertEqual(decoded, [[(8, 1), (5, 3)], [(6, 2), (6, 4)]])
