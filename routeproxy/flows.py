@@ -31,7 +31,8 @@ from twisted.logger import Logger
 
 #: rp_pump_back_reason's codes (pump.h), for tests and logs
 BACK_REASONS = {1: "sojourn", 2: "fragment", 3: "malformed", 4: "unknown_key",
-                5: "wrong_source", 6: "budget", 7: "no_room"}
+                5: "wrong_source", 6: "budget", 7: "no_room", 8: "no_link"}
+_NO_LINK = 8
 
 _DROP_REASONS = ("not_ipv4", "truncated", "bad_header", "not_gre", "not_local")
 _DELTAS = 256
@@ -121,8 +122,17 @@ class FlowTable(_Entries):
 
     Each live mux connection with an entry has a link index in C (:attr:`links`, at most
     ``RP_MAX_LINKS``; the lowest free one, reused once its last entry goes); each pump call
-    frames for all of them, each within its own connection's budget (:meth:`begin`), into
-    its own buffer, written or queued to that connection (:meth:`end`)."""
+    frames for every active one, each within its own connection's budget (:meth:`begin`),
+    into its own buffer, written or queued to that connection (:meth:`end`).
+
+    Active: the links begun for each pump call, whose budget (``greRoom``, about 2 us a link
+    with its flush) is asked before it.  A link is active from its entry's install; one
+    without a frame in C for :attr:`idleCalls` pump calls stops being begun, so a wake-up
+    costs only the links that carry GRE.  C hands back the next frame of such a link
+    (``no_link``): the link is active again, and :meth:`retry` gives C the frame again in a
+    call of its own, before anything after it is read."""
+
+    idleCalls = 8   # pump calls without a frame after which a link is no longer begun
 
     def __init__(self, module, outCapacity, drops=None):
         super().__init__(module)
@@ -139,6 +149,11 @@ class FlowTable(_Entries):
         self._live = []               # (index, connection) of the links in C, by index
         self._linkOf = {}             # key of an entry in C -> its link index
         self._inLink = [0] * self.maxLinks   # entries in C per link index
+        self._calls = 0               # pump calls so far
+        self._seen = [0] * self.maxLinks     # per link index: the last call with a frame of it
+        self._sweepAt = self.idleCalls
+        self.linkBegun = False        # the last call handed back a frame of an idle link
+        self.begunLate = 0            # such frames (for the status: not handed back)
         self._waiting = False         # an entry waits in Python for a free link index
         self._reasons = ["watermark"] * self.maxLinks   # what a frame over a link's budget
         # of this pump call is dropped as
@@ -171,6 +186,9 @@ class FlowTable(_Entries):
         """Before a pump call: the gate's threshold, and each link's watermark room."""
         if self._waiting:
             self._admitWaiting()
+        self._calls = calls = self._calls + 1
+        if calls >= self._sweepAt:
+            self._sweep()
         lib, state, reasons = self._lib, self.state, self._reasons
         lib.rp_pump_begin(state, dropBefore)
         for index, connection in self._live:
@@ -184,7 +202,8 @@ class FlowTable(_Entries):
         Returns the capture time of the last frame C took, or None."""
         lib, state, counts = self._lib, self.state, self._counts
         lib.rp_pump_take_counts(state, counts)
-        for i in range(counts.links):
+        links = counts.links
+        for i in range(links) if links else ():
             out = lib.rp_pump_out(state, i, self._outLink, self._outLength, self._outFrames)
             frames, length = self._outFrames[0], self._outLength[0]
             connection = self._linkConnections[self._outLink[0]]
@@ -196,7 +215,14 @@ class FlowTable(_Entries):
             else:
                 connection.queueFrames(self._ffi.buffer(out + written, length - written)[:], frames)
         stats = self.stats
-        self.handedBack += counts.handed_back
+        self.linkBegun = False
+        if counts.handed_back:
+            if lib.rp_pump_back_reason(state) == _NO_LINK:   # an idle link's: active again
+                self._activate(lib.rp_pump_back_link(state))
+                self.linkBegun = True
+                self.begunLate += 1
+                self.handedBack -= 1   # not to Python: retry gives it to C again
+            self.handedBack += counts.handed_back
         if counts.received:
             stats.received += counts.received
             stats.delivered += counts.delivered
@@ -209,15 +235,30 @@ class FlowTable(_Entries):
                 self._foldFlows()
         return self._head[0] if lib.rp_pump_head(state, self._head) else None
 
+    def retry(self, dropBefore, back):
+        """*back* (timestamp, frame), handed back by the last call because its link was not
+        begun (:attr:`linkBegun`): through C again in a call of its own, now that it is.
+        Returns None when C took it, else *back* for the Python path (its budget, say)."""
+        self.begin(dropBefore)
+        timestamp, frame = back
+        try:
+            taken = self._lib.rp_pump_frame_again(self.state, frame, len(frame),
+                                                  timestamp or 0.0, bool(timestamp))
+        finally:
+            head = self.end()
+        return (None if taken == self._lib.RP_PUMP_TAKEN else back), head
+
     def backReason(self):
         return BACK_REASONS.get(self._lib.rp_pump_back_reason(self.state))
 
     def _foldFlows(self):
         deltas, entries, reasons = self._deltas, self._entries, self._reasons
+        seen, calls = self._seen, self._calls
         while True:
             n = self._lib.rp_pump_take_deltas(self.state, deltas, _DELTAS)
             for i in range(n):
                 delta = deltas[i]
+                seen[delta.link] = calls
                 flow = entries[delta.key]
                 packets = delta.packets
                 flow.session.greIn += packets
@@ -267,6 +308,7 @@ class FlowTable(_Entries):
         flow.installed = True
         self._linkOf[key] = index
         self._inLink[index] += 1
+        self._activate(index)
 
     def _linkIndex(self, connection):
         """*connection*'s link index, a free one if it has none (None: it is closed, or every
@@ -280,7 +322,6 @@ class FlowTable(_Entries):
             return None
         self.links[connection] = index
         self._linkConnections[index] = connection
-        self._live = sorted(self._live + [(index, connection)], key=lambda live: live[0])
         if index:
             self.log.info("native GRE pump: calls of link {peer} framed in C (link {index})",
                           peer=connection.peerLabel, index=index)
@@ -291,9 +332,24 @@ class FlowTable(_Entries):
         connection = self._linkConnections[index]
         self._linkConnections[index] = None
         del self.links[connection]
-        self._live = [live for live in self._live if live[0] != index]
+        self._live = [live for live in self._live if live[0] != index]   # no longer begun
         if len(self._entries) > len(self._linkOf):
             self._waiting = True   # admitted before the next pump call, not in the relay's call
+
+    def _activate(self, index):
+        """Link *index* is begun for each pump call from the next on (a call, or a frame of
+        it handed back because it was idle)."""
+        self._seen[index] = self._calls
+        connection = self._linkConnections[index]
+        if connection is not None and all(live[0] != index for live in self._live):
+            self._live = sorted(self._live + [(index, connection)], key=lambda live: live[0])
+
+    def _sweep(self):
+        """Every idleCalls pump calls: the links without a frame since the last sweep are no
+        longer begun."""
+        since, seen = self._calls - self.idleCalls, self._seen
+        self._live = [live for live in self._live if seen[live[0]] > since]
+        self._sweepAt = self._calls + self.idleCalls
 
     def _admitWaiting(self):
         """Entries that waited in Python for a link index get one while any is free."""
@@ -309,6 +365,7 @@ class FlowTable(_Entries):
                 "in_c": len(self._linkOf),
                 "links_in_c": len(self.links),
                 "links": len({f.mux.connection for f in self._entries.values()}),
+                "links_begun": len(self._live), "begun_late": self.begunLate,
                 "framed": self.framed, "handed_back": self.handedBack, "written": self.written}
 
 

@@ -431,8 +431,13 @@ class GREPort(abstract.FileDescriptor):
             if head is not None:
                 self._head = head
             if back is not None:
-                self._lastCopy = None  # C checked it against the last frame, and keeps it
-                handle(*back)
+                if flows.linkBegun:  # its link was idle: begun now, C takes the frame after all
+                    back, head = flows.retry(self._dropBefore, back)
+                    if head is not None:
+                        self._head = head
+                if back is not None:
+                    self._lastCopy = None  # C checked it against the last frame, and keeps it
+                    handle(*back)
             elif n < budget:
                 break
             budget -= n

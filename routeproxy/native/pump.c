@@ -60,6 +60,7 @@ struct rp_pump {
     int has_head;
     double head;
     int back_reason;
+    int back_link;
     size_t out_capacity;
     uint32_t n_used;
     uint8_t used[RP_MAX_LINKS];
@@ -78,6 +79,7 @@ struct rp_pump *rp_pump_new(size_t out_capacity)
         return NULL;
     p->out_capacity = out_capacity;
     p->generation = 1;  /* no link is begun: theirs is 0 */
+    p->back_link = -1;
     p->type_at = -1;
     return p;
 }
@@ -145,6 +147,7 @@ void rp_pump_begin(struct rp_pump *p, double drop_before)
     p->generation++;  /* every link's budget is the last call's: none is begun */
     p->has_head = 0;
     p->back_reason = 0;
+    p->back_link = -1;
     p->n_used = 0;
 }
 
@@ -193,7 +196,8 @@ static struct rp_flow *touch(struct rp_pump *p, uint16_t key)
     return f;
 }
 
-int rp_pump_frame(struct rp_pump *p, const uint8_t *frame, size_t size, double ts, int has_ts)
+static int pump_frame(struct rp_pump *p, const uint8_t *frame, size_t size, double ts,
+                      int has_ts, int again)
 {
     struct rp_ipv4 ip;
     struct rp_gre g;
@@ -222,6 +226,8 @@ int rp_pump_frame(struct rp_pump *p, const uint8_t *frame, size_t size, double t
     }
     /* a bridge's second copy: header fields first, the bytes only when they match */
     start = p->link_length;
+    if (again)
+        goto checked;  /* checked, and kept as the last frame, when it was handed back */
     if (p->has_last && ip.ident == p->last_ident && ip.checksum == p->last_checksum
         && ip.total == p->last_total && !memcmp(ip.src, p->last_src, 4)
         && !memcmp(frame + start, p->last, ip.total)) {
@@ -234,6 +240,7 @@ int rp_pump_frame(struct rp_pump *p, const uint8_t *frame, size_t size, double t
     p->last_total = ip.total;
     memcpy(p->last_src, ip.src, 4);
     memcpy(p->last, frame + start, ip.total);  /* total <= 65535 < LAST_MAX, within size */
+checked:
     if (!is_local(p, ip.dst)) {
         p->counts.not_local++;
         return RP_PUMP_TAKEN;
@@ -253,8 +260,10 @@ int rp_pump_frame(struct rp_pump *p, const uint8_t *frame, size_t size, double t
     if (memcmp(f->src, ip.src, 4))
         goto back_wrong;
     l = &p->links[f->link];
-    if (l->generation != p->generation)
+    if (l->generation != p->generation) {
+        p->back_link = f->link;
         goto back_no_link;
+    }
     if ((int64_t)g.payload_length + 10 > l->max_payload) {
         f = touch(p, g.call_id);
         f->too_large++;
@@ -293,6 +302,17 @@ back_no_room: p->counts.received--; return hand_back(p, RP_BACK_NO_ROOM);
 back_no_link: p->counts.received--; return hand_back(p, RP_BACK_NO_LINK);
 }
 
+int rp_pump_frame(struct rp_pump *p, const uint8_t *frame, size_t size, double ts, int has_ts)
+{
+    return pump_frame(p, frame, size, ts, has_ts, 0);
+}
+
+int rp_pump_frame_again(struct rp_pump *p, const uint8_t *frame, size_t size, double ts,
+                        int has_ts)
+{
+    return pump_frame(p, frame, size, ts, has_ts, 1);
+}
+
 const uint8_t *rp_pump_out(struct rp_pump *p, uint32_t i, uint32_t *link, size_t *length,
                            uint32_t *frames)
 {
@@ -313,6 +333,8 @@ int rp_pump_head(struct rp_pump *p, double *head)
 }
 
 int rp_pump_back_reason(struct rp_pump *p) { return p->back_reason; }
+
+int rp_pump_back_link(struct rp_pump *p) { return p->back_link; }
 
 void rp_pump_take_counts(struct rp_pump *p, struct rp_counts *out)
 {

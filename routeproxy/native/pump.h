@@ -80,6 +80,10 @@ int rp_pump_begin_link(struct rp_pump *p, uint32_t link, int64_t room, int hand_
                        int64_t max_payload);
 /* One frame (GREPort._frameReceived): RP_PUMP_TAKEN or RP_PUMP_HAND_BACK. */
 int rp_pump_frame(struct rp_pump *p, const uint8_t *frame, size_t size, double ts, int has_ts);
+/* The frame the last call handed back with RP_BACK_NO_LINK, once its link is begun: the
+ * same, without the duplicate check it passed then (it is still the last frame). */
+int rp_pump_frame_again(struct rp_pump *p, const uint8_t *frame, size_t size, double ts,
+                        int has_ts);
 
 /* What the pump call produced: the i-th link with frames (i < rp_counts.links, in the order
  * of their first frame: NULL past them), its mux frames in capture order; and the head of
@@ -88,6 +92,9 @@ const uint8_t *rp_pump_out(struct rp_pump *p, uint32_t i, uint32_t *link, size_t
                            uint32_t *frames);
 int rp_pump_head(struct rp_pump *p, double *head);
 int rp_pump_back_reason(struct rp_pump *p);
+/* The link of the flow whose frame was handed back with RP_BACK_NO_LINK (else -1): Python
+ * begins it and gives the frame again (rp_pump_frame_again) before any other. */
+int rp_pump_back_link(struct rp_pump *p);
 /* The counters since the last take, zeroed by it; deltas of at most max entries (the rest
  * on the next call: the return says how many were written). */
 void rp_pump_take_counts(struct rp_pump *p, struct rp_counts *out);

@@ -174,6 +174,13 @@ def native_pump(data):
     for i in begun:
         lib.rp_pump_begin_link(state, i, (data[0] << 4) - 16, data[1] & 1, 1500)
     taken = lib.rp_pump_frame(state, data[2:], len(data) - 2, 1.0, data[1] & 2)
+    if taken == lib.RP_PUMP_HAND_BACK and lib.rp_pump_back_reason(state) == lib.RP_BACK_NO_LINK:
+        link_ = lib.rp_pump_back_link(state)   # as FlowTable.retry: begun, the frame again
+        if link_ in begun or not 0 <= link_ < _PUMP_LINKS:
+            raise Finding(f"no_link for link {link_}, begun {begun}: {data[:64].hex()}")
+        begun.append(link_)
+        lib.rp_pump_begin_link(state, link_, (data[0] << 4) - 16, data[1] & 1, 1500)
+        taken = lib.rp_pump_frame_again(state, data[2:], len(data) - 2, 1.0, data[1] & 2)
     counts = ffi.new("struct rp_counts *")
     lib.rp_pump_take_counts(state, counts)
     lib.rp_pump_take_deltas(state, ffi.new("struct rp_flow_delta[]", 4), 4)
@@ -262,10 +269,11 @@ def seeds():
     fragments = ip_fragments("10.0.0.1", "10.0.0.2", gre.build_gre(7, b"\xff\x03" * 20, seq=1), 24)
     out += [bytes([_DATALINKS.index(datalink)]) + frame(datalink, ip)
             for datalink in (DLT_EN10MB, DLT_LINUX_SLL) for ip in (packet, fragments[0], fragments[-1])]
-    # for the pump: budget and hand-back bytes, then an Ethernet frame of a flow's GRE
+    # for the pump: budget, hand-back and links-not-begun bytes, then an Ethernet frame of a
+    # flow's GRE (key 9: link 0)
     flow = ipv4("10.0.0.1", "10.0.0.2", gre.build_gre(9, b"\xff\x03" * 30, seq=5, ack=4))
     out += [bytes([budget, flags]) + frame(DLT_EN10MB, flow) for budget in (0, 5, 255)
-            for flags in (0, 1, 2, 3)]
+            for flags in (0, 1, 2, 3, 4, 7, 0x1F)]
     out += [F.Ping(b"12345678").encode(), F.Open(1, "default", "x").encode(),
             F.Close(1, 0, "").encode(), F.Datagram(1, 7, 1, None, b"ab").encode()]
     # for the link read: a cut byte, then GRE of flows (tags 3, 6), another tag, a PING

@@ -337,8 +337,9 @@ class FlowTableTests(unittest.SynchronousTestCase):
 
     def test_entry_while_established(self):
         self.assertEqual(self.flows.snapshot(), {"entries": 1, "in_c": 1, "links_in_c": 1,
-                                                 "links": 1, "framed": 0, "handed_back": 0,
-                                                 "written": 0})
+                                                 "links": 1, "links_begun": 1,
+                                                 "begun_late": 0, "framed": 0,
+                                                 "handed_back": 0, "written": 0})
         self.assertEqual(self.flows.links, {self.h.link: 0})
 
     def test_gone_with_the_call(self):
@@ -612,6 +613,61 @@ class MultiLinkTests(unittest.SynchronousTestCase):
         self.assertEqual(nativeResult, python)
         self.assertEqual(backs, ["unknown_key"] * 2)
 
+    def test_idle_link_not_begun(self):
+        """A link without a frame for idleCalls pump calls is no longer begun (its budget not
+        asked); its next frame is handed back ("no_link"), takes the Python path, and the
+        link is begun again from the next call."""
+        def scenario(h):
+            if h.capture == "native":
+                h.port.flows.idleCalls = h.port.flows._sweepAt = 4
+            yield [pptpd_gre(h, n % 3, n) for n in range(6)]
+            for n in range(10, 18):
+                yield [pptpd_gre(h, 0, n)]
+            if h.capture == "native":
+                self.assertEqual([index for index, _ in h.port.flows._live], [0])
+            yield [pptpd_gre(h, 1, 20), pptpd_gre(h, 0, 21), pptpd_gre(h, 1, 22)]
+            yield [pptpd_gre(h, 1, 23), pptpd_gre(h, 2, 24), pptpd_gre(h, 2, 25)]
+            if h.capture == "native":
+                self.assertEqual([index for index, _ in h.port.flows._live], [0, 1, 2])
+                snapshot = h.port.flows.snapshot()   # C framed them all after all
+                self.assertEqual((snapshot["framed"], snapshot["handed_back"],
+                                  snapshot["begun_late"]), (20, 0, 2))
+        seen = self.compare(scenario, ["no_link", "no_link"])
+        self.assertEqual([g.seq for _, _, g in seen["far_gre"][1]], [1, 4, 20, 22, 23])
+        self.assertEqual([g.seq for _, _, g in seen["far_gre"][2]], [2, 5, 24, 25])
+
+    def test_idle_link_over_its_watermark(self):
+        """An idle link's frame given to C again meets that link's budget, asked afresh:
+        no room, dropped as its watermark drops."""
+        def scenario(h):
+            if h.capture == "native":
+                h.port.flows.idleCalls = h.port.flows._sweepAt = 4
+            yield [pptpd_gre(h, n % 2, n) for n in range(4)]
+            for n in range(10, 20):
+                yield [pptpd_gre(h, 0, n)]
+            conn = h.conns[1]
+            conn.config = dataclasses.replace(conn.config, greWatermark=0)
+            yield [pptpd_gre(h, 1, 20), pptpd_gre(h, 0, 21), pptpd_gre(h, 1, 22),
+                   pptpd_gre(h, 2, 23)]
+        seen = self.compare(scenario, ["no_link", "no_link"])
+        self.assertEqual(seen["links"][1]["gre_dropped"], {"watermark": 2})
+        self.assertEqual([g.seq for _, _, g in seen["far_gre"][2]], [23])
+
+    def test_retry_handed_back(self):
+        """A frame C hands back again when given it again (its link still not begun) takes
+        the Python path, before anything after it."""
+        def scenario(h):
+            if h.capture == "native":
+                h.port.flows.idleCalls = h.port.flows._sweepAt = 4
+            yield [pptpd_gre(h, n % 2, n) for n in range(4)]
+            for n in range(10, 20):
+                yield [pptpd_gre(h, 0, n)]
+            if h.capture == "native":
+                h.port.flows._activate = lambda index: None   # never begun again
+            yield [pptpd_gre(h, 1, 20), pptpd_gre(h, 0, 21), pptpd_gre(h, 1, 22)]
+        seen = self.compare(scenario, ["no_link"] * 4)
+        self.assertEqual([g.seq for _, _, g in seen["far_gre"][1]], [1, 3, 20, 22])
+
     def test_many_links(self):
         """Eight links, their GRE interleaved over two wake-ups."""
         def scenario(h):
@@ -666,6 +722,7 @@ class PumpLinksCTests(unittest.SynchronousTestCase):
         self.assertEqual(self.frame(6, 1), lib.RP_PUMP_TAKEN)
         self.assertEqual(self.frame(5, 2), lib.RP_PUMP_HAND_BACK)
         self.assertEqual(lib.rp_pump_back_reason(self.state), lib.RP_BACK_NO_LINK)
+        self.assertEqual(lib.rp_pump_back_link(self.state), 0)
         [(link, frames, _)] = self.outs()
         self.assertEqual((link, frames), (3, 1))
         # the next call: link 3 begun again, link 0 not: its budget from before does not count
