@@ -20,9 +20,10 @@ connection (``MuxConnection.queueFrames``), and folds the counters into the port
 sessions', the calls' and the mux's: the same ones the Python path updates, so the status
 is the same.
 
-A pump's entries go in C for one mux connection at a time, the one the first live entry
-names (the LRP has one link; an RRP serving several LRPs frames the first one's GRE in C);
-an entry on another connection stays in Python and its GRE is handed back.
+A pump's entries go in C for every mux connection (the LRP has one link; an RRP frames the
+GRE of each of its LRPs' links in the same C call, each link within its own budget, into its
+own buffer, written to its own connection), up to ``RP_MAX_LINKS`` links: an entry of a link
+beyond them stays in Python (its GRE is handed back) until an index is free.
 """
 import dataclasses
 
@@ -30,7 +31,8 @@ from twisted.logger import Logger
 
 #: rp_pump_back_reason's codes (pump.h), for tests and logs
 BACK_REASONS = {1: "sojourn", 2: "fragment", 3: "malformed", 4: "unknown_key",
-                5: "wrong_source", 6: "budget", 7: "no_room"}
+                5: "wrong_source", 6: "budget", 7: "no_room", 8: "no_link"}
+_NO_LINK = 8
 
 _DROP_REASONS = ("not_ipv4", "truncated", "bad_header", "not_gre", "not_local")
 _DELTAS = 256
@@ -116,7 +118,21 @@ class RelayFlows:
 
 
 class FlowTable(_Entries):
-    """The pump's C state and the entries behind it (see the module's docstring)."""
+    """The pump's C state and the entries behind it (see the module's docstring).
+
+    Each live mux connection with an entry has a link index in C (:attr:`links`, at most
+    ``RP_MAX_LINKS``; the lowest free one, reused once its last entry goes); each pump call
+    frames for every active one, each within its own connection's budget (:meth:`begin`),
+    into its own buffer, written or queued to that connection (:meth:`end`).
+
+    Active: the links begun for each pump call, whose budget (``greRoom``, about 2 us a link
+    with its flush) is asked before it.  A link is active from its entry's install; one
+    without a frame in C for :attr:`idleCalls` pump calls stops being begun, so a wake-up
+    costs only the links that carry GRE.  C hands back the next frame of such a link
+    (``no_link``): the link is active again, and :meth:`retry` gives C the frame again in a
+    call of its own, before anything after it is read."""
+
+    idleCalls = 8   # pump calls without a frame after which a link is no longer begun
 
     def __init__(self, module, outCapacity, drops=None):
         super().__init__(module)
@@ -127,10 +143,23 @@ class FlowTable(_Entries):
         self.state = ffi.gc(state, lib.rp_pump_free)
         self.drops = drops            # the relay's DropCounter (attach)
         self.stats = None             # the port's GREStats (the port sets it)
-        self.connection = None        # the mux connection whose entries are in C
-        self._reason = "watermark"    # what a frame over this pump call's budget is dropped as
+        self.maxLinks = lib.RP_MAX_LINKS
+        self.links = {}               # mux connection -> its link index in C
+        self._linkConnections = [None] * self.maxLinks   # index -> mux connection
+        self._live = []               # (index, connection) of the links in C, by index
+        self._linkOf = {}             # key of an entry in C -> its link index
+        self._inLink = [0] * self.maxLinks   # entries in C per link index
+        self._calls = 0               # pump calls so far
+        self._seen = [0] * self.maxLinks     # per link index: the last call with a frame of it
+        self._sweepAt = self.idleCalls
+        self.linkBegun = False        # the last call handed back a frame of an idle link
+        self.begunLate = 0            # such frames (for the status: not handed back)
+        self._waiting = False         # an entry waits in Python for a free link index
+        self._reasons = ["watermark"] * self.maxLinks   # what a frame over a link's budget
+        # of this pump call is dropped as
         self._counts = ffi.new("struct rp_counts *")
         self._deltas = ffi.new("struct rp_flow_delta[]", _DELTAS)
+        self._outLink = ffi.new("uint32_t *")
         self._outLength = ffi.new("size_t *")
         self._outFrames = ffi.new("uint32_t *")
         self._head = ffi.new("double *")
@@ -154,34 +183,46 @@ class FlowTable(_Entries):
             raise ValueError(f"more than {self._lib.RP_MAX_LOCAL} local addresses")
 
     def begin(self, dropBefore):
-        """Before a pump call: the gate's threshold and the watermark's room."""
-        connection = self.connection
-        if connection is None:
-            room, handBack, self._reason, maxPayload = 0, 0, "watermark", _NO_LIMIT
-        else:
-            room, handBack, self._reason = connection.greRoom()
-            maxPayload = connection.maxOutPayload if self._reason == "watermark" else _NO_LIMIT
-        self._lib.rp_pump_begin(self.state, dropBefore, room, handBack, maxPayload)
+        """Before a pump call: the gate's threshold, and each link's watermark room."""
+        if self._waiting:
+            self._admitWaiting()
+        self._calls = calls = self._calls + 1
+        if calls >= self._sweepAt:
+            self._sweep()
+        lib, state, reasons = self._lib, self.state, self._reasons
+        lib.rp_pump_begin(state, dropBefore)
+        for index, connection in self._live:
+            room, handBack, reason = connection.greRoom()
+            reasons[index] = reason
+            maxPayload = connection.maxOutPayload if reason == "watermark" else _NO_LIMIT
+            lib.rp_pump_begin_link(state, index, room, handBack, maxPayload)
 
     def end(self):
-        """After a pump call: its frames to the mux, its counters folded.  Returns the
-        capture time of the last frame C took, or None."""
-        lib, state = self._lib, self.state
-        out = lib.rp_pump_out(state, self._outLength, self._outFrames)
-        frames = self._outFrames[0]
-        if frames:
+        """After a pump call: each link's frames to its mux connection, the counters folded.
+        Returns the capture time of the last frame C took, or None."""
+        lib, state, counts = self._lib, self.state, self._counts
+        lib.rp_pump_take_counts(state, counts)
+        links = counts.links
+        for i in range(links) if links else ():
+            out = lib.rp_pump_out(state, i, self._outLink, self._outLength, self._outFrames)
+            frames, length = self._outFrames[0], self._outLength[0]
+            connection = self._linkConnections[self._outLink[0]]
             self.framed += frames
-            length, connection = self._outLength[0], self.connection
             # to the link in C now when it is idle (step 3b), else (or the rest) at the turn's end
             written = connection.writeNative(self._module, out, length, frames)
             if written == length:
                 self.written += frames
             else:
                 connection.queueFrames(self._ffi.buffer(out + written, length - written)[:], frames)
-        counts = self._counts
-        lib.rp_pump_take_counts(state, counts)
         stats = self.stats
-        self.handedBack += counts.handed_back
+        self.linkBegun = False
+        if counts.handed_back:
+            if lib.rp_pump_back_reason(state) == _NO_LINK:   # an idle link's: active again
+                self._activate(lib.rp_pump_back_link(state))
+                self.linkBegun = True
+                self.begunLate += 1
+                self.handedBack -= 1   # not to Python: retry gives it to C again
+            self.handedBack += counts.handed_back
         if counts.received:
             stats.received += counts.received
             stats.delivered += counts.delivered
@@ -194,15 +235,30 @@ class FlowTable(_Entries):
                 self._foldFlows()
         return self._head[0] if lib.rp_pump_head(state, self._head) else None
 
+    def retry(self, dropBefore, back):
+        """*back* (timestamp, frame), handed back by the last call because its link was not
+        begun (:attr:`linkBegun`): through C again in a call of its own, now that it is.
+        Returns None when C took it, else *back* for the Python path (its budget, say)."""
+        self.begin(dropBefore)
+        timestamp, frame = back
+        try:
+            taken = self._lib.rp_pump_frame_again(self.state, frame, len(frame),
+                                                  timestamp or 0.0, bool(timestamp))
+        finally:
+            head = self.end()
+        return (None if taken == self._lib.RP_PUMP_TAKEN else back), head
+
     def backReason(self):
         return BACK_REASONS.get(self._lib.rp_pump_back_reason(self.state))
 
     def _foldFlows(self):
-        deltas, entries = self._deltas, self._entries
+        deltas, entries, reasons = self._deltas, self._entries, self._reasons
+        seen, calls = self._seen, self._calls
         while True:
             n = self._lib.rp_pump_take_deltas(self.state, deltas, _DELTAS)
             for i in range(n):
                 delta = deltas[i]
+                seen[delta.link] = calls
                 flow = entries[delta.key]
                 packets = delta.packets
                 flow.session.greIn += packets
@@ -212,7 +268,7 @@ class FlowTable(_Entries):
                 dropped, tooLarge = delta.dropped, delta.too_large
                 flow.mux.greOut += packets - dropped - tooLarge
                 if dropped or tooLarge:
-                    self._dropped(flow, self._reason, dropped)
+                    self._dropped(flow, reasons[delta.link], dropped)
                     self._dropped(flow, "too_large", tooLarge)
             if n < _DELTAS:
                 return
@@ -231,40 +287,85 @@ class FlowTable(_Entries):
     # -- the relay ----------------------------------------------------------------------------
 
     def _ready(self, key, flow):
-        connection = flow.mux.connection
-        if self.connection is not connection:
-            if self.connection is not None and not self.connection.closed:
-                return   # another link's: its GRE goes the Python path
-            self._switch(connection)
-        self._install(key, flow)
+        index = self._linkIndex(flow.mux.connection)
+        if index is not None:
+            self._install(key, flow, index)
+        # else more live links than C frames for: its GRE goes the Python path until an index
+        # is free (_release)
 
     def _clear(self, key, flow):
         self._lib.rp_pump_clear_flow(self.state, key)
+        flow.installed = False
+        index = self._linkOf.pop(key)
+        self._inLink[index] -= 1
+        if not self._inLink[index]:
+            self._release(index)
 
-    def _emptied(self):
-        self.connection = None
-
-    def _install(self, key, flow):
+    def _install(self, key, flow, index):
         from routeproxy.capture import packedAddress
         self._lib.rp_pump_set_flow(self.state, key, packedAddress(flow.session.peerAddress),
-                                   flow.mux.id, flow.call.pns_id)
+                                   flow.mux.id, flow.call.pns_id, index)
         flow.installed = True
+        self._linkOf[key] = index
+        self._inLink[index] += 1
+        self._activate(index)
 
-    def _switch(self, connection):
-        """C's entries become *connection*'s (the last link is gone)."""
-        self._lib.rp_pump_clear_flows(self.state)
-        if self.connection is not None:
-            self.log.info("native GRE pump: calls of link {peer} now framed in C",
-                          peer=connection.peerLabel)
-        self.connection = connection
-        for key, flow in self._entries.items():
-            flow.installed = False
-            if flow.mux.connection is connection:
-                self._install(key, flow)
+    def _linkIndex(self, connection):
+        """*connection*'s link index, a free one if it has none (None: it is closed, or every
+        index is taken)."""
+        index = self.links.get(connection)
+        if index is not None or connection.closed:
+            return index
+        try:
+            index = self._linkConnections.index(None)
+        except ValueError:
+            return None
+        self.links[connection] = index
+        self._linkConnections[index] = connection
+        if index:
+            self.log.info("native GRE pump: calls of link {peer} framed in C (link {index})",
+                          peer=connection.peerLabel, index=index)
+        return index
+
+    def _release(self, index):
+        """No entry names link *index* any more: it is free for the next link."""
+        connection = self._linkConnections[index]
+        self._linkConnections[index] = None
+        del self.links[connection]
+        self._live = [live for live in self._live if live[0] != index]   # no longer begun
+        if len(self._entries) > len(self._linkOf):
+            self._waiting = True   # admitted before the next pump call, not in the relay's call
+
+    def _activate(self, index):
+        """Link *index* is begun for each pump call from the next on (a call, or a frame of
+        it handed back because it was idle)."""
+        self._seen[index] = self._calls
+        connection = self._linkConnections[index]
+        if connection is not None and all(live[0] != index for live in self._live):
+            self._live = sorted(self._live + [(index, connection)], key=lambda live: live[0])
+
+    def _sweep(self):
+        """Every idleCalls pump calls: the links without a frame since the last sweep are no
+        longer begun."""
+        since, seen = self._calls - self.idleCalls, self._seen
+        self._live = [live for live in self._live if seen[live[0]] > since]
+        self._sweepAt = self._calls + self.idleCalls
+
+    def _admitWaiting(self):
+        """Entries that waited in Python for a link index get one while any is free."""
+        self._waiting = False
+        for key, flow in list(self._entries.items()):
+            if not flow.installed:
+                index = self._linkIndex(flow.mux.connection)
+                if index is not None:
+                    self._install(key, flow, index)
 
     def snapshot(self):
         return {"entries": len(self._entries),
-                "in_c": sum(1 for f in self._entries.values() if f.installed),
+                "in_c": len(self._linkOf),
+                "links_in_c": len(self.links),
+                "links": len({f.mux.connection for f in self._entries.values()}),
+                "links_begun": len(self._live), "begun_late": self.begunLate,
                 "framed": self.framed, "handed_back": self.handedBack, "written": self.written}
 
 

@@ -417,7 +417,8 @@ class GREPort(abstract.FileDescriptor):
     def _pump(self, budget):
         """doRead with the native capture: one C call takes the wake-up's common packets
         (routeproxy.flows); each frame it hands back goes through _frameReceived, in order,
-        and the pump goes on after it."""
+        and the pump goes on after it (one of a mux link not begun for the call goes through
+        C again first, in a call of its own: FlowTable.retry)."""
         flows, pump, handle = self.flows, self._capture.pump, self._frameReceived
         state = flows.state
         while budget > 0 and self.connected:
@@ -431,8 +432,13 @@ class GREPort(abstract.FileDescriptor):
             if head is not None:
                 self._head = head
             if back is not None:
-                self._lastCopy = None  # C checked it against the last frame, and keeps it
-                handle(*back)
+                if flows.linkBegun:  # its link was idle: begun now, C takes the frame after all
+                    back, head = flows.retry(self._dropBefore, back)
+                    if head is not None:
+                        self._head = head
+                if back is not None:
+                    self._lastCopy = None  # C checked it against the last frame, and keeps it
+                    handle(*back)
             elif n < budget:
                 break
             budget -= n

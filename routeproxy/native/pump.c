@@ -1,6 +1,6 @@
-/* The LRP's capture pump (declared in pump.h): GREPort._frameReceived in C for one frame,
- * the flow table that frames the common packet for the mux, and a libpcap handle read
- * through it.  Compiled in one unit after gre.c (build.py), whose functions it calls.
+/* The capture pump (declared in pump.h): GREPort._frameReceived in C for one frame, the
+ * flow table that frames the common packet for each flow's mux link, and a libpcap handle
+ * read through it.  Compiled in one unit after gre.c (build.py), whose functions it calls.
  *
  * Every decision is the Python path's: rp_ipv4_gre for the IPv4 checks, then the bridge
  * duplicate check, the local-address check, and for unfragmented GRE of a flow entry from
@@ -18,11 +18,24 @@
 struct rp_flow {
     uint8_t used;
     uint8_t touched;
+    uint8_t link;        /* < RP_MAX_LINKS */
     uint8_t src[4];
     uint32_t session;
     uint32_t tag;
     uint32_t packets, dropped, too_large;
     uint64_t bytes;
+};
+
+/* A mux link: its budget for this pump call (valid while generation is the pump's) and the
+ * frames built for it, in capture order. */
+struct rp_link_out {
+    uint64_t generation;
+    int64_t room;
+    int hand_back_over;
+    int64_t max_payload;
+    uint8_t *out;        /* out_capacity bytes, allocated when the link is first begun */
+    size_t out_length;
+    uint32_t out_frames;
 };
 
 struct rp_pump {
@@ -40,17 +53,18 @@ struct rp_pump {
     uint16_t last_ident, last_checksum, last_total;
     uint8_t last_src[4];
     uint8_t last[LAST_MAX];
-    /* this pump call */
+    /* this pump call: links begun for it have its generation; those with frames are in
+     * used[], in the order of their first frame */
     double drop_before;
-    int64_t room;
-    int hand_back_over;
-    int64_t max_payload;
+    uint64_t generation;
     int has_head;
     double head;
     int back_reason;
-    uint8_t *out;
-    size_t out_capacity, out_length;
-    uint32_t out_frames;
+    int back_link;
+    size_t out_capacity;
+    uint32_t n_used;
+    uint8_t used[RP_MAX_LINKS];
+    struct rp_link_out links[RP_MAX_LINKS];
     /* counters until the next take */
     struct rp_counts counts;
     uint32_t n_touched;
@@ -63,12 +77,9 @@ struct rp_pump *rp_pump_new(size_t out_capacity)
     struct rp_pump *p = calloc(1, sizeof *p);
     if (p == NULL)
         return NULL;
-    p->out = malloc(out_capacity ? out_capacity : 1);
-    if (p->out == NULL) {
-        free(p);
-        return NULL;
-    }
     p->out_capacity = out_capacity;
+    p->generation = 1;  /* no link is begun: theirs is 0 */
+    p->back_link = -1;
     p->type_at = -1;
     return p;
 }
@@ -76,7 +87,8 @@ struct rp_pump *rp_pump_new(size_t out_capacity)
 void rp_pump_free(struct rp_pump *p)
 {
     if (p != NULL) {
-        free(p->out);
+        for (size_t i = 0; i < RP_MAX_LINKS; i++)
+            free(p->links[i].out);
         free(p);
     }
 }
@@ -104,14 +116,18 @@ int rp_pump_set_local(struct rp_pump *p, const uint8_t *addresses, size_t n)
     return 0;
 }
 
-void rp_pump_set_flow(struct rp_pump *p, uint32_t key, const uint8_t *src, uint32_t session,
-                      uint32_t tag)
+int rp_pump_set_flow(struct rp_pump *p, uint32_t key, const uint8_t *src, uint32_t session,
+                     uint32_t tag, uint32_t link)
 {
     struct rp_flow *f = &p->flows[key & 0xFFFF];
+    if (link >= RP_MAX_LINKS)
+        return -1;
     f->used = 1;
+    f->link = (uint8_t)link;  /* counters not yet taken stay the flow's: taken with this link */
     memcpy(f->src, src, 4);
     f->session = session;
     f->tag = tag;
+    return 0;
 }
 
 void rp_pump_clear_flow(struct rp_pump *p, uint32_t key)
@@ -125,17 +141,34 @@ void rp_pump_clear_flows(struct rp_pump *p)
         p->flows[key].used = 0;
 }
 
-void rp_pump_begin(struct rp_pump *p, double drop_before, int64_t room, int hand_back_over,
-                   int64_t max_payload)
+void rp_pump_begin(struct rp_pump *p, double drop_before)
 {
     p->drop_before = drop_before;
-    p->room = room;
-    p->hand_back_over = hand_back_over;
-    p->max_payload = max_payload;
+    p->generation++;  /* every link's budget is the last call's: none is begun */
     p->has_head = 0;
     p->back_reason = 0;
-    p->out_length = 0;
-    p->out_frames = 0;
+    p->back_link = -1;
+    p->n_used = 0;
+}
+
+int rp_pump_begin_link(struct rp_pump *p, uint32_t link, int64_t room, int hand_back_over,
+                       int64_t max_payload)
+{
+    struct rp_link_out *l;
+    if (link >= RP_MAX_LINKS)
+        return -1;
+    l = &p->links[link];
+    if (l->out == NULL && (l->out = malloc(p->out_capacity ? p->out_capacity : 1)) == NULL)
+        return -1;
+    if (l->generation != p->generation) {  /* begun again in one call: its frames stay */
+        l->generation = p->generation;
+        l->out_length = 0;
+        l->out_frames = 0;
+    }
+    l->room = room;
+    l->hand_back_over = hand_back_over;
+    l->max_payload = max_payload;
+    return 0;
 }
 
 static int is_local(const struct rp_pump *p, const uint8_t *dst)
@@ -163,11 +196,13 @@ static struct rp_flow *touch(struct rp_pump *p, uint16_t key)
     return f;
 }
 
-int rp_pump_frame(struct rp_pump *p, const uint8_t *frame, size_t size, double ts, int has_ts)
+static int pump_frame(struct rp_pump *p, const uint8_t *frame, size_t size, double ts,
+                      int has_ts, int again)
 {
     struct rp_ipv4 ip;
     struct rp_gre g;
     struct rp_flow *f;
+    struct rp_link_out *l;
     const uint8_t *gre;
     size_t start;
     long n;
@@ -191,6 +226,8 @@ int rp_pump_frame(struct rp_pump *p, const uint8_t *frame, size_t size, double t
     }
     /* a bridge's second copy: header fields first, the bytes only when they match */
     start = p->link_length;
+    if (again)
+        goto checked;  /* checked, and kept as the last frame, when it was handed back */
     if (p->has_last && ip.ident == p->last_ident && ip.checksum == p->last_checksum
         && ip.total == p->last_total && !memcmp(ip.src, p->last_src, 4)
         && !memcmp(frame + start, p->last, ip.total)) {
@@ -203,6 +240,7 @@ int rp_pump_frame(struct rp_pump *p, const uint8_t *frame, size_t size, double t
     p->last_total = ip.total;
     memcpy(p->last_src, ip.src, 4);
     memcpy(p->last, frame + start, ip.total);  /* total <= 65535 < LAST_MAX, within size */
+checked:
     if (!is_local(p, ip.dst)) {
         p->counts.not_local++;
         return RP_PUMP_TAKEN;
@@ -221,25 +259,32 @@ int rp_pump_frame(struct rp_pump *p, const uint8_t *frame, size_t size, double t
         goto back_unknown;
     if (memcmp(f->src, ip.src, 4))
         goto back_wrong;
-    if ((int64_t)g.payload_length + 10 > p->max_payload) {
+    l = &p->links[f->link];
+    if (l->generation != p->generation) {
+        p->back_link = f->link;
+        goto back_no_link;
+    }
+    if ((int64_t)g.payload_length + 10 > l->max_payload) {
         f = touch(p, g.call_id);
         f->too_large++;
-    } else if ((int64_t)p->out_length >= p->room) {
-        if (p->hand_back_over)
+    } else if ((int64_t)l->out_length >= l->room) {
+        if (l->hand_back_over)
             goto back_budget;
         f = touch(p, g.call_id);
         f->dropped++;
     } else {
-        size_t room = p->out_capacity - p->out_length;
+        size_t room = p->out_capacity - l->out_length;
         if (room < RP_MUX_GRE_HEAD_MAX + g.payload_length)
             goto back_no_room;
-        n = rp_mux_gre_frame(p->out + p->out_length, room, f->session, f->tag, g.has_seq,
+        n = rp_mux_gre_frame(l->out + l->out_length, room, f->session, f->tag, g.has_seq,
                              g.seq, g.has_ack, g.ack, gre + g.payload_offset,
                              g.payload_length);
         if (n < 0)
             goto back_no_room;
-        p->out_length += (size_t)n;
-        p->out_frames++;
+        if (!l->out_frames)
+            p->used[p->n_used++] = f->link;  /* each link once per call: n_used <= RP_MAX_LINKS */
+        l->out_length += (size_t)n;
+        l->out_frames++;
         f = touch(p, g.call_id);
     }
     f->packets++;
@@ -254,13 +299,31 @@ back_unknown: p->counts.received--; return hand_back(p, RP_BACK_UNKNOWN_KEY);
 back_wrong: p->counts.received--; return hand_back(p, RP_BACK_WRONG_SOURCE);
 back_budget: p->counts.received--; return hand_back(p, RP_BACK_BUDGET);
 back_no_room: p->counts.received--; return hand_back(p, RP_BACK_NO_ROOM);
+back_no_link: p->counts.received--; return hand_back(p, RP_BACK_NO_LINK);
 }
 
-const uint8_t *rp_pump_out(struct rp_pump *p, size_t *length, uint32_t *frames)
+int rp_pump_frame(struct rp_pump *p, const uint8_t *frame, size_t size, double ts, int has_ts)
 {
-    *length = p->out_length;
-    *frames = p->out_frames;
-    return p->out;
+    return pump_frame(p, frame, size, ts, has_ts, 0);
+}
+
+int rp_pump_frame_again(struct rp_pump *p, const uint8_t *frame, size_t size, double ts,
+                        int has_ts)
+{
+    return pump_frame(p, frame, size, ts, has_ts, 1);
+}
+
+const uint8_t *rp_pump_out(struct rp_pump *p, uint32_t i, uint32_t *link, size_t *length,
+                           uint32_t *frames)
+{
+    struct rp_link_out *l;
+    if (i >= p->n_used)
+        return NULL;
+    *link = p->used[i];
+    l = &p->links[p->used[i]];
+    *length = l->out_length;
+    *frames = l->out_frames;
+    return l->out;
 }
 
 int rp_pump_head(struct rp_pump *p, double *head)
@@ -271,9 +334,12 @@ int rp_pump_head(struct rp_pump *p, double *head)
 
 int rp_pump_back_reason(struct rp_pump *p) { return p->back_reason; }
 
+int rp_pump_back_link(struct rp_pump *p) { return p->back_link; }
+
 void rp_pump_take_counts(struct rp_pump *p, struct rp_counts *out)
 {
     *out = p->counts;
+    out->links = p->n_used;
     memset(&p->counts, 0, sizeof p->counts);
 }
 
@@ -288,6 +354,7 @@ size_t rp_pump_take_deltas(struct rp_pump *p, struct rp_flow_delta *out, size_t 
         out[n].bytes = f->bytes;
         out[n].dropped = f->dropped;
         out[n].too_large = f->too_large;
+        out[n].link = f->link;
         f->packets = f->dropped = f->too_large = 0;
         f->bytes = 0;
         f->touched = 0;

@@ -1,10 +1,16 @@
-/* The LRP's capture pump (docs/fastpath.md step 3a): the declarations; also cffi's cdef.
+/* The capture pump (docs/fastpath.md step 3a): the declarations; also cffi's cdef.
  *
  * One rp_pump holds what a wake-up's common packet needs from the port and the relay: the
  * link layer, the local addresses, the last frame seen (the bridge duplicate check), the
- * flow table (key L -> client address, mux session, tag C) and the counters Python folds
- * into its own after every pump call.  rp_pump_frame is GREPort._frameReceived for one
- * frame; the pcap callback and the tests (frames from Python) both call it.
+ * flow table (key L or R -> peer address, mux link, mux session, tag C), each mux link's
+ * budget and output buffer for the pump call, and the counters Python folds into its own
+ * after every pump call.  rp_pump_frame is GREPort._frameReceived for one frame; the pcap
+ * callback and the tests (frames from Python) both call it.
+ *
+ * Links: a small index (0 .. RP_MAX_LINKS-1) per mux connection, which Python assigns
+ * (routeproxy.flows.FlowTable) and reuses once none of the flows names it.  A pump call
+ * frames for every link begun for it (rp_pump_begin_link), each into its own buffer within
+ * its own budget; a frame of a link not begun is handed back (RP_BACK_NO_LINK).
  */
 
 /* rp_pump_frame's results */
@@ -18,10 +24,12 @@
 #define RP_BACK_UNKNOWN_KEY 4
 #define RP_BACK_WRONG_SOURCE 5
 #define RP_BACK_BUDGET 6      /* over the byte budget while Python may still ask the link */
-#define RP_BACK_NO_ROOM 7     /* the output buffer is full */
+#define RP_BACK_NO_ROOM 7     /* the link's output buffer is full */
+#define RP_BACK_NO_LINK 8     /* the flow's link was not begun for this call */
 
 #define RP_FLOW_KEYS 65536
 #define RP_MAX_LOCAL 64
+#define RP_MAX_LINKS 64       /* mux links framed in C; a flow of any other stays in Python */
 
 struct rp_counts {
     uint64_t received;     /* frames taken (handed-back ones Python counts itself) */
@@ -33,6 +41,7 @@ struct rp_counts {
     uint64_t not_gre;
     uint64_t not_local;
     uint64_t handed_back;
+    uint32_t links;        /* links with frames from the last pump call (rp_pump_out's i) */
 };
 
 struct rp_flow_delta {
@@ -41,6 +50,7 @@ struct rp_flow_delta {
     uint64_t bytes;        /* their payload bytes: call.bytes_in */
     uint32_t dropped;      /* over the byte budget: the mux's watermark (or paused) drop */
     uint32_t too_large;    /* longer than the link's maxOutPayload allows */
+    uint32_t link;         /* the flow's link when it was counted */
 };
 
 struct rp_pump;
@@ -53,24 +63,38 @@ int rp_pump_set_link(struct rp_pump *p, size_t link_length, long type_at,
                      const uint8_t *type_value, size_t type_length);
 /* The local addresses, 4 bytes each, n of them: -1 if more than RP_MAX_LOCAL. */
 int rp_pump_set_local(struct rp_pump *p, const uint8_t *addresses, size_t n);
-/* A flow entry for key (the LRP's call ID L), or its removal. */
-void rp_pump_set_flow(struct rp_pump *p, uint32_t key, const uint8_t *src, uint32_t session,
-                      uint32_t tag);
+/* A flow entry for key (the call's local ID: L on the LRP, R on the RRP) on link (an index
+ * below RP_MAX_LINKS: -1 otherwise), or its removal. */
+int rp_pump_set_flow(struct rp_pump *p, uint32_t key, const uint8_t *src, uint32_t session,
+                     uint32_t tag, uint32_t link);
 void rp_pump_clear_flow(struct rp_pump *p, uint32_t key);
 void rp_pump_clear_flows(struct rp_pump *p);
 
-/* Before a pump call: the sojourn gate's threshold (0: none), the byte budget for frames
- * (the GRE watermark's room), whether a frame over it is handed back (Python has not asked
- * the link yet) rather than dropped, and the link's largest payload. */
-void rp_pump_begin(struct rp_pump *p, double drop_before, int64_t room, int hand_back_over,
-                   int64_t max_payload);
+/* Before a pump call: the sojourn gate's threshold (0: none); no link is begun.  Then per
+ * link that may get frames: its byte budget (the GRE watermark's room), whether a frame
+ * over it is handed back (Python has not asked the link yet) rather than dropped, and the
+ * link's largest payload; -1 for a bad index or without memory for its buffer (its flows'
+ * frames are then handed back). */
+void rp_pump_begin(struct rp_pump *p, double drop_before);
+int rp_pump_begin_link(struct rp_pump *p, uint32_t link, int64_t room, int hand_back_over,
+                       int64_t max_payload);
 /* One frame (GREPort._frameReceived): RP_PUMP_TAKEN or RP_PUMP_HAND_BACK. */
 int rp_pump_frame(struct rp_pump *p, const uint8_t *frame, size_t size, double ts, int has_ts);
+/* The frame the last call handed back with RP_BACK_NO_LINK, once its link is begun: the
+ * same, without the duplicate check it passed then (it is still the last frame). */
+int rp_pump_frame_again(struct rp_pump *p, const uint8_t *frame, size_t size, double ts,
+                        int has_ts);
 
-/* What the pump call produced: the mux frames, and the head of the capture queue. */
-const uint8_t *rp_pump_out(struct rp_pump *p, size_t *length, uint32_t *frames);
+/* What the pump call produced: the i-th link with frames (i < rp_counts.links, in the order
+ * of their first frame: NULL past them), its mux frames in capture order; and the head of
+ * the capture queue. */
+const uint8_t *rp_pump_out(struct rp_pump *p, uint32_t i, uint32_t *link, size_t *length,
+                           uint32_t *frames);
 int rp_pump_head(struct rp_pump *p, double *head);
 int rp_pump_back_reason(struct rp_pump *p);
+/* The link of the flow whose frame was handed back with RP_BACK_NO_LINK (else -1): Python
+ * begins it and gives the frame again (rp_pump_frame_again) before any other. */
+int rp_pump_back_link(struct rp_pump *p);
 /* The counters since the last take, zeroed by it; deltas of at most max entries (the rest
  * on the next call: the return says how many were written). */
 void rp_pump_take_counts(struct rp_pump *p, struct rp_counts *out);

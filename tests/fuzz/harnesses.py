@@ -135,7 +135,8 @@ def native_parsers(data):
     _guard((), run, data)
 
 
-_PUMP = []  # (module, state, out length, out frames): one pump for the whole run
+_PUMP = []  # (module, state, link, out length, out frames): one pump for the whole run
+_PUMP_LINKS = 3
 
 
 def _pump():
@@ -146,9 +147,12 @@ def _pump():
         link = LINK_LAYERS[DLT_EN10MB]
         lib.rp_pump_set_link(state, link[0], link[1], link[2], len(link[2]))
         lib.rp_pump_set_local(state, bytes([10, 0, 0, 2]), 1)
-        for key in range(0, 65536, 3):  # a third of the keys have a flow, from 10.0.0.1
-            lib.rp_pump_set_flow(state, key, bytes([10, 0, 0, 1]), key, key)
-        _PUMP.append((module, state, ffi.new("size_t *"), ffi.new("uint32_t *")))
+        for key in range(0, 65536, 3):  # a third of the keys have a flow, from 10.0.0.1,
+            # on one of three links
+            lib.rp_pump_set_flow(state, key, bytes([10, 0, 0, 1]), key, key,
+                                 (key // 3) % _PUMP_LINKS)
+        _PUMP.append((module, state, ffi.new("uint32_t *"), ffi.new("size_t *"),
+                      ffi.new("uint32_t *")))
     return _PUMP[0]
 
 
@@ -156,19 +160,36 @@ _PUMP_OUT = 1 << 16
 
 
 def native_pump(data):
-    """rp_pump_frame (the LRP's native capture) on an Ethernet frame after two bytes that
-    pick its byte budget and whether a frame over it is handed back: it must never read or
-    write out of bounds (a crash is the finding) and never report more output than its
-    buffer holds.  Its agreement with the Python path is tests/unit/test_native_pump.py's."""
+    """rp_pump_frame (the native capture) on an Ethernet frame after two bytes that pick the
+    byte budget, whether a frame over it is handed back, and which of the three links are
+    not begun: it must never read or write out of bounds (a crash is the finding), never
+    report more output than a link's buffer holds nor output for a link not begun.  Its
+    agreement with the Python path is tests/unit/test_native_pump.py's."""
     if native.load()[0] is None or len(data) < 2:
         return
-    module, state, length, frames = _pump()
-    lib = module.lib
-    lib.rp_pump_begin(state, 0.0, (data[0] << 4) - 16, data[1] & 1, 1500)
+    module, state, link, length, frames = _pump()
+    lib, ffi = module.lib, module.ffi
+    lib.rp_pump_begin(state, 0.0)
+    begun = [i for i in range(_PUMP_LINKS) if not data[1] >> (2 + i) & 1]
+    for i in begun:
+        lib.rp_pump_begin_link(state, i, (data[0] << 4) - 16, data[1] & 1, 1500)
     taken = lib.rp_pump_frame(state, data[2:], len(data) - 2, 1.0, data[1] & 2)
-    lib.rp_pump_out(state, length, frames)
-    if taken not in (lib.RP_PUMP_TAKEN, lib.RP_PUMP_HAND_BACK) or length[0] > _PUMP_OUT:
-        raise Finding(f"rp_pump_frame {taken}, {length[0]} bytes out for {data[:64].hex()}")
+    if taken == lib.RP_PUMP_HAND_BACK and lib.rp_pump_back_reason(state) == lib.RP_BACK_NO_LINK:
+        link_ = lib.rp_pump_back_link(state)   # as FlowTable.retry: begun, the frame again
+        if link_ in begun or not 0 <= link_ < _PUMP_LINKS:
+            raise Finding(f"no_link for link {link_}, begun {begun}: {data[:64].hex()}")
+        begun.append(link_)
+        lib.rp_pump_begin_link(state, link_, (data[0] << 4) - 16, data[1] & 1, 1500)
+        taken = lib.rp_pump_frame_again(state, data[2:], len(data) - 2, 1.0, data[1] & 2)
+    counts = ffi.new("struct rp_counts *")
+    lib.rp_pump_take_counts(state, counts)
+    lib.rp_pump_take_deltas(state, ffi.new("struct rp_flow_delta[]", 4), 4)
+    outs = [(lib.rp_pump_out(state, i, link, length, frames), link[0], length[0])
+            for i in range(counts.links + 1)]
+    if (taken not in (lib.RP_PUMP_TAKEN, lib.RP_PUMP_HAND_BACK) or counts.links > 1
+            or outs[-1][0] != ffi.NULL
+            or any(n > _PUMP_OUT or i not in begun for _, i, n in outs[:-1])):
+        raise Finding(f"rp_pump_frame {taken}, out {outs[:-1]} for {data[:64].hex()}")
 
 
 _LINK = []  # (module, state, out, out length, deltas): one link read for the whole run
@@ -387,10 +408,11 @@ def seeds():
     fragments = ip_fragments("10.0.0.1", "10.0.0.2", gre.build_gre(7, b"\xff\x03" * 20, seq=1), 24)
     out += [bytes([_DATALINKS.index(datalink)]) + frame(datalink, ip)
             for datalink in (DLT_EN10MB, DLT_LINUX_SLL) for ip in (packet, fragments[0], fragments[-1])]
-    # for the pump: budget and hand-back bytes, then an Ethernet frame of a flow's GRE
+    # for the pump: budget, hand-back and links-not-begun bytes, then an Ethernet frame of a
+    # flow's GRE (key 9: link 0)
     flow = ipv4("10.0.0.1", "10.0.0.2", gre.build_gre(9, b"\xff\x03" * 30, seq=5, ack=4))
     out += [bytes([budget, flags]) + frame(DLT_EN10MB, flow) for budget in (0, 5, 255)
-            for flags in (0, 1, 2, 3)]
+            for flags in (0, 1, 2, 3, 4, 7, 0x1F)]
     out += [F.Ping(b"12345678").encode(), F.Open(1, "default", "x").encode(),
             F.Close(1, 0, "").encode(), F.Datagram(1, 7, 1, None, b"ab").encode()]
     # for the link read: a cut byte, then GRE of flows (tags 3, 6), another tag, a PING

@@ -76,6 +76,7 @@ class RelayHarness:
         self.client_factory = client_factory = LinkFactory(self.lrp, self.reactor, grace)
         client_factory.peerNameOf = server_factory.peerNameOf = None
         self.rrp.links = server_factory.connections
+        self.more_pumps = []   # the links of LRPs beyond the first (addLRP)
         self.prepare()
         self.connectLink()
 
@@ -89,21 +90,39 @@ class RelayHarness:
         self.assertIsNotNone(self.lrp.link)
         self.client_port = 40000
 
+    def addLRP(self, greport=RecordingGREPort):
+        """Another LRP with its own link to the RRP (an RRP serving several LRPs): returns
+        (the LRP, the RRP's end of its link).  connect_client(..., lrp=) dials through it."""
+        lrp = LocalRouteProxy(self.reactor, greport)
+        lrp.relay.clock = self.reactor
+        factory = LinkFactory(lrp, self.reactor, self.resumeGrace)
+        factory.peerNameOf = None
+        client, server, pump = iosim.connectedServerAndClient(
+            lambda: self.server_factory.buildProtocol(None), lambda: factory.buildProtocol(None),
+            greet=True)
+        self.more_pumps.append(pump)
+        self.flush()
+        self.assertIsNotNone(lrp.link)
+        return lrp, server.connection
+
     def flush(self):
         """Deliver everything: the mux batches writes to the end of the reactor turn."""
         for _ in range(5):
             self.reactor.advance(0)
             self.pump.flush()
+            for pump in self.more_pumps:
+                pump.flush()
 
-    def connect_only(self, ip="10.0.0.5"):
-        """A client connects to the LRP and says nothing yet; returns its Peer."""
+    def connect_only(self, ip="10.0.0.5", lrp=None):
+        """A client connects to the LRP (or *lrp*) and says nothing yet; returns its Peer."""
         self.client_port += 1
-        return client_of(self.lrp, ip, self.client_port, self.lrpIP)
+        return client_of(lrp or self.lrp, ip, self.client_port, self.lrpIP)
 
-    def connect_client(self, ip, start=True):
-        """A client connects to the LRP and sends *start* (a Start-Control-Connection-Request,
-        by default an empty one); the RRP dials pptpd; returns (client, server)."""
-        client = self.connect_only(ip)
+    def connect_client(self, ip, start=True, lrp=None):
+        """A client connects to the LRP (or *lrp*) and sends *start* (a Start-Control-
+        Connection-Request, by default an empty one); the RRP dials pptpd; returns (client,
+        server)."""
+        client = self.connect_only(ip, lrp)
         if start:   # nothing is dialled before the client's Start-Control-Connection-Request
             client.send(pptp.StartControlConnectionRequest() if start is True else start)
         self.flush()

@@ -149,3 +149,49 @@ class NativeLinkReadTests(E2ETestCase):
             self.assertGreater(lrpPort["native_link"]["tls_reads"], 0, lrpPort)
             self.assertIsNone(rrp.proc.poll())
             self.assertIsNone(lrp.proc.poll())
+
+
+class NativeTwoLRPsTests(E2ETestCase):
+    """An RRP serving two LRPs, all three native: the RRP's capture pump frames the echoes of
+    both links' calls in C (each link with its own index, buffer and budget), each to its
+    own link."""
+
+    timeout = 120
+
+    def setUp(self):
+        module, reason = native.load()
+        if module is None:
+            self.skipTest(reason)
+
+    def test_both_links_framed_in_c(self):
+        topo = self.topology(CLIENTS, n_lrps=2)
+        with topo.logs_on_failure():
+            e2e.make_certs(topo, ["lrp0", "lrp1"])
+            server = e2e.start_server(topo)
+            rrp = e2e.start_rrp(topo, status_port=STATUS_PORT, extra=NATIVE)
+            lrps = [e2e.start_lrp(topo, i, status_port=STATUS_PORT + 1 + i, extra=NATIVE)
+                    for i in (0, 1)]
+            reports = e2e.run_clients(
+                topo, lambda i: f"{lrps[topo.client_lrp[i]].address}:{e2e.PPTP_PORT}",
+                call_id=1, packets=PACKETS, calls=2)
+            self.assertAllEchoed(reports, 2 * PACKETS)
+            self.waitForCalls(topo, [rrp, *lrps], 0)
+            total = 2 * CLIENTS * PACKETS
+            self.assertEqual(server.status()["gre_echoed"], total)
+            status = rrp.status()
+            port = status["gre_port"]
+            self.assertEqual(port["delivered"], total, port)
+            self.assertEqual(status["totals"]["gre_packets_in"], total, status["totals"])
+            # both links had calls in C at once: the second link got an index of its own
+            self.assertTrue(rrp.lines(r"framed in C \(link 1\)"), rrp.log()[-3000:])
+            pump = port["native"]
+            self.assertEqual((pump["entries"], pump["links_in_c"]), (0, 0), pump)
+            self.assertGreater(pump["framed"], total * 3 // 4, pump)
+            self.assertLessEqual(pump["framed"], total, pump)
+            # each LRP's echoes went over its own link, and each LRP sent its clients theirs
+            self.assertEqual(len(status["links"]), 2, status["links"])
+            for link in status["links"]:
+                self.assertGreaterEqual(link["frames_out"], total // 2, status["links"])
+            for lrp in lrps:
+                self.assertEqual(lrp.status()["gre_port"]["sent"], total // 2)
+            self.assertIsNone(rrp.proc.poll())

@@ -11,6 +11,7 @@ the port's, relay's, session's, call's and mux's counters, and (native only) whi
 handed back and why.  Without the built module these skip with load()'s reason, except
 under CI.
 """
+import dataclasses
 import os
 import socket
 import struct
@@ -335,9 +336,11 @@ class FlowTableTests(unittest.SynchronousTestCase):
         self.flows = self.h.port.flows
 
     def test_entry_while_established(self):
-        self.assertEqual(self.flows.snapshot(), {"entries": 1, "in_c": 1, "framed": 0,
+        self.assertEqual(self.flows.snapshot(), {"entries": 1, "in_c": 1, "links_in_c": 1,
+                                                 "links": 1, "links_begun": 1,
+                                                 "begun_late": 0, "framed": 0,
                                                  "handed_back": 0, "written": 0})
-        self.assertIs(self.flows.connection, self.h.link)
+        self.assertEqual(self.flows.links, {self.h.link: 0})
 
     def test_gone_with_the_call(self):
         from routeproxy import pptp
@@ -359,7 +362,7 @@ class FlowTableTests(unittest.SynchronousTestCase):
     def test_gone_with_the_link(self):
         self.h.link.linkLost("test")
         self.assertEqual(len(self.flows), 0)
-        self.assertIsNone(self.flows.connection)
+        self.assertEqual(self.flows.links, {})
         # GRE for it now: handed back, dropped as the Python path does, the port lives on
         self.h.feed([eth(ipv4(self.h.peer, self.h.local, gre(self.key, b"q", seq=1)))])
         self.assertEqual(self.h.backs, ["unknown_key"])
@@ -367,3 +370,388 @@ class FlowTableTests(unittest.SynchronousTestCase):
 
 class RRPFlowTableTests(FlowTableTests):
     side = "rrp"
+
+
+# -- an RRP serving several LRPs: every link's GRE framed in the same C call ---------------------
+
+
+class MultiLinkHarness(PumpHarness):
+    """PumpHarness on the RRP with *lrps* LRPs, each with its own link and one call: ``keys[i]``
+    is the key (``R``) of LRP i's call, ``conns[i]`` the RRP's end of its link, whose writes
+    are recorded per link."""
+
+    side = "rrp"
+    lrps = 3
+    linksInC = None   # native: a smaller C maximum than RP_MAX_LINKS (those beyond stay in Python)
+
+    def setUp(self):
+        PumpHarness.setUp(self)
+        if self.linksInC is not None and self.port.flows is not None:
+            self.port.flows._linkConnections = [None] * self.linksInC
+        self.farLRPs, self.conns, self.keys, self.linkWrites = [], [], [], {}
+        self.addLinkAndCall(self.lrp, self.link, first=True)
+        for _ in range(self.lrps - 1):
+            self.addLinkAndCall()
+
+    def addLinkAndCall(self, lrp=None, conn=None, first=False):
+        """Another LRP and its link (or the first's), a call over it: the call's key."""
+        if lrp is None:
+            lrp, conn = self.addLRP()
+        records = self.linkWrites[conn] = []
+        write = conn._link.writeFrames
+        if not first:   # PumpHarness.setUp wraps the first link's into self.writes
+            conn._link.writeFrames = lambda chunks: (records.append(b"".join(chunks)),
+                                                     write(chunks))
+        n = len(self.farLRPs)
+        client, server = self.connect_client(f"10.0.0.{20 + n}", lrp=lrp)
+        pptpdSaw, _ = self.dial(client, server, 30 + n, 300 + n)
+        self.farLRPs.append(lrp)
+        self.conns.append(conn)
+        self.keys.append(pptpdSaw)
+        return pptpdSaw
+
+    def loseLink(self, i):
+        """LRP i's link goes (its TCP connection lost), and its calls with it."""
+        conn = self.conns[i]
+        conn._link.transport.loseConnection()
+        self.flush()
+        self.assertTrue(conn.closed)
+
+    def feed(self, frames):
+        for records in self.linkWrites.values():
+            records.clear()
+        written = PumpHarness.feed(self, frames)
+        self.linkWrites[self.conns[0]][:] = self.writes_of_first = written
+        return {i: list(self.linkWrites[conn]) for i, conn in enumerate(self.conns)}
+
+    def observed(self, written):
+        def link(conn):
+            return {k: v for k, v in conn.snapshot().items() if k not in ("rtt_last_ms",
+                                                                          "rtt_smoothed_ms")}
+        sessions = sorted(((self.conns.index(s.mux.connection) if s.mux else None, s.mux.id if s.mux else None,
+                            s.greIn, s.greOut, s.greDropped, s.mux.greOut if s.mux else None,
+                            [(c.gre_in, c.bytes_in) for c in (s.book.calls if s.book else ())])
+                           for s in self.relay.sessions), key=repr)
+        port = self.port.snapshot()
+        port.pop("capture_up")
+        port.pop("native", None)
+        return {
+            "written": written,
+            "port": port,
+            "drops": self.relay.drops.snapshot(),
+            "sessions": sessions,
+            "links": [link(conn) for conn in self.conns],
+            "far": [[(s.greIn, s.greOut) for s in lrp.relay.sessions] for lrp in self.farLRPs],
+            "far_gre": [list(lrp.relay.grePort.sent) for lrp in self.farLRPs],
+        }
+
+
+class MultiPython(MultiLinkHarness, unittest.TestCase):
+    capture = "pcap"
+
+
+class MultiNative(MultiLinkHarness, unittest.TestCase):
+    capture = "native"
+
+
+def run_multi(scenario, lrps=3, linksInC=None, check=None):
+    """*scenario(harness)* yields wake-ups' frame lists on an RRP with *lrps* LRPs, on both
+    paths: (python observed, native observed, backs, native harness snapshots); *check(h)*
+    runs on each harness before its cleanup."""
+    results = []
+    for cls in (MultiPython, MultiNative):
+        harness = cls("run")
+        harness.lrps, harness.linksInC = lrps, linksInC
+        harness.setUp()
+        try:
+            written = [harness.feed(batch) for batch in scenario(harness)]
+            if check is not None:
+                check(harness)
+            results.append((harness.observed(written), list(harness.backs)))
+        finally:
+            harness.doCleanups()
+    (python, _), (nativeResult, backs) = results
+    return python, nativeResult, backs
+
+
+def pptpd_gre(h, i, n, size=100, **more):
+    """GRE from pptpd for LRP i's call: payload bytes naming the link and the frame."""
+    return eth(ipv4(h.peer, h.local, gre(h.keys[i], bytes([0x40 + i, n % 256]) * (size // 2),
+                                         seq=n, **more)))
+
+
+class MultiLinkTests(unittest.SynchronousTestCase):
+    """An RRP serving several LRPs frames every link's GRE in the same C call, each to its own
+    connection, within its own budget; the same link bytes per connection, counters and
+    hand-backs as the Python path."""
+
+    def compare(self, scenario, backs, **more):
+        python, nativeResult, handedBack = run_multi(scenario, **more)
+        self.assertEqual(nativeResult["written"], python["written"])
+        self.assertEqual(nativeResult, python)
+        self.assertEqual(handedBack, backs)
+        return python
+
+    def test_interleaved(self):
+        """GRE of three calls on three links interleaved in one wake-up: C frames all of it,
+        each link's in capture order on its own connection."""
+        def scenario(h):
+            yield [pptpd_gre(h, n % 3, n, 100 + 2 * n, ack=n if n % 2 else None)
+                   for n in range(12)]
+            yield [pptpd_gre(h, i, 20 + k) for k, i in enumerate((2, 0, 2, 1))]
+
+        def check(h):
+            if h.capture == "native":
+                flows = h.port.flows
+                self.assertEqual(flows.links, {h.conns[0]: 0, h.conns[1]: 1, h.conns[2]: 2})
+                self.assertEqual(flows.framed, 16)
+                self.assertEqual(flows.snapshot()["links_in_c"], 3)
+        seen = self.compare(scenario, [], check=check)
+        self.assertEqual(len(set(seen["written"][0][i][0] for i in range(3))), 3)
+        for i, sent in enumerate(seen["far_gre"]):
+            self.assertEqual([g.payload[0] for _, _, g in sent], [0x40 + i] * len(sent))
+            self.assertEqual(len(sent), [5, 5, 6][i])
+        # each far LRP got its own call's frames, in order
+        self.assertEqual([g.seq for _, _, g in seen["far_gre"][2]], [2, 5, 8, 11, 20, 22])
+
+    def test_handed_back_in_between(self):
+        """A fragment of link 1's call in the middle of a wake-up: handed back, the pump stops;
+        the frames before it (of every link) go out first, those after it wait, each link's
+        order is capture order."""
+        def scenario(h):
+            big = gre(h.keys[1], b"F" * 1700, seq=50)
+            frags = [eth(p) for p in ip_fragments(h.peer, h.local, big, 1000, ident=0x4343)]
+            yield [pptpd_gre(h, 0, 1), pptpd_gre(h, 1, 2), pptpd_gre(h, 2, 3), frags[0],
+                   pptpd_gre(h, 1, 4), frags[1], pptpd_gre(h, 0, 5), pptpd_gre(h, 2, 6),
+                   eth(ipv4(OTHER, h.local, gre(h.keys[2], b"w" * 20, seq=7))),
+                   pptpd_gre(h, 2, 8)]
+        seen = self.compare(scenario, ["fragment", "fragment", "wrong_source"])
+        self.assertEqual([g.seq for _, _, g in seen["far_gre"][1]], [2, 4, 50])
+        self.assertEqual([g.seq for _, _, g in seen["far_gre"][2]], [3, 6, 8])
+
+    def test_watermark_per_link(self):
+        """Link 0 over its GRE watermark, the others not: link 0's first frame past its room is
+        handed back (the mux asks the link once), its later ones dropped in C as its
+        watermark drops; the other links' frames are all framed."""
+        def setup(h):
+            conn = h.conns[0]
+            conn.config = dataclasses.replace(conn.config, greWatermark=9000)
+
+        def scenario(h):
+            setup(h)
+            batch = [pptpd_gre(h, n % 3, n, 1000) for n in range(60)]
+            yield batch
+            yield batch
+        seen = self.compare(scenario, ["budget"])
+        dropped = [link["gre_dropped"].get("watermark", 0) for link in seen["links"]]
+        self.assertTrue(dropped[0])
+        self.assertEqual(dropped[1:], [0, 0])
+        self.assertEqual([len(sent) for sent in seen["far_gre"][1:]], [40, 40])
+
+    def test_drop_reason_per_link(self):
+        """Link 2's writes paused, link 0 over its watermark, link 1 neither: each link's drops
+        are counted under its own reason."""
+        def scenario(h):
+            conn = h.conns[0]
+            conn.config = dataclasses.replace(conn.config, greWatermark=3000)
+            h.conns[2].pauseWriting()
+            yield [pptpd_gre(h, n % 3, n, 1000) for n in range(30)]
+        seen = self.compare(scenario, ["budget"])
+        self.assertEqual([link["gre_dropped"] for link in seen["links"]],
+                         [{"watermark": 7}, {}, {"paused": 10}])
+
+    def test_too_large_per_link(self):
+        """maxOutPayload is each link's own."""
+        def scenario(h):
+            h.conns[1].maxOutPayload = 1200
+            yield [pptpd_gre(h, n % 3, n, 1500 if n < 6 else 200) for n in range(9)]
+        seen = self.compare(scenario, [])
+        self.assertEqual([link["gre_dropped"] for link in seen["links"]],
+                         [{}, {"too_large": 2}, {}])
+
+    def test_link_lost_index_reused(self):
+        """Link 1 goes mid-way: its entries go, its index is free; a new LRP's link takes it,
+        and its call's GRE goes to the new connection only; GRE for the lost link's call is
+        handed back and dropped as the Python path drops it."""
+        def scenario(h):
+            yield [pptpd_gre(h, n % 3, n) for n in range(6)]
+            lostKey = h.keys[1]
+            h.loseLink(1)
+            if h.capture == "native":
+                self.assertEqual(h.port.flows.links, {h.conns[0]: 0, h.conns[2]: 2})
+                self.assertEqual(h.port.flows.snapshot()["in_c"], 2)
+            newKey = h.addLinkAndCall()
+            if h.capture == "native":
+                self.assertEqual(h.port.flows.links[h.conns[3]], 1)  # the lost link's index
+            yield [pptpd_gre(h, 3, 10), eth(ipv4(h.peer, h.local, gre(lostKey, b"o" * 10, seq=11)))
+                   if lostKey != newKey else pptpd_gre(h, 3, 11),
+                   pptpd_gre(h, 0, 12), pptpd_gre(h, 3, 13), pptpd_gre(h, 2, 14)]
+        python, nativeResult, backs = run_multi(scenario)
+        self.assertEqual(nativeResult, python)
+        self.assertIn(backs, (["unknown_key"], []))
+        written = python["written"][1]
+        self.assertEqual(written[1], [])        # nothing to the lost link
+        self.assertTrue(written[3])
+        self.assertEqual([g.seq for _, _, g in python["far_gre"][3]],
+                         [10, 13] if backs else [10, 11, 13])
+        self.assertEqual([g.seq for _, _, g in python["far_gre"][1]], [1, 4])
+
+    def test_links_beyond_the_maximum(self):
+        """With room in C for two links, the third link's GRE is handed back and takes the
+        Python path (identical results); when a link goes, the waiting one gets its index."""
+        def scenario(h):
+            if h.capture == "native":
+                snapshot = h.port.flows.snapshot()
+                self.assertEqual((snapshot["links_in_c"], snapshot["links"], snapshot["in_c"]),
+                                 (2, 3, 2))
+            yield [pptpd_gre(h, n % 3, n) for n in range(6)]
+            h.loseLink(0)
+            yield [pptpd_gre(h, 1 + n % 2, n) for n in range(10, 14)]
+            if h.capture == "native":
+                self.assertEqual(h.port.flows.links, {h.conns[1]: 1, h.conns[2]: 0})
+        python, nativeResult, backs = run_multi(scenario, linksInC=2)
+        self.assertEqual(nativeResult, python)
+        self.assertEqual(backs, ["unknown_key"] * 2)
+
+    def test_idle_link_not_begun(self):
+        """A link without a frame for idleCalls pump calls is no longer begun (its budget not
+        asked); its next frame is handed back ("no_link"), takes the Python path, and the
+        link is begun again from the next call."""
+        def scenario(h):
+            if h.capture == "native":
+                h.port.flows.idleCalls = h.port.flows._sweepAt = 4
+            yield [pptpd_gre(h, n % 3, n) for n in range(6)]
+            for n in range(10, 18):
+                yield [pptpd_gre(h, 0, n)]
+            if h.capture == "native":
+                self.assertEqual([index for index, _ in h.port.flows._live], [0])
+            yield [pptpd_gre(h, 1, 20), pptpd_gre(h, 0, 21), pptpd_gre(h, 1, 22)]
+            yield [pptpd_gre(h, 1, 23), pptpd_gre(h, 2, 24), pptpd_gre(h, 2, 25)]
+            if h.capture == "native":
+                self.assertEqual([index for index, _ in h.port.flows._live], [0, 1, 2])
+                snapshot = h.port.flows.snapshot()   # C framed them all after all
+                self.assertEqual((snapshot["framed"], snapshot["handed_back"],
+                                  snapshot["begun_late"]), (20, 0, 2))
+        seen = self.compare(scenario, ["no_link", "no_link"])
+        self.assertEqual([g.seq for _, _, g in seen["far_gre"][1]], [1, 4, 20, 22, 23])
+        self.assertEqual([g.seq for _, _, g in seen["far_gre"][2]], [2, 5, 24, 25])
+
+    def test_idle_link_over_its_watermark(self):
+        """An idle link's frame given to C again meets that link's budget, asked afresh:
+        no room, dropped as its watermark drops."""
+        def scenario(h):
+            if h.capture == "native":
+                h.port.flows.idleCalls = h.port.flows._sweepAt = 4
+            yield [pptpd_gre(h, n % 2, n) for n in range(4)]
+            for n in range(10, 20):
+                yield [pptpd_gre(h, 0, n)]
+            conn = h.conns[1]
+            conn.config = dataclasses.replace(conn.config, greWatermark=0)
+            yield [pptpd_gre(h, 1, 20), pptpd_gre(h, 0, 21), pptpd_gre(h, 1, 22),
+                   pptpd_gre(h, 2, 23)]
+        seen = self.compare(scenario, ["no_link", "no_link"])
+        self.assertEqual(seen["links"][1]["gre_dropped"], {"watermark": 2})
+        self.assertEqual([g.seq for _, _, g in seen["far_gre"][2]], [23])
+
+    def test_retry_handed_back(self):
+        """A frame C hands back again when given it again (its link still not begun) takes
+        the Python path, before anything after it."""
+        def scenario(h):
+            if h.capture == "native":
+                h.port.flows.idleCalls = h.port.flows._sweepAt = 4
+            yield [pptpd_gre(h, n % 2, n) for n in range(4)]
+            for n in range(10, 20):
+                yield [pptpd_gre(h, 0, n)]
+            if h.capture == "native":
+                h.port.flows._activate = lambda index: None   # never begun again
+            yield [pptpd_gre(h, 1, 20), pptpd_gre(h, 0, 21), pptpd_gre(h, 1, 22)]
+        seen = self.compare(scenario, ["no_link"] * 4)
+        self.assertEqual([g.seq for _, _, g in seen["far_gre"][1]], [1, 3, 20, 22])
+
+    def test_many_links(self):
+        """Eight links, their GRE interleaved over two wake-ups."""
+        def scenario(h):
+            yield [pptpd_gre(h, n % 8, n, 60 + n) for n in range(40)]
+            yield [pptpd_gre(h, 7 - n % 8, n) for n in range(40, 56)]
+        seen = self.compare(scenario, [], lrps=8)
+        self.assertEqual([len(sent) for sent in seen["far_gre"]], [7] * 8)
+
+
+class PumpLinksCTests(unittest.SynchronousTestCase):
+    """pump.c's links directly: what Python never asks of it but C must still get right."""
+
+    def setUp(self):
+        if MODULE is None:
+            raise unittest.SkipTest(REASON)
+        ffi, lib = self.ffi, self.lib = MODULE.ffi, MODULE.lib
+        self.state = ffi.gc(lib.rp_pump_new(1 << 16), lib.rp_pump_free)
+        lib.rp_pump_set_link(self.state, 14, 12, b"\x08\x00", 2)
+        lib.rp_pump_set_local(self.state, socket.inet_aton("10.0.3.1"), 1)
+        self.src = socket.inet_aton("10.0.4.2")
+
+    def frame(self, key, n):
+        data = eth(ipv4("10.0.4.2", "10.0.3.1", gre(key, bytes([n]) * 20, seq=n)))
+        return self.lib.rp_pump_frame(self.state, data, len(data), 0.0, 0)
+
+    def outs(self):
+        lib, ffi = self.lib, self.ffi
+        counts = ffi.new("struct rp_counts *")
+        lib.rp_pump_take_counts(self.state, counts)
+        link, length, frames = ffi.new("uint32_t *"), ffi.new("size_t *"), ffi.new("uint32_t *")
+        result = []
+        for i in range(counts.links):
+            out = lib.rp_pump_out(self.state, i, link, length, frames)
+            result.append((link[0], frames[0], ffi.buffer(out, length[0])[:]))
+        self.assertEqual(lib.rp_pump_out(self.state, counts.links, link, length, frames), ffi.NULL)
+        return result
+
+    def test_bounds(self):
+        lib = self.lib
+        self.assertEqual(lib.rp_pump_set_flow(self.state, 5, self.src, 1, 1, lib.RP_MAX_LINKS), -1)
+        self.assertEqual(lib.rp_pump_begin_link(self.state, lib.RP_MAX_LINKS, 0, 0, 0), -1)
+        self.assertEqual(lib.rp_pump_set_flow(self.state, 5, self.src, 1, 1,
+                                              lib.RP_MAX_LINKS - 1), 0)
+
+    def test_link_not_begun_hands_back(self):
+        """A flow whose link was not begun for this call (the last call's budget is stale)."""
+        lib = self.lib
+        lib.rp_pump_set_flow(self.state, 5, self.src, 1, 11, 0)
+        lib.rp_pump_set_flow(self.state, 6, self.src, 2, 12, 3)
+        lib.rp_pump_begin(self.state, 0.0)
+        lib.rp_pump_begin_link(self.state, 3, 1 << 20, 0, 4000)
+        self.assertEqual(self.frame(6, 1), lib.RP_PUMP_TAKEN)
+        self.assertEqual(self.frame(5, 2), lib.RP_PUMP_HAND_BACK)
+        self.assertEqual(lib.rp_pump_back_reason(self.state), lib.RP_BACK_NO_LINK)
+        self.assertEqual(lib.rp_pump_back_link(self.state), 0)
+        [(link, frames, _)] = self.outs()
+        self.assertEqual((link, frames), (3, 1))
+        # the next call: link 3 begun again, link 0 not: its budget from before does not count
+        lib.rp_pump_begin(self.state, 0.0)
+        lib.rp_pump_begin_link(self.state, 0, 1 << 20, 0, 4000)
+        self.assertEqual(self.frame(6, 3), lib.RP_PUMP_HAND_BACK)
+        self.assertEqual(self.frame(5, 4), lib.RP_PUMP_TAKEN)
+        self.assertEqual([(link, frames) for link, frames, _ in self.outs()], [(0, 1)])
+
+    def test_links_in_order_of_first_frame(self):
+        """Each link's frames in capture order in its own buffer; begun twice in a call, a
+        link keeps what it has."""
+        lib = self.lib
+        for key, link in ((5, 7), (6, 2), (8, 7)):
+            lib.rp_pump_set_flow(self.state, key, self.src, key, key, link)
+        lib.rp_pump_begin(self.state, 0.0)
+        for link in (2, 7):
+            lib.rp_pump_begin_link(self.state, link, 1 << 20, 0, 4000)
+        self.frame(8, 1)
+        self.frame(6, 2)
+        lib.rp_pump_begin_link(self.state, 7, 1 << 20, 0, 4000)
+        self.frame(5, 3)
+        self.frame(6, 4)
+        outs = self.outs()
+        self.assertEqual([(link, frames) for link, frames, _ in outs], [(7, 2), (2, 2)])
+        from routeproxy.mux import frames as F
+        decoded = []
+        for _, _, data in outs:
+            decoder = F.FrameDecoder(65535)
+            decoder.feed(data)
+            decoded.append([(frame.session, frame.seq) for frame in iter(decoder.nextFrame, None)])
+        self.assertEqual(decoded, [[(8, 1), (5, 3)], [(6, 2), (6, 4)]])
