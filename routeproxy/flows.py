@@ -180,7 +180,7 @@ class FlowTable(_Entries):
         """The port's local addresses (4 bytes each): GRE to any other is "not_local"."""
         addresses = list(packedAddresses)
         if self._lib.rp_pump_set_local(self.state, b"".join(addresses), len(addresses)) < 0:
-            raise ValueError(f"more than {self._lib.RP_MAX_LOCAL} local addresses")
+            raise MemoryError("rp_pump_set_local")
 
     def begin(self, dropBefore):
         """Before a pump call: the gate's threshold, and each link's watermark room."""

@@ -45,7 +45,7 @@ struct rp_pump {
     uint8_t type_value[8];
     size_t type_length;
     /* the port's local addresses */
-    uint8_t local[RP_MAX_LOCAL][4];
+    uint8_t (*local)[4];            /* n_local of them (malloc'd) */
     size_t n_local;
     /* the last frame that passed the IPv4 checks: (ident, checksum, src, total) and its
      * IP bytes */
@@ -89,6 +89,7 @@ void rp_pump_free(struct rp_pump *p)
     if (p != NULL) {
         for (size_t i = 0; i < RP_MAX_LINKS; i++)
             free(p->links[i].out);
+        free(p->local);
         free(p);
     }
 }
@@ -108,10 +109,13 @@ int rp_pump_set_link(struct rp_pump *p, size_t link_length, long type_at,
 
 int rp_pump_set_local(struct rp_pump *p, const uint8_t *addresses, size_t n)
 {
-    if (n > RP_MAX_LOCAL)
+    uint8_t (*local)[4] = malloc(n ? 4 * n : 1);
+    if (local == NULL)
         return -1;
     if (n)
-        memcpy(p->local, addresses, 4 * n);
+        memcpy(local, addresses, 4 * n);
+    free(p->local);
+    p->local = local;
     p->n_local = n;
     return 0;
 }

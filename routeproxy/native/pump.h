@@ -28,7 +28,6 @@
 #define RP_BACK_NO_LINK 8     /* the flow's link was not begun for this call */
 
 #define RP_FLOW_KEYS 65536
-#define RP_MAX_LOCAL 64
 #define RP_MAX_LINKS 64       /* mux links framed in C; a flow of any other stays in Python */
 
 struct rp_counts {
@@ -61,7 +60,7 @@ void rp_pump_free(struct rp_pump *p);
 /* The link layer (capture.LINK_LAYERS): type_at < 0 when it has no protocol field. */
 int rp_pump_set_link(struct rp_pump *p, size_t link_length, long type_at,
                      const uint8_t *type_value, size_t type_length);
-/* The local addresses, 4 bytes each, n of them: -1 if more than RP_MAX_LOCAL. */
+/* The local addresses, 4 bytes each, n of them (any number): -1 if out of memory. */
 int rp_pump_set_local(struct rp_pump *p, const uint8_t *addresses, size_t n);
 /* A flow entry for key (the call's local ID: L on the LRP, R on the RRP) on link (an index
  * below RP_MAX_LINKS: -1 otherwise), or its removal. */

@@ -755,3 +755,27 @@ class PumpLinksCTests(unittest.SynchronousTestCase):
             decoder.feed(data)
             decoded.append([(frame.session, frame.seq) for frame in iter(decoder.nextFrame, None)])
         self.assertEqual(decoded, [[(8, 1), (5, 3)], [(6, 2), (6, 4)]])
+
+    def test_many_local_addresses(self):
+        """A host with hundreds of addresses (--pptp-listen 0.0.0.0 takes them all): each is
+        local to C, any other is not_local; set again, the old set is gone."""
+        lib, ffi = self.lib, self.ffi
+        addresses = [socket.inet_aton(f"10.1.{i // 250}.{i % 250 + 1}") for i in range(700)]
+        self.assertEqual(lib.rp_pump_set_local(self.state, b"".join(addresses), len(addresses)), 0)
+        lib.rp_pump_set_flow(self.state, 5, self.src, 1, 1, 0)
+        lib.rp_pump_begin(self.state, 0.0)
+        lib.rp_pump_begin_link(self.state, 0, 1 << 20, 0, 4000)
+        counts = ffi.new("struct rp_counts *")
+
+        def send(dst, n):
+            data = eth(ipv4("10.0.4.2", dst, gre(5, bytes([n]) * 20, seq=n)))
+            self.assertEqual(lib.rp_pump_frame(self.state, data, len(data), 0.0, 0),
+                             lib.RP_PUMP_TAKEN)
+            lib.rp_pump_take_counts(self.state, counts)
+            return counts.delivered, counts.not_local
+        self.assertEqual(send("10.1.2.200", 1), (1, 0))     # the 700th
+        self.assertEqual(send("10.1.0.1", 2), (1, 0))       # the first
+        self.assertEqual(send("10.0.3.1", 3), (0, 1))       # not among them
+        lib.rp_pump_set_local(self.state, socket.inet_aton("10.0.3.1"), 1)
+        self.assertEqual(send("10.0.3.1", 4), (1, 0))
+        self.assertEqual(send("10.1.2.200", 5), (0, 1))
