@@ -57,6 +57,8 @@ CUT_KINDS = ("reset", "expire", "restart", "kill")
 ENDINGS = ("clear", "stop", "clear", "reset", "clear", "close")
 STATUS_PORT = 8190
 TROUBLE_MARGIN = 1.0     # seconds around a cut that still count as trouble
+# drops of the facing peer's GRE before it is a session's (routeproxy/gredemux.py)
+PRE_SESSION_DROPS = ("gre_unknown_call_id", "gre_wrong_source", "gre_unknown_source", "gre_malformed")
 LOG_PROBLEMS = ("Traceback (most recent call last)", "Unhandled Error", "Unhandled error")
 
 
@@ -188,6 +190,15 @@ def evaluate(report, limits):
         if not piece.get("settled", True):
             failures.append(f"FAIL {kind} slice {piece['index']}: the daemons did not settle after the clients "
                             f"stopped: {piece.get('unsettled')}")
+    for kind in report.get("daemons", {}):
+        ledger = kind_summary(report, kind, limits).get("ledger")
+        if ledger and ledger["in_difference"]:
+            failures.append(f"FAIL {kind} lrp: counters drift: the clients sent {ledger['clients_sent']} GRE, the LRP "
+                            f"counted {ledger['lrp_in']} in and {ledger['lrp_dropped_before']} dropped before a session "
+                            f"({ledger['in_difference']:+d})")
+        if ledger and ledger["out_difference"] < 0:
+            failures.append(f"FAIL {kind} lrp: counters drift: the clients got {ledger['clients_got']} GRE, more than "
+                            f"the {ledger['lrp_out']} the LRP counted out")
     for problem in report.get("harness_problems", []):
         failures.append(f"FAIL harness: {problem}")
     return failures
@@ -701,7 +712,7 @@ def kind_summary(report, kind, limits):
     for key in ("rounds", "sessions", "calls", "cleared", "clean_rounds"):
         out[key] = sum(s["rounds"][key] for s in slices)
     for key in ("sent", "echoed", "clean_sent", "clean_lost", "troubled_sent", "troubled_lost", "clean_foreign",
-                "troubled_foreign", "late", "counted_calm", "counted", "server_dropped"):
+                "troubled_foreign", "late", "duplicates", "counted_calm", "counted", "server_dropped"):
         out[key] = sum(s["gre"].get(key, 0) for s in slices)
     cuts = report["cuts"].get(kind, [])
     out["cuts"] = {}
@@ -710,6 +721,7 @@ def kind_summary(report, kind, limits):
     for key in ("resumes_done", "resumes_refused", "sessions_resumed", "sessions_expired"):
         out[key] = sum(c.get(key, 0) for c in cuts)
     out["daemons"] = {}
+    out["ledger"] = None
     for name, incs in report["daemons"].get(kind, {}).items():
         first, last = incs[0], incs[-1]
         q_first, q_last = quiet(first["samples"]), quiet(last["samples"])
@@ -755,6 +767,17 @@ def kind_summary(report, kind, limits):
             "link_sent_by_c": sum(([s for s in i["samples"] if s.get("link_sent_by_c") is not None] or [{}])[-1]
                                   .get("link_sent_by_c") or 0 for i in incs),
         }
+    lrp = out["daemons"].get("lrp")
+    if lrp and lrp["incarnations"] == 1 and lrp["totals"]:
+        # Every GRE a client sent reaches the LRP (one veth) and is counted there: in a
+        # session's gre_packets_in, or dropped before one (the GRE port's and gredemux's reasons).
+        before = sum(v for k, v in lrp["drops"].items() if k.startswith("port:") or k in PRE_SESSION_DROPS)
+        got = out["echoed"] + out["late"] + out.get("duplicates", 0)
+        out["ledger"] = {"clients_sent": out["sent"], "lrp_in": lrp["totals"].get("gre_packets_in", 0),
+                         "lrp_dropped_before": before,
+                         "in_difference": out["sent"] - lrp["totals"].get("gre_packets_in", 0) - before,
+                         "lrp_out": lrp["totals"].get("gre_packets_out", 0), "clients_got": got,
+                         "out_difference": lrp["totals"].get("gre_packets_out", 0) - got}
     return out
 
 
@@ -788,6 +811,13 @@ def table(report, limits):
     row("cuts", lambda s: ", ".join(f"{k} {v}" for k, v in sorted(s["cuts"].items())) or "-")
     row("LRP resumes done / refused; sessions resumed / expired",
         lambda s: f"{s['resumes_done']} / {s['resumes_refused']}; {s['sessions_resumed']} / {s['sessions_expired']}")
+    row("LRP ledger: clients sent = LRP in + dropped before a session",
+        lambda s: "-" if not s["ledger"] else
+        f"{s['ledger']['clients_sent']} = {s['ledger']['lrp_in']} + {s['ledger']['lrp_dropped_before']}"
+        + ("" if not s["ledger"]["in_difference"] else f" ({s['ledger']['in_difference']:+d})"))
+    row("LRP ledger: LRP out / clients got (not seen by them)",
+        lambda s: "-" if not s["ledger"] else
+        f"{s['ledger']['lrp_out']} / {s['ledger']['clients_got']} ({s['ledger']['out_difference']})")
     for name in ("lrp", "rrp"):
         label = name.upper()
         row(f"{label} processes", lambda s: _v(s["daemons"][name]["incarnations"]))

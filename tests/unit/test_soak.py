@@ -47,10 +47,17 @@ def slice_(index=1, kind="native", clean_lost=0, counted_calm=0, clean_foreign=0
             "cuts": [], "server": {}}
 
 
-def report(lrp=None, rrp=None, slices=None, deaths=()):
+def report(lrp=None, rrp=None, slices=None, deaths=(), drift=0):
+    """A report whose LRP counted every GRE the clients sent and got (off by *drift* in)."""
+    slices = slices if slices is not None else [slice_()]
+    lrp = lrp or [incarnation(flat())]
+    totals = {"gre_packets_in": sum(s["gre"]["sent"] for s in slices) + drift,
+              "gre_packets_out": sum(s["gre"]["echoed"] for s in slices), "sessions_ended": 10}
+    for entry in lrp[-1]["samples"]:
+        entry["totals"] = totals
     return {"options": {"minutes": 10}, "deaths": list(deaths), "harness_problems": [],
-            "daemons": {"native": {"lrp": lrp or [incarnation(flat())], "rrp": rrp or [incarnation(flat())]}},
-            "cuts": {"native": []}, "slices": slices if slices is not None else [slice_()]}
+            "daemons": {"native": {"lrp": lrp, "rrp": rrp or [incarnation(flat())]}},
+            "cuts": {"native": []}, "slices": slices}
 
 
 LIMITS = soak.Limits(rss_growth=24, rss_slack=3, fd_slack=8, warmup=150, min_span=60)
@@ -160,6 +167,17 @@ class EvaluateTests(unittest.SynchronousTestCase):
                          "not its echo", "control error(s)", "did not settle"):
             self.assertIn(expected, text)
         self.assertEqual(len(failures), 8, text)
+
+    def test_counter_drift_at_the_lrp_fails(self):
+        failures = soak.evaluate(report(drift=-3), LIMITS)
+        self.assertEqual(len(failures), 1, failures)
+        self.assertIn("counters drift: the clients sent 600 GRE, the LRP counted 597 in and 0 dropped before a "
+                      "session (+3)", failures[0])
+        # dropped before a session (unknown call ID, the GRE port's reasons) is counted too
+        ok = report(drift=-3)
+        ok["daemons"]["native"]["lrp"][0]["samples"][-1].update(drops={"gre_unknown_call_id": 2, "mux_detached": 9},
+                                                                port_dropped={"not_local": 1})
+        self.assertEqual(soak.evaluate(ok, LIMITS), [])
 
     def test_lost_gre_counted_as_drops_passes(self):
         self.assertEqual(soak.evaluate(report(slices=[slice_(clean_lost=5, counted_calm=5)]), LIMITS), [])
