@@ -41,6 +41,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -377,9 +378,12 @@ class Rig:
             try:
                 time.sleep(opts.cut_length)
                 with self.lock:
+                    self.scan_log("rrp")    # the old process's last lines; the new one's follow
+                    offset = self.incarnations["rrp"][-1].log_start
                     self.rrp.start()
                     self.rrp.wait_ready(listen=(self.rrp.address, self.rrp.port), status_port=STATUS_PORT)
                     self.incarnations["rrp"].append(Incarnation(self.rrp.pid, self.soak.now()))
+                    self.incarnations["rrp"][-1].log_start = offset
             finally:
                 with self.lock:
                     self.restarting = False
@@ -588,6 +592,13 @@ class Soak:
             return self.report()
         finally:
             for rig in self.rigs.values():
+                if opts.logs:
+                    with contextlib.suppress(OSError):
+                        keep = os.path.join(opts.logs, rig.kind)
+                        os.makedirs(keep, exist_ok=True)
+                        for name in os.listdir(rig.topo.workdir):
+                            if name.endswith((".log", ".out", ".status.json")):
+                                shutil.copy(os.path.join(rig.topo.workdir, name), keep)
                 with contextlib.suppress(Exception):
                     rig.topo.cleanup()
             lab.cleanup()
@@ -724,13 +735,18 @@ def kind_summary(report, kind, limits):
     out["ledger"] = None
     for name, incs in report["daemons"].get(kind, {}).items():
         first, last = incs[0], incs[-1]
-        q_first, q_last = quiet(first["samples"]), quiet(last["samples"])
+        q_last = quiet(last["samples"])
+        # RSS and descriptors of one process: the last, or (restarted) the longest-lived one
+        # with a verdict, so that start, warm-up and end are the same process's
+        chosen = len(incs) - 1
         rate, growth, warm, _ = rss_verdict(last, limits, len(incs) == 1)
-        if rate is None and len(incs) > 1:   # the longest-lived judged one
-            judged = [(rss_verdict(i, limits, n == 0), i) for n, i in enumerate(incs)]
-            judged = [(v, i) for v, i in judged if v[0] is not None]
+        if rate is None and len(incs) > 1:
+            judged = [(rss_verdict(inc, limits, n == 0), n) for n, inc in enumerate(incs)]
+            judged = [(v, n) for v, n in judged if v[0] is not None]
             if judged:
-                (rate, growth, warm, _), _ = max(judged, key=lambda p: p[1]["samples"][-1]["t"] - p[1]["started"])
+                (rate, growth, warm, _), chosen = max(
+                    judged, key=lambda p: incs[p[1]]["samples"][-1]["t"] - incs[p[1]]["started"])
+        q_chosen = quiet(incs[chosen]["samples"])
         every = [s for inc in incs for s in inc["samples"]]
         totals = {}
         for inc in incs:   # counters of every incarnation: the last sample of each
@@ -749,14 +765,16 @@ def kind_summary(report, kind, limits):
         end = ends[-1] if ends else {}
         out["daemons"][name] = {
             "incarnations": len(incs),
-            "rss_start": q_first[0]["rss_kib"] if q_first else None,
+            "rss_process": chosen + 1,
+            "rss_process_minutes": ((q_chosen[-1]["t"] - incs[chosen]["started"]) / 60) if q_chosen else None,
+            "rss_start": q_chosen[0]["rss_kib"] if q_chosen else None,
             "rss_warm": warm["rss_kib"] if warm else None,
-            "rss_end": q_last[-1]["rss_kib"] if q_last else None,
-            "rss_max": max((s.get("rss_kib") or 0 for s in every), default=None),
+            "rss_end": q_chosen[-1]["rss_kib"] if q_chosen else None,
+            "rss_max": max((s.get("rss_kib") or 0 for s in incs[chosen]["samples"]), default=None),
             "rss_growth_mib_h": rate, "rss_growth_mib": growth,
-            "fds_start": q_first[0].get("fds") if q_first else None,
-            "fds_end": q_last[-1].get("fds") if q_last else None,
-            "fds_max": max((s.get("fds") or 0 for s in every), default=None),
+            "fds_start": q_chosen[0].get("fds") if q_chosen else None,
+            "fds_end": q_chosen[-1].get("fds") if q_chosen else None,
+            "fds_max": max((s.get("fds") or 0 for s in incs[chosen]["samples"]), default=None),
             "entries_end": None if end.get("native_entries") is None else
             (end.get("native_entries") or 0) + (end.get("link_entries") or 0),
             "entries_max_busy": None if end.get("native_entries") is None else
@@ -820,7 +838,9 @@ def table(report, limits):
         f"{s['ledger']['lrp_out']} / {s['ledger']['clients_got']} ({s['ledger']['out_difference']})")
     for name in ("lrp", "rrp"):
         label = name.upper()
-        row(f"{label} processes", lambda s: _v(s["daemons"][name]["incarnations"]))
+        row(f"{label} processes (the one in the rows below: its life, min)",
+            lambda s: f"{s['daemons'][name]['incarnations']} (#{s['daemons'][name]['rss_process']}: "
+                      f"{_v(s['daemons'][name]['rss_process_minutes'], '.1f')})")
         row(f"{label} RSS MiB start / after warm-up / end (max)",
             lambda s: " / ".join(mib(s["daemons"][name][k]) for k in ("rss_start", "rss_warm", "rss_end"))
             + f" ({mib(s['daemons'][name]['rss_max'])})")
@@ -874,6 +894,8 @@ def build_parser():
                    help="seconds the daemons get to drop every session after the clients stop [default: 20]")
     p.add_argument("--keep-going", action="store_true", help="go on after a daemon died")
     p.add_argument("--out", help="the report (JSON) [default: soak-DATE.json in the temporary directory]")
+    p.add_argument("--logs", metavar="DIR",
+                   help="keep the daemons' and the server's logs here [default: the report's name + .logs]")
     p.add_argument("--check", metavar="REPORT", help="judge a saved report again (with the thresholds given)")
     p.add_argument("--rss-growth", type=float, default=24.0,
                    help="FAIL when a daemon's RSS grows faster than this many MiB/h after warm-up ... [default: 24]")
@@ -908,7 +930,8 @@ def finish(report, limits, out=None, log=print):
     if out:
         with open(out, "w") as f:
             json.dump(report, f, indent=1, default=str)
-        log(f"soak: report written to {out}")
+        log(f"soak: report written to {out}" + (f", logs in {report['options']['logs']}"
+                                                 if report.get("options", {}).get("logs") else ""))
     return 0 if not failures else 1
 
 
@@ -941,6 +964,8 @@ def main(argv=None):
         return 2
     out = args.out or os.path.join(tempfile.gettempdir(),
                                    f"soak-{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
+    if args.logs is None:
+        args.logs = os.path.splitext(out)[0] + ".logs"
     from benchmarks.topology import raise_fd_limit
     raise_fd_limit()
     report = Soak(args, log).run()
