@@ -331,8 +331,17 @@ class Rig:
 
     def scan_log(self, name):
         inc = self.incarnations[name][-1]
-        text = self.daemons()[name].log()
-        new, inc.log_start = text[inc.log_start:], len(text)
+        daemon = self.daemons()[name]
+        text = daemon.log()
+        if len(text) < inc.log_start:   # twistd rotated the log (1 MB): the rest of the old one first
+            try:
+                with open(f"{daemon.log_path}.1", errors="replace") as f:
+                    new = f.read()[inc.log_start:] + text
+            except OSError:
+                new = text
+        else:
+            new = text[inc.log_start:]
+        inc.log_start = len(text)
         for marker in LOG_PROBLEMS:
             count = new.count(marker)
             if count:
@@ -597,7 +606,7 @@ class Soak:
                         keep = os.path.join(opts.logs, rig.kind)
                         os.makedirs(keep, exist_ok=True)
                         for name in os.listdir(rig.topo.workdir):
-                            if name.endswith((".log", ".out", ".status.json")):
+                            if name.endswith((".log", ".out", ".status.json")) or ".log." in name:
                                 shutil.copy(os.path.join(rig.topo.workdir, name), keep)
                 with contextlib.suppress(Exception):
                     rig.topo.cleanup()
