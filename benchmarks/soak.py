@@ -255,6 +255,29 @@ def extract(status):
     }
 
 
+def memory_split(pid):
+    """KiB resident in the C heap ([heap]: glibc's brk arena, where malloc puts small C
+    allocations) and in the other anonymous mappings (pymalloc's arenas, large mallocs), from
+    /proc/PID/smaps: which allocator a growth comes from."""
+    heap = anon = 0
+    current = None
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            for line in f:
+                if not line[0].isupper() or ":" not in line.split()[0]:
+                    fields = line.split()
+                    current = fields[5] if len(fields) > 5 else ""
+                elif line.startswith("Rss:"):
+                    kib = int(line.split()[1])
+                    if current == "[heap]":
+                        heap += kib
+                    elif current == "":
+                        anon += kib
+    except OSError:
+        return None, None
+    return heap, anon
+
+
 def fd_count(pid):
     try:
         return len(os.listdir(f"/proc/{pid}/fd"))
@@ -321,6 +344,8 @@ class Rig:
             except OSError:
                 entry["rss_kib"] = None
             entry["fds"] = fd_count(inc.pid)
+            if phase == "quiet":
+                entry["heap_kib"], entry["anon_kib"] = memory_split(inc.pid)
             try:
                 entry.update(extract(daemon.status(timeout=5)))
             except Exception as e:   # a status endpoint that does not answer is itself a finding
@@ -569,6 +594,7 @@ class Soak:
         self.deaths, self.harness_problems = [], []
         self.rigs = {}
         self.slices = []
+        self.machine = machine()   # the commit and load the run started with
 
     def now(self):
         return time.monotonic() - self.t0
@@ -693,7 +719,7 @@ class Soak:
             rig.check_alive()
         return {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": machine(),
+            "machine": dict(self.machine, load_after=os.getloadavg()),
             "options": {k: v for k, v in vars(self.opts).items() if k not in ("check",)},
             "seconds": self.now(),
             "deaths": self.deaths,
@@ -781,6 +807,10 @@ def kind_summary(report, kind, limits):
             "rss_end": q_chosen[-1]["rss_kib"] if q_chosen else None,
             "rss_max": max((s.get("rss_kib") or 0 for s in incs[chosen]["samples"]), default=None),
             "rss_growth_mib_h": rate, "rss_growth_mib": growth,
+            "heap_start": q_chosen[0].get("heap_kib") if q_chosen else None,
+            "heap_end": q_chosen[-1].get("heap_kib") if q_chosen else None,
+            "anon_start": q_chosen[0].get("anon_kib") if q_chosen else None,
+            "anon_end": q_chosen[-1].get("anon_kib") if q_chosen else None,
             "fds_start": q_chosen[0].get("fds") if q_chosen else None,
             "fds_end": q_chosen[-1].get("fds") if q_chosen else None,
             "fds_max": max((s.get("fds") or 0 for s in incs[chosen]["samples"]), default=None),
@@ -856,6 +886,9 @@ def table(report, limits):
         row(f"{label} RSS growth after warm-up, MiB/h (MiB)",
             lambda s: "-" if s["daemons"][name]["rss_growth_mib_h"] is None else
             f"{s['daemons'][name]['rss_growth_mib_h']:+.1f} ({s['daemons'][name]['rss_growth_mib']:+.2f})")
+        row(f"{label} of RSS, MiB start -> end: C heap ([heap]) / other anonymous",
+            lambda s: f"{mib(s['daemons'][name].get('heap_start'))} -> {mib(s['daemons'][name].get('heap_end'))} / "
+                      f"{mib(s['daemons'][name].get('anon_start'))} -> {mib(s['daemons'][name].get('anon_end'))}")
         row(f"{label} fds start / end (max)",
             lambda s: f"{_v(s['daemons'][name]['fds_start'])} / {_v(s['daemons'][name]['fds_end'])} "
                       f"({_v(s['daemons'][name]['fds_max'])})")
