@@ -212,3 +212,12 @@ class CommandTests(unittest.SynchronousTestCase):
         self.assertIn("FAIL native lrp: RSS grows 60.0 MiB/h", out)
         rc, out = self.check(leaking, "--rss-growth", "100")
         self.assertEqual(rc, 0, out)
+
+
+class ProcTests(unittest.SynchronousTestCase):
+    def test_memory_split_and_descriptors_of_this_process(self):
+        heap, anon = soak.memory_split(os.getpid())
+        self.assertGreater(heap + anon, 0)
+        self.assertLess(heap + anon, soak.daemons.rss_kib(os.getpid()) + 1)
+        self.assertGreater(soak.fd_count(os.getpid()), 2)
+        self.assertEqual(soak.memory_split(2 ** 22 + 1), (None, None))   # no such process
