@@ -308,11 +308,15 @@ class Rig:
     def __init__(self, soak, lab, kind):
         self.soak, self.kind, self.opts = soak, kind, soak.opts
         self.topo = e2e.build(self.opts.clients, lab=lab)
-        e2e.make_certs(self.topo, ["lrp0"])
-        self.server = e2e.start_server(self.topo, first_call_id=1)
-        self.extra = ["--gre-capture", kind, "--resume-grace", str(self.opts.resume_grace)]
-        self.rrp = e2e.start_rrp(self.topo, status_port=STATUS_PORT, extra=self.extra)
-        self.lrp = e2e.start_lrp(self.topo, status_port=STATUS_PORT, extra=self.extra)
+        try:
+            e2e.make_certs(self.topo, ["lrp0"])
+            self.server = e2e.start_server(self.topo, first_call_id=1)
+            self.extra = ["--gre-capture", kind, "--resume-grace", str(self.opts.resume_grace)]
+            self.rrp = e2e.start_rrp(self.topo, status_port=STATUS_PORT, extra=self.extra)
+            self.lrp = e2e.start_lrp(self.topo, status_port=STATUS_PORT, extra=self.extra)
+        except Exception:   # not a rig yet: Soak.run would not clean it up
+            self.topo.cleanup()
+            raise
         self.lock = threading.RLock()
         self.restarting = False
         self.incarnations = {"lrp": [Incarnation(self.lrp.pid, soak.now())],
