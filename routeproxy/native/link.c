@@ -1,6 +1,7 @@
 /* The RRP's link read (link.h; docs/fastpath.md step 3a): mux frames -> GRE sends.
  * Compiled after gre.c in one unit (build.py): rp_build_gre and get32 are gre.c's. */
 #include <errno.h>
+#include <malloc.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -88,6 +89,14 @@ struct rp_link *rp_link_new(void) {
     return l;
 }
 
+/* A link's C state is tens of KiB per connection (the GRE build buffer, the receive buffer):
+ * freed when the link goes, glibc keeps those pages in the heap between live blocks, so a
+ * link that flaps grew the daemon by ~55 KiB per reset (the soak, docs/soak.md).  Links
+ * end rarely: give the free pages back to the system then. */
+static void give_back(void) {
+    malloc_trim(0);
+}
+
 void rp_link_free(struct rp_link *l) {
     if (!l)
         return;
@@ -95,6 +104,7 @@ void rp_link_free(struct rp_link *l) {
     free(l->table);
     free(l->dirty);
     free(l);
+    give_back();
 }
 
 int rp_link_set_flow(struct rp_link *l, uint32_t session, uint32_t tag, int fd,
@@ -333,6 +343,7 @@ void rp_tls_in_free(struct rp_tls_in *t) {
     if (t) {
         free(t->rbuf);
         free(t);
+        give_back();
     }
 }
 
