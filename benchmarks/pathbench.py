@@ -34,7 +34,6 @@ import sys
 import tempfile
 import time
 
-from OpenSSL import SSL
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
@@ -43,7 +42,7 @@ from routeproxy.lrp import LinkFactory, LocalRouteProxy, PPTPServerFactory
 from routeproxy.mux.connection import MuxConfig, MuxConnection
 from routeproxy.mux.protocol import MuxServerFactory
 from routeproxy.rrp import RemoteRouteProxy
-from routeproxy.testing import RecordingGREPort, RecordingSessionReceiver
+from routeproxy.testing import RecordingGREPort, RecordingSessionReceiver, memoryTLSPair
 
 CLIENT_IP, LRP_IP, RRP_SOURCE, SERVER_IP = "10.0.0.5", "10.0.1.1", "10.0.3.1", "10.0.4.2"
 RRP_NAME, LRP_NAME = "rrp.bench.test", "lrp.bench.test"
@@ -462,21 +461,7 @@ def tls_memory_pair():
     server_ctx = tls.serverCreator(paths["rrp_cert"], paths["rrp_key"], paths["ca"]).options.getContext()
     client_ctx = tls.clientCreator(RRP_NAME, paths["lrp_cert"], paths["lrp_key"],
                                    paths["ca"]).options.getContext()
-    server, client = SSL.Connection(server_ctx, None), SSL.Connection(client_ctx, None)
-    server.set_accept_state()
-    client.set_connect_state()
-    for _ in range(20):
-        for a, b in ((client, server), (server, client)):
-            try:
-                a.do_handshake()
-            except SSL.WantReadError:
-                pass
-            try:
-                data = a.bio_read(1 << 20)
-            except SSL.WantReadError:
-                data = b""
-            if data:
-                b.bio_write(data)
+    server, client = memoryTLSPair(server_ctx, client_ctx)
     return client, server
 
 

@@ -16,7 +16,7 @@ from routeproxy.capture import DLT_EN10MB, DLT_LINUX_SLL, LINK_LAYERS
 from routeproxy.callids import CallIDExhausted, CallIDSpace
 from routeproxy.mux import frames as F
 from routeproxy.mux.connection import MuxConnection
-from routeproxy.testing import RecordingMuxLink
+from routeproxy.testing import RecordingMuxLink, memoryTLSPair
 from tests.support.native import PortProbe, native_outcome, outcome
 from tests.support.packets import frame, ip_fragments, ipv4
 
@@ -260,7 +260,6 @@ def _tlsread():
     if "tlsIn" not in _TLSREAD:
         import socket
         import tempfile
-        from OpenSSL import SSL
         from OpenSSL._util import ffi as sslFFI, lib as sslLib
         from routeproxy import certs, tls
         module = native.load()[0]
@@ -271,20 +270,7 @@ def _tlsread():
                 tls.serverCreator(paths["rrp_cert"], paths["rrp_key"], paths["ca"]).options.getContext(),
                 tls.clientCreator("rrp.fuzz", paths["lrp_cert"], paths["lrp_key"], paths["ca"])
                 .options.getContext())
-        server = SSL.Connection(_TLSREAD["contexts"][0], None)
-        server.set_accept_state()
-        client = SSL.Connection(_TLSREAD["contexts"][1], None)
-        client.set_connect_state()
-        for _ in range(8):
-            for a, b in ((client, server), (server, client)):
-                try:
-                    a.do_handshake()
-                except SSL.WantReadError:
-                    pass
-                try:
-                    b.bio_write(a.bio_read(1 << 16))
-                except SSL.WantReadError:
-                    pass
+        server, client = memoryTLSPair(*_TLSREAD["contexts"])
         ours, theirs = socket.socketpair()
         theirs.setblocking(False)
 

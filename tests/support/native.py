@@ -70,3 +70,16 @@ def native_outcome(data, link):
     if code == native.IPV4_FRAGMENT:
         return ("fragment", gre_bytes, fields.ident, fields.fragment, fields.src, fields.dst, copy)
     return ("gre", gre_bytes, socket.inet_ntoa(fields.src), socket.inet_ntoa(fields.dst), copy)
+
+
+def receivedGRE(sink, src, dst):
+    """The GRE (headers and payload, no IP header) from *src* to *dst* waiting on *sink*, a
+    non-blocking raw IPPROTO_GRE socket: what a native path sent, read off the wire."""
+    out = []
+    while True:
+        try:
+            packet = sink.recv(70000)
+        except BlockingIOError:
+            return out
+        if (socket.inet_ntoa(packet[12:16]), socket.inet_ntoa(packet[16:20])) == (src, dst):
+            out.append(packet[(packet[0] & 15) * 4:])

@@ -26,6 +26,7 @@ from routeproxy.flows import LinkFlows
 from routeproxy.greport import GREPort
 from routeproxy.mux import frames as F
 from routeproxy.testing import MemoryGRESystem
+from tests.support.native import receivedGRE
 from tests.support.relay import RelayHarness
 
 MODULE, REASON = native.load()
@@ -103,15 +104,8 @@ class LinkHarness(RelayHarness):
 
     def received(self):
         """GRE that reached the peer from the facing side since the last call: (src, dst, gre)."""
-        out = []
-        while True:
-            try:
-                packet = self.sink.recv(70000)
-            except BlockingIOError:
-                return out
-            src, dst = socket.inet_ntoa(packet[12:16]), socket.inet_ntoa(packet[16:20])
-            if (src, dst) == (self.source, self.peerIP):
-                out.append((src, dst, packet[(packet[0] & 15) * 4:]))
+        return [(self.source, self.peerIP, data)
+                for data in receivedGRE(self.sink, self.source, self.peerIP)]
 
     def write(self, reads):
         for data in reads:

@@ -480,6 +480,16 @@ def pptpd_gre(h, i, n, size=100, **more):
                                          seq=n, **more)))
 
 
+def link1GoesIdle(h):
+    """Wake-ups in which links 0 and 1 carry GRE, then link 0 alone for longer than the
+    native table's idleCalls (4 here): link 1 is no longer begun."""
+    if h.capture == "native":
+        h.port.flows.idleCalls = h.port.flows._sweepAt = 4
+    yield [pptpd_gre(h, n % 2, n) for n in range(4)]
+    for n in range(10, 20):
+        yield [pptpd_gre(h, 0, n)]
+
+
 class MultiLinkTests(unittest.SynchronousTestCase):
     """An RRP serving several LRPs frames every link's GRE in the same C call, each to its own
     connection, within its own budget; the same link bytes per connection, counters and
@@ -640,11 +650,7 @@ class MultiLinkTests(unittest.SynchronousTestCase):
         """An idle link's frame given to C again meets that link's budget, asked afresh:
         no room, dropped as its watermark drops."""
         def scenario(h):
-            if h.capture == "native":
-                h.port.flows.idleCalls = h.port.flows._sweepAt = 4
-            yield [pptpd_gre(h, n % 2, n) for n in range(4)]
-            for n in range(10, 20):
-                yield [pptpd_gre(h, 0, n)]
+            yield from link1GoesIdle(h)
             conn = h.conns[1]
             conn.config = dataclasses.replace(conn.config, greWatermark=0)
             yield [pptpd_gre(h, 1, 20), pptpd_gre(h, 0, 21), pptpd_gre(h, 1, 22),
@@ -657,11 +663,7 @@ class MultiLinkTests(unittest.SynchronousTestCase):
         """A frame C hands back again when given it again (its link still not begun) takes
         the Python path, before anything after it."""
         def scenario(h):
-            if h.capture == "native":
-                h.port.flows.idleCalls = h.port.flows._sweepAt = 4
-            yield [pptpd_gre(h, n % 2, n) for n in range(4)]
-            for n in range(10, 20):
-                yield [pptpd_gre(h, 0, n)]
+            yield from link1GoesIdle(h)
             if h.capture == "native":
                 h.port.flows._activate = lambda index: None   # never begun again
             yield [pptpd_gre(h, 1, 20), pptpd_gre(h, 0, 21), pptpd_gre(h, 1, 22)]

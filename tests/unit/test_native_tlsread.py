@@ -37,6 +37,7 @@ from routeproxy.mux.linksocket import NativeTLSReader, bufferingTransport
 from routeproxy.mux.protocol import MuxProtocol, MuxServerFactory
 from routeproxy.mux.session import OPEN
 from routeproxy.relay import RelaySession
+from tests.support.native import receivedGRE
 from tests.unit.test_native_link import RawSendSystem, addresses
 
 MODULE, REASON = native.load()
@@ -400,15 +401,7 @@ class Run:
             yield turn()
 
     def gre(self):
-        out = []
-        while True:
-            try:
-                packet = self.sink.recv(70000)
-            except BlockingIOError:
-                return out
-            src, dst = socket.inet_ntoa(packet[12:16]), socket.inet_ntoa(packet[16:20])
-            if (src, dst) == (self.source, self.pptpd):
-                out.append(packet[(packet[0] & 15) * 4:])
+        return receivedGRE(self.sink, self.source, self.pptpd)
 
     @defer.inlineCallbacks
     def observed(self):
