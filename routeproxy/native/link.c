@@ -9,6 +9,13 @@
 
 #include "link.h"
 
+/* Buffers used only inside one call, from the reactor's thread alone (link.h): one each per
+ * process, not per link, so a link's C state is small (a per-link 64 KiB block, freed at
+ * each link's end, left holes in the heap: the soak, docs/soak.md). */
+static uint8_t gre_out[RP_GRE_HEADER_MAX + 65536];   /* a GRE packet being sent */
+#define RECV_MAX (256 * 1024)
+static uint8_t recv_buffer[RECV_MAX];                /* one recv() of the link's socket */
+
 #define LINK_HEADER 12
 #define LINK_GRE 0x20
 
@@ -29,7 +36,6 @@ struct rp_link {
     size_t slots, used, removed;    /* slots: a power of two */
     size_t *dirty;                  /* entries with counts, by index */
     size_t ndirty;
-    uint8_t gre[RP_GRE_HEADER_MAX + 65536];
 };
 
 static size_t slot_of(uint32_t session, uint32_t tag, size_t slots) {
@@ -182,14 +188,14 @@ static int send_gre(struct rp_link *l, const uint8_t *h, uint32_t length) {
     size_t at = 2;
     if (flags & 1) { seq = get32(p + at); at += 4; }
     if (flags & 2) { ack = get32(p + at); at += 4; }
-    long n = rp_build_gre(l->gre, sizeof l->gre, e->key, p + at, length - at, flags & 1, seq,
+    long n = rp_build_gre(gre_out, sizeof gre_out, e->key, p + at, length - at, flags & 1, seq,
                           (flags & 2) != 0, ack);
     if (n < 0)
         return 0;   /* build_gre raises in Python: its path decides */
     struct rp_link_delta *d = &e->delta;
     d->packets++;
     d->bytes += length - at;
-    if (sendto(e->fd, l->gre, (size_t)n, 0, (struct sockaddr *)&e->dst, sizeof e->dst) < 0) {
+    if (sendto(e->fd, gre_out, (size_t)n, 0, (struct sockaddr *)&e->dst, sizeof e->dst) < 0) {
         if (errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS) {
             d->busy++;
         } else {
@@ -311,7 +317,6 @@ struct rp_tls_in {
     rp_bio_get_mem_data_t bio_get_mem_data;
     int fd;
     size_t recv_size;
-    uint8_t *rbuf;
 };
 
 struct rp_tls_in *rp_tls_in_new(uintptr_t ssl, uintptr_t read_bio, uintptr_t write_bio,
@@ -320,14 +325,7 @@ struct rp_tls_in *rp_tls_in_new(uintptr_t ssl, uintptr_t read_bio, uintptr_t wri
     struct rp_tls_in *t = calloc(1, sizeof *t);
     if (!t)
         return NULL;
-    t->recv_size = recv_size ? recv_size : 65536;
-    if (t->recv_size > INT32_MAX)
-        t->recv_size = INT32_MAX;
-    t->rbuf = malloc(t->recv_size);
-    if (!t->rbuf) {
-        free(t);
-        return NULL;
-    }
+    t->recv_size = recv_size && recv_size < RECV_MAX ? recv_size : RECV_MAX;
     t->ssl = (void *)ssl;
     t->read_bio = (void *)read_bio;
     t->write_bio = (void *)write_bio;
@@ -341,7 +339,6 @@ struct rp_tls_in *rp_tls_in_new(uintptr_t ssl, uintptr_t read_bio, uintptr_t wri
 
 void rp_tls_in_free(struct rp_tls_in *t) {
     if (t) {
-        free(t->rbuf);
         free(t);
         give_back();
     }
@@ -357,7 +354,7 @@ int rp_link_read(struct rp_link *l, struct rp_tls_in *t, int do_recv, int first_
     if (do_recv) {
         ssize_t n;
         do {
-            n = recv(t->fd, t->rbuf, t->recv_size, MSG_DONTWAIT);
+            n = recv(t->fd, recv_buffer, t->recv_size, MSG_DONTWAIT);
         } while (n < 0 && errno == EINTR);
         if (n == 0)
             return RP_READ_EOF;
@@ -369,7 +366,7 @@ int rp_link_read(struct rp_link *l, struct rp_tls_in *t, int do_recv, int first_
         }
         info->received = (size_t)n;
         /* a memory BIO takes everything it is given, or fails (no memory) */
-        if (t->bio_write(t->read_bio, t->rbuf, (int)n) != (int)n)
+        if (t->bio_write(t->read_bio, recv_buffer, (int)n) != (int)n)
             return RP_READ_NO_MEMORY;
     }
     for (;;) {

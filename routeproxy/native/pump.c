@@ -534,9 +534,13 @@ struct rp_tls {
     rp_ssl_write_t ssl_write;
     rp_bio_read_t bio_read;
     int fd;
-    uint8_t *buf;       /* the records read from the write BIO */
-    size_t capacity;
 };
+
+/* The records read from a write BIO, for the call's send: one buffer per process, not per
+ * link (used inside one call from the reactor's thread alone; per-link buffers freed at each
+ * link's end left holes in the heap: the soak, docs/soak.md).  It grows, never shrinks. */
+static uint8_t *records;
+static size_t records_capacity;
 
 struct rp_tls *rp_tls_new(uintptr_t ssl, uintptr_t write_bio, uintptr_t ssl_write,
                           uintptr_t bio_read, int fd)
@@ -544,11 +548,13 @@ struct rp_tls *rp_tls_new(uintptr_t ssl, uintptr_t write_bio, uintptr_t ssl_writ
     struct rp_tls *t = calloc(1, sizeof *t);
     if (t == NULL)
         return NULL;
-    t->capacity = 4 * TLS_READ_MIN;
-    t->buf = malloc(t->capacity);
-    if (t->buf == NULL) {
-        free(t);
-        return NULL;
+    if (records == NULL) {
+        records = malloc(4 * TLS_READ_MIN);
+        if (records == NULL) {
+            free(t);
+            return NULL;
+        }
+        records_capacity = 4 * TLS_READ_MIN;
     }
     t->ssl = (void *)ssl;
     t->write_bio = (void *)write_bio;
@@ -560,28 +566,25 @@ struct rp_tls *rp_tls_new(uintptr_t ssl, uintptr_t write_bio, uintptr_t ssl_writ
 
 void rp_tls_free(struct rp_tls *t)
 {
-    if (t != NULL) {
-        free(t->buf);
-        free(t);
-    }
+    free(t);
 }
 
-/* Everything in the write BIO into t->buf: its length, or -1 without memory (what was read
- * stays in t->buf: *n says how much). */
+/* Everything in the write BIO into records: its length, or -1 without memory (what was read
+ * stays in records: *n says how much). */
 static int read_records(struct rp_tls *t, size_t *n)
 {
     *n = 0;
     for (;;) {
-        if (t->capacity - *n < TLS_READ_MIN) {
-            size_t capacity = 2 * t->capacity;
-            uint8_t *buf = realloc(t->buf, capacity);
+        if (records_capacity - *n < TLS_READ_MIN) {
+            size_t capacity = 2 * records_capacity;
+            uint8_t *buf = realloc(records, capacity);
             if (buf == NULL)
                 return -1;
-            t->buf = buf;
-            t->capacity = capacity;
+            records = buf;
+            records_capacity = capacity;
         }
-        size_t room = t->capacity - *n;
-        int got = t->bio_read(t->write_bio, t->buf + *n, room > INT32_MAX ? INT32_MAX : (int)room);
+        size_t room = records_capacity - *n;
+        int got = t->bio_read(t->write_bio, records + *n, room > INT32_MAX ? INT32_MAX : (int)room);
         if (got <= 0)
             return 0;
         *n += (size_t)got;
@@ -609,7 +612,7 @@ int rp_tls_send(struct rp_tls *t, const uint8_t *data, size_t length, size_t *ta
     size_t sent = 0;
     *send_errno = 0;
     while (sent < n) {
-        ssize_t s = send(t->fd, t->buf + sent, n - sent, MSG_NOSIGNAL | MSG_DONTWAIT);
+        ssize_t s = send(t->fd, records + sent, n - sent, MSG_NOSIGNAL | MSG_DONTWAIT);
         if (s < 0) {
             if (errno == EINTR)
                 continue;
@@ -619,7 +622,7 @@ int rp_tls_send(struct rp_tls *t, const uint8_t *data, size_t length, size_t *ta
         }
         sent += (size_t)s;
     }
-    *rest = t->buf + sent;
+    *rest = records + sent;
     *rest_length = n - sent;
     return result;
 }

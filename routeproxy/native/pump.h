@@ -130,6 +130,6 @@ struct rp_tls *rp_tls_new(uintptr_t ssl, uintptr_t write_bio, uintptr_t ssl_writ
 void rp_tls_free(struct rp_tls *t);
 /* data[0:length] through SSL_write, the write BIO's records through send(); what send() did
  * not take (EAGAIN, a short send, an error: *send_errno) is *rest[0:*rest_length], valid
- * until the next call. */
+ * until the next rp_tls_send of any link (one buffer per process). */
 int rp_tls_send(struct rp_tls *t, const uint8_t *data, size_t length, size_t *taken,
                 const uint8_t **rest, size_t *rest_length, int *send_errno);
