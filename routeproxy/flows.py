@@ -45,7 +45,7 @@ class Flow:
     call: object      # its calls.Call
     mux: object       # the mux Session
     installed: bool = False
-    reader: object = None   # the RRP's: the LinkReader it is installed in
+    reader: object = None   # the link read's: the LinkReader it is installed in
 
 
 class _Entries:
@@ -81,16 +81,11 @@ class _Entries:
         del self._entries[key]
         if flow.installed:
             self._clear(key, flow)
-        if not self._entries:
-            self._emptied()
 
     def sessionGone(self, session):
         """Every call of *session* (its mux session detached or closed)."""
         for flow in [f for f in self._entries.values() if f.session is session]:
             self.callGone(flow.call)
-
-    def _emptied(self):
-        pass
 
 
 class RelayFlows:

@@ -156,7 +156,7 @@ class MuxConnection:
         self._flushCall = None
         self._inBatch = False
         self._writePaused = False
-        # the RRP's native link read (routeproxy.flows.LinkReader; MuxFactory.linkFlows), and
+        # the native link read (routeproxy.flows.LinkReader; MuxFactory.linkFlows), and
         # whether it has the stream (from the first read after HELLO with nothing buffered)
         self.nativeReader = None
         self._readingNative = False
@@ -227,7 +227,7 @@ class MuxConnection:
             reader = self.nativeReader
             if reader is not None and (self._readingNative or (
                     self.version is not None and not self._decoder.buffered)):
-                # the RRP's native link read (routeproxy.flows.LinkReader): C sends the GRE
+                # the native link read (routeproxy.flows.LinkReader): C sends the GRE
                 # frames of its entries and hands the rest back, in order
                 self._readingNative = True
                 maxPayload = self._decoder.maxPayload

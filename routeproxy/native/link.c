@@ -1,4 +1,4 @@
-/* The RRP's link read (link.h; docs/fastpath.md step 3a): mux frames -> GRE sends.
+/* The link read (link.h; docs/fastpath.md steps 3a and 3b): mux frames -> GRE sends.
  * Compiled after gre.c in one unit (build.py): rp_build_gre and get32 are gre.c's. */
 #include <errno.h>
 #include <malloc.h>

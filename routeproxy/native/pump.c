@@ -139,12 +139,6 @@ void rp_pump_clear_flow(struct rp_pump *p, uint32_t key)
     p->flows[key & 0xFFFF].used = 0;  /* its counters wait for the next take */
 }
 
-void rp_pump_clear_flows(struct rp_pump *p)
-{
-    for (size_t key = 0; key < RP_FLOW_KEYS; key++)
-        p->flows[key].used = 0;
-}
-
 void rp_pump_begin(struct rp_pump *p, double drop_before)
 {
     p->drop_before = drop_before;

@@ -67,7 +67,6 @@ int rp_pump_set_local(struct rp_pump *p, const uint8_t *addresses, size_t n);
 int rp_pump_set_flow(struct rp_pump *p, uint32_t key, const uint8_t *src, uint32_t session,
                      uint32_t tag, uint32_t link);
 void rp_pump_clear_flow(struct rp_pump *p, uint32_t key);
-void rp_pump_clear_flows(struct rp_pump *p);
 
 /* Before a pump call: the sojourn gate's threshold (0: none); no link is begun.  Then per
  * link that may get frames: its byte budget (the GRE watermark's room), whether a frame
