@@ -175,8 +175,8 @@ size_t rp_link_take_deltas(struct rp_link *l, struct rp_link_delta *out, size_t 
 }
 
 /* The GRE a call sends, batched (docs/gre-io.md "Batched sends"): each packet is built into
- * the arena and queued; flush() sends the queue with one sendmmsg per socket (a syscall costs
- * as much as a packet's send: ~17 us in the UML lab).  Flushed when full and before every
+ * the arena and queued; flush() sends the queue with one sendmmsg per socket (a system call's
+ * own price, paid once: ~17 us in the UML lab).  Flushed when full and before every
  * return to Python, so nothing waits across calls: a frame or event Python handles next finds
  * the GRE before it sent and counted, the entries and sockets still those queued (Python may
  * clear them, or the port close a socket, only between calls).  Per process, as above. */
