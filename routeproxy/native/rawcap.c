@@ -107,6 +107,12 @@ struct rp_rawcap *rp_rawcap_open(int snaplen, int buffer_size, const char *filte
                      : "cannot open a raw GRE socket", errno);
         goto fail;
     }
+    /* the kernel doubles what it is asked (its bookkeeping) and charges each packet its
+     * buffer's true size: half of buffer_size makes the socket hold buffer_size bytes of
+     * them, about as many full-size packets as libpcap's ring of that size (not twice as
+     * many, which at a standing overload is twice the wait) */
+    if (buffer_size > 0)
+        buffer_size = buffer_size / 2 > 1024 ? buffer_size / 2 : 1024;
     if (buffer_size > 0
         && setsockopt(c->fd, SOL_SOCKET, SO_RCVBUFFORCE, &buffer_size, sizeof buffer_size) < 0
         && setsockopt(c->fd, SOL_SOCKET, SO_RCVBUF, &buffer_size, sizeof buffer_size) < 0) {
