@@ -41,8 +41,7 @@ from zope.interface import Interface, implementer
 from routeproxy import ipfrag, sojourn, turn
 from routeproxy.capture import (
     IP_MTU_DISCOVER, IP_PMTUDISC_DONT, IPPROTO_GRE, LINK_LAYERS, NATIVE_KINDS, GREIOError,
-    RawSocketCapture,
-    RealGRESystem, attachDropAll, greFilter, packedAddress,
+    RawSocketCapture, RealGRESystem, attachDropAll, greFilter, packedAddress,
 )
 
 # version/IHL, TOS, total length, id, flags/fragment offset, TTL, protocol, checksum, src, dst
