@@ -11,9 +11,12 @@ It is bounded in every direction, because fragments are cheap for anyone to send
 * at most ``max_bytes`` stored per datagram and no byte beyond offset 65535
   (``fragment_invalid``);
 * at most ``max_fragments`` fragments per datagram (``reassembly_too_many_fragments``) and
-  at most ``max_per_source`` datagrams in progress per source address
-  (``reassembly_source_limit``), so one sender cannot take the table, and each fragment
-  costs at most ``max_fragments`` steps: a flood costs O(packets);
+  at most ``max_per_source`` datagrams in progress per source address: a new one beyond
+  that evicts *that source's* oldest (``reassembly_source_limit``), so one sender cannot
+  take the table, and a sender whose fragments were lost under load (leftovers that never
+  complete) is not shut out until they time out: it loses its oldest, most likely dead,
+  datagrams instead of every new one.  Each fragment costs at most ``max_fragments`` steps:
+  a flood costs O(packets);
 * a datagram not complete ``timeout`` seconds after its first fragment is dropped
   (``reassembly_timeout``), checked whenever a fragment arrives or ``expire`` is called;
 * fragments may come in any order; an exact duplicate, or an overlap carrying the same
@@ -42,7 +45,7 @@ DROP_REASSEMBLY_OVERLAP = "reassembly_overlap"  # two fragments disagree about t
 DROP_REASSEMBLY_TIMEOUT = "reassembly_timeout"  # incomplete after the timeout
 DROP_REASSEMBLY_EVICTED = "reassembly_evicted"  # pushed out by newer datagrams (table full)
 DROP_TOO_MANY_FRAGMENTS = "reassembly_too_many_fragments"  # more pieces than max_fragments
-DROP_SOURCE_LIMIT = "reassembly_source_limit"  # its source has max_per_source in progress
+DROP_SOURCE_LIMIT = "reassembly_source_limit"  # its source's oldest, for a new one past max_per_source
 
 
 class FragmentError(ValueError):
@@ -87,7 +90,7 @@ class Reassembler:
         self.duplicates = 0  # fragments of a datagram already put back together
         self._partials = collections.OrderedDict()  # key -> _Partial, oldest first
         self._completed = collections.OrderedDict()  # key -> None, the last max_datagrams done
-        self._per_source = collections.Counter()    # source -> datagrams in progress
+        self._by_source = {}   # source -> the keys of its datagrams in progress, oldest first
 
     def __len__(self):
         return len(self._partials)
@@ -111,14 +114,15 @@ class Reassembler:
             if offset and not self.tails_open:
                 self.foreign += 1
                 return None
-            if self._per_source[source] >= self.max_per_source:
+            ofSource = self._by_source.get(source, ())
+            if len(ofSource) >= self.max_per_source:
+                self._forget(next(iter(ofSource)))   # the source's oldest
                 self.dropped[DROP_SOURCE_LIMIT] += 1
-                return None
             while len(self._partials) >= self.max_datagrams:
                 self._forget(next(iter(self._partials)))
                 self.dropped[DROP_REASSEMBLY_EVICTED] += 1
             partial = self._partials[key] = _Partial(now, source)
-            self._per_source[source] += 1
+            self._by_source.setdefault(source, {})[key] = None
         try:
             self._insert(partial, offset, end, more, bytes(payload))
         except FragmentError as e:
@@ -137,9 +141,10 @@ class Reassembler:
     def _forget(self, key):
         partial = self._partials.pop(key, None)
         if partial is not None:
-            self._per_source[partial.source] -= 1
-            if self._per_source[partial.source] <= 0:
-                del self._per_source[partial.source]
+            ofSource = self._by_source[partial.source]
+            del ofSource[key]
+            if not ofSource:
+                del self._by_source[partial.source]
 
     def expire(self, now):
         """Drop datagrams older than the timeout (counted); returns how many."""

@@ -50,8 +50,8 @@ class ReassemblerTests(unittest.SynchronousTestCase):
     def test_copies_after_completion_open_nothing(self):
         """pcap on "any" sees a bridged packet twice, port then bridge: the second copy of the
         last fragment comes after the datagram was put back together.  It must open nothing,
-        or 16 such leftovers take the source's whole max_per_source and every later datagram
-        of that client is dropped (found in the UML lab: real transfers stalled at 40 KB)."""
+        or each leftover takes a place of the source's max_per_source (found in the UML lab,
+        when a source at its limit refused new datagrams: real transfers stalled at 40 KB)."""
         r = Reassembler(max_per_source=4)
         for ident in range(20):
             payload = os.urandom(1550)

@@ -203,6 +203,21 @@ class FragmentTests(unittest.SynchronousTestCase):
         r.add(("c", "b", 1, 47), 0, True, bytes(8), 0.0, source="c")
         self.assertEqual(len(r), 5)
         self.assertEqual(r.dropped[ipfrag.DROP_SOURCE_LIMIT], 6)
+        # the source kept its newest four: the oldest went, not the new ones
+        self.assertEqual(sorted(k[2] for k in r._partials if k[0] == "a"), [6, 7, 8, 9])
+
+    def test_a_source_with_leftovers_is_not_shut_out(self):
+        """A client whose second fragments were lost under load (a full capture ring, the
+        gate) leaves datagrams that never complete.  Its next whole datagrams must still be
+        put back together, not refused until the leftovers time out (5 s: at 30 k packets/s
+        the old rule delivered 1 k of them)."""
+        r = ipfrag.Reassembler(max_per_source=4)
+        for ident in range(10):   # first fragments only: their second ones were lost
+            r.add(("a", "b", ident, 47), 0, True, bytes(8), 0.0, source="a")
+        whole = [r.add(("a", "b", ident, 47), offset, more, bytes(8), 0.1, source="a")
+                 for ident in range(10, 20) for offset, more in ((0, True), (8, False))]
+        self.assertEqual(sum(1 for w in whole if w is not None), 10)
+        self.assertEqual(len(r), 3)   # one leftover made room; the source stays within its share
 
 
 class SlowPeerTests(unittest.SynchronousTestCase):
