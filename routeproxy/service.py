@@ -80,6 +80,14 @@ def useNativePlane(options, relay, factory):
     module, _ = native.load()   # checkCapture refused the option where it is not built
     factory.linkFlows = LinkFlows(module, relay.grePort)
     relay.addFlows(factory.linkFlows)
+    if options.get("data-plane") == "loop":
+        from twisted.internet import reactor
+        from routeproxy.native.loop import CaptureLoop
+        loop, reason = CaptureLoop.over(module, reactor, relay.grePort)
+        if loop is None:
+            Logger().warn("--data-plane loop: {reason}; the pump instead", reason=reason)
+        else:
+            loop.install()
 
 
 def addStatusEndpoint(parent, reactor, address, daemon):
