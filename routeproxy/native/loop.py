@@ -32,6 +32,7 @@ class CaptureLoop:
         self.state = self._ffi.new("struct rp_loop *")
         self._poll = None         # the reactor's own doIteration
         self.runs = 0             # rp_loop_run calls, and their results (the status)
+        self.wakeUps = 0          # capture wake-ups handled in C
         self.results = {}
         self._names = {getattr(self._lib, name): name[8:].lower() for name in dir(self._lib)
                        if name.startswith("RP_LOOP_")}
@@ -132,6 +133,7 @@ class CaptureLoop:
         state, port, flows = self.state, self.port, self.port.flows
         k, stats = state.link, state.stats
         port.stats.reads += stats.reads
+        self.wakeUps += stats.reads
         flows._calls, flows._sweepAt = k.calls, k.sweep_at
         if link is not None:
             index, connection, _ = link
@@ -186,7 +188,7 @@ class CaptureLoop:
             self.reactor._disconnectSelectable(port, why, True)
 
     def snapshot(self):
-        return {"runs": self.runs,
+        return {"runs": self.runs, "wake_ups": self.wakeUps,
                 "results": {self._names.get(r, str(r)): n for r, n in sorted(self.results.items())}}
 
 

@@ -1,0 +1,349 @@
+"""The loop (docs/fastpath.md step 5; routeproxy/native/loop.c, routeproxy.native.loop) on the
+real reactor: a native GREPort capturing real GRE on ``lo`` (sent by a raw socket of the
+test's), framing it for a real mutual-TLS mux link on loopback, once with ``--data-plane
+pump`` (Twisted's dispatch, one C pump call per wake-up) and once with ``loop`` (the
+reactor's poll in C).  The same traffic through both must give the far end the same GRE in
+the same order, the Python path the same handed-back frames, and every counter the same;
+timers and other fds must still be served while C loops; the link's loss under a stream must
+not crash it.  Needs root (pcap, raw sockets) and the built module; skips otherwise (except
+under CI for the module).
+"""
+import dataclasses
+import os
+import socket
+import struct
+import threading
+import time
+
+from twisted.internet import defer, protocol, reactor, task
+from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
+from twisted.trial import unittest
+
+from routeproxy import certs, gre, native, tls
+from routeproxy.greport import GREPort
+from routeproxy.mux.connection import MuxConfig
+from routeproxy.mux.protocol import MuxClientFactory, MuxServerFactory
+from tests.support.packets import ip_fragments, ipv4
+from tests.unit.test_native_tls import OrderReceiver
+
+MODULE, REASON = native.load()
+RRP, LRP = "rrp.mux.test", "lrp.mux.test"
+LOCAL, CLIENT = "127.0.0.77", "127.0.0.78"   # on lo, and no other test's
+KEY, OTHER_KEY, TAG = 7, 9, 0x4242
+
+
+def skipUnlessUsable():
+    if MODULE is None:
+        if os.environ.get("CI") == "true":
+            raise AssertionError(f"CI=true and {REASON}")
+        raise unittest.SkipTest(REASON)
+    if os.geteuid() != 0:
+        raise unittest.SkipTest("needs root: pcap and raw sockets")
+    if not hasattr(reactor, "_poller"):
+        raise unittest.SkipTest(f"needs the epoll reactor, not {type(reactor).__name__}")
+
+
+def packet(src, data, ident, proto=47):
+    """IPv4 to LOCAL with IP ID *ident* (the kernel fills in a zero one: no copy would match)."""
+    ip = ipv4(src, LOCAL, data, proto=proto)
+    return ip[:4] + struct.pack("!H", ident) + ip[6:]
+
+
+def greData(key, seq, size=200):
+    return gre.build_gre(key, bytes([seq % 251]) * size, seq=seq)
+
+
+@dataclasses.dataclass
+class RelayCounters:
+    """What FlowTable needs of the relay's session and call (their counters and keys)."""
+    mux: object
+    peerAddress: str = CLIENT
+    greIn: int = 0
+    greDropped: int = 0
+    local_id: int = KEY
+    pns_id: int = TAG
+    gre_in: int = 0
+    bytes_in: int = 0
+
+    @property
+    def session(self):
+        return self
+
+
+class Demux:
+    """The port's receiver as the relay's is for these calls: GRE of the flow's call from its
+    client goes to the mux session (the Python path), any other is recorded."""
+
+    def __init__(self, mux):
+        self.mux, self.others = mux, []
+
+    def greReceived(self, src, dst, data):
+        key, seq, ack, payload = gre.split_gre(data)
+        if key == KEY and src == CLIENT:
+            self.mux.sendGRE(TAG, seq, ack, payload)
+        else:
+            self.others.append((src, dst, key, seq))
+
+    def acceptsFragment(self, src, dst, head):
+        return True
+
+
+class LoopTestCase(unittest.TestCase):
+    """A mux link over real TLS, a native GREPort on lo whose flow table has the call, and,
+    with ``dataPlane == "loop"``, the loop installed on the reactor."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def start(self, dataPlane, maxSojourn=0):
+        paths = certs.write_lab_certs(self.mktemp(), RRP, [LRP])
+        self.far = OrderReceiver()
+        config = MuxConfig()
+        server = MuxServerFactory(lambda session, profile, info: self.far, config, reactor,
+                                  peerNameOf=tls.peerName)
+        listening = reactor.listenSSL(0, server, tls.serverCreator(paths["rrp_cert"], paths["rrp_key"],
+                                                                   paths["ca"]), interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        endpoint = wrapClientTLS(tls.clientCreator(RRP, paths["lrp_cert"], paths["lrp_key"], paths["ca"]),
+                                 TCP4ClientEndpoint(reactor, "127.0.0.1", listening.getHost().port))
+        link = yield endpoint.connect(MuxClientFactory(config, reactor, peerNameOf=tls.peerName))
+        self.lrp, self.server = link.connection, server
+
+        @defer.inlineCallbacks
+        def closeLink():
+            ends = [self.lrp] + list(server.connections)
+            if not self.lrp.closed:
+                self.lrp.goAway(0, "test over")
+            yield defer.gatherResults([c.whenLinkLost() for c in ends])
+        self.addCleanup(closeLink)
+        yield self.lrp.whenReady()
+        self.mux = self.lrp.openSession("office", "1", OrderReceiver())
+        yield self.mux.whenOpen()
+        self.demux = Demux(self.mux)
+        self.port = GREPort(self.demux, [LOCAL], interface="lo", capture="native",
+                            reactor=reactor, maxSojourn=maxSojourn)
+        self.port.startListening()
+        self.addCleanup(self.port.stopListening)
+        self.relay = RelayCounters(self.mux)
+        self.port.flows.callReady(self.relay, self.relay)
+        self.loop = None
+        if dataPlane == "loop":
+            from routeproxy.native.loop import CaptureLoop
+            self.loop, reason = CaptureLoop.over(MODULE, reactor, self.port)
+            self.assertIsNone(reason)
+            self.loop.install()
+            self.addCleanup(self.loop.uninstall)
+        self.sender = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        self.addCleanup(self.sender.close)
+        yield task.deferLater(reactor, 0.05, lambda: None)   # the capture's filter in place
+
+    def send(self, packets):
+        for packet in packets:
+            self.sender.sendto(packet, (LOCAL, 0))
+
+    @defer.inlineCallbacks
+    def settle(self, want):
+        """Until the far end has *want* GRE frames (or 5 s), then a little longer."""
+        for _ in range(500):
+            if len(self.far.gre()) >= want:
+                break
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        yield task.deferLater(reactor, 0.05, lambda: None)
+
+    def observed(self):
+        """What the far end got, what went the Python path, and every counter but the
+        wake-ups (how packets fall into wake-ups is the kernel's timing)."""
+        port = self.port.snapshot()
+        for name in ("reads", "capture_up"):
+            port.pop(name)
+        stats = self.lrp.stats
+        return {"far": self.far.gre(), "others": self.demux.others, "port": port,
+                "mux": (stats.framesOut, stats.bytesOut, stats.framesIn, dict(stats.greDropped)),
+                "session": (self.mux.greOut, self.relay.greIn, self.relay.greDropped,
+                            self.relay.gre_in, self.relay.bytes_in)}
+
+
+# what each scenario sends, in bursts: a list of lists of IPv4 packets
+def common():
+    return [[packet(CLIENT, greData(KEY, seq), seq + 1)] for seq in range(40)] + \
+           [[packet(CLIENT, greData(KEY, seq), seq + 1) for seq in range(40 + 20 * b, 60 + 20 * b)]
+            for b in range(10)]
+
+
+def mixed():
+    """The flow's GRE with what C hands back in between (another key, a fragmented datagram
+    of the flow, a wrong source), not local and not GRE frames C drops itself, and a bridge's
+    duplicate: the order of the flow's GRE at the far end says the hand-backs kept it."""
+    bursts, seq = [], 0
+    for b in range(12):
+        burst = []
+        for i in range(6):
+            burst.append(packet(CLIENT, greData(KEY, seq), seq + 1))
+            seq += 1
+        kind = b % 6
+        if kind == 0:
+            burst.insert(3, packet(CLIENT, greData(OTHER_KEY, b), 5000 + b))
+        elif kind == 1:
+            burst[2:2] = ip_fragments(CLIENT, LOCAL, greData(KEY, seq, 600), 256, ident=0x100 + b)
+            seq += 1
+        elif kind == 2:
+            burst.insert(1, packet("127.0.0.79", greData(KEY, 999), 6000 + b))
+        elif kind == 3:
+            burst.insert(4, packet(CLIENT, b"not gre", 7000 + b, proto=17))
+        elif kind == 4:
+            burst.insert(2, burst[1])   # the same packet again at once
+        bursts.append(burst)
+    return bursts
+
+
+class DifferentialTests(LoopTestCase):
+    """The same traffic through the pump and through the loop: the same result."""
+
+    @defer.inlineCallbacks
+    def through(self, dataPlane, bursts, want):
+        yield self.start(dataPlane)
+        for burst in bursts:
+            self.send(burst)
+            yield task.deferLater(reactor, 0.003, lambda: None)
+        yield self.settle(want)
+        return self.observed()
+
+    @defer.inlineCallbacks
+    def compare(self, bursts, want):
+        skipUnlessUsable()
+        pump = yield self.through("pump", bursts, want)
+        yield self.tearDownLink()
+        loop = yield self.through("loop", bursts, want)
+        self.assertEqual(len(loop["far"]), want)
+        self.assertEqual(loop, pump)
+        self.assertGreater(self.port.flows.written, want // 2)   # C wrote them ...
+        self.assertGreater(self.loop.wakeUps, 10)               # ... in the loop's wake-ups
+        return loop
+
+    @defer.inlineCallbacks
+    def tearDownLink(self):
+        """The first run's link, port and loop gone before the second starts."""
+        calls, self._cleanups = self._cleanups, []
+        for function, args, kwargs in reversed(calls):
+            yield function(*args, **kwargs)
+
+    def test_common(self):
+        return self.compare(common(), 240)
+
+    @defer.inlineCallbacks
+    def test_mixed(self):
+        loop = yield self.compare(mixed(), 12 * 6 + 2)
+        self.assertEqual([key for _, _, key, _ in loop["others"]], [OTHER_KEY, KEY] * 2)
+        self.assertGreater(loop["port"]["native"]["handed_back"], 4)
+        self.assertEqual(loop["port"]["duplicates"], 2)
+
+
+class StreamTests(LoopTestCase):
+    """The reactor's other work while C loops under a steady GRE stream (a thread sends)."""
+
+    def stream(self, seconds, rate=4000):
+        stop = threading.Event()
+
+        def run():
+            sender = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            seq, start = 0, time.monotonic()
+            while not stop.is_set() and time.monotonic() - start < seconds:
+                sender.sendto(ipv4(CLIENT, LOCAL, greData(KEY, seq, 1000)), (LOCAL, 0))
+                seq += 1
+                time.sleep(max(0.0, start + seq / rate - time.monotonic()))
+            sender.close()
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        self.addCleanup(lambda: (stop.set(), thread.join()))
+        return thread
+
+    @defer.inlineCallbacks
+    def test_timersFireOnTime(self):
+        """A callLater made while GRE streams runs on time: C returns at the reactor's timeout."""
+        skipUnlessUsable()
+        yield self.start("loop")
+        self.stream(1.5)
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        late = []
+        for delay in (0.05, 0.1, 0.02, 0.2):
+            due = time.monotonic() + delay
+            yield task.deferLater(reactor, delay, lambda: late.append(time.monotonic() - due))
+        self.assertLess(max(late), 0.02, late)
+        self.assertGreater(self.loop.wakeUps, 100)   # the stream went through the loop
+        self.assertGreater(self.port.flows.written, 1000)
+
+    @defer.inlineCallbacks
+    def test_otherFdPromptly(self):
+        """A UDP datagram arriving while GRE streams is dispatched at once (C returns on a
+        fd it does not handle)."""
+        skipUnlessUsable()
+        yield self.start("loop")
+        got = []
+
+        class Recorder(protocol.DatagramProtocol):
+            def datagramReceived(self, data, address):
+                got.append((time.monotonic(), float(data)))
+        udp = reactor.listenUDP(0, Recorder(), interface="127.0.0.1")
+        self.addCleanup(udp.stopListening)
+        self.stream(1.0)
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(peer.close)
+
+        def ping():   # from a thread: the reactor's thread is in C meanwhile
+            for _ in range(5):
+                peer.sendto(repr(time.monotonic()).encode(), ("127.0.0.1", udp.getHost().port))
+                time.sleep(0.05)
+        thread = threading.Thread(target=ping)
+        thread.start()
+        yield task.deferLater(reactor, 0.4, thread.join)
+        self.assertEqual(len(got), 5)
+        self.assertLess(max(at - sent for at, sent in got), 0.01, got)
+        self.assertGreater(self.loop.wakeUps, 100)
+
+    @defer.inlineCallbacks
+    def test_linkLostUnderStream(self):
+        """The link reset while C loops: the loop stops writing to it (Python sees the loss
+        first), the port goes on, nothing raises."""
+        skipUnlessUsable()
+        yield self.start("loop")
+        self.stream(1.0)
+        yield task.deferLater(reactor, 0.3, lambda: None)
+        self.assertGreater(self.port.flows.written, 100)
+        for connection in self.server.connections:
+            connection._link.transport.abortConnection()   # the far end resets the TCP
+        yield self.lrp.whenLinkLost()
+        self.port.flows.sessionGone(self.relay)   # as the relay does at the link's loss
+        wakeUps, written = self.loop.wakeUps, self.port.flows.written
+        yield task.deferLater(reactor, 0.3, lambda: None)
+        self.assertTrue(self.port.connected)
+        self.assertGreater(self.loop.wakeUps, wakeUps)   # still looping, on the capture alone
+        self.assertEqual(self.port.flows.written, written)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class GateTests(LoopTestCase):
+    """The sojourn gate: C goes on only while the head is younger than its target."""
+
+    @defer.inlineCallbacks
+    def test_oldHeadReturnsToTheGate(self):
+        skipUnlessUsable()
+        yield self.start("loop", maxSojourn=0.005)
+        gate = self.port._gate
+        self.send([ipv4(CLIENT, LOCAL, greData(KEY, 0))])
+        yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertIsNone(gate.above_since)
+        self.assertGreater(self.loop.wakeUps, 0)
+        # a head 10 ms old: C hands the wake-up's end to gate.observe, which starts counting
+        self.loop.uninstall()
+        self.port.stopReading()
+        self.send([ipv4(CLIENT, LOCAL, greData(KEY, 1))])
+        time.sleep(0.01)
+        self.port.startReading()
+        self.loop.install()
+        gates = self.loop.results.get(MODULE.lib.RP_LOOP_GATE, 0)
+        yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(self.loop.results.get(MODULE.lib.RP_LOOP_GATE, 0), gates + 1)
+        self.assertIsNotNone(gate.above_since)
+        yield self.settle(2)
+        self.assertEqual([seq for seq, _ in self.far.gre()], [0, 1])
