@@ -133,9 +133,22 @@ class LoopTestCase(unittest.TestCase):
             self.assertIsNone(reason)
             self.loop.install()
             self.addCleanup(self.loop.uninstall)
+            self.watchdog()
         self.sender = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
         self.addCleanup(self.sender.close)
         yield task.deferLater(reactor, 0.05, lambda: None)   # the capture's filter in place
+
+    def watchdog(self):
+        """Wake the reactor from a thread every 0.25 s: a loop deaf to its timeout then shows
+        as late timers, not as a test that hangs (trial's own timeout is a timer too)."""
+        stop = threading.Event()
+
+        def run():
+            while not stop.wait(0.25):
+                reactor.callFromThread(lambda: None)
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        self.addCleanup(lambda: (stop.set(), thread.join()))
 
     def send(self, packets):
         for packet in packets:
@@ -257,12 +270,41 @@ class StreamTests(LoopTestCase):
         self.addCleanup(lambda: (stop.set(), thread.join()))
         return thread
 
+    def farEndInThread(self):
+        """The far end's socket read (and discarded) by a thread, not the reactor: its reads
+        would return control to Python with every frame and hide whether C alone honours the
+        timeout or another fd.  The far end is reset at the end (its TLS stream is gone)."""
+        from routeproxy.mux.linksocket import bufferingTransport
+        stop = threading.Event()
+        (connection,) = self.server.connections
+        tcp = bufferingTransport(connection._link.transport)
+        tcp.stopReading()
+        sock = socket.socket(fileno=os.dup(tcp.socket.fileno()))
+        sock.settimeout(0.05)
+
+        def drain():
+            while not stop.is_set():
+                try:
+                    sock.recv(1 << 16)
+                except OSError:
+                    pass
+            sock.close()
+        thread = threading.Thread(target=drain, daemon=True)
+        thread.start()
+
+        def end():
+            stop.set()
+            thread.join()
+            tcp.abortConnection()
+        self.addCleanup(end)
+
     @defer.inlineCallbacks
     def test_timersFireOnTime(self):
         """A callLater made while GRE streams runs on time: C returns at the reactor's timeout."""
         skipUnlessUsable()
         yield self.start("loop")
-        self.stream(1.5)
+        self.farEndInThread()
+        self.stream(1.5, rate=2000)
         yield task.deferLater(reactor, 0.2, lambda: None)
         late = []
         for delay in (0.05, 0.1, 0.02, 0.2):
@@ -285,7 +327,8 @@ class StreamTests(LoopTestCase):
                 got.append((time.monotonic(), float(data)))
         udp = reactor.listenUDP(0, Recorder(), interface="127.0.0.1")
         self.addCleanup(udp.stopListening)
-        self.stream(1.0)
+        self.farEndInThread()
+        self.stream(1.0, rate=2000)
         yield task.deferLater(reactor, 0.2, lambda: None)
         peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.addCleanup(peer.close)
