@@ -178,6 +178,21 @@ static int capture_read(struct rp_loop *l)
     return 0;
 }
 
+/* One readable wake-up of the link's socket (NativeTLSReader.doRead's first rp_link_read):
+ * 0 when it only sent GRE (and took plaintext), else RP_LOOP_LINK. */
+static int link_read(struct rp_loop *l)
+{
+    struct rp_loop_read *r = &l->read;
+    r->flags = rp_link_read(r->link, r->tls, 1, 0, r->max_payload, &r->out, &r->out_length,
+                            &r->info);
+    if (r->flags || r->out_length)
+        return RP_LOOP_LINK;
+    l->stats.link_reads++;
+    l->stats.plaintext += r->info.plaintext;
+    l->stats.last_read = clock_seconds(CLOCK_REALTIME);
+    return 0;
+}
+
 int rp_loop_run(struct rp_loop *l, double timeout)
 {
     struct epoll_event events[LOOP_EVENTS];
@@ -204,10 +219,13 @@ int rp_loop_run(struct rp_loop *l, double timeout)
         if (n == 0)
             return RP_LOOP_TIMEOUT;
         for (i = 0; i < n; i++)
-            if (events[i].data.fd != l->capture_fd || events[i].events != EPOLLIN)
+            if (events[i].events != EPOLLIN
+                || (events[i].data.fd != l->capture_fd && events[i].data.fd != l->read.fd))
                 return RP_LOOP_OTHER;   /* before any is handled: Twisted polls again */
-        result = capture_read(l);
-        if (result)
-            return result;
+        for (i = 0; i < n; i++) {   /* in the order Twisted would dispatch them */
+            result = events[i].data.fd == l->capture_fd ? capture_read(l) : link_read(l);
+            if (result)
+                return result;
+        }
     }
 }

@@ -4,7 +4,9 @@
  * rp_loop_run waits on Twisted's own epoll fd and handles a readable native capture itself
  * (the wake-up GREPort.doRead/_pump makes, with the same C calls: rp_pcap_pump, the link's
  * watermark room as MuxConnection.greRoom computes it, rp_tls_send as writeNative, the
- * flush's unsent ceiling), over and over, without entering Python.  It returns as soon as
+ * flush's unsent ceiling), and a readable link socket whose reads are C's (the wake-up
+ * NativeTLSReader.doRead makes: rp_link_read, when it only sends GRE), over and over,
+ * without entering Python.  It returns as soon as
  * anything needs Python: another fd ready, the reactor's next timer due, a frame handed
  * back, the socket not taking a whole write, the gate's head too old, a signal.  Python never
  * runs meanwhile, so every condition Python checked at entry (routeproxy.loop) still holds;
@@ -21,6 +23,9 @@
 #define RP_LOOP_GATE 4         /* a wake-up ended with its head older than the gate's target:
                                 * gate.observe(turn.now, turn.head) */
 #define RP_LOOP_SLOW_PEER 5    /* the flush found the link over maxSendBuffer: Python drops it */
+#define RP_LOOP_LINK 6         /* the link's TLS read gave more than GRE C sent (frames for
+                                * Python, EOF, an error, TLS to send...): read.flags and the
+                                * rest, as NativeTLSReader.doRead goes on after rp_link_read */
 #define RP_LOOP_ERROR -1       /* epoll_wait failed (errno in turn.error) */
 
 /* The capture's mux link, as the Python path sees it at entry (FlowTable._live and the
@@ -65,6 +70,18 @@ struct rp_loop_turn {
     int error;              /* errno of RP_LOOP_ERROR, or the socket error of a send */
 };
 
+/* The link's TLS read (NativeTLSReader's), when C may make it. */
+struct rp_loop_read {
+    int fd;                 /* the link's socket; -1: its reads are not C's now */
+    struct rp_link *link;   /* the LinkReader's state, its TLS read's, the decoder's limit */
+    struct rp_tls_in *tls;
+    uint32_t max_payload;
+    int flags;              /* RP_LOOP_LINK: rp_link_read's flags, bytes for Python, info */
+    const uint8_t *out;
+    size_t out_length;
+    struct rp_read_info info;
+};
+
 /* Counters since Python last folded them (it zeroes them). */
 struct rp_loop_stats {
     uint64_t polls;         /* epoll_wait calls */
@@ -73,6 +90,9 @@ struct rp_loop_stats {
     uint64_t written;
     uint64_t frames_out;    /* MuxStats.framesOut, .bytesOut */
     uint64_t bytes_out;
+    uint64_t link_reads;    /* link socket wake-ups read in C (NativeTLSReader.reads) */
+    uint64_t plaintext;     /* their plaintext bytes (MuxStats.bytesIn) */
+    double last_read;       /* the wall-clock time of the last (MuxConnection._lastReceived) */
 };
 
 struct rp_loop {
@@ -84,6 +104,7 @@ struct rp_loop {
     int gate;               /* the sojourn gate is on (and idle: not dropping, no head over) */
     double target;          /* its target */
     struct rp_loop_link link;
+    struct rp_loop_read read;
     struct rp_loop_turn turn;
     struct rp_loop_stats stats;
 };

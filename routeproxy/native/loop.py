@@ -30,9 +30,11 @@ class CaptureLoop:
         self._module = module
         self.reactor, self.port = reactor, port
         self.state = self._ffi.new("struct rp_loop *")
+        self._tls = None          # the NativeTLSReader whose reads C makes in this run
         self._poll = None         # the reactor's own doIteration
         self.runs = 0             # rp_loop_run calls, and their results (the status)
         self.wakeUps = 0          # capture wake-ups handled in C
+        self.linkReads = 0        # link socket wake-ups read in C
         self.results = {}
         self._names = {getattr(self._lib, name): name[8:].lower() for name in dir(self._lib)
                        if name.startswith("RP_LOOP_")}
@@ -79,6 +81,8 @@ class CaptureLoop:
                 connection = link[1]
                 connection._dropSlowPeer(f"{state.link.ceiling} bytes unsent "
                                          f"(limit {connection.config.maxSendBuffer})")
+        elif result == lib.RP_LOOP_LINK:
+            log.callWithLogger(self._tls.tcp, self._linkRead)
         elif result == lib.RP_LOOP_ERROR:
             raise OSError(state.turn.error, "epoll_wait failed in the loop")
 
@@ -101,6 +105,11 @@ class CaptureLoop:
         if flows._waiting or len(flows._live) > 1:
             return False
         state = self.state
+        self._tls = tls = self._reader()
+        state.read.fd = -1 if tls is None else tls.tcp.fileno()
+        if tls is not None:
+            state.read.link, state.read.tls = tls.reader.state, tls._state
+            state.read.max_payload = tls.mux._decoder.maxPayload
         state.epfd = reactor._poller.fileno()
         state.capture_fd = fd
         state.pcap = port._capture._handle
@@ -128,10 +137,39 @@ class CaptureLoop:
         k.tls = writer._state
         return index, connection, writer
 
+    def _reader(self):
+        """The NativeTLSReader of the one link the port's calls use, when its next read may
+        be C's (as its doRead checks, and the mux holding nothing of its own), else None."""
+        links = self.port.flows.links
+        if len(links) != 1:
+            return None
+        (mux,) = links
+        reader = getattr(mux, "nativeReader", None)
+        tls = getattr(reader, "tls", None)
+        if tls is None or mux.clock is not self.reactor or not tls.installed or not tls.usable() \
+                or mux._control or mux._gre \
+                or mux._flushCall is not None or mux._unsent is not None or mux._inBatch:
+            return None
+        tcp, reactor = tls.tcp, self.reactor
+        fd = tcp.fileno()
+        if reactor._selectables.get(fd) is not tcp or fd not in reactor._reads \
+                or fd in reactor._writes:
+            return None
+        return tls
+
     def _fold(self, link):
         """C's counters and state into Python's: what the Python path would have counted."""
         state, port, flows = self.state, self.port, self.port.flows
         k, stats = state.link, state.stats
+        tls = self._tls
+        if tls is not None:
+            tls.reader._fold()
+            if stats.link_reads:
+                self.linkReads += stats.link_reads
+                tls.reads += stats.link_reads
+                tls.totals.tlsReads += stats.link_reads
+                tls.mux.stats.bytesIn += stats.plaintext
+                tls.mux._lastReceived = stats.last_read
         port.stats.reads += stats.reads
         self.wakeUps += stats.reads
         flows._calls, flows._sweepAt = k.calls, k.sweep_at
@@ -149,6 +187,22 @@ class CaptureLoop:
             flows.fold()
         self._ffi.memmove(self._ffi.addressof(stats), bytes(self._ffi.sizeof(stats)),
                           self._ffi.sizeof(stats))
+
+    def _linkRead(self):
+        """A link read C made that needs Python (frames for the decoder, EOF, an error...):
+        the rest as NativeTLSReader.doRead goes on; its end as the reactor meets doRead's."""
+        tls, read = self._tls, self.state.read
+        if read.flags & self._lib.RP_READ_NO_MEMORY:
+            raise MemoryError("rp_link_read")
+        n = read.out_length
+        rest = self._ffi.buffer(read.out, n)[:] if n else b""
+        try:
+            why = tls.readDone(read.flags, read.info.plaintext, rest)
+        except Exception:
+            why = sys.exc_info()[1]
+            log.err()
+        if why:
+            self.reactor._disconnectSelectable(tls.tcp, why, True)
 
     def _resume(self, link):
         """A wake-up C handed back part way: the mux's turn as C left it, then the rest by
@@ -188,7 +242,7 @@ class CaptureLoop:
             self.reactor._disconnectSelectable(port, why, True)
 
     def snapshot(self):
-        return {"runs": self.runs, "wake_ups": self.wakeUps,
+        return {"runs": self.runs, "wake_ups": self.wakeUps, "link_reads": self.linkReads,
                 "results": {self._names.get(r, str(r)): n for r, n in sorted(self.results.items())}}
 
 

@@ -20,6 +20,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.trial import unittest
 
 from routeproxy import certs, gre, native, tls
+from routeproxy.flows import LinkFlows
 from routeproxy.greport import GREPort
 from routeproxy.mux.connection import MuxConfig
 from routeproxy.mux.protocol import MuxClientFactory, MuxServerFactory
@@ -29,7 +30,7 @@ from tests.unit.test_native_tls import OrderReceiver
 MODULE, REASON = native.load()
 RRP, LRP = "rrp.mux.test", "lrp.mux.test"
 LOCAL, CLIENT = "127.0.0.77", "127.0.0.78"   # on lo, and no other test's
-KEY, OTHER_KEY, TAG = 7, 9, 0x4242
+KEY, OTHER_KEY, TAG, CLIENT_KEY = 7, 9, 0x4242, 0x77   # CLIENT_KEY: the client's own ID
 
 
 def skipUnlessUsable():
@@ -55,19 +56,27 @@ def greData(key, seq, size=200):
 
 @dataclasses.dataclass
 class RelayCounters:
-    """What FlowTable needs of the relay's session and call (their counters and keys)."""
+    """What the flow tables need of the relay's session and call (their counters and keys;
+    one object is both): FlowTable's (GRE from the client) and LinkFlows' (GRE to it)."""
     mux: object
     peerAddress: str = CLIENT
+    localAddress: str = LOCAL
     greIn: int = 0
+    greOut: int = 0
     greDropped: int = 0
     local_id: int = KEY
     pns_id: int = TAG
     gre_in: int = 0
     bytes_in: int = 0
+    gre_out: int = 0
+    bytes_out: int = 0
 
     @property
-    def session(self):
+    def book(self):
         return self
+
+    def gre_key(self, call):
+        return CLIENT_KEY
 
 
 class Demux:
@@ -99,14 +108,22 @@ class LoopTestCase(unittest.TestCase):
         paths = certs.write_lab_certs(self.mktemp(), RRP, [LRP])
         self.far = OrderReceiver()
         config = MuxConfig()
-        server = MuxServerFactory(lambda session, profile, info: self.far, config, reactor,
-                                  peerNameOf=tls.peerName)
+        self.farSessions = []
+
+        def sessionRequested(session, profile, info):
+            self.farSessions.append(session)
+            return self.far
+        server = MuxServerFactory(sessionRequested, config, reactor, peerNameOf=tls.peerName)
         listening = reactor.listenSSL(0, server, tls.serverCreator(paths["rrp_cert"], paths["rrp_key"],
                                                                    paths["ca"]), interface="127.0.0.1")
         self.addCleanup(listening.stopListening)
         endpoint = wrapClientTLS(tls.clientCreator(RRP, paths["lrp_cert"], paths["lrp_key"], paths["ca"]),
                                  TCP4ClientEndpoint(reactor, "127.0.0.1", listening.getHost().port))
-        link = yield endpoint.connect(MuxClientFactory(config, reactor, peerNameOf=tls.peerName))
+        factory = MuxClientFactory(config, reactor, peerNameOf=tls.peerName)
+        self.port = GREPort(None, [LOCAL], interface="lo", capture="native", reactor=reactor,
+                            maxSojourn=maxSojourn)
+        factory.linkFlows = LinkFlows(MODULE, self.port)   # the link read in C (useNativePlane)
+        link = yield endpoint.connect(factory)
         self.lrp, self.server = link.connection, server
 
         @defer.inlineCallbacks
@@ -117,15 +134,20 @@ class LoopTestCase(unittest.TestCase):
             yield defer.gatherResults([c.whenLinkLost() for c in ends])
         self.addCleanup(closeLink)
         yield self.lrp.whenReady()
-        self.mux = self.lrp.openSession("office", "1", OrderReceiver())
+        self.near = OrderReceiver()   # what the link read hands Python (control, other GRE)
+        self.mux = self.lrp.openSession("office", "1", self.near)
         yield self.mux.whenOpen()
-        self.demux = Demux(self.mux)
-        self.port = GREPort(self.demux, [LOCAL], interface="lo", capture="native",
-                            reactor=reactor, maxSojourn=maxSojourn)
+        self.port.receiver = self.demux = Demux(self.mux)
         self.port.startListening()
         self.addCleanup(self.port.stopListening)
         self.relay = RelayCounters(self.mux)
         self.port.flows.callReady(self.relay, self.relay)
+        self.port.linkFlows.callReady(self.relay, self.relay)
+        self.sink = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_GRE)
+        self._clientGRE = []
+        self.sink.setblocking(False)
+        self.sink.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+        self.addCleanup(self.sink.close)
         self.loop = None
         if dataPlane == "loop":
             from routeproxy.native.loop import CaptureLoop
@@ -155,10 +177,11 @@ class LoopTestCase(unittest.TestCase):
             self.sender.sendto(packet, (LOCAL, 0))
 
     @defer.inlineCallbacks
-    def settle(self, want):
-        """Until the far end has *want* GRE frames (or 5 s), then a little longer."""
+    def settle(self, want, back=0):
+        """Until the far end has *want* GRE frames and the client *back* (or 5 s), then a
+        little longer."""
         for _ in range(500):
-            if len(self.far.gre()) >= want:
+            if len(self.far.gre()) >= want and len(self.clientGRE()) >= back:
                 break
             yield task.deferLater(reactor, 0.01, lambda: None)
         yield task.deferLater(reactor, 0.05, lambda: None)
@@ -169,11 +192,28 @@ class LoopTestCase(unittest.TestCase):
         port = self.port.snapshot()
         for name in ("reads", "capture_up"):
             port.pop(name)
+        port["native_link"].pop("tls_reads")
         stats = self.lrp.stats
         return {"far": self.far.gre(), "others": self.demux.others, "port": port,
-                "mux": (stats.framesOut, stats.bytesOut, stats.framesIn, dict(stats.greDropped)),
-                "session": (self.mux.greOut, self.relay.greIn, self.relay.greDropped,
-                            self.relay.gre_in, self.relay.bytes_in)}
+                "near": self.near.events, "client": self.clientGRE(),
+                "mux": (stats.framesOut, stats.bytesOut, stats.framesIn, stats.bytesIn,
+                        dict(stats.greDropped)),
+                "session": (self.mux.greOut, self.mux.greIn, self.relay.greIn, self.relay.greOut,
+                            self.relay.greDropped, self.relay.gre_in, self.relay.bytes_in,
+                            self.relay.gre_out, self.relay.bytes_out)}
+
+    def clientGRE(self):
+        """The GRE the link read sent to the client so far: (key, seq, payload), in order."""
+        got = self._clientGRE
+        while True:
+            try:
+                packet = self.sink.recv(1 << 16)
+            except BlockingIOError:
+                break
+            if socket.inet_ntoa(packet[16:20]) == CLIENT:
+                key, seq, _, payload = gre.split_gre(packet[(packet[0] & 15) * 4:])
+                got.append((key, seq, payload))
+        return list(got)
 
 
 # what each scenario sends, in bursts: a list of lists of IPv4 packets
@@ -213,21 +253,33 @@ class DifferentialTests(LoopTestCase):
     """The same traffic through the pump and through the loop: the same result."""
 
     @defer.inlineCallbacks
-    def through(self, dataPlane, bursts, want):
+    def through(self, dataPlane, bursts, want, replies):
+        """*bursts* captured, and after each the far end's *replies* (a function of the
+        burst's index: GRE seqs and control, sent back to the client through the link read)."""
         yield self.start(dataPlane)
-        for burst in bursts:
+        (far,) = self.farSessions
+        back = 0
+        for i, burst in enumerate(bursts):
             self.send(burst)
+            for reply in replies(i):
+                if isinstance(reply, bytes):
+                    far.sendControl(reply)
+                else:
+                    far.sendGRE(TAG if reply >= 0 else TAG + 1, abs(reply), None,
+                                bytes([abs(reply) % 251]) * 300)
+                    back += reply >= 0
             yield task.deferLater(reactor, 0.003, lambda: None)
-        yield self.settle(want)
+        yield self.settle(want, back)
         return self.observed()
 
     @defer.inlineCallbacks
-    def compare(self, bursts, want):
+    def compare(self, bursts, want, replies=lambda i: ()):
         skipUnlessUsable()
-        pump = yield self.through("pump", bursts, want)
+        pump = yield self.through("pump", bursts, want, replies)
         yield self.tearDownLink()
-        loop = yield self.through("loop", bursts, want)
+        loop = yield self.through("loop", bursts, want, replies)
         self.assertEqual(len(loop["far"]), want)
+        self.assertEqual({k for k in loop if loop[k] != pump[k]}, set())
         self.assertEqual(loop, pump)
         self.assertGreater(self.port.flows.written, want // 2)   # C wrote them ...
         self.assertGreater(self.loop.wakeUps, 10)               # ... in the loop's wake-ups
@@ -249,6 +301,23 @@ class DifferentialTests(LoopTestCase):
         self.assertEqual([key for _, _, key, _ in loop["others"]], [OTHER_KEY, KEY] * 2)
         self.assertGreater(loop["port"]["native"]["handed_back"], 4)
         self.assertEqual(loop["port"]["duplicates"], 2)
+
+    @defer.inlineCallbacks
+    def test_bothWays(self):
+        """GRE back from the far end between the captured bursts, for the call (sent to the
+        client by the link read), for a call the link read does not know (Python's), and
+        control frames: the same GRE at the client, the same frames to Python, in order."""
+        def replies(i):
+            out = [i * 4 + j for j in range(4)]
+            if i % 3 == 0:
+                out.insert(2, b"control %d" % i)
+            if i % 5 == 1:
+                out.insert(1, -(1000 + i))
+            return out
+        loop = yield self.compare(common(), 240, replies)
+        self.assertEqual(len(loop["client"]), 50 * 4)
+        self.assertEqual([e[0] for e in loop["near"]].count("g"), 10)
+        self.assertGreater(self.loop.linkReads, 10)   # the link read in the loop's C
 
 
 class StreamTests(LoopTestCase):
