@@ -231,6 +231,7 @@ class GREPort(abstract.FileDescriptor):
         self._sources = {}  # packed -> str cache for greReceived's src
         self._senders = {}  # local source address -> bound raw socket
         self.linkFlows = None  # the native link read's table (routeproxy.flows.LinkFlows)
+        self.loop = None  # --data-plane loop: the reactor's poll in C (routeproxy.native.loop)
         self._capture = None
         self._loggedErrors = set()
         self._link = None
@@ -645,6 +646,8 @@ class GREPort(abstract.FileDescriptor):
             result["native"] = self.flows.snapshot()
         if self.linkFlows is not None:  # --gre-capture native: what C sent
             result["native_link"] = self.linkFlows.snapshot()
+        if self.loop is not None:  # --data-plane loop: how often C returned, and why
+            result["loop"] = self.loop.snapshot()
         if self._capture is not None:
             try:
                 _, drop, ifdrop = self._capture.stats()

@@ -54,11 +54,13 @@ class CaptureLoop:
         if self._poll is None:
             self._poll = self.reactor.doIteration
             self.reactor.doIteration = self.doIteration
+            self.port.loop = self
 
     def uninstall(self):
         if self._poll is not None:
             del self.reactor.doIteration
             self._poll = None
+            self.port.loop = None
 
     def doIteration(self, timeout):
         """The reactor's iteration: in C while only the capture is ready, else Twisted's."""

@@ -190,8 +190,8 @@ class LoopTestCase(unittest.TestCase):
         """What the far end got, what went the Python path, and every counter but the
         wake-ups (how packets fall into wake-ups is the kernel's timing)."""
         port = self.port.snapshot()
-        for name in ("reads", "capture_up"):
-            port.pop(name)
+        for name in ("reads", "capture_up", "loop"):
+            port.pop(name, None)
         port["native_link"].pop("tls_reads")
         stats = self.lrp.stats
         return {"far": self.far.gre(), "others": self.demux.others, "port": port,
