@@ -392,6 +392,7 @@ class GREPort(abstract.FileDescriptor):
         return self._wakeUp(budget, (now, head, back, carried, error))
 
     def _wakeUp(self, budget, resumed):
+        """doRead's body, from its start or (*resumed*) from where the loop's C stopped."""
         gate = self._gate
         if gate is not None:
             now = self._wallClock() if resumed is None else resumed[0]

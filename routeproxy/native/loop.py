@@ -5,10 +5,12 @@ reactor's own thread.
 capture's wake-up could go to C whole (:meth:`CaptureLoop.usable`: the port reading, the
 gate idle, the one link it frames for open, Twisted's TLS and the mux holding nothing), one
 C call (``rp_loop_run``, loop.c) waits on Twisted's own epoll fd and handles the capture's
-wake-ups itself, one after the other, until anything else needs Python; then the counters
-are folded (before any status read can run) and Python goes on where C stopped: Twisted's
-dispatch of the ready fds, the rest of a wake-up C handed back (``GREPort.resumeRead``), the
-gate's observe, the slow peer's drop.  Otherwise the iteration is Twisted's own.  No second
+wake-ups itself, and the link socket's reads when they are C's (``NativeTLSReader``), one
+after the other, until anything else needs Python; then the counters are folded (before any
+status read can run) and Python goes on where C stopped: Twisted's dispatch of the ready
+fds, the rest of a wake-up C handed back (``GREPort.resumeRead``, ``NativeTLSReader.
+readDone``), the gate's observe, the slow peer's drop.  Otherwise the iteration is Twisted's
+own.  No second
 thread: the ``SSL*`` is only used in the reactor's thread, while Python checked it alive.
 """
 import sys
@@ -21,7 +23,8 @@ from routeproxy.greport import GREPort
 
 
 class CaptureLoop:
-    """The loop over one native GREPort's capture (see the module's docstring)."""
+    """The loop over one native GREPort's capture and its link's reads (see the module's
+    docstring)."""
 
     log = Logger()
 
@@ -63,7 +66,7 @@ class CaptureLoop:
             self.port.loop = None
 
     def doIteration(self, timeout):
-        """The reactor's iteration: in C while only the capture is ready, else Twisted's."""
+        """The reactor's iteration: in C while only native fds are ready, else Twisted's."""
         link = self.usable()
         if link is False:
             return self._poll(timeout)
