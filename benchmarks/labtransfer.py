@@ -7,7 +7,8 @@ real pptpd in the UML lab (docs/lab.md), through the NAT with the kernel's PPTP 
 (``proxy``), interleaved, *rounds* of each.  Prints each run's seconds (the slowest client's,
 from its send to the sha256 check) and its ping round trip through the tunnel before the
 transfer (the slowest client's mean of 3), for the proxy also the CPU time each daemon used
-over the transfer (from /proc in the guest), then the proxy's time and round trip as multiples
+over the transfer (from /proc in the guest) and what the LRP's GRE port captured, took in C
+and handed back to Python (its status), then the proxy's time and round trip as multiples
 of the helper's (medians over the rounds).  Needs root and a UML the lab can boot.
 """
 import argparse
@@ -38,6 +39,20 @@ def rtt_of(run):
     return max(rtts) if rtts else None
 
 
+def gre_of(run):
+    """The LRP's GRE port after the transfer, in a few words: what it captured, what its native
+    pump took in C and handed back to Python, and the fragments among them ("" without status)."""
+    port = (getattr(run, "status", {}).get("lrp") or {}).get("gre_port")
+    if not port:
+        return ""
+    native = port.get("native") or {}
+    dropped = {k: v for k, v in (port.get("dropped") or {}).items() if v}
+    return (f"; LRP GRE captured {port.get('received', 0)}, fragments {port.get('fragments', 0)}"
+            + (f", in C {native.get('framed', 0)}, handed back {native.get('handed_back', 0)}"
+               if native else "")
+            + (f", dropped {dropped}" if dropped else ""))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mb", type=int, default=4)
@@ -61,7 +76,8 @@ def main(argv=None):
             took, rtt = seconds_of(run), rtt_of(run)
             cpu = "".join(f", {d.upper()} CPU {s:.2f} s" for d, s in sorted(getattr(run, "cpu", {}).items()))
             print(f"round {round_ + 1} {mode:10} {args.clients} client(s) x {args.mb} MB: "
-                  + (f"{took:.2f} s, ping {rtt if rtt is not None else '-'} ms{cpu}" if took is not None
+                  + (f"{took:.2f} s, ping {rtt if rtt is not None else '-'} ms{cpu}{gre_of(run)}"
+                     if took is not None
                      else "FAILED\n" + cli.format_table(run)),
                   flush=True)
             if took is not None:

@@ -48,7 +48,10 @@ GRE_HEADER = 12                  # K+S: flags, protocol, payload length, call ID
 PROBE = struct.Struct("!4sIIQQ")  # magic, run, flow, sequence, send time (ns, CLOCK_REALTIME)
 MAGIC = b"RPb1"
 MIN_SIZE = IP_HEADER + GRE_HEADER + PROBE.size   # 60
-MAX_SIZE = 1500
+# Above the 1500-byte MTU the sender's kernel sends two fragments, as a client at PPP MTU 1500
+# does (the sink's raw socket gets the datagram reassembled, in its 2048-byte slots).
+MAX_SIZE = 2000
+LINK_MTU = 1500
 # Rewritten per packet, from offset 6 of the GRE header: call ID, GRE sequence, then the probe.
 _PER_PACKET = struct.Struct("!HI4sIIQQ")
 _GRE_FIXED = struct.Struct("!HHH")               # flags+version 0x3001, 0x880B, payload length
@@ -220,6 +223,8 @@ class Sender:
         self.link = link
         self.run_id = run
         gre = build_packet(size, self.keys[0], 0)
+        if size > LINK_MTU:
+            link = self.link = None   # a frame cannot be fragmented: the kernel's IP output can
         if link is None:
             self.sock = _raw_gre_socket()
             prefix = b""

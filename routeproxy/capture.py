@@ -10,6 +10,9 @@ PPTP's data channel is GRE, IP protocol 47: no ports, so no ordinary socket rece
 * :class:`NativeCapture` (``--gre-capture native``, the LRP): a libpcap handle opened in C
   (routeproxy.native), read by ``pump``: one C call per wake-up that frames the common
   packet for the mux and hands the rest back (routeproxy.flows, docs/fastpath.md step 3a).
+* :class:`NativeRawCapture` (``--gre-capture native-raw``): the raw socket read in C
+  (recvmmsg, rawcap.c) and pumped as NativeCapture is: the kernel's reassembled datagrams,
+  each with its receive time, so a real client's fragmented packet is framed in C too.
 * :class:`RealGRESystem` is the operating system as a :class:`~routeproxy.greport.GREPort`
   sees it (``IGRESystem``): it opens captures and raw sockets.  Tests inject the fakes of
   :mod:`routeproxy.testing` instead, as twisted.pair's tuntap does.
@@ -50,6 +53,10 @@ LINK_LAYERS = {
 
 #: One classic BPF instruction, BPF_RET|BPF_K with k=0: accept 0 bytes = drop the packet.
 DROP_ALL_FILTER = struct.pack("HBBI", 0x06, 0, 0, 0)
+
+
+#: the capture kinds whose GRE the native pump reads (with the native link read beside them)
+NATIVE_KINDS = ("native", "native-raw")
 
 
 class GREIOError(Exception):
@@ -309,6 +316,50 @@ class NativeCapture:
             self._handle = None
 
 
+@implementer(ICapture)
+class NativeRawCapture(NativeCapture):
+    """An unbound raw IPPROTO_GRE socket opened and read in C (rawcap.c): pumped as
+    NativeCapture is (the same ``pump(state, budget)``, the same hand-backs), its packets
+    the kernel's (fragments reassembled, nothing captured twice), with their receive times
+    (the sojourn gate works) and the port's filter attached in the kernel (shards work)."""
+
+    def __init__(self, module, snaplen, bufferSize, bpf):
+        self._ffi, self._lib = module.ffi, module.lib
+        self._err = self._ffi.new("char[]", 256)
+        handle = self._lib.rp_rawcap_open(snaplen, bufferSize, bpf.encode(), self._err)
+        if handle == self._ffi.NULL:
+            raise GREIOError(f"cannot capture GRE on a raw socket with {bpf!r}: {self._error()}")
+        self._handle = handle
+        self._back = self._ffi.new("const uint8_t **")
+        self._backLength = self._ffi.new("size_t *")
+        self._backTime = self._ffi.new("double *")
+        self._pump = self._lib.rp_rawcap_pump
+
+    def fileno(self):
+        return self._lib.rp_rawcap_fileno(self._handle)
+
+    def datalink(self):
+        return DLT_RAW
+
+    def pending(self):
+        """Packets read from the socket that the pump has not taken yet (after a hand-back)."""
+        return self._lib.rp_rawcap_pending(self._handle)
+
+    def setFilter(self, bpf):
+        if self._lib.rp_rawcap_set_filter(self._handle, bpf.encode(), self._err) < 0:
+            raise GREIOError(f"bad capture filter {bpf!r}: {self._error()}")
+
+    def stats(self):
+        counts = self._ffi.new("uint64_t[2]")
+        self._lib.rp_rawcap_stats(self._handle, counts, counts + 1)
+        return (counts[0], counts[1], 0)
+
+    def close(self):
+        if self._handle is not None:
+            self._lib.rp_rawcap_close(self._handle)
+            self._handle = None
+
+
 @implementer(IGRESystem)
 class RealGRESystem:
     """The parts of the operating system a GREPort uses."""
@@ -318,6 +369,9 @@ class RealGRESystem:
 
     def openNativeCapture(self, module, interface, snaplen, bufferSize, bpf):
         return NativeCapture(module, interface, snaplen, bufferSize, bpf)
+
+    def openNativeRawCapture(self, module, snaplen, bufferSize, bpf):
+        return NativeRawCapture(module, snaplen, bufferSize, bpf)
 
     def openRawSocket(self):
         try:

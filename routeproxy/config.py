@@ -147,22 +147,23 @@ def parseMilliseconds(value, what):
 
 
 def checkCapture(options):
-    """--gre-capture raw cannot shard: a shard's capture filter picks its call IDs.
-    --gre-capture native needs routeproxy.native built (docs/fastpath.md step 3: the capture
-    pump and the link read); auto (the default) is native where it is built, else pcap, and
-    leaves the reason in ``gre-capture-note`` for the daemon's start-up line."""
+    """--gre-capture raw cannot shard: a shard's capture filter picks its call IDs (native-raw
+    attaches it to its socket in the kernel).  --gre-capture native and native-raw need
+    routeproxy.native built (docs/fastpath.md step 3: the capture pump and the link read);
+    auto (the default) is native where it is built, else pcap, and leaves the reason in
+    ``gre-capture-note`` for the daemon's start-up line."""
     kind = options["gre-capture"]
     if kind == "raw" and options["shard"].sharded:
         raise usage.UsageError("--gre-capture raw cannot be sharded (--shard): a shard's pcap "
-                               "filter picks its calls' GRE; use --gre-capture pcap")
+                               "filter picks its calls' GRE; use --gre-capture pcap or native-raw")
     options["gre-capture-note"] = None
-    if kind in ("native", "auto"):
+    if kind in ("native", "native-raw", "auto"):
         from routeproxy import native as nativeModule
         module, reason = nativeModule.load()
         if module is not None:
-            options["gre-capture"] = "native"
-        elif kind == "native":
-            raise usage.UsageError(f"--gre-capture native: {reason}")
+            options["gre-capture"] = "native" if kind == "auto" else kind
+        elif kind != "auto":
+            raise usage.UsageError(f"--gre-capture {kind}: {reason}")
         else:
             options["gre-capture"] = "pcap"
             options["gre-capture-note"] = f"--gre-capture auto: pcap, as {reason}"
@@ -181,8 +182,11 @@ def daemonSettings(peers, linkPeer):
                 "one read per packet; no sojourn gate, no shards; docs/gre-io.md) or native (pcap "
                 f"read in C, established calls' GRE from {peers} framed for the link there, and "
                 f"the link's GRE frames sent to {peers} in C; docs/fastpath.md; needs "
-                "python -m routeproxy.native.build) [default: auto]",
-                parseChoice(("auto", "pcap", "raw", "native"), "--gre-capture")),
+                "python -m routeproxy.native.build) or native-raw (as native, from a raw GRE "
+                "socket read in C: the kernel's reassembled packets, so fragmented GRE is framed "
+                "in C too; the sojourn gate and shards work; --gre-interface unused) "
+                "[default: auto]",
+                parseChoice(("auto", "pcap", "raw", "native", "native-raw"), "--gre-capture")),
         Setting("data-plane", "pump", "with the native capture: pump (one C call per "
                 "wake-up of the capture, from Twisted's dispatch) or loop (the reactor's poll in "
                 "C: the capture's wake-ups handled there, Python entered only when something "

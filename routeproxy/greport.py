@@ -40,8 +40,8 @@ from zope.interface import Interface, implementer
 
 from routeproxy import ipfrag, sojourn, turn
 from routeproxy.capture import (
-    IP_MTU_DISCOVER, IP_PMTUDISC_DONT, IPPROTO_GRE, LINK_LAYERS, GREIOError, RawSocketCapture,
-    RealGRESystem, attachDropAll, greFilter, packedAddress,
+    IP_MTU_DISCOVER, IP_PMTUDISC_DONT, IPPROTO_GRE, LINK_LAYERS, NATIVE_KINDS, GREIOError,
+    RawSocketCapture, RealGRESystem, attachDropAll, greFilter, packedAddress,
 )
 
 # version/IHL, TOS, total length, id, flags/fragment offset, TTL, protocol, checksum, src, dst
@@ -158,7 +158,8 @@ class GREPort(abstract.FileDescriptor):
       ``interface`` is then unused: the socket sees every interface), or "native" (pcap
       opened and read in C, the common packet framed for the mux there: ``flows``, a
       :class:`routeproxy.flows.FlowTable` the relay maintains; GREIOError with
-      ``native.load()``'s reason where the module is not built).
+      ``native.load()``'s reason where the module is not built), or "native-raw" (the raw
+      socket read in C and pumped as "native" is: the kernel's reassembled datagrams).
     * ``snaplen``: bytes kept per packet.  libpcap's ring has fixed slots of about
       snaplen bytes, so 65535 would fit only 128 packets in 8 MiB; 2048 holds a full
       1500-byte packet plus link header, and 8 MiB ~3,900 packets.  Longer packets are
@@ -185,14 +186,15 @@ class GREPort(abstract.FileDescriptor):
                  bpfFilter=None, reassemblyTimeout=5.0, maxReassemblies=256, maxSojourn=0.005,
                  sojournInterval=0.1, wallClock=time.time, shard=None):
         abstract.FileDescriptor.__init__(self, reactor)
-        if capture not in ("pcap", "raw", "native"):
-            raise GREIOError(f"capture must be 'pcap', 'raw' or 'native', not {capture!r}")
+        if capture not in ("pcap", "raw", *NATIVE_KINDS):
+            raise GREIOError(f"capture must be 'pcap', 'raw', 'native' or 'native-raw', "
+                             f"not {capture!r}")
         sharded = shard is not None and shard.sharded
         if sharded and capture == "raw":
             raise GREIOError("a shard captures with pcap: its filter picks the shard's call IDs")
         self.flows = None  # native: the pump's flow table (routeproxy.flows), the relay's too
         self._native = None
-        if capture == "native":
+        if capture in NATIVE_KINDS:
             from routeproxy import native
             from routeproxy.flows import FlowTable
             self._native, reason = native.load()
@@ -316,6 +318,9 @@ class GREPort(abstract.FileDescriptor):
                 capture = self._system.openNativeCapture(self._native, self.interface,
                                                          self.snaplen, self.bufferSize,
                                                          self.bpfFilter)
+            elif self.captureKind == "native-raw":
+                capture = self._system.openNativeRawCapture(self._native, self.snaplen,
+                                                            self.bufferSize, self.bpfFilter)
             else:
                 capture = RawSocketCapture(self._system, self.snaplen, self.bufferSize)
             datalink = capture.datalink()

@@ -67,14 +67,15 @@ def greOpener(parent, reactor, localAddresses, interface, maxSojourn=0.005, shar
 
 
 def useNativePlane(options, relay, factory):
-    """With ``--gre-capture native`` (or auto where it is built) the link's GRE frames are
-    sent to the facing peer in C too (routeproxy.flows.LinkFlows: every mux connection
-    *factory* builds reads in C); where auto fell back to pcap, one line says why.  With
-    ``--data-plane loop`` the reactor's poll goes to C too (routeproxy.native.loop)."""
+    """With ``--gre-capture native`` or ``native-raw`` (or auto where it is built) the link's
+    GRE frames are sent to the facing peer in C too (routeproxy.flows.LinkFlows: every mux
+    connection *factory* builds reads in C); where auto fell back to pcap, one line says why.
+    With ``--data-plane loop`` the reactor's poll goes to C too (routeproxy.native.loop)."""
     if options.get("gre-capture-note"):
         Logger().warn("{note}; GRE takes the Python path (docs/fastpath.md)",
                       note=options["gre-capture-note"])
-    if options["gre-capture"] != "native":
+    from routeproxy.capture import NATIVE_KINDS
+    if options["gre-capture"] not in NATIVE_KINDS:
         if options.get("data-plane") == "loop":
             Logger().warn("--data-plane loop needs the native capture: Python's path instead")
         return

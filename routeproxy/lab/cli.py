@@ -23,6 +23,7 @@ class LabRun:
         self.hangup = topology.parse_hangup(result.output)
         self.cut = topology.parse_cut(result.output)
         self.cpu = topology.parse_cpu(result.output)   # the proxy daemons' CPU over the transfer
+        self.status = topology.parse_status(result.output)   # their status after it
 
     def cut_ok(self):
         """The link was cut and resumed: every pppd is the one from before, and each pings."""

@@ -24,6 +24,7 @@ control connection carrying N calls, as on a real host dialling one server sever
 
 The script prints `LAB-RESULT key=value ...` lines (one per tunnel) that `parse_results` reads.
 """
+import json
 import os
 import re
 import shlex
@@ -40,6 +41,7 @@ RRP_LAN, SERVER = "10.4.0.3", "10.4.0.4"
 PPP_SERVER = "192.168.90.1"
 PPP_POOL = "192.168.90.100-199"
 RRP_TLS_PORT = 4443
+STATUS_PORT = 8180        # each proxy daemon's --status, in its own namespace (read after a transfer)
 TRANSFER_PORT = 5001
 
 MODULES = ("ppp_generic", "ppp_async", "ppp_mppe", "veth", "bridge", "iptable_filter",
@@ -84,11 +86,13 @@ CERTS_COMMAND = '"$PY" -m routeproxy certs --out "$CERTS" --lrp-name lrp.lab --r
 LRP_COMMAND = ('"$PY" -c "from twisted.scripts.twistd import run; run()" -n --logfile "$LOGS/lrp.log" '
                '--pidfile /run/lrp.pid routeproxy-lrp '
                '--pptp-listen {lrp_lan}:1723 --rrp {rrp_addr}:{tls_port} --rrp-name rrp.lab '
-               '--cert "$CERTS/lrp.crt" --key "$CERTS/lrp.key" --ca "$CERTS/ca.crt"')
+               '--cert "$CERTS/lrp.crt" --key "$CERTS/lrp.key" --ca "$CERTS/ca.crt" '
+               '--status 127.0.0.1:{status_port}')
 RRP_COMMAND = ('"$PY" -c "from twisted.scripts.twistd import run; run()" -n --logfile "$LOGS/rrp.log" '
                '--pidfile /run/rrp.pid routeproxy-rrp '
                '--listen 0.0.0.0:{tls_port} --pptp-server {pptp_server} '
-               '--cert "$CERTS/rrp.crt" --key "$CERTS/rrp.key" --ca "$CERTS/ca.crt"')
+               '--cert "$CERTS/rrp.crt" --key "$CERTS/rrp.key" --ca "$CERTS/ca.crt" '
+               '--status 127.0.0.1:{status_port}')
 
 
 MAX_CALLS_PER_CLIENT = 8
@@ -135,8 +139,10 @@ def build_script(mode, clients, transfer_mb=0, connect_timeout=25, python=None, 
         more = "".join(" " + shlex.quote(option) for option in proxy_options)
         parts.append(PROXY_SETUP.format(
             certs=CERTS_COMMAND, rrp_ns=rrp_ns, rrp_addr=rrp_addr,
-            lrp=LRP_COMMAND.format(lrp_lan=LRP_LAN, rrp_addr=rrp_addr, tls_port=RRP_TLS_PORT) + more,
-            rrp=RRP_COMMAND.format(tls_port=RRP_TLS_PORT, pptp_server=pptp_server) + more,
+            lrp=LRP_COMMAND.format(lrp_lan=LRP_LAN, rrp_addr=rrp_addr, tls_port=RRP_TLS_PORT,
+                                   status_port=STATUS_PORT) + more,
+            rrp=RRP_COMMAND.format(tls_port=RRP_TLS_PORT, pptp_server=pptp_server,
+                                   status_port=STATUS_PORT) + more,
             tls_port=RRP_TLS_PORT))
     if mtu is not None and not 576 <= mtu <= 1500:
         raise LabScriptError(f"--mtu {mtu}: must be 576..1500")
@@ -147,7 +153,7 @@ def build_script(mode, clients, transfer_mb=0, connect_timeout=25, python=None, 
     if cut_link:
         parts.append(CUT_LINK.format(port=RRP_TLS_PORT, seconds=int(cut_link)))
     if transfer_mb:
-        parts.append(TRANSFER.format(mb=int(transfer_mb), port=TRANSFER_PORT))
+        parts.append(TRANSFER.format(mb=int(transfer_mb), port=TRANSFER_PORT, status=STATUS_PORT))
     if cut_link:
         parts.append(CUT_LINK_END.format(seconds=int(cut_link)))
     parts.append(FINISH)
@@ -270,6 +276,7 @@ ns srv pptpd -c /etc/pptpd.conf.lab -p /run/pptpd.pid
 PROXY_SETUP = r"""
 # proxy hook: the LRP in ns lrp, the RRP in ns {rrp_ns}; certificates from `routeproxy certs`
 CERTS=/run/certs
+RRP_NS={rrp_ns}
 mkdir -p $CERTS
 {certs} > $LOGS/certs.out 2>&1 || {{ echo "LAB-ERROR certs failed"; cat $LOGS/certs.out; }}
 cd "$PYTHONPATH"
@@ -452,6 +459,14 @@ wait_send() {{
 }}
 each_tunnel wait_send
 daemon_cpu after
+# the proxy daemons' GRE port counters after the transfer (docs/status.md): LAB-STATUS DAEMON JSON
+daemon_status() {{
+  for d in lrp rrp; do
+    n=$d; [ $d = rrp ] && n=$RRP_NS
+    [ -r /run/$d.pid ] && echo "LAB-STATUS $d $(ns $n busybox wget -q -O - http://127.0.0.1:{status}/status.json 2>/dev/null | tr -d '\n')"
+  done
+}}
+daemon_status
 wait $RECV
 report_transfer() {{
   addr=$(ppp_addr $i $u)
@@ -562,6 +577,20 @@ def parse_cpu(output):
                 continue
     return {daemon: round(seen[("after", daemon)] - seen[("before", daemon)], 2)
             for (when, daemon) in seen if when == "before" and ("after", daemon) in seen}
+
+
+def parse_status(output):
+    """{daemon: its status snapshot after the transfer} from `LAB-STATUS` lines (proxy modes
+    with a transfer; a daemon whose status did not answer is left out)."""
+    found = {}
+    for line in output.splitlines():
+        parts = line.split(None, 2)
+        if len(parts) == 3 and parts[0] == "LAB-STATUS":
+            try:
+                found[parts[1]] = json.loads(parts[2])
+            except ValueError:
+                continue
+    return found
 
 
 def parse_cut(output):

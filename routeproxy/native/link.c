@@ -12,7 +12,6 @@
 /* Buffers used only inside one call, from the reactor's thread alone (link.h): one each per
  * process, not per link, so a link's C state is small (a per-link 64 KiB block, freed at
  * each link's end, left holes in the heap: the soak, docs/soak.md). */
-static uint8_t gre_out[RP_GRE_HEADER_MAX + 65536];   /* a GRE packet being sent */
 #define RECV_MAX (256 * 1024)
 static uint8_t recv_buffer[RECV_MAX];                /* one recv() of the link's socket */
 
@@ -175,7 +174,85 @@ size_t rp_link_take_deltas(struct rp_link *l, struct rp_link_delta *out, size_t 
     return n;
 }
 
-/* A GRE frame C sends: 1 if taken (sent or dropped, counted), 0 if Python must have it. */
+/* The GRE a call sends, batched (docs/gre-io.md "Batched sends"): each packet is built into
+ * the arena and queued; flush() sends the queue with one sendmmsg per socket (a system call's
+ * own price, paid once: ~17 us in the UML lab).  Flushed when full and before every
+ * return to Python, so nothing waits across calls: a frame or event Python handles next finds
+ * the GRE before it sent and counted, the entries and sockets still those queued (Python may
+ * clear them, or the port close a socket, only between calls).  Per process, as above. */
+#define ARENA (256 * 1024)               /* >= RP_GRE_HEADER_MAX + 65535: any GRE fits alone */
+static uint8_t arena[ARENA];
+static size_t arena_used;
+static struct iovec batch_iov[RP_LINK_BATCH];
+static struct link_entry *batch_entry[RP_LINK_BATCH];
+static size_t batch_length;
+static struct mmsghdr batch_msg[RP_LINK_BATCH];   /* built by flush(), grouped by socket */
+static uint64_t send_calls;
+
+uint64_t rp_link_send_calls(void) { return send_calls; }
+
+static void count_failed(struct rp_link_delta *d, int error) {
+    if (error == EAGAIN || error == EWOULDBLOCK || error == ENOBUFS) {
+        d->busy++;
+    } else {
+        d->errors++;
+        d->last_errno = error;
+    }
+}
+
+/* msg[0:n] on fd, each counted as its own sendto would be.  sendmmsg stops at the first
+ * message that fails and returns how many went (its errno is not reported): the send is
+ * made again from that one, which, first now, fails with its own errno (counted, then
+ * the rest go on) or goes (the condition passed, as a later sendto would have found). */
+static void send_run(int fd, struct mmsghdr *msg, struct link_entry **entry, size_t n) {
+    size_t i = 0;
+    while (i < n) {
+        int sent = sendmmsg(fd, msg + i, (unsigned int)(n - i), 0);
+        send_calls++;
+        if (sent > 0) {
+            for (int k = 0; k < sent; k++)
+                entry[i + k]->delta.sent++;
+            i += (size_t)sent;
+        } else if (sent < 0 && errno == EINTR) {
+            continue;   /* as Python's sendto (PEP 475) */
+        } else {
+            count_failed(&entry[i]->delta, sent < 0 ? errno : EIO);
+            i++;
+        }
+    }
+}
+
+/* The queue sent: one run per socket, in the order its packets were queued (the order
+ * between sockets is not kept: they are other sources, so other peers or sessions). */
+static void flush(void) {
+    static struct link_entry *grouped[RP_LINK_BATCH];
+    static uint8_t done[RP_LINK_BATCH];
+    size_t n = 0;
+    memset(done, 0, batch_length);
+    for (size_t first = 0; first < batch_length; first++) {
+        if (done[first])
+            continue;
+        int fd = batch_entry[first]->fd;
+        size_t run = n;
+        for (size_t j = first; j < batch_length; j++) {
+            if (done[j] || batch_entry[j]->fd != fd)
+                continue;
+            struct msghdr *h = &batch_msg[n].msg_hdr;
+            memset(h, 0, sizeof *h);
+            h->msg_name = &batch_entry[j]->dst;
+            h->msg_namelen = sizeof batch_entry[j]->dst;
+            h->msg_iov = &batch_iov[j];
+            h->msg_iovlen = 1;
+            grouped[n++] = batch_entry[j];
+            done[j] = 1;
+        }
+        send_run(fd, batch_msg + run, grouped + run, n - run);
+    }
+    batch_length = arena_used = 0;
+}
+
+/* A GRE frame C sends: 1 if taken (queued, counted; sent or dropped by flush()), 0 if
+ * Python must have it. */
 static int send_gre(struct rp_link *l, const uint8_t *h, uint32_t length) {
     uint32_t flags = h[1] & 3, need = 2 + ((flags & 1) ? 4 : 0) + ((flags & 2) ? 4 : 0);
     if (length < need)
@@ -188,23 +265,20 @@ static int send_gre(struct rp_link *l, const uint8_t *h, uint32_t length) {
     size_t at = 2;
     if (flags & 1) { seq = get32(p + at); at += 4; }
     if (flags & 2) { ack = get32(p + at); at += 4; }
-    long n = rp_build_gre(gre_out, sizeof gre_out, e->key, p + at, length - at, flags & 1, seq,
-                          (flags & 2) != 0, ack);
+    /* room for the largest this can build (rp_build_gre refuses payloads over 65535 itself) */
+    if (batch_length == RP_LINK_BATCH || ARENA - arena_used < RP_GRE_HEADER_MAX + (length - at))
+        flush();
+    long n = rp_build_gre(arena + arena_used, ARENA - arena_used, e->key, p + at, length - at,
+                          flags & 1, seq, (flags & 2) != 0, ack);
     if (n < 0)
         return 0;   /* build_gre raises in Python: its path decides */
+    batch_iov[batch_length].iov_base = arena + arena_used;
+    batch_iov[batch_length].iov_len = (size_t)n;
+    batch_entry[batch_length++] = e;
+    arena_used += (size_t)n;
     struct rp_link_delta *d = &e->delta;
     d->packets++;
     d->bytes += length - at;
-    if (sendto(e->fd, gre_out, (size_t)n, 0, (struct sockaddr *)&e->dst, sizeof e->dst) < 0) {
-        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS) {
-            d->busy++;
-        } else {
-            d->errors++;
-            d->last_errno = errno;
-        }
-    } else {
-        d->sent++;
-    }
     if (!e->dirty) {
         e->dirty = 1;
         l->dirty[l->ndirty++] = (size_t)(e - l->table);
@@ -296,7 +370,9 @@ int rp_link_feed(struct rp_link *l, const uint8_t *data, size_t length, uint32_t
         memcpy(l->buf + l->end, data, length);
         l->end += length;
     }
-    return parse(l, max_payload, out, out_length);
+    int code = parse(l, max_payload, out, out_length);
+    flush();
+    return code;
 }
 
 /* --- the link's TLS read (link.h, step 3b) ------------------------------------------------- */
@@ -375,8 +451,10 @@ int rp_link_read(struct rp_link *l, struct rp_tls_in *t, int do_recv, int first_
             flags |= RP_READ_AGAIN;   /* Python's frames (or turn) first: it calls again */
             break;
         }
-        if (reserve(l, TLS_PLAINTEXT_IN) < 0)
+        if (reserve(l, TLS_PLAINTEXT_IN) < 0) {
+            flush();
             return flags | RP_READ_NO_MEMORY;
+        }
         int n = t->ssl_read(t->ssl, l->buf + l->end, TLS_PLAINTEXT_IN);
         if (n > 0) {
             l->end += (size_t)n;
@@ -391,6 +469,7 @@ int rp_link_read(struct rp_link *l, struct rp_tls_in *t, int do_recv, int first_
         }
         break;
     }
+    flush();   /* the GRE of every record read, before Python has anything of this call */
     char *pending;
     if (t->bio_get_mem_data(t->write_bio, &pending) > 0)
         flags |= RP_READ_TLS_OUT;

@@ -4,7 +4,8 @@
  * Twisted's TLS hands MuxConnection.dataReceived; rp_link_read below decrypts them itself
  * and splits them the same way), splits them into mux frames, sends each
  * GRE frame (type 0x20) of a flow entry as enhanced GRE with the entry's key on the entry's
- * raw socket, and hands every other frame back to Python's decoder, in order: it stops
+ * raw socket (queued, then one sendmmsg per socket: all sent before the call returns), and
+ * hands every other frame back to Python's decoder, in order: it stops
  * before a frame it would send when frames for Python precede it (RP_LINK_MORE: Python
  * handles them, then calls again without data).  A trailing partial frame stays here.
  */
@@ -12,6 +13,7 @@
 #define RP_LINK_DONE 0        /* every complete frame was sent or is in *out */
 #define RP_LINK_MORE 1        /* *out first, then rp_link_feed(l, NULL, 0, ...) again */
 #define RP_LINK_NO_MEMORY -1  /* nothing was taken: the link cannot go on */
+#define RP_LINK_BATCH 64      /* GRE packets per sendmmsg at most (a call sends every one) */
 
 struct rp_link_delta {
     uint32_t session;
@@ -41,6 +43,8 @@ int rp_link_feed(struct rp_link *l, const uint8_t *data, size_t length, uint32_t
 size_t rp_link_buffered(struct rp_link *l);
 /* The entries' counters since the last take, zeroed by it (at most max: the rest next time). */
 size_t rp_link_take_deltas(struct rp_link *l, struct rp_link_delta *out, size_t max);
+/* sendmmsg calls made so far, all links (the tests' and the benchmarks' count). */
+uint64_t rp_link_send_calls(void);
 
 /* The link's TLS read in C (docs/fastpath.md step 3b): one readable wake-up of the link's
  * socket in one call.  recv() once (Twisted's read size), BIO_write into the SSL's read BIO,

@@ -17,10 +17,10 @@
 
 #include "loop.h"
 
-#define LOOP_EVENTS 16
+#define LOOP_EVENTS 16   /* (statics here are loop_*: one unit with the other files) */
 #define SIOCOUTQNSD 0x894B   /* linux/sockios.h: unsent bytes in the send queue */
 
-static double clock_seconds(clockid_t id)
+static double loop_clock_seconds(clockid_t id)
 {
     struct timespec ts;
     clock_gettime(id, &ts);
@@ -28,7 +28,7 @@ static double clock_seconds(clockid_t id)
 }
 
 /* kernelUnsent: what MuxProtocol.sendBufferSize adds to Twisted's buffer (empty here) */
-static int64_t kernel_unsent(int fd)
+static int64_t loop_kernel_unsent(int fd)
 {
     int n = 0;
     if (ioctl(fd, SIOCOUTQNSD, &n) < 0)
@@ -37,11 +37,11 @@ static int64_t kernel_unsent(int fd)
 }
 
 /* MuxConnection._turnUnsent, with nothing pending (Python's entry condition) */
-static void turn_unsent(struct rp_loop *l)
+static void loop_turn_unsent(struct rp_loop *l)
 {
     struct rp_loop_link *k = &l->link;
     if (k->ceiling < 0 || k->ceiling >= k->watermark) {
-        l->turn.unsent = kernel_unsent(k->socket);
+        l->turn.unsent = loop_kernel_unsent(k->socket);
         l->turn.asked = 1;
     } else {
         l->turn.unsent = k->ceiling;
@@ -50,7 +50,7 @@ static void turn_unsent(struct rp_loop *l)
 }
 
 /* FlowTable.begin for the one link: the sweep, then the link's room (MuxConnection.greRoom) */
-static void pump_begin(struct rp_loop *l)
+static void loop_pump_begin(struct rp_loop *l)
 {
     struct rp_loop_link *k = &l->link;
     k->calls++;
@@ -62,7 +62,7 @@ static void pump_begin(struct rp_loop *l)
     rp_pump_begin(l->pump, 0.0);   /* the gate is not dropping: no threshold */
     if (k->begun) {
         if (l->turn.unsent < 0)
-            turn_unsent(l);
+            loop_turn_unsent(l);
         l->turn.flush_held = 1;
         rp_pump_begin_link(l->pump, k->index, k->watermark - l->turn.unsent, !l->turn.asked,
                            k->max_payload);
@@ -71,7 +71,7 @@ static void pump_begin(struct rp_loop *l)
 
 /* FlowTable.end's write of the link's frames (MuxConnection.writeNative): 0, or -1 when the
  * socket or TLS did not take them all (turn.rest / turn.unwritten: Python's to queue). */
-static int pump_write(struct rp_loop *l, uint64_t delivered_before)
+static int loop_pump_write(struct rp_loop *l, uint64_t delivered_before)
 {
     struct rp_loop_link *k = &l->link;
     uint32_t link, frames;
@@ -109,7 +109,7 @@ static int pump_write(struct rp_loop *l, uint64_t delivered_before)
 
 /* MuxConnection.flush at the turn's end, after a wake-up of only native writes: the ceiling.
  * -1: over maxSendBuffer (Python drops the link). */
-static int flush(struct rp_loop *l)
+static int loop_flush(struct rp_loop *l)
 {
     struct rp_loop_link *k = &l->link;
     int64_t ceiling;
@@ -121,7 +121,7 @@ static int flush(struct rp_loop *l)
     }
     ceiling = l->turn.unsent + 64;
     if (ceiling > k->max_send_buffer) {
-        ceiling = kernel_unsent(k->socket);
+        ceiling = loop_kernel_unsent(k->socket);
         if (ceiling > k->max_send_buffer) {
             k->ceiling = ceiling;
             return -1;
@@ -132,7 +132,7 @@ static int flush(struct rp_loop *l)
 }
 
 /* One capture wake-up (GREPort.doRead with _pump): 0 when it ended here, else a result. */
-static int capture_read(struct rp_loop *l)
+static int loop_capture_read(struct rp_loop *l)
 {
     struct rp_loop_turn *t = &l->turn;
     int budget = l->budget;
@@ -140,20 +140,20 @@ static int capture_read(struct rp_loop *l)
     l->stats.reads++;
     memset(t, 0, sizeof *t);
     t->unsent = -1;
-    t->now = clock_seconds(CLOCK_REALTIME);
+    t->now = loop_clock_seconds(CLOCK_REALTIME);
     while (budget > 0) {
         uint64_t delivered = rp_pump_delivered(l->pump);
         double head;
         int n;
 
-        pump_begin(l);
+        loop_pump_begin(l);
         n = rp_pcap_pump(l->pcap, l->pump, budget, &t->back, &t->back_length, &t->back_ts,
                          t->err);
         if (n < 0) {
             t->capture_error = 1;
             return RP_LOOP_CAPTURE;
         }
-        if (pump_write(l, delivered) < 0 || t->back != NULL) {
+        if (loop_pump_write(l, delivered) < 0 || t->back != NULL) {
             if (rp_pump_head(l->pump, &head)) {
                 t->has_head = 1;
                 t->head = head;
@@ -171,7 +171,7 @@ static int capture_read(struct rp_loop *l)
             break;
         budget -= n;
     }
-    if (flush(l) < 0)
+    if (loop_flush(l) < 0)
         return RP_LOOP_SLOW_PEER;
     if (l->gate && t->has_head && t->now - t->head >= l->target)
         return RP_LOOP_GATE;
@@ -180,7 +180,7 @@ static int capture_read(struct rp_loop *l)
 
 /* One readable wake-up of the link's socket (NativeTLSReader.doRead's first rp_link_read):
  * 0 when it only sent GRE (and took plaintext), else RP_LOOP_LINK. */
-static int link_read(struct rp_loop *l)
+static int loop_link_read(struct rp_loop *l)
 {
     struct rp_loop_read *r = &l->read;
     r->flags = rp_link_read(r->link, r->tls, 1, 0, r->max_payload, &r->out, &r->out_length,
@@ -189,21 +189,21 @@ static int link_read(struct rp_loop *l)
         return RP_LOOP_LINK;
     l->stats.link_reads++;
     l->stats.plaintext += r->info.plaintext;
-    l->stats.last_read = clock_seconds(CLOCK_REALTIME);
+    l->stats.last_read = loop_clock_seconds(CLOCK_REALTIME);
     return 0;
 }
 
 int rp_loop_run(struct rp_loop *l, double timeout)
 {
     struct epoll_event events[LOOP_EVENTS];
-    double deadline = timeout < 0 ? 0.0 : clock_seconds(CLOCK_MONOTONIC) + timeout;
+    double deadline = timeout < 0 ? 0.0 : loop_clock_seconds(CLOCK_MONOTONIC) + timeout;
 
     for (;;) {
         int wait_ms = -1;
         int n, i, result;
 
         if (timeout >= 0) {
-            double left = deadline - clock_seconds(CLOCK_MONOTONIC);
+            double left = deadline - loop_clock_seconds(CLOCK_MONOTONIC);
             if (left <= 0)
                 return RP_LOOP_TIMEOUT;
             wait_ms = (int)ceil(left * 1000.0);   /* as Python's epoll.poll rounds */
@@ -223,7 +223,7 @@ int rp_loop_run(struct rp_loop *l, double timeout)
                 || (events[i].data.fd != l->capture_fd && events[i].data.fd != l->read.fd))
                 return RP_LOOP_OTHER;   /* before any is handled: Twisted polls again */
         for (i = 0; i < n; i++) {   /* in the order Twisted would dispatch them */
-            result = events[i].data.fd == l->capture_fd ? capture_read(l) : link_read(l);
+            result = events[i].data.fd == l->capture_fd ? loop_capture_read(l) : loop_link_read(l);
             if (result)
                 return result;
         }

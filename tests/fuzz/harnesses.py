@@ -244,8 +244,9 @@ def native_link(data):
             if failed:   # the link would close: start again
                 _LINK.clear()
                 return
-    while lib.rp_link_take_deltas(state, deltas, 64):
-        pass
+    for counts in _deltas(lib, state, deltas).values():
+        if counts[0] != sum(counts[1:4]):   # the batch: each GRE taken sent or dropped by return
+            raise Finding(f"rp_link_feed: {counts} GRE taken/sent/busy/errors for {data[:64].hex()}")
     if handed + lib.rp_link_buffered(state) > fed:
         raise Finding(f"rp_link_feed handed back more than it was fed for {data[:64].hex()}")
 
@@ -298,8 +299,9 @@ def _tlsread():
     return _TLSREAD
 
 
-def _counts(t, state):
-    lib, deltas, total = t["module"].lib, t["deltas"], {}
+def _deltas(lib, state, deltas):
+    """The entries' counts taken: {(session, tag): (packets, sent, busy, errors, bytes)}."""
+    total = {}
     while True:
         n = lib.rp_link_take_deltas(state, deltas, 64)
         for i in range(n):
@@ -309,6 +311,13 @@ def _counts(t, state):
                                                      (d.packets, d.sent, d.busy, d.errors, d.bytes)))
         if n < 64:
             return total
+
+
+def _counts(t, state):
+    total = _deltas(t["module"].lib, state, t["deltas"])
+    if any(counts[0] != sum(counts[1:4]) for counts in total.values()):
+        raise Finding(f"GRE taken but neither sent nor dropped: {total}")
+    return total
 
 
 def native_tlsread(data):

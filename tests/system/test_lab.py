@@ -67,6 +67,17 @@ class ScriptTests(unittest.SynchronousTestCase):
         self.assertEqual(topology.parse_cpu("LAB-CPU before lrp 1 100\n"), {})
         self.assertIn("daemon_cpu before", topology.build_script("proxy", 1, transfer_mb=1))
 
+    def test_parse_status(self):
+        """Each proxy daemon's status after the transfer, read from its own namespace; a
+        daemon that did not answer (an empty line) is left out."""
+        output = ('LAB-STATUS lrp {"gre_port": {"received": 5}}\nLAB-STATUS rrp \n'
+                  'LAB-STATUS xx {bad\n')
+        self.assertEqual(topology.parse_status(output), {"lrp": {"gre_port": {"received": 5}}})
+        script = topology.build_script("proxy-colocated", 1, transfer_mb=1)
+        self.assertEqual(script.count(f"--status 127.0.0.1:{topology.STATUS_PORT}"), 2)
+        self.assertIn("RRP_NS=srv", script)
+        self.assertIn("daemon_status", script)
+
     def test_parse_results(self):
         output = ("noise\nLAB-TIME connected 8.22\n"
                   "LAB-RESULT client=c1 connected=yes addr=192.168.90.100 ping=yes rtt=0.874 tx=302 rx=302\n"

@@ -1,7 +1,7 @@
 """benchmarks.labtransfer's reading of a lab run: the slowest client's seconds and ping."""
 from twisted.trial import unittest
 
-from benchmarks.labtransfer import rtt_of, seconds_of
+from benchmarks.labtransfer import gre_of, rtt_of, seconds_of
 
 
 class FakeRun:
@@ -23,3 +23,15 @@ class ReadingTests(unittest.SynchronousTestCase):
     def test_a_failed_transfer_or_ping_is_no_figure(self):
         run = FakeRun([{"client": "c1", "rtt": "-"}], {"c1": {"seconds": "1.5"}}, ok=[])
         self.assertEqual((seconds_of(run), rtt_of(run)), (None, None))
+
+    def test_the_lrps_gre_in_a_few_words(self):
+        """What the LRP captured, took in C and handed back; nothing without its status."""
+        run = FakeRun([], {})
+        run.status = {"lrp": {"gre_port": {"received": 10, "fragments": 6, "dropped": {"capture": 0, "sojourn": 2},
+                                           "native": {"framed": 3, "handed_back": 7}}}}
+        self.assertEqual(gre_of(run), "; LRP GRE captured 10, fragments 6, in C 3, handed back 7, "
+                                      "dropped {'sojourn': 2}")
+        run.status = {"lrp": {"gre_port": {"received": 10}}}
+        self.assertEqual(gre_of(run), "; LRP GRE captured 10, fragments 0")
+        run.status = {}
+        self.assertEqual(gre_of(run), "")

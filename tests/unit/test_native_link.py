@@ -26,7 +26,6 @@ from routeproxy.flows import LinkFlows
 from routeproxy.greport import GREPort
 from routeproxy.mux import frames as F
 from routeproxy.testing import MemoryGRESystem
-from tests.support.native import receivedGRE
 from tests.support.relay import RelayHarness
 
 MODULE, REASON = native.load()
@@ -34,9 +33,9 @@ _HARNESSES = itertools.count()
 
 
 def addresses():
-    """The facing side's source and its peer's address for one harness: on the loopback
-    (the raw sends arrive), of this process and harness only (trial -j runs tests side by
-    side)."""
+    """The facing side's source and its peer's address for one harness (a second source:
+    .3): on the loopback (the raw sends arrive), of this process and harness only (trial -j
+    runs tests side by side)."""
     net = f"127.{100 + os.getpid() % 150}.{next(_HARNESSES) % 250}"
     return f"{net}.1", f"{net}.2"
 
@@ -77,6 +76,9 @@ class LinkHarness(RelayHarness):
         if os.geteuid() != 0:
             raise unittest.SkipTest("raw GRE sockets need root")
         self.source, self.peerIP = addresses()
+        self.source2 = self.source[:-1] + "3"
+        self.names = {self.source: "source", self.peerIP: "peer", self.source2: "source2"}
+        self.marks = []   # what a scenario's watch() saw as Python handled its frames
         clientIP = "10.0.0.5"
         if self.side == "lrp":
             self.lrpIP, clientIP, self.lrpGREPort = self.source, self.peerIP, self.facingGREPort
@@ -103,9 +105,32 @@ class LinkHarness(RelayHarness):
         self.gre = []
 
     def received(self):
-        """GRE that reached the peer from the facing side since the last call: (src, dst, gre)."""
-        return [(self.source, self.peerIP, data)
-                for data in receivedGRE(self.sink, self.source, self.peerIP)]
+        """GRE that reached the peer from the facing side since the last call: (src, dst, gre),
+        from and to the harness's addresses (self.names) only."""
+        out = []
+        while True:
+            try:
+                packet = self.sink.recv(70000)
+            except BlockingIOError:
+                return out
+            src, dst = socket.inet_ntoa(packet[12:16]), socket.inet_ntoa(packet[16:20])
+            if src in self.names and (dst in self.names or dst in self.peers):
+                out.append((src, dst, packet[(packet[0] & 15) * 4:]))
+
+    peers = ()   # more destinations whose GRE is the harness's (a second client's)
+
+    def watch(self, frameType):
+        """At each *frameType* frame Python handles: the port's GRE sent and the GRE that
+        reached the peers by then (C's GRE before it must be sent and counted, as Python's)."""
+        connection = self.connection
+        handle = connection._frameReceived
+
+        def frameReceived(frame):
+            if isinstance(frame, frameType):
+                self.gre.extend(self.received())
+                self.marks.append((self.relay.grePort.stats.sent, len(self.gre)))
+            handle(frame)
+        connection._frameReceived = frameReceived
 
     def write(self, reads):
         for data in reads:
@@ -122,9 +147,17 @@ class LinkHarness(RelayHarness):
         mux = self.connection.snapshot()
         for key in ("rtt_last_ms", "rtt_smoothed_ms"):
             mux.pop(key)
+        name = self.names.get
+        # in send order per source and destination (C sends each socket's GRE in order, the
+        # sockets one after the other)
         return {
-            "gre": [(src == self.source, dst == self.peerIP, data)
-                    for src, dst, data in self.gre + self.received()],
+            "gre": sorted([(name(src, src), name(dst, dst), data)
+                           for src, dst, data in self.gre + self.received()],
+                          key=lambda sent: sent[:2]),
+            "marks": self.marks,
+            "sessions": sorted((s.mux.id if s.mux else -1, s.greIn, s.greOut, s.greDropped,
+                                [(c.gre_out, c.bytes_out) for c in s.book.calls])
+                               for s in self.relay.sessions),
             "port": port,
             "drops": self.relay.drops.snapshot(),
             "session": (session.greIn, session.greOut, session.greDropped),
@@ -145,21 +178,23 @@ class NativePath(LinkHarness, unittest.TestCase):
 
 def run(scenario, side="rrp"):
     """*scenario(harness)* -> reads (a list of lists of bytes, run in turn); on both paths,
-    on *side*'s link read."""
+    on *side*'s link read: (Python's observations, native's, the GRE C took, its sendmmsg
+    calls)."""
     results = []
     for cls in (PythonPath, NativePath):
         h = cls("run")
         h.side = side
         h.setUp()
         try:
+            calls = MODULE.lib.rp_link_send_calls()
             for reads in scenario(h):
                 h.write(reads)
             taken = h.flows.taken if h.native else None
-            results.append((h.observed(), taken))
+            results.append((h.observed(), taken, MODULE.lib.rp_link_send_calls() - calls))
         finally:
             h.doCleanups()
-    (python, _), (nativeResult, taken) = results
-    return python, nativeResult, taken
+    (python, _, _), (nativeResult, taken, sendCalls) = results
+    return python, nativeResult, taken, sendCalls
 
 
 def gre(h, i, seq=True, ack=None, tag=None, session=None, size=None):
@@ -195,7 +230,7 @@ class DifferentialTests(unittest.SynchronousTestCase):
     side = "rrp"
 
     def compare(self, scenario, minimumTaken=1):
-        python, nativeResult, taken = run(scenario, self.side)
+        python, nativeResult, taken, self.sendCalls = run(scenario, self.side)
         same(self, python, nativeResult)
         self.assertGreaterEqual(taken, minimumTaken)
         return python
@@ -211,7 +246,7 @@ class DifferentialTests(unittest.SynchronousTestCase):
             lengths.append(len(data))
             return [[data[:k], data[k:]] for k in range(len(data) + 1)]
         lengths = []
-        python, nativeResult, taken = run(scenario, self.side)
+        python, nativeResult, taken, _ = run(scenario, self.side)
         same(self, python, nativeResult)
         reads = lengths[0] + 1
         self.assertEqual((python["port"]["sent"], len(python["gre"])), (7 * reads, 7 * reads))
@@ -278,10 +313,111 @@ class DifferentialTests(unittest.SynchronousTestCase):
         self.assertEqual(result["session"][1], 3)
 
 
+    # -- the batched sends (link.c's flush: one sendmmsg per socket, RP_LINK_BATCH at most)
+
+    def test_many_in_one_read(self):
+        """More than a batch in one read (three full and a partial one), a full batch, one:
+        every packet sent, in order, one sendmmsg per batch."""
+        batch = MODULE.lib.RP_LINK_BATCH
+
+        def scenario(h):
+            yield [b"".join(gre(h, i, size=i * 37 % 1401) for i in range(3 * batch + 5))]
+            yield [b"".join(gre(h, i) for i in range(batch))]
+            yield [gre(h, 1)]
+        total = 4 * batch + 6
+        result = self.compare(scenario, minimumTaken=total)
+        self.assertEqual((len(result["gre"]), result["port"]["sent"]), (total, total))
+        self.assertEqual(self.sendCalls, 4 + 1 + 1)
+
+    def test_arena_full(self):
+        """Packets of 16 000 bytes: the batch's bytes (256 KiB) fill before its count."""
+        def scenario(h):
+            yield [b"".join(gre(h, i, size=16000) for i in range(40))]
+        result = self.compare(scenario, minimumTaken=40)
+        self.assertEqual(len(result["gre"]), 40)
+        self.assertEqual(self.sendCalls, 3)   # 16 + 16 + 8
+
+    def test_order_with_python_frames(self):
+        """GRE before a frame Python handles is sent and counted when Python handles it (C
+        flushes before it returns): the port's sent and what reached the peer, at each PING."""
+        batch = MODULE.lib.RP_LINK_BATCH
+
+        def scenario(h):
+            h.watch(F.Ping)
+            ping = F.Ping(b"12345678").encode()
+            yield [b"".join([gre(h, i) for i in range(batch + 3)] + [ping, gre(h, 1), gre(h, 2), ping]
+                            + [gre(h, 3, tag=h.tag + 1)] + [gre(h, i) for i in range(5)] + [ping])]
+        result = self.compare(scenario)
+        n = batch + 3
+        self.assertEqual(result["marks"], [(n, n), (n + 2, n + 2), (n + 7, n + 7)])
+
+    def test_entries_and_sockets_interleaved(self):
+        """Three entries on two sockets (a second session from the same source, a third
+        from a second source), their frames interleaved over several batches with a PING
+        among them: each socket's GRE in order, every counter per call and session."""
+        def scenario(h):
+            sid2, tag2 = addSession(h, h.source)
+            sid3, tag3 = addSession(h, h.source2, callIDs=(9, 72))
+            h.watch(F.Ping)
+            frames = []
+            for i in range(60):
+                frames += [gre(h, i), gre(h, i, session=sid2, tag=tag2, size=i),
+                           gre(h, i, session=sid3, tag=tag3)]
+                if i == 30:
+                    frames.append(F.Ping(b"12345678").encode())
+            yield [b"".join(frames)]
+        result = self.compare(scenario, minimumTaken=180)
+        self.assertEqual(len(result["gre"]), 180)
+        self.assertEqual({sent[:2] for sent in result["gre"]}, {("source", "peer"), ("source2", "peer")})
+        self.assertEqual(len(result["sessions"]), 3)
+        self.assertLessEqual(self.sendCalls, 10)
+
+    def test_socket_error_mid_batch(self):
+        """Every send on one of two sockets fails (EINVAL: a UDP socket's descriptor in its
+        place) while the other's go, interleaved in one batch and beyond."""
+        def scenario(h):
+            sid2, tag2 = addSession(h, h.source2)
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            h.addCleanup(udp.close)
+            os.dup2(udp.fileno(), h.relay.grePort._senders[h.source2].fileno())
+            yield [b"".join(gre(h, i) + gre(h, i, session=sid2, tag=tag2) for i in range(100))]
+        result = self.compare(scenario, minimumTaken=200)
+        self.assertEqual(result["port"]["dropped"], {"send_error": 100})
+        self.assertEqual((result["port"]["sent"], len(result["gre"])), (100, 100))
+
+
+def addSession(h, source, clientIP=None, callIDs=(8, 71)):
+    """Another session with a call, sent from *source* on h's facing side (h.source2:
+    another raw socket) to h's peer (or, on the LRP, to a client at *clientIP*): its mux id
+    and tag."""
+    before = set(h.relay.sessions)
+    if h.side == "lrp":
+        h.lrpIP = source
+    else:
+        h.rrpSource = source
+    client, server = h.connect_client(clientIP or (h.peerIP if h.side == "lrp" else "10.0.0.6"))
+    h.dial(client, server, *callIDs)
+    [session] = set(h.relay.sessions) - before
+    return session.mux.id, session.book.calls[0].pns_id
+
+
 class LRPDifferentialTests(DifferentialTests):
     """The LRP's link read (GRE to the client, keyed ``C``)."""
 
     side = "lrp"
+
+    def test_destination_refused_mid_batch(self):
+        """One socket, two clients, one of which (a broadcast address) the kernel refuses
+        (EACCES): sendmmsg stops at each of its packets, which are counted as send_error,
+        and the rest are sent, in order."""
+        def scenario(h):
+            sid2, tag2 = addSession(h, h.source, clientIP="255.255.255.255")
+            yield [b"".join(gre(h, i) + gre(h, i, session=sid2, tag=tag2) * (i % 3)
+                            for i in range(90))]
+        result = self.compare(scenario, minimumTaken=180)
+        self.assertEqual(result["port"]["dropped"], {"send_error": 90})
+        self.assertEqual((result["port"]["sent"], len(result["gre"])), (90, 90))
+        self.assertEqual([s[2] for s in result["sessions"]], [90, 90])
 
 
 class LinkFlowsTests(unittest.SynchronousTestCase):

@@ -58,12 +58,16 @@ class PumpHarness(RelayHarness):
         self.ports.append(port)
         return port
 
+    def makeSystem(self):
+        """The OS the port captures from: frames added to ``system.captures[0]``."""
+        return MemoryGRESystem(DLT_EN10MB)
+
     def setUp(self):
         if MODULE is None:
             if os.environ.get("CI") == "true":
                 self.fail(f"CI=true and {REASON}")
             raise unittest.SkipTest(REASON)
-        self.system = MemoryGRESystem(DLT_EN10MB)
+        self.system = self.makeSystem()
         self.ports = []
         if self.side == "lrp":
             self.peer, self.local, self.lrpGREPort = CLIENT, LRP_IP, self.capturingGREPort

@@ -155,6 +155,30 @@ class OptionTests(unittest.SynchronousTestCase):
             self.assertIn("--gre-capture raw cannot be sharded", str(caught.exception))
             self.assertEqual(str(caught.exception).count("\n"), 0)
 
+    def test_native_raw_capture_on_both_daemons(self):
+        """--gre-capture native-raw: both daemons take it, with --shard too (its filter is
+        attached to the socket), and get the native link read as native does; where the
+        module cannot load, refused with load()'s reason, in one line."""
+        from routeproxy import native
+        rrpArgs = RRP_REQUIRED + ["--pptp-server", "10.0.0.1", "--source", "127.0.0.2"]
+        kind = ["--gre-capture", "native-raw"]
+        if native.load()[0] is not None:
+            for tap, args in ((lrp_tap, LRP_REQUIRED), (rrp_tap, rrpArgs)):
+                options = parse(tap.Options, args + kind + ["--shard", "1/2"])
+                self.assertEqual((options["gre-capture"], options["shard"]),
+                                 ("native-raw", Shard(1, 2)))
+                top = tap.makeService(options, reactor=MemoryReactorClock())
+                relay = top.proxy.relay
+                self.assertEqual(relay.grePort.captureKind, "native-raw")
+                self.assertEqual(relay.flows.tables,
+                                 [relay.grePort.flows, relay.grePort.linkFlows])
+        self.patch(native, "load", lambda: (None, "routeproxy.native is not built (why)"))
+        for tap, args in ((lrp_tap, LRP_REQUIRED), (rrp_tap, rrpArgs)):
+            with self.assertRaises(usage.UsageError) as caught:
+                parse(tap.Options, args + kind)
+            self.assertEqual(str(caught.exception),
+                             "--gre-capture native-raw: routeproxy.native is not built (why)")
+
     def test_native_capture_on_both_daemons(self):
         """--gre-capture native: both daemons take it (and shards: the native handle compiles
         the same filter): the capture read in C and each link connection gets a C reader,
