@@ -147,8 +147,10 @@ static int loop_capture_read(struct rp_loop *l)
         int n;
 
         loop_pump_begin(l);
-        n = rp_pcap_pump(l->pcap, l->pump, budget, &t->back, &t->back_length, &t->back_ts,
-                         t->err);
+        n = l->pcap != NULL
+            ? rp_pcap_pump(l->pcap, l->pump, budget, &t->back, &t->back_length, &t->back_ts, t->err)
+            : rp_rawcap_pump(l->rawcap, l->pump, budget, &t->back, &t->back_length, &t->back_ts,
+                             t->err);
         if (n < 0) {
             t->capture_error = 1;
             return RP_LOOP_CAPTURE;

@@ -98,7 +98,8 @@ struct rp_loop_stats {
 struct rp_loop {
     int epfd;               /* Twisted's epoll */
     int capture_fd;         /* the native capture's fd; -1: none */
-    struct rp_pcap *pcap;
+    struct rp_pcap *pcap;   /* it: libpcap's ring (native), else the raw socket (native-raw) */
+    struct rp_rawcap *rawcap;
     struct rp_pump *pump;
     int budget;             /* GREPort.maxPacketsPerRead */
     int gate;               /* the sojourn gate is on (and idle: not dropping, no head over) */

@@ -19,6 +19,7 @@ import time
 from twisted.logger import Logger
 from twisted.python import log
 
+from routeproxy.capture import NativeCapture, NativeRawCapture
 from routeproxy.greport import GREPort
 
 
@@ -50,7 +51,7 @@ class CaptureLoop:
                 or not hasattr(poller, "poll"):
             return None, f"the reactor is not an epoll reactor ({type(reactor).__name__})"
         if not isinstance(port, GREPort) or port.flows is None:
-            return None, "the GRE capture is not native (--gre-capture native)"
+            return None, "the GRE capture is not native (--gre-capture native or native-raw)"
         return cls(module, reactor, port), None
 
     def install(self):
@@ -109,7 +110,13 @@ class CaptureLoop:
         flows = port.flows
         if flows._waiting or len(flows._live) > 1:
             return False
-        state = self.state
+        state, capture, null = self.state, port._capture, self._ffi.NULL
+        if isinstance(capture, NativeRawCapture):   # (a NativeCapture too)
+            state.pcap, state.rawcap = null, capture._handle
+        elif isinstance(capture, NativeCapture):   # (not a test's capture in memory)
+            state.pcap, state.rawcap = capture._handle, null
+        else:
+            return False
         self._tls = tls = self._reader()
         state.read.fd = -1 if tls is None else tls.tcp.fileno()
         if tls is not None:
@@ -117,7 +124,6 @@ class CaptureLoop:
             state.read.max_payload = tls.mux._decoder.maxPayload
         state.epfd = reactor._poller.fileno()
         state.capture_fd = fd
-        state.pcap = port._capture._handle
         state.pump = flows.state
         state.budget = port.maxPacketsPerRead
         state.gate = gate is not None
