@@ -209,7 +209,20 @@ class FlowTable(_Entries):
                 self.written += frames
             else:
                 connection.queueFrames(self._ffi.buffer(out + written, length - written)[:], frames)
-        stats = self.stats
+        self._foldCounts(counts)
+        return self._head[0] if lib.rp_pump_head(state, self._head) else None
+
+    def fold(self, seen=None):
+        """The counters of pump calls C made on its own (routeproxy.native.loop), folded as
+        end folds one call's; *seen*: ``(link index, the last call with a frame of it)``,
+        which C kept per call."""
+        self._lib.rp_pump_take_counts(self.state, self._counts)
+        self._foldCounts(self._counts, seen)
+
+    def _foldCounts(self, counts, seen=None):
+        lib, state, stats = self._lib, self.state, self.stats
+        if seen is not None:
+            self._seen[seen[0]] = seen[1]
         self.linkBegun = False
         if counts.handed_back:
             if lib.rp_pump_back_reason(state) == _NO_LINK:   # an idle link's: active again
@@ -227,8 +240,7 @@ class FlowTable(_Entries):
                 if n:
                     stats.dropped[reason] += n
             if counts.delivered:
-                self._foldFlows()
-        return self._head[0] if lib.rp_pump_head(state, self._head) else None
+                self._foldFlows(seen is None)
 
     def retry(self, dropBefore, back):
         """*back* (timestamp, frame), handed back by the last call because its link was not
@@ -246,14 +258,15 @@ class FlowTable(_Entries):
     def backReason(self):
         return BACK_REASONS.get(self._lib.rp_pump_back_reason(self.state))
 
-    def _foldFlows(self):
+    def _foldFlows(self, markSeen=True):
         deltas, entries, reasons = self._deltas, self._entries, self._reasons
         seen, calls = self._seen, self._calls
         while True:
             n = self._lib.rp_pump_take_deltas(self.state, deltas, _DELTAS)
             for i in range(n):
                 delta = deltas[i]
-                seen[delta.link] = calls
+                if markSeen:
+                    seen[delta.link] = calls
                 flow = entries[delta.key]
                 packets = delta.packets
                 flow.session.greIn += packets

@@ -233,6 +233,7 @@ class GREPort(abstract.FileDescriptor):
         self._sources = {}  # packed -> str cache for greReceived's src
         self._senders = {}  # local source address -> bound raw socket
         self.linkFlows = None  # the native link read's table (routeproxy.flows.LinkFlows)
+        self.loop = None  # --data-plane loop: the reactor's poll in C (routeproxy.native.loop)
         self._capture = None
         self._loggedErrors = set()
         self._link = None
@@ -386,17 +387,35 @@ class GREPort(abstract.FileDescriptor):
     def doRead(self):
         """Handle packets until none are left or maxPacketsPerRead were handled."""
         self.stats.reads += 1
+        return self._wakeUp(self.maxPacketsPerRead, None)
+
+    def resumeRead(self, now, head, budget, back, carried, error):
+        """The rest of a wake-up the loop began in C (routeproxy.native.loop) and stopped at
+        *back* (a frame handed back, or None) or *error* (the capture's): *carried* restores,
+        inside the turn, what the mux was left with; then as _pump goes on after that pump
+        call, with *budget* left.  *now* and *head*: the wake-up's clock and head so far."""
+        return self._wakeUp(budget, (now, head, back, carried, error))
+
+    def _wakeUp(self, budget, resumed):
+        """doRead's body, from its start or (*resumed*) from where the loop's C stopped."""
         gate = self._gate
         if gate is not None:
-            now = self._wallClock()
+            now = self._wallClock() if resumed is None else resumed[0]
             self._dropBefore = gate.drop_before(now)
-            self._head = 0.0
-        budget = self.maxPacketsPerRead
+            self._head = 0.0 if resumed is None else resumed[1]
         read, handle = self._capture.read, self._frameReceived
         drained = self._capture.drainsOnShortRead
         self._reading = True  # a receiver may stop the port from inside greReceived
         self._turn.begin()  # the mux writes this wake-up's frames as it ends, not a turn later
         try:
+            if resumed is not None:
+                _, _, back, carried, error = resumed
+                carried()
+                if error is not None:
+                    return error
+                if back is not None:
+                    self._handBack(back)
+                return self._pump(budget)
             if self.flows is not None:
                 return self._pump(budget)
             while budget > 0 and self.connected:
@@ -424,7 +443,7 @@ class GREPort(abstract.FileDescriptor):
         (routeproxy.flows); each frame it hands back goes through _frameReceived, in order,
         and the pump goes on after it (one of a mux link not begun for the call goes through
         C again first, in a call of its own: FlowTable.retry)."""
-        flows, pump, handle = self.flows, self._capture.pump, self._frameReceived
+        flows, pump = self.flows, self._capture.pump
         state = flows.state
         while budget > 0 and self.connected:
             flows.begin(self._dropBefore)
@@ -437,16 +456,22 @@ class GREPort(abstract.FileDescriptor):
             if head is not None:
                 self._head = head
             if back is not None:
-                if flows.linkBegun:  # its link was idle: begun now, C takes the frame after all
-                    back, head = flows.retry(self._dropBefore, back)
-                    if head is not None:
-                        self._head = head
-                if back is not None:
-                    self._lastCopy = None  # C checked it against the last frame, and keeps it
-                    handle(*back)
+                self._handBack(back)
             elif n < budget:
                 break
             budget -= n
+
+    def _handBack(self, back):
+        """A frame the pump handed back: through C again if its link was idle and is begun
+        now (FlowTable.retry), else the Python path's."""
+        flows = self.flows
+        if flows.linkBegun:  # its link was idle: begun now, C takes the frame after all
+            back, head = flows.retry(self._dropBefore, back)
+            if head is not None:
+                self._head = head
+        if back is not None:
+            self._lastCopy = None  # C checked it against the last frame, and keeps it
+            self._frameReceived(*back)
 
     def _frameReceived(self, timestamp, frame):
         """One captured frame: link header off, IPv4 checked, GRE up.  Never raises."""
@@ -627,6 +652,8 @@ class GREPort(abstract.FileDescriptor):
             result["native"] = self.flows.snapshot()
         if self.linkFlows is not None:  # --gre-capture native: what C sent
             result["native_link"] = self.linkFlows.snapshot()
+        if self.loop is not None:  # --data-plane loop: how often C returned, and why
+            result["loop"] = self.loop.snapshot()
         if self._capture is not None:
             try:
                 _, drop, ifdrop = self._capture.stats()

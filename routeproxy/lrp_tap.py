@@ -36,7 +36,7 @@ class Options(ConfigOptions):
     ) + LINK_SETTINGS
     restartOnly = ("pptp-listen", "rrp", "gre-interface", "gre-max-sojourn", "status", "log-format",
                    "resume-grace", "dead-timeout", "mux-send-buffer", "mux-stall-timeout", "shard",
-                   "gre-watermark", "gre-capture-buffer", "gre-capture")
+                   "gre-watermark", "gre-capture-buffer", "gre-capture", "data-plane")
 
     def check(self):
         checkCapture(self)

@@ -68,7 +68,7 @@ class Options(ConfigOptions):
     ) + LINK_SETTINGS
     restartOnly = ("listen", "source", "gre-interface", "gre-max-sojourn", "status", "max-sessions",
                    "log-format", "resume-grace", "dead-timeout", "mux-send-buffer", "mux-stall-timeout",
-                   "shard", "gre-watermark", "gre-capture-buffer", "gre-capture")
+                   "shard", "gre-watermark", "gre-capture-buffer", "gre-capture", "data-plane")
 
     def check(self):
         checkCapture(self)

@@ -331,8 +331,14 @@ class NativeTLSReader:
         if not self.usable():
             self.uninstall()
             return self.tcp.doRead()
+        flags, plaintext, rest = self.reader.readTLS(self._state, 1)
+        return self.readDone(flags, plaintext, rest)
+
+    def readDone(self, flags, plaintext, rest):
+        """The rest of a wake-up after its first rp_link_read (*flags*, *plaintext* bytes
+        taken, *rest* for the decoder): doRead's, or the loop's (routeproxy.native.loop),
+        whose C made that read.  What tcp.Connection.doRead returns."""
         lib, reader, mux, state = self._lib, self.reader, self.mux, self._state
-        flags, plaintext, rest = reader.readTLS(state, 1)
         if flags & self._ends:
             self.uninstall()
             return CONNECTION_DONE if flags & lib.RP_READ_EOF else CONNECTION_LOST

@@ -361,6 +361,8 @@ size_t rp_pump_take_deltas(struct rp_pump *p, struct rp_flow_delta *out, size_t 
     return n;
 }
 
+uint64_t rp_pump_delivered(struct rp_pump *p) { return p->counts.delivered; }
+
 /* -- libpcap ------------------------------------------------------------------------------ */
 
 struct rp_pcap {

@@ -97,6 +97,8 @@ int rp_pump_back_link(struct rp_pump *p);
  * on the next call: the return says how many were written). */
 void rp_pump_take_counts(struct rp_pump *p, struct rp_counts *out);
 size_t rp_pump_take_deltas(struct rp_pump *p, struct rp_flow_delta *out, size_t max);
+/* Frames of flow entries taken since the last take (the loop's test for a link's frame). */
+uint64_t rp_pump_delivered(struct rp_pump *p);
 
 /* libpcap: a handle opened here, read with the pump.  Errors as text in err (256 bytes). */
 struct rp_pcap;

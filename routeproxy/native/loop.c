@@ -1,0 +1,233 @@
+/* The loop (declared in loop.h; docs/fastpath.md step 5): Twisted's poll in C, for as long
+ * as only native fds are ready.  Compiled in one unit after pump.c, whose functions it calls.
+ *
+ * A capture wake-up here is GREPort.doRead with the native pump, step for step: the pump
+ * calls of _pump (FlowTable.begin's sweep and the link's room, rp_pcap_pump, FlowTable.end's
+ * write through MuxConnection.writeNative), then the mux's held flush (its unsent ceiling)
+ * and the sojourn gate's observe.  Whatever the Python path would do differently from the
+ * common case (a frame handed back, a write the socket did not take whole, the gate's head
+ * too old, the link over maxSendBuffer) returns to Python with the turn's state, and Python
+ * goes on from there with its own code (routeproxy.loop).
+ */
+#include <errno.h>
+#include <math.h>
+#include <sys/epoll.h>
+#include <sys/ioctl.h>
+#include <time.h>
+
+#include "loop.h"
+
+#define LOOP_EVENTS 16   /* (statics here are loop_*: one unit with the other files) */
+#define SIOCOUTQNSD 0x894B   /* linux/sockios.h: unsent bytes in the send queue */
+
+static double loop_clock_seconds(clockid_t id)
+{
+    struct timespec ts;
+    clock_gettime(id, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* kernelUnsent: what MuxProtocol.sendBufferSize adds to Twisted's buffer (empty here) */
+static int64_t loop_kernel_unsent(int fd)
+{
+    int n = 0;
+    if (ioctl(fd, SIOCOUTQNSD, &n) < 0)
+        return 0;
+    return n;
+}
+
+/* MuxConnection._turnUnsent, with nothing pending (Python's entry condition) */
+static void loop_turn_unsent(struct rp_loop *l)
+{
+    struct rp_loop_link *k = &l->link;
+    if (k->ceiling < 0 || k->ceiling >= k->watermark) {
+        l->turn.unsent = loop_kernel_unsent(k->socket);
+        l->turn.asked = 1;
+    } else {
+        l->turn.unsent = k->ceiling;
+        l->turn.asked = 0;
+    }
+}
+
+/* FlowTable.begin for the one link: the sweep, then the link's room (MuxConnection.greRoom) */
+static void loop_pump_begin(struct rp_loop *l)
+{
+    struct rp_loop_link *k = &l->link;
+    k->calls++;
+    if (k->calls >= k->sweep_at) {
+        if (k->begun && !(k->seen > k->calls - k->idle_calls))
+            k->begun = 0;
+        k->sweep_at = k->calls + k->idle_calls;
+    }
+    rp_pump_begin(l->pump, 0.0);   /* the gate is not dropping: no threshold */
+    if (k->begun) {
+        if (l->turn.unsent < 0)
+            loop_turn_unsent(l);
+        l->turn.flush_held = 1;
+        rp_pump_begin_link(l->pump, k->index, k->watermark - l->turn.unsent, !l->turn.asked,
+                           k->max_payload);
+    }
+}
+
+/* FlowTable.end's write of the link's frames (MuxConnection.writeNative): 0, or -1 when the
+ * socket or TLS did not take them all (turn.rest / turn.unwritten: Python's to queue). */
+static int loop_pump_write(struct rp_loop *l, uint64_t delivered_before)
+{
+    struct rp_loop_link *k = &l->link;
+    uint32_t link, frames;
+    size_t length, taken, rest_length;
+    const uint8_t *out, *rest;
+    int result, send_errno;
+
+    if (rp_pump_delivered(l->pump) != delivered_before)
+        k->seen = k->calls;   /* _foldFlows: a frame of the link (framed or dropped) */
+    out = rp_pump_out(l->pump, 0, &link, &length, &frames);
+    if (out == NULL)
+        return 0;
+    l->stats.framed += frames;
+    result = rp_tls_send(k->tls, out, length, &taken, &rest, &rest_length, &send_errno);
+    if (taken == length) {
+        l->stats.written += frames;
+        l->stats.frames_out += frames;
+    }
+    l->stats.bytes_out += taken;
+    l->turn.unsent += (int64_t)(taken + taken / 512);
+    l->turn.wrote = 1;
+    if (rest_length == 0 && result == RP_TLS_SENT && taken == length)
+        return 0;
+    l->turn.rest = rest;
+    l->turn.rest_length = rest_length;
+    l->turn.error = send_errno;
+    l->turn.tls_failed = result != RP_TLS_SENT;
+    if (taken != length) {
+        l->turn.unwritten = out + taken;
+        l->turn.unwritten_length = length - taken;
+        l->turn.unwritten_frames = frames;
+    }
+    return -1;
+}
+
+/* MuxConnection.flush at the turn's end, after a wake-up of only native writes: the ceiling.
+ * -1: over maxSendBuffer (Python drops the link). */
+static int loop_flush(struct rp_loop *l)
+{
+    struct rp_loop_link *k = &l->link;
+    int64_t ceiling;
+    if (!l->turn.flush_held)
+        return 0;
+    if (!l->turn.wrote) {
+        k->ceiling = l->turn.unsent;
+        return 0;
+    }
+    ceiling = l->turn.unsent + 64;
+    if (ceiling > k->max_send_buffer) {
+        ceiling = loop_kernel_unsent(k->socket);
+        if (ceiling > k->max_send_buffer) {
+            k->ceiling = ceiling;
+            return -1;
+        }
+    }
+    k->ceiling = ceiling;
+    return 0;
+}
+
+/* One capture wake-up (GREPort.doRead with _pump): 0 when it ended here, else a result. */
+static int loop_capture_read(struct rp_loop *l)
+{
+    struct rp_loop_turn *t = &l->turn;
+    int budget = l->budget;
+
+    l->stats.reads++;
+    memset(t, 0, sizeof *t);
+    t->unsent = -1;
+    t->now = loop_clock_seconds(CLOCK_REALTIME);
+    while (budget > 0) {
+        uint64_t delivered = rp_pump_delivered(l->pump);
+        double head;
+        int n;
+
+        loop_pump_begin(l);
+        n = l->pcap != NULL
+            ? rp_pcap_pump(l->pcap, l->pump, budget, &t->back, &t->back_length, &t->back_ts, t->err)
+            : rp_rawcap_pump(l->rawcap, l->pump, budget, &t->back, &t->back_length, &t->back_ts,
+                             t->err);
+        if (n < 0) {
+            t->capture_error = 1;
+            return RP_LOOP_CAPTURE;
+        }
+        if (loop_pump_write(l, delivered) < 0 || t->back != NULL) {
+            if (rp_pump_head(l->pump, &head)) {
+                t->has_head = 1;
+                t->head = head;
+            }
+            if (t->back == NULL && n < budget)
+                budget = n;   /* _pump breaks after this call */
+            t->budget = budget - n;
+            return RP_LOOP_CAPTURE;
+        }
+        if (rp_pump_head(l->pump, &head)) {
+            t->has_head = 1;
+            t->head = head;
+        }
+        if (n < budget)
+            break;
+        budget -= n;
+    }
+    if (loop_flush(l) < 0)
+        return RP_LOOP_SLOW_PEER;
+    if (l->gate && t->has_head && t->now - t->head >= l->target)
+        return RP_LOOP_GATE;
+    return 0;
+}
+
+/* One readable wake-up of the link's socket (NativeTLSReader.doRead's first rp_link_read):
+ * 0 when it only sent GRE (and took plaintext), else RP_LOOP_LINK. */
+static int loop_link_read(struct rp_loop *l)
+{
+    struct rp_loop_read *r = &l->read;
+    r->flags = rp_link_read(r->link, r->tls, 1, 0, r->max_payload, &r->out, &r->out_length,
+                            &r->info);
+    if (r->flags || r->out_length)
+        return RP_LOOP_LINK;
+    l->stats.link_reads++;
+    l->stats.plaintext += r->info.plaintext;
+    l->stats.last_read = loop_clock_seconds(CLOCK_REALTIME);
+    return 0;
+}
+
+int rp_loop_run(struct rp_loop *l, double timeout)
+{
+    struct epoll_event events[LOOP_EVENTS];
+    double deadline = timeout < 0 ? 0.0 : loop_clock_seconds(CLOCK_MONOTONIC) + timeout;
+
+    for (;;) {
+        int wait_ms = -1;
+        int n, i, result;
+
+        if (timeout >= 0) {
+            double left = deadline - loop_clock_seconds(CLOCK_MONOTONIC);
+            if (left <= 0)
+                return RP_LOOP_TIMEOUT;
+            wait_ms = (int)ceil(left * 1000.0);   /* as Python's epoll.poll rounds */
+        }
+        l->stats.polls++;
+        n = epoll_wait(l->epfd, events, LOOP_EVENTS, wait_ms);
+        if (n < 0) {
+            if (errno == EINTR)
+                return RP_LOOP_SIGNAL;
+            l->turn.error = errno;
+            return RP_LOOP_ERROR;
+        }
+        if (n == 0)
+            return RP_LOOP_TIMEOUT;
+        for (i = 0; i < n; i++)
+            if (events[i].events != EPOLLIN
+                || (events[i].data.fd != l->capture_fd && events[i].data.fd != l->read.fd))
+                return RP_LOOP_OTHER;   /* before any is handled: Twisted polls again */
+        for (i = 0; i < n; i++) {   /* in the order Twisted would dispatch them */
+            result = events[i].data.fd == l->capture_fd ? loop_capture_read(l) : loop_link_read(l);
+            if (result)
+                return result;
+        }
+    }
+}
