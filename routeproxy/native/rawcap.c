@@ -126,6 +126,10 @@ struct rp_rawcap *rp_rawcap_open(int snaplen, int buffer_size, const char *filte
     setsockopt(c->fd, SOL_SOCKET, SO_RXQ_OVFL, &on, sizeof on);  /* drops: best effort */
     if (rp_rawcap_set_filter(c, filter, err) < 0)
         goto fail_fd;
+    /* the socket took every GRE for the host from its creation until the filter was
+     * attached: what it holds from then passed no filter (another host's, another port's) */
+    while (recv(c->fd, c->buffers, c->snaplen, MSG_DONTWAIT) >= 0)
+        ;
     return c;
 
 fail_fd:
