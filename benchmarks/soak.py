@@ -926,7 +926,7 @@ def build_parser():
     p.add_argument("--packets", type=int, default=20, help="GRE packets per call each way [default: 20]")
     p.add_argument("--pause", type=float, default=0.2, help="seconds between a client's sessions [default: 0.2]")
     p.add_argument("--timeout", type=float, default=4.0, help="a client's wait for a reply or echoes [default: 4]")
-    p.add_argument("--capture", action="append", choices=("native", "pcap", "raw"),
+    p.add_argument("--capture", action="append", choices=("native", "native-raw", "pcap", "raw"),
                    help="a capture kind to soak (repeatable; default: native and pcap, alternating)")
     p.add_argument("--slice", type=float, default=30.0, help="seconds per slice of one kind [default: 30]")
     p.add_argument("--cut-every", type=float, default=20.0,

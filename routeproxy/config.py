@@ -187,11 +187,13 @@ def daemonSettings(peers, linkPeer):
                 "in C too; the sojourn gate and shards work; --gre-interface unused) "
                 "[default: auto]",
                 parseChoice(("auto", "pcap", "raw", "native", "native-raw"), "--gre-capture")),
-        Setting("data-plane", "pump", "with the native capture: pump (one C call per "
-                "wake-up of the capture, from Twisted's dispatch) or loop (the reactor's poll in "
+        Setting("data-plane", "auto", "with the native capture: pump (one C call per "
+                "wake-up of the capture, from Twisted's dispatch), loop (the reactor's poll in "
                 "C: the capture's wake-ups handled there, Python entered only when something "
-                "needs it; docs/fastpath.md step 5) [default: pump]",
-                parseChoice(("pump", "loop"), "--data-plane")),
+                "needs it; docs/fastpath.md step 5) or auto (loop where the capture is native "
+                "and the reactor epoll, else the pump or Python's path, without a warning) "
+                "[default: auto]",
+                parseChoice(("auto", "pump", "loop"), "--data-plane")),
         Setting("gre-max-sojourn", 0.005, "ms captured GRE may wait once the capture queue "
                 "has stood longer than that for 100 ms; older packets are then dropped unread, one "
                 "and then more often while it stands (CoDel), and every one older than 10x it "

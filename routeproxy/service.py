@@ -70,13 +70,15 @@ def useNativePlane(options, relay, factory):
     """With ``--gre-capture native`` or ``native-raw`` (or auto where it is built) the link's
     GRE frames are sent to the facing peer in C too (routeproxy.flows.LinkFlows: every mux
     connection *factory* builds reads in C); where auto fell back to pcap, one line says why.
-    With ``--data-plane loop`` the reactor's poll goes to C too (routeproxy.native.loop)."""
+    With ``--data-plane loop`` (or auto, the default) the reactor's poll goes to C too
+    (routeproxy.native.loop); only an explicit ``loop`` that cannot be had is warned about."""
     if options.get("gre-capture-note"):
         Logger().warn("{note}; GRE takes the Python path (docs/fastpath.md)",
                       note=options["gre-capture-note"])
     from routeproxy.capture import NATIVE_KINDS
+    plane = options.get("data-plane")
     if options["gre-capture"] not in NATIVE_KINDS:
-        if options.get("data-plane") == "loop":
+        if plane == "loop":
             Logger().warn("--data-plane loop needs the native capture: Python's path instead")
         return
     from routeproxy import native
@@ -84,14 +86,16 @@ def useNativePlane(options, relay, factory):
     module, _ = native.load()   # checkCapture refused the option where it is not built
     factory.linkFlows = LinkFlows(module, relay.grePort)
     relay.addFlows(factory.linkFlows)
-    if options.get("data-plane") == "loop":
+    if plane in ("loop", "auto"):
         from twisted.internet import reactor
         from routeproxy.native.loop import CaptureLoop
         loop, reason = CaptureLoop.over(module, reactor, relay.grePort)
-        if loop is None:
+        if loop is not None:
+            loop.install()
+        elif plane == "loop":
             Logger().warn("--data-plane loop: {reason}; the pump instead", reason=reason)
         else:
-            loop.install()
+            Logger().info("--data-plane auto: the pump, as {reason}", reason=reason)
 
 
 def addStatusEndpoint(parent, reactor, address, daemon):

@@ -57,3 +57,20 @@ class LoopTests(E2ETestCase):
                 rrp = e2e.start_rrp(topo, status_port=STATUS_PORT, extra=LOOP)
                 wait_until(lambda: any(link["up"] for link in lrp.status()["links"]), 30,
                            "the LRP's link back up")
+
+    def test_the_default_is_the_loop_where_the_capture_is_native(self):
+        """No option: the loop on both daemons (auto); with the Python capture (pcap) the
+        default says nothing about the data plane, and GRE takes Python's path."""
+        topo = self.topology(CLIENTS)
+        with topo.logs_on_failure():
+            e2e.make_certs(topo, ["lrp0"])
+            e2e.start_server(topo)
+            rrp = e2e.start_rrp(topo, status_port=STATUS_PORT)
+            lrp = e2e.start_lrp(topo, status_port=STATUS_PORT, extra=["--gre-capture", "pcap"])
+            reports = e2e.run_clients(topo, f"{lrp.address}:{e2e.PPTP_PORT}", call_id=1,
+                                      packets=PACKETS)
+            self.assertAllEchoed(reports, PACKETS)
+            self.assertGreater(rrp.status()["gre_port"]["loop"]["wake_ups"], 0)
+            self.assertNotIn("loop", lrp.status()["gre_port"])
+            with open(lrp.log_path) as f:
+                self.assertNotIn("data-plane", f.read())
