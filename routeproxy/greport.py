@@ -621,6 +621,9 @@ class GREPort(abstract.FileDescriptor):
         try:
             sock = self._system.openRawSocket()
             attachDropAll(sock)  # it would otherwise queue a copy of all GRE sent to src
+            # DF clear, as pptpd and the kernel's pptp module send: GRE longer than the path
+            # MTU (a client's 1500-byte PPP frame) is fragmented, never refused or lost.
+            sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DONT)
             refused = markSender(sock)  # SELF_MARK: our captures never take what we send
             if refused is not None and "mark" not in self._loggedErrors:
                 self._loggedErrors.add("mark")
@@ -629,9 +632,6 @@ class GREPort(abstract.FileDescriptor):
                               "we send to it back, counted as dropped (docs/gre-io.md); "
                               "Linux before 5.17 asks CAP_NET_ADMIN for SO_MARK",
                               src=src, error=refused)
-            # DF clear, as pptpd and the kernel's pptp module send: GRE longer than the path
-            # MTU (a client's 1500-byte PPP frame) is fragmented, never refused or lost.
-            sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DONT)
             sock.setblocking(False)
             sock.bind((src, 0))
         except OSError as e:

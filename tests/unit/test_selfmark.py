@@ -13,9 +13,12 @@ every GRE it receives, other test processes' too), with the port's capture and s
 and a stand-in for pptpd (a plain raw socket bound to 127.0.0.1, as pptpd's) opened there.
 Needs root and ``ip netns``.
 """
+import errno
 import socket
 
 from twisted.internet import reactor, task
+from twisted.internet.testing import MemoryReactor
+from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from routeproxy import native
@@ -24,7 +27,7 @@ from routeproxy.gredemux import DROP_UNKNOWN_CALL, GREDemultiplexer
 from routeproxy.greport import GREPort
 from routeproxy.scopes import PerServerScopes
 from routeproxy.stats import DropCounter
-from routeproxy.testing import RecordingGREReceiver
+from routeproxy.testing import MemoryGRESystem, MemoryRawSocket, RecordingGREReceiver
 from tests.support import netns
 from tests.support.packets import enhanced_gre
 
@@ -153,3 +156,37 @@ class NativeLoTests(SelfCaptureMixin, unittest.TestCase):
 
 class NativeRawTests(SelfCaptureMixin, unittest.TestCase):
     capture = "native-raw"
+
+
+class _NoMarkSocket(MemoryRawSocket):
+    """A kernel before 5.17 without CAP_NET_ADMIN: SO_MARK refused."""
+
+    def setsockopt(self, level, option, value):
+        if (level, option) == (socket.SOL_SOCKET, SO_MARK):
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        super().setsockopt(level, option, value)
+
+
+class _NoMarkSystem(MemoryGRESystem):
+    def openRawSocket(self):
+        sock = _NoMarkSocket(self.hostAddresses)
+        self.sockets.append(sock)
+        return sock
+
+
+class MarkRefusedTests(unittest.TestCase):
+    """Where SO_MARK is refused the port starts and sends anyway, with one warning."""
+
+    def test_starts_and_warns_once(self):
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        system = _NoMarkSystem()
+        port = GREPort(RecordingGREReceiver(), ["192.0.2.1", "192.0.2.2"], system=system,
+                       reactor=MemoryReactor())
+        port.startListening()
+        self.addCleanup(port.stopListening)
+        self.assertTrue(port.sendGRE("192.0.2.1", "198.51.100.7", b"gre"))
+        self.assertEqual(len(system.sockets), 2)
+        warnings = [e for e in events if "not marked as ours" in e.get("log_format", "")]
+        self.assertEqual(len(warnings), 1)
