@@ -210,8 +210,10 @@ def _getsockopt(fd, option, buffer, length):
 
 def rejectOwn(fd):
     """Put SELF_MARK_CHECK before the filter libpcap attached to its socket *fd*: read back
-    what the kernel holds (libpcap rewrites a cooked handle's offsets, the mark's too if it
-    were given the check) and attach it again behind the check."""
+    what the kernel holds (libpcap rewrote a cooked handle's offsets) and attach it again
+    behind the check.  libpcap's own copy stays without it: libpcap runs that copy in user
+    space too (the frames the ring held when the filter changed), where a mark cannot be
+    loaded and every frame would be dropped; pypcap takes only an expression anyway."""
     count = ctypes.c_uint32(0)
     try:
         _getsockopt(fd, SO_GET_FILTER, None, count)   # count: the program's instructions

@@ -434,10 +434,12 @@ static int attach_without_own(int fd, const struct sock_filter *program, size_t 
 }
 
 /* libpcap has attached its program to the handle's packet socket (rewritten for the kernel:
- * a cooked "any" handle's offsets are moved, so the check cannot be put before it here, or
- * libpcap would move the mark's offset too): read back what the kernel holds and attach it
- * again behind the check.  No kernel program (libpcap filters in user space): the check
- * alone. */
+ * a cooked "any" handle's offsets moved): read back what the kernel holds and attach it again
+ * behind the check.  Not the check given to pcap_setfilter: libpcap also runs its copy of the
+ * program in user space (on the frames the ring held when the filter changed, and on all of
+ * them where the kernel cannot take it), and its interpreter cannot load a mark, so every
+ * such frame would be dropped (older libpcap also moved a cooked handle's ancillary loads).
+ * No kernel program (libpcap filters in user space): the check alone. */
 static int reject_own(pcap_t *handle, char *err)
 {
     int fd = pcap_fileno(handle);
