@@ -20,6 +20,7 @@ PPTP's data channel is GRE, IP protocol 47: no ports, so no ordinary socket rece
 Datalink types and their link-header lengths are here too: the port strips them.
 """
 import ctypes
+import os
 import socket
 import struct
 
@@ -53,6 +54,28 @@ LINK_LAYERS = {
 
 #: One classic BPF instruction, BPF_RET|BPF_K with k=0: accept 0 bytes = drop the packet.
 DROP_ALL_FILTER = struct.pack("HBBI", 0x06, 0, 0, 0)
+
+SO_MARK = getattr(socket, "SO_MARK", 36)
+SO_GET_FILTER = SO_ATTACH_FILTER  # <asm-generic/socket.h>: the same number, read back
+
+#: The mark (SO_MARK) of every raw socket a GREPort sends from, native link read included;
+#: every capture's kernel filter drops packets that carry it (docs/gre-io.md, "Our own GRE is
+#: never received").  Where the peer is this host (pptpd beside the RRP), what we send is
+#: delivered locally, keeps its mark through `lo`, and would otherwise be captured back.
+#: routeproxy/native/pump.c's RP_SELF_MARK is the same value.  Fixed: 0x2f, GRE's protocol
+#: number; the host's policy routing and netfilter see it too.
+SELF_MARK = 0x2f
+_SKF_AD_MARK = (-0x1000 + 20) & 0xFFFFFFFF  # SKF_AD_OFF + SKF_AD_MARK: load the skb's mark
+_INSN = struct.Struct("HBBI")
+#: Put before every capture's program: A = mark; if it is SELF_MARK drop (ret #0); A = 0.
+SELF_MARK_CHECK = b"".join(_INSN.pack(*insn) for insn in (
+    (0x20, 0, 0, _SKF_AD_MARK),   # BPF_LD|BPF_W|BPF_ABS
+    (0x15, 0, 1, SELF_MARK),      # BPF_JMP|BPF_JEQ|BPF_K
+    (0x06, 0, 0, 0),              # BPF_RET|BPF_K: drop
+    (0x00, 0, 0, 0),              # BPF_LD|BPF_IMM: A = 0, as the kernel starts a program
+))
+ACCEPT_ALL_FILTER = _INSN.pack(0x06, 0, 0, 262144)  # a capture with no program of its own
+BPF_MAXINSNS = 4096
 
 
 #: the capture kinds whose GRE the native pump reads (with the native link read beside them)
@@ -142,9 +165,67 @@ def packedAddress(address):
 
 def attachDropAll(sock):
     """Make *sock* drop every packet the kernel would queue on it (SO_ATTACH_FILTER)."""
-    program = ctypes.create_string_buffer(DROP_ALL_FILTER)
-    fprog = struct.pack("HP", 1, ctypes.addressof(program))  # struct sock_fprog; copied by the kernel
+    attachFilter(sock, DROP_ALL_FILTER)
+
+
+def attachFilter(sock, program):
+    """Attach classic BPF *program* (struct sock_filter array, bytes) to *sock*."""
+    buffer = ctypes.create_string_buffer(program, len(program))
+    fprog = struct.pack("HP", len(program) // _INSN.size, ctypes.addressof(buffer))  # struct sock_fprog; copied by the kernel
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+
+
+def markSender(sock):
+    """Mark *sock*'s packets as ours (SO_MARK SELF_MARK); None, or the OSError that refused
+    it (Linux before 5.17 asks CAP_NET_ADMIN, later CAP_NET_RAW is enough)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_MARK, SELF_MARK)
+    except OSError as e:
+        return e
+    return None
+
+
+def withoutOwn(program):
+    """*program* (classic BPF, bytes; empty: none) behind SELF_MARK_CHECK."""
+    program = program or ACCEPT_ALL_FILTER
+    if (len(SELF_MARK_CHECK) + len(program)) // _INSN.size > BPF_MAXINSNS:
+        raise GREIOError(f"bad capture filter: {len(program) // _INSN.size} instructions, "
+                         f"at most {BPF_MAXINSNS - len(SELF_MARK_CHECK) // _INSN.size}")
+    return SELF_MARK_CHECK + program
+
+
+_libc = None
+
+
+def _getsockopt(fd, option, buffer, length):
+    """libc's getsockopt (Python's own would size SO_GET_FILTER's buffer in bytes, the kernel
+    counts instructions); *length* is a ctypes c_uint32, updated."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    if _libc.getsockopt(fd, socket.SOL_SOCKET, option, buffer, ctypes.byref(length)) < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def rejectOwn(fd):
+    """Put SELF_MARK_CHECK before the filter libpcap attached to its socket *fd*: read back
+    what the kernel holds (libpcap rewrote a cooked handle's offsets) and attach it again
+    behind the check.  libpcap's own copy stays without it: libpcap runs that copy in user
+    space too (the frames the ring held when the filter changed), where a mark cannot be
+    loaded and every frame would be dropped; pypcap takes only an expression anyway."""
+    count = ctypes.c_uint32(0)
+    try:
+        _getsockopt(fd, SO_GET_FILTER, None, count)   # count: the program's instructions
+        program = b""
+        if count.value:
+            buffer = ctypes.create_string_buffer(count.value * _INSN.size)
+            _getsockopt(fd, SO_GET_FILTER, buffer, count)
+            program = buffer.raw[:count.value * _INSN.size]
+        with socket.socket(fileno=os.dup(fd)) as sock:  # the same socket, for setsockopt
+            attachFilter(sock, withoutOwn(program))
+    except OSError as e:
+        raise GREIOError(f"cannot keep our own GRE out of the capture: {e}") from None
 
 
 
@@ -166,8 +247,9 @@ class PcapCapture:
                 timeout_ms=1, buffer_size=bufferSize,
             )
             self._pcap.setfilter(bpf)
+            rejectOwn(self._pcap.fileno())
             self._pcap.setnonblock(True)
-        except (OSError, TypeError, ValueError, OverflowError) as e:
+        except (OSError, TypeError, ValueError, OverflowError, GREIOError) as e:
             if self._pcap is not None:
                 self._pcap.close()
             raise GREIOError(f"cannot capture GRE on {interface!r} with {bpf!r}: {e}") from None
@@ -193,6 +275,7 @@ class PcapCapture:
             self._pcap.setfilter(bpf)
         except OSError as e:
             raise GREIOError(f"bad capture filter {bpf!r}: {e}") from None
+        rejectOwn(self._pcap.fileno())
 
     def stats(self):
         """(received, dropped, dropped by the interface), cumulative, from libpcap."""
@@ -214,6 +297,11 @@ class RawSocketCapture:
 
     def __init__(self, system, maxPacketSize, bufferSize):
         self._sock = system.openRawSocket()
+        try:   # no program of its own (the port checks destinations), only our GRE kept out
+            attachFilter(self._sock, withoutOwn(b""))
+        except OSError as e:
+            self._sock.close()
+            raise GREIOError(f"cannot keep our own GRE out of the capture: {e}") from None
         self._sock.setblocking(False)
         if bufferSize:
             try:

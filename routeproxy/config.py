@@ -150,8 +150,9 @@ def checkCapture(options):
     """--gre-capture raw cannot shard: a shard's capture filter picks its call IDs (native-raw
     attaches it to its socket in the kernel).  --gre-capture native and native-raw need
     routeproxy.native built (docs/fastpath.md step 3: the capture pump and the link read);
-    auto (the default) is native where it is built, else pcap, and leaves the reason in
-    ``gre-capture-note`` for the daemon's start-up line."""
+    auto (the default) is native-raw where it is built (native, libpcap's ring in C, when
+    --gre-interface names an interface: only the ring captures on one), else pcap, and leaves
+    the reason in ``gre-capture-note`` for the daemon's start-up line."""
     kind = options["gre-capture"]
     if kind == "raw" and options["shard"].sharded:
         raise usage.UsageError("--gre-capture raw cannot be sharded (--shard): a shard's pcap "
@@ -161,7 +162,9 @@ def checkCapture(options):
         from routeproxy import native as nativeModule
         module, reason = nativeModule.load()
         if module is not None:
-            options["gre-capture"] = "native" if kind == "auto" else kind
+            if kind == "auto":   # the kernel reassembles for a raw socket: fragments in C
+                kind = "native-raw" if options["gre-interface"] == "any" else "native"
+            options["gre-capture"] = kind
         elif kind != "auto":
             raise usage.UsageError(f"--gre-capture {kind}: {reason}")
         else:
@@ -175,8 +178,9 @@ def daemonSettings(peers, linkPeer):
     return (
         Setting("gre-interface", "any", f"interface GRE from {peers} is captured on "
                 "[default: any]"),
-        Setting("gre-capture", "auto", "how GRE is received: auto (native where "
-                "routeproxy.native is built, else pcap) or pcap (libpcap's ring on "
+        Setting("gre-capture", "auto", "how GRE is received: auto (native-raw where "
+                "routeproxy.native is built, native if --gre-interface names one, else pcap) or "
+                "pcap (libpcap's ring on "
                 "--gre-interface: the --gre-max-sojourn gate, shards, drops counted) or raw (a raw "
                 "GRE socket: the kernel puts fragments back together and captures nothing twice, "
                 "one read per packet; no sojourn gate, no shards; docs/gre-io.md) or native (pcap "

@@ -19,6 +19,9 @@
   A raw socket also gets a copy of every GRE packet it matches and nobody reads them, so
   each carries a classic BPF program of one instruction, ``ret #0``, that drops the copy
   before it is queued.
+* **Our own GRE**: each send socket carries ``SO_MARK`` ``capture.SELF_MARK`` and every
+  capture's kernel filter drops packets with that mark, so GRE sent to a peer on this host
+  (pptpd beside the RRP: the same addresses as its GRE to us) is never captured back.
 
 Addresses are dotted-quad ``str`` both ways, as Twisted's ``getPeer().host`` gives them, so
 the daemons compare them with no conversion (docs/gre-io.md has the numbers).
@@ -41,7 +44,7 @@ from zope.interface import Interface, implementer
 from routeproxy import ipfrag, sojourn, turn
 from routeproxy.capture import (
     IP_MTU_DISCOVER, IP_PMTUDISC_DONT, IPPROTO_GRE, LINK_LAYERS, NATIVE_KINDS, GREIOError,
-    RawSocketCapture, RealGRESystem, attachDropAll, greFilter, packedAddress,
+    RawSocketCapture, RealGRESystem, attachDropAll, greFilter, markSender, packedAddress,
 )
 
 # version/IHL, TOS, total length, id, flags/fragment offset, TTL, protocol, checksum, src, dst
@@ -621,6 +624,14 @@ class GREPort(abstract.FileDescriptor):
             # DF clear, as pptpd and the kernel's pptp module send: GRE longer than the path
             # MTU (a client's 1500-byte PPP frame) is fragmented, never refused or lost.
             sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DONT)
+            refused = markSender(sock)  # SELF_MARK: our captures never take what we send
+            if refused is not None and "mark" not in self._loggedErrors:
+                self._loggedErrors.add("mark")
+                self.log.warn("GRE from {src} is not marked as ours ({error}): where a peer "
+                              "is on this host (pptpd beside the RRP) the capture takes what "
+                              "we send to it back, counted as dropped (docs/gre-io.md); "
+                              "Linux before 5.17 asks CAP_NET_ADMIN for SO_MARK",
+                              src=src, error=refused)
             sock.setblocking(False)
             sock.bind((src, 0))
         except OSError as e:

@@ -7,8 +7,12 @@
  * its client the mux frame (rp_mux_gre_frame).  Anything else is handed back, so Python's
  * code (the one implementation of the unusual packet) decides it, in order.
  */
+#include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <linux/filter.h>
 #include <pcap/pcap.h>
 
 #include "pump.h"
@@ -381,6 +385,89 @@ static void error_text(char *err, const char *what, const char *detail)
     snprintf(err, 256, "%s: %s", what, detail);
 }
 
+/* Our own GRE (docs/gre-io.md, "Our own GRE is never received"): every raw socket a GREPort
+ * sends from carries SO_MARK RP_SELF_MARK (routeproxy.capture.SELF_MARK, the same value), and
+ * every capture's kernel filter begins with these instructions: A = the packet's mark; if it
+ * is ours, drop; A = 0 (as the kernel starts a program); then the capture's own program.  A
+ * packet the host sends to itself (pptpd beside the RRP) keeps its mark through `lo`, so
+ * what we sent is never queued on our own capture. */
+#define RP_SELF_MARK 0x2f
+#define RP_SELF_PREFIX 4
+#define RP_ACCEPT_ALL 262144   /* the "ret" of a capture without a program: never trims */
+
+static int attach_without_own(int fd, const struct sock_filter *program, size_t n, char *err)
+{
+    static const struct sock_filter prefix[RP_SELF_PREFIX] = {
+        { BPF_LD | BPF_W | BPF_ABS, 0, 0, (uint32_t)(SKF_AD_OFF + SKF_AD_MARK) },
+        { BPF_JMP | BPF_JEQ | BPF_K, 0, 1, RP_SELF_MARK },
+        { BPF_RET | BPF_K, 0, 0, 0 },
+        { BPF_LD | BPF_IMM, 0, 0, 0 },
+    };
+    static const struct sock_filter accept_all = { BPF_RET | BPF_K, 0, 0, RP_ACCEPT_ALL };
+    struct sock_filter *all;
+    struct sock_fprog fprog;
+    int failed;
+
+    if (n == 0) {
+        program = &accept_all;
+        n = 1;
+    }
+    if (n + RP_SELF_PREFIX > BPF_MAXINSNS) {
+        snprintf(err, 256, "bad filter: %zu instructions, at most %d", n,
+                 BPF_MAXINSNS - RP_SELF_PREFIX);
+        return -1;
+    }
+    all = malloc((n + RP_SELF_PREFIX) * sizeof *all);
+    if (all == NULL) {
+        snprintf(err, 256, "cannot set the filter: out of memory");
+        return -1;
+    }
+    memcpy(all, prefix, sizeof prefix);
+    memcpy(all + RP_SELF_PREFIX, program, n * sizeof *all);
+    fprog.len = (unsigned short)(n + RP_SELF_PREFIX);
+    fprog.filter = all;
+    failed = setsockopt(fd, SOL_SOCKET, SO_ATTACH_FILTER, &fprog, sizeof fprog) < 0;
+    if (failed)
+        snprintf(err, 256, "cannot set the filter: %s", strerror(errno));
+    free(all);
+    return failed ? -1 : 0;
+}
+
+/* libpcap has attached its program to the handle's packet socket (rewritten for the kernel:
+ * a cooked "any" handle's offsets moved): read back what the kernel holds and attach it again
+ * behind the check.  Not the check given to pcap_setfilter: libpcap also runs its copy of the
+ * program in user space (on the frames the ring held when the filter changed, and on all of
+ * them where the kernel cannot take it), and its interpreter cannot load a mark, so every
+ * such frame would be dropped (older libpcap also moved a cooked handle's ancillary loads).
+ * No kernel program (libpcap filters in user space): the check alone. */
+static int reject_own(pcap_t *handle, char *err)
+{
+    int fd = pcap_fileno(handle);
+    socklen_t n = 0;
+    struct sock_filter *program = NULL;
+    int failed;
+
+    if (getsockopt(fd, SOL_SOCKET, SO_GET_FILTER, NULL, &n) < 0) {   /* n: instructions */
+        snprintf(err, 256, "cannot read the filter back: %s", strerror(errno));
+        return -1;
+    }
+    if (n > 0) {
+        program = malloc(n * sizeof *program);
+        if (program == NULL) {
+            snprintf(err, 256, "cannot set the filter: out of memory");
+            return -1;
+        }
+        if (getsockopt(fd, SOL_SOCKET, SO_GET_FILTER, program, &n) < 0) {
+            snprintf(err, 256, "cannot read the filter back: %s", strerror(errno));
+            free(program);
+            return -1;
+        }
+    }
+    failed = attach_without_own(fd, program, n, err);
+    free(program);
+    return failed;
+}
+
 static int compile_filter(pcap_t *handle, const char *filter, char *err)
 {
     struct bpf_program program;
@@ -394,6 +481,8 @@ static int compile_filter(pcap_t *handle, const char *filter, char *err)
     if (failed)
         error_text(err, "cannot set the filter", pcap_geterr(handle));
     pcap_freecode(&program);
+    if (!failed && reject_own(handle, err) < 0)
+        return -1;
     return failed ? -1 : 0;
 }
 

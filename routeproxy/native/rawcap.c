@@ -46,17 +46,11 @@ static void rawcap_error(char *err, const char *what, int code)
 int rp_rawcap_set_filter(struct rp_rawcap *c, const char *filter, char *err)
 {
     struct bpf_program program;
-    struct sock_fprog fprog;
     pcap_t *dead;
     int failed;
 
-    if (filter == NULL || !*filter) {
-        if (setsockopt(c->fd, SOL_SOCKET, SO_DETACH_FILTER, NULL, 0) < 0 && errno != ENOENT) {
-            rawcap_error(err, "cannot remove the filter", errno);
-            return -1;
-        }
-        return 0;
-    }
+    if (filter == NULL || !*filter)   /* no program: only our own GRE is kept out */
+        return attach_without_own(c->fd, NULL, 0, err);
     dead = pcap_open_dead(DLT_RAW, RAWCAP_FILTER_SNAP);
     if (dead == NULL) {
         snprintf(err, 256, "bad filter: pcap_open_dead failed");
@@ -67,12 +61,10 @@ int rp_rawcap_set_filter(struct rp_rawcap *c, const char *filter, char *err)
         pcap_close(dead);
         return -1;
     }
-    /* libpcap's instructions are the kernel's struct sock_filter (libpcap attaches them so) */
-    fprog.len = (unsigned short)program.bf_len;
-    fprog.filter = (struct sock_filter *)program.bf_insns;
-    failed = setsockopt(c->fd, SOL_SOCKET, SO_ATTACH_FILTER, &fprog, sizeof fprog) < 0;
-    if (failed)
-        rawcap_error(err, "cannot set the filter", errno);
+    /* libpcap's instructions are the kernel's struct sock_filter (libpcap attaches them so),
+     * behind pump.c's check that drops the GRE our own send sockets marked */
+    failed = attach_without_own(c->fd, (const struct sock_filter *)program.bf_insns,
+                                program.bf_len, err) < 0;
     pcap_freecode(&program);
     pcap_close(dead);
     return failed ? -1 : 0;

@@ -181,13 +181,26 @@ class KernelTests(unittest.TestCase):
     def check_loopback_shared(self, interface):
         """An RRP (127.0.0.2) next to pptpd (127.0.0.1) on one host's loopback.
 
-        Both a second port (as pptpd's host would see it through pcap) and a pptpd-like
-        raw socket (bound 127.0.0.1, connected to 127.0.0.2) get exactly their own
-        packets; the RRP port sees only GRE to 127.0.0.2 and none of its own.
+        Both a pcap handle for 127.0.0.1 (as pptpd's host sees the traffic; not a second
+        port: a port never captures GRE a port sent, tests/unit/test_selfmark.py) and a
+        pptpd-like raw socket (bound 127.0.0.1, connected to 127.0.0.2) get exactly their
+        own packets; the RRP port sees only GRE to 127.0.0.2 and none of its own.
         """
         host = self.lab.namespace("host")
         rrp, to_rrp = self.open_port(host, ["127.0.0.2"], interface=interface)
-        pptpd_port, to_pptpd = self.open_port(host, ["127.0.0.1"], interface=interface)
+        to_pptpd = Collector()
+        import pcap
+        with self.lab.inside(host):   # plain pypcap (a PcapCapture drops our GRE: its mark)
+            pptpd_pcap = pcap.pcap(name=interface, snaplen=2048, promisc=False,
+                                   immediate=True, timeout_ms=1)
+        pptpd_pcap.setfilter(capturemod.greFilter(["127.0.0.1"]))
+        pptpd_pcap.setdirection(pcap.PCAP_D_IN)
+        pptpd_pcap.setnonblock(True)
+        self.addCleanup(pptpd_pcap.close)
+        pptpd_port = GREPort(to_pptpd, ["127.0.0.1"], reactor=MemoryReactor(),
+                             system=MemoryGRESystem(pptpd_pcap.datalink()))
+        pptpd_port.startListening()   # its parser, fed below from the real pcap handle
+        self.addCleanup(pptpd_port.stopListening)
         pptpd_sock = self.raw_socket(host, bind="127.0.0.1", connect="127.0.0.2")
         pptpd_sock.settimeout(2)
         n = 30
@@ -195,8 +208,8 @@ class KernelTests(unittest.TestCase):
             self.assertTrue(rrp.sendGRE("127.0.0.2", "127.0.0.1", enhanced_gre(1000 + i, b"up")))
             pptpd_sock.send(enhanced_gre(2000 + i, b"down"))
         yield to_rrp.waitFor(n)
-        yield to_pptpd.waitFor(n)
         yield settle()
+        pptpd_pcap.dispatch(n + 1, pptpd_port._frameReceived)
         self.assertEqual(to_rrp.packets,
                          [("127.0.0.1", "127.0.0.2", enhanced_gre(2000 + i, b"down")) for i in range(n)])
         self.assertEqual(to_pptpd.packets,

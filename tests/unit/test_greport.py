@@ -373,12 +373,14 @@ class MemoryPortTests(unittest.SynchronousTestCase):
         """The socket that also stops ICMP protocol-unreachable carries the one-instruction drop filter."""
         port = self.port()
         sender = self.system.sockets[0]
-        self.assertEqual(len(sender.options), 2)
+        self.assertEqual(len(sender.options), 3)
         level, option, fprog = sender.options[0]
         self.assertEqual((level, option), (socket.SOL_SOCKET, 26))
         self.assertEqual(struct.unpack("HP", fprog)[0], 1)
         # IP_MTU_DISCOVER = IP_PMTUDISC_DONT: DF clear, oversized GRE is fragmented
         self.assertEqual(sender.options[1], (socket.IPPROTO_IP, 10, 0))
+        # SO_MARK: the captures drop what we send (tests/unit/test_selfmark.py)
+        self.assertEqual(sender.options[2], (socket.SOL_SOCKET, socket.SO_MARK, 0x2f))
         port.stopListening()
         self.assertTrue(sender.closed and self.capture.closed)
 

@@ -183,8 +183,8 @@ class OptionTests(unittest.SynchronousTestCase):
         """--gre-capture native: both daemons take it (and shards: the native handle compiles
         the same filter): the capture read in C and each link connection gets a C reader,
         both tables kept by the relay; where the module cannot load, both refuse it with
-        load()'s reason, in one line.  auto (the default) is native where it loads, else
-        pcap with the reason."""
+        load()'s reason, in one line.  auto (the default) is native-raw where it loads (native
+        with an interface named), else pcap with the reason."""
         from routeproxy import native
         rrpArgs = RRP_REQUIRED + ["--pptp-server", "10.0.0.1", "--source", "127.0.0.2",
                                   "--gre-capture", "native"]
@@ -202,7 +202,10 @@ class OptionTests(unittest.SynchronousTestCase):
                                  {"entries": 0, "in_c": 0, "sent_by_c": 0, "tls_reads": 0,
                                   "tls_handed_back": 0, "tls_flushed": 0})
             for tap, args in ((lrp_tap, LRP_REQUIRED), (rrp_tap, rrpArgs[:-2])):
-                self.assertEqual(parse(tap.Options, args)["gre-capture"], "native")   # auto
+                self.assertEqual(parse(tap.Options, args)["gre-capture"], "native-raw")   # auto
+                # an interface named: the ring, the one capture that reads a given interface
+                self.assertEqual(parse(tap.Options, args + ["--gre-interface", "lo"])["gre-capture"],
+                                 "native")
         self.patch(native, "load", lambda: (None, "routeproxy.native is not built (why)"))
         for tap, args in ((lrp_tap, LRP_REQUIRED + ["--gre-capture", "native"]),
                           (rrp_tap, rrpArgs)):
