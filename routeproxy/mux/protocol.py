@@ -96,15 +96,19 @@ class MuxProtocol(Protocol):
         """*length* bytes of frames at the cdata *data*, written to the link in C now
         (linksocket.NativeTLSWriter): how many its TLS took, or None when the link is not
         idle Twisted TLS over a socket (nothing was written: the caller takes the Python path)."""
+        native = self.idleNativeWriter(module)
+        return None if native is None else native.write(data, length)
+
+    def idleNativeWriter(self, module):
+        """The link's NativeTLSWriter when C may write to it now (idle Twisted TLS over a
+        socket), else None; made once per transport."""
         if self._lost:
             return None
         transport = self.transport
         if transport is not self._nativeOf:
             self._nativeOf, self._native = transport, NativeTLSWriter.over(module, transport)
         native = self._native
-        if native is None or not native.idle():
-            return None
-        return native.write(data, length)
+        return native if native is not None and native.idle() else None
 
     _nativeOf = None      # the transport _native writes to
     _native = None

@@ -269,11 +269,4 @@ def _writer(module, connection):
     protocol = connection._link
     if protocol is None or getattr(protocol, "_lost", True):
         return None
-    transport = protocol.transport
-    if transport is not protocol._nativeOf:
-        from routeproxy.mux.linksocket import NativeTLSWriter
-        protocol._nativeOf, protocol._native = transport, NativeTLSWriter.over(module, transport)
-    writer = protocol._native
-    if writer is None or not writer.idle():
-        return None
-    return writer
+    return protocol.idleNativeWriter(module)

@@ -24,6 +24,7 @@ from routeproxy.flows import LinkFlows
 from routeproxy.greport import GREPort
 from routeproxy.mux.connection import MuxConfig
 from routeproxy.mux.protocol import MuxClientFactory, MuxServerFactory
+from tests.support.native import requireNative
 from tests.support.packets import ip_fragments, ipv4
 from tests.unit.test_native_tls import OrderReceiver
 
@@ -36,12 +37,7 @@ KEY, OTHER_KEY, TAG, CLIENT_KEY = 7, 9, 0x4242, 0x77   # CLIENT_KEY: the client'
 
 
 def skipUnlessUsable():
-    if MODULE is None:
-        if os.environ.get("CI") == "true":
-            raise AssertionError(f"CI=true and {REASON}")
-        raise unittest.SkipTest(REASON)
-    if os.geteuid() != 0:
-        raise unittest.SkipTest("needs root: pcap and raw sockets")
+    requireNative("pcap and raw sockets")
     if not hasattr(reactor, "_poller"):
         raise unittest.SkipTest(f"needs the epoll reactor, not {type(reactor).__name__}")
 

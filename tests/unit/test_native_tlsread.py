@@ -16,7 +16,6 @@ Needs root (raw sockets) and the built module; CI may not skip the module.
 import ctypes
 import ctypes.util
 import fcntl
-import os
 import socket
 import struct
 import termios
@@ -37,7 +36,7 @@ from routeproxy.mux.linksocket import NativeTLSReader, bufferingTransport
 from routeproxy.mux.protocol import MuxProtocol, MuxServerFactory
 from routeproxy.mux.session import OPEN
 from routeproxy.relay import RelaySession
-from tests.support.native import receivedGRE
+from tests.support.native import receivedGRE, requireNative
 from tests.unit.test_native_link import RawSendSystem, addresses
 
 MODULE, REASON = native.load()
@@ -46,12 +45,7 @@ SID, TAG, KEY = 1, 0x4242, 0x5151
 
 
 def skipUnlessUsable():
-    if MODULE is None:
-        if os.environ.get("CI") == "true":
-            raise AssertionError(f"CI=true and {REASON}")
-        raise unittest.SkipTest(REASON)
-    if os.geteuid() != 0:
-        raise unittest.SkipTest("raw GRE sockets need root")
+    requireNative("raw GRE sockets")
 
 
 def turn():
