@@ -97,3 +97,27 @@ def receivedGRE(sink, src, dst):
             return out
         if (socket.inet_ntoa(packet[12:16]), socket.inet_ntoa(packet[16:20])) == (src, dst):
             out.append(packet[(packet[0] & 15) * 4:])
+
+
+def runBoth(paths, scenario, side="lrp", setup=None, check=None):
+    """*scenario(harness, key)* -> the wake-ups' frame lists, through each harness class of
+    *paths* (the Python path's, then the native one's) on *side*, *setup(harness)* after the
+    call opens and *check(harness)* after the frames: (python observed, native observed,
+    native hand-backs).  The differential tests of the capture pump share it."""
+    results = []
+    for cls in paths:
+        harness = cls("run")
+        harness.side = side
+        harness.setUp()
+        try:
+            key = harness.open_call()
+            if setup is not None:
+                setup(harness)
+            written = [harness.feed(batch) for batch in scenario(harness, key)]
+            if check is not None:
+                check(harness)
+            results.append((harness.observed(written), list(harness.backs)))
+        finally:
+            harness.doCleanups()
+    (python, _), (nativeResult, backs) = results
+    return python, nativeResult, backs

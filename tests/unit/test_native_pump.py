@@ -16,13 +16,13 @@ import os
 import socket
 import struct
 
-from twisted.internet.address import IPv4Address
 from twisted.trial import unittest
 
 from routeproxy import native
 from routeproxy.capture import DLT_EN10MB
 from routeproxy.greport import GREPort
 from routeproxy.testing import MemoryGRESystem
+from tests.support.native import runBoth
 from tests.support.packets import frame, ip_fragments, ipv4
 from tests.support.relay import LRP_IP, RRP_SOURCE, SERVER_IP, RelayHarness
 
@@ -145,24 +145,7 @@ class NativePath(PumpHarness, unittest.TestCase):
 def run(case, scenario, side="lrp"):
     """*scenario(harness)* -> frames; on both paths of *side*; (python observed, native
     observed, backs)."""
-    results = []
-    for cls in (PythonPath, NativePath):
-        harness = cls("run")
-        harness.side = side
-        harness.setUp()
-        try:
-            local = harness.open_call()
-            setup = getattr(scenario, "setup", None)
-            if setup is not None:
-                setup(harness)
-            written = []
-            for batch in scenario(harness, local):
-                written.append(harness.feed(batch))
-            results.append((harness.observed(written), list(harness.backs)))
-        finally:
-            harness.doCleanups()
-    (python, _), (nativeResult, backs) = results
-    return python, nativeResult, backs
+    return runBoth((PythonPath, NativePath), scenario, side, setup=getattr(scenario, "setup", None))
 
 
 # -- scenarios: each returns the wake-ups' frame lists ------------------------------------------
@@ -255,7 +238,6 @@ def closed(h, key):
     """The call is released between two wake-ups: its GRE goes the Python path (unknown)."""
     first = [eth(ipv4(h.peer, h.local, gre(key, b"a" * 10, seq=1)))]
     yield first
-    from routeproxy import pptp
     session = next(iter(h.relay.sessions))
     session.book.release(session.book.calls[0])
     yield [eth(ipv4(h.peer, h.local, gre(key, b"b" * 10, seq=2)))]

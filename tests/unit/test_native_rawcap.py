@@ -18,6 +18,7 @@ from routeproxy.capture import DLT_RAW, NativeRawCapture, greFilter
 from routeproxy.shard import Shard
 from routeproxy.testing import MemoryGRESystem, MemoryRawSocket
 from tests.support import netns
+from tests.support.native import runBoth
 from tests.support.packets import ip_fragments, ipv4
 from tests.support.relay import LRP_IP, RRP_SOURCE, SERVER_IP
 from tests.unit.test_native_pump import CLIENT, MODULE, OTHER, REASON, PumpHarness, _Gate, gre
@@ -105,21 +106,7 @@ class RawNative(SocketHarness, unittest.TestCase):
 def run(scenario, side="lrp", check=None):
     """*scenario(harness, key)* yields wake-ups' packet lists; on both paths of *side*:
     (python observed, native observed, native hand-backs)."""
-    results = []
-    for cls in (RawPython, RawNative):
-        harness = cls("run")
-        harness.side = side
-        harness.setUp()
-        try:
-            key = harness.open_call()
-            written = [harness.feed(batch) for batch in scenario(harness, key)]
-            if check is not None:
-                check(harness)
-            results.append((harness.observed(written), list(harness.backs)))
-        finally:
-            harness.doCleanups()
-    (python, _), (nativeResult, backs) = results
-    return python, nativeResult, backs
+    return runBoth((RawPython, RawNative), scenario, side, check=check)
 
 
 def data(h, key, n, size=100, ident=None, src=None, **more):
