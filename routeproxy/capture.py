@@ -354,17 +354,24 @@ class NativeCapture:
     drainsOnShortRead = True
 
     def __init__(self, module, interface, snaplen, bufferSize, bpf):
+        lib = module.lib
+        self._open(module, lambda err: lib.rp_pcap_open(interface.encode(), snaplen, bufferSize,
+                                                        bpf.encode(), err),
+                   lib.rp_pcap_pump, f"on {interface!r} with {bpf!r}")
+
+    def _open(self, module, opener, pump, where):
+        """The C handle *opener(err)* gives (GREIOError naming *where* if none), pumped by
+        *pump*; the buffers a hand-back comes back in."""
         self._ffi, self._lib = module.ffi, module.lib
         self._err = self._ffi.new("char[]", 256)
-        handle = self._lib.rp_pcap_open(interface.encode(), snaplen, bufferSize, bpf.encode(),
-                                        self._err)
+        handle = opener(self._err)
         if handle == self._ffi.NULL:
-            raise GREIOError(f"cannot capture GRE on {interface!r} with {bpf!r}: {self._error()}")
+            raise GREIOError(f"cannot capture GRE {where}: {self._error()}")
         self._handle = handle
         self._back = self._ffi.new("const uint8_t **")
         self._backLength = self._ffi.new("size_t *")
         self._backTime = self._ffi.new("double *")
-        self._pump = self._lib.rp_pcap_pump
+        self._pump = pump
 
     def _error(self):
         return self._ffi.string(self._err).decode("utf-8", "replace")
@@ -412,16 +419,9 @@ class NativeRawCapture(NativeCapture):
     (the sojourn gate works) and the port's filter attached in the kernel (shards work)."""
 
     def __init__(self, module, snaplen, bufferSize, bpf):
-        self._ffi, self._lib = module.ffi, module.lib
-        self._err = self._ffi.new("char[]", 256)
-        handle = self._lib.rp_rawcap_open(snaplen, bufferSize, bpf.encode(), self._err)
-        if handle == self._ffi.NULL:
-            raise GREIOError(f"cannot capture GRE on a raw socket with {bpf!r}: {self._error()}")
-        self._handle = handle
-        self._back = self._ffi.new("const uint8_t **")
-        self._backLength = self._ffi.new("size_t *")
-        self._backTime = self._ffi.new("double *")
-        self._pump = self._lib.rp_rawcap_pump
+        lib = module.lib
+        self._open(module, lambda err: lib.rp_rawcap_open(snaplen, bufferSize, bpf.encode(), err),
+                   lib.rp_rawcap_pump, f"on a raw socket with {bpf!r}")
 
     def fileno(self):
         return self._lib.rp_rawcap_fileno(self._handle)

@@ -478,6 +478,13 @@ class MuxConnection:
         if not self._inBatch and self._flushCall is None:
             self._scheduleFlush()
 
+    def holdsNothing(self):
+        """No frame of its own queued or held and no turn open: the loop (routeproxy.native.
+        loop) may take the link's I/O in C from here, as the Python path would go on."""
+        return not (self._control or self._gre or self._pendingBytes or self._inBatch
+                    or self._unsent is not None or self._flushCall is not None
+                    or self._wroteNative)
+
     def writeNative(self, module, data, length, frames):
         """*frames* mux GRE frames built by the native pump (*length* bytes at the cdata
         *data*), written to the link in C now (docs/fastpath.md step 3b) if nothing of this

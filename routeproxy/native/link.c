@@ -94,9 +94,9 @@ struct rp_link *rp_link_new(void) {
     return l;
 }
 
-/* A link's C state is tens of KiB per connection (the GRE build buffer, the receive buffer):
- * freed when the link goes, glibc keeps those pages in the heap between live blocks, so a
- * link that flaps grew the daemon by ~55 KiB per reset (the soak, docs/soak.md).  Links
+/* A link's C state (its held bytes and flow table) is freed when the link goes; glibc keeps
+ * such pages in the heap between live blocks, so a link that flaps grew the daemon per reset
+ * (~55 KiB when the GRE and receive buffers were per link: the soak, docs/soak.md).  Links
  * end rarely: give the free pages back to the system then. */
 static void give_back(void) {
     malloc_trim(0);

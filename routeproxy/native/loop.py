@@ -158,8 +158,7 @@ class CaptureLoop:
         reader = getattr(mux, "nativeReader", None)
         tls = getattr(reader, "tls", None)
         if tls is None or mux.clock is not self.reactor or not tls.installed or not tls.usable() \
-                or mux._control or mux._gre \
-                or mux._flushCall is not None or mux._unsent is not None or mux._inBatch:
+                or not mux.holdsNothing():
             return None
         tcp, reactor = tls.tcp, self.reactor
         fd = tcp.fileno()
@@ -262,9 +261,7 @@ def _writer(module, connection):
     as writeNative sends them (else None): the mux open with nothing of its own queued or
     held, its turn over, TLS idle."""
     if (connection.closed or connection._writePaused or connection.version is None
-            or connection._control or connection._gre or connection._pendingBytes
-            or connection._unsent is not None or connection._flushCall is not None
-            or connection._inBatch or connection._wroteNative):
+            or not connection.holdsNothing()):
         return None
     protocol = connection._link
     if protocol is None or getattr(protocol, "_lost", True):
