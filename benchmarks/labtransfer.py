@@ -53,6 +53,22 @@ def gre_of(run):
             + (f", dropped {dropped}" if dropped else ""))
 
 
+def tcp_of(run):
+    """TCP's view of the transfer in a few words: the senders' retransmissions and timeouts,
+    the server's out-of-order arrivals, and the GRE packets pptp-linux held for a missing one
+    ("" when the lab did not report them).  A stall shows here as timeouts."""
+    tcp = getattr(run, "tcp", {}) or {}
+    if not tcp:
+        return ""
+    clients = [v for ns, v in tcp.items() if ns != "srv"]
+    total = lambda key: sum(c.get(key, 0) for c in clients)
+    server = tcp.get("srv", {})
+    order = getattr(run, "gre_order", {}) or {}
+    return (f"; TCP retrans {total('RetransSegs')}, timeouts {total('TCPTimeouts')}, "
+            f"loss probes {total('TCPLossProbes')}, server out-of-order {server.get('TCPOFOQueue', 0)}"
+            + (f"; pptp held {order.get('buffered', 0)}, dropped old {order.get('old', 0)}" if order else ""))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mb", type=int, default=4)
@@ -76,7 +92,7 @@ def main(argv=None):
             took, rtt = seconds_of(run), rtt_of(run)
             cpu = "".join(f", {d.upper()} CPU {s:.2f} s" for d, s in sorted(getattr(run, "cpu", {}).items()))
             print(f"round {round_ + 1} {mode:10} {args.clients} client(s) x {args.mb} MB: "
-                  + (f"{took:.2f} s, ping {rtt if rtt is not None else '-'} ms{cpu}{gre_of(run)}"
+                  + (f"{took:.2f} s, ping {rtt if rtt is not None else '-'} ms{cpu}{gre_of(run)}{tcp_of(run)}"
                      if took is not None
                      else "FAILED\n" + cli.format_table(run)),
                   flush=True)

@@ -24,6 +24,8 @@ class LabRun:
         self.cut = topology.parse_cut(result.output)
         self.cpu = topology.parse_cpu(result.output)   # the proxy daemons' CPU over the transfer
         self.status = topology.parse_status(result.output)   # their status after it
+        self.tcp = topology.parse_tcp(result.output)   # TCP's counters over it, per namespace
+        self.gre_order = topology.parse_gre_order(result.output)   # pptp-linux's reorder log
 
     def cut_ok(self):
         """The link was cut and resumed: every pppd is the one from before, and each pings."""

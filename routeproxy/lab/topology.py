@@ -451,7 +451,17 @@ daemon_cpu() {{
     [ -n "$p" ] && [ -r /proc/$p/stat ] && echo "LAB-CPU $1 $d $(cut -d')' -f2 /proc/$p/stat | awk '{{print $12 + $13}}') $(getconf CLK_TCK 2>/dev/null || echo 100)"
   done
 }}
+# TCP's own view of the transfer, in each client's namespace and the server's: LAB-TCP WHEN NS
+# KEY=VALUE... (retransmissions, timeouts, out-of-order arrivals: where a stall came from)
+tcp_counters() {{
+  for n in $(i=1; while [ $i -le $K ]; do echo c$i; i=$((i + 1)); done) srv; do
+    echo "LAB-TCP $1 $n $(ns $n cat /proc/net/snmp /proc/net/netstat 2>/dev/null | awk '
+      $1 == "Tcp:" || $1 == "TcpExt:" {{ if (!($1 in head)) {{ split($0, h); head[$1] = 1; next }}
+        for (f = 2; f <= NF; f++) if (h[f] ~ /^(RetransSegs|TCPTimeouts|TCPLossProbes|TCPFastRetrans|TCPOFOQueue|TCPSACKReorder|TCPDSACKRecv|TCPSpuriousRTOs)$/) printf "%s=%s ", h[f], $f }}')"
+  done
+}}
 daemon_cpu before
+tcp_counters before
 each_tunnel send_tunnel
 wait_send() {{
   eval "pid=\$SEND_${{i}}_$j"
@@ -459,6 +469,9 @@ wait_send() {{
 }}
 each_tunnel wait_send
 daemon_cpu after
+tcp_counters after
+# pptp-linux (--loglevel 1) logs each GRE packet it had to hold for a missing one, or dropped
+echo "LAB-GRE-ORDER buffered=$(grep -c 'buffering packet' /var/log/messages 2>/dev/null) old=$(grep -c 'discarding duplicate or old' /var/log/messages 2>/dev/null) bogus=$(grep -c 'discarding bogus' /var/log/messages 2>/dev/null)"
 # the proxy daemons' GRE port counters after the transfer (docs/status.md): LAB-STATUS DAEMON JSON
 daemon_status() {{
   for d in lrp rrp; do
@@ -577,6 +590,28 @@ def parse_cpu(output):
                 continue
     return {daemon: round(seen[("after", daemon)] - seen[("before", daemon)], 2)
             for (when, daemon) in seen if when == "before" and ("after", daemon) in seen}
+
+
+def parse_tcp(output):
+    """{namespace: {counter: growth over the transfer}} from `LAB-TCP` lines: the clients'
+    and the server's retransmissions, timeouts and out-of-order arrivals (empty without a
+    transfer)."""
+    seen = {}
+    for line in output.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[0] == "LAB-TCP":
+            seen[(parts[1], parts[2])] = {k: int(v) for k, _, v in (f.partition("=") for f in parts[3:])
+                                          if v.isdigit()}
+    return {ns: {k: seen[("after", ns)][k] - v for k, v in counters.items() if k in seen[("after", ns)]}
+            for (when, ns), counters in seen.items() if when == "before" and ("after", ns) in seen}
+
+
+def parse_gre_order(output):
+    """pptp-linux's reordering log after the transfer ({buffered, old, bogus}), or {}."""
+    for line in output.splitlines():
+        if line.startswith("LAB-GRE-ORDER "):
+            return {k: int(v) for k, v in _fields(line).items() if v.isdigit()}
+    return {}
 
 
 def parse_status(output):

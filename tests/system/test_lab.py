@@ -9,6 +9,7 @@ Skipped where linux.uml (Debian's user-mode-linux) is not installed.
 """
 import os
 import re
+import shutil
 import stat
 import subprocess
 import time
@@ -66,6 +67,39 @@ class ScriptTests(unittest.SynchronousTestCase):
         self.assertEqual(topology.parse_cpu(output), {"lrp": 0.65, "rrp": 0.41})
         self.assertEqual(topology.parse_cpu("LAB-CPU before lrp 1 100\n"), {})
         self.assertIn("daemon_cpu before", topology.build_script("proxy", 1, transfer_mb=1))
+
+    def test_parse_tcp(self):
+        """TCP's counters over the transfer per namespace: after minus before; a namespace
+        seen once, or a counter missing after, is left out."""
+        output = ("LAB-TCP before c1 RetransSegs=3 TCPTimeouts=0 \nLAB-TCP before srv TCPOFOQueue=1\n"
+                  "LAB-TCP after c1 RetransSegs=10 TCPTimeouts=2 \nLAB-TCP after srv TCPOFOQueue=4\n"
+                  "LAB-TCP before c2 RetransSegs=1\n")
+        self.assertEqual(topology.parse_tcp(output),
+                         {"c1": {"RetransSegs": 7, "TCPTimeouts": 2}, "srv": {"TCPOFOQueue": 3}})
+        self.assertEqual(topology.parse_gre_order("x\nLAB-GRE-ORDER buffered=5 old=1 bogus=0\n"),
+                         {"buffered": 5, "old": 1, "bogus": 0})
+        self.assertEqual(topology.parse_gre_order("nothing"), {})
+        script = topology.build_script("proxy", 2, transfer_mb=1)
+        self.assertIn("tcp_counters before", script)
+        self.assertIn("tcp_counters after", script)
+
+    def test_tcp_counters_awk(self):
+        """The guest's awk program reads this kernel's /proc/net/snmp and netstat as the
+        parser expects (run here with busybox's awk, the guest's)."""
+        script = topology.build_script("proxy", 1, transfer_mb=1)
+        start = script.index("tcp_counters() {")
+        body = script[start:script.index("\n}", start)]
+        program = body[body.index("awk '") + 5:body.rindex("'")]
+        busybox = shutil.which("busybox")
+        if not busybox:
+            raise unittest.SkipTest("busybox is not installed")
+        with open("/proc/net/snmp", "rb") as a, open("/proc/net/netstat", "rb") as b:
+            text = a.read() + b.read()
+        out = subprocess.run([busybox, "awk", program], input=text, capture_output=True, check=True).stdout
+        counters = topology.parse_tcp(f"LAB-TCP before h {out.decode()}\nLAB-TCP after h {out.decode()}\n")
+        self.assertEqual(set(counters["h"]), {"RetransSegs", "TCPTimeouts", "TCPLossProbes", "TCPFastRetrans",
+                                              "TCPOFOQueue", "TCPSACKReorder", "TCPDSACKRecv",
+                                              "TCPSpuriousRTOs"})
 
     def test_parse_status(self):
         """Each proxy daemon's status after the transfer, read from its own namespace; a
