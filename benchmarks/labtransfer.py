@@ -60,13 +60,15 @@ def tcp_of(run):
     tcp = getattr(run, "tcp", {}) or {}
     if not tcp:
         return ""
-    clients = [v for ns, v in tcp.items() if ns != "srv"]
+    clients = [v for ns, v in tcp.items() if ns.startswith("c")]
     total = lambda key: sum(c.get(key, 0) for c in clients)
     server = tcp.get("srv", {})
     order = getattr(run, "gre_order", {}) or {}
+    drops = {ns: v["RawDrops"] for ns, v in sorted(tcp.items()) if v.get("RawDrops")}
     return (f"; TCP retrans {total('RetransSegs')}, timeouts {total('TCPTimeouts')}, "
             f"loss probes {total('TCPLossProbes')}, server out-of-order {server.get('TCPOFOQueue', 0)}"
-            + (f"; pptp held {order.get('buffered', 0)}, dropped old {order.get('old', 0)}" if order else ""))
+            + (f"; pptp held {order.get('buffered', 0)}, dropped old {order.get('old', 0)}" if order else "")
+            + (f"; raw socket drops {drops}" if drops else ""))
 
 
 def main(argv=None):

@@ -451,13 +451,16 @@ daemon_cpu() {{
     [ -n "$p" ] && [ -r /proc/$p/stat ] && echo "LAB-CPU $1 $d $(cut -d')' -f2 /proc/$p/stat | awk '{{print $12 + $13}}') $(getconf CLK_TCK 2>/dev/null || echo 100)"
   done
 }}
-# TCP's own view of the transfer, in each client's namespace and the server's: LAB-TCP WHEN NS
-# KEY=VALUE... (retransmissions, timeouts, out-of-order arrivals: where a stall came from)
+# TCP's own view of the transfer and the raw sockets' drops (pptpd's, pptp-linux's and the
+# proxy's GRE), in every namespace: LAB-TCP WHEN NS KEY=VALUE... (retransmissions, timeouts,
+# out-of-order arrivals, RawDrops: where a stall came from)
 tcp_counters() {{
-  for n in $(i=1; while [ $i -le $K ]; do echo c$i; i=$((i + 1)); done) srv; do
-    echo "LAB-TCP $1 $n $(ns $n cat /proc/net/snmp /proc/net/netstat 2>/dev/null | awk '
+  for n in $(i=1; while [ $i -le $K ]; do echo c$i; i=$((i + 1)); done) lrp nat rrp srv; do
+    echo "LAB-TCP $1 $n $(ns $n cat /proc/net/snmp /proc/net/netstat /proc/net/raw 2>/dev/null | awk '
       $1 == "Tcp:" || $1 == "TcpExt:" {{ if (!($1 in head)) {{ split($0, h); head[$1] = 1; next }}
-        for (f = 2; f <= NF; f++) if (h[f] ~ /^(RetransSegs|TCPTimeouts|TCPLossProbes|TCPFastRetrans|TCPOFOQueue|TCPSACKReorder|TCPDSACKRecv|TCPSpuriousRTOs)$/) printf "%s=%s ", h[f], $f }}')"
+        for (f = 2; f <= NF; f++) if (h[f] ~ /^(RetransSegs|TCPTimeouts|TCPLossProbes|TCPFastRetrans|TCPOFOQueue|TCPSACKReorder|TCPDSACKRecv|TCPSpuriousRTOs)$/) printf "%s=%s ", h[f], $f }}
+      $1 ~ /^[0-9]+:$/ && NF >= 13 {{ raw += $NF }}
+      END {{ printf "RawDrops=%d", raw }}')"
   done
 }}
 daemon_cpu before

@@ -99,7 +99,12 @@ class ScriptTests(unittest.SynchronousTestCase):
         counters = topology.parse_tcp(f"LAB-TCP before h {out.decode()}\nLAB-TCP after h {out.decode()}\n")
         self.assertEqual(set(counters["h"]), {"RetransSegs", "TCPTimeouts", "TCPLossProbes", "TCPFastRetrans",
                                               "TCPOFOQueue", "TCPSACKReorder", "TCPDSACKRecv",
-                                              "TCPSpuriousRTOs"})
+                                              "TCPSpuriousRTOs", "RawDrops"})
+        raw = ("  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n"
+               "   47: 00000000:002F 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 1 2 ffff 7\n"
+               "   47: 00000000:002F 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 3 2 ffff 5\n")
+        out = subprocess.run([busybox, "awk", program], input=raw.encode(), capture_output=True, check=True).stdout
+        self.assertEqual(out.decode().strip(), "RawDrops=12")
 
     def test_parse_status(self):
         """Each proxy daemon's status after the transfer, read from its own namespace; a
