@@ -78,6 +78,9 @@ def main(argv=None):
     parser.add_argument("--clients", type=int, default=1)
     parser.add_argument("--proxy-options", default="",
                         help='more options for both daemons, e.g. "--gre-capture raw"')
+    parser.add_argument("--rmem-default", type=int, default=None, metavar="BYTES",
+                        help="a tuned server: this receive buffer for every socket that sizes "
+                             "none itself, pptpd's GRE socket among them (both paths)")
     args = parser.parse_args(argv)
     reason = uml.uml_available()
     if reason:
@@ -90,7 +93,8 @@ def main(argv=None):
     for round_ in range(args.rounds):
         for mode in MODES:
             run = cli.run_lab(mode, args.clients, transfer_mb=args.mb,
-                              proxy_options=shlex.split(args.proxy_options))
+                              proxy_options=shlex.split(args.proxy_options),
+                              rmem_default=args.rmem_default)
             took, rtt = seconds_of(run), rtt_of(run)
             cpu = "".join(f", {d.upper()} CPU {s:.2f} s" for d, s in sorted(getattr(run, "cpu", {}).items()))
             print(f"round {round_ + 1} {mode:10} {args.clients} client(s) x {args.mb} MB: "

@@ -66,13 +66,15 @@ class LabRun:
 
 
 def run_lab(mode, clients, transfer_mb=0, connect_timeout=25, timeout=None, keep=False, mtu=None,
-            hangup=False, calls_per_client=1, run=None, cut_link=0, proxy_options=()):
+            hangup=False, calls_per_client=1, run=None, cut_link=0, proxy_options=(),
+            rmem_default=None):
     """Run the lab once; returns a LabRun.  Raises uml.UMLError when UML cannot run.
 
     *run* is ``uml.run_in_uml`` (a test passes its own)."""
     script = topology.build_script(mode, clients, transfer_mb=transfer_mb,
                                    connect_timeout=connect_timeout, mtu=mtu, hangup=hangup,
                                    calls_per_client=calls_per_client, cut_link=cut_link,
+                                   rmem_default=rmem_default,
                                    proxy_options=proxy_options)
     tunnels = clients * calls_per_client
     if timeout is None:
@@ -153,6 +155,9 @@ def parser():
                    help="clients' PPP MTU and MRU [pppd's default, 1500]")
     p.add_argument("--timeout", type=int, default=None,
                    help="kill UML after this many seconds [depends on the run]")
+    p.add_argument("--rmem-default", type=int, default=None, metavar="BYTES",
+                   help="receive buffer of every socket that sizes none itself, pptpd's GRE "
+                        "socket among them (a tuned server) [the kernel's default]")
     p.add_argument("--keep", action="store_true",
                    help="keep the work directory (logs of pppd, pptpd, daemons)")
     p.add_argument("--verbose", "-v", action="store_true", help="print the lab's raw output")
@@ -163,7 +168,8 @@ def main(argv=None):
     args = parser().parse_args(argv)
     try:   # a bad argument is said before asking whether UML can run at all
         topology.build_script(args.mode, args.clients, transfer_mb=args.transfer_mb, mtu=args.mtu,
-                              calls_per_client=args.calls_per_client, cut_link=args.cut_link)
+                              calls_per_client=args.calls_per_client, cut_link=args.cut_link,
+                              rmem_default=args.rmem_default)
     except topology.LabScriptError as e:
         sys.stderr.write(f"routeproxy lab: {e}\n")
         return 2
@@ -175,7 +181,7 @@ def main(argv=None):
         run = run_lab(args.mode, args.clients, transfer_mb=args.transfer_mb,
                       connect_timeout=args.connect_timeout, timeout=args.timeout, keep=args.keep,
                       mtu=args.mtu, hangup=args.hangup, calls_per_client=args.calls_per_client,
-                      cut_link=args.cut_link)
+                      cut_link=args.cut_link, rmem_default=args.rmem_default)
     except topology.LabScriptError as e:
         sys.stderr.write(f"routeproxy lab: {e}\n")
         return 2

@@ -98,8 +98,20 @@ RRP_COMMAND = ('"$PY" -c "from twisted.scripts.twistd import run; run()" -n --lo
 MAX_CALLS_PER_CLIENT = 8
 
 
+RMEM = r"""
+# --rmem-default: every socket that sizes no buffer of its own (pptpd's and pptp-linux's GRE
+# sockets) gets this receive buffer, in every namespace (the sysctl is the namespace's own
+# on newer kernels, global on older ones: both are set)
+sysctl -qw net.core.rmem_max={rmem} net.core.rmem_default={rmem}
+for n in lrp nat rrp srv $(i=1; while [ $i -le $K ]; do echo c$i; i=$((i + 1)); done); do
+  ns $n sysctl -qw net.core.rmem_max={rmem} net.core.rmem_default={rmem} 2>/dev/null
+done
+echo "LAB-RMEM srv=$(ns srv cat /proc/sys/net/core/rmem_default)"
+"""
+
+
 def build_script(mode, clients, transfer_mb=0, connect_timeout=25, python=None, mtu=None,
-                 hangup=False, calls_per_client=1, cut_link=0, proxy_options=()):
+                 hangup=False, calls_per_client=1, cut_link=0, proxy_options=(), rmem_default=None):
     """The /bin/sh payload for `run_in_uml` that builds the lab and measures it.
 
     `hangup`: after the pings, kill client 1's (first) pppd, check the others still
@@ -108,7 +120,11 @@ def build_script(mode, clients, transfer_mb=0, connect_timeout=25, python=None, 
     `cut_link`: (proxy modes) 2 s into the transfer the NAT resets the link's TCP both
     ways for that many seconds; the run reports whether every pppd survived (LAB-CUT).
     `proxy_options`: more options for both daemons (e.g. ``("--gre-capture", "raw")``).
+    `rmem_default`: bytes of receive buffer for every socket that sizes none itself
+    (pptpd's GRE socket: a busy server's stalls start where it overflows; docs/lab.md).
     """
+    if rmem_default is not None and not 4096 <= rmem_default <= 1 << 30:
+        raise LabScriptError(f"--rmem-default {rmem_default}: must be 4096..{1 << 30} bytes")
     if cut_link and mode not in PROXY_MODES:
         raise LabScriptError(f"--cut-link needs a proxy mode ({', '.join(PROXY_MODES)}), not {mode}")
     if not 0 <= cut_link <= 120:
@@ -130,6 +146,7 @@ def build_script(mode, clients, transfer_mb=0, connect_timeout=25, python=None, 
                        mode=mode, n=calls_per_client),
         NETWORK,
         NAT_RULES[mode],
+        RMEM.format(rmem=int(rmem_default)) if rmem_default else "",
         SERVER_SETUP,
     ]
     if mode in PROXY_MODES:

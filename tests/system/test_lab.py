@@ -106,6 +106,16 @@ class ScriptTests(unittest.SynchronousTestCase):
         out = subprocess.run([busybox, "awk", program], input=raw.encode(), capture_output=True, check=True).stdout
         self.assertEqual(out.decode().strip(), "RawDrops=12")
 
+    def test_rmem_default(self):
+        """A tuned server: the sysctl is set in every namespace before pptpd makes a socket,
+        only when asked, and only within bounds."""
+        script = topology.build_script("nat-helper", 2, transfer_mb=1, rmem_default=4 << 20)
+        self.assertIn("net.core.rmem_default=4194304", script)
+        self.assertLess(script.index("net.core.rmem_default="), script.index("ns srv pptpd "))
+        self.assertIn("LAB-RMEM srv=", script)
+        self.assertNotIn("rmem_default", topology.build_script("nat-helper", 2, transfer_mb=1))
+        self.assertRaises(topology.LabScriptError, topology.build_script, "proxy", 1, rmem_default=100)
+
     def test_parse_status(self):
         """Each proxy daemon's status after the transfer, read from its own namespace; a
         daemon that did not answer (an empty line) is left out."""
