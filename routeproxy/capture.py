@@ -433,6 +433,10 @@ class NativeRawCapture(NativeCapture):
         """Packets read from the socket that the pump has not taken yet (after a hand-back)."""
         return self._lib.rp_rawcap_pending(self._handle)
 
+    def reads(self):
+        """recvmmsg calls made so far: each is a system call."""
+        return self._lib.rp_rawcap_reads(self._handle)
+
     def setFilter(self, bpf):
         if self._lib.rp_rawcap_set_filter(self._handle, bpf.encode(), self._err) < 0:
             raise GREIOError(f"bad capture filter {bpf!r}: {self._error()}")

@@ -27,6 +27,24 @@ static double loop_clock_seconds(clockid_t id)
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
+/* One clock read per poll: the wall clock (the capture's receive times, the link's last
+ * read) is the monotonic reading plus an offset taken again every 100 ms, so a step of the
+ * wall clock is followed within that; where a clock read is a system call (UML: ~17 us) this
+ * halves the loop's calls. */
+#define LOOP_OFFSET_AGE 0.1
+static double loop_wall_offset;
+static double loop_wall_offset_at = -1.0;
+
+static double loop_wall(double mono)
+{
+    if (loop_wall_offset_at < 0.0 || mono - loop_wall_offset_at > LOOP_OFFSET_AGE
+            || mono < loop_wall_offset_at) {
+        loop_wall_offset = loop_clock_seconds(CLOCK_REALTIME) - mono;
+        loop_wall_offset_at = mono;
+    }
+    return mono + loop_wall_offset;
+}
+
 /* kernelUnsent: what MuxProtocol.sendBufferSize adds to Twisted's buffer (empty here) */
 static int64_t loop_kernel_unsent(int fd)
 {
@@ -132,7 +150,7 @@ static int loop_flush(struct rp_loop *l)
 }
 
 /* One capture wake-up (GREPort.doRead with _pump): 0 when it ended here, else a result. */
-static int loop_capture_read(struct rp_loop *l)
+static int loop_capture_read(struct rp_loop *l, double now)
 {
     struct rp_loop_turn *t = &l->turn;
     int budget = l->budget;
@@ -140,7 +158,7 @@ static int loop_capture_read(struct rp_loop *l)
     l->stats.reads++;
     memset(t, 0, sizeof *t);
     t->unsent = -1;
-    t->now = loop_clock_seconds(CLOCK_REALTIME);
+    t->now = now;
     while (budget > 0) {
         uint64_t delivered = rp_pump_delivered(l->pump);
         double head;
@@ -182,7 +200,7 @@ static int loop_capture_read(struct rp_loop *l)
 
 /* One readable wake-up of the link's socket (NativeTLSReader.doRead's first rp_link_read):
  * 0 when it only sent GRE (and took plaintext), else RP_LOOP_LINK. */
-static int loop_link_read(struct rp_loop *l)
+static int loop_link_read(struct rp_loop *l, double now)
 {
     struct rp_loop_read *r = &l->read;
     r->flags = rp_link_read(r->link, r->tls, 1, 0, r->max_payload, &r->out, &r->out_length,
@@ -191,21 +209,23 @@ static int loop_link_read(struct rp_loop *l)
         return RP_LOOP_LINK;
     l->stats.link_reads++;
     l->stats.plaintext += r->info.plaintext;
-    l->stats.last_read = loop_clock_seconds(CLOCK_REALTIME);
+    l->stats.last_read = now;
     return 0;
 }
 
 int rp_loop_run(struct rp_loop *l, double timeout)
 {
     struct epoll_event events[LOOP_EVENTS];
-    double deadline = timeout < 0 ? 0.0 : loop_clock_seconds(CLOCK_MONOTONIC) + timeout;
+    double mono = loop_clock_seconds(CLOCK_MONOTONIC);
+    double deadline = mono + (timeout < 0 ? 0.0 : timeout);
 
     for (;;) {
         int wait_ms = -1;
         int n, i, result;
+        double now;
 
         if (timeout >= 0) {
-            double left = deadline - loop_clock_seconds(CLOCK_MONOTONIC);
+            double left = deadline - mono;
             if (left <= 0)
                 return RP_LOOP_TIMEOUT;
             wait_ms = (int)ceil(left * 1000.0);   /* as Python's epoll.poll rounds */
@@ -224,8 +244,12 @@ int rp_loop_run(struct rp_loop *l, double timeout)
             if (events[i].events != EPOLLIN
                 || (events[i].data.fd != l->capture_fd && events[i].data.fd != l->read.fd))
                 return RP_LOOP_OTHER;   /* before any is handled: Twisted polls again */
+        mono = loop_clock_seconds(CLOCK_MONOTONIC);   /* the wake-up's time, and the next
+                                                         * poll's: the reads here are short */
+        now = loop_wall(mono);
         for (i = 0; i < n; i++) {   /* in the order Twisted would dispatch them */
-            result = events[i].data.fd == l->capture_fd ? loop_capture_read(l) : loop_link_read(l);
+            result = events[i].data.fd == l->capture_fd ? loop_capture_read(l, now)
+                                                        : loop_link_read(l, now);
             if (result)
                 return result;
         }

@@ -28,6 +28,7 @@ struct rp_rawcap {
     size_t snaplen;
     int next, count;             /* slots [next, count) are read and not yet pumped */
     uint64_t received;
+    uint64_t reads;              /* recvmmsg calls (each a system call: the tests count them) */
     uint32_t dropped;
     uint8_t *buffers;            /* RAWCAP_SLOTS * snaplen */
     struct mmsghdr msgs[RAWCAP_SLOTS];
@@ -142,6 +143,8 @@ void rp_rawcap_stats(struct rp_rawcap *c, uint64_t *received, uint64_t *dropped)
 
 int rp_rawcap_pending(struct rp_rawcap *c) { return c->count - c->next; }
 
+uint64_t rp_rawcap_reads(struct rp_rawcap *c) { return c->reads; }
+
 void rp_rawcap_close(struct rp_rawcap *c)
 {
     if (c != NULL) {
@@ -173,12 +176,17 @@ int rp_rawcap_pump(struct rp_rawcap *c, struct rp_pump *p, int budget, const uin
                    size_t *back_length, double *back_ts, char *err)
 {
     int read = 0;
+    int drained = 0;   /* a read came back short: the socket was empty then */
 
     *back = NULL;
     *back_length = 0;
     *back_ts = 0.0;
     while (read < budget) {
         if (c->next == c->count) {
+            /* after a short read, another would find what came since, or EAGAIN: leave that
+             * to the next wake-up (the socket stays readable) and save the call */
+            if (drained)
+                break;
             /* never more than the budget left: what is read beyond a hand-back stays here,
              * and the caller's next calls (budget minus this call's packets) pump it all */
             int want = budget - read < RAWCAP_SLOTS ? budget - read : RAWCAP_SLOTS;
@@ -186,6 +194,7 @@ int rp_rawcap_pump(struct rp_rawcap *c, struct rp_pump *p, int budget, const uin
             for (int i = 0; i < want; i++)
                 c->msgs[i].msg_hdr.msg_controllen = RAWCAP_CONTROL;
             n = recvmmsg(c->fd, c->msgs, (unsigned)want, MSG_DONTWAIT, NULL);
+            c->reads++;
             if (n < 0) {
                 if (errno == EINTR)
                     continue;
@@ -198,6 +207,7 @@ int rp_rawcap_pump(struct rp_rawcap *c, struct rp_pump *p, int budget, const uin
                 break;
             c->next = 0;
             c->count = n;
+            drained = n < want;
         }
         struct mmsghdr *m = &c->msgs[c->next];
         const uint8_t *packet = c->iov[c->next].iov_base;

@@ -20,6 +20,7 @@ int rp_rawcap_fileno(struct rp_rawcap *c);
 void rp_rawcap_stats(struct rp_rawcap *c, uint64_t *received, uint64_t *dropped);
 /* Packets read by recvmmsg but not yet through the pump (after a hand-back). */
 int rp_rawcap_pending(struct rp_rawcap *c);
+uint64_t rp_rawcap_reads(struct rp_rawcap *c);
 void rp_rawcap_close(struct rp_rawcap *c);
 /* rp_pcap_pump's contract: up to budget packets through rp_pump_frame (those pending first,
  * then recvmmsg batches of at most the budget left), stopping at the first one handed back,

@@ -230,6 +230,20 @@ class NativeRawPortTests(unittest.SynchronousTestCase):
                          [n for n in range(1, 16) if n not in backsAt])
         self.assertEqual(h.backs, ["unknown_key"] * 4)
 
+    def test_one_read_per_short_batch(self):
+        """A wake-up whose read comes back short (the socket emptied) makes no second read
+        only to find EAGAIN; what arrives after it is the next wake-up's."""
+        h, key = self.h, self.key
+        self.send([data(h, key, n) for n in range(1, 4)])
+        before = self.capture.reads()
+        h.port.doRead()
+        self.assertEqual(self.capture.reads() - before, 1)
+        self.send([data(h, key, n) for n in range(4, 6)])
+        h.port.doRead()
+        self.assertEqual(self.capture.reads() - before, 2)
+        h.flush()
+        self.assertEqual([g.seq for _, _, g in h.farRelay.grePort.sent], [1, 2, 3, 4, 5])
+
     def test_pump_keeps_what_follows_a_hand_back(self):
         """rp_rawcap_pump itself: a hand-back stops the call; what recvmmsg read after it is
         pumped first by the next; a batch never reads more than the budget left."""
