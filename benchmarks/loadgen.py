@@ -27,6 +27,12 @@ Why these choices (measured, see docs/benchmarks.md):
 
 Packet size means the IPv4 datagram (20-byte IP header + 12-byte GRE header + payload), what
 a PPTP client puts on the wire; Mbit/s counts those bytes.
+
+``benchmarks/loadgen.c`` is the same sender and sink in C (same options, probe and output),
+what the benchmarks run by default: this module does its per-packet work in the interpreter,
+on the CPUs the system under test needs (benchmarks/instrument.py chooses and builds).  This
+one stays the reference (tests/unit/test_loadgen_engines.py runs each against the other) and
+the fallback without a compiler.
 """
 import argparse
 import array
@@ -402,7 +408,7 @@ class Sink:
     def run(self, until, quiet=0.0, limit=30.0):
         buf, slot, msgs = self._buffer, self.SLOT, self._msgs
         latency, run_id = self.latency, self.run_id
-        unpack_probe = PROBE.unpack_from
+        unpack_probe, probe_size = PROBE.unpack_from, PROBE.size
         unpack_stamp = struct.Struct("qq").unpack_from
         control, cslot = self._control, self.CONTROL
         pristine, entry = self._pristine, ctypes.sizeof(_MMsgHdr)
@@ -434,6 +440,9 @@ class Sink:
                 ihl = (raw[off] & 0x0F) * 4
                 g = off + ihl
                 start = g + 8 + (4 if raw[g] & 0x10 else 0) + (4 if raw[g + 1] & 0x80 else 0)
+                if start + probe_size > off + msgs[i].msg_len:
+                    other += 1  # too short for a probe (what the slot holds after it is an older packet's)
+                    continue
                 magic, probe_run, flow, seq, stamp = unpack_probe(raw, start)
                 if magic != MAGIC:
                     other += 1
