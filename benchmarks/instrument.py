@@ -49,26 +49,26 @@ def build():
     """The path of the C instrument, compiled now if the cache has no binary of this source."""
     with open(SOURCE, "rb") as f:
         source = f.read()
-    cc = compiler()
-    digest = hashlib.sha256(source + repr((cc, CFLAGS)).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(source + repr(CFLAGS).encode()).hexdigest()[:16]
     if digest in _built:
         if isinstance(_built[digest], BuildError):
             raise _built[digest]
         return _built[digest]
     try:
-        _built[digest] = _compile(cc, digest)
+        _built[digest] = _compile(digest)
     except BuildError as e:
         _built[digest] = e
         raise
     return _built[digest]
 
 
-def _compile(cc, digest):
+def _compile(digest):
     target = os.path.join(cache_dir(), f"loadgen-{digest}")
-    if os.access(target, os.X_OK):
+    if os.access(target, os.X_OK):   # built before (by any compiler): no compiler needed now
         return target
+    cc = compiler()
     if cc is None:
-        raise BuildError("no C compiler (cc) on PATH")
+        raise BuildError(f"no C compiler ({os.environ.get('CC') or 'cc'} not found)")
     os.makedirs(cache_dir(), exist_ok=True)
     fd, temporary = tempfile.mkstemp(prefix=".loadgen-", dir=cache_dir())
     os.close(fd)

@@ -350,3 +350,67 @@ class SinkParsingTests(unittest.TestCase):
                               "flows": 2, "per_flow_min": 3, "flow_min": 1, "flow_max": 2}, engine)
             self.assertEqual(got[engine]["latency_us"]["count"], 8)
         self.assertEqual(got["c"]["latency_us"], got["python"]["latency_us"])
+
+
+class InstrumentTests(unittest.TestCase):
+    """benchmarks.instrument: the choice, the cached build, the fallback without a compiler."""
+
+    def setUp(self):
+        saved = {k: os.environ.get(k) for k in (instrument.ENV, "CC", "XDG_CACHE_HOME")}
+        self.addCleanup(self._restore, saved)
+        self.patch(instrument, "_built", {})
+        self.patch(instrument, "_warned", set())
+        self.cache = os.path.abspath(self.mktemp())
+        os.environ["XDG_CACHE_HOME"] = self.cache
+        os.environ.pop(instrument.ENV, None)
+
+    @staticmethod
+    def _restore(saved):
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+    def test_built_once_into_the_cache(self):
+        path = binary()
+        self.assertEqual(os.path.dirname(path), os.path.join(self.cache, "routeproxy-bench"))
+        self.assertTrue(os.path.basename(path).startswith("loadgen-"))
+        self.assertEqual(os.listdir(os.path.dirname(path)), [os.path.basename(path)])   # no temporary left
+        self.assertEqual(instrument.engine(), "c")
+        self.assertEqual(measure._loadgen_argv("sink", "--run", 5), [path, "sink", "--run", "5"])
+        os.environ["CC"] = "/nonexistent/cc"   # a binary in the cache needs no compiler
+        instrument._built.clear()
+        self.assertEqual(instrument.build(), path)
+
+    def test_python_when_asked(self):
+        instrument.select("python")
+        self.assertEqual(instrument.engine(), "python")
+        self.assertEqual(measure._loadgen_argv("sink")[1:], ["-m", "benchmarks.loadgen", "sink"])
+        self.assertRaises(ValueError, instrument.select, "rust")
+
+    def test_python_without_a_compiler(self):
+        for cc, reason in (("/nonexistent/cc", "no C compiler"), ("false", "failed")):
+            os.environ["CC"] = cc
+            instrument._built.clear()
+            errors = []
+            self.patch(instrument.sys, "stderr", type("Err", (), {"write": lambda self, text: errors.append(text)})())
+            self.assertEqual([instrument.engine(), instrument.engine()], ["python", "python"])
+            self.assertEqual(len(errors), 1, errors)   # said once
+            self.assertIn(reason, errors[0])
+            self.assertIn("using the Python engine", errors[0])
+            self.assertEqual(measure._loadgen_argv("sink")[1:3], ["-m", "benchmarks.loadgen"])
+
+    def test_the_trial_records_the_engine(self):
+        from tests.unit.test_bench_directions import FakeLab, sink
+        for engine in ENGINES:
+            if engine == "c":
+                binary()
+            instrument.select(engine)
+            lab = FakeLab({"server": sink(1000, [0])})
+            got = measure.run_trial(lab, measure.Path("p", [("client", "10.0.0.1", [7], None)], "server"), 64, 0, 1.0)
+            self.assertEqual(got["instrument"]["engine"], engine)
+            self.assertEqual(set(got["instrument"]), {"engine", "send_cpu_s", "sink_cpu_s", "send_us_per_packet",
+                                                      "sink_us_per_packet"})
+            heads = {argv[0] for _, argv in lab.spawned}
+            self.assertEqual(heads, {instrument.build()} if engine == "c" else {instrument.sys.executable})
