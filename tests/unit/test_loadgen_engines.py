@@ -410,7 +410,20 @@ class InstrumentTests(unittest.TestCase):
             lab = FakeLab({"server": sink(1000, [0])})
             got = measure.run_trial(lab, measure.Path("p", [("client", "10.0.0.1", [7], None)], "server"), 64, 0, 1.0)
             self.assertEqual(got["instrument"]["engine"], engine)
-            self.assertEqual(set(got["instrument"]), {"engine", "send_cpu_s", "sink_cpu_s", "send_us_per_packet",
-                                                      "sink_us_per_packet"})
+            self.assertEqual(set(got["instrument"]), {"engine"} | {
+                f"{role}_{what}" for role in ("send", "sink")
+                for what in ("cpu_s", "user_s", "us_per_packet", "user_us_per_packet")})
             heads = {argv[0] for _, argv in lab.spawned}
             self.assertEqual(heads, {instrument.build()} if engine == "c" else {instrument.sys.executable})
+
+    def test_fixedrate_table(self):
+        from benchmarks import fixedrate
+        rows = [{"path": "proxy", "rate": 1000, "delivered_pps": 999, "lrp_us_per_packet": 9.5,
+                 "rrp_us_per_packet": 9.0, "latency_us": {"min": 15, "p50": 40, "p99": 200},
+                 **fixedrate.instrument_cells({"instrument": {
+                     "engine": engine, "send_us_per_packet": 12.5, "send_user_us_per_packet": 0.5,
+                     "sink_us_per_packet": 5.0, "sink_user_us_per_packet": 0.25}})} for engine in ENGINES]
+        lines = fixedrate.instruments_table(rows).splitlines()
+        self.assertEqual([line.split() for line in lines[2:]],
+                         [["1000", "proxy", engine, "999", "9.5", "9.0", "15/40/200", "12.5/0.5", "5.0/0.25"]
+                          for engine in ENGINES])
