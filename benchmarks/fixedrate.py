@@ -135,26 +135,23 @@ def measure_rate(lab, label, path, rate, args, counters_of, drops_of=dict):
 
 
 def instrument_cells(got):
-    """The row's instrument: its engine, its sender's and sink's CPU per packet (us), all and
-    user time alone (their own code; the rest is the kernel's, in their context)."""
+    """The row's instrument: its engine and its sender's and sink's CPU per packet (us)."""
     cost = got.get("instrument") or {}
-    return {"instrument": cost.get("engine"),
-            **{f"{name}_{what}us_per_packet": cost.get(f"{role}_{what}us_per_packet")
-               for name, role in (("sender", "send"), ("sink", "sink")) for what in ("", "user_")}}
+    return {"instrument": cost.get("engine"), "sender_us_per_packet": cost.get("send_us_per_packet"),
+            "sink_us_per_packet": cost.get("sink_us_per_packet")}
 
 
 def instruments_table(rows):
     """Each rate with each engine: what the A/B of ``--instrument c --instrument python`` shows."""
-    lines = ["the instruments' engines side by side (us per packet, all/user: the sender's per packet sent, "
+    lines = ["the instruments' engines side by side (us per packet: the sender's per packet sent, "
              "the sink's per packet received):",
              f"{'rate':>7} {'path':16} {'engine':>6} {'delivered':>9} {'LRP us/pkt':>10} {'RRP us/pkt':>10}"
-             f" {'min/p50/p99 us':>18} {'sender us':>13} {'sink us':>13}"]
+             f" {'min/p50/p99 us':>18} {'sender us':>9} {'sink us':>8}"]
     for row in sorted(rows, key=lambda r: (r["rate"], r["path"])):
-        sender, sink = (f"{row.get(f'{n}_us_per_packet') or '-'}/{row.get(f'{n}_user_us_per_packet') or '-'}"
-                        for n in ("sender", "sink"))
         lines.append(f"{row['rate']:>7} {row['path']:16} {row.get('instrument') or '-':>6} {row['delivered_pps']:>9} "
                      f"{row.get('lrp_us_per_packet') or '-':>10} {row.get('rrp_us_per_packet') or '-':>10}"
-                     f" {_lat(row.get('latency_us')):>18} {sender:>13} {sink:>13}")
+                     f" {_lat(row.get('latency_us')):>18} {row.get('sender_us_per_packet') or '-':>9}"
+                     f" {row.get('sink_us_per_packet') or '-':>8}")
     return "\n".join(lines)
 
 

@@ -668,6 +668,11 @@ static int percentiles_main(void)
 
 int main(int argc, char **argv)
 {
+    if (argc >= 2 && (strcmp(argv[1], "send") == 0 || strcmp(argv[1], "sink") == 0)) {
+        char name[16];   /* as loadgen.py names itself: a profile tells send from sink, C or not */
+        snprintf(name, sizeof name, "loadgen-%s", argv[1]);
+        prctl(PR_SET_NAME, name, 0, 0, 0);
+    }
     if (argc >= 2 && strcmp(argv[1], "send") == 0)
         return send_main(argc - 2, argv + 2);
     if (argc >= 2 && strcmp(argv[1], "sink") == 0)

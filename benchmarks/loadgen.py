@@ -67,6 +67,7 @@ SO_RCVBUFFORCE = 33
 SO_SNDBUFFORCE = 32
 MSG_WAITFORONE = 0x10000
 PR_SET_TIMERSLACK = 29
+PR_SET_NAME = 15
 
 __all__ = ["LoadgenError", "build_packet", "probe_of", "Link", "Sender", "Sink", "percentiles", "main"]
 
@@ -473,6 +474,15 @@ class Sink:
 
 # --- command line ------------------------------------------------------------------------
 
+def _name(name):
+    """Name this process (``comm``) so a profile tells the instruments from the daemons, which
+    are "python" too; loadgen.c takes the same names."""
+    try:
+        _libc.prctl(PR_SET_NAME, name.encode(), 0, 0, 0)
+    except (AttributeError, OSError):  # pragma: no cover - prctl is always there on Linux
+        pass
+
+
 def _sink_main(args):
     stop = {"now": False}
 
@@ -535,6 +545,7 @@ def main(argv=None):
                       help="drain until nothing arrived for this long, before and after the trial (s)")
     sink.add_argument("--drain-max", type=float, default=10.0, help="give up draining after this long (s)")
     args = parser.parse_args(argv)
+    _name(f"loadgen-{args.command}")
     try:
         return _send_main(args) if args.command == "send" else _sink_main(args)
     except LoadgenError as e:

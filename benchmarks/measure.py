@@ -70,15 +70,17 @@ def _loadgen_argv(*args, engine=None):
 
 
 def _communicate(proc, timeout):
-    """``proc.communicate()`` and the CPU seconds *proc* used in all, (user, system): what this
-    process's reaped children's CPU grew by while it was reaped (nothing else is reaped
-    meanwhile; ``ip netns exec`` execs the instrument, so the child is the instrument).  User
-    time is the instrument's own code; system time includes the kernel path its packets take
-    in its context (on veth: the next namespace's receive, the forwarding, the delivery)."""
+    """``proc.communicate()`` and the CPU seconds (user + system) *proc* used in all: what
+    this process's reaped children's CPU grew by while it was reaped (nothing else is reaped
+    meanwhile; ``ip netns exec`` execs the instrument, so the child is the instrument).  It
+    includes the kernel path the instrument's packets take in its context (on veth: the next
+    namespace's receive).  Not split into user and system: those are sampled at the tick (250
+    Hz here), too coarse for processes that sleep between batches (perf is, with the
+    instruments' names: loadgen-send, loadgen-sink)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out, err = proc.communicate(timeout=timeout)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return out, err, (after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime)
+    return out, err, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
 
 
 def _json_line(text, what):
@@ -135,7 +137,7 @@ def _one_trial(lab, path, size, rate, duration, latency, batch, quiet):
     run = new_run_id()
     engine = instrument.engine()
     sinks = []
-    cpu = {"send": [0.0, 0.0], "sink": [0.0, 0.0]}   # user, system seconds
+    cpu = {"send": 0.0, "sink": 0.0}
     try:
         for ns in path.sinks:
             argv = ["sink", "--run", run, "--quiet", quiet] + (["--latency"] if latency else [])
@@ -161,7 +163,7 @@ def _one_trial(lab, path, size, rate, duration, latency, batch, quiet):
         sent_results = []
         for proc in senders:
             out, err, seconds = _communicate(proc, duration + 30)
-            cpu["send"] = [a + b for a, b in zip(cpu["send"], seconds)]
+            cpu["send"] += seconds
             if proc.returncode != 0:
                 raise MeasureError(f"sender failed (rc={proc.returncode}): {err[-800:]}")
             sent_results.append(_json_line(out, "sender"))
@@ -169,7 +171,7 @@ def _one_trial(lab, path, size, rate, duration, latency, batch, quiet):
         for sink in sinks:
             sink.send_signal(signal.SIGUSR1)
             out, err, seconds = _communicate(sink, 30)
-            cpu["sink"] = [a + b for a, b in zip(cpu["sink"], seconds)]
+            cpu["sink"] += seconds
             if sink.returncode != 0:
                 raise MeasureError(f"sink failed (rc={sink.returncode}): {err[-800:]}")
             counts.append(_json_line(out, "sink"))
@@ -197,15 +199,11 @@ def _one_trial(lab, path, size, rate, duration, latency, batch, quiet):
 
 
 def _instrument_cost(engine, cpu, sent, received):
-    """Which engine ran the instruments, and their CPU: seconds (all, and user alone) and us per
-    packet (the sender's per packet sent, the sink's per packet received)."""
-    cost = {"engine": engine}
-    for role, packets in (("send", sent), ("sink", received)):
-        user, system = cpu[role]
-        cost.update({f"{role}_cpu_s": round(user + system, 4), f"{role}_user_s": round(user, 4),
-                     f"{role}_us_per_packet": round((user + system) * 1e6 / packets, 3) if packets else None,
-                     f"{role}_user_us_per_packet": round(user * 1e6 / packets, 3) if packets else None})
-    return cost
+    """Which engine ran the instruments, and their CPU (s, and us per packet: the sender's per
+    packet sent, the sink's per packet received)."""
+    return {"engine": engine, "send_cpu_s": round(cpu["send"], 4), "sink_cpu_s": round(cpu["sink"], 4),
+            "send_us_per_packet": round(cpu["send"] * 1e6 / sent, 3) if sent else None,
+            "sink_us_per_packet": round(cpu["sink"] * 1e6 / received, 3) if received else None}
 
 
 def _figures(sent_results, counts, latency):
