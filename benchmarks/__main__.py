@@ -4,7 +4,8 @@ Parts: generators (sendto vs sendmmsg vs AF_PACKET vs tcpreplay), veth (generato
 scale (through twistd routeproxy-lrp/rrp; skipped with a reason until the daemons exist),
 openvpn (OpenVPN 2.6 over TCP, default and TCP_NODELAY, in the same topology as the proxy).
 ``--repeat N`` runs the chosen parts N times in turn (interleaved: proxy, openvpn, proxy, ...)
-and adds medians and spreads over the rounds.
+and adds medians and spreads over the rounds.  ``--instrument c|python`` chooses the
+instruments' engine (benchmarks.instrument; C by default): the results name the one that ran.
 Needs root (namespaces, raw sockets).  Prints progress and a summary table with ratios
 against the kernel router; writes every trial to the JSON file.
 """
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from benchmarks import generators, kernel, openvpn, topology
+from benchmarks import generators, instrument, kernel, openvpn, topology
 
 ALL_PARTS = ("generators",) + kernel.PARTS + topology.PARTS + openvpn.PARTS
 
@@ -34,7 +35,8 @@ def machine():
     except OSError:
         pass
     return {"nproc": os.cpu_count(), "cpu": model, "kernel": platform.release(),
-            "python": platform.python_version(), "load_before": os.getloadavg(), "commit": _commit()}
+            "python": platform.python_version(), "load_before": os.getloadavg(), "commit": _commit(),
+            "instrument": instrument.engine()}
 
 
 def _commit():
@@ -205,6 +207,7 @@ def main(argv=None):
     parser.add_argument("--proxy-options", default="",
                         help="extra options for both routeproxy daemons, e.g. '--gre-max-sojourn 0' (an A/B)")
     topology.add_shard_arguments(parser)
+    instrument.add_argument(parser)
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         sys.stderr.write("benchmarks: needs root (network namespaces, raw sockets)\n")
@@ -218,7 +221,10 @@ def main(argv=None):
     settings.proxy_options = args.proxy_options.split()
     settings.shards, settings.pin = args.shards, args.pin
     topology.pin_instruments(args.pin)
+    if args.instrument:
+        instrument.select(args.instrument)
     log = lambda text: print(text, flush=True)  # noqa: E731
+    log(f"instruments: {instrument.engine()} engine (benchmarks.instrument)")
     started = time.monotonic()
     rounds = []
     for index in range(max(1, args.repeat)):

@@ -1,6 +1,6 @@
 """`python -m benchmarks.fixedrate [--rate PPS ...] [--size B] [--duration S] [--py-spy DIR]
 [--direction forward|reverse|both] [--proxy-options OPTS] [--lrp-options OPTS] [--latency]
-[--openvpn default|nodelay ...] [--shards N] [--pin KEY=CPUS,...]`
+[--openvpn default|nodelay ...] [--shards N] [--pin KEY=CPUS,...] [--instrument c|python ...]`
 
 The proxy path of ``benchmarks.topology`` (real twistd daemons in namespaces) at fixed
 offered rates, client -> server by default: per daemon the CPU per delivered packet (the
@@ -25,7 +25,11 @@ carries more packets; docs/perf-path.md).  ``--shards N`` runs N LRPs and N RRPs
 instruments under taskset (``benchmarks.topology.parse_pin``).  ``--openvpn VARIANT`` runs
 the same rates through OpenVPN-TCP (``benchmarks.openvpn``) in the same run, rate by rate
 after the proxy (``lrp``/``rrp`` are then the client's and the server's openvpn), and ends
-with both side by side.  Needs root.
+with both side by side.  ``--instrument ENGINE`` runs the instruments (sender and sink) with
+that engine (``benchmarks.instrument``: c, the default, or python); repeated, each rate is run
+with each engine in turn against the same daemons, and a table of both ends the run (an A/B of
+the instrument itself).  Every row names its engine and the instruments' own CPU per packet.
+Needs root.
 """
 import argparse
 import json
@@ -35,7 +39,7 @@ import shutil
 import subprocess
 import sys
 
-from benchmarks import measure, openvpn, topology
+from benchmarks import instrument, measure, openvpn, topology
 from tests.support import netns
 
 
@@ -117,7 +121,8 @@ def measure_rate(lab, label, path, rate, args, counters_of, drops_of=dict):
            **({"loss": round(got["loss"], 5)} if direction != "forward" else {}),
            **({"latency_us": _latency(got)} if args.latency and direction != "both" else {}),
            **{leg: _direction_cells(part, args.latency) for leg, part in zip(LEGS, got.get("legs", ()))},
-           "daemon_drops": {k: v - drops.get(k, 0) for k, v in dropped.items() if v - drops.get(k, 0)}}
+           "daemon_drops": {k: v - drops.get(k, 0) for k, v in dropped.items() if v - drops.get(k, 0)},
+           **instrument_cells(got)}
     for name in after:
         cpu = after[name][0] - before[name][0]
         row[f"{name}_us_per_packet"] = round(cpu * 1e6 / got["received"], 1) if got["received"] else None
@@ -127,6 +132,27 @@ def measure_rate(lab, label, path, rate, args, counters_of, drops_of=dict):
                 row[f"{name}_packets_per_wake_up"] = round(captured / wakeUps, 2)
     print(json.dumps(row), flush=True)
     return row
+
+
+def instrument_cells(got):
+    """The row's instrument: its engine and its sender's and sink's CPU per packet (us)."""
+    cost = got.get("instrument") or {}
+    return {"instrument": cost.get("engine"), "sender_us_per_packet": cost.get("send_us_per_packet"),
+            "sink_us_per_packet": cost.get("sink_us_per_packet")}
+
+
+def instruments_table(rows):
+    """Each rate with each engine: what the A/B of ``--instrument c --instrument python`` shows."""
+    lines = ["the instruments' engines side by side (us per packet: the sender's per packet sent, "
+             "the sink's per packet received):",
+             f"{'rate':>7} {'path':16} {'engine':>6} {'delivered':>9} {'LRP us/pkt':>10} {'RRP us/pkt':>10}"
+             f" {'min/p50/p99 us':>18} {'sender us':>9} {'sink us':>8}"]
+    for row in sorted(rows, key=lambda r: (r["rate"], r["path"])):
+        lines.append(f"{row['rate']:>7} {row['path']:16} {row.get('instrument') or '-':>6} {row['delivered_pps']:>9} "
+                     f"{row.get('lrp_us_per_packet') or '-':>10} {row.get('rrp_us_per_packet') or '-':>10}"
+                     f" {_lat(row.get('latency_us')):>18} {row.get('sender_us_per_packet') or '-':>9}"
+                     f" {row.get('sink_us_per_packet') or '-':>8}")
+    return "\n".join(lines)
 
 
 def _lat(latency):
@@ -190,8 +216,10 @@ def main(argv=None):
     p.add_argument("--openvpn", action="append", default=[], choices=sorted(openvpn.VARIANTS),
                    help="also run each rate through this OpenVPN-TCP variant (repeatable)")
     topology.add_shard_arguments(p)
+    instrument.add_argument(p, repeatable=True)
     args = p.parse_args(argv)
     rates = args.rate or [5000, 20000]
+    engines = args.instrument or [instrument.selected()]
     if args.openvpn and openvpn.missing():
         raise SystemExit(f"fixedrate: --openvpn: {openvpn.missing()}")
     netns.skip_unless_available()
@@ -208,6 +236,8 @@ def main(argv=None):
             raise SystemExit("no call through the proxies")
         proxy.balance(max(1, args.sessions // args.shards))
         print(f"{args.shards} shard(s): {proxy.affinity()}", flush=True)
+        instrument.select(engines[0])
+        print(f"instruments: {', '.join(engines)} (running: {instrument.engine()})", flush=True)
         for variant in args.openvpn:
             reference = references[variant] = openvpn.OpenVPNPath(lab, variant)
             reference.start()
@@ -219,15 +249,19 @@ def main(argv=None):
         spies = py_spy(proxy, args.py_spy, args.duration) if args.py_spy else []
         rows = []
         for rate in rates:
-            rows.append(measure_rate(lab, "proxy", path, rate, args, lambda: counters(proxy), proxy.drops))
-            for spy in spies:
-                spy.wait()
-            spies = []
-            for variant, reference in references.items():
-                rows.append(measure_rate(lab, reference.label, paths[variant], rate, args,
-                                         lambda: openvpn_counters(reference)))
+            for engine in engines:
+                instrument.select(engine)
+                rows.append(measure_rate(lab, "proxy", path, rate, args, lambda: counters(proxy), proxy.drops))
+                for spy in spies:
+                    spy.wait()
+                spies = []
+                for variant, reference in references.items():
+                    rows.append(measure_rate(lab, reference.label, paths[variant], rate, args,
+                                             lambda: openvpn_counters(reference)))
         if references or args.direction != "forward":
             print(side_by_side(rows, args.direction), flush=True)
+        if len(engines) > 1:
+            print(instruments_table(rows), flush=True)
     finally:
         for reference in references.values():
             reference.close()

@@ -6,23 +6,23 @@ Each candidate sends flat out for a fixed time over one veth pair with nothing l
 * ``sendto``: one ``sendto`` per packet on a raw IPPROTO_GRE socket (the naive loop);
 * ``sendmmsg``: loadgen.Sender on the raw IP socket (batches of 64 per system call);
 * ``sendmmsg-packet``: loadgen.Sender with a Link (Ethernet frames, AF_PACKET, no qdisc);
+* ``c-sendmmsg``, ``c-packet``: the same two in C (benchmarks/loadgen.c, what the benchmarks
+  run by default: benchmarks.instrument), when it can be built;
 * ``tcpreplay``: ``tcpreplay --topspeed`` of a pcap of the same frames (if installed).
 """
 import os
 import re
 import shutil
 import socket
-import sys
 import tempfile
 
-from benchmarks import loadgen, measure
+from benchmarks import instrument, loadgen, measure
 from tests.support import netns, tshark
 from tests.support.daemons import REPO, child_env
 
 
-def _send(lab, ns, argv):
-    done = lab.run(ns, [sys.executable, "-m", "benchmarks.loadgen", "send", *map(str, argv)],
-                   env=child_env(), cwd=REPO, timeout=60)
+def _send(lab, ns, argv, engine="python"):
+    done = lab.run(ns, instrument.argv("send", *argv, engine_name=engine), env=child_env(), cwd=REPO, timeout=60)
     return measure._json_line(done.stdout, "sender")
 
 
@@ -35,9 +35,12 @@ def compare(lab, sizes=(64, 512, 1400), duration=1.0, log=print):
     for size in sizes:
         row = {}
         base = ["--dst", veth.ip_b, "--size", size, "--duration", duration, "--keys", 7]
-        for method, extra in (("sendto", ["--mode", "sendto"]), ("sendmmsg", []),
-                              ("sendmmsg-packet", link.argv())):
-            got = _send(lab, gen, base + extra)
+        methods = [("sendto", ["--mode", "sendto"], "python"), ("sendmmsg", [], "python"),
+                   ("sendmmsg-packet", link.argv(), "python")]
+        if instrument.engine() == "c":
+            methods += [("c-sendmmsg", [], "c"), ("c-packet", link.argv(), "c")]
+        for method, extra, engine in methods:
+            got = _send(lab, gen, base + extra, engine)
             row[method] = {"pps": got["pps"], "mbps": got["mbps"]}
         if shutil.which("tcpreplay"):
             body = loadgen.build_packet(size, 7, 1)

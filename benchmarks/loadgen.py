@@ -27,6 +27,12 @@ Why these choices (measured, see docs/benchmarks.md):
 
 Packet size means the IPv4 datagram (20-byte IP header + 12-byte GRE header + payload), what
 a PPTP client puts on the wire; Mbit/s counts those bytes.
+
+``benchmarks/loadgen.c`` is the same sender and sink in C (same options, probe and output),
+what the benchmarks run by default: this module does its per-packet work in the interpreter,
+on the CPUs the system under test needs (benchmarks/instrument.py chooses and builds).  This
+one stays the reference (tests/unit/test_loadgen_engines.py runs each against the other) and
+the fallback without a compiler.
 """
 import argparse
 import array
@@ -61,6 +67,7 @@ SO_RCVBUFFORCE = 33
 SO_SNDBUFFORCE = 32
 MSG_WAITFORONE = 0x10000
 PR_SET_TIMERSLACK = 29
+PR_SET_NAME = 15
 
 __all__ = ["LoadgenError", "build_packet", "probe_of", "Link", "Sender", "Sink", "percentiles", "main"]
 
@@ -402,7 +409,7 @@ class Sink:
     def run(self, until, quiet=0.0, limit=30.0):
         buf, slot, msgs = self._buffer, self.SLOT, self._msgs
         latency, run_id = self.latency, self.run_id
-        unpack_probe = PROBE.unpack_from
+        unpack_probe, probe_size = PROBE.unpack_from, PROBE.size
         unpack_stamp = struct.Struct("qq").unpack_from
         control, cslot = self._control, self.CONTROL
         pristine, entry = self._pristine, ctypes.sizeof(_MMsgHdr)
@@ -434,6 +441,9 @@ class Sink:
                 ihl = (raw[off] & 0x0F) * 4
                 g = off + ihl
                 start = g + 8 + (4 if raw[g] & 0x10 else 0) + (4 if raw[g + 1] & 0x80 else 0)
+                if start + probe_size > off + msgs[i].msg_len:
+                    other += 1  # too short for a probe (what the slot holds after it is an older packet's)
+                    continue
                 magic, probe_run, flow, seq, stamp = unpack_probe(raw, start)
                 if magic != MAGIC:
                     other += 1
@@ -463,6 +473,15 @@ class Sink:
 
 
 # --- command line ------------------------------------------------------------------------
+
+def _name(name):
+    """Name this process (``comm``) so a profile tells the instruments from the daemons, which
+    are "python" too; loadgen.c takes the same names."""
+    try:
+        _libc.prctl(PR_SET_NAME, name.encode(), 0, 0, 0)
+    except (AttributeError, OSError):  # pragma: no cover - prctl is always there on Linux
+        pass
+
 
 def _sink_main(args):
     stop = {"now": False}
@@ -526,6 +545,7 @@ def main(argv=None):
                       help="drain until nothing arrived for this long, before and after the trial (s)")
     sink.add_argument("--drain-max", type=float, default=10.0, help="give up draining after this long (s)")
     args = parser.parse_args(argv)
+    _name(f"loadgen-{args.command}")
     try:
         return _send_main(args) if args.command == "send" else _sink_main(args)
     except LoadgenError as e:

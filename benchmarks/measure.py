@@ -3,16 +3,18 @@
 Every path under test (veth alone, kernel router, kernel NAT, the proxies) is described by a
 :class:`Path`: where the senders run, where the sink runs, and the destination address and
 GRE call IDs the senders use.  :func:`run_trial` runs the sink and the senders as separate
-processes (``python -m benchmarks.loadgen``) in those namespaces and returns offered and
-delivered rates, loss and latency; :func:`find_max_rate` searches the rates for the highest
+processes (``benchmarks/loadgen.c``, or ``python -m benchmarks.loadgen``: benchmarks.instrument
+chooses) in those namespaces and returns offered and delivered rates, loss and latency, and
+what the instruments themselves cost; :func:`find_max_rate` searches the rates for the highest
 one with less than 0.1 % loss.
 """
 import json
 import os
+import resource
 import signal
 import subprocess
-import sys
 
+from benchmarks import instrument
 from benchmarks.loadgen import Link, new_run_id
 from tests.support.daemons import REPO, child_env
 
@@ -62,8 +64,23 @@ def link_from(lab, veth, side="a"):
     return Link(name, ip, src_mac, dst_mac)
 
 
-def _loadgen_argv(*args):
-    return [sys.executable, "-m", "benchmarks.loadgen", *map(str, args)]
+def _loadgen_argv(*args, engine=None):
+    """The sender's or sink's command line, with *engine* (default: benchmarks.instrument's)."""
+    return instrument.argv(*args, engine_name=engine)
+
+
+def _communicate(proc, timeout):
+    """``proc.communicate()`` and the CPU seconds (user + system) *proc* used in all: what
+    this process's reaped children's CPU grew by while it was reaped (nothing else is reaped
+    meanwhile; ``ip netns exec`` execs the instrument, so the child is the instrument).  It
+    includes the kernel path the instrument's packets take in its context (on veth: the next
+    namespace's receive).  Not split into user and system: those are sampled at the tick (250
+    Hz here), too coarse for processes that sleep between batches (perf is, with the
+    instruments' names: loadgen-send, loadgen-sink)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out, err = proc.communicate(timeout=timeout)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return out, err, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
 
 
 def _json_line(text, what):
@@ -118,11 +135,13 @@ def run_trial(lab, path, size, rate, duration, latency=False, batch=None, quiet=
 
 def _one_trial(lab, path, size, rate, duration, latency, batch, quiet):
     run = new_run_id()
+    engine = instrument.engine()
     sinks = []
+    cpu = {"send": 0.0, "sink": 0.0}
     try:
         for ns in path.sinks:
             argv = ["sink", "--run", run, "--quiet", quiet] + (["--latency"] if latency else [])
-            sink = lab.spawn(ns, _loadgen_argv(*argv),
+            sink = lab.spawn(ns, _loadgen_argv(*argv, engine=engine),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(), cwd=REPO)
             sinks.append(sink)
             ready = sink.stdout.readline()
@@ -139,18 +158,20 @@ def _one_trial(lab, path, size, rate, duration, latency, batch, quiet):
             if batch:
                 argv += ["--batch", batch]
             flow_base += len(keys)
-            senders.append(lab.spawn(ns, _loadgen_argv(*argv), stdout=subprocess.PIPE,
+            senders.append(lab.spawn(ns, _loadgen_argv(*argv, engine=engine), stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, env=child_env(), cwd=REPO))
         sent_results = []
         for proc in senders:
-            out, err = proc.communicate(timeout=duration + 30)
+            out, err, seconds = _communicate(proc, duration + 30)
+            cpu["send"] += seconds
             if proc.returncode != 0:
                 raise MeasureError(f"sender failed (rc={proc.returncode}): {err[-800:]}")
             sent_results.append(_json_line(out, "sender"))
         counts = []  # each sink reads on until its path has been quiet (the trial's own tail)
         for sink in sinks:
             sink.send_signal(signal.SIGUSR1)
-            out, err = sink.communicate(timeout=30)
+            out, err, seconds = _communicate(sink, 30)
+            cpu["sink"] += seconds
             if sink.returncode != 0:
                 raise MeasureError(f"sink failed (rc={sink.returncode}): {err[-800:]}")
             counts.append(_json_line(out, "sink"))
@@ -160,6 +181,7 @@ def _one_trial(lab, path, size, rate, duration, latency, batch, quiet):
                 sink.kill()
     result = {"path": path.label, "size": size, "target_pps": rate, "duration": duration, "run": run,
               **_figures(sent_results, counts, latency), "load": os.getloadavg()[0]}
+    result["instrument"] = _instrument_cost(engine, cpu, result["sent"], result["received"])
     if path.legs:
         result["legs"] = []
         flows = sender = sink = 0
@@ -174,6 +196,14 @@ def _one_trial(lab, path, size, rate, duration, latency, batch, quiet):
             result["legs"].append(_figures(sent_results[mine], counts[sink:sink + len(leg.sinks)], latency))
             flows, sender, sink = flows + width, mine.stop, sink + len(leg.sinks)
     return result
+
+
+def _instrument_cost(engine, cpu, sent, received):
+    """Which engine ran the instruments, and their CPU (s, and us per packet: the sender's per
+    packet sent, the sink's per packet received)."""
+    return {"engine": engine, "send_cpu_s": round(cpu["send"], 4), "sink_cpu_s": round(cpu["sink"], 4),
+            "send_us_per_packet": round(cpu["send"] * 1e6 / sent, 3) if sent else None,
+            "sink_us_per_packet": round(cpu["sink"] * 1e6 / received, 3) if received else None}
 
 
 def _figures(sent_results, counts, latency):
