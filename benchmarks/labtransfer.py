@@ -71,6 +71,15 @@ def tcp_of(run):
             + (f"; raw socket drops {drops}" if drops else ""))
 
 
+def lossy(run):
+    """Whether the transfer lost packets on the way (a client retransmitted, or a raw socket
+    dropped), or None when the lab did not report TCP's counters."""
+    tcp = getattr(run, "tcp", {}) or {}
+    if not tcp:
+        return None
+    return any(v.get("RawDrops") or (ns.startswith("c") and v.get("RetransSegs")) for ns, v in tcp.items())
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mb", type=int, default=4)
@@ -90,6 +99,7 @@ def main(argv=None):
           "(docs/lab.md)", flush=True)
     times = {mode: [] for mode in MODES}
     rtts = {mode: [] for mode in MODES}
+    losses = {mode: [] for mode in MODES}
     for round_ in range(args.rounds):
         for mode in MODES:
             run = cli.run_lab(mode, args.clients, transfer_mb=args.mb,
@@ -106,6 +116,8 @@ def main(argv=None):
                 times[mode].append(took)
             if rtt is not None:
                 rtts[mode].append(rtt)
+            if lossy(run) is not None:
+                losses[mode].append(lossy(run))
     if all(times.values()):
         helper, proxy = (statistics.median(times[m]) for m in MODES)
         print(f"median: nat-helper {helper:.2f} s, proxy {proxy:.2f} s: proxy/helper x{proxy / helper:.2f} "
@@ -113,6 +125,10 @@ def main(argv=None):
     if all(rtts.values()):
         helper, proxy = (statistics.median(rtts[m]) for m in MODES)
         print(f"median ping: nat-helper {helper:.2f} ms, proxy {proxy:.2f} ms: x{proxy / helper:.2f}")
+    if any(losses.values()):
+        print("runs that lost packets (retransmitted, or a raw socket dropped): "
+              + ", ".join(f"{m} {sum(losses[m])} of {len(losses[m])}" for m in MODES)
+              + " (pptpd's GRE socket, docs/lab.md: --rmem-default tunes it)")
     return 0
 
 

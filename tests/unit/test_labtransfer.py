@@ -1,7 +1,7 @@
 """benchmarks.labtransfer's reading of a lab run: the slowest client's seconds and ping."""
 from twisted.trial import unittest
 
-from benchmarks.labtransfer import gre_of, rtt_of, seconds_of
+from benchmarks.labtransfer import gre_of, lossy, rtt_of, seconds_of, tcp_of
 
 
 class FakeRun:
@@ -35,3 +35,23 @@ class ReadingTests(unittest.SynchronousTestCase):
         self.assertEqual(gre_of(run), "; LRP GRE captured 10, fragments 0")
         run.status = {}
         self.assertEqual(gre_of(run), "")
+
+    def test_tcp_and_losses_in_a_few_words(self):
+        """The senders' retransmissions and timeouts, the server's out-of-order arrivals, the
+        raw sockets that dropped; a run lost packets when a client retransmitted or any raw
+        socket dropped (the server's retransmissions, e.g. ACKs, do not count)."""
+        run = FakeRun([], {})
+        self.assertEqual((tcp_of(run), lossy(run)), ("", None))
+        run.tcp = {"c1": {"RetransSegs": 0, "TCPTimeouts": 0}, "srv": {"TCPOFOQueue": 0, "RetransSegs": 3},
+                   "lrp": {"RawDrops": 0}}
+        run.gre_order = {"buffered": 0, "old": 0}
+        self.assertFalse(lossy(run))
+        self.assertEqual(tcp_of(run), "; TCP retrans 0, timeouts 0, loss probes 0, server out-of-order 0; "
+                                      "pptp held 0, dropped old 0")
+        run.tcp = {"c1": {"RetransSegs": 4, "TCPTimeouts": 1, "TCPLossProbes": 1},
+                   "c2": {"RetransSegs": 2}, "srv": {"TCPOFOQueue": 9, "RawDrops": 6}}
+        self.assertTrue(lossy(run))
+        self.assertEqual(tcp_of(run), "; TCP retrans 6, timeouts 1, loss probes 1, server out-of-order 9; "
+                                      "pptp held 0, dropped old 0; raw socket drops {'srv': 6}")
+        run.tcp = {"c1": {}, "rrp": {"RawDrops": 1}}
+        self.assertTrue(lossy(run))
