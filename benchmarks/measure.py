@@ -64,11 +64,6 @@ def link_from(lab, veth, side="a"):
     return Link(name, ip, src_mac, dst_mac)
 
 
-def _loadgen_argv(*args, engine=None):
-    """The sender's or sink's command line, with *engine* (default: benchmarks.instrument's)."""
-    return instrument.argv(*args, engine_name=engine)
-
-
 def _communicate(proc, timeout):
     """``proc.communicate()`` and the CPU seconds (user + system) *proc* used in all: what
     this process's reaped children's CPU grew by while it was reaped (nothing else is reaped
@@ -141,7 +136,7 @@ def _one_trial(lab, path, size, rate, duration, latency, batch, quiet):
     try:
         for ns in path.sinks:
             argv = ["sink", "--run", run, "--quiet", quiet] + (["--latency"] if latency else [])
-            sink = lab.spawn(ns, _loadgen_argv(*argv, engine=engine),
+            sink = lab.spawn(ns, instrument.argv(*argv, engine_name=engine),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(), cwd=REPO)
             sinks.append(sink)
             ready = sink.stdout.readline()
@@ -158,7 +153,7 @@ def _one_trial(lab, path, size, rate, duration, latency, batch, quiet):
             if batch:
                 argv += ["--batch", batch]
             flow_base += len(keys)
-            senders.append(lab.spawn(ns, _loadgen_argv(*argv, engine=engine), stdout=subprocess.PIPE,
+            senders.append(lab.spawn(ns, instrument.argv(*argv, engine_name=engine), stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, env=child_env(), cwd=REPO))
         sent_results = []
         for proc in senders:

@@ -103,7 +103,7 @@ RMEM = r"""
 # sockets) gets this receive buffer, in every namespace (the sysctl is the namespace's own
 # on newer kernels, global on older ones: both are set)
 sysctl -qw net.core.rmem_max={rmem} net.core.rmem_default={rmem}
-for n in lrp nat rrp srv $(i=1; while [ $i -le $K ]; do echo c$i; i=$((i + 1)); done); do
+for n in $(namespaces); do
   ns $n sysctl -qw net.core.rmem_max={rmem} net.core.rmem_default={rmem} 2>/dev/null
 done
 echo "LAB-RMEM srv=$(ns srv cat /proc/sys/net/core/rmem_default)"
@@ -191,6 +191,9 @@ stamp() {{ echo "LAB-TIME $1 $(awk -v t0=$t0 '{{printf "%.2f", $1 - t0}}' /proc/
 busybox syslogd -O /var/log/messages
 uptime() {{ read up _ < /proc/uptime; up=${{up%.*}}; }}   # whole seconds, no exec
 ns() {{ ip netns exec "$@"; }}
+namespaces() {{ # every namespace of the lab: the clients' (c1..cK), then lrp nat rrp srv
+  n=1; while [ $n -le $K ]; do echo c$n; n=$((n + 1)); done; echo lrp nat rrp srv
+}}
 each_tunnel() {{ # run "$@" once per tunnel, with i (client), j, t (name: cI, or cI-J) and u (ppp unit)
   i=1
   while [ $i -le $K ]; do
@@ -472,7 +475,7 @@ daemon_cpu() {{
 # proxy's GRE), in every namespace: LAB-TCP WHEN NS KEY=VALUE... (retransmissions, timeouts,
 # out-of-order arrivals, RawDrops: where a stall came from)
 tcp_counters() {{
-  for n in $(i=1; while [ $i -le $K ]; do echo c$i; i=$((i + 1)); done) lrp nat rrp srv; do
+  for n in $(namespaces); do
     echo "LAB-TCP $1 $n $(ns $n cat /proc/net/snmp /proc/net/netstat /proc/net/raw 2>/dev/null | awk '
       $1 == "Tcp:" || $1 == "TcpExt:" {{ if (!($1 in head)) {{ split($0, h); head[$1] = 1; next }}
         for (f = 2; f <= NF; f++) if (h[f] ~ /^(RetransSegs|TCPTimeouts|TCPLossProbes|TCPFastRetrans|TCPOFOQueue|TCPSACKReorder|TCPDSACKRecv|TCPSpuriousRTOs)$/) printf "%s=%s ", h[f], $f }}

@@ -99,21 +99,19 @@ def receivedGRE(sink, src, dst):
             out.append(packet[(packet[0] & 15) * 4:])
 
 
-def runBoth(paths, scenario, side="lrp", setup=None, check=None):
-    """*scenario(harness, key)* -> the wake-ups' frame lists, through each harness class of
-    *paths* (the Python path's, then the native one's) on *side*, *setup(harness)* after the
-    call opens and *check(harness)* after the frames: (python observed, native observed,
-    native hand-backs).  The differential tests of the capture pump share it."""
+def runPaths(paths, batches, prepare=None, check=None):
+    """*batches(harness)* -> the wake-ups' frame lists, fed to a harness of each class of
+    *paths* (the Python path's, then the native one's); *prepare(harness)* before its setUp,
+    *check(harness)* after the frames: (python observed, native observed, native hand-backs).
+    The differential tests of the capture pump share it."""
     results = []
     for cls in paths:
         harness = cls("run")
-        harness.side = side
+        if prepare is not None:
+            prepare(harness)
         harness.setUp()
         try:
-            key = harness.open_call()
-            if setup is not None:
-                setup(harness)
-            written = [harness.feed(batch) for batch in scenario(harness, key)]
+            written = [harness.feed(batch) for batch in batches(harness)]
             if check is not None:
                 check(harness)
             results.append((harness.observed(written), list(harness.backs)))
@@ -121,3 +119,18 @@ def runBoth(paths, scenario, side="lrp", setup=None, check=None):
             harness.doCleanups()
     (python, _), (nativeResult, backs) = results
     return python, nativeResult, backs
+
+
+def runBoth(paths, scenario, side="lrp", setup=None, check=None):
+    """*scenario(harness, key)* -> the wake-ups' frame lists, through each harness class of
+    *paths* on *side* (runPaths), with a call open and *setup(harness)* before the frames."""
+    def batches(harness):
+        key = harness.open_call()
+        if setup is not None:
+            setup(harness)
+        return scenario(harness, key)
+
+    def prepare(harness):
+        harness.side = side
+
+    return runPaths(paths, batches, prepare, check)

@@ -36,7 +36,7 @@ def binary():
 
 def run_loadgen(engine, *args, **kwargs):
     binary()
-    return subprocess.run(measure._loadgen_argv(*args, engine=engine), capture_output=True, text=True,
+    return subprocess.run(instrument.argv(*args, engine_name=engine), capture_output=True, text=True,
                           env=child_env(), cwd=REPO, timeout=60, **kwargs)
 
 
@@ -111,7 +111,7 @@ class ErrorTests(unittest.TestCase):
         for engine in ENGINES:
             for args in (("send", "--dst", "10.0.0.1", "--size", "64"), ("sink",)):
                 binary()
-                done = subprocess.run(drop + measure._loadgen_argv(*args, engine=engine), capture_output=True,
+                done = subprocess.run(drop + instrument.argv(*args, engine_name=engine), capture_output=True,
                                       text=True, env=child_env(), cwd=REPO, timeout=60)
                 self.assertEqual(done.returncode, 2, (engine, args, done.stderr))
                 self.assertEqual(len(done.stderr.splitlines()), 1, (engine, args, done.stderr))
@@ -134,7 +134,7 @@ class EngineLab:
         sinks = {}
         for engine in engines:
             argv = ["sink", "--run", run, "--quiet", 0.1] + (["--latency"] if latency else [])
-            proc = self.lab.spawn(self.sink_ns, measure._loadgen_argv(*argv, engine=engine),
+            proc = self.lab.spawn(self.sink_ns, instrument.argv(*argv, engine_name=engine),
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                   env=child_env(), cwd=REPO)
             ready = proc.stdout.readline()
@@ -166,7 +166,7 @@ class EngineLab:
                 "--keys", ",".join(map(str, keys)), "--flow-base", flow_base, "--run", run]
         if link:
             argv += self.link.argv()
-        done = self.lab.run(self.gen, measure._loadgen_argv(*argv, engine=engine), env=child_env(), cwd=REPO)
+        done = self.lab.run(self.gen, instrument.argv(*argv, engine_name=engine), env=child_env(), cwd=REPO)
         return json.loads(done.stdout)
 
     def trial(self, sender, run=1234, sink_run=None, **options):
@@ -382,7 +382,7 @@ class InstrumentTests(unittest.TestCase):
         self.assertTrue(os.path.basename(path).startswith("loadgen-"))
         self.assertEqual(os.listdir(os.path.dirname(path)), [os.path.basename(path)])   # no temporary left
         self.assertEqual(instrument.engine(), "c")
-        self.assertEqual(measure._loadgen_argv("sink", "--run", 5), [path, "sink", "--run", "5"])
+        self.assertEqual(instrument.argv("sink", "--run", 5), [path, "sink", "--run", "5"])
         os.environ["CC"] = "/nonexistent/cc"   # a binary in the cache needs no compiler
         instrument._built.clear()
         self.assertEqual(instrument.build(), path)
@@ -390,7 +390,7 @@ class InstrumentTests(unittest.TestCase):
     def test_python_when_asked(self):
         instrument.select("python")
         self.assertEqual(instrument.engine(), "python")
-        self.assertEqual(measure._loadgen_argv("sink")[1:], ["-m", "benchmarks.loadgen", "sink"])
+        self.assertEqual(instrument.argv("sink")[1:], ["-m", "benchmarks.loadgen", "sink"])
         self.assertRaises(ValueError, instrument.select, "rust")
 
     def test_python_without_a_compiler(self):
@@ -403,7 +403,7 @@ class InstrumentTests(unittest.TestCase):
             self.assertEqual(len(errors), 1, errors)   # said once
             self.assertIn(reason, errors[0])
             self.assertIn("using the Python engine", errors[0])
-            self.assertEqual(measure._loadgen_argv("sink")[1:3], ["-m", "benchmarks.loadgen"])
+            self.assertEqual(instrument.argv("sink")[1:3], ["-m", "benchmarks.loadgen"])
 
     def test_the_trial_records_the_engine(self):
         from tests.unit.test_bench_directions import FakeLab, sink

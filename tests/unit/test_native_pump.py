@@ -22,7 +22,7 @@ from routeproxy import native
 from routeproxy.capture import DLT_EN10MB
 from routeproxy.greport import GREPort
 from routeproxy.testing import MemoryGRESystem
-from tests.support.native import runBoth
+from tests.support.native import runBoth, runPaths
 from tests.support.packets import frame, ip_fragments, ipv4
 from tests.support.relay import LRP_IP, RRP_SOURCE, SERVER_IP, RelayHarness
 
@@ -444,20 +444,10 @@ def run_multi(scenario, lrps=3, linksInC=None, check=None):
     """*scenario(harness)* yields wake-ups' frame lists on an RRP with *lrps* LRPs, on both
     paths: (python observed, native observed, backs, native harness snapshots); *check(h)*
     runs on each harness before its cleanup."""
-    results = []
-    for cls in (MultiPython, MultiNative):
-        harness = cls("run")
+    def prepare(harness):
         harness.lrps, harness.linksInC = lrps, linksInC
-        harness.setUp()
-        try:
-            written = [harness.feed(batch) for batch in scenario(harness)]
-            if check is not None:
-                check(harness)
-            results.append((harness.observed(written), list(harness.backs)))
-        finally:
-            harness.doCleanups()
-    (python, _), (nativeResult, backs) = results
-    return python, nativeResult, backs
+
+    return runPaths((MultiPython, MultiNative), scenario, prepare, check)
 
 
 def pptpd_gre(h, i, n, size=100, **more):
