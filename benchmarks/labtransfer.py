@@ -116,8 +116,9 @@ def main(argv=None):
                 times[mode].append(took)
             if rtt is not None:
                 rtts[mode].append(rtt)
-            if lossy(run) is not None:
-                losses[mode].append(lossy(run))
+            lost = lossy(run)
+            if lost is not None:
+                losses[mode].append(lost)
     if all(times.values()):
         helper, proxy = (statistics.median(times[m]) for m in MODES)
         print(f"median: nat-helper {helper:.2f} s, proxy {proxy:.2f} s: proxy/helper x{proxy / helper:.2f} "
