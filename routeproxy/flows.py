@@ -26,6 +26,7 @@ own buffer, written to its own connection), up to ``RP_MAX_LINKS`` links: an ent
 beyond them stays in Python (its GRE is handed back) until an index is free.
 """
 import dataclasses
+import time
 
 from twisted.logger import Logger
 
@@ -398,6 +399,8 @@ class LinkFlows(_Entries):
         self.tlsReads = 0             # link socket wake-ups read in C (step 3b), all links
         self.tlsHandedBack = 0        # of them, left to Twisted's TLS part way
         self.tlsFlushed = 0           # of them, whose SSL_read left TLS records to send
+        self.aged = 0                 # GRE frames read and dropped unsent: too old (sojourn)
+        self.drops = None             # the relay's DropCounter (service.useNativePlane)
 
     def reader(self, connection):
         """A :class:`LinkReader` for *connection* (MuxConnection.nativeReader)."""
@@ -426,7 +429,8 @@ class LinkFlows(_Entries):
         return {"entries": len(self._entries),
                 "in_c": sum(1 for f in self._entries.values() if f.installed),
                 "sent_by_c": self.taken, "tls_reads": self.tlsReads,
-                "tls_handed_back": self.tlsHandedBack, "tls_flushed": self.tlsFlushed}
+                "tls_handed_back": self.tlsHandedBack, "tls_flushed": self.tlsFlushed,
+                "sojourn_dropped": self.aged}
 
 
 class LinkReader:
@@ -516,7 +520,8 @@ class LinkReader:
         next (so a later record's TLS error finds them written, as there)."""
         lib, info, connection = self._lib, self._info, self.connection
         flags = lib.rp_link_read(self.state, tlsIn, recv, bool(connection._control or connection._gre),
-                                 connection._decoder.maxPayload, self._out, self._outLength, info)
+                                 connection._decoder.maxPayload, self._out, self._outLength, info,
+                                 time.time())
         self._fold()
         if flags & lib.RP_READ_NO_MEMORY:
             raise MemoryError("rp_link_read")
@@ -542,5 +547,34 @@ class LinkReader:
                 call.bytes_out += delta.bytes
                 self.table.port.countSent(session.localAddress, session.peerAddress, delta.sent,
                                           delta.busy, delta.errors, delta.last_errno)
+                if delta.aged:
+                    self._aged(flow, delta.aged)
             if n < _DELTAS:
                 return
+
+    def _aged(self, flow, n):
+        """*n* GRE frames of *flow* read from the link and dropped unsent by the sojourn gate:
+        received (framesIn, greIn), not sent, counted as the link's ``gre_ignored.sojourn``."""
+        from routeproxy.relay import DROP_LINK_SOJOURN
+        self.connection.stats.framesIn += n
+        self.connection.stats.greIgnored["sojourn"] += n
+        flow.mux.greIn += n
+        flow.session.greDropped += n
+        self.table.aged += n
+        drops = self.table.drops
+        if drops is not None:
+            drops.counts[DROP_LINK_SOJOURN] += n - 1
+            drops.add(DROP_LINK_SOJOURN)
+
+    def gateOn(self, target, interval):
+        """The sojourn gate on this link's receive queue (rp_link_set_gate; its reads' socket
+        must stamp what it receives)."""
+        self._lib.rp_link_set_gate(self.state, target, interval)
+
+    def gate(self):
+        """The gate's state (None when off), for the status."""
+        g = self._lib.rp_link_gate(self.state)
+        if not g.target:
+            return None
+        return {"target_ms": round(g.target * 1000.0, 3), "dropping": bool(g.dropping),
+                "episodes": g.episodes}

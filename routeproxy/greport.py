@@ -187,7 +187,7 @@ class GREPort(abstract.FileDescriptor):
     def __init__(self, receiver, localAddresses, interface="any", capture="pcap",
                  reactor=None, system=None, snaplen=2048, bufferSize=8 * 1024 * 1024,
                  bpfFilter=None, reassemblyTimeout=5.0, maxReassemblies=256, maxSojourn=0.005,
-                 sojournInterval=0.1, wallClock=time.time, shard=None):
+                 sojournInterval=sojourn.INTERVAL, wallClock=time.time, shard=None):
         abstract.FileDescriptor.__init__(self, reactor)
         if capture not in ("pcap", "raw", *NATIVE_KINDS):
             raise GREIOError(f"capture must be 'pcap', 'raw', 'native' or 'native-raw', "

@@ -8,7 +8,7 @@ import dataclasses
 
 from twisted.python import usage
 
-from routeproxy.config import Setting, parseCount, parseSeconds
+from routeproxy.config import Setting, parseCount, parseMilliseconds, parseSeconds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +28,8 @@ class Limits:
     muxSendBuffer: int = 64 * 1024 * 1024  # unsent bytes to a peer before the link is dropped
     muxStallTimeout: float = 60.0     # s the peer may leave over greWatermark bytes unread
     greWatermark: int = 262144        # unsent link bytes above which GRE is dropped, not queued
+    linkMaxSojourn: float = 0.005     # s GRE read from the link may have waited in the kernel's
+                                      # receive queue once it stands (CoDel; 0: no gate)
     # --- both: the GRE capture ------------------------------------------------------------
     greCaptureBuffer: int = 8 * 1024 * 1024  # bytes of captured GRE the kernel holds unread
 
@@ -103,11 +105,18 @@ _OPTIONS = (
     ("gre-watermark", "greWatermark", lambda v: parseCount(v, "--gre-watermark"),
      "unsent bytes on the link above which GRE is dropped (counted), not queued; the "
      "bound on the link's standing queue", ("lrp", "rrp")),
+    ("link-max-sojourn", "linkMaxSojourn", lambda v: parseMilliseconds(v, "--link-max-sojourn"),
+     "ms the link's bytes may wait in the kernel's receive queue once it has stood longer than "
+     "that for 100 ms; the GRE of older reads is then dropped unsent, one frame and then more "
+     "often while it stands (CoDel), and all of it older than 10x (0: never)", ("lrp", "rrp")),
     ("gre-capture-buffer", "greCaptureBuffer",
      lambda v: parseBytes(v, "--gre-capture-buffer", 65536, 1 << 30),
      "bytes of captured GRE the kernel holds until the daemon reads them (pcap's ring); what "
      "does not fit is dropped, counted", ("lrp", "rrp")),
 )
+
+
+_MILLISECONDS = ("linkMaxSojourn",)   # held in seconds, given and shown in ms
 
 
 def settings(daemon):
@@ -117,6 +126,8 @@ def settings(daemon):
         if daemon in daemons:
             default = getattr(DEFAULT, field)
             shown = ":".join(map(str, default)) if isinstance(default, tuple) else default
+            if field in _MILLISECONDS:
+                shown = f"{default * 1000:g}"
             result.append(Setting(name, default, f"{text} [default: {shown}]", parse))
     return tuple(result)
 

@@ -41,6 +41,7 @@ from routeproxy.stats import DropCounter, LimitedLog, printable
 DROP_MUX_GRE_NO_CALL = "mux_gre_no_call"   # a mux GRE frame names no call of its session
 DROP_MUX_NOT_OPEN = "mux_not_open"         # GRE from the peer before the mux session opened
 DROP_MUX_SEND = "mux_send"                 # the mux refused it (watermark: link congested)
+DROP_LINK_SOJOURN = "link_sojourn"         # read from the link too old: its receive queue stood
 DROP_CALL_NOT_READY = "gre_call_not_ready"  # GRE for a call the far side has not answered yet
 IGNORED_UNKNOWN_CALL = "unknown_call_id"   # a control message naming no call of its connection
 IGNORED_BAD_IDS = "bad_call_ids"           # a control message whose IDs cannot be translated

@@ -85,6 +85,7 @@ def useNativePlane(options, relay, factory):
     from routeproxy.flows import LinkFlows
     module, _ = native.load()   # checkCapture refused the option where it is not built
     factory.linkFlows = LinkFlows(module, relay.grePort)
+    factory.linkFlows.drops = relay.drops
     relay.addFlows(factory.linkFlows)
     if plane in ("loop", "auto"):
         from twisted.internet import reactor

@@ -23,11 +23,13 @@ read), not per packet, so the state changes at wake-ups; drops are made as packe
 """
 import math
 
+INTERVAL = 0.1   # s: CoDel's interval, here and in routeproxy/native/sojourn.c's users
+
 
 class SojournGate:
     """CoDel's state for one capture; the port asks it once per wake-up, and once per drop."""
 
-    def __init__(self, target, interval=0.1):
+    def __init__(self, target, interval=INTERVAL):
         self.target, self.interval = target, interval
         self.ceiling = 10 * target  # while dropping, older than this always goes
         self.dropping = False

@@ -73,6 +73,7 @@ class MuxConfig:
     maxSessions: int = 4096               # acceptor: concurrent sessions
     maxSendBuffer: int = 64 * 1024 * 1024  # unsent bytes before a peer that does not read is dropped
     stallTimeout: float = 60.0            # s the unsent bytes may stay above greWatermark, not shrinking
+    linkMaxSojourn: float = 0.005         # the link read's sojourn gate target (C reads only; 0: off)
     versions: tuple = F.PROTOCOL_VERSIONS
     capabilities: tuple = ()
 
@@ -189,6 +190,7 @@ class MuxConnection:
         """This link as plain data (docs/status.md)."""
         stats = self.stats
         ms = lambda seconds: None if seconds is None else round(seconds * 1000.0, 3)  # noqa: E731
+        gate = self.nativeReader.gate() if self.nativeReader is not None else None
         return {
             "peer": str(self.peerLabel), "up": bool(self.ready), "close_reason": self.closeReason,
             "rtt_last_ms": ms(stats.rttLast), "rtt_smoothed_ms": ms(stats.rttSmoothed),
@@ -198,6 +200,7 @@ class MuxConnection:
             "gre_dropped": dict(sorted(stats.greDropped.items())),
             "gre_ignored": dict(sorted(stats.greIgnored.items())),
             "pongs_skipped": stats.pongsSkipped,
+            "receive_gate": gate,
         }
 
     @property

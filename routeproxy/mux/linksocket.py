@@ -18,6 +18,8 @@ import struct
 from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
 
+from routeproxy import sojourn
+
 
 def _owns(t, name):
     """*t* has *name* itself (instance or class), not through a forwarding ``__getattr__``."""
@@ -258,6 +260,16 @@ class NativeTLSReader:
     and Twisted's ``_flushReceiveBIO`` meets the same again (SSL_read repeats it), conditions
     failing mid-wake-up hand C's held frames to the 3a path and the rest of the records to
     Twisted's TLS; then ``doRead`` is Twisted's until the connection installs it again.
+
+    Its sojourn gate (the mux config's ``linkMaxSojourn``; docs/gre-io.md): the kernel stamps
+    the link's bytes as they arrive (SO_TIMESTAMPNS), a read's age is what its youngest bytes
+    waited in the receive queue, and once reads stay older than the target for an interval,
+    CoDel's drops are made in C on the GRE the reads would send (routeproxy/native/sojourn.c,
+    the control law of :class:`routeproxy.sojourn.SojournGate`, inside the read: a gate
+    that sent such reads to Python slowed the daemon and kept the queue standing).  A daemon
+    that cannot keep up with its link would otherwise let TCP's autotuned receive buffer (up
+    to ``tcp_rmem``'s maximum, 32 MiB here) queue hundreds of milliseconds of every
+    session's GRE.
     """
 
     def __init__(self, module, tls, tcp, reader):
@@ -285,6 +297,9 @@ class NativeTLSReader:
         self.handedBack = 0   # wake-ups left to Twisted's TLS part way (SSL errors, conditions)
         self.flushed = 0      # wake-ups whose SSL_read left TLS records to send (KeyUpdate...)
         self.totals = reader.table   # the same, all links (LinkFlows: the status's native_link)
+        target = getattr(self.mux.config, "linkMaxSojourn", 0.0)
+        if target and _stampReads(tcp.socket):
+            reader.gateOn(target, sojourn.INTERVAL)
 
     @classmethod
     def over(cls, module, transport, reader):
@@ -372,6 +387,18 @@ class NativeTLSReader:
         if held and not self.mux.closed:
             self.mux.dataReceived(b"")
         self.tls._flushReceiveBIO()
+
+
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+
+
+def _stampReads(sock):
+    """Ask the kernel to stamp what *sock* receives (the gate's ages); False if it cannot."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    except OSError:
+        return False
+    return True
 
 
 def pauseAbove(transport, size):

@@ -1,4 +1,4 @@
-"""``python -m routeproxy.native.build``: compile gre.c, pump.c, link.c, rawcap.c and loop.c
+"""``python -m routeproxy.native.build``: compile gre.c, pump.c, sojourn.c, link.c, rawcap.c and loop.c
 into ``routeproxy.native._gre`` in place (pump.c reads libpcap, rawcap.c compiles its filters
 with it: the extension links -lpcap).
 
@@ -14,7 +14,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODULE = "routeproxy.native._gre"
-SOURCES = ("gre.h", "gre.c", "pump.h", "pump.c", "link.h", "link.c",
+SOURCES = ("gre.h", "gre.c", "pump.h", "pump.c", "sojourn.h", "sojourn.c", "link.h", "link.c",
            "rawcap.h", "rawcap.c", "loop.h", "loop.c")
 
 
@@ -35,13 +35,14 @@ def ffibuilder():
             return f.read()
 
     ffi = FFI()
-    ffi.cdef(read("gre.h") + read("pump.h") + read("link.h") + read("rawcap.h") + read("loop.h"))
+    ffi.cdef(read("gre.h") + read("pump.h") + read("sojourn.h") + read("link.h") + read("rawcap.h")
+             + read("loop.h"))
     # gre.c's and pump.c's text in one unit (pump.c calls gre.c's functions), each with its
     # own name for the compiler's messages (the generated file is _gre.c)
     # (<pcap/pcap.h> first: it brings <netinet/in.h>, whose IPPROTO_GRE gre.c then keeps)
     ffi.set_source(MODULE, f'#define RP_SOURCE_DIGEST "{source_digest()}"\n#include <pcap/pcap.h>\n'
                    f'#line 1 "gre.c"\n{read("gre.c")}\n#line 1 "pump.c"\n{read("pump.c")}\n'
-                   f'#line 1 "link.c"\n{read("link.c")}\n'
+                   f'#line 1 "sojourn.c"\n{read("sojourn.c")}\n#line 1 "link.c"\n{read("link.c")}\n'
                    f'#line 1 "rawcap.c"\n{read("rawcap.c")}\n#line 1 "loop.c"\n{read("loop.c")}',
                    include_dirs=[HERE], libraries=["pcap", "m"], extra_compile_args=["-Wall", "-Wextra"])
     return ffi

@@ -1,11 +1,13 @@
 /* The link read (link.h; docs/fastpath.md steps 3a and 3b): mux frames -> GRE sends.
- * Compiled after gre.c in one unit (build.py): rp_build_gre and get32 are gre.c's. */
+ * Compiled after gre.c and sojourn.c in one unit (build.py): rp_build_gre and get32 are
+ * gre.c's, the gate's functions sojourn.c's. */
 #include <errno.h>
 #include <malloc.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <netinet/in.h>
+#include <time.h>
 
 #include "link.h"
 
@@ -35,6 +37,9 @@ struct rp_link {
     size_t slots, used, removed;    /* slots: a power of two */
     size_t *dirty;                  /* entries with counts, by index */
     size_t ndirty;
+    double received_at;             /* the last recv()'s receive time (0: unknown, Twisted's) */
+    double drop_before;             /* the wake-up's gate threshold (0: none) */
+    struct rp_gate gate;            /* the receive queue's sojourn gate (target 0: off) */
 };
 
 static size_t slot_of(uint32_t session, uint32_t tag, size_t slots) {
@@ -251,8 +256,24 @@ static void flush(void) {
     batch_length = arena_used = 0;
 }
 
-/* A GRE frame C sends: 1 if taken (queued, counted; sent or dropped by flush()), 0 if
- * Python must have it. */
+static void mark_dirty(struct rp_link *l, struct link_entry *e) {
+    if (!e->dirty) {
+        e->dirty = 1;
+        l->dirty[l->ndirty++] = (size_t)(e - l->table);
+    }
+}
+
+/* The sojourn gate's verdict on a frame of an entry: 1 to drop it (as GREPort drops a
+ * captured packet older than the threshold, and asks the gate for the next one). */
+static int too_old(struct rp_link *l) {
+    if (l->drop_before == 0.0 || !(l->received_at < l->drop_before))
+        return 0;
+    l->drop_before = rp_gate_dropped(&l->gate);
+    return 1;
+}
+
+/* A GRE frame C sends: 1 if taken (queued, counted; sent or dropped by flush(), or dropped
+ * here as too old), 0 if Python must have it. */
 static int send_gre(struct rp_link *l, const uint8_t *h, uint32_t length) {
     uint32_t flags = h[1] & 3, need = 2 + ((flags & 1) ? 4 : 0) + ((flags & 2) ? 4 : 0);
     if (length < need)
@@ -261,6 +282,11 @@ static int send_gre(struct rp_link *l, const uint8_t *h, uint32_t length) {
     struct link_entry *e = find(l, get32(h + 4), (uint32_t)p[0] << 8 | p[1]);
     if (!e)
         return 0;
+    if (too_old(l)) {
+        e->delta.aged++;
+        mark_dirty(l, e);
+        return 1;
+    }
     int64_t seq = 0, ack = 0;
     size_t at = 2;
     if (flags & 1) { seq = get32(p + at); at += 4; }
@@ -279,10 +305,7 @@ static int send_gre(struct rp_link *l, const uint8_t *h, uint32_t length) {
     struct rp_link_delta *d = &e->delta;
     d->packets++;
     d->bytes += length - at;
-    if (!e->dirty) {
-        e->dirty = 1;
-        l->dirty[l->ndirty++] = (size_t)(e - l->table);
-    }
+    mark_dirty(l, e);
     return 1;
 }
 
@@ -359,6 +382,7 @@ int rp_link_feed(struct rp_link *l, const uint8_t *data, size_t length, uint32_t
                  const uint8_t **out, size_t *out_length) {
     *out = NULL;
     *out_length = 0;
+    l->received_at = l->drop_before = 0.0;   /* bytes from Twisted's TLS: their age unknown */
     if (l->failed) {   /* Python's decoder has failed: the bytes are its to refuse */
         *out = data;
         *out_length = length;
@@ -420,18 +444,49 @@ void rp_tls_in_free(struct rp_tls_in *t) {
     }
 }
 
+/* SO_TIMESTAMPNS on a TCP socket (Linux >= 4.13): the receive time of the last skb this
+ * read took, so the age of the youngest bytes read: once even those waited longer than the
+ * gate's target, the receive queue stands.  0 without the option (or the cmsg). */
+static double received_at(struct msghdr *m) {
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(m); c != NULL; c = CMSG_NXTHDR(m, c)) {
+        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_TIMESTAMPNS) {
+            struct timespec ts;
+            memcpy(&ts, CMSG_DATA(c), sizeof ts);
+            return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+        }
+    }
+    return 0.0;
+}
+
+void rp_link_set_gate(struct rp_link *l, double target, double interval) {
+    rp_gate_init(&l->gate, target, interval);
+}
+
+const struct rp_gate *rp_link_gate(struct rp_link *l) { return &l->gate; }
+
 int rp_link_read(struct rp_link *l, struct rp_tls_in *t, int do_recv, int first_record,
                  uint32_t max_payload, const uint8_t **out, size_t *out_length,
-                 struct rp_read_info *info) {
+                 struct rp_read_info *info, double now) {
     int flags = 0;
     *out = NULL;
     *out_length = 0;
     memset(info, 0, sizeof *info);
     if (do_recv) {
         ssize_t n;
+        struct iovec iov = { recv_buffer, t->recv_size };
+        union { char space[CMSG_SPACE(sizeof(struct timespec))]; struct cmsghdr align; } control;
+        struct msghdr m;
         do {
-            n = recv(t->fd, recv_buffer, t->recv_size, MSG_DONTWAIT);
+            memset(&m, 0, sizeof m);
+            m.msg_iov = &iov;
+            m.msg_iovlen = 1;
+            m.msg_control = control.space;
+            m.msg_controllen = sizeof control.space;
+            n = recvmsg(t->fd, &m, MSG_DONTWAIT);
         } while (n < 0 && errno == EINTR);
+        l->received_at = n > 0 ? received_at(&m) : 0.0;
+        l->drop_before = l->gate.target > 0.0 && l->received_at > 0.0
+                         ? rp_gate_drop_before(&l->gate, now) : 0.0;
         if (n == 0)
             return RP_READ_EOF;
         if (n < 0) {
@@ -445,6 +500,7 @@ int rp_link_read(struct rp_link *l, struct rp_tls_in *t, int do_recv, int first_
         if (t->bio_write(t->read_bio, recv_buffer, (int)n) != (int)n)
             return RP_READ_NO_MEMORY;
     }
+    info->received_at = l->received_at;   /* (a continuation: its wake-up's recv) */
     for (;;) {
         parse(l, max_payload, out, out_length);
         if (*out_length || (first_record && info->plaintext)) {
@@ -470,6 +526,8 @@ int rp_link_read(struct rp_link *l, struct rp_tls_in *t, int do_recv, int first_
         break;
     }
     flush();   /* the GRE of every record read, before Python has anything of this call */
+    if (do_recv && l->gate.target > 0.0)
+        rp_gate_observe(&l->gate, now, l->received_at);
     char *pending;
     if (t->bio_get_mem_data(t->write_bio, &pending) > 0)
         flags |= RP_READ_TLS_OUT;

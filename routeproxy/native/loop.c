@@ -204,7 +204,7 @@ static int loop_link_read(struct rp_loop *l, double now)
 {
     struct rp_loop_read *r = &l->read;
     r->flags = rp_link_read(r->link, r->tls, 1, 0, r->max_payload, &r->out, &r->out_length,
-                            &r->info);
+                            &r->info, now);
     if (r->flags || r->out_length)
         return RP_LOOP_LINK;
     l->stats.link_reads++;

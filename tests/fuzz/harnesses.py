@@ -348,7 +348,7 @@ def native_tlsread(data):
         recv = 1
         while True:
             flags = lib.rp_link_read(reading, t["tlsIn"], recv, data[1] & 1, 1 << 14, out,
-                                     outLength, info)
+                                     outLength, info, 0.0)
             recv = 0
             if flags & ~(lib.RP_READ_AGAIN | lib.RP_READ_SSL_ERROR | lib.RP_READ_TLS_OUT):
                 raise Finding(f"rp_link_read {flags} for {data[:64].hex()}")

@@ -438,7 +438,7 @@ class LinkFlowsTests(unittest.SynchronousTestCase):
     def test_entry_while_established(self):
         self.assertEqual(self.flows.snapshot(), {"entries": 1, "in_c": 1, "sent_by_c": 0,
                                                  "tls_reads": 0, "tls_handed_back": 0,
-                                                 "tls_flushed": 0})
+                                                 "tls_flushed": 0, "sojourn_dropped": 0})
         self.assertEqual(self.inC(), 1)
         self.h.write([gre(self.h, 1)])
         self.assertEqual(self.h.relay.grePort.snapshot()["native_link"]["sent_by_c"], 1)

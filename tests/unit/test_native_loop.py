@@ -103,10 +103,11 @@ class LoopTestCase(unittest.TestCase):
     capture = "native"   # or "native-raw"
 
     @defer.inlineCallbacks
-    def start(self, dataPlane, maxSojourn=0):
+    def start(self, dataPlane, maxSojourn=0, linkMaxSojourn=0.0):
         paths = certs.write_lab_certs(self.mktemp(), RRP, [LRP])
         self.far = OrderReceiver()
-        config = MuxConfig(pingInterval=60.0, deadTimeout=120.0)   # no PING mid-scenario
+        config = MuxConfig(pingInterval=60.0, deadTimeout=120.0,   # no PING mid-scenario
+                           linkMaxSojourn=linkMaxSojourn)
         self.farSessions = []
 
         def sessionRequested(session, profile, info):

@@ -298,8 +298,9 @@ class Run:
     """The RRP's end (a real mux server over routeproxy.tls with a native link read and a
     flow entry for (SID, TAG)) and a client Peer, with the C TLS read (*native*) or not."""
 
-    def __init__(self, case, native, engine="pyopenssl"):
+    def __init__(self, case, native, engine="pyopenssl", linkMaxSojourn=0.0):
         self.case, self.native, self.engineName = case, native, engine
+        self.linkMaxSojourn = linkMaxSojourn   # the link read's gate (C's reads only)
         self.notes = []   # what a scenario saw on the way
 
     @defer.inlineCallbacks
@@ -318,7 +319,7 @@ class Run:
         self.flows = LinkFlows(MODULE, self.port)
         self.receiver = OrderReceiver(self)
         paths = case.paths
-        config = MuxConfig(pingInterval=60.0, deadTimeout=120.0)
+        config = MuxConfig(pingInterval=60.0, deadTimeout=120.0, linkMaxSojourn=self.linkMaxSojourn)
         factory = MuxServerFactory(lambda *a: self.receiver, config, reactor,
                                    peerNameOf=tls.peerName)
         factory.protocol = ObservedMuxProtocol

@@ -1,0 +1,189 @@
+"""The link's receive-queue gate (routeproxy/native/sojourn.c inside rp_link_read;
+docs/gre-io.md "The link's receive queue").
+
+Three things are checked: the C gate takes every decision the Python gate
+(routeproxy.sojourn.SojournGate, the capture's) takes on the same sequences; over real TLS on
+real TCP, reads whose bytes waited in the kernel get their GRE dropped as CoDel says, and
+every frame either reaches pptpd's raw socket or is counted; and the loop's reads (the
+reactor's poll in C) meet the same gate.
+"""
+import random
+import time
+
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+
+from routeproxy import native
+from routeproxy.mux import frames as F
+from routeproxy.sojourn import SojournGate
+from tests.support.native import requireNative
+from tests.unit import test_native_loop as loopTests
+from tests.unit.test_native_tlsread import KEY, SID, TAG, Run, TLSReadTests
+
+MODULE, REASON = native.load()
+
+
+class ControlLawTests(unittest.TestCase):
+    """The C gate against the Python one, step by step, on random sequences."""
+
+    def setUp(self):
+        if MODULE is None:
+            raise unittest.SkipTest(REASON)
+
+    def state(self, c):
+        return (bool(c.dropping), None if c.above_since < 0 else c.above_since, c.episodes,
+                c.count, c.drop_next if c.dropping else None)
+
+    def pythonState(self, g):
+        return (g.dropping, g.above_since, g.episodes, g.count,
+                g.drop_next if g.dropping else None)
+
+    def test_sameDecisions(self):
+        lib, ffi = MODULE.lib, MODULE.ffi
+        rng = random.Random(1723)
+        for trial in range(40):
+            target = rng.choice((0.001, 0.005, 0.02))
+            c = ffi.new("struct rp_gate *")
+            lib.rp_gate_init(c, target, 0.1)
+            g = SojournGate(target, 0.1)
+            now, decisions = 1.7e9, 0
+            for step in range(400):
+                now += rng.choice((0.0005, 0.003, 0.02, 0.09))
+                threshold = g.drop_before(now)
+                self.assertEqual(lib.rp_gate_drop_before(c, now), threshold)
+                ages = [rng.expovariate(1 / (target * rng.choice((0.3, 2, 15))))
+                        for _ in range(rng.randint(0, 6))]
+                for age in ages:   # as GREPort drops the packets of a wake-up
+                    if now - age < threshold:
+                        threshold = g.dropped()
+                        self.assertEqual(lib.rp_gate_dropped(c), threshold)
+                        decisions += 1
+                head = (now - ages[-1]) if ages else rng.choice((0.0, now - target * 3))
+                g.observe(now, head)
+                lib.rp_gate_observe(c, now, head)
+                self.assertEqual(self.state(c), self.pythonState(g), f"trial {trial} step {step}")
+            self.assertEqual(c.episodes, g.episodes)
+        self.assertGreater(decisions, 0)   # (the sequences did reach the dropping state)
+
+
+def gre(i, size=200):
+    return F.encodeGRE(SID, TAG, i, None, bytes([i & 255]) * size)
+
+
+class ReceiveQueueTests(TLSReadTests):
+    """The RRP's end of a real link (test_native_tlsread's Run: C's TLS read, GRE sent to
+    "pptpd" on a raw socket) whose reads are held back, so its bytes wait in the kernel."""
+
+    @defer.inlineCallbacks
+    def through(self, linkMaxSojourn, rounds, wait, perRound=20, native=True):
+        """*rounds* bursts of *perRound* GRE frames, each read *wait* s after it arrived
+        (the socket not read meanwhile): what reached pptpd, in order, and the Run."""
+        run = Run(self, native, linkMaxSojourn=linkMaxSojourn)
+        yield run.start()
+        run.framesBefore = run.connection.stats.framesIn
+        seq = 0
+        for _ in range(rounds):
+            run.tcp.stopReading()
+            data = run.peer.records(b"".join(gre(seq + i) for i in range(perRound)))
+            seq += perRound
+            run.peer.sock.sendall(data)
+            time.sleep(wait)   # (nothing reads: the reactor is here)
+            run.tcp.startReading()
+            yield run.read()
+        yield run.send(run.peer.records(F.Control(SID, b"the end").encode()))
+        yield run.until(lambda: run.receiver.events[-1][:2] == ("c", b"the end"), "the end")
+        got = []
+        deadline = time.monotonic() + 5
+        while len(got) < run.port.stats.sent and time.monotonic() < deadline:
+            got += run.gre()
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        got += run.gre()
+        run.sent = seq
+        run.seqs = [int.from_bytes(p[8:12], "big") for p in got]   # (key and seq present)
+        return run
+
+    def counted(self, run):
+        """Every frame reached pptpd or was counted as the gate's: nothing lost silently."""
+        aged = run.connection.stats.greIgnored.get("sojourn", 0)
+        self.assertEqual(len(run.seqs) + aged, run.sent)
+        self.assertEqual(run.seqs, sorted(run.seqs))          # in order, none twice
+        self.assertEqual(run.relaySession.greDropped, aged)
+        self.assertEqual(run.connection.stats.framesIn - run.framesBefore, run.sent + 1)  # + end
+        self.assertEqual(run.flows.snapshot()["sojourn_dropped"], aged)
+        return aged
+
+    def gate(self, run):
+        return MODULE.lib.rp_link_gate(run.reader.state)
+
+    @defer.inlineCallbacks
+    def test_freshReadsDropNothing(self):
+        run = yield self.through(0.005, rounds=15, wait=0)
+        self.assertEqual(self.counted(run), 0)
+        self.assertEqual(run.connection.snapshot()["receive_gate"],
+                         {"target_ms": 5.0, "dropping": False, "episodes": 0})
+
+    @defer.inlineCallbacks
+    def test_standingQueueOverCeiling(self):
+        """Reads 30 ms old against a 2 ms target (ceiling 20 ms): nothing goes for the first
+        interval (100 ms: a burst), then every frame of such reads, counted; the episode
+        ends with the first young read, after which everything goes again."""
+        run = yield self.through(0.002, rounds=12, wait=0.03)
+        aged = self.counted(run)
+        gate = self.gate(run)
+        self.assertEqual(gate.episodes, 1)
+        self.assertFalse(gate.dropping)   # the last read (the end's) was young
+        self.assertEqual(run.seqs[:20], list(range(20)))   # the first round: a burst, kept
+        self.assertGreaterEqual(aged, 20 * 6)              # then whole rounds went
+        self.assertEqual(run.connection.snapshot()["gre_ignored"], {"sojourn": aged})
+
+    @defer.inlineCallbacks
+    def test_standingQueueUnderCeiling(self):
+        """Reads 20 ms old against a 10 ms target (ceiling 100 ms): one frame per due drop,
+        interval/sqrt(count) apart (CoDel's law), not the whole read."""
+        run = yield self.through(0.01, rounds=30, wait=0.02)
+        aged = self.counted(run)
+        gate = self.gate(run)
+        self.assertEqual(gate.episodes, 1)
+        self.assertEqual(aged, gate.count)   # each drop the one due
+        self.assertGreater(aged, 0)
+        self.assertLess(aged, 30)            # 600 frames, a handful dropped
+
+    @defer.inlineCallbacks
+    def test_off(self):
+        """--link-max-sojourn 0: old reads keep every frame; the socket stamps nothing."""
+        run = yield self.through(0.0, rounds=8, wait=0.03)
+        self.assertEqual(self.counted(run), 0)
+        self.assertEqual(len(run.seqs), run.sent)
+        self.assertIsNone(run.connection.snapshot()["receive_gate"])
+
+    @defer.inlineCallbacks
+    def test_twistedsReadHasNoGate(self):
+        """Twisted's TLS read (no C read): no receive time, no gate, nothing dropped."""
+        run = yield self.through(0.002, rounds=8, wait=0.03, native=False)
+        self.assertEqual(self.counted(run), 0)
+        self.assertEqual(len(run.seqs), run.sent)
+
+
+class LoopGateTests(loopTests.LoopTestCase):
+    """The link reads the loop makes in C (the LRP's, GRE to the client) meet the gate."""
+
+    @defer.inlineCallbacks
+    def test_loopReadsDrop(self):
+        loopTests.skipUnlessUsable()
+        yield self.start("loop", linkMaxSojourn=0.002)
+        (far,) = self.farSessions
+        for i in range(15):
+            for j in range(10):
+                far.sendGRE(loopTests.TAG, i * 10 + j, None, b"x" * 300)
+            # the mux sends a turn's frames at the turn's end (a call at once): after it, in
+            # the same pass of the reactor's calls, the bytes wait in the LRP's socket
+            yield task.deferLater(reactor, 0, time.sleep, 0.03)
+            yield task.deferLater(reactor, 0.005, lambda: None)
+            self.clientGRE()
+        yield task.deferLater(reactor, 0.1, lambda: None)
+        got = self.clientGRE()
+        aged = self.lrp.stats.greIgnored.get("sojourn", 0)
+        self.assertGreater(self.loop.linkReads, 0)    # the loop's C read the link
+        self.assertGreater(aged, 0)
+        self.assertEqual(len(got) + aged, 150)
+        self.assertEqual(MODULE.lib.rp_link_gate(self.lrp.nativeReader.state).episodes, 1)
