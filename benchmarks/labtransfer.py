@@ -41,16 +41,21 @@ def rtt_of(run):
 
 def gre_of(run):
     """The LRP's GRE port after the transfer, in a few words: what it captured, what its native
-    pump took in C and handed back to Python, and the fragments among them ("" without status)."""
-    port = (getattr(run, "status", {}).get("lrp") or {}).get("gre_port")
+    pump took in C and handed back to Python, and the fragments among them ("" without status);
+    and what either daemon's link receive gate dropped, if anything."""
+    status = getattr(run, "status", {})
+    port = (status.get("lrp") or {}).get("gre_port")
     if not port:
         return ""
     native = port.get("native") or {}
     dropped = {k: v for k, v in (port.get("dropped") or {}).items() if v}
+    aged = {d: s["gre_port"]["native_link"]["sojourn_dropped"] for d, s in sorted(status.items())
+            if ((s.get("gre_port") or {}).get("native_link") or {}).get("sojourn_dropped")}
     return (f"; LRP GRE captured {port.get('received', 0)}, fragments {port.get('fragments', 0)}"
             + (f", in C {native.get('framed', 0)}, handed back {native.get('handed_back', 0)}"
                if native else "")
-            + (f", dropped {dropped}" if dropped else ""))
+            + (f", dropped {dropped}" if dropped else "")
+            + (f"; link gate dropped {aged}" if aged else ""))
 
 
 def tcp_of(run):

@@ -33,6 +33,8 @@ class ReadingTests(unittest.SynchronousTestCase):
                                       "dropped {'sojourn': 2}")
         run.status = {"lrp": {"gre_port": {"received": 10}}}
         self.assertEqual(gre_of(run), "; LRP GRE captured 10, fragments 0")
+        run.status["rrp"] = {"gre_port": {"native_link": {"sojourn_dropped": 4}}}
+        self.assertEqual(gre_of(run), "; LRP GRE captured 10, fragments 0; link gate dropped {'rrp': 4}")
         run.status = {}
         self.assertEqual(gre_of(run), "")
 
