@@ -186,8 +186,26 @@ class MakeServiceTests(unittest.SynchronousTestCase):
         self.assertEqual(top.rrp.profiles, {"default": Profile("10.0.0.1", 1723)})
         tls_server = [s for s in top if s.__class__.__name__ == "PausingTCPServer"][0]
         # the mux factory, under TLS, under the gate for connections not through TLS yet
-        self.assertEqual(tls_server.args[1].wrappedFactory.wrappedFactory.config.maxSessions, 20000)
+        config = tls_server.args[1].wrappedFactory.wrappedFactory.config
+        self.assertEqual(config.maxSessions, 20000)
+        self.assertEqual(config.linkMaxSojourn, 0.005)   # the links' receive gate, by default
         self.assertEqual(top.rrp.relay.grePort.localAddresses, ["127.0.0.2"])
+
+    def test_link_gate_option(self):
+        """--link-max-sojourn MS reaches the links' config in seconds (0: off) on both."""
+        from twisted.internet.testing import MemoryReactorClock
+
+        for ms, seconds in (("7", 0.007), ("0", 0.0)):
+            options = parse(rrp_tap.Options, RRP_REQUIRED + ["--pptp-server", "10.0.0.1",
+                                                             "--link-max-sojourn", ms])
+            top = rrp_tap.makeService(options, reactor=MemoryReactorClock())
+            tls_server = [s for s in top if s.__class__.__name__ == "PausingTCPServer"][0]
+            self.assertEqual(tls_server.args[1].wrappedFactory.wrappedFactory.config.linkMaxSojourn,
+                             seconds)
+            lrp = parse(lrp_tap.Options, LRP_REQUIRED + ["--link-max-sojourn", ms])
+            self.assertEqual(lrp["limits"].linkMaxSojourn, seconds)
+        with self.assertRaises(usage.UsageError):
+            parse(rrp_tap.Options, RRP_REQUIRED + ["--link-max-sojourn", "-1"])
 
 
 class SamplesTests(unittest.SynchronousTestCase):
