@@ -49,12 +49,16 @@ def ip_fragments(src, dst, payload, size, ident=0x1234, proto=47):
 
 
 def frame(datalink, ip, ethertype=0x0800):
-    """*ip* wrapped in the link-layer header of *datalink* (what pcap would hand over)."""
+    """*ip* wrapped in the link-layer header of *datalink* (what pcap would hand over).
+
+    The header is packed by hand and *ip* follows it byte for byte: dpkt's Ethernet and SLL
+    decode their data (IP, then GRE, then PPP) and pack it again, and PPP packs a protocol
+    below 0x100 in one byte, so a GRE payload whose third byte was 0 (random payloads: 1 in
+    256) lost a byte and the frame was shorter than its IP length (dropped as truncated)."""
     if datalink == DLT_EN10MB:
-        return bytes(dpkt.ethernet.Ethernet(src=b"\x02" * 6, dst=b"\x04" * 6, type=ethertype, data=ip))
+        return struct.pack("!6s6sH", b"\x04" * 6, b"\x02" * 6, ethertype) + ip
     if datalink == DLT_LINUX_SLL:
-        return bytes(dpkt.sll.SLL(type=0, hrd=1, hlen=6, hdr=b"\x02" * 6 + b"\0\0",
-                                  ethtype=ethertype, data=ip))
+        return struct.pack("!HHH8sH", 0, 1, 6, b"\x02" * 6 + b"\0\0", ethertype) + ip
     if datalink == DLT_LINUX_SLL2:
         return struct.pack("!HHIHBB8s", ethertype, 0, 2, 1, 0, 6, b"\x02" * 6 + b"\0\0") + ip
     if datalink == DLT_NULL:
