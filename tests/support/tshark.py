@@ -9,7 +9,8 @@ import subprocess
 
 import dpkt
 
-from tests.support.packets import ipv4
+from routeproxy.capture import DLT_EN10MB
+from tests.support.packets import frame, ipv4
 
 TSHARK = shutil.which("tshark")
 CLIENT = "192.0.2.10"
@@ -17,10 +18,8 @@ SERVER = "192.0.2.20"
 
 
 def _ether(ip):
-    return bytes(dpkt.ethernet.Ethernet(
-        src=b"\x02\x00\x00\x00\x00\x01", dst=b"\x02\x00\x00\x00\x00\x02",
-        type=dpkt.ethernet.ETH_TYPE_IP, data=ip,
-    ))
+    """*ip* in an Ethernet frame, byte for byte (packets.frame: dpkt would pack it again)."""
+    return frame(DLT_EN10MB, ip)
 
 
 def tcp_frames(payloads, src=CLIENT, dst=SERVER, sport=40000, dport=1723):
