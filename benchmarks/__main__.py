@@ -139,7 +139,9 @@ def _openvpn_paths(results):
 
 
 def _figures(results):
-    """{(path, size): {"pps", "p50", "p99", "cpu"}} of one round: what --repeat summarises."""
+    """{(path, size): {"pps", "p50", "p99", "cpu", "flat", "share"}} of one round: what --repeat
+    summarises; "flat" is the flat-out trial's delivered rate (the proxy's), "share" the
+    loss-free maximum as a percentage of it (issue 13's goal: at least 80)."""
     paths = [("proxy", (results.get("proxy") or {}).get("throughput") or {})] + _openvpn_paths(results)
     out = {}
     for name, result in paths:
@@ -147,8 +149,11 @@ def _figures(results):
             best = entry.get("max")
             lat = (((entry.get("latency") or {}).get("50%") or {}).get("latency_us")) or {}
             cpu = ((entry.get("cpu") or {}).get("cpu_us_per_packet")) or {}
-            out[(name, int(size))] = {"pps": best and best["delivered_pps"], "p50": lat.get("p50"),
-                                      "p99": lat.get("p99"), "lrp_us": cpu.get("lrp"), "rrp_us": cpu.get("rrp")}
+            flat = (entry.get("overload") or {}).get("delivered_pps")
+            pps = best and best["delivered_pps"]
+            out[(name, int(size))] = {"pps": pps, "p50": lat.get("p50"),
+                                      "p99": lat.get("p99"), "lrp_us": cpu.get("lrp"), "rrp_us": cpu.get("rrp"),
+                                      "flat": flat, "share": 100.0 * pps / flat if pps and flat else None}
     return out
 
 
@@ -163,7 +168,7 @@ def summary(rounds):
     lines = [f"\nmedian [min-max] over {len(rounds)} interleaved rounds (loads "
              + ", ".join(f"{r['machine']['load_before'][0]:.1f}" for r in rounds) + "):",
              f"{'path':16} {'size':>5} {'max pps <0.1% loss':>26} {'p50 us @50%':>22} {'p99 us @50%':>24}"
-             f" {'LRP us/pkt':>18} {'RRP us/pkt':>18}"]
+             f" {'LRP us/pkt':>18} {'RRP us/pkt':>18} {'flat out delivered':>26} {'max/flat %':>16}"]
     for (name, size) in sorted(per, key=lambda k: (k[1], k[0])):
         row = per[(name, size)]
 
@@ -174,7 +179,8 @@ def summary(rounds):
             median = values[len(values) // 2] if len(values) % 2 else sum(values[len(values) // 2 - 1:][:2]) / 2
             return f"{median:{spec}} [{values[0]:{spec}}-{values[-1]:{spec}}]"
         lines.append(f"{name:16} {size:>5} {cell('pps'):>26} {cell('p50'):>22} {cell('p99'):>24}"
-                     f" {cell('lrp_us', '.1f'):>18} {cell('rrp_us', '.1f'):>18}")
+                     f" {cell('lrp_us', '.1f'):>18} {cell('rrp_us', '.1f'):>18} {cell('flat'):>26}"
+                     f" {cell('share'):>16}")
     return "\n".join(lines)
 
 
