@@ -14,7 +14,11 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from routeproxy import native
+from routeproxy.calls import Call
+from routeproxy.flows import Flow
 from routeproxy.mux import frames as F
+from routeproxy.mux.session import OPEN
+from routeproxy.relay import RelaySession
 from routeproxy.sojourn import SojournGate
 from tests.support.native import requireNative
 from tests.unit import test_native_loop as loopTests
@@ -147,6 +151,54 @@ class ReceiveQueueTests(TLSReadTests):
         self.assertEqual(aged, gate.count)   # each drop the one due
         self.assertGreater(aged, 0)
         self.assertLess(aged, 30)            # 600 frames, a handful dropped
+
+    @defer.inlineCallbacks
+    def test_honestCallBesideAFlood(self):
+        """A call's flood makes the link's queue stand (reads 30 ms old, 2 ms target); a second
+        call on the same link sends one frame a round.  The gate is per link: the honest
+        call's frames in the flood's old reads go too, counted on its own session, and
+        nothing closes; once the reads are young again every frame of it arrives."""
+        run = Run(self, True, linkMaxSojourn=0.002)
+        yield run.start()
+        honest = RelaySession(None, None)
+        honest.peerAddress, honest.localAddress = run.pptpd, run.source
+        call = Call(None)
+        call.pns_id, call.pac_id, call.local_id = TAG + 1, KEY + 1, 8
+        flow = Flow(honest, call, run.session)
+        self.assertTrue(run.reader.install(flow, run.port.senderFileno(run.source), KEY + 1))
+        flow.installed = True
+        sent = {KEY: 0, KEY + 1: 0}
+
+        def burst(flood):
+            frames = [gre(sent[KEY] + i) for i in range(flood)]
+            frames.append(F.encodeGRE(SID, TAG + 1, sent[KEY + 1], None, b"honest"))
+            sent[KEY] += flood
+            sent[KEY + 1] += 1
+            return run.peer.records(b"".join(frames))
+        for _ in range(10):                     # the flood's standing queue
+            run.tcp.stopReading()
+            run.peer.sock.sendall(burst(40))
+            time.sleep(0.03)
+            run.tcp.startReading()
+            yield run.read()
+        stood = sent[KEY + 1]
+        for _ in range(10):                     # young reads: the honest call alone
+            yield run.send(burst(0))
+        yield run.send(run.peer.records(F.Control(SID, b"the end").encode()))
+        yield run.until(lambda: run.receiver.events[-1][:2] == ("c", b"the end"), "the end")
+        got = {KEY: [], KEY + 1: []}
+        deadline = time.monotonic() + 5
+        while sum(map(len, got.values())) < run.port.stats.sent and time.monotonic() < deadline:
+            for packet in run.gre():
+                got[int.from_bytes(packet[4:8], "big") & 0xFFFF].append(
+                    int.from_bytes(packet[8:12], "big"))
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        self.assertGreater(run.relaySession.greDropped, 0)               # the flood thinned
+        self.assertEqual(len(got[KEY]) + run.relaySession.greDropped, sent[KEY])
+        self.assertEqual(len(got[KEY + 1]) + honest.greDropped, sent[KEY + 1])  # counted, its own
+        self.assertEqual(got[KEY + 1][-10:], list(range(stood, stood + 10)))    # then all of it
+        self.assertEqual(run.session.state, OPEN)
+        self.assertFalse(run.connection.closed)
 
     @defer.inlineCallbacks
     def test_off(self):
