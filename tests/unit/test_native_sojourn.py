@@ -74,6 +74,29 @@ def gre(i, size=200):
     return F.encodeGRE(SID, TAG, i, None, bytes([i & 255]) * size)
 
 
+def heldRead(run, data, wait):
+    """*data* (ciphertext) sent while the socket is not read, read *wait* s later."""
+    run.tcp.stopReading()
+    run.peer.sock.sendall(data)
+    time.sleep(wait)   # (nothing reads: the reactor is here)
+    run.tcp.startReading()
+    return run.read()
+
+
+@defer.inlineCallbacks
+def endAndCollect(run):
+    """A last control frame through, then every GRE pptpd got: [(call ID, seq)] in order."""
+    yield run.send(run.peer.records(F.Control(SID, b"the end").encode()))
+    yield run.until(lambda: run.receiver.events[-1][:2] == ("c", b"the end"), "the end")
+    got, deadline = [], time.monotonic() + 5
+    while True:
+        got += [(int.from_bytes(p[4:8], "big") & 0xFFFF, int.from_bytes(p[8:12], "big"))
+                for p in run.gre()]   # (key and seq present)
+        if len(got) >= run.port.stats.sent or time.monotonic() > deadline:
+            return got
+        yield task.deferLater(reactor, 0.01, lambda: None)
+
+
 class ReceiveQueueTests(TLSReadTests):
     """The RRP's end of a real link (test_native_tlsread's Run: C's TLS read, GRE sent to
     "pptpd" on a raw socket) whose reads are held back, so its bytes wait in the kernel."""
@@ -87,23 +110,12 @@ class ReceiveQueueTests(TLSReadTests):
         run.framesBefore = run.connection.stats.framesIn
         seq = 0
         for _ in range(rounds):
-            run.tcp.stopReading()
-            data = run.peer.records(b"".join(gre(seq + i) for i in range(perRound)))
+            yield heldRead(run, run.peer.records(b"".join(gre(seq + i) for i in range(perRound))),
+                           wait)
             seq += perRound
-            run.peer.sock.sendall(data)
-            time.sleep(wait)   # (nothing reads: the reactor is here)
-            run.tcp.startReading()
-            yield run.read()
-        yield run.send(run.peer.records(F.Control(SID, b"the end").encode()))
-        yield run.until(lambda: run.receiver.events[-1][:2] == ("c", b"the end"), "the end")
-        got = []
-        deadline = time.monotonic() + 5
-        while len(got) < run.port.stats.sent and time.monotonic() < deadline:
-            got += run.gre()
-            yield task.deferLater(reactor, 0.01, lambda: None)
-        got += run.gre()
+        got = yield endAndCollect(run)
         run.sent = seq
-        run.seqs = [int.from_bytes(p[8:12], "big") for p in got]   # (key and seq present)
+        run.seqs = [seqNo for _, seqNo in got]
         return run
 
     def counted(self, run):
@@ -176,23 +188,13 @@ class ReceiveQueueTests(TLSReadTests):
             sent[KEY + 1] += 1
             return run.peer.records(b"".join(frames))
         for _ in range(10):                     # the flood's standing queue
-            run.tcp.stopReading()
-            run.peer.sock.sendall(burst(40))
-            time.sleep(0.03)
-            run.tcp.startReading()
-            yield run.read()
+            yield heldRead(run, burst(40), 0.03)
         stood = sent[KEY + 1]
         for _ in range(10):                     # young reads: the honest call alone
             yield run.send(burst(0))
-        yield run.send(run.peer.records(F.Control(SID, b"the end").encode()))
-        yield run.until(lambda: run.receiver.events[-1][:2] == ("c", b"the end"), "the end")
         got = {KEY: [], KEY + 1: []}
-        deadline = time.monotonic() + 5
-        while sum(map(len, got.values())) < run.port.stats.sent and time.monotonic() < deadline:
-            for packet in run.gre():
-                got[int.from_bytes(packet[4:8], "big") & 0xFFFF].append(
-                    int.from_bytes(packet[8:12], "big"))
-            yield task.deferLater(reactor, 0.01, lambda: None)
+        for key, seqNo in (yield endAndCollect(run)):
+            got[key].append(seqNo)
         self.assertGreater(run.relaySession.greDropped, 0)               # the flood thinned
         self.assertEqual(len(got[KEY]) + run.relaySession.greDropped, sent[KEY])
         self.assertEqual(len(got[KEY + 1]) + honest.greDropped, sent[KEY + 1])  # counted, its own
