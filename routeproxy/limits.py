@@ -30,6 +30,8 @@ class Limits:
     greWatermark: int = 262144        # unsent link bytes above which GRE is dropped, not queued
     linkMaxSojourn: float = 0.005     # s GRE read from the link may have waited in the kernel's
                                       # receive queue once it stands (CoDel; 0: no gate)
+    linkQueueDelay: float = 0.010     # s of the link's measured delivery rate the GRE limit holds
+                                      # at most (never under 32 KiB nor over greWatermark; 0: off)
     # --- both: the GRE capture ------------------------------------------------------------
     greCaptureBuffer: int = 8 * 1024 * 1024  # bytes of captured GRE the kernel holds unread
 
@@ -109,6 +111,10 @@ _OPTIONS = (
      "ms the link's bytes may wait in the kernel's receive queue once it has stood longer than "
      "that for 100 ms; the GRE of older reads is then dropped unsent, one frame and then more "
      "often while it stands (CoDel), and all of it older than 10x (0: never)", ("lrp", "rrp")),
+    ("link-queue-delay", "linkQueueDelay", lambda v: parseMilliseconds(v, "--link-queue-delay"),
+     "ms of the link's measured delivery rate its unsent bytes may hold before GRE is dropped "
+     "(counted as watermark), not queued: the GRE watermark lowered to that on a slow link, "
+     "never under 32 KiB (0: the watermark alone)", ("lrp", "rrp")),
     ("gre-capture-buffer", "greCaptureBuffer",
      lambda v: parseBytes(v, "--gre-capture-buffer", 65536, 1 << 30),
      "bytes of captured GRE the kernel holds until the daemon reads them (pcap's ring); what "
@@ -116,7 +122,7 @@ _OPTIONS = (
 )
 
 
-_MILLISECONDS = ("linkMaxSojourn",)   # held in seconds, given and shown in ms
+_MILLISECONDS = ("linkMaxSojourn", "linkQueueDelay")   # held in seconds, given and shown in ms
 
 
 def settings(daemon):

@@ -36,7 +36,7 @@ class Options(ConfigOptions):
     ) + LINK_SETTINGS
     restartOnly = ("pptp-listen", "rrp", "gre-interface", "gre-max-sojourn", "status", "log-format",
                    "resume-grace", "dead-timeout", "mux-send-buffer", "mux-stall-timeout", "shard",
-                   "gre-watermark", "link-max-sojourn", "gre-capture-buffer", "gre-capture", "data-plane")
+                   "gre-watermark", "link-max-sojourn", "link-queue-delay", "gre-capture-buffer", "gre-capture", "data-plane")
 
     def check(self):
         checkCapture(self)
@@ -82,7 +82,8 @@ def makeService(options, reactor=None):
     factory = LinkFactory(lrp, reactor, options["resume-grace"], options["dead-timeout"],
                           maxSendBuffer=bounds.muxSendBuffer, stallTimeout=bounds.muxStallTimeout,
                           greWatermark=bounds.greWatermark,
-                          linkMaxSojourn=bounds.linkMaxSojourn)
+                          linkMaxSojourn=bounds.linkMaxSojourn,
+                          linkQueueDelay=bounds.linkQueueDelay)
     useNativePlane(options, lrp.relay, factory)
     link = tls.rrpClientService(reactor, rrpHost, rrpPort, options["tls"], factory, more=moreRRPs,
                                 retryDelay=lrp.resumer.retryDelay if lrp.resumer else None,

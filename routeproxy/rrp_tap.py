@@ -68,7 +68,7 @@ class Options(ConfigOptions):
     ) + LINK_SETTINGS
     restartOnly = ("listen", "source", "gre-interface", "gre-max-sojourn", "status", "max-sessions",
                    "log-format", "resume-grace", "dead-timeout", "mux-send-buffer", "mux-stall-timeout",
-                   "shard", "gre-watermark", "link-max-sojourn", "gre-capture-buffer", "gre-capture", "data-plane")
+                   "shard", "gre-watermark", "link-max-sojourn", "link-queue-delay", "gre-capture-buffer", "gre-capture", "data-plane")
 
     def check(self):
         checkCapture(self)
@@ -129,7 +129,8 @@ def makeService(options, reactor=None):
                                                 maxSendBuffer=bounds.muxSendBuffer,
                                                 stallTimeout=bounds.muxStallTimeout,
                                                 greWatermark=bounds.greWatermark,
-                                                linkMaxSojourn=bounds.linkMaxSojourn),
+                                                linkMaxSojourn=bounds.linkMaxSojourn,
+                                                linkQueueDelay=bounds.linkQueueDelay),
                                resume=rrp.resumeTable)
     rrp.links, rrp.linkDrops = factory.connections, factory.linkDrops
     useNativePlane(options, rrp.relay, factory)

@@ -329,6 +329,8 @@ class RecordingMuxLink:
         self.buffered = 0
         self.asked = 0  # times sendBufferSize was called
         self.peerReads = peerReads
+        self.deliveryRates = []  # (bytes/s, app limited) deliveryRate answers, oldest first
+        self.rateAsked = 0
         self.lost = self.aborted = False
         self.decoder = frames.FrameDecoder(frames.MAX_MAX_PAYLOAD)
 
@@ -340,6 +342,13 @@ class RecordingMuxLink:
     def sendBufferSize(self):
         self.asked += 1
         return self.buffered
+
+    def deliveryRate(self):
+        """The next of ``deliveryRates`` (the last one again once they run out; None if none)."""
+        self.rateAsked += 1
+        if not self.deliveryRates:
+            return None
+        return self.deliveryRates.pop(0) if len(self.deliveryRates) > 1 else self.deliveryRates[0]
 
     def loseConnection(self):
         self.lost = True

@@ -44,6 +44,7 @@ from twisted.logger import Logger
 from routeproxy import turn
 from routeproxy.mux import frames as F
 from routeproxy.mux.frames import Datagram, LinkError, Reason, linkErrorName
+from routeproxy.mux.queuelimit import QueueLimit
 from routeproxy.mux.session import OPEN, OPENING, PENDING, LinkDown, Session
 from routeproxy.stats import LimitedLog, printable
 
@@ -74,6 +75,8 @@ class MuxConfig:
     maxSendBuffer: int = 64 * 1024 * 1024  # unsent bytes before a peer that does not read is dropped
     stallTimeout: float = 60.0            # s the unsent bytes may stay above greWatermark, not shrinking
     linkMaxSojourn: float = 0.005         # the link read's sojourn gate target (C reads only; 0: off)
+    linkQueueDelay: float = 0.010         # s of the link's delivery rate the GRE limit holds at most
+                                          # (routeproxy.mux.queuelimit; 0: greWatermark only)
     versions: tuple = F.PROTOCOL_VERSIONS
     capabilities: tuple = ()
 
@@ -173,6 +176,10 @@ class MuxConnection:
         self._lostWaiters = []
         self.linkGone = False
         self._stalledSince = None
+        # the GRE limit from the link's delivery rate, sampled while the link sends
+        self.queueLimit = QueueLimit(self.config.linkQueueDelay)
+        self._queueSampler = None
+        self._sampledBytes = 0
         self._lastLeft = 0
         self.linkDrops = collections.Counter()   # links dropped by reason (the factory's, shared)
         self.peerLog = LimitedLog(self.log, clock.seconds)   # lines the peer's frames cause
@@ -201,7 +208,14 @@ class MuxConnection:
             "gre_ignored": dict(sorted(stats.greIgnored.items())),
             "pongs_skipped": stats.pongsSkipped,
             "receive_gate": gate,
+            "send_queue": self.queueLimit.snapshot(self.config.greWatermark),
         }
+
+    @property
+    def greLimit(self):
+        """Unsent link bytes above which GRE is dropped: the watermark, lowered on a slow link
+        (routeproxy.mux.queuelimit)."""
+        return self.queueLimit.of(self.config.greWatermark)
 
     @property
     def peerLabel(self):
@@ -219,6 +233,20 @@ class MuxConnection:
                         min(65535, max(1, round(c.deadTimeout))), c.capabilities)
         self._queue(hello.encode(), control=True, beforeReady=True)
         self._schedule(self.config.pingInterval)
+        if self.queueLimit.delay > 0:
+            self._queueSampler = self.clock.callLater(QueueLimit.INTERVAL, self._sampleQueue)
+
+    def _sampleQueue(self):
+        """The link's delivery rate into its GRE limit, when it sent since the last sample."""
+        self._queueSampler = None
+        if self.closed or self._link is None:
+            return
+        if self.stats.bytesOut != self._sampledBytes:
+            self._sampledBytes = self.stats.bytesOut
+            sample = self._link.deliveryRate()
+            if sample is not None:
+                self.queueLimit.observe(self.clock.seconds(), *sample, self.config.greWatermark)
+        self._queueSampler = self.clock.callLater(QueueLimit.INTERVAL, self._sampleQueue)
 
     def dataReceived(self, data):
         if self.closed:
@@ -434,7 +462,7 @@ class MuxConnection:
         elif len(payload) + 10 > self.maxOutPayload:
             reason = "too_large"
         elif self._pendingBytes + (self._unsent if self._unsent is not None else
-                                   self._turnUnsent()) >= self.config.greWatermark \
+                                   self._turnUnsent()) >= self.greLimit \
                 and not self._roomAfterAsking():
             reason = "watermark"
             if not self._inBatch and self._flushCall is None:
@@ -469,7 +497,7 @@ class MuxConnection:
         unsent = self._unsent if self._unsent is not None else self._turnUnsent()
         if not self._inBatch and self._flushCall is None:
             self._scheduleFlush()  # the turn's end must forget the sample, as _queueGRE's
-        return (self.config.greWatermark - self._pendingBytes - unsent, not self._unsentAsked,
+        return (self.greLimit - self._pendingBytes - unsent, not self._unsentAsked,
                 "watermark")
 
     def queueFrames(self, data, frames):
@@ -521,7 +549,7 @@ class MuxConnection:
         _pendingBytes add to them, and a drain by the reactor in between only errs towards
         dropping."""
         ceiling = self._unsentCeiling
-        if ceiling is None or self._pendingBytes + ceiling >= self.config.greWatermark:
+        if ceiling is None or self._pendingBytes + ceiling >= self.greLimit:
             self._unsent, self._unsentAsked = self._link.sendBufferSize(), True
         else:
             self._unsent = ceiling
@@ -533,7 +561,7 @@ class MuxConnection:
         if self._unsentAsked:
             return False
         self._unsent, self._unsentAsked = self._link.sendBufferSize(), True
-        return self._pendingBytes + self._unsent < self.config.greWatermark
+        return self._pendingBytes + self._unsent < self.greLimit
 
     def _forget(self, session):
         self.sessions.pop(session.id, None)
@@ -781,11 +809,11 @@ class MuxConnection:
         # grow).  Not "unsent did not shrink": under a GRE overload a reading peer keeps the
         # buffer at the GRE watermark, refilled as fast as it drains.
         left = self.stats.bytesOut - unsent
-        if unsent > self.config.greWatermark and left <= self._lastLeft:
+        if unsent > self.greLimit and left <= self._lastLeft:
             if self._stalledSince is None:
                 self._stalledSince = now
             elif now - self._stalledSince >= self.config.stallTimeout:
-                self._dropSlowPeer(f"over {self.config.greWatermark} bytes unsent and not "
+                self._dropSlowPeer(f"over {self.greLimit} bytes unsent and not "
                                    f"shrinking for {now - self._stalledSince:.0f} s")
                 return
         else:
@@ -815,6 +843,9 @@ class MuxConnection:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        if self._queueSampler is not None and self._queueSampler.active():
+            self._queueSampler.cancel()
+        self._queueSampler = None
         self._heldUntilReady = []
         detach = detach and self.resume is not None and self.resumable and (
             self.resumeToken is not None)

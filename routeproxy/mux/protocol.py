@@ -28,6 +28,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from routeproxy.mux import queuelimit
 from routeproxy.mux.connection import MuxConnection
 from routeproxy.mux.linksocket import (
     NativeTLSWriter, bufferedBytes, bufferingTransport, kernelUnsent, limitUnsent, noDelay,
@@ -124,6 +125,13 @@ class MuxProtocol(Protocol):
             self._buffering = bufferingTransport(transport)
         t = self._buffering
         return 0 if t is None else bufferedBytes(t) + kernelUnsent(t)
+
+    def deliveryRate(self):
+        """The TCP socket's latest delivery rate sample (routeproxy.mux.queuelimit), or None."""
+        if self.transport is not self._bufferOf:
+            self.sendBufferSize()   # finds the socket transport
+        sock = getattr(self._buffering, "socket", None)
+        return None if sock is None else queuelimit.deliveryRate(sock)
 
     def loseConnection(self):
         # A registered producer would make TLS wait for ever before close_notify.

@@ -140,7 +140,7 @@ class CaptureLoop:
         k.begun, k.index, k.seen = 1, index, flows._seen[index]
         flows._reasons[index] = "watermark"   # what greRoom says of an open, unpaused link
         config = connection.config
-        k.watermark, k.max_send_buffer = config.greWatermark, config.maxSendBuffer
+        k.watermark, k.max_send_buffer = connection.greLimit, config.maxSendBuffer
         k.max_payload = connection.maxOutPayload
         ceiling = connection._unsentCeiling
         k.ceiling = -1 if ceiling is None else ceiling

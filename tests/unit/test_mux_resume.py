@@ -34,6 +34,9 @@ class PipeEnd:
     def sendBufferSize(self):
         return 0
 
+    def deliveryRate(self):
+        return None
+
     def loseConnection(self):
         self.lost = True
 

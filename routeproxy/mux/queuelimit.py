@@ -1,0 +1,86 @@
+"""The GRE limit of a link's unsent bytes, from the link's own delivery rate
+(``--link-queue-delay``; docs/limits.md).
+
+The GRE watermark is a byte count: it bounds memory, not delay.  At 1 Gbit/s its 256 KiB
+drain in 2 ms; on a 20 Mbit/s path between the LRP and the RRP they stand for 105 ms in
+front of every packet of every session.  So each link measures how fast its TCP delivers
+(the kernel's own rate sample, ``TCP_INFO``'s ``tcpi_delivery_rate``, as BBR does: the
+largest sample of the last second, a sample taken while TCP had nothing to send only when
+it raises the figure) and lowers its GRE limit to the bytes that rate drains in the target
+delay, never under a floor (a wake-up's burst) nor over the watermark.  A fast link's limit
+stays the watermark; a slow link drops GRE at the door instead of queueing it.
+"""
+import collections
+import socket
+import struct
+
+# struct tcp_info (linux/tcp.h, Linux >= 4.9): the byte holding the app-limited bit, and
+# tcpi_delivery_rate (bytes/s)
+_APP_LIMITED_BYTE = 7
+_DELIVERY_RATE = struct.Struct("=Q")
+_DELIVERY_RATE_OFFSET = 160
+_TCP_INFO_LENGTH = _DELIVERY_RATE_OFFSET + _DELIVERY_RATE.size
+
+
+def deliveryRate(sock):
+    """``(bytes per second, app limited)`` of the TCP socket *sock*'s latest delivery rate
+    sample, or None where the kernel does not say (no socket, an old kernel)."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LENGTH)
+    except (OSError, AttributeError, ValueError):
+        return None
+    if len(info) < _TCP_INFO_LENGTH:
+        return None
+    return (_DELIVERY_RATE.unpack_from(info, _DELIVERY_RATE_OFFSET)[0],
+            bool(info[_APP_LIMITED_BYTE] & 1))
+
+
+class QueueLimit:
+    """One link's GRE limit from the rate samples it is given (:meth:`observe`, every
+    ``INTERVAL`` while the link sends): :meth:`of` the watermark."""
+
+    INTERVAL = 0.1     # s between samples
+    WINDOW = 1.0       # s of samples the rate is the largest of
+    HOLD = 10.0        # s the last rate is kept when no sample comes (the link idle)
+    FLOOR = 32768      # bytes: the limit never goes under this (a wake-up's burst)
+
+    def __init__(self, delay, floor=FLOOR):
+        self.delay = delay          # s (0: off, the watermark alone)
+        self.floor = floor
+        self.limit = None           # bytes the rate sends in the delay (>= floor), None: unknown
+        self.rate = None            # bytes/s, None: not known
+        self.samples = 0            # rate samples taken
+        self.lowered = 0            # of them, those after which the limit was under the ceiling
+        self._recent = collections.deque()   # (time, rate) of the window
+        self._lastAt = None         # time of the newest sample kept
+
+    def of(self, watermark):
+        """The GRE limit under *watermark*: the lower of the two."""
+        limit = self.limit
+        return watermark if limit is None or limit >= watermark else limit
+
+    def observe(self, now, rate, appLimited, watermark):
+        """One sample of the link's delivery rate at *now*."""
+        if self.delay <= 0:
+            return
+        self.samples += 1
+        if rate > 0 and (not appLimited or self.rate is None or rate > self.rate):
+            self._recent.append((now, rate))
+            self._lastAt = now
+        recent = self._recent
+        while recent and now - recent[0][0] > self.WINDOW:
+            recent.popleft()
+        if recent:
+            self.rate = max(r for _, r in recent)
+        elif self._lastAt is None or now - self._lastAt > self.HOLD:
+            self.rate = None
+        self.limit = None if self.rate is None else int(max(self.floor, self.rate * self.delay))
+        if self.of(watermark) < watermark:
+            self.lowered += 1
+
+    def snapshot(self, watermark):
+        """For the link's status (docs/status.md ``send_queue``)."""
+        return {"limit": self.of(watermark), "watermark": watermark,
+                "delay_ms": round(self.delay * 1000.0, 3),
+                "delivery_rate": None if self.rate is None else int(self.rate),
+                "samples": self.samples, "lowered": self.lowered}
