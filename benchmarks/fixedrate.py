@@ -198,6 +198,15 @@ def side_by_side(rows, direction="forward"):
     return "\n".join(lines)
 
 
+def shape_link(lab, proxy, mbit):
+    """The LRP's end of the link's veth limited to *mbit* (tbf, 16 KB burst, 64 KB queue):
+    the line that says so."""
+    middle = proxy.middle
+    lab.run(middle.ns_a, ["tc", "qdisc", "add", "dev", middle.name_a, "root", "tbf", "rate",
+                          f"{mbit:g}mbit", "burst", "16kb", "limit", "64kb"])
+    return f"link LRP -> RRP shaped: {mbit:g} Mbit/s (tbf, 64 KB queue)"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
     p.add_argument("--rate", type=int, action="append", help="offered packets/s (repeatable; 0: flat out)")
@@ -215,6 +224,9 @@ def main(argv=None):
                    "(e.g. --gre-capture native on the LRP alone)")
     p.add_argument("--openvpn", action="append", default=[], choices=sorted(openvpn.VARIANTS),
                    help="also run each rate through this OpenVPN-TCP variant (repeatable)")
+    p.add_argument("--link-rate", type=float, metavar="MBIT",
+                   help="shape the LRP -> RRP link to this rate (tc tbf, a 64 KB queue): a slow "
+                        "path between the daemons (--link-queue-delay)")
     topology.add_shard_arguments(p)
     instrument.add_argument(p, repeatable=True)
     args = p.parse_args(argv)
@@ -232,6 +244,8 @@ def main(argv=None):
     references = {}
     try:
         proxy.start()
+        if args.link_rate:
+            print(shape_link(lab, proxy, args.link_rate), flush=True)
         if not proxy.open_sessions(args.sessions).calls:
             raise SystemExit("no call through the proxies")
         proxy.balance(max(1, args.sessions // args.shards))

@@ -1,0 +1,193 @@
+"""The GRE limit of a link's unsent bytes from its delivery rate (routeproxy.mux.queuelimit,
+``--link-queue-delay``): the law, the link that uses it, and the kernel's rate read through a
+real bottleneck (a veth shaped by tc's tbf in namespaces)."""
+import socket
+import subprocess
+import threading
+import time
+
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+
+from routeproxy.mux import frames as F
+from routeproxy.mux.connection import MuxConfig, MuxConnection
+from routeproxy.mux.queuelimit import QueueLimit, deliveryRate
+from routeproxy.testing import RecordingMuxLink
+from tests.support import netns
+
+WATERMARK = 262144
+MBIT = 125000.0   # bytes/s
+
+
+class LawTests(unittest.SynchronousTestCase):
+    def test_unknown_rate_keeps_the_watermark(self):
+        q = QueueLimit(0.010)
+        self.assertEqual(q.of(WATERMARK), WATERMARK)
+        q.observe(0.0, 0, False, WATERMARK)   # no sample yet (a kernel saying 0)
+        self.assertEqual(q.of(WATERMARK), WATERMARK)
+        self.assertIsNone(q.snapshot(WATERMARK)["delivery_rate"])
+
+    def test_the_delay_in_bytes_between_floor_and_watermark(self):
+        for mbit, want in ((20, QueueLimit.FLOOR), (50, 62500), (100, 125000), (1000, WATERMARK)):
+            q = QueueLimit(0.010)
+            q.observe(0.0, mbit * MBIT, False, WATERMARK)
+            self.assertEqual(q.of(WATERMARK), want, mbit)
+        q = QueueLimit(0.010)
+        q.observe(0.0, 20 * MBIT, False, WATERMARK)
+        self.assertEqual(q.of(16384), 16384)   # a watermark under the floor stays the bound
+
+    def test_largest_sample_of_the_last_second(self):
+        q = QueueLimit(0.010)
+        q.observe(0.0, 100 * MBIT, False, WATERMARK)
+        q.observe(0.5, 50 * MBIT, False, WATERMARK)
+        self.assertEqual(q.rate, 100 * MBIT)
+        q.observe(1.2, 50 * MBIT, False, WATERMARK)   # the 100 Mbit/s sample left the window
+        self.assertEqual(q.rate, 50 * MBIT)
+        self.assertEqual(q.of(WATERMARK), 62500)
+
+    def test_app_limited_samples_only_raise_it(self):
+        q = QueueLimit(0.010)
+        q.observe(0.0, 10 * MBIT, True, WATERMARK)    # the first figure, though app limited
+        self.assertEqual(q.rate, 10 * MBIT)
+        q.observe(0.1, 50 * MBIT, False, WATERMARK)
+        q.observe(0.2, 5 * MBIT, True, WATERMARK)     # TCP had nothing to send: not the path's
+        q.observe(1.15, 5 * MBIT, True, WATERMARK)
+        self.assertEqual(q.rate, 50 * MBIT)            # kept: no sample in the window, held
+        q.observe(1.3, 80 * MBIT, True, WATERMARK)     # app limited and higher: the path is faster
+        self.assertEqual(q.rate, 80 * MBIT)
+
+    def test_held_then_forgotten(self):
+        q = QueueLimit(0.010)
+        q.observe(0.0, 20 * MBIT, False, WATERMARK)
+        q.observe(5.0, 1 * MBIT, True, WATERMARK)
+        self.assertEqual(q.rate, 20 * MBIT)
+        q.observe(10.5, 1 * MBIT, True, WATERMARK)
+        self.assertIsNone(q.rate)
+        self.assertEqual(q.of(WATERMARK), WATERMARK)
+
+    def test_off(self):
+        q = QueueLimit(0.0)
+        q.observe(0.0, 1 * MBIT, False, WATERMARK)
+        self.assertEqual((q.of(WATERMARK), q.samples), (WATERMARK, 0))
+
+    def test_counters(self):
+        q = QueueLimit(0.010)
+        for i, mbit in enumerate((20, 20, 1000)):
+            q.observe(i * 2.0, mbit * MBIT, False, WATERMARK)
+        self.assertEqual(q.snapshot(WATERMARK), {
+            "limit": WATERMARK, "watermark": WATERMARK, "delay_ms": 10.0,
+            "delivery_rate": 1000 * 125000, "samples": 3, "lowered": 2})
+
+
+class LinkTests(unittest.SynchronousTestCase):
+    """A MuxConnection asks its link's rate while it sends and drops GRE over the lowered limit."""
+
+    def connection(self, rates, **config):
+        clock = Clock()
+        conn = MuxConnection(False, clock, MuxConfig(**config), sessionRequested=lambda *a: None)
+        link = RecordingMuxLink(peerReads=False)
+        link.deliveryRates = list(rates)
+        conn.start(link)
+        conn.dataReceived(F.Hello((1,), 16384, 65536, 10, 30, ()).encode())
+        clock.advance(0)   # the HELLO is written: bytes out
+        return conn, link, clock
+
+    def gre(self, conn, n, size=1000):
+        sent = [conn._queueGRE(1, 7, i, None, bytes(size)) for i in range(n)]
+        conn.flush()
+        return sum(sent)
+
+    def test_slow_link_lowers_the_limit_and_drops_gre(self):
+        conn, link, clock = self.connection([(20 * MBIT, False)])
+        self.assertEqual(conn.greLimit, WATERMARK)
+        clock.advance(QueueLimit.INTERVAL)
+        self.assertEqual(link.rateAsked, 1)
+        self.assertEqual(conn.greLimit, QueueLimit.FLOOR)
+        sent = self.gre(conn, 100)   # 100 kB offered to a peer that reads nothing
+        self.assertLess(link.buffered, QueueLimit.FLOOR + 2000)
+        self.assertEqual(conn.stats.greDropped["watermark"], 100 - sent)
+        self.assertGreater(100 - sent, 60)
+        status = conn.snapshot()["send_queue"]
+        self.assertEqual((status["limit"], status["delivery_rate"], status["lowered"]),
+                         (QueueLimit.FLOOR, 20 * 125000, 1))
+
+    def test_fast_link_keeps_the_watermark(self):
+        conn, link, clock = self.connection([(1000 * MBIT, False)])
+        clock.advance(QueueLimit.INTERVAL)
+        self.assertEqual(conn.greLimit, WATERMARK)
+        self.assertEqual(self.gre(conn, 100), 100)
+
+    def test_asked_only_after_sending(self):
+        conn, link, clock = self.connection([(20 * MBIT, False)])
+        clock.advance(QueueLimit.INTERVAL)
+        clock.advance(QueueLimit.INTERVAL)   # nothing sent in between
+        self.assertEqual(link.rateAsked, 1)
+        self.gre(conn, 1)
+        clock.advance(QueueLimit.INTERVAL)
+        self.assertEqual(link.rateAsked, 2)
+
+    def test_off_never_asks(self):
+        conn, link, clock = self.connection([(1 * MBIT, False)], linkQueueDelay=0.0)
+        self.gre(conn, 1)
+        clock.advance(1.0)
+        self.assertEqual((link.rateAsked, conn.greLimit), (0, WATERMARK))
+
+    def test_stops_with_the_link(self):
+        conn, link, clock = self.connection([(20 * MBIT, False)])
+        conn._shutdown("test")
+        self.assertEqual([c for c in clock.getDelayedCalls()
+                          if getattr(c.func, "__name__", "") == "_sampleQueue"], [])
+
+
+class KernelRateTests(unittest.TestCase):
+    """tcpi_delivery_rate as the kernel measures it, through a real 20 Mbit/s bottleneck."""
+
+    def test_not_a_tcp_socket(self):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            self.assertIsNone(deliveryRate(udp))
+
+    def test_rate_through_a_shaped_veth(self):
+        lab = netns.lab_for(self)
+        a, b = lab.namespace("qa"), lab.namespace("qb")
+        veth = lab.veth(a, b, "10.97.0.1/24", "10.97.0.2/24")
+        tc = subprocess.run(["tc", "-n", a, "qdisc", "add", "dev", veth.name_a, "root", "tbf",
+                             "rate", "20mbit", "burst", "16kb", "limit", "64kb"],
+                            capture_output=True, text=True)
+        if tc.returncode != 0:
+            raise unittest.SkipTest(f"tc tbf: {tc.stderr.strip()}")
+        with lab.inside(b):
+            server = socket.socket()
+            server.bind(("10.97.0.2", 0))
+            server.listen(1)
+        self.addCleanup(server.close)
+        with lab.inside(a):
+            sender = socket.create_connection(server.getsockname(), timeout=5)
+        self.addCleanup(sender.close)
+        peer, _ = server.accept()
+        self.addCleanup(peer.close)
+        done = threading.Event()
+
+        def drain():
+            while not done.is_set():
+                try:
+                    if not peer.recv(1 << 16):
+                        return
+                except OSError:
+                    return
+        reader = threading.Thread(target=drain, daemon=True)
+        reader.start()
+        self.addCleanup(reader.join, 5)
+        self.addCleanup(done.set)
+        sender.setblocking(False)
+        q, chunk, start = QueueLimit(0.010), bytes(65536), time.monotonic()
+        while time.monotonic() - start < 1.5:   # TCP never runs dry: samples are the path's
+            try:
+                while True:
+                    sender.send(chunk)
+            except BlockingIOError:
+                pass
+            time.sleep(QueueLimit.INTERVAL)
+            q.observe(time.monotonic(), *deliveryRate(sender), WATERMARK)
+        self.assertGreater(q.rate, 0.5 * 20 * MBIT)
+        self.assertLess(q.rate, 1.5 * 20 * MBIT)
+        self.assertEqual(q.of(WATERMARK), QueueLimit.FLOOR)   # 25 kB in 10 ms: the floor
