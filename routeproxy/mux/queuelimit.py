@@ -5,7 +5,7 @@ The GRE watermark is a byte count: it bounds memory, not delay.  At 1 Gbit/s its
 drain in 2 ms; on a 20 Mbit/s path between the LRP and the RRP they stand for 105 ms in
 front of every packet of every session.  So each link measures how fast its TCP delivers
 (the kernel's own rate sample, ``TCP_INFO``'s ``tcpi_delivery_rate``, as BBR does: the
-largest sample of the last second, a sample taken while TCP had nothing to send only when
+largest sample of the last 0.3 s, a sample taken while TCP had nothing to send only when
 it raises the figure) and lowers its GRE limit to the bytes that rate drains in the target
 delay, never under a floor (a wake-up's burst) nor over the watermark.  A fast link's limit
 stays the watermark; a slow link drops GRE at the door instead of queueing it.
@@ -40,7 +40,7 @@ class QueueLimit:
     ``INTERVAL`` while the link sends): :meth:`of` the watermark."""
 
     INTERVAL = 0.1     # s between samples
-    WINDOW = 1.0       # s of samples the rate is the largest of
+    WINDOW = 0.3       # s of samples the rate is the largest of
     HOLD = 10.0        # s the last rate is kept when no sample comes (the link idle)
     FLOOR = 32768      # bytes: the limit never goes under this (a wake-up's burst)
 

@@ -36,12 +36,12 @@ class LawTests(unittest.SynchronousTestCase):
         q.observe(0.0, 20 * MBIT, False, WATERMARK)
         self.assertEqual(q.of(16384), 16384)   # a watermark under the floor stays the bound
 
-    def test_largest_sample_of_the_last_second(self):
-        q = QueueLimit(0.010)
+    def test_largest_sample_of_the_window(self):
+        q, w = QueueLimit(0.010), QueueLimit.WINDOW
         q.observe(0.0, 100 * MBIT, False, WATERMARK)
-        q.observe(0.5, 50 * MBIT, False, WATERMARK)
+        q.observe(w * 0.6, 50 * MBIT, False, WATERMARK)
         self.assertEqual(q.rate, 100 * MBIT)
-        q.observe(1.2, 50 * MBIT, False, WATERMARK)   # the 100 Mbit/s sample left the window
+        q.observe(w * 1.2, 50 * MBIT, False, WATERMARK)   # the 100 Mbit/s sample left the window
         self.assertEqual(q.rate, 50 * MBIT)
         self.assertEqual(q.of(WATERMARK), 62500)
 
