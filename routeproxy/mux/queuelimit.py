@@ -5,10 +5,12 @@ The GRE watermark is a byte count: it bounds memory, not delay.  At 1 Gbit/s its
 drain in 2 ms; on a 20 Mbit/s path between the LRP and the RRP they stand for 105 ms in
 front of every packet of every session.  So each link measures how fast its TCP delivers
 (the kernel's own rate sample, ``TCP_INFO``'s ``tcpi_delivery_rate``, as BBR does: the
-largest sample of the last 0.3 s, a sample taken while TCP had nothing to send only when
-it raises the figure) and lowers its GRE limit to the bytes that rate drains in the target
-delay, never under a floor (a wake-up's burst) nor over the watermark.  A fast link's limit
-stays the watermark; a slow link drops GRE at the door instead of queueing it.
+largest sample of the last 0.3 s; a sample taken while TCP had nothing to send only when
+it raises the figure and no sample of the window was taken busy, for a burst through an
+idle path's token bucket measures the line, not the path) and lowers its GRE limit to the
+bytes that rate drains in the target delay, never under a floor (a wake-up's burst) nor
+over the watermark.  A fast link's limit stays the watermark; a slow link drops GRE at the
+door instead of queueing it.
 """
 import collections
 import socket
@@ -64,14 +66,15 @@ class QueueLimit:
         if self.delay <= 0:
             return
         self.samples += 1
-        if rate > 0 and (not appLimited or self.rate is None or rate > self.rate):
-            self._recent.append((now, rate))
-            self._lastAt = now
         recent = self._recent
         while recent and now - recent[0][0] > self.WINDOW:
             recent.popleft()
+        if rate > 0 and (not appLimited or (
+                (self.rate is None or rate > self.rate) and all(idle for _, _, idle in recent))):
+            recent.append((now, rate, appLimited))
+            self._lastAt = now
         if recent:
-            self.rate = max(r for _, r in recent)
+            self.rate = max(r for _, r, _ in recent)
         elif self._lastAt is None or now - self._lastAt > self.HOLD:
             self.rate = None
         self.limit = None if self.rate is None else int(max(self.floor, self.rate * self.delay))

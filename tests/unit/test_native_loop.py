@@ -476,3 +476,44 @@ class GateTests(LoopTestCase):
         self.assertIsNotNone(gate.above_since)
         yield self.settle(2)
         self.assertEqual([seq for seq, _ in self.far.gre()], [0, 1])
+
+
+class QueueLimitTests(LoopTestCase):
+    """The link's GRE limit lowered to a slow path's (routeproxy.mux.queuelimit): the loop's C
+    admits GRE up to it, not up to the watermark.  The path's rate is the one part given, not
+    measured (a real slow path's, through tc: test_queuelimit.KernelRateTests)."""
+
+    @defer.inlineCallbacks
+    def unsentAfterFlood(self, rate):
+        skipUnlessUsable()
+        yield self.start("loop")
+        if rate is not None:
+            self.lrp._link.deliveryRate = lambda: (rate, False)
+            self.lrp.queueLimit.observe(reactor.seconds(), rate, False, self.lrp.config.greWatermark)
+        for far in self.server.connections:
+            far._link.transport.pauseProducing()   # the far end reads nothing: unsent bytes grow
+            self.addCleanup(far._link.transport.resumeProducing)
+        written = self.port.flows.written
+        for burst in range(60):   # 1.2 MB of GRE
+            self.send([packet(CLIENT, greData(KEY, seq, 1000), seq + 1)
+                       for seq in range(burst * 20, burst * 20 + 20)])
+            yield task.deferLater(reactor, 0.005, lambda: None)
+        yield task.deferLater(reactor, 0.1, lambda: None)
+        self.assertGreater(self.port.flows.written, written)   # C wrote GRE of the flood
+        return self.lrp._link.sendBufferSize()
+
+    @defer.inlineCallbacks
+    def test_theLoopAdmitsGREToTheLoweredLimit(self):
+        rate = 6.5e6   # bytes/s: 10 ms of it, 65 kB, is the limit
+        unsent = yield self.unsentAfterFlood(rate)
+        self.assertEqual(self.lrp.greLimit, 65000)
+        self.assertGreater(self.loop.wakeUps, 30)   # C took the flood, under the limit
+        self.assertGreater(unsent, 65000 // 2)
+        self.assertLess(unsent, 65000 + 25000)   # the limit and one burst's frames at most
+        self.assertGreater(self.lrp.queueLimit.snapshot(self.lrp.config.greWatermark)["lowered"], 0)
+
+    @defer.inlineCallbacks
+    def test_theWatermarkWithoutARate(self):
+        unsent = yield self.unsentAfterFlood(None)
+        self.assertEqual(self.lrp.greLimit, self.lrp.config.greWatermark)
+        self.assertGreater(unsent, 200000)

@@ -56,6 +56,17 @@ class LawTests(unittest.SynchronousTestCase):
         q.observe(1.3, 80 * MBIT, True, WATERMARK)     # app limited and higher: the path is faster
         self.assertEqual(q.rate, 80 * MBIT)
 
+    def test_busy_samples_outrank_idle_ones(self):
+        """While the window holds a sample taken busy (an overload: the path's own rate), an
+        idle one (a burst through the path's token bucket, measured at the line's) is not
+        taken, however high."""
+        q = QueueLimit(0.010)
+        q.observe(0.0, 20 * MBIT, False, WATERMARK)
+        q.observe(0.1, 1500 * MBIT, True, WATERMARK)
+        self.assertEqual((q.rate, q.of(WATERMARK)), (20 * MBIT, QueueLimit.FLOOR))
+        q.observe(0.1 + QueueLimit.WINDOW * 1.5, 1500 * MBIT, True, WATERMARK)   # idle since
+        self.assertEqual(q.of(WATERMARK), WATERMARK)
+
     def test_held_then_forgotten(self):
         q = QueueLimit(0.010)
         q.observe(0.0, 20 * MBIT, False, WATERMARK)
