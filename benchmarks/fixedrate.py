@@ -199,12 +199,13 @@ def side_by_side(rows, direction="forward"):
 
 
 def shape_link(lab, proxy, mbit):
-    """The LRP's end of the link's veth limited to *mbit* (tbf, 16 KB burst, 64 KB queue):
-    the line that says so."""
+    """Both ends of the link's veth limited to *mbit* each way (tbf, 16 KB burst, 64 KB
+    queue): the line that says so."""
     middle = proxy.middle
-    lab.run(middle.ns_a, ["tc", "qdisc", "add", "dev", middle.name_a, "root", "tbf", "rate",
-                          f"{mbit:g}mbit", "burst", "16kb", "limit", "64kb"])
-    return f"link LRP -> RRP shaped: {mbit:g} Mbit/s (tbf, 64 KB queue)"
+    for ns, device in ((middle.ns_a, middle.name_a), (middle.ns_b, middle.name_b)):
+        lab.run(ns, ["tc", "qdisc", "add", "dev", device, "root", "tbf", "rate", f"{mbit:g}mbit",
+                     "burst", "16kb", "limit", "64kb"])
+    return f"link LRP <-> RRP shaped: {mbit:g} Mbit/s each way (tbf, 64 KB queue)"
 
 
 def main(argv=None):
@@ -225,8 +226,8 @@ def main(argv=None):
     p.add_argument("--openvpn", action="append", default=[], choices=sorted(openvpn.VARIANTS),
                    help="also run each rate through this OpenVPN-TCP variant (repeatable)")
     p.add_argument("--link-rate", type=float, metavar="MBIT",
-                   help="shape the LRP -> RRP link to this rate (tc tbf, a 64 KB queue): a slow "
-                        "path between the daemons (--link-queue-delay)")
+                   help="shape the LRP <-> RRP link to this rate each way (tc tbf, a 64 KB queue): "
+                        "a slow path between the daemons (--link-queue-delay)")
     topology.add_shard_arguments(p)
     instrument.add_argument(p, repeatable=True)
     args = p.parse_args(argv)

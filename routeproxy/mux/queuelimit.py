@@ -5,12 +5,12 @@ The GRE watermark is a byte count: it bounds memory, not delay.  At 1 Gbit/s its
 drain in 2 ms; on a 20 Mbit/s path between the LRP and the RRP they stand for 105 ms in
 front of every packet of every session.  So each link measures how fast its TCP delivers
 (the kernel's own rate sample, ``TCP_INFO``'s ``tcpi_delivery_rate``, as BBR does: the
-largest sample of the last 0.3 s; a sample taken while TCP had nothing to send only when
-it raises the figure and no sample of the window was taken busy, for a burst through an
-idle path's token bucket measures the line, not the path) and lowers its GRE limit to the
-bytes that rate drains in the target delay, never under a floor (a wake-up's burst) nor
-over the watermark.  A fast link's limit stays the watermark; a slow link drops GRE at the
-door instead of queueing it.
+largest sample of the last 0.3 s, the last figure kept 10 s; a sample taken while TCP had
+nothing to send only when it raises the figure and no sample was taken busy in those 10 s:
+an idle link's figure stays that of its last burst, which through a path's token bucket
+measures the line, not the path) and lowers its GRE limit to the bytes that rate drains in
+the target delay, never under a floor (a wake-up's burst) nor over the watermark.  A fast
+link's limit stays the watermark; a slow link drops GRE at the door instead of queueing it.
 """
 import collections
 import socket
@@ -55,6 +55,7 @@ class QueueLimit:
         self.lowered = 0            # of them, those after which the limit was under the ceiling
         self._recent = collections.deque()   # (time, rate) of the window
         self._lastAt = None         # time of the newest sample kept
+        self._busyAt = None         # time of the newest sample taken while TCP had data waiting
 
     def of(self, watermark):
         """The GRE limit under *watermark*: the lower of the two."""
@@ -69,12 +70,18 @@ class QueueLimit:
         recent = self._recent
         while recent and now - recent[0][0] > self.WINDOW:
             recent.popleft()
-        if rate > 0 and (not appLimited or (
-                (self.rate is None or rate > self.rate) and all(idle for _, _, idle in recent))):
-            recent.append((now, rate, appLimited))
+        if rate > 0 and not appLimited:
+            self._busyAt = now
+        elif rate > 0 and (self.rate is None or rate > self.rate) and (
+                self._busyAt is None or now - self._busyAt > self.HOLD):
+            pass   # idle, and higher than any figure a busy sample left in force
+        else:
+            rate = 0
+        if rate > 0:
+            recent.append((now, rate))
             self._lastAt = now
         if recent:
-            self.rate = max(r for _, r, _ in recent)
+            self.rate = max(r for _, r in recent)
         elif self._lastAt is None or now - self._lastAt > self.HOLD:
             self.rate = None
         self.limit = None if self.rate is None else int(max(self.floor, self.rate * self.delay))

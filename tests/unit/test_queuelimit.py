@@ -53,8 +53,10 @@ class LawTests(unittest.SynchronousTestCase):
         q.observe(0.2, 5 * MBIT, True, WATERMARK)     # TCP had nothing to send: not the path's
         q.observe(1.15, 5 * MBIT, True, WATERMARK)
         self.assertEqual(q.rate, 50 * MBIT)            # kept: no sample in the window, held
-        q.observe(1.3, 80 * MBIT, True, WATERMARK)     # app limited and higher: the path is faster
-        self.assertEqual(q.rate, 80 * MBIT)
+        q.observe(1.3, 80 * MBIT, True, WATERMARK)     # higher, but a busy figure is in force
+        self.assertEqual(q.rate, 50 * MBIT)
+        q.observe(1.4, 60 * MBIT, False, WATERMARK)    # busy samples raise it at once
+        self.assertEqual(q.rate, 60 * MBIT)
 
     def test_busy_samples_outrank_idle_ones(self):
         """While the window holds a sample taken busy (an overload: the path's own rate), an
@@ -64,7 +66,9 @@ class LawTests(unittest.SynchronousTestCase):
         q.observe(0.0, 20 * MBIT, False, WATERMARK)
         q.observe(0.1, 1500 * MBIT, True, WATERMARK)
         self.assertEqual((q.rate, q.of(WATERMARK)), (20 * MBIT, QueueLimit.FLOOR))
-        q.observe(0.1 + QueueLimit.WINDOW * 1.5, 1500 * MBIT, True, WATERMARK)   # idle since
+        q.observe(0.1 + QueueLimit.WINDOW * 1.5, 1500 * MBIT, True, WATERMARK)   # idle since,
+        self.assertEqual(q.of(WATERMARK), QueueLimit.FLOOR)   # the busy figure still holds
+        q.observe(QueueLimit.HOLD + 0.5, 1500 * MBIT, True, WATERMARK)   # until it is forgotten
         self.assertEqual(q.of(WATERMARK), WATERMARK)
 
     def test_held_then_forgotten(self):
