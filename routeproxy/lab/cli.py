@@ -26,6 +26,7 @@ class LabRun:
         self.status = topology.parse_status(result.output)   # their status after it
         self.tcp = topology.parse_tcp(result.output)   # TCP's counters over it, per namespace
         self.gre_order = topology.parse_gre_order(result.output)   # pptp-linux's reorder log
+        self.ping_load = topology.parse_ping_load(result.output)   # c1's pings meanwhile (ms)
 
     def cut_ok(self):
         """The link was cut and resumed: every pppd is the one from before, and each pings."""
@@ -67,21 +68,21 @@ class LabRun:
 
 def run_lab(mode, clients, transfer_mb=0, connect_timeout=25, timeout=None, keep=False, mtu=None,
             hangup=False, calls_per_client=1, run=None, cut_link=0, proxy_options=(),
-            rmem_default=None):
+            rmem_default=None, link_rate=None):
     """Run the lab once; returns a LabRun.  Raises uml.UMLError when UML cannot run.
 
     *run* is ``uml.run_in_uml`` (a test passes its own)."""
     script = topology.build_script(mode, clients, transfer_mb=transfer_mb,
                                    connect_timeout=connect_timeout, mtu=mtu, hangup=hangup,
                                    calls_per_client=calls_per_client, cut_link=cut_link,
-                                   rmem_default=rmem_default,
+                                   rmem_default=rmem_default, link_rate=link_rate,
                                    proxy_options=proxy_options)
     tunnels = clients * calls_per_client
     if timeout is None:
         timeout = (60 + connect_timeout * (2 if hangup else 1) + tunnels * 5 + calls_per_client
                    + transfer_mb * tunnels * 3 + (cut_link + 15 if cut_link else 0))
     result = (run or uml.run_in_uml)(script, timeout=timeout, keep=keep,
-                                     modules=topology.lab_modules(mode, cut_link))
+                                     modules=topology.lab_modules(mode, cut_link, link_rate))
     return LabRun(mode, clients, result, calls_per_client)
 
 
@@ -124,6 +125,10 @@ def format_table(run):
         lines.append(f"link cut {c.get('seconds')} s: {'ok' if run.cut_ok() else 'FAILED'} (pppd "
                      f"{'unchanged' if c.get('pppd_before') == c.get('pppd_after') else 'restarted'}, "
                      f"{c.get('pinged_after')} pinged after, LRP resumes {c.get('resumed')})")
+    if run.ping_load:
+        rtts = sorted(run.ping_load)
+        lines.append(f"c1's pings during the transfer: {len(rtts)} replies, round trip p50 "
+                     f"{rtts[len(rtts) // 2]:.1f} ms, max {rtts[-1]:.1f} ms")
     times = ", ".join(f"{k} {v:.1f}s" for k, v in run.times.items())
     lines.append(f"UML boot {run.result.boot_seconds:.1f}s, whole run {run.result.total_seconds:.1f}s"
                  + (f"; inside: {times}" if times else ""))
@@ -158,6 +163,10 @@ def parser():
     p.add_argument("--rmem-default", type=int, default=None, metavar="BYTES",
                    help="receive buffer of every socket that sizes none itself, pptpd's GRE "
                         "socket among them (a tuned server) [the kernel's default]")
+    p.add_argument("--link-rate", type=float, default=None, metavar="MBIT",
+                   help="the NAT's links send at most this many Mbit/s each way (tc tbf): a "
+                        "slow path between the sites; with --transfer-mb, c1 pings through its "
+                        "tunnel during the transfer (latency under load) [unlimited]")
     p.add_argument("--keep", action="store_true",
                    help="keep the work directory (logs of pppd, pptpd, daemons)")
     p.add_argument("--verbose", "-v", action="store_true", help="print the lab's raw output")
@@ -169,7 +178,7 @@ def main(argv=None):
     try:   # a bad argument is said before asking whether UML can run at all
         topology.build_script(args.mode, args.clients, transfer_mb=args.transfer_mb, mtu=args.mtu,
                               calls_per_client=args.calls_per_client, cut_link=args.cut_link,
-                              rmem_default=args.rmem_default)
+                              rmem_default=args.rmem_default, link_rate=args.link_rate)
     except topology.LabScriptError as e:
         sys.stderr.write(f"routeproxy lab: {e}\n")
         return 2
@@ -181,7 +190,8 @@ def main(argv=None):
         run = run_lab(args.mode, args.clients, transfer_mb=args.transfer_mb,
                       connect_timeout=args.connect_timeout, timeout=args.timeout, keep=args.keep,
                       mtu=args.mtu, hangup=args.hangup, calls_per_client=args.calls_per_client,
-                      cut_link=args.cut_link, rmem_default=args.rmem_default)
+                      cut_link=args.cut_link, rmem_default=args.rmem_default,
+                      link_rate=args.link_rate)
     except topology.LabScriptError as e:
         sys.stderr.write(f"routeproxy lab: {e}\n")
         return 2

@@ -46,6 +46,7 @@ OPTIONS = (
     "IP_NF_NAT", "IP_NF_RAW", "IP_NF_TARGET_MASQUERADE", "NETFILTER_XT_TARGET_MASQUERADE",
     "IP_NF_TARGET_REJECT", "NF_REJECT_IPV4", "NETFILTER_XT_TARGET_CT", "NETFILTER_XT_NAT",
     "NF_CONNTRACK_PPTP", "NF_NAT_PPTP",
+    "NET_SCHED", "NET_SCH_TBF",   # --link-rate: tc's token bucket on the NAT's links
 )
 
 
@@ -110,8 +111,28 @@ def build(dest=DEFAULT_DEST, jobs=None, work=None, say=print):
         _run(["make", "ARCH=um", f"-j{jobs}", "linux"], tree, log)
     kernel = os.path.join(dest, "linux")
     shutil.copy2(os.path.join(tree, "linux"), kernel)
+    with open(os.path.join(dest, STAMP), "w") as f:   # what it was built with (missing_options)
+        f.write("\n".join(OPTIONS) + "\n")
     shutil.rmtree(work, ignore_errors=True)
     return kernel
+
+
+STAMP = "options"   # beside the kernel: the OPTIONS it was built with, one per line
+
+
+def missing_options(dest=DEFAULT_DEST):
+    """OPTIONS the kernel built in *dest* lacks (all of them when it says nothing of what it
+    was built with), or () when the lab does not run on it: a lab that came to need more of
+    the kernel (``--link-rate``: tc's token bucket) gets it at the next ``make deps``."""
+    kernel = os.path.join(dest, "linux")
+    if not os.access(kernel, os.X_OK) or os.path.realpath(uml.UML_BINARY) != os.path.realpath(kernel):
+        return ()
+    try:
+        with open(os.path.join(dest, STAMP)) as f:
+            built = set(f.read().split())
+    except OSError:
+        built = set()
+    return tuple(o for o in OPTIONS if o not in built)
 
 
 def main(argv=None):
@@ -125,10 +146,15 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.if_needed:
         reason = uml.uml_available()
-        if reason is None or "cannot boot" not in reason:
+        missing = missing_options(args.dest)
+        if missing and (reason is None or "cannot boot" in reason):
+            print(f"{args.dest}/linux was built without {', '.join(missing)}: building it again "
+                  "(~10 minutes on 2 cores)", flush=True)
+        elif reason is None or "cannot boot" not in reason:
             return 0  # it boots, or something else is missing (apt-get says which)
-        print(f"{reason}\nbuilding a UML kernel this host can boot (once, ~10 minutes on 2 cores)",
-              flush=True)
+        else:
+            print(f"{reason}\nbuilding a UML kernel this host can boot (once, ~10 minutes on 2 "
+                  "cores)", flush=True)
     try:
         kernel = build(args.dest, args.jobs)
     except (KernelBuildError, OSError) as e:

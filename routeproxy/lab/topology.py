@@ -48,17 +48,18 @@ MODULES = ("ppp_generic", "ppp_async", "ppp_mppe", "veth", "bridge", "iptable_fi
            "iptable_nat", "iptable_raw", "xt_MASQUERADE", "xt_tcpudp", "xt_CT", "nf_conntrack")
 HELPER_MODULES = ("nf_conntrack_pptp", "nf_nat_pptp")
 CUT_MODULES = ("nf_reject_ipv4", "ipt_REJECT")   # --cut-link: the NAT's TCP resets
+LINK_RATE_MODULES = ("sch_tbf",)   # --link-rate: the NAT's links shaped
 
 
 class LabScriptError(ValueError):
     """The lab was asked for something it cannot build."""
 
 
-def lab_modules(mode, cut_link=0):
+def lab_modules(mode, cut_link=0, link_rate=None):
     """UML kernel modules the mode needs (the pptp helper only where it is wanted:
     modules are global to the UML kernel)."""
     return (MODULES + (HELPER_MODULES if mode == "nat-helper" else ())
-            + (CUT_MODULES if cut_link else ()))
+            + (CUT_MODULES if cut_link else ()) + (LINK_RATE_MODULES if link_rate else ()))
 
 
 def client_address(i):
@@ -98,6 +99,29 @@ RRP_COMMAND = ('"$PY" -c "from twisted.scripts.twistd import run; run()" -n --lo
 MAX_CALLS_PER_CLIENT = 8
 
 
+LINK_RATE = r"""
+# --link-rate: the NAT's links toward the LRP and toward the RRP (or the server) send at most
+# {mbit} Mbit/s each (tbf, 16 KB burst, a 64 KB queue): a slow path between the two sites,
+# which both paths cross
+for d in nat-lrp nat-rrp; do
+  ns nat tc qdisc add dev $d root tbf rate {mbit}mbit burst 16kb limit 64kb     || echo "LAB-ERROR tc tbf on $d failed"
+done
+echo "LAB-LINK-RATE mbit={mbit}"
+"""
+
+# with --link-rate: c1 pings the server through its tunnel every 0.2 s while the transfer runs
+# (latency under load: what the standing queues add), LAB-PING-LOAD with each reply's time
+PING_LOAD = r"""
+ns c1 busybox ping -I ppp0 -i 0.2 -w 600 192.168.90.1 > /tmp/ping-load 2>&1 &
+PING_LOAD=$!
+"""
+PING_LOAD_END = r"""
+kill $PING_LOAD 2>/dev/null; wait $PING_LOAD 2>/dev/null
+echo "LAB-PING-LOAD $(grep -o 'time=[0-9.]*' /tmp/ping-load | cut -d= -f2 | tr '
+' ' ')"
+"""
+
+
 RMEM = r"""
 # --rmem-default: every socket that sizes no buffer of its own (pptpd's and pptp-linux's GRE
 # sockets) gets this receive buffer, in every namespace (the sysctl is the namespace's own
@@ -111,7 +135,8 @@ echo "LAB-RMEM srv=$(ns srv cat /proc/sys/net/core/rmem_default)"
 
 
 def build_script(mode, clients, transfer_mb=0, connect_timeout=25, python=None, mtu=None,
-                 hangup=False, calls_per_client=1, cut_link=0, proxy_options=(), rmem_default=None):
+                 hangup=False, calls_per_client=1, cut_link=0, proxy_options=(), rmem_default=None,
+                 link_rate=None):
     """The /bin/sh payload for `run_in_uml` that builds the lab and measures it.
 
     `hangup`: after the pings, kill client 1's (first) pppd, check the others still
@@ -122,7 +147,11 @@ def build_script(mode, clients, transfer_mb=0, connect_timeout=25, python=None, 
     `proxy_options`: more options for both daemons (e.g. ``("--gre-capture", "raw")``).
     `rmem_default`: bytes of receive buffer for every socket that sizes none itself
     (pptpd's GRE socket: a busy server's stalls start where it overflows; docs/lab.md).
+    `link_rate`: Mbit/s each way through the NAT (a slow path between the sites); with a
+    transfer, c1 pings the server through its tunnel meanwhile (latency under load).
     """
+    if link_rate is not None and not 0.1 <= link_rate <= 10000:
+        raise LabScriptError(f"--link-rate {link_rate}: must be 0.1..10000 Mbit/s")
     if rmem_default is not None and not 4096 <= rmem_default <= 1 << 30:
         raise LabScriptError(f"--rmem-default {rmem_default}: must be 4096..{1 << 30} bytes")
     if cut_link and mode not in PROXY_MODES:
@@ -147,6 +176,7 @@ def build_script(mode, clients, transfer_mb=0, connect_timeout=25, python=None, 
         NETWORK,
         NAT_RULES[mode],
         RMEM.format(rmem=int(rmem_default)) if rmem_default else "",
+        LINK_RATE.format(mbit=f"{link_rate:g}") if link_rate else "",
         SERVER_SETUP,
     ]
     if mode in PROXY_MODES:
@@ -170,7 +200,9 @@ def build_script(mode, clients, transfer_mb=0, connect_timeout=25, python=None, 
     if cut_link:
         parts.append(CUT_LINK.format(port=RRP_TLS_PORT, seconds=int(cut_link)))
     if transfer_mb:
-        parts.append(TRANSFER.format(mb=int(transfer_mb), port=TRANSFER_PORT, status=STATUS_PORT))
+        parts.append(TRANSFER.format(mb=int(transfer_mb), port=TRANSFER_PORT, status=STATUS_PORT,
+                                     ping_load=PING_LOAD if link_rate else "",
+                                     ping_load_end=PING_LOAD_END if link_rate else ""))
     if cut_link:
         parts.append(CUT_LINK_END.format(seconds=int(cut_link)))
     parts.append(FINISH)
@@ -486,11 +518,12 @@ tcp_counters() {{
 daemon_cpu before
 tcp_counters before
 each_tunnel send_tunnel
-wait_send() {{
+{ping_load}wait_send() {{
   eval "pid=\$SEND_${{i}}_$j"
   [ -n "$pid" ] && wait $pid
 }}
 each_tunnel wait_send
+{ping_load_end}
 daemon_cpu after
 tcp_counters after
 # pptp-linux (--loglevel 1) logs each GRE packet it had to hold for a missing one, or dropped
@@ -627,6 +660,14 @@ def parse_tcp(output):
                                           if v.isdigit()}
     return {ns: {k: seen[("after", ns)][k] - v for k, v in counters.items() if k in seen[("after", ns)]}
             for (when, ns), counters in seen.items() if when == "before" and ("after", ns) in seen}
+
+
+def parse_ping_load(output):
+    """The round-trip times (ms) of c1's pings during the transfer (`--link-rate`), or []."""
+    for line in output.splitlines():
+        if line.startswith("LAB-PING-LOAD"):
+            return [float(t) for t in line.split()[1:] if t.replace(".", "", 1).isdigit()]
+    return []
 
 
 def parse_gre_order(output):

@@ -116,6 +116,24 @@ class ScriptTests(unittest.SynchronousTestCase):
         self.assertNotIn("rmem_default", topology.build_script("nat-helper", 2, transfer_mb=1))
         self.assertRaises(topology.LabScriptError, topology.build_script, "proxy", 1, rmem_default=100)
 
+    def test_link_rate(self):
+        """A slow path between the sites: both of the NAT's links shaped, so both paths (the
+        helper's GRE, the proxy's link) cross it; c1 pings through its tunnel during the
+        transfer; the token bucket's module where modules are loaded; within bounds."""
+        script = topology.build_script("nat-helper", 1, transfer_mb=1, link_rate=10)
+        self.assertIn("for d in nat-lrp nat-rrp; do\n  ns nat tc qdisc add dev $d root tbf rate 10mbit", script)
+        self.assertLess(script.index("tbf rate"), script.index("ns srv pptpd "))
+        self.assertLess(script.index("busybox ping -I ppp0 -i 0.2"), script.index("each_tunnel wait_send"))
+        self.assertLess(script.index("each_tunnel wait_send"), script.index("LAB-PING-LOAD"))
+        plain = topology.build_script("nat-helper", 1, transfer_mb=1)
+        self.assertNotIn("tbf", plain)
+        self.assertNotIn("LAB-PING-LOAD", plain)
+        self.assertIn("sch_tbf", topology.lab_modules("proxy", link_rate=10))
+        self.assertNotIn("sch_tbf", topology.lab_modules("proxy"))
+        self.assertRaises(topology.LabScriptError, topology.build_script, "proxy", 1, link_rate=0)
+        self.assertEqual(topology.parse_ping_load("x\nLAB-PING-LOAD 1.5 30.25 2\n"), [1.5, 30.25, 2.0])
+        self.assertEqual(topology.parse_ping_load("LAB-PING-LOAD \n"), [])
+
     def test_parse_status(self):
         """Each proxy daemon's status after the transfer, read from its own namespace; a
         daemon that did not answer (an empty line) is left out."""
