@@ -4,6 +4,7 @@ Teardown is the UML kernel powering off (every namespace, daemon and tmpfs
 dies with it); a UML that hangs is killed from the host after --timeout.
 """
 import argparse
+import shlex
 import sys
 
 from routeproxy.lab import topology, uml
@@ -167,6 +168,8 @@ def parser():
                    help="the NAT's links send at most this many Mbit/s each way (tc tbf): a "
                         "slow path between the sites; with --transfer-mb, c1 pings through its "
                         "tunnel during the transfer (latency under load) [unlimited]")
+    p.add_argument("--proxy-options", default="", metavar="OPTIONS",
+                   help='more options for both daemons (proxy modes), e.g. "--link-queue-delay 0"')
     p.add_argument("--keep", action="store_true",
                    help="keep the work directory (logs of pppd, pptpd, daemons)")
     p.add_argument("--verbose", "-v", action="store_true", help="print the lab's raw output")
@@ -178,7 +181,8 @@ def main(argv=None):
     try:   # a bad argument is said before asking whether UML can run at all
         topology.build_script(args.mode, args.clients, transfer_mb=args.transfer_mb, mtu=args.mtu,
                               calls_per_client=args.calls_per_client, cut_link=args.cut_link,
-                              rmem_default=args.rmem_default, link_rate=args.link_rate)
+                              rmem_default=args.rmem_default, link_rate=args.link_rate,
+                              proxy_options=shlex.split(args.proxy_options))
     except topology.LabScriptError as e:
         sys.stderr.write(f"routeproxy lab: {e}\n")
         return 2
@@ -191,7 +195,7 @@ def main(argv=None):
                       connect_timeout=args.connect_timeout, timeout=args.timeout, keep=args.keep,
                       mtu=args.mtu, hangup=args.hangup, calls_per_client=args.calls_per_client,
                       cut_link=args.cut_link, rmem_default=args.rmem_default,
-                      link_rate=args.link_rate)
+                      link_rate=args.link_rate, proxy_options=shlex.split(args.proxy_options))
     except topology.LabScriptError as e:
         sys.stderr.write(f"routeproxy lab: {e}\n")
         return 2
