@@ -241,12 +241,14 @@ class MuxConnection:
         self._queueSampler = None
         if self.closed or self._link is None:
             return
+        interval = QueueLimit.IDLE_INTERVAL
         if self.stats.bytesOut != self._sampledBytes:
             self._sampledBytes = self.stats.bytesOut
+            interval = QueueLimit.INTERVAL
             sample = self._link.deliveryRate()
             if sample is not None:
                 self.queueLimit.observe(self.clock.seconds(), *sample, self.config.greWatermark)
-        self._queueSampler = self.clock.callLater(QueueLimit.INTERVAL, self._sampleQueue)
+        self._queueSampler = self.clock.callLater(interval, self._sampleQueue)
 
     def dataReceived(self, data):
         if self.closed:

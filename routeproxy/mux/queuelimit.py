@@ -41,7 +41,8 @@ class QueueLimit:
     """One link's GRE limit from the rate samples it is given (:meth:`observe`, every
     ``INTERVAL`` while the link sends): :meth:`of` the watermark."""
 
-    INTERVAL = 0.1     # s between samples
+    INTERVAL = 0.1     # s between samples while the link sends
+    IDLE_INTERVAL = 0.5   # s between looks while it does not (a daemon may hold many links)
     WINDOW = 0.3       # s of samples the rate is the largest of
     HOLD = 10.0        # s the last rate is kept when no sample comes (the link idle)
     FLOOR = 32768      # bytes: the limit never goes under this (a wake-up's burst)

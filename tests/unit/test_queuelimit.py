@@ -135,11 +135,17 @@ class LinkTests(unittest.SynchronousTestCase):
     def test_asked_only_after_sending(self):
         conn, link, clock = self.connection([(20 * MBIT, False)])
         clock.advance(QueueLimit.INTERVAL)
-        clock.advance(QueueLimit.INTERVAL)   # nothing sent in between
+        clock.advance(QueueLimit.INTERVAL)   # nothing sent in between: a look, no question
         self.assertEqual(link.rateAsked, 1)
         self.gre(conn, 1)
         clock.advance(QueueLimit.INTERVAL)
+        self.assertEqual(link.rateAsked, 1)   # idle, the next look is further off
+        clock.advance(QueueLimit.IDLE_INTERVAL - QueueLimit.INTERVAL)
         self.assertEqual(link.rateAsked, 2)
+        for _ in range(5):   # sending: every INTERVAL
+            self.gre(conn, 1)
+            clock.advance(QueueLimit.INTERVAL)
+        self.assertEqual(link.rateAsked, 7)
 
     def test_off_never_asks(self):
         conn, link, clock = self.connection([(1 * MBIT, False)], linkQueueDelay=0.0)
