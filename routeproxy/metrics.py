@@ -111,6 +111,13 @@ def families(snap):
                               else l["rtt_smoothed_ms"] / 1000.0) for p, l in links])
     yield _family("gauge", "routeproxy_link_sessions", "Mux sessions open on the link.",
                   ["peer"], [((p,), l.get("sessions", 0)) for p, l in links])
+    yield _family("gauge", "routeproxy_link_gre_limit_bytes",
+                  "Unsent link bytes above which GRE is dropped: the GRE watermark, lowered on a "
+                  "slow link to --link-queue-delay of its delivery rate.",
+                  ["peer"], [((p,), (l.get("send_queue") or {}).get("limit")) for p, l in links])
+    yield _family("gauge", "routeproxy_link_delivery_rate_bytes",
+                  "The link's TCP delivery rate as its GRE limit takes it, bytes/s (absent: not known).",
+                  ["peer"], [((p,), (l.get("send_queue") or {}).get("delivery_rate")) for p, l in links])
     yield _family("counter", "routeproxy_link_frames", "Mux frames on the link, by direction.",
                   ["peer", "direction"], [((p, d), l.get(f"frames_{d}", 0))
                                           for p, l in links for d in ("in", "out")])

@@ -187,6 +187,8 @@ class MetricsTests(unittest.TestCase):
         self.assertGreater(metric(samples, "routeproxy_control_bytes_total", direction="in"), 0)
         self.assertGreater(metric(samples, "routeproxy_link_bytes_total", peer="peer", direction="out"), 0)
         self.assertEqual(metric(samples, "routeproxy_sessions_ended_total"), 0)
+        self.assertEqual(metric(samples, "routeproxy_link_gre_limit_bytes", peer="peer"),
+                         self.lab.lrp.link.config.greWatermark)   # no slow path here
 
     def test_rtt(self):
         link = self.lab.lrp.link
