@@ -148,8 +148,10 @@ def main(argv=None):
         reason = uml.uml_available()
         missing = missing_options(args.dest)
         if missing and (reason is None or "cannot boot" in reason):
-            print(f"{args.dest}/linux was built without {', '.join(missing)}: building it again "
-                  "(~10 minutes on 2 cores)", flush=True)
+            without = ("says nothing of what it was built with" if missing == OPTIONS
+                       else f"was built without {', '.join(missing)}")
+            print(f"{args.dest}/linux {without}: building it again (~10 minutes on 2 cores)",
+                  flush=True)
         elif reason is None or "cannot boot" not in reason:
             return 0  # it boots, or something else is missing (apt-get says which)
         else:
