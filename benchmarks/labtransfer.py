@@ -42,7 +42,7 @@ def rtt_of(run):
 def gre_of(run):
     """The LRP's GRE port after the transfer, in a few words: what it captured, what its native
     pump took in C and handed back to Python, and the fragments among them ("" without status);
-    and what either daemon's link receive gate dropped, if anything."""
+    and what either daemon's link receive gate dropped, or its mux did not send, if anything."""
     status = getattr(run, "status", {})
     port = (status.get("lrp") or {}).get("gre_port")
     if not port:
@@ -51,11 +51,14 @@ def gre_of(run):
     dropped = {k: v for k, v in (port.get("dropped") or {}).items() if v}
     aged = {d: s["gre_port"]["native_link"]["sojourn_dropped"] for d, s in sorted(status.items())
             if ((s.get("gre_port") or {}).get("native_link") or {}).get("sojourn_dropped")}
+    unsent = {d: link["gre_dropped"] for d, s in sorted(status.items())
+              for link in s.get("links") or () if link.get("gre_dropped")}
     return (f"; LRP GRE captured {port.get('received', 0)}, fragments {port.get('fragments', 0)}"
             + (f", in C {native.get('framed', 0)}, handed back {native.get('handed_back', 0)}"
                if native else "")
             + (f", dropped {dropped}" if dropped else "")
-            + (f"; link gate dropped {aged}" if aged else ""))
+            + (f"; link gate dropped {aged}" if aged else "")
+            + (f"; the mux did not send {unsent}" if unsent else ""))
 
 
 def tcp_of(run):

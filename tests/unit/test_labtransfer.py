@@ -35,6 +35,9 @@ class ReadingTests(unittest.SynchronousTestCase):
         self.assertEqual(gre_of(run), "; LRP GRE captured 10, fragments 0")
         run.status["rrp"] = {"gre_port": {"native_link": {"sojourn_dropped": 4}}}
         self.assertEqual(gre_of(run), "; LRP GRE captured 10, fragments 0; link gate dropped {'rrp': 4}")
+        run.status["lrp"]["links"] = [{"gre_dropped": {"watermark": 3}}, {"gre_dropped": {}}]
+        self.assertEqual(gre_of(run), "; LRP GRE captured 10, fragments 0; link gate dropped {'rrp': 4}"
+                                      "; the mux did not send {'lrp': {'watermark': 3}}")
         run.status = {}
         self.assertEqual(gre_of(run), "")
 
