@@ -178,6 +178,7 @@ class MuxConnection:
         self._stalledSince = None
         # the GRE limit from the link's delivery rate, sampled while the link sends
         self.queueLimit = QueueLimit(self.config.linkQueueDelay)
+        self._lowered = None   # greLimit when under the watermark (the per-packet check's copy)
         self._queueSampler = None
         self._sampledBytes = 0
         self._lastLeft = 0
@@ -248,6 +249,8 @@ class MuxConnection:
             sample = self._link.deliveryRate()
             if sample is not None:
                 self.queueLimit.observe(self.clock.seconds(), *sample, self.config.greWatermark)
+                limit = self.greLimit
+                self._lowered = limit if limit < self.config.greWatermark else None
         self._queueSampler = self.clock.callLater(interval, self._sampleQueue)
 
     def dataReceived(self, data):
@@ -464,7 +467,8 @@ class MuxConnection:
         elif len(payload) + 10 > self.maxOutPayload:
             reason = "too_large"
         elif self._pendingBytes + (self._unsent if self._unsent is not None else
-                                   self._turnUnsent()) >= self.greLimit \
+                                   self._turnUnsent()) >= (self.config.greWatermark if self._lowered is None
+                                                           else self._lowered) \
                 and not self._roomAfterAsking():
             reason = "watermark"
             if not self._inBatch and self._flushCall is None:
