@@ -104,7 +104,8 @@ LINK_RATE = r"""
 # {mbit} Mbit/s each (tbf, 16 KB burst, a 64 KB queue): a slow path between the two sites,
 # which both paths cross
 for d in nat-lrp nat-rrp; do
-  ns nat tc qdisc add dev $d root tbf rate {mbit}mbit burst 16kb limit 64kb     || echo "LAB-ERROR tc tbf on $d failed"
+  ns nat tc qdisc add dev $d root tbf rate {mbit}mbit burst 16kb limit 64kb \
+    || echo "LAB-ERROR tc tbf on $d failed"
 done
 echo "LAB-LINK-RATE mbit={mbit}"
 """
@@ -117,8 +118,7 @@ PING_LOAD=$!
 """
 PING_LOAD_END = r"""
 kill $PING_LOAD 2>/dev/null; wait $PING_LOAD 2>/dev/null
-echo "LAB-PING-LOAD $(grep -o 'time=[0-9.]*' /tmp/ping-load | cut -d= -f2 | tr '
-' ' ')"
+echo "LAB-PING-LOAD $(grep -o 'time=[0-9.]*' /tmp/ping-load | cut -d= -f2 | tr '\n' ' ')"
 """
 
 

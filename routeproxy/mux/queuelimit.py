@@ -71,14 +71,13 @@ class QueueLimit:
         recent = self._recent
         while recent and now - recent[0][0] > self.WINDOW:
             recent.popleft()
-        if rate > 0 and not appLimited:
+        busy = rate > 0 and not appLimited
+        if busy:
             self._busyAt = now
-        elif rate > 0 and (self.rate is None or rate > self.rate) and (
-                self._busyAt is None or now - self._busyAt > self.HOLD):
-            pass   # idle, and higher than any figure a busy sample left in force
-        else:
-            rate = 0
-        if rate > 0:
+        # idle: taken only when higher, and no busy sample's figure is in force
+        raises = (rate > 0 and appLimited and (self.rate is None or rate > self.rate)
+                  and (self._busyAt is None or now - self._busyAt > self.HOLD))
+        if busy or raises:
             recent.append((now, rate))
             self._lastAt = now
         if recent:
