@@ -126,6 +126,24 @@ class LinkTests(unittest.SynchronousTestCase):
         self.assertEqual((status["limit"], status["delivery_rate"], status["lowered"]),
                          (QueueLimit.FLOOR, 20 * 125000, 1))
 
+    def test_an_honest_session_beside_a_flood(self):
+        """The limit is the link's, as the watermark was: while a flood holds the slow link's
+        queue at the limit an honest session's frame is dropped too, counted; nothing closes,
+        and once the queue drains the honest frame goes."""
+        conn, link, clock = self.connection([(20 * MBIT, False)])
+        clock.advance(QueueLimit.INTERVAL)
+        flood = [conn._queueGRE(1, 7, i, None, bytes(1000)) for i in range(100)]
+        honest = conn._queueGRE(2, 8, 0, None, bytes(100))
+        conn.flush()
+        self.assertFalse(honest)
+        self.assertEqual(conn.stats.greDropped["watermark"], flood.count(False) + 1)
+        link.buffered = 0   # the path drains what the link held
+        clock.advance(QueueLimit.INTERVAL)
+        self.assertTrue(conn._queueGRE(2, 8, 1, None, bytes(100)))
+        conn.flush()
+        self.assertFalse(conn.closed)
+        self.assertFalse(link.aborted)
+
     def test_fast_link_keeps_the_watermark(self):
         conn, link, clock = self.connection([(1000 * MBIT, False)])
         clock.advance(QueueLimit.INTERVAL)
