@@ -26,7 +26,6 @@ own buffer, written to its own connection), up to ``RP_MAX_LINKS`` links: an ent
 beyond them stays in Python (its GRE is handed back) until an index is free.
 """
 import dataclasses
-import time
 
 from twisted.logger import Logger
 
@@ -521,7 +520,7 @@ class LinkReader:
         lib, info, connection = self._lib, self._info, self.connection
         flags = lib.rp_link_read(self.state, tlsIn, recv, bool(connection._control or connection._gre),
                                  connection._decoder.maxPayload, self._out, self._outLength, info,
-                                 time.time())
+                                 0.0)   # (C reads the clock if the gate needs it)
         self._fold()
         if flags & lib.RP_READ_NO_MEMORY:
             raise MemoryError("rp_link_read")

@@ -232,6 +232,7 @@ class GREPort(abstract.FileDescriptor):
         self._wallClock = wallClock  # the capture's timestamps are wall-clock time
         self._dropBefore = 0.0  # captured before this: dropped (set per wake-up by the gate)
         self._head = 0.0  # capture time of the last packet read
+        self._emptied = False  # this wake-up emptied the capture (the gate: no queue stands)
         self._lastCopy, self._lastFrame = None, b""  # the packet before, for duplicates
         self._sources = {}  # packed -> str cache for greReceived's src
         self._senders = {}  # local source address -> bound raw socket
@@ -406,6 +407,7 @@ class GREPort(abstract.FileDescriptor):
             now = self._wallClock() if resumed is None else resumed[0]
             self._dropBefore = gate.drop_before(now)
             self._head = 0.0 if resumed is None else resumed[1]
+        self._emptied = False
         read, handle = self._capture.read, self._frameReceived
         drained = self._capture.drainsOnShortRead
         self._reading = True  # a receiver may stop the port from inside greReceived
@@ -427,13 +429,14 @@ class GREPort(abstract.FileDescriptor):
                 except OSError as e:
                     return e  # the reactor stops reading and calls connectionLost
                 if n <= 0 or (n < budget and drained):
+                    self._emptied = True
                     break  # empty: asking again would cost a call (and pcap a poll())
                 budget -= n
         finally:
             self._reading = False
             self._readTime = None
-            if gate is not None:
-                gate.observe(now, self._head)
+            if gate is not None:   # an emptied capture stands no more (CoDel): young
+                gate.observe(now, now if self._emptied and self._head else self._head)
             if not self.connected:
                 self._closeCapture()
             try:
@@ -461,6 +464,7 @@ class GREPort(abstract.FileDescriptor):
             if back is not None:
                 self._handBack(back)
             elif n < budget:
+                self._emptied = True
                 break
             budget -= n
 

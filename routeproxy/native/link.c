@@ -458,6 +458,14 @@ static double received_at(struct msghdr *m) {
     return 0.0;
 }
 
+/* Where a clock read is a system call (UML; a VM whose clocksource has no vDSO), one per
+ * wake-up is a quarter of a wake-up's calls: read only when the gate needs it. */
+static double wall_clock(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
 void rp_link_set_gate(struct rp_link *l, double target, double interval) {
     rp_gate_init(&l->gate, target, interval);
 }
@@ -485,8 +493,17 @@ int rp_link_read(struct rp_link *l, struct rp_tls_in *t, int do_recv, int first_
             n = recvmsg(t->fd, &m, MSG_DONTWAIT);
         } while (n < 0 && errno == EINTR);
         l->received_at = n > 0 ? received_at(&m) : 0.0;
-        l->drop_before = l->gate.target > 0.0 && l->received_at > 0.0
-                         ? rp_gate_drop_before(&l->gate, now) : 0.0;
+        if (l->gate.target > 0.0 && l->received_at > 0.0) {
+            if ((size_t)n < t->recv_size && !l->gate.dropping)
+                now = l->received_at;   /* it emptied the queue: nothing stands (CoDel) */
+            else if (now <= 0.0) {
+                now = wall_clock();
+                info->clock_read = 1;
+            }
+            l->drop_before = rp_gate_drop_before(&l->gate, now);
+        } else {
+            l->drop_before = 0.0;
+        }
         if (n == 0)
             return RP_READ_EOF;
         if (n < 0) {
@@ -526,7 +543,7 @@ int rp_link_read(struct rp_link *l, struct rp_tls_in *t, int do_recv, int first_
         break;
     }
     flush();   /* the GRE of every record read, before Python has anything of this call */
-    if (do_recv && l->gate.target > 0.0)
+    if (do_recv && l->gate.target > 0.0 && l->received_at > 0.0)
         rp_gate_observe(&l->gate, now, l->received_at);
     char *pending;
     if (t->bio_get_mem_data(t->write_bio, &pending) > 0)

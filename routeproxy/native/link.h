@@ -71,6 +71,7 @@ struct rp_read_info {
     int error;            /* recv()'s errno, with RP_READ_SOCKET_ERROR */
     double received_at;   /* the kernel's receive time of the last bytes the wake-up's recv()
                            * took (SO_TIMESTAMPNS, wall clock); 0: unknown */
+    int clock_read;       /* 1: the read asked the clock (the gate needed it) */
 };
 
 struct rp_tls_in;
@@ -78,8 +79,8 @@ struct rp_tls_in *rp_tls_in_new(uintptr_t ssl, uintptr_t read_bio, uintptr_t wri
                                 uintptr_t ssl_read, uintptr_t ssl_get_error, uintptr_t bio_write,
                                 uintptr_t bio_get_mem_data, int fd, size_t recv_size);
 void rp_tls_in_free(struct rp_tls_in *t);
-/* One wake-up (do_recv 1, at wall-clock time now) or its continuation after RP_READ_AGAIN
- * (do_recv 0): RP_READ_*
+/* One wake-up (do_recv 1, at wall-clock time now, or 0: the clock is read here when the
+ * gate needs it) or its continuation after RP_READ_AGAIN (do_recv 0): RP_READ_*
  * flags.  *out (valid until the next call on l) as rp_link_feed's.  With first_record it
  * also returns (RP_READ_AGAIN) after the first record that gives plaintext: Python has
  * output of its own queued, which Twisted's read would write before the next record. */
@@ -87,7 +88,8 @@ int rp_link_read(struct rp_link *l, struct rp_tls_in *t, int do_recv, int first_
                  uint32_t max_payload, const uint8_t **out, size_t *out_length,
                  struct rp_read_info *info, double now);
 /* The link's sojourn gate (sojourn.h; docs/gre-io.md): a read's age is now minus the
- * receive time of its bytes (info->received_at: the socket needs SO_TIMESTAMPNS); once reads
+ * receive time of its bytes (info->received_at: the socket needs SO_TIMESTAMPNS), and a read
+ * that emptied the socket's queue is young (CoDel: an empty queue stands no more); once reads
  * stay older than target for an interval, GRE frames C would send are dropped instead (the
  * entries' aged), as CoDel's control law says.  Target 0 (the default): no gate. */
 void rp_link_set_gate(struct rp_link *l, double target, double interval);

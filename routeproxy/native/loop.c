@@ -13,7 +13,9 @@
 #include <math.h>
 #include <sys/epoll.h>
 #include <sys/ioctl.h>
+#include <sys/timerfd.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "loop.h"
 
@@ -27,10 +29,10 @@ static double loop_clock_seconds(clockid_t id)
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
-/* One clock read per poll: the wall clock (the capture's receive times, the link's last
- * read) is the monotonic reading plus an offset taken again every 100 ms, so a step of the
- * wall clock is followed within that; where a clock read is a system call (UML: ~17 us) this
- * halves the loop's calls. */
+/* Without the deadline's timer (rp_loop_timer_open failed), one clock read per poll: the
+ * wall clock (the capture's receive times, the link's last read) is the monotonic reading
+ * plus an offset taken again every 100 ms, so a step of the wall clock is followed within
+ * that; where a clock read is a system call (UML: ~17 us) this halves the loop's calls. */
 #define LOOP_OFFSET_AGE 0.1
 static double loop_wall_offset;
 static double loop_wall_offset_at = -1.0;
@@ -43,6 +45,86 @@ static double loop_wall(double mono)
         loop_wall_offset_at = mono;
     }
     return mono + loop_wall_offset;
+}
+
+/* The wake-up's wall clock, read at most once and only when the wake-up needs the time: the
+ * gate's age of a read that did not empty the capture, a hand-back to Python.  Where a clock
+ * read is a system call (UML: ~17 us; a VM whose clocksource has no vDSO) one per wake-up was
+ * a quarter of a wake-up's calls (epoll_wait, the clock, the read, the send). */
+static double loop_now(struct rp_loop *l)
+{
+    if (!l->clock_known) {
+        l->clock = loop_clock_seconds(CLOCK_REALTIME);
+        l->clock_known = 1;
+        l->stats.clock_reads++;
+    }
+    return l->clock;
+}
+
+int rp_loop_timer_open(struct rp_loop *l)
+{
+    struct epoll_event event;
+    int fd;
+
+    if (l->timer_fd >= 0)
+        return 0;
+    fd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    memset(&event, 0, sizeof event);
+    event.events = EPOLLIN | EPOLLET;
+    event.data.fd = fd;
+    if (epoll_ctl(l->epfd, EPOLL_CTL_ADD, fd, &event) < 0) {
+        int error = errno;
+        close(fd);
+        return -error;
+    }
+    l->timer_fd = fd;
+    l->timer_armed = 0;
+    return 0;
+}
+
+void rp_loop_timer_close(struct rp_loop *l)
+{
+    if (l->timer_fd < 0)
+        return;
+    epoll_ctl(l->epfd, EPOLL_CTL_DEL, l->timer_fd, NULL);
+    close(l->timer_fd);
+    l->timer_fd = -1;
+    l->timer_armed = 0;
+}
+
+/* The run's deadline: *timeout* s from now, rounded up to the millisecond as Python's
+ * epoll.poll rounds (< 0: none).  -1 when the timer cannot be set: the run reads the clock. */
+static int loop_timer_arm(struct rp_loop *l, double timeout)
+{
+    struct itimerspec value;
+
+    memset(&value, 0, sizeof value);
+    if (timeout < 0) {
+        if (!l->timer_armed)
+            return 0;
+    } else {
+        long ms = (long)ceil(timeout * 1000.0);
+        value.it_value.tv_sec = ms / 1000;
+        value.it_value.tv_nsec = (ms % 1000) * 1000000L;
+    }
+    if (timerfd_settime(l->timer_fd, 0, &value, NULL) < 0)
+        return -1;
+    l->timer_armed = timeout >= 0;
+    return 0;
+}
+
+/* The timer's event: whether this run's deadline passed.  Setting the timer resets its count,
+ * so an edge left by an earlier run's expiry (Twisted's poll ignores the fd) reads nothing. */
+static int loop_timer_due(struct rp_loop *l)
+{
+    uint64_t expirations;
+
+    if (read(l->timer_fd, &expirations, sizeof expirations) != (ssize_t)sizeof expirations)
+        return 0;
+    l->timer_armed = 0;
+    return 1;
 }
 
 /* kernelUnsent: what MuxProtocol.sendBufferSize adds to Twisted's buffer (empty here) */
@@ -149,16 +231,18 @@ static int loop_flush(struct rp_loop *l)
     return 0;
 }
 
-/* One capture wake-up (GREPort.doRead with _pump): 0 when it ended here, else a result. */
-static int loop_capture_read(struct rp_loop *l, double now)
+/* One capture wake-up (GREPort.doRead with _pump): 0 when it ended here, else a result.  A
+ * wake-up that emptied the capture has no standing queue (CoDel): its head counts as young,
+ * and the clock is not read. */
+static int loop_capture_read(struct rp_loop *l)
 {
     struct rp_loop_turn *t = &l->turn;
     int budget = l->budget;
+    int emptied = 0;
 
     l->stats.reads++;
     memset(t, 0, sizeof *t);
     t->unsent = -1;
-    t->now = now;
     while (budget > 0) {
         uint64_t delivered = rp_pump_delivered(l->pump);
         double head;
@@ -181,50 +265,69 @@ static int loop_capture_read(struct rp_loop *l, double now)
             if (t->back == NULL && n < budget)
                 budget = n;   /* _pump breaks after this call */
             t->budget = budget - n;
+            t->now = loop_now(l);
             return RP_LOOP_CAPTURE;
         }
         if (rp_pump_head(l->pump, &head)) {
             t->has_head = 1;
             t->head = head;
         }
-        if (n < budget)
+        if (n < budget) {
+            emptied = 1;
             break;
+        }
         budget -= n;
     }
-    if (loop_flush(l) < 0)
+    if (loop_flush(l) < 0) {
+        t->now = loop_now(l);
+        if (emptied && t->has_head)
+            t->head = t->now;   /* Python observes it: young, as here */
         return RP_LOOP_SLOW_PEER;
-    if (l->gate && t->has_head && t->now - t->head >= l->target)
+    }
+    if (l->gate && t->has_head && !emptied && loop_now(l) - t->head >= l->target) {
+        t->now = l->clock;
         return RP_LOOP_GATE;
+    }
     return 0;
 }
 
 /* One readable wake-up of the link's socket (NativeTLSReader.doRead's first rp_link_read):
  * 0 when it only sent GRE (and took plaintext), else RP_LOOP_LINK. */
-static int loop_link_read(struct rp_loop *l, double now)
+static int loop_link_read(struct rp_loop *l)
 {
     struct rp_loop_read *r = &l->read;
     r->flags = rp_link_read(r->link, r->tls, 1, 0, r->max_payload, &r->out, &r->out_length,
-                            &r->info, now);
+                            &r->info, l->clock_known ? l->clock : 0.0);
+    l->stats.clock_reads += (uint64_t)r->info.clock_read;
     if (r->flags || r->out_length)
         return RP_LOOP_LINK;
     l->stats.link_reads++;
     l->stats.plaintext += r->info.plaintext;
-    l->stats.last_read = now;
+    /* when its bytes arrived (the gate's stamps), else now */
+    l->stats.last_read = r->info.received_at > 0.0 ? r->info.received_at : loop_now(l);
     return 0;
 }
 
 int rp_loop_run(struct rp_loop *l, double timeout)
 {
     struct epoll_event events[LOOP_EVENTS];
-    double mono = loop_clock_seconds(CLOCK_MONOTONIC);
-    double deadline = mono + (timeout < 0 ? 0.0 : timeout);
+    int timed = l->timer_fd >= 0;
+    double mono = 0.0, deadline = 0.0;
 
+    if (timeout == 0.0)
+        return RP_LOOP_TIMEOUT;
+    if (timed && loop_timer_arm(l, timeout) < 0)
+        timed = 0;
+    if (!timed) {
+        mono = loop_clock_seconds(CLOCK_MONOTONIC);
+        l->stats.clock_reads++;
+        deadline = mono + (timeout < 0 ? 0.0 : timeout);
+    }
     for (;;) {
-        int wait_ms = -1;
+        int wait_ms = -1, due = 0;
         int n, i, result;
-        double now;
 
-        if (timeout >= 0) {
+        if (!timed && timeout >= 0) {
             double left = deadline - mono;
             if (left <= 0)
                 return RP_LOOP_TIMEOUT;
@@ -240,18 +343,31 @@ int rp_loop_run(struct rp_loop *l, double timeout)
         }
         if (n == 0)
             return RP_LOOP_TIMEOUT;
-        for (i = 0; i < n; i++)
+        for (i = 0; i < n; i++) {
+            if (events[i].data.fd == l->timer_fd) {
+                due = timed && loop_timer_due(l);
+                continue;
+            }
             if (events[i].events != EPOLLIN
                 || (events[i].data.fd != l->capture_fd && events[i].data.fd != l->read.fd))
                 return RP_LOOP_OTHER;   /* before any is handled: Twisted polls again */
-        mono = loop_clock_seconds(CLOCK_MONOTONIC);   /* the wake-up's time, and the next
-                                                         * poll's: the reads here are short */
-        now = loop_wall(mono);
+        }
+        l->clock_known = 0;
+        if (!timed) {   /* the wake-up's time, and the next poll's: the reads here are short */
+            mono = loop_clock_seconds(CLOCK_MONOTONIC);
+            l->stats.clock_reads++;
+            l->clock = loop_wall(mono);
+            l->clock_known = 1;
+        }
         for (i = 0; i < n; i++) {   /* in the order Twisted would dispatch them */
-            result = events[i].data.fd == l->capture_fd ? loop_capture_read(l, now)
-                                                        : loop_link_read(l, now);
+            if (events[i].data.fd == l->timer_fd)
+                continue;
+            result = events[i].data.fd == l->capture_fd ? loop_capture_read(l)
+                                                        : loop_link_read(l);
             if (result)
                 return result;
         }
+        if (due)
+            return RP_LOOP_TIMEOUT;
     }
 }

@@ -93,6 +93,7 @@ struct rp_loop_stats {
     uint64_t link_reads;    /* link socket wake-ups read in C (NativeTLSReader.reads) */
     uint64_t plaintext;     /* their plaintext bytes (MuxStats.bytesIn) */
     double last_read;       /* the wall-clock time of the last (MuxConnection._lastReceived) */
+    uint64_t clock_reads;   /* clock reads: only where a wake-up needs the time */
 };
 
 struct rp_loop {
@@ -108,7 +109,17 @@ struct rp_loop {
     struct rp_loop_read read;
     struct rp_loop_turn turn;
     struct rp_loop_stats stats;
+    int timer_fd;           /* the deadline's timerfd in epfd (rp_loop_timer_open); -1: none,
+                             * the clock is read at every wake-up for the deadline instead */
+    int timer_armed;
+    int clock_known;        /* the wake-up's wall clock was read: clock */
+    double clock;
 };
 
 /* Until something needs Python (the results above); timeout in seconds, < 0: none. */
 int rp_loop_run(struct rp_loop *l, double timeout);
+/* The run's deadline as a timerfd in epfd (edge-triggered: Twisted's own poll, which ignores
+ * fds it does not know, meets a late expiry once): a wake-up then needs no clock read to know
+ * whether the reactor's timers are due.  0, or -errno (timer_fd stays -1). */
+int rp_loop_timer_open(struct rp_loop *l);
+void rp_loop_timer_close(struct rp_loop *l);

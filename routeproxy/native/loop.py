@@ -34,11 +34,14 @@ class CaptureLoop:
         self._module = module
         self.reactor, self.port = reactor, port
         self.state = self._ffi.new("struct rp_loop *")
+        self.state.timer_fd = -1  # opened at the first run, in the running reactor's epoll
+        self._timerTried = False
         self._tls = None          # the NativeTLSReader whose reads C makes in this run
         self._poll = None         # the reactor's own doIteration
         self.runs = 0             # rp_loop_run calls, and their results (the status)
         self.wakeUps = 0          # capture wake-ups handled in C
         self.linkReads = 0        # link socket wake-ups read in C
+        self.clockReads = 0       # C's clock reads (a wake-up needs none in the common case)
         self.results = {}
         self._names = {getattr(self._lib, name): name[8:].lower() for name in dir(self._lib)
                        if name.startswith("RP_LOOP_")}
@@ -65,6 +68,8 @@ class CaptureLoop:
             del self.reactor.doIteration
             self._poll = None
             self.port.loop = None
+        self._lib.rp_loop_timer_close(self.state)
+        self._timerTried = False
 
     def doIteration(self, timeout):
         """The reactor's iteration: in C while only native fds are ready, else Twisted's."""
@@ -72,6 +77,9 @@ class CaptureLoop:
         if link is False:
             return self._poll(timeout)
         state, lib = self.state, self._lib
+        if not self._timerTried:   # (usable() set the epoll fd; without a timer C reads the
+            self._timerTried = True   # clock at every wake-up for the deadline instead)
+            lib.rp_loop_timer_open(state)
         result = lib.rp_loop_run(state, -1.0 if timeout is None else timeout)
         self.runs += 1
         self.results[result] = self.results.get(result, 0) + 1
@@ -182,6 +190,7 @@ class CaptureLoop:
                 tls.mux._lastReceived = stats.last_read
         port.stats.reads += stats.reads
         self.wakeUps += stats.reads
+        self.clockReads += stats.clock_reads
         flows._calls, flows._sweepAt = k.calls, k.sweep_at
         if link is not None:
             index, connection, _ = link
@@ -253,6 +262,7 @@ class CaptureLoop:
 
     def snapshot(self):
         return {"runs": self.runs, "wake_ups": self.wakeUps, "link_reads": self.linkReads,
+                "clock_reads": self.clockReads, "timer": self.state.timer_fd >= 0,
                 "results": {self._names.get(r, str(r)): n for r, n in sorted(self.results.items())}}
 
 

@@ -50,8 +50,10 @@ class MemoryPortTests(unittest.SynchronousTestCase):
             self.assertEqual(self.receiver.packets, [(SENDER, RECEIVER, gre)], datalink)
 
     def sojournRound(self, port, now, clock, age, count=1):
-        """One wake-up at *now* reading *count* packets captured *age* seconds ago."""
+        """One wake-up at *now* reading *count* packets captured *age* seconds ago, a full
+        read (the queue may stand behind it: a read that empties the capture is young)."""
         clock[0] = now
+        port.maxPacketsPerRead = count
         self.capture.timestamp = now - age
         self.sent = getattr(self, "sent", 0) + count  # distinct packets: equal ones are copies
         self.feed(*[frame(DLT_EN10MB, ipv4(SENDER, RECEIVER, enhanced_gre(7, b"%d" % (self.sent - i))))
@@ -90,6 +92,20 @@ class MemoryPortTests(unittest.SynchronousTestCase):
         self.sojournRound(port, 1000.63, clock, 0.050, 4)
         self.assertEqual(port.stats.dropped, {"sojourn": 10})
         self.assertEqual(len(self.receiver.packets), 244 - 10 + 2 + 4)
+
+    def test_a_wake_up_that_empties_the_capture_is_young(self):
+        """Old packets, but each wake-up reads them all: no queue stands (RFC 8289 treats
+        a queue left empty as under the target), so nothing is dropped however long."""
+        clock = [1000.0]
+        port = self.port(maxSojourn=0.005, sojournInterval=0.1, wallClock=lambda: clock[0])
+        for step in range(61):   # a wake-up every 10 ms for 600 ms, 4 packets 50 ms old each
+            clock[0] = 1000.0 + step * 0.01
+            self.capture.timestamp = clock[0] - 0.050
+            self.feed(*[frame(DLT_EN10MB, ipv4(SENDER, RECEIVER, enhanced_gre(7, b"%d-%d" % (step, i))))
+                        for i in range(4)])
+            port.doRead()   # (the budget, 128, is larger: the capture is left empty)
+        self.assertEqual((len(self.receiver.packets), port.stats.dropped), (244, {}))
+        self.assertEqual((port._gate.dropping, port._gate.above_since), (False, None))
 
     def test_past_the_ceiling_a_standing_queue_loses_every_old_packet(self):
         """A flood that does not slow down: while dropping, every packet that waited longer

@@ -401,6 +401,43 @@ class StreamTests(LoopTestCase):
         self.assertGreater(self.port.flows.written, 1000)
 
     @defer.inlineCallbacks
+    def test_wakeUpsReadNoClock(self):
+        """Wake-ups that empty the capture ask no clock (a system call where the clock has no
+        vDSO, as in UML): the reactor's deadline is a timer in its epoll, and the gate's age
+        is asked only of a read that may leave a queue behind."""
+        skipUnlessUsable()
+        yield self.start("loop", maxSojourn=0.005)
+        self.farEndInThread()
+        self.stream(1.0, rate=2000)
+        yield task.deferLater(reactor, 1.1, lambda: None)
+        snapshot = self.loop.snapshot()
+        self.assertTrue(snapshot["timer"])
+        self.assertGreater(snapshot["wake_ups"], 500)
+        self.assertLess(snapshot["clock_reads"], snapshot["wake_ups"] / 10, snapshot)
+        self.assertGreater(self.port.flows.written, 1500)
+
+    @defer.inlineCallbacks
+    def test_withoutTheTimerTheClockPerWakeUp(self):
+        """Where the timer cannot be had, the deadline is the clock's again, read per wake-up,
+        and timers still run on time."""
+        skipUnlessUsable()
+        yield self.start("loop")
+        self.loop.uninstall()   # (closes the timer)
+        self.loop._timerTried = True   # as if rp_loop_timer_open had failed
+        self.loop.install()
+        self.farEndInThread()
+        self.stream(1.0, rate=2000)
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        due = time.monotonic() + 0.05
+        late = []
+        yield task.deferLater(reactor, 0.05, lambda: late.append(time.monotonic() - due))
+        yield task.deferLater(reactor, 0.9, lambda: None)
+        snapshot = self.loop.snapshot()
+        self.assertFalse(snapshot["timer"])
+        self.assertLess(late[0], 0.02)
+        self.assertGreaterEqual(snapshot["clock_reads"], snapshot["wake_ups"], snapshot)
+
+    @defer.inlineCallbacks
     def test_otherFdPromptly(self):
         """A UDP datagram arriving while GRE streams is dispatched at once (C returns on a
         fd it does not handle)."""
@@ -463,8 +500,10 @@ class GateTests(LoopTestCase):
         yield task.deferLater(reactor, 0.05, lambda: None)
         self.assertIsNone(gate.above_since)
         self.assertGreater(self.loop.wakeUps, 0)
-        # a head 10 ms old: C hands the wake-up's end to gate.observe, which starts counting
+        # a head 10 ms old, of a full read (a queue may stand behind it): C hands the
+        # wake-up's end to gate.observe, which starts counting
         self.loop.uninstall()
+        self.port.maxPacketsPerRead = 1
         self.port.stopReading()
         self.send([ipv4(CLIENT, LOCAL, greData(KEY, 1))])
         time.sleep(0.01)
@@ -474,6 +513,29 @@ class GateTests(LoopTestCase):
         yield task.deferLater(reactor, 0.05, lambda: None)
         self.assertEqual(self.loop.results.get(MODULE.lib.RP_LOOP_GATE, 0), gates + 1)
         self.assertIsNotNone(gate.above_since)
+        yield self.settle(2)
+        self.assertEqual([seq for seq, _ in self.far.gre()], [0, 1])
+
+    @defer.inlineCallbacks
+    def test_oldHeadOfAnEmptiedCaptureIsYoung(self):
+        """The same old head, read by a wake-up that emptied the capture: no queue stands
+        (RFC 8289), C goes on and asks no clock for it."""
+        skipUnlessUsable()
+        yield self.start("loop", maxSojourn=0.005)
+        gate = self.port._gate
+        self.send([ipv4(CLIENT, LOCAL, greData(KEY, 0))])
+        yield task.deferLater(reactor, 0.05, lambda: None)
+        self.loop.uninstall()
+        self.port.stopReading()
+        self.send([ipv4(CLIENT, LOCAL, greData(KEY, 1))])
+        time.sleep(0.01)
+        self.port.startReading()
+        self.loop.install()
+        gates, clocks = self.loop.results.get(MODULE.lib.RP_LOOP_GATE, 0), self.loop.clockReads
+        yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(self.loop.results.get(MODULE.lib.RP_LOOP_GATE, 0), gates)
+        self.assertIsNone(gate.above_since)
+        self.assertEqual(self.loop.clockReads, clocks)
         yield self.settle(2)
         self.assertEqual([seq for seq, _ in self.far.gre()], [0, 1])
 

@@ -19,10 +19,12 @@ from routeproxy.flows import Flow
 from routeproxy.mux import frames as F
 from routeproxy.mux.session import OPEN
 from routeproxy.relay import RelaySession
+from routeproxy import sojourn
+from routeproxy.mux.linksocket import bufferingTransport
 from routeproxy.sojourn import SojournGate
 from tests.support.native import requireNative
 from tests.unit import test_native_loop as loopTests
-from tests.unit.test_native_tlsread import KEY, SID, TAG, Run, TLSReadTests
+from tests.unit.test_native_tlsread import KEY, SID, TAG, Run, TLSReadTests, inQueue, turn
 
 MODULE, REASON = native.load()
 
@@ -83,6 +85,19 @@ def heldRead(run, data, wait):
     return run.read()
 
 
+def behindRead(run, data, wait):
+    """*data* (ciphertext) sent, read *wait* s later by a daemon behind its link: reads of
+    one buffer each, only while more than a buffer waits, so every read is full and a
+    queue stands behind it (a read that empties the socket is young: RFC 8289)."""
+    run.tcp.stopReading()
+    run.peer.sock.sendall(data)
+    time.sleep(wait)   # (nothing reads: the reactor is here)
+    sock = run.tcp.socket
+    while inQueue(sock) > run.tcp.bufferSize:
+        run.tcp.doRead()
+    return turn()
+
+
 @defer.inlineCallbacks
 def endAndCollect(run):
     """A last control frame through, then every GRE pptpd got: [(call ID, seq)] in order."""
@@ -101,18 +116,23 @@ class ReceiveQueueTests(TLSReadTests):
     """The RRP's end of a real link (test_native_tlsread's Run: C's TLS read, GRE sent to
     "pptpd" on a raw socket) whose reads are held back, so its bytes wait in the kernel."""
 
+    BUFFER = 1024   # the link's read size here: a round's burst is ~4 reads
+
     @defer.inlineCallbacks
-    def through(self, linkMaxSojourn, rounds, wait, perRound=20, native=True):
+    def through(self, linkMaxSojourn, rounds, wait, perRound=20, native=True, behind=True):
         """*rounds* bursts of *perRound* GRE frames, each read *wait* s after it arrived
-        (the socket not read meanwhile): what reached pptpd, in order, and the Run."""
-        run = Run(self, native, linkMaxSojourn=linkMaxSojourn)
+        (the socket not read meanwhile) by a daemon *behind* its link (a queue stands: see
+        behindRead) or not (each round read whole): what reached pptpd, in order, and the
+        Run."""
+        run = Run(self, native, linkMaxSojourn=linkMaxSojourn, bufferSize=self.BUFFER)
         yield run.start()
         run.framesBefore = run.connection.stats.framesIn
         seq = 0
         for _ in range(rounds):
-            yield heldRead(run, run.peer.records(b"".join(gre(seq + i) for i in range(perRound))),
-                           wait)
+            data = run.peer.records(b"".join(gre(seq + i) for i in range(perRound)))
+            yield (behindRead if behind else heldRead)(run, data, wait)
             seq += perRound
+        run.tcp.startReading()
         got = yield endAndCollect(run)
         run.sent = seq
         run.seqs = [seqNo for _, seqNo in got]
@@ -153,6 +173,15 @@ class ReceiveQueueTests(TLSReadTests):
         self.assertEqual(run.connection.snapshot()["gre_ignored"], {"sojourn": aged})
 
     @defer.inlineCallbacks
+    def test_readsThatEmptyTheQueueAreYoung(self):
+        """The same old reads, but each round read whole: the queue empties every time, so
+        none stands (RFC 8289: a queue left empty is under the target) and nothing goes."""
+        run = yield self.through(0.002, rounds=12, wait=0.03, behind=False)
+        self.assertEqual(self.counted(run), 0)
+        self.assertEqual(len(run.seqs), run.sent)
+        self.assertEqual(self.gate(run).episodes, 0)
+
+    @defer.inlineCallbacks
     def test_standingQueueUnderCeiling(self):
         """Reads 20 ms old against a 10 ms target (ceiling 100 ms): one frame per due drop,
         interval/sqrt(count) apart (CoDel's law), not the whole read."""
@@ -170,7 +199,7 @@ class ReceiveQueueTests(TLSReadTests):
         call on the same link sends one frame a round.  The gate is per link: the honest
         call's frames in the flood's old reads go too, counted on its own session, and
         nothing closes; once the reads are young again every frame of it arrives."""
-        run = Run(self, True, linkMaxSojourn=0.002)
+        run = Run(self, True, linkMaxSojourn=0.002, bufferSize=self.BUFFER)
         yield run.start()
         honest = RelaySession(None, None)
         honest.peerAddress, honest.localAddress = run.pptpd, run.source
@@ -188,7 +217,8 @@ class ReceiveQueueTests(TLSReadTests):
             sent[KEY + 1] += 1
             return run.peer.records(b"".join(frames))
         for _ in range(10):                     # the flood's standing queue
-            yield heldRead(run, burst(40), 0.03)
+            yield behindRead(run, burst(40), 0.03)
+        run.tcp.startReading()
         stood = sent[KEY + 1]
         for _ in range(10):                     # young reads: the honest call alone
             yield run.send(burst(0))
@@ -222,13 +252,21 @@ class LoopGateTests(loopTests.LoopTestCase):
     """The link reads the loop makes in C (the LRP's, GRE to the client) meet the gate."""
 
     @defer.inlineCallbacks
-    def test_loopReadsDrop(self):
-        loopTests.skipUnlessUsable()
+    def rounds(self, frames, readSize=None):
+        """5 rounds of *frames* GRE frames of 300 bytes from the far end, each waiting 30 ms
+        in the LRP's socket before the loop reads it (in reads of *readSize*): (frames the
+        client got, frames the gate dropped)."""
         yield self.start("loop", linkMaxSojourn=0.002)
+        reader = self.lrp.nativeReader
+        if readSize:   # the C read made again, reading this much
+            bufferingTransport(self.lrp._link.transport).bufferSize = readSize
+            reader.tls.uninstall()
+            reader._tlsOf = None
+            reader.watchTLS()
         (far,) = self.farSessions
-        for i in range(15):
-            for j in range(10):
-                far.sendGRE(loopTests.TAG, i * 10 + j, None, b"x" * 300)
+        for i in range(5):
+            for j in range(frames):
+                far.sendGRE(loopTests.TAG, i * frames + j, None, b"x" * 300)
             # the mux sends a turn's frames at the turn's end (a call at once): after it, in
             # the same pass of the reactor's calls, the bytes wait in the LRP's socket
             yield task.deferLater(reactor, 0, time.sleep, 0.03)
@@ -236,8 +274,27 @@ class LoopGateTests(loopTests.LoopTestCase):
             self.clientGRE()
         yield task.deferLater(reactor, 0.1, lambda: None)
         got = self.clientGRE()
-        aged = self.lrp.stats.greIgnored.get("sojourn", 0)
         self.assertGreater(self.loop.linkReads, 0)    # the loop's C read the link
+        return len(got), self.lrp.stats.greIgnored.get("sojourn", 0)
+
+    @defer.inlineCallbacks
+    def test_loopReadsDrop(self):
+        """Reads that leave a queue behind (1 KB each, 45 KB a round) and 30 ms old, the
+        gate's interval cut to 0.2 ms so that one round's drain outlasts it: the gate drops,
+        each frame counted."""
+        loopTests.skipUnlessUsable()
+        self.patch(sojourn, "INTERVAL", 0.0002)
+        got, aged = yield self.rounds(150, readSize=1024)
         self.assertGreater(aged, 0)
-        self.assertEqual(len(got) + aged, 150)
-        self.assertEqual(MODULE.lib.rp_link_gate(self.lrp.nativeReader.state).episodes, 1)
+        self.assertEqual(got + aged, 750)
+        self.assertGreaterEqual(MODULE.lib.rp_link_gate(self.lrp.nativeReader.state).episodes, 1)
+
+    @defer.inlineCallbacks
+    def test_loopReadsThatEmptyTheQueueAreYoung(self):
+        """The same old rounds, each taken by one read that empties the socket: no queue
+        stands, nothing is dropped, and the loop asked the clock for none of them."""
+        loopTests.skipUnlessUsable()
+        self.patch(sojourn, "INTERVAL", 0.0002)
+        got, aged = yield self.rounds(10)
+        self.assertEqual((got, aged), (50, 0))
+        self.assertEqual(MODULE.lib.rp_link_gate(self.lrp.nativeReader.state).episodes, 0)

@@ -298,9 +298,10 @@ class Run:
     """The RRP's end (a real mux server over routeproxy.tls with a native link read and a
     flow entry for (SID, TAG)) and a client Peer, with the C TLS read (*native*) or not."""
 
-    def __init__(self, case, native, engine="pyopenssl", linkMaxSojourn=0.0):
+    def __init__(self, case, native, engine="pyopenssl", linkMaxSojourn=0.0, bufferSize=None):
         self.case, self.native, self.engineName = case, native, engine
         self.linkMaxSojourn = linkMaxSojourn   # the link read's gate (C's reads only)
+        self.bufferSize = bufferSize   # the link socket's read size (None: Twisted's)
         self.notes = []   # what a scenario saw on the way
 
     @defer.inlineCallbacks
@@ -345,6 +346,8 @@ class Run:
         yield self.peer.handshake()
         self.tls = self.connection._link.transport
         self.tcp = bufferingTransport(self.tls)
+        if self.bufferSize:   # (before the C read is made: it reads this much)
+            self.tcp.bufferSize = self.bufferSize
         hello = F.Hello(F.PROTOCOL_VERSIONS, config.maxPayload, config.initialWindow, 60, 120, ())
         yield self.send(self.peer.records(hello.encode() + F.Open(SID, "office", "1").encode()))
         yield self.until(lambda: SID in self.connection.sessions
