@@ -61,6 +61,17 @@ def gre_of(run):
             + (f"; the mux did not send {unsent}" if unsent else ""))
 
 
+def loop_of(run):
+    """Each daemon's loop over the transfer in a few words: its wake-ups in C (capture + link
+    reads), its runs (returns to Python) and the clock reads it made ("" without status).  In
+    UML a wake-up, and each system call in it, is what the proxy pays beside the kernel's path
+    (docs/perf-path.md, rounds 4, 8 and 11)."""
+    loops = {d: (s.get("gre_port") or {}).get("loop") for d, s in sorted(getattr(run, "status", {}).items())}
+    words = [f"{d.upper()} {loop['wake_ups']}+{loop['link_reads']} in {loop['runs']} runs, "
+             f"{loop.get('clock_reads', '-')} clock reads" for d, loop in loops.items() if loop]
+    return f"; wake-ups {', '.join(words)}" if words else ""
+
+
 def tcp_of(run):
     """TCP's view of the transfer in a few words: the senders' retransmissions and timeouts,
     the server's out-of-order arrivals, and the GRE packets pptp-linux held for a missing one
@@ -116,7 +127,8 @@ def main(argv=None):
             took, rtt = seconds_of(run), rtt_of(run)
             cpu = "".join(f", {d.upper()} CPU {s:.2f} s" for d, s in sorted(getattr(run, "cpu", {}).items()))
             print(f"round {round_ + 1} {mode:10} {args.clients} client(s) x {args.mb} MB: "
-                  + (f"{took:.2f} s, ping {rtt if rtt is not None else '-'} ms{cpu}{gre_of(run)}{tcp_of(run)}"
+                  + (f"{took:.2f} s, ping {rtt if rtt is not None else '-'} ms{cpu}{gre_of(run)}"
+                     f"{loop_of(run)}{tcp_of(run)}"
                      if took is not None
                      else "FAILED\n" + cli.format_table(run)),
                   flush=True)

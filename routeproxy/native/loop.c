@@ -262,10 +262,14 @@ static int loop_capture_read(struct rp_loop *l)
                 t->has_head = 1;
                 t->head = head;
             }
-            if (t->back == NULL && n < budget)
+            if (t->back == NULL && n < budget) {
                 budget = n;   /* _pump breaks after this call */
+                emptied = 1;
+            }
             t->budget = budget - n;
             t->now = loop_now(l);
+            if (emptied && t->has_head)
+                t->head = t->now;   /* Python observes it: young, as here */
             return RP_LOOP_CAPTURE;
         }
         if (rp_pump_head(l->pump, &head)) {

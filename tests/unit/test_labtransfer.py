@@ -1,7 +1,7 @@
 """benchmarks.labtransfer's reading of a lab run: the slowest client's seconds and ping."""
 from twisted.trial import unittest
 
-from benchmarks.labtransfer import gre_of, lossy, rtt_of, seconds_of, tcp_of
+from benchmarks.labtransfer import gre_of, loop_of, lossy, rtt_of, seconds_of, tcp_of
 
 
 class FakeRun:
@@ -40,6 +40,17 @@ class ReadingTests(unittest.SynchronousTestCase):
                                       "; the mux did not send {'lrp': {'watermark': 3}}")
         run.status = {}
         self.assertEqual(gre_of(run), "")
+
+    def test_the_loops_wake_ups_in_a_few_words(self):
+        """Each daemon's wake-ups in C, runs and clock reads; nothing without the loop."""
+        run = FakeRun([], {})
+        run.status = {"rrp": {"gre_port": {"loop": {"wake_ups": 375, "link_reads": 530, "runs": 38,
+                                                     "clock_reads": 25}}},
+                      "lrp": {"gre_port": {"loop": {"wake_ups": 862, "link_reads": 336, "runs": 60}}}}
+        self.assertEqual(loop_of(run), "; wake-ups LRP 862+336 in 60 runs, - clock reads, "
+                                       "RRP 375+530 in 38 runs, 25 clock reads")
+        run.status = {"lrp": {"gre_port": {"loop": None}}}
+        self.assertEqual(loop_of(run), "")
 
     def test_tcp_and_losses_in_a_few_words(self):
         """The senders' retransmissions and timeouts, the server's out-of-order arrivals, the
