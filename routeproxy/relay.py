@@ -254,12 +254,14 @@ class RelaySession:
         self.relay.grePort.sendGRE(self.localAddress, self.peerAddress,
                                    gre.build_gre(key, payload, seq, ack))
 
-    def datagramAged(self):
-        """A GRE datagram from the mux that the link's receive gate dropped unsent (it waited
-        too long in the link's receive queue): counted as the C read counts its
-        (flows.LinkReader._aged)."""
-        self.greDropped += 1
-        self.relay.drops.add(DROP_LINK_SOJOURN)
+    def datagramAged(self, n=1):
+        """*n* GRE datagrams from the mux that the link's receive gate dropped unsent (they
+        waited too long in the link's receive queue): counted as the C read counts its
+        (flows.LinkReader._aged): one rate-limited line for them."""
+        self.greDropped += n
+        drops = self.relay.drops
+        drops.counts[DROP_LINK_SOJOURN] += n - 1
+        drops.add(DROP_LINK_SOJOURN)
 
     def sessionDetached(self):
         """The link is lost; the mux session waits for a resume (routeproxy.detach)."""

@@ -171,6 +171,7 @@ class MuxConnection:
         # outside a stamped read, so the per-frame test is one comparison that fails.
         self.stampedRead = None
         self._readAt = self._dropBefore = 0.0
+        self._agedIn = {}   # session -> its GRE frames the gate dropped in this decode
         # a resumed link goes on with the ids of the one it replaces
         self._nextSessionId = resume.sessionIds if resume is not None else itertools.count(1)
         self._lastSessionId = 0  # acceptor: highest id opened so far
@@ -343,6 +344,8 @@ class MuxConnection:
                     self._onGRE(frame)
             else:
                 self._frameReceived(frame)
+        if self._agedIn:
+            self._foldAged()
 
     def pauseWriting(self):
         self._writePaused = True
@@ -596,14 +599,22 @@ class MuxConnection:
 
     def _aged(self, session):
         """A GRE frame of *session* in a read the receive gate condemns (linksocket.
-        StampedRead): received, not sent on; counted as the C read counts its drops
-        (flows.LinkReader._aged): the link's ``gre_ignored.sojourn``, the mux session's GRE
-        in, the receiver's ``datagramAged`` (the relay session's ``gre_dropped`` and the
-        line "dropped: link_sojourn").  The gate's threshold for the rest of the read."""
-        self.stats.greIgnored["sojourn"] += 1
-        session._datagramAged()
+        StampedRead): received, not sent on, counted when the decode ends (_foldAged).
+        The gate's threshold for the rest of the read."""
+        agedIn = self._agedIn
+        agedIn[session] = agedIn.get(session, 0) + 1
         self._dropBefore = dropBefore = self.stampedRead.gate.dropped()
         return dropBefore
+
+    def _foldAged(self):
+        """The gate's drops of one decode, counted per session as the C read folds its
+        (flows.LinkReader._aged): the link's ``gre_ignored.sojourn``, the mux session's GRE
+        in, the receiver's ``datagramAged(n)`` (the relay session's ``gre_dropped`` and the
+        rate-limited line "dropped: link_sojourn")."""
+        agedIn, self._agedIn = self._agedIn, {}
+        self.stats.greIgnored["sojourn"] += sum(agedIn.values())
+        for session, n in agedIn.items():
+            session._datagramsAged(n)
 
     def _frameReceived(self, frame):
         if self.version is None:

@@ -64,8 +64,8 @@ class ISessionReceiver(Interface):
 
     # Optional ("resume" links): sessionDetached() when the link is lost and the session
     # waits for a resume; sessionResumed() when it is attached to a new link.
-    # Optional: datagramAged() for a GRE datagram the link's receive gate dropped unsent
-    # (it waited too long in the link's receive queue; docs/gre-io.md).
+    # Optional: datagramAged(n) for n GRE datagrams the link's receive gate dropped unsent
+    # (they waited too long in the link's receive queue; docs/gre-io.md).
 
 
 class SessionNotOpened(Exception):
@@ -273,13 +273,14 @@ class Session:
         except Exception:
             self._receiverFailed("datagramReceived")
 
-    def _datagramAged(self):
-        """A GRE datagram of this session read from the link and dropped by its receive gate."""
-        self.greIn += 1
+    def _datagramsAged(self, n):
+        """*n* GRE datagrams of this session read from the link and dropped by its receive
+        gate."""
+        self.greIn += n
         aged = getattr(self.receiver, "datagramAged", None)
         if aged is not None:
             try:
-                aged()
+                aged(n)
             except Exception:
                 self._receiverFailed("datagramAged")
 
