@@ -254,6 +254,15 @@ class RelaySession:
         self.relay.grePort.sendGRE(self.localAddress, self.peerAddress,
                                    gre.build_gre(key, payload, seq, ack))
 
+    def datagramAged(self, n=1):
+        """*n* GRE datagrams from the mux that the link's receive gate dropped unsent (they
+        waited too long in the link's receive queue): counted as the C read counts its
+        (flows.LinkReader._aged): one rate-limited line for them."""
+        self.greDropped += n
+        drops = self.relay.drops
+        drops.counts[DROP_LINK_SOJOURN] += n - 1
+        drops.add(DROP_LINK_SOJOURN)
+
     def sessionDetached(self):
         """The link is lost; the mux session waits for a resume (routeproxy.detach)."""
         if self.relay.flows is not None:

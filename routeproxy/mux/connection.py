@@ -74,7 +74,8 @@ class MuxConfig:
     maxSessions: int = 4096               # acceptor: concurrent sessions
     maxSendBuffer: int = 64 * 1024 * 1024  # unsent bytes before a peer that does not read is dropped
     stallTimeout: float = 60.0            # s the unsent bytes may stay above greWatermark, not shrinking
-    linkMaxSojourn: float = 0.005         # the link read's sojourn gate target (C reads only; 0: off)
+    linkMaxSojourn: float = 0.005         # the link's receive gate target (C's reads or Twisted's
+                                          # stamped ones: linksocket.StampedRead; 0: off)
     linkQueueDelay: float = 0.010         # s of the link's delivery rate the GRE limit holds at most
                                           # (routeproxy.mux.queuelimit; 0: greWatermark only)
     versions: tuple = F.PROTOCOL_VERSIONS
@@ -164,6 +165,13 @@ class MuxConnection:
         # whether it has the stream (from the first read after HELLO with nothing buffered)
         self.nativeReader = None
         self._readingNative = False
+        # the receive gate where Twisted reads the link (linksocket.StampedRead, installed by
+        # the protocol): the kernel's receive time of the read being decoded, and the gate's
+        # threshold for it; GRE of a read older than that is dropped (_aged).  Both 0.0
+        # outside a stamped read, so the per-frame test is one comparison that fails.
+        self.stampedRead = None
+        self._readAt = self._dropBefore = 0.0
+        self._agedIn = {}   # session -> its GRE frames the gate dropped in this decode
         # a resumed link goes on with the ids of the one it replaces
         self._nextSessionId = resume.sessionIds if resume is not None else itertools.count(1)
         self._lastSessionId = 0  # acceptor: highest id opened so far
@@ -198,7 +206,14 @@ class MuxConnection:
         """This link as plain data (docs/status.md)."""
         stats = self.stats
         ms = lambda seconds: None if seconds is None else round(seconds * 1000.0, 3)  # noqa: E731
-        gate = self.nativeReader.gate() if self.nativeReader is not None else None
+        if self.nativeReader is not None:
+            gate = self.nativeReader.gate()
+        elif self.stampedRead is not None:
+            g = self.stampedRead.gate
+            gate = {"target_ms": round(g.target * 1000.0, 3), "dropping": g.dropping,
+                    "episodes": g.episodes}
+        else:
+            gate = None
         return {
             "peer": str(self.peerLabel), "up": bool(self.ready), "close_reason": self.closeReason,
             "rtt_last_ms": ms(stats.rttLast), "rtt_smoothed_ms": ms(stats.rttSmoothed),
@@ -301,6 +316,7 @@ class MuxConnection:
     def _decode(self, data):
         stats, sessions = self.stats, self.sessions
         nextFrame = self._decoder.nextFrame
+        readAt, dropBefore = self._readAt, self._dropBefore   # the receive gate's (0.0: off)
         self._decoder.feed(data)
         while not self.closed:
             try:
@@ -320,11 +336,16 @@ class MuxConnection:
                 # an open session
                 session = sessions.get(frame.session)
                 if session is not None and session.state == OPEN:
+                    if readAt < dropBefore:
+                        dropBefore = self._aged(session)
+                        continue
                     session._datagramReceived(frame)
                 else:
                     self._onGRE(frame)
             else:
                 self._frameReceived(frame)
+        if self._agedIn:
+            self._foldAged()
 
     def pauseWriting(self):
         self._writePaused = True
@@ -575,6 +596,25 @@ class MuxConnection:
             self.nativeReader.sessionForgotten(session.id)
 
     # --- incoming frames -----------------------------------------------------
+
+    def _aged(self, session):
+        """A GRE frame of *session* in a read the receive gate condemns (linksocket.
+        StampedRead): received, not sent on, counted when the decode ends (_foldAged).
+        The gate's threshold for the rest of the read."""
+        agedIn = self._agedIn
+        agedIn[session] = agedIn.get(session, 0) + 1
+        self._dropBefore = dropBefore = self.stampedRead.gate.dropped()
+        return dropBefore
+
+    def _foldAged(self):
+        """The gate's drops of one decode, counted per session as the C read folds its
+        (flows.LinkReader._aged): the link's ``gre_ignored.sojourn``, the mux session's GRE
+        in, the receiver's ``datagramAged(n)`` (the relay session's ``gre_dropped`` and the
+        rate-limited line "dropped: link_sojourn")."""
+        agedIn, self._agedIn = self._agedIn, {}
+        self.stats.greIgnored["sojourn"] += sum(agedIn.values())
+        for session, n in agedIn.items():
+            session._datagramsAged(n)
 
     def _frameReceived(self, frame):
         if self.version is None:

@@ -5,7 +5,8 @@ Twisted hides the socket behind its transport (and TLS behind another); the link
 below: Nagle off (:func:`noDelay`), the kernel's unsent bytes bounded and counted
 (:func:`limitUnsent`, :func:`kernelUnsent`), a turn's frames encrypted and sent at once
 (:func:`turnWriter`, :func:`sendAtOnce`), and the producer pause above the GRE watermark
-(:func:`pauseAbove`).  These reach into Twisted's socket transport (``dataBuffer``,
+(:func:`pauseAbove`), and where Twisted reads the link, its reads stamped for the receive
+gate (:class:`StampedRead`).  These reach into Twisted's socket transport (``dataBuffer``,
 ``_tempDataLen``, ``_isSendBufferFull``) and its TLS (``_aggregator``, ``_aborted``), which
 ``tests/unit/test_mux_transport.py`` and ``test_mux_tls.py`` exercise against the installed
 Twisted, over real sockets and real TLS.
@@ -14,6 +15,8 @@ import fcntl
 import inspect
 import socket
 import struct
+import time
+from errno import EWOULDBLOCK
 
 from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
@@ -399,6 +402,87 @@ def _stampReads(sock):
     except OSError:
         return False
     return True
+
+
+SCM_TIMESTAMPNS = SO_TIMESTAMPNS
+_TIMESPEC = struct.Struct("@qq")   # struct timespec on LP64 Linux
+_STAMP_SPACE = socket.CMSG_SPACE(_TIMESPEC.size)
+
+
+class StampedRead:
+    """Twisted's read of the link's socket with the kernel's receive stamp: the link's receive
+    gate (``linkMaxSojourn``; docs/gre-io.md) where Twisted's TLS reads the link (no native
+    module, ``--gre-capture pcap`` or ``raw``).
+
+    ``tcp.Connection.doRead`` with ``recvmsg`` for ``recv``: the same read size, and what
+    Twisted's returns for EAGAIN (None), a socket error (``CONNECTION_LOST``) and EOF
+    (``CONNECTION_DONE``, through Twisted's own ``_dataReceived``).  A read that carries the
+    stamp (SO_TIMESTAMPNS: the receive time of the last segment it took, so of its youngest
+    bytes) has an age, now minus that stamp, which *gate* (a
+    :class:`routeproxy.sojourn.SojournGate`, CoDel's law, the C read's twin) turns into a
+    threshold before the bytes go up through Twisted's TLS; the mux connection (*mux*, its
+    ``_readAt`` and ``_dropBefore``) drops the GRE frames of a read older than it as it
+    decodes them (:meth:`routeproxy.mux.connection.MuxConnection._aged`), before they are
+    sent on; then the gate observes the read's age, as ``rp_link_read`` does.
+
+    Installed as the socket transport's ``doRead`` on the instance (as NativeTLSReader, as
+    Twisted's ``abortConnection`` sets its own), never over another, and only for a link
+    whose reads C does not make (the mux connection has no native reader).
+    """
+
+    def __init__(self, tcp, mux, gate):
+        self.tcp, self.mux, self.gate = tcp, mux, gate
+        self._recvmsg = tcp.socket.recvmsg
+        self._doRead = self.doRead   # the bound method installed (identity for the tests)
+        self.reads = 0        # reads with a stamp
+
+    @classmethod
+    def over(cls, transport, mux, target):
+        """Installed under *transport* (the mux's, Twisted's TLS over a TCP socket transport
+        whose ``doRead`` is Twisted's own and not overridden), its socket asked to stamp what
+        it receives, with a gate of *target* seconds: the reader, or None."""
+        from twisted.internet.tcp import Connection
+
+        from routeproxy.sojourn import SojournGate
+        tcp = bufferingTransport(transport)
+        if not target or not isinstance(tcp, Connection) \
+                or type(tcp).doRead is not Connection.doRead or "doRead" in tcp.__dict__ \
+                or getattr(tcp, "socket", None) is None or not _stampReads(tcp.socket):
+            return None
+        reader = cls(tcp, mux, SojournGate(target, sojourn.INTERVAL))
+        tcp.doRead = reader._doRead
+        return reader
+
+    @property
+    def installed(self):
+        return self.tcp.__dict__.get("doRead") is self._doRead
+
+    def doRead(self):
+        """The reactor's read of the link socket (what tcp.Connection.doRead returns)."""
+        tcp = self.tcp
+        try:
+            data, ancillary, _, _ = self._recvmsg(tcp.bufferSize, _STAMP_SPACE)
+        except OSError as se:
+            if se.args[0] == EWOULDBLOCK:
+                return None
+            return CONNECTION_LOST
+        for level, kind, value in ancillary:
+            if level == socket.SOL_SOCKET and kind == SCM_TIMESTAMPNS \
+                    and len(value) >= _TIMESPEC.size:
+                seconds, nanoseconds = _TIMESPEC.unpack_from(value)
+                return self._gated(data, seconds + nanoseconds * 1e-9)
+        return tcp._dataReceived(data)
+
+    def _gated(self, data, stamp):
+        """*data*, received at *stamp*, up through Twisted's TLS to the mux under the gate."""
+        self.reads += 1
+        gate, mux, now = self.gate, self.mux, time.time()
+        mux._readAt, mux._dropBefore = stamp, gate.drop_before(now)
+        try:
+            return self.tcp._dataReceived(data)
+        finally:
+            mux._readAt = mux._dropBefore = 0.0
+            gate.observe(now, stamp)
 
 
 def pauseAbove(transport, size):

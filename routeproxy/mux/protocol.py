@@ -31,7 +31,7 @@ from zope.interface import implementer
 from routeproxy.mux import queuelimit
 from routeproxy.mux.connection import MuxConnection
 from routeproxy.mux.linksocket import (
-    NativeTLSWriter, bufferedBytes, bufferingTransport, kernelUnsent, limitUnsent, noDelay,
+    NativeTLSWriter, StampedRead, bufferedBytes, bufferingTransport, kernelUnsent, limitUnsent, noDelay,
     pauseAbove, turnWriter,
 )
 
@@ -53,6 +53,11 @@ class MuxProtocol(Protocol):
         pauseAbove(self.transport, 4 * self.connection.config.greWatermark)
         self.transport.registerProducer(self, True)
         self._registered = True
+        connection = self.connection
+        if connection.nativeReader is None:   # (else C reads the link, with its own gate)
+            # the link's receive gate on Twisted's read: its reads stamped by the kernel
+            connection.stampedRead = StampedRead.over(self.transport, connection,
+                                                      connection.config.linkMaxSojourn)
         if self.factory is not None and hasattr(self.factory, "connections"):
             self.factory.connections.add(self.connection)
         self.connection.start(self)

@@ -64,6 +64,8 @@ class ISessionReceiver(Interface):
 
     # Optional ("resume" links): sessionDetached() when the link is lost and the session
     # waits for a resume; sessionResumed() when it is attached to a new link.
+    # Optional: datagramAged(n) for n GRE datagrams the link's receive gate dropped unsent
+    # (they waited too long in the link's receive queue; docs/gre-io.md).
 
 
 class SessionNotOpened(Exception):
@@ -270,6 +272,17 @@ class Session:
             self.receiver.datagramReceived(frame.callTag, frame.seq, frame.ack, frame.data)
         except Exception:
             self._receiverFailed("datagramReceived")
+
+    def _datagramsAged(self, n):
+        """*n* GRE datagrams of this session read from the link and dropped by its receive
+        gate."""
+        self.greIn += n
+        aged = getattr(self.receiver, "datagramAged", None)
+        if aged is not None:
+            try:
+                aged(n)
+            except Exception:
+                self._receiverFailed("datagramAged")
 
     def _windowUpdate(self, increment, ack=None):
         if ack is not None and not self._acked(ack):
