@@ -474,9 +474,12 @@ class StampedRead:
         return tcp._dataReceived(data)
 
     def _gated(self, data, stamp):
-        """*data*, received at *stamp*, up through Twisted's TLS to the mux under the gate."""
+        """*data*, received at *stamp*, up through Twisted's TLS to the mux under the gate.  A
+        read that emptied the socket (shorter than the read size) leaves no queue: young, as
+        in ``rp_link_read`` (RFC 8289), and no clock read."""
         self.reads += 1
-        gate, mux, now = self.gate, self.mux, time.time()
+        gate, mux = self.gate, self.mux
+        now = stamp if len(data) < self.tcp.bufferSize and not gate.dropping else time.time()
         mux._readAt, mux._dropBefore = stamp, gate.drop_before(now)
         try:
             return self.tcp._dataReceived(data)

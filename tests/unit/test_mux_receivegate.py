@@ -64,8 +64,9 @@ def gre(i, size=200):
 class Link:
     """The receiving end (the server, Twisted's read and TLS, *linkMaxSojourn*) and the Peer."""
 
-    def __init__(self, case, linkMaxSojourn):
+    def __init__(self, case, linkMaxSojourn, bufferSize=None):
         self.case, self.linkMaxSojourn = case, linkMaxSojourn
+        self.bufferSize = bufferSize   # the socket's read size (None: Twisted's)
 
     @defer.inlineCallbacks
     def start(self):
@@ -91,6 +92,8 @@ class Link:
         case.addCleanup(self.abort)
         self.tls = self.connection._link.transport
         self.tcp = bufferingTransport(self.tls)
+        if self.bufferSize:
+            self.tcp.bufferSize = self.bufferSize
         yield self.peer.handshake()
         hello = F.Hello(F.PROTOCOL_VERSIONS, config.maxPayload, config.initialWindow, 60, 120, ())
         yield self.send(self.peer.records(hello.encode() + F.Open(SID, "office", "1").encode()))
@@ -140,22 +143,37 @@ class Link:
         self.tcp.startReading()
         return self.read()
 
+    def behindRead(self, data, wait):
+        """*data* sent, read *wait* s later by a server behind its link: reads of one buffer
+        each, only while more than a buffer waits, so every read is full and a queue stands
+        behind it (a read that empties the socket is young: RFC 8289)."""
+        self.tcp.stopReading()
+        self.peer.sock.sendall(data)
+        time.sleep(wait)   # (the reactor is here: nothing reads)
+        while inQueue(self.tcp.socket) > self.tcp.bufferSize:
+            self.tcp.doRead()
+        return turn()
+
 
 class ReceiveGateTests(unittest.TestCase):
     timeout = 60
 
     @defer.inlineCallbacks
-    def through(self, linkMaxSojourn, rounds, wait, perRound=20):
-        """*rounds* reads of *perRound* GRE frames and one control frame each, every read
-        *wait* s after its bytes arrived; then one young control frame.  The Link."""
-        link = Link(self, linkMaxSojourn)
+    def through(self, linkMaxSojourn, rounds, wait, perRound=20, behind=True):
+        """*rounds* rounds of *perRound* GRE frames and one control frame each, read *wait* s
+        after their bytes arrived by a server *behind* its link (reads of 1 KB, a queue
+        standing behind each: Link.behindRead) or not (each round read whole); then one
+        young control frame.  The Link."""
+        link = Link(self, linkMaxSojourn, bufferSize=1024)
         yield link.start()
         seq = 0
         for r in range(rounds):
             frames = [gre(seq + i) for i in range(perRound)]
             frames.insert(perRound // 2, F.Control(SID, b"round %d" % r).encode())
-            yield link.heldRead(link.peer.records(b"".join(frames)), wait)
+            yield (link.behindRead if behind else link.heldRead)(link.peer.records(b"".join(frames)),
+                                                                 wait)
             seq += perRound
+        link.tcp.startReading()
         yield link.send(link.peer.records(F.Control(SID, b"the end").encode()))
         yield link.until(lambda: link.receiver.control.endswith(b"the end"), "the end")
         link.sent, link.rounds = seq, rounds
@@ -210,6 +228,14 @@ class ReceiveGateTests(unittest.TestCase):
         self.assertEqual(aged, gate.count)   # each drop the one due
         self.assertGreater(aged, 0)
         self.assertLess(aged, 30)            # of 600 frames, a handful
+
+    @defer.inlineCallbacks
+    def test_readsThatEmptyTheQueueAreYoung(self):
+        """The same old rounds, each read whole: the queue empties every time, none stands
+        (RFC 8289), nothing goes."""
+        link = yield self.through(0.002, rounds=12, wait=0.03, behind=False)
+        self.assertEqual(self.counted(link), 0)
+        self.assertEqual(link.connection.stampedRead.gate.episodes, 0)
 
     @defer.inlineCallbacks
     def test_freshReadsDropNothing(self):
