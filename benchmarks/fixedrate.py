@@ -1,6 +1,7 @@
 """`python -m benchmarks.fixedrate [--rate PPS ...] [--size B] [--duration S] [--py-spy DIR]
 [--direction forward|reverse|both] [--proxy-options OPTS] [--lrp-options OPTS] [--latency]
-[--openvpn default|nodelay ...] [--shards N] [--pin KEY=CPUS,...] [--instrument c|python ...]`
+[--openvpn default|nodelay ...] [--shards N] [--pin KEY=CPUS,...] [--instrument c|python ...]
+[--idle S] [--warm-up S]`
 
 The proxy path of ``benchmarks.topology`` (real twistd daemons in namespaces) at fixed
 offered rates, client -> server by default: per daemon the CPU per delivered packet (the
@@ -29,6 +30,10 @@ with both side by side.  ``--instrument ENGINE`` runs the instruments (sender an
 that engine (``benchmarks.instrument``: c, the default, or python); repeated, each rate is run
 with each engine in turn against the same daemons, and a table of both ends the run (an A/B of
 the instrument itself).  Every row names its engine and the instruments' own CPU per packet.
+``--idle S`` leaves the link idle (no GRE) for S s before each trial, and ``--warm-up 0``
+skips the warm-up trial (the first trial is then the first GRE of a new link): with a short
+``--duration`` (0.5-1 s) and ``--latency``, a trial shows the onset of an overload, what an
+idle or new link does before its send-queue limit has measured the path (docs/gre-io.md).
 Needs root.
 """
 import argparse
@@ -38,6 +43,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 
 from benchmarks import instrument, measure, openvpn, topology
 from tests.support import netns
@@ -228,6 +234,11 @@ def main(argv=None):
     p.add_argument("--link-rate", type=float, metavar="MBIT",
                    help="shape the LRP <-> RRP link to this rate each way (tc tbf, a 64 KB queue): "
                         "a slow path between the daemons (--link-queue-delay)")
+    p.add_argument("--idle", type=float, default=0.0, metavar="S",
+                   help="seconds the link stays idle before each trial (the onset of an overload "
+                        "after idle, with a short --duration)")
+    p.add_argument("--warm-up", type=float, default=1.0, metavar="S",
+                   help="seconds of the warm-up trial (0: none, the first trial meets a new link)")
     topology.add_shard_arguments(p)
     instrument.add_argument(p, repeatable=True)
     args = p.parse_args(argv)
@@ -258,14 +269,17 @@ def main(argv=None):
             reference.start()
         path = proxy.path() if args.direction == "forward" else directed(proxy.paths, args.direction)
         paths = {label: directed(reference.paths, args.direction) for label, reference in references.items()}
-        measure.run_trial(lab, path, args.size, offered(path, rates[0]), 1.0)  # warm-up
-        for reference in paths.values():
-            measure.run_trial(lab, reference, args.size, offered(reference, rates[0]), 1.0)
+        if args.warm_up > 0:
+            measure.run_trial(lab, path, args.size, offered(path, rates[0]), args.warm_up)
+            for reference in paths.values():
+                measure.run_trial(lab, reference, args.size, offered(reference, rates[0]), args.warm_up)
         spies = py_spy(proxy, args.py_spy, args.duration) if args.py_spy else []
         rows = []
         for rate in rates:
             for engine in engines:
                 instrument.select(engine)
+                if args.idle > 0:
+                    time.sleep(args.idle)
                 rows.append(measure_rate(lab, "proxy", path, rate, args, lambda: counters(proxy), proxy.drops))
                 for spy in spies:
                     spy.wait()

@@ -250,23 +250,23 @@ class MuxConnection:
         self._queue(hello.encode(), control=True, beforeReady=True)
         self._schedule(self.config.pingInterval)
         if self.queueLimit.delay > 0:
-            self._queueSampler = self.clock.callLater(QueueLimit.INTERVAL, self._sampleQueue)
+            self._queueSampler = self.clock.callLater(self.queueLimit.interval(True), self._sampleQueue)
 
     def _sampleQueue(self):
-        """The link's delivery rate into its GRE limit, when it sent since the last sample."""
+        """The link's delivery rate into its GRE limit, when it sent since the last sample;
+        the next sample as soon as the law says (QueueLimit.interval)."""
         self._queueSampler = None
         if self.closed or self._link is None:
             return
-        interval = QueueLimit.IDLE_INTERVAL
-        if self.stats.bytesOut != self._sampledBytes:
+        sent = self.stats.bytesOut != self._sampledBytes
+        if sent:
             self._sampledBytes = self.stats.bytesOut
-            interval = QueueLimit.INTERVAL
             sample = self._link.deliveryRate()
             if sample is not None:
                 self.queueLimit.observe(self.clock.seconds(), *sample, self.config.greWatermark)
                 limit = self.greLimit
                 self._lowered = limit if limit < self.config.greWatermark else None
-        self._queueSampler = self.clock.callLater(interval, self._sampleQueue)
+        self._queueSampler = self.clock.callLater(self.queueLimit.interval(sent), self._sampleQueue)
 
     def dataReceived(self, data):
         if self.closed:

@@ -5,12 +5,31 @@ The GRE watermark is a byte count: it bounds memory, not delay.  At 1 Gbit/s its
 drain in 2 ms; on a 20 Mbit/s path between the LRP and the RRP they stand for 105 ms in
 front of every packet of every session.  So each link measures how fast its TCP delivers
 (the kernel's own rate sample, ``TCP_INFO``'s ``tcpi_delivery_rate``, as BBR does: the
-largest sample of the last 0.3 s, the last figure kept 10 s; a sample taken while TCP had
-nothing to send only when it raises the figure and no sample was taken busy in those 10 s:
-an idle link's figure stays that of its last burst, which through a path's token bucket
-measures the line, not the path) and lowers its GRE limit to the bytes that rate drains in
+largest sample of the last 0.3 s) and lowers its GRE limit to the bytes that rate drains in
 the target delay, never under a floor (a wake-up's burst) nor over the watermark.  A fast
 link's limit stays the watermark; a slow link drops GRE at the door instead of queueing it.
+
+Which samples count, and when they are taken, is about the onset of an overload:
+
+- A sample taken while TCP had data waiting (busy) is the path's rate.  One taken while it
+  had nothing to send (app limited) only says the path is at least that fast, and through a
+  path's token bucket it measures the line, not the path: an idle link's pings read
+  220-340 Mbit/s behind a 20 Mbit/s bucket, an overload's first 10 ms 1.2-1.8 Gbit/s.  So
+  an app-limited sample counts only when it raises the figure and only until the link's
+  first busy sample, which replaces them at once.
+- The last busy figure stays the link's starting point for as long as the link lives, after
+  any idle: the path it measured is the one the next overload meets.  With the figure
+  forgotten after 10 s idle (the first rule), an overload after idle filled the watermark
+  before the next sample came (20 Mbit/s, the first 0.5 s: p99 120 ms; kept: 26 ms, the
+  steady state's).  A figure that is now too low costs only bursts above the limit while
+  TCP never waits, and the first busy sample raises it.
+- Until the first busy sample the link samples every ``SEEK_INTERVAL``, sending or not: the
+  kernel's samples are the path's ~20 ms into an overload (tbf, 20 Mbit/s, measured), and a
+  new link at the watermark fills it in ~100 ms at twice that rate.  (The floor until then
+  bounded a new link's first packets better, but a fast link whose TCP never waits, as on
+  the benchmark's veth at 60 k packets/s, would keep it.)  After it, every
+  ``INTERVAL`` while the link sends and every ``IDLE_INTERVAL`` while it does not (a daemon
+  may hold many links; the C loop returns to Python at each).
 """
 import collections
 import socket
@@ -38,13 +57,14 @@ def deliveryRate(sock):
 
 
 class QueueLimit:
-    """One link's GRE limit from the rate samples it is given (:meth:`observe`, every
-    ``INTERVAL`` while the link sends): :meth:`of` the watermark."""
+    """One link's GRE limit from the rate samples it is given (:meth:`observe`, each
+    :meth:`interval` apart): :meth:`of` the watermark."""
 
+    SEEK_INTERVAL = 0.02   # s between samples until the first busy one
     INTERVAL = 0.1     # s between samples while the link sends
     IDLE_INTERVAL = 0.5   # s between looks while it does not (a daemon may hold many links)
     WINDOW = 0.3       # s of samples the rate is the largest of
-    HOLD = 10.0        # s the last rate is kept when no sample comes (the link idle)
+    HOLD = 10.0        # s an app-limited figure is kept when no sample comes (no busy one yet)
     FLOOR = 32768      # bytes: the limit never goes under this (a wake-up's burst)
 
     def __init__(self, delay, floor=FLOOR):
@@ -57,6 +77,17 @@ class QueueLimit:
         self._recent = collections.deque()   # (time, rate) of the window
         self._lastAt = None         # time of the newest sample kept
         self._busyAt = None         # time of the newest sample taken while TCP had data waiting
+
+    @property
+    def seeking(self):
+        """No busy sample yet: the link's rate is not the path's."""
+        return self._busyAt is None
+
+    def interval(self, sent):
+        """s to the next sample, the link having *sent* since the last one or not."""
+        if self._busyAt is None:
+            return self.SEEK_INTERVAL
+        return self.INTERVAL if sent else self.IDLE_INTERVAL
 
     def of(self, watermark):
         """The GRE limit under *watermark*: the lower of the two."""
@@ -71,19 +102,20 @@ class QueueLimit:
         recent = self._recent
         while recent and now - recent[0][0] > self.WINDOW:
             recent.popleft()
-        busy = rate > 0 and not appLimited
-        if busy:
+        if rate > 0 and not appLimited:
+            if self._busyAt is None:
+                recent.clear()   # the app-limited figures before it: the line's, not the path's
             self._busyAt = now
-        # idle: taken only when higher, and no busy sample's figure is in force
-        raises = (rate > 0 and appLimited and (self.rate is None or rate > self.rate)
-                  and (self._busyAt is None or now - self._busyAt > self.HOLD))
-        if busy or raises:
+            recent.append((now, rate))
+            self._lastAt = now
+        elif rate > 0 and self._busyAt is None and (self.rate is None or rate > self.rate):
             recent.append((now, rate))
             self._lastAt = now
         if recent:
             self.rate = max(r for _, r in recent)
-        elif self._lastAt is None or now - self._lastAt > self.HOLD:
+        elif self._busyAt is None and (self._lastAt is None or now - self._lastAt > self.HOLD):
             self.rate = None
+        # else the last figure holds: a busy one for the link's life
         self.limit = None if self.rate is None else int(max(self.floor, self.rate * self.delay))
         if self.of(watermark) < watermark:
             self.lowered += 1

@@ -413,7 +413,7 @@ class Run:
             yield turn()
         gre += self.gre()
         mux = self.connection.snapshot()
-        for key in ("rtt_last_ms", "rtt_smoothed_ms"):
+        for key in ("rtt_last_ms", "rtt_smoothed_ms", "send_queue"):   # timing: the samples
             mux.pop(key)
         port = self.port.snapshot()
         port.pop("native_link")

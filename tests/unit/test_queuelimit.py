@@ -68,17 +68,48 @@ class LawTests(unittest.SynchronousTestCase):
         self.assertEqual((q.rate, q.of(WATERMARK)), (20 * MBIT, QueueLimit.FLOOR))
         q.observe(0.1 + QueueLimit.WINDOW * 1.5, 1500 * MBIT, True, WATERMARK)   # idle since,
         self.assertEqual(q.of(WATERMARK), QueueLimit.FLOOR)   # the busy figure still holds
-        q.observe(QueueLimit.HOLD + 0.5, 1500 * MBIT, True, WATERMARK)   # until it is forgotten
-        self.assertEqual(q.of(WATERMARK), WATERMARK)
+        q.observe(QueueLimit.HOLD + 0.5, 1500 * MBIT, True, WATERMARK)   # and after the hold
+        self.assertEqual(q.of(WATERMARK), QueueLimit.FLOOR)
 
-    def test_held_then_forgotten(self):
+    def test_a_busy_figure_is_the_start_after_any_idle(self):
+        """An overload after idle meets the limit of the last one: the pings' app-limited
+        samples (the line's rate, not the path's) neither lift it nor make it forgotten."""
         q = QueueLimit(0.010)
         q.observe(0.0, 20 * MBIT, False, WATERMARK)
+        for t in range(2, 3600, 2):   # an hour of pings
+            q.observe(float(t), 300 * MBIT, True, WATERMARK)
+        self.assertEqual((q.rate, q.of(WATERMARK)), (20 * MBIT, QueueLimit.FLOOR))
+        q.observe(3600.0, 100 * MBIT, False, WATERMARK)   # a busy sample moves it at once
+        self.assertEqual(q.of(WATERMARK), 125000)
+
+    def test_an_app_limited_figure_is_held_then_forgotten(self):
+        q = QueueLimit(0.010)
+        q.observe(0.0, 20 * MBIT, True, WATERMARK)   # no busy sample yet: taken
         q.observe(5.0, 1 * MBIT, True, WATERMARK)
         self.assertEqual(q.rate, 20 * MBIT)
         q.observe(10.5, 1 * MBIT, True, WATERMARK)
         self.assertIsNone(q.rate)
         self.assertEqual(q.of(WATERMARK), WATERMARK)
+
+    def test_the_first_busy_sample_replaces_the_app_limited_ones(self):
+        """A new link's app-limited samples (its HELLO, an overload's first 10 ms through a
+        token bucket: the line's rate) do not outlive the first busy one in the window."""
+        q = QueueLimit(0.010)
+        q.observe(0.0, 1500 * MBIT, True, WATERMARK)
+        self.assertEqual(q.of(WATERMARK), WATERMARK)
+        q.observe(0.02, 20 * MBIT, False, WATERMARK)
+        self.assertEqual(q.of(WATERMARK), QueueLimit.FLOOR)
+
+    def test_sampled_sooner_until_the_first_busy_sample(self):
+        q = QueueLimit(0.010)
+        self.assertTrue(q.seeking)
+        self.assertEqual((q.interval(True), q.interval(False)), (QueueLimit.SEEK_INTERVAL,) * 2)
+        q.observe(0.0, 1500 * MBIT, True, WATERMARK)
+        self.assertEqual(q.interval(False), QueueLimit.SEEK_INTERVAL)
+        q.observe(0.1, 20 * MBIT, False, WATERMARK)
+        self.assertFalse(q.seeking)
+        self.assertEqual((q.interval(True), q.interval(False)),
+                         (QueueLimit.INTERVAL, QueueLimit.IDLE_INTERVAL))
 
     def test_off(self):
         q = QueueLimit(0.0)
@@ -144,6 +175,33 @@ class LinkTests(unittest.SynchronousTestCase):
         self.assertFalse(conn.closed)
         self.assertFalse(link.aborted)
 
+    def test_after_idle_the_limit_is_already_down(self):
+        """An overload after a long idle (pings only, their samples app limited at the line's
+        rate) meets the limit the last one measured, before any new sample."""
+        conn, link, clock = self.connection([(20 * MBIT, False), (300 * MBIT, True)],
+                                            deadTimeout=120.0)
+        clock.advance(QueueLimit.SEEK_INTERVAL)
+        self.assertEqual(conn.greLimit, QueueLimit.FLOOR)
+        for _ in range(30):   # a minute, a ping every 2 s
+            self.gre(conn, 1, size=40)
+            link.buffered = 0
+            clock.advance(2.0)
+        self.assertFalse(conn.closed)
+        self.assertGreater(link.rateAsked, 10)
+        self.assertEqual(conn.greLimit, QueueLimit.FLOOR)
+        self.assertLess(self.gre(conn, 100), 40)   # the overload's first turn
+
+    def test_a_new_link_lowers_within_a_seek_interval(self):
+        """A new link knows no rate: it samples every SEEK_INTERVAL, idle or not, so an
+        overload that starts whenever lowers the limit at its first busy sample."""
+        conn, link, clock = self.connection([(1500 * MBIT, True)])   # the HELLO: the line's
+        clock.advance(1.0)   # idle
+        self.assertEqual(conn.greLimit, WATERMARK)
+        link.deliveryRates = [(20 * MBIT, False)]
+        self.gre(conn, 20)
+        clock.advance(QueueLimit.SEEK_INTERVAL)
+        self.assertEqual(conn.greLimit, QueueLimit.FLOOR)
+
     def test_fast_link_keeps_the_watermark(self):
         conn, link, clock = self.connection([(1000 * MBIT, False)])
         clock.advance(QueueLimit.INTERVAL)
@@ -185,7 +243,8 @@ class KernelRateTests(unittest.TestCase):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
             self.assertIsNone(deliveryRate(udp))
 
-    def test_rate_through_a_shaped_veth(self):
+    def shapedSender(self):
+        """A TCP socket (non-blocking) whose path is a 20 Mbit/s tbf, its peer drained."""
         lab = netns.lab_for(self)
         a, b = lab.namespace("qa"), lab.namespace("qb")
         veth = lab.veth(a, b, "10.97.0.1/24", "10.97.0.2/24")
@@ -218,15 +277,40 @@ class KernelRateTests(unittest.TestCase):
         self.addCleanup(reader.join, 5)
         self.addCleanup(done.set)
         sender.setblocking(False)
-        q, chunk, start = QueueLimit(0.010), bytes(65536), time.monotonic()
+        return sender
+
+    @staticmethod
+    def fill(sender, chunk=bytes(65536)):
+        try:
+            while True:
+                sender.send(chunk)
+        except BlockingIOError:
+            pass
+
+    def test_rate_through_a_shaped_veth(self):
+        sender = self.shapedSender()
+        q, start = QueueLimit(0.010), time.monotonic()
         while time.monotonic() - start < 1.5:   # TCP never runs dry: samples are the path's
-            try:
-                while True:
-                    sender.send(chunk)
-            except BlockingIOError:
-                pass
+            self.fill(sender)
             time.sleep(QueueLimit.INTERVAL)
             q.observe(time.monotonic(), *deliveryRate(sender), WATERMARK)
         self.assertGreater(q.rate, 0.5 * 20 * MBIT)
         self.assertLess(q.rate, 1.5 * 20 * MBIT)
         self.assertEqual(q.of(WATERMARK), QueueLimit.FLOOR)   # 25 kB in 10 ms: the floor
+
+    def test_a_new_connection_lowers_early_in_an_overload(self):
+        """A new link's first samples are app limited at the line's rate (its first bytes go
+        through the bucket's burst); sampled as a new link is, the limit is down within
+        0.1 s of an overload's start all the same."""
+        sender = self.shapedSender()
+        q = QueueLimit(0.010)
+        sender.send(bytes(300))   # a HELLO
+        time.sleep(0.05)
+        q.observe(time.monotonic(), *deliveryRate(sender), WATERMARK)
+        start = time.monotonic()
+        while time.monotonic() - start < 0.1:
+            self.fill(sender)
+            time.sleep(q.interval(True))
+            q.observe(time.monotonic(), *deliveryRate(sender), WATERMARK)
+        self.assertFalse(q.seeking)
+        self.assertEqual(q.of(WATERMARK), QueueLimit.FLOOR)
