@@ -23,13 +23,15 @@ Which samples count, and when they are taken, is about the onset of an overload:
   before the next sample came (20 Mbit/s, the first 0.5 s: p99 120 ms; kept: 26 ms, the
   steady state's).  A figure that is now too low costs only bursts above the limit while
   TCP never waits, and the first busy sample raises it.
-- Until the first busy sample the link samples every ``SEEK_INTERVAL``, sending or not: the
+- Until the first busy sample the link samples every ``SEEK_INTERVAL`` while it sends: the
   kernel's samples are the path's ~20 ms into an overload (tbf, 20 Mbit/s, measured), and a
   new link at the watermark fills it in ~100 ms at twice that rate.  (The floor until then
   bounded a new link's first packets better, but a fast link whose TCP never waits, as on
-  the benchmark's veth at 60 k packets/s, would keep it.)  After it, every
-  ``INTERVAL`` while the link sends and every ``IDLE_INTERVAL`` while it does not (a daemon
-  may hold many links; the C loop returns to Python at each).
+  the benchmark's veth at 60 k packets/s, would keep it.)  After it, every ``INTERVAL``
+  while the link sends.  A link that sends nothing is looked at every ``IDLE_INTERVAL``,
+  busy figure or not: a daemon may hold many links, and each look returns the C loop to
+  Python, so an idle link must not tick 50 times a second.  (A new link that stays idle and
+  then meets an overload at once waits for that look, up to 0.5 s, once in its life.)
 """
 import collections
 import socket
@@ -85,9 +87,9 @@ class QueueLimit:
 
     def interval(self, sent):
         """s to the next sample, the link having *sent* since the last one or not."""
-        if self._busyAt is None:
-            return self.SEEK_INTERVAL
-        return self.INTERVAL if sent else self.IDLE_INTERVAL
+        if not sent:
+            return self.IDLE_INTERVAL
+        return self.SEEK_INTERVAL if self._busyAt is None else self.INTERVAL
 
     def of(self, watermark):
         """The GRE limit under *watermark*: the lower of the two."""

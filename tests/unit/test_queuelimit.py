@@ -103,9 +103,10 @@ class LawTests(unittest.SynchronousTestCase):
     def test_sampled_sooner_until_the_first_busy_sample(self):
         q = QueueLimit(0.010)
         self.assertTrue(q.seeking)
-        self.assertEqual((q.interval(True), q.interval(False)), (QueueLimit.SEEK_INTERVAL,) * 2)
+        self.assertEqual((q.interval(True), q.interval(False)),
+                         (QueueLimit.SEEK_INTERVAL, QueueLimit.IDLE_INTERVAL))   # idle: not 50/s
         q.observe(0.0, 1500 * MBIT, True, WATERMARK)
-        self.assertEqual(q.interval(False), QueueLimit.SEEK_INTERVAL)
+        self.assertEqual(q.interval(True), QueueLimit.SEEK_INTERVAL)
         q.observe(0.1, 20 * MBIT, False, WATERMARK)
         self.assertFalse(q.seeking)
         self.assertEqual((q.interval(True), q.interval(False)),
@@ -192,15 +193,21 @@ class LinkTests(unittest.SynchronousTestCase):
         self.assertLess(self.gre(conn, 100), 40)   # the overload's first turn
 
     def test_a_new_link_lowers_within_a_seek_interval(self):
-        """A new link knows no rate: it samples every SEEK_INTERVAL, idle or not, so an
-        overload that starts whenever lowers the limit at its first busy sample."""
+        """A new link knows no rate: while it sends it samples every SEEK_INTERVAL, so an
+        overload lowers the limit at its first busy sample; idle, it is looked at every
+        IDLE_INTERVAL only (a daemon may hold many links), so the overload after an idle
+        start waits for that look."""
         conn, link, clock = self.connection([(1500 * MBIT, True)])   # the HELLO: the line's
         clock.advance(1.0)   # idle
         self.assertEqual(conn.greLimit, WATERMARK)
+        asked = link.rateAsked
+        clock.advance(1.0)
+        self.assertEqual(link.rateAsked, asked)   # idle: looked at, not asked
         link.deliveryRates = [(20 * MBIT, False)]
         self.gre(conn, 20)
-        clock.advance(QueueLimit.SEEK_INTERVAL)
+        clock.advance(QueueLimit.IDLE_INTERVAL)   # the idle look that finds it sending
         self.assertEqual(conn.greLimit, QueueLimit.FLOOR)
+        self.assertAlmostEqual(conn._queueSampler.getTime() - clock.seconds(), QueueLimit.INTERVAL)
 
     def test_fast_link_keeps_the_watermark(self):
         conn, link, clock = self.connection([(1000 * MBIT, False)])
