@@ -15,7 +15,6 @@ import struct
 import time
 
 from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.internet.tcp import Connection
 from twisted.logger import globalLogPublisher
@@ -25,12 +24,13 @@ from routeproxy import certs, tls
 from routeproxy.mux import frames as F
 from routeproxy.mux.connection import MuxConfig
 from routeproxy.mux.linksocket import SO_TIMESTAMPNS, StampedRead, bufferingTransport
-from routeproxy.mux.protocol import MuxClientFactory, MuxServerFactory
+from routeproxy.mux.protocol import MuxServerFactory
 from routeproxy.mux.session import OPEN
 from routeproxy.relay import DROP_LINK_SOJOURN, RelaySession
 from routeproxy.stats import DropCounter
 from routeproxy.testing import RecordingSessionReceiver
-from tests.unit.test_native_tlsread import ObservedMuxProtocol, Peer, inQueue, pyOpenSSLClient, turn
+from tests.support.links import loopbackLink
+from tests.unit.test_native_tlsread import ServerEnd, pyOpenSSLClient
 
 RRP, LRP = "rrp.mux.test", "lrp.mux.test"
 SID, TAG = 1, 0x4242
@@ -61,7 +61,7 @@ def gre(i, size=200):
     return F.encodeGRE(SID, TAG, i, None, bytes([i & 255]) * size)
 
 
-class Link:
+class Link(ServerEnd):
     """The receiving end (the server, Twisted's read and TLS, *linkMaxSojourn*) and the Peer."""
 
     def __init__(self, case, linkMaxSojourn, bufferSize=None):
@@ -77,18 +77,7 @@ class Link:
                                          linkMaxSojourn=self.linkMaxSojourn)
         factory = MuxServerFactory(lambda *a: self.receiver, config, reactor,
                                    peerNameOf=tls.peerName)
-        factory.protocol = ObservedMuxProtocol
-        listening = reactor.listenSSL(
-            0, factory, tls.serverCreator(paths["rrp_cert"], paths["rrp_key"], paths["ca"]),
-            interface="127.0.0.1")
-        case.addCleanup(listening.stopListening)
-        self.peer = Peer(pyOpenSSLClient(paths), listening.getHost().port)
-        case.addCleanup(self.peer.sock.close)
-        for _ in range(500):
-            if factory.connections:
-                break
-            yield turn()
-        [self.connection] = factory.connections
+        yield self.accept(factory, paths, pyOpenSSLClient(paths))
         case.addCleanup(self.abort)
         self.tls = self.connection._link.transport
         self.tcp = bufferingTransport(self.tls)
@@ -101,58 +90,6 @@ class Link:
                          and self.connection.sessions[SID].state == OPEN, "the session open")
         self.session = self.connection.sessions[SID]
         self.framesBefore = self.connection.stats.framesIn
-
-    def abort(self):
-        if not self.connection.linkGone:
-            self.tls.abortConnection()
-            return self.connection.whenLinkLost()
-
-    @defer.inlineCallbacks
-    def until(self, condition, what, seconds=5):
-        deadline = time.monotonic() + seconds
-        while not condition():
-            try:
-                self.peer.receive()
-            except OSError:   # (the server's end gone while the peer answered)
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"waited {seconds} s for {what}")
-            yield turn()
-
-    @defer.inlineCallbacks
-    def send(self, data, cuts=()):
-        """*data* (ciphertext) in segments cut at *cuts*, each read before the next is sent."""
-        edges = [0] + sorted(c for c in cuts if 0 < c < len(data)) + [len(data)]
-        for a, b in zip(edges, edges[1:]):
-            self.peer.sock.sendall(data[a:b])
-            yield self.read()
-
-    @defer.inlineCallbacks
-    def read(self):
-        """Until the server has read what was sent (or stopped reading)."""
-        sock, deadline = self.tcp.socket, time.monotonic() + 5
-        yield turn()
-        while inQueue(sock) and self.tcp.connected and time.monotonic() < deadline:
-            yield turn()
-
-    def heldRead(self, data, wait):
-        """*data* (ciphertext) sent while the server does not read, read *wait* s later."""
-        self.tcp.stopReading()
-        self.peer.sock.sendall(data)
-        time.sleep(wait)   # (the reactor is here: nothing reads)
-        self.tcp.startReading()
-        return self.read()
-
-    def behindRead(self, data, wait):
-        """*data* sent, read *wait* s later by a server behind its link: reads of one buffer
-        each, only while more than a buffer waits, so every read is full and a queue stands
-        behind it (a read that empties the socket is young: RFC 8289)."""
-        self.tcp.stopReading()
-        self.peer.sock.sendall(data)
-        time.sleep(wait)   # (the reactor is here: nothing reads)
-        while inQueue(self.tcp.socket) > self.tcp.bufferSize:
-            self.tcp.doRead()
-        return turn()
 
 
 class ReceiveGateTests(unittest.TestCase):
@@ -395,18 +332,8 @@ class InstallTests(unittest.TestCase):
     def test_bothEnds(self):
         """The LRP's end (a client endpoint: a wrapping protocol under TLS) and the RRP's get
         the stamped read, on the instance, over Twisted's own doRead; not over another."""
-        paths = certs.write_lab_certs(self.mktemp(), RRP, [LRP])
-        config = MuxConfig()
-        server = MuxServerFactory(lambda *a: RecordingSessionReceiver(), config, reactor,
-                                  peerNameOf=tls.peerName)
-        port = reactor.listenSSL(0, server, tls.serverCreator(paths["rrp_cert"], paths["rrp_key"],
-                                                              paths["ca"]), interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        endpoint = wrapClientTLS(
-            tls.clientCreator(RRP, paths["lrp_cert"], paths["lrp_key"], paths["ca"]),
-            TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port))
-        protocol = yield endpoint.connect(MuxClientFactory(config, reactor, peerNameOf=tls.peerName))
-        lrp = protocol.connection
+        lrp, server = yield loopbackLink(self, MuxConfig(), lambda *a: RecordingSessionReceiver(),
+                                         RRP, LRP)
         ends = [lrp]
 
         def over():

@@ -7,14 +7,12 @@ import errno
 import socket
 
 from twisted.internet import abstract, defer, reactor, task, tcp as twisted_tcp
-from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.testing import MemoryReactor, MemoryReactorClock
 from twisted.trial import unittest
 
-from routeproxy import certs, tls
 from routeproxy.mux.connection import MuxConfig
 from routeproxy.mux.linksocket import pauseAbove, sendAtOnce
-from routeproxy.mux.protocol import MuxClientFactory, MuxServerFactory
+from tests.support.links import loopbackLink
 
 
 class ScriptedSocket:
@@ -135,18 +133,7 @@ class AbortOverTLSTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_anAbortedLinkSendsNoCloseNotify(self):
-        rrpName, lrpName = "rrp.mux.test", "lrp.mux.test"
-        paths = certs.write_lab_certs(self.mktemp(), rrpName, [lrpName])
-        config = MuxConfig()
-        server = MuxServerFactory(lambda *a: None, config, reactor, peerNameOf=tls.peerName)
-        port = reactor.listenSSL(0, server, tls.serverCreator(paths["rrp_cert"], paths["rrp_key"],
-                                                              paths["ca"]), interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        endpoint = wrapClientTLS(
-            tls.clientCreator(rrpName, paths["lrp_cert"], paths["lrp_key"], paths["ca"]),
-            TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port))
-        protocol = yield endpoint.connect(MuxClientFactory(config, reactor, peerNameOf=tls.peerName))
-        lrp = protocol.connection
+        lrp, server = yield loopbackLink(self, MuxConfig(), lambda *a: None)
         yield lrp.whenReady()
         yield task.deferLater(reactor, 0.05, lambda: None)
         [rrp] = list(server.connections)

@@ -16,14 +16,13 @@ import threading
 import time
 
 from twisted.internet import defer, protocol, reactor, task
-from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.trial import unittest
 
-from routeproxy import certs, gre, native, tls
+from routeproxy import gre, native
 from routeproxy.flows import LinkFlows
 from routeproxy.greport import GREPort
 from routeproxy.mux.connection import MuxConfig
-from routeproxy.mux.protocol import MuxClientFactory, MuxServerFactory
+from tests.support.links import loopbackLink
 from tests.support.native import requireNative
 from tests.support.packets import ip_fragments, ipv4
 from tests.unit.test_native_tls import OrderReceiver
@@ -108,7 +107,6 @@ class LoopTestCase(unittest.TestCase):
 
     @defer.inlineCallbacks
     def start(self, dataPlane, maxSojourn=0, linkMaxSojourn=0.0):
-        paths = certs.write_lab_certs(self.mktemp(), RRP, [LRP])
         self.far = OrderReceiver()
         config = MuxConfig(pingInterval=60.0, deadTimeout=120.0,   # no PING mid-scenario
                            linkMaxSojourn=linkMaxSojourn)
@@ -117,18 +115,13 @@ class LoopTestCase(unittest.TestCase):
         def sessionRequested(session, profile, info):
             self.farSessions.append(session)
             return self.far
-        server = MuxServerFactory(sessionRequested, config, reactor, peerNameOf=tls.peerName)
-        listening = reactor.listenSSL(0, server, tls.serverCreator(paths["rrp_cert"], paths["rrp_key"],
-                                                                   paths["ca"]), interface="127.0.0.1")
-        self.addCleanup(listening.stopListening)
-        endpoint = wrapClientTLS(tls.clientCreator(RRP, paths["lrp_cert"], paths["lrp_key"], paths["ca"]),
-                                 TCP4ClientEndpoint(reactor, "127.0.0.1", listening.getHost().port))
-        factory = MuxClientFactory(config, reactor, peerNameOf=tls.peerName)
         self.port = GREPort(None, [LOCAL], interface="lo", capture=self.capture, reactor=reactor,
                             maxSojourn=maxSojourn)
-        factory.linkFlows = LinkFlows(MODULE, self.port)   # the link read in C (useNativePlane)
-        link = yield endpoint.connect(factory)
-        self.lrp, self.server = link.connection, server
+
+        def prepare(factory):   # the link read in C (useNativePlane)
+            factory.linkFlows = LinkFlows(MODULE, self.port)
+        self.lrp, self.server = yield loopbackLink(self, config, sessionRequested, RRP, LRP, prepare)
+        server = self.server
 
         @defer.inlineCallbacks
         def closeLink():

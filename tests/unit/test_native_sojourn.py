@@ -24,7 +24,7 @@ from routeproxy.mux.linksocket import bufferingTransport
 from routeproxy.sojourn import SojournGate
 from tests.support.native import requireNative
 from tests.unit import test_native_loop as loopTests
-from tests.unit.test_native_tlsread import KEY, SID, TAG, Run, TLSReadTests, inQueue, turn
+from tests.unit.test_native_tlsread import KEY, SID, TAG, Run, TLSReadTests
 
 MODULE, REASON = native.load()
 
@@ -76,28 +76,6 @@ def gre(i, size=200):
     return F.encodeGRE(SID, TAG, i, None, bytes([i & 255]) * size)
 
 
-def heldRead(run, data, wait):
-    """*data* (ciphertext) sent while the socket is not read, read *wait* s later."""
-    run.tcp.stopReading()
-    run.peer.sock.sendall(data)
-    time.sleep(wait)   # (nothing reads: the reactor is here)
-    run.tcp.startReading()
-    return run.read()
-
-
-def behindRead(run, data, wait):
-    """*data* (ciphertext) sent, read *wait* s later by a daemon behind its link: reads of
-    one buffer each, only while more than a buffer waits, so every read is full and a
-    queue stands behind it (a read that empties the socket is young: RFC 8289)."""
-    run.tcp.stopReading()
-    run.peer.sock.sendall(data)
-    time.sleep(wait)   # (nothing reads: the reactor is here)
-    sock = run.tcp.socket
-    while inQueue(sock) > run.tcp.bufferSize:
-        run.tcp.doRead()
-    return turn()
-
-
 @defer.inlineCallbacks
 def endAndCollect(run):
     """A last control frame through, then every GRE pptpd got: [(call ID, seq)] in order."""
@@ -130,7 +108,7 @@ class ReceiveQueueTests(TLSReadTests):
         seq = 0
         for _ in range(rounds):
             data = run.peer.records(b"".join(gre(seq + i) for i in range(perRound)))
-            yield (behindRead if behind else heldRead)(run, data, wait)
+            yield (run.behindRead if behind else run.heldRead)(data, wait)
             seq += perRound
         run.tcp.startReading()
         got = yield endAndCollect(run)
@@ -217,7 +195,7 @@ class ReceiveQueueTests(TLSReadTests):
             sent[KEY + 1] += 1
             return run.peer.records(b"".join(frames))
         for _ in range(10):                     # the flood's standing queue
-            yield behindRead(run, burst(40), 0.03)
+            yield run.behindRead(burst(40), 0.03)
         run.tcp.startReading()
         stood = sent[KEY + 1]
         for _ in range(10):                     # young reads: the honest call alone

@@ -294,7 +294,83 @@ class ObservedMuxProtocol(MuxProtocol):
         MuxProtocol.connectionLost(self, reason)
 
 
-class Run:
+class ServerEnd:
+    """The server's end of a real link (``tcp``, ``tls``, ``connection``) read by the reactor,
+    and the client ``peer`` that writes to it: what Run and test_mux_receivegate's Link do
+    alike."""
+
+    @defer.inlineCallbacks
+    def accept(self, factory, paths, engine):
+        """*factory* listening on loopback with the RRP's certificate and a Peer of *engine*
+        connected to it: ``connection``, the server's end."""
+        factory.protocol = ObservedMuxProtocol
+        listening = reactor.listenSSL(
+            0, factory, tls.serverCreator(paths["rrp_cert"], paths["rrp_key"], paths["ca"]),
+            interface="127.0.0.1")
+        self.case.addCleanup(listening.stopListening)
+        self.peer = Peer(engine, listening.getHost().port)
+        self.case.addCleanup(self.peer.sock.close)
+        for _ in range(500):
+            if factory.connections:
+                break
+            yield turn()
+        [self.connection] = factory.connections
+
+    def abort(self):
+        if not self.connection.linkGone:
+            self.tls.abortConnection()
+            return self.connection.whenLinkLost()
+
+    @defer.inlineCallbacks
+    def until(self, condition, what, seconds=5):
+        deadline = time.monotonic() + seconds
+        while not condition():
+            try:
+                self.peer.receive()
+            except OSError:   # (the server's end gone while the peer answered)
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"waited {seconds} s for {what}")
+            yield turn()
+
+    @defer.inlineCallbacks
+    def send(self, data, cuts=()):
+        """*data* (ciphertext) in segments cut at *cuts*, each read by the server before the
+        next is sent."""
+        edges = [0] + sorted(c for c in cuts if 0 < c < len(data)) + [len(data)]
+        for a, b in zip(edges, edges[1:]):
+            self.peer.sock.sendall(data[a:b])
+            yield self.read()
+
+    @defer.inlineCallbacks
+    def read(self):
+        """Until the server has read what was sent (or stopped reading)."""
+        sock, deadline = self.tcp.socket, time.monotonic() + 5
+        yield turn()
+        while inQueue(sock) and self.tcp.connected and time.monotonic() < deadline:
+            yield turn()
+
+    def heldRead(self, data, wait):
+        """*data* (ciphertext) sent while the server does not read, read *wait* s later."""
+        self.tcp.stopReading()
+        self.peer.sock.sendall(data)
+        time.sleep(wait)   # (the reactor is here: nothing reads)
+        self.tcp.startReading()
+        return self.read()
+
+    def behindRead(self, data, wait):
+        """*data* sent, read *wait* s later by a server behind its link: reads of one buffer
+        each, only while more than a buffer waits, so every read is full and a queue stands
+        behind it (a read that empties the socket is young: RFC 8289)."""
+        self.tcp.stopReading()
+        self.peer.sock.sendall(data)
+        time.sleep(wait)   # (the reactor is here: nothing reads)
+        while inQueue(self.tcp.socket) > self.tcp.bufferSize:
+            self.tcp.doRead()
+        return turn()
+
+
+class Run(ServerEnd):
     """The RRP's end (a real mux server over routeproxy.tls with a native link read and a
     flow entry for (SID, TAG)) and a client Peer, with the C TLS read (*native*) or not."""
 
@@ -323,23 +399,12 @@ class Run:
         config = MuxConfig(pingInterval=60.0, deadTimeout=120.0, linkMaxSojourn=self.linkMaxSojourn)
         factory = MuxServerFactory(lambda *a: self.receiver, config, reactor,
                                    peerNameOf=tls.peerName)
-        factory.protocol = ObservedMuxProtocol
         factory.linkFlows = self.flows
-        listening = reactor.listenSSL(
-            0, factory, tls.serverCreator(paths["rrp_cert"], paths["rrp_key"], paths["ca"]),
-            interface="127.0.0.1")
-        case.addCleanup(listening.stopListening)
         engine = (SystemTLS(paths) if self.engineName == "system" else
                   pyOpenSSLClient(paths, self.engineName == "tls1.2"))
         if isinstance(engine, SystemTLS):
             case.addCleanup(engine.close)
-        self.peer = Peer(engine, listening.getHost().port)
-        case.addCleanup(self.peer.sock.close)
-        for _ in range(500):
-            if factory.connections:
-                break
-            yield turn()
-        [self.connection] = factory.connections
+        yield self.accept(factory, paths, engine)
         self.reader = self.connection.nativeReader
         self.reader.tlsRead = self.native
         case.addCleanup(self.abort)
@@ -365,38 +430,6 @@ class Run:
         case.assertEqual(self.reader.tls is not None and self.reader.tls.installed, self.native)
         self.peer.receive()
         self.mark = len(self.peer.frames)
-
-    def abort(self):
-        if not self.connection.linkGone:
-            self.tls.abortConnection()
-            return self.connection.whenLinkLost()
-
-    @defer.inlineCallbacks
-    def until(self, condition, what, seconds=5):
-        deadline = time.monotonic() + seconds
-        while not condition():
-            self.peer.receive()
-            if time.monotonic() > deadline:
-                raise AssertionError(f"waited {seconds} s for {what}")
-            yield turn()
-
-    @defer.inlineCallbacks
-    def send(self, data, cuts=()):
-        """*data* (ciphertext) in segments cut at *cuts*, each read by the server before the
-        next is sent."""
-        edges = [0] + sorted(c for c in cuts if 0 < c < len(data)) + [len(data)]
-        for a, b in zip(edges, edges[1:]):
-            self.peer.sock.sendall(data[a:b])
-            yield self.read()
-
-    @defer.inlineCallbacks
-    def read(self):
-        """Until the server has read what was sent (or stopped reading)."""
-        sock = self.tcp.socket
-        deadline = time.monotonic() + 5
-        yield turn()
-        while inQueue(sock) and self.tcp.connected and time.monotonic() < deadline:
-            yield turn()
 
     def gre(self):
         return receivedGRE(self.sink, self.source, self.pptpd)
