@@ -4,6 +4,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := libpcap-dev tshark iproute2 iptables pptpd pptp-linux ppp user-mode-linux busybox tcpreplay haproxy systemd \
+                openvpn \
                 build-essential flex bison bc xz-utils
 TRIAL_JOBS ?= 2
 # trial's work directory; give each concurrent run in one checkout its own
