@@ -34,7 +34,7 @@ BACK_REASONS = {1: "sojourn", 2: "fragment", 3: "malformed", 4: "unknown_key",
                 5: "wrong_source", 6: "budget", 7: "no_room", 8: "no_link"}
 _NO_LINK = 8
 
-_DROP_REASONS = ("not_ipv4", "truncated", "bad_header", "not_gre", "not_local")
+_DROP_REASONS = ("not_ipv4", "truncated", "bad_header", "not_gre", "not_local", "sojourn")
 _DELTAS = 256
 _NO_LIMIT = 1 << 62
 
@@ -177,15 +177,16 @@ class FlowTable(_Entries):
         if self._lib.rp_pump_set_local(self.state, b"".join(addresses), len(addresses)) < 0:
             raise MemoryError("rp_pump_set_local")
 
-    def begin(self, dropBefore):
-        """Before a pump call: the gate's threshold, and each link's watermark room."""
+    def begin(self, dropBefore, gate=None):
+        """Before a pump call: the gate's threshold (and the gate, a sojourn.NativeGate's
+        state, when C is to drop what is older itself), and each link's watermark room."""
         if self._waiting:
             self._admitWaiting()
         self._calls = calls = self._calls + 1
         if calls >= self._sweepAt:
             self._sweep()
         lib, state, reasons = self._lib, self.state, self._reasons
-        lib.rp_pump_begin(state, dropBefore)
+        lib.rp_pump_begin(state, dropBefore, self._ffi.NULL if gate is None else gate)
         for index, connection in self._live:
             room, handBack, reason = connection.greRoom()
             reasons[index] = reason
@@ -242,11 +243,15 @@ class FlowTable(_Entries):
             if counts.delivered:
                 self._foldFlows(seen is None)
 
-    def retry(self, dropBefore, back):
+    def dropBefore(self):
+        """The gate's threshold after a pump call: C's gate moves it as it drops."""
+        return self._lib.rp_pump_drop_before(self.state)
+
+    def retry(self, dropBefore, back, gate=None):
         """*back* (timestamp, frame), handed back by the last call because its link was not
         begun (:attr:`linkBegun`): through C again in a call of its own, now that it is.
         Returns None when C took it, else *back* for the Python path (its budget, say)."""
-        self.begin(dropBefore)
+        self.begin(dropBefore, gate)
         timestamp, frame = back
         try:
             taken = self._lib.rp_pump_frame_again(self.state, frame, len(frame),

@@ -228,7 +228,12 @@ class GREPort(abstract.FileDescriptor):
         self._clock = getattr(self.reactor, "seconds", time.monotonic)
         self._turn = turn.of(self.reactor)  # the mux connections' flushes wait for our reads
         self.maxSojourn = maxSojourn
-        self._gate = sojourn.SojournGate(maxSojourn, sojournInterval) if maxSojourn else None
+        if not maxSojourn:
+            self._gate = None
+        elif self.flows is not None:   # C reads the frames: C drops the old ones too
+            self._gate = sojourn.NativeGate(self._native, maxSojourn, sojournInterval)
+        else:
+            self._gate = sojourn.SojournGate(maxSojourn, sojournInterval)
         self._wallClock = wallClock  # the capture's timestamps are wall-clock time
         self._dropBefore = 0.0  # captured before this: dropped (set per wake-up by the gate)
         self._head = 0.0  # capture time of the last packet read
@@ -450,15 +455,17 @@ class GREPort(abstract.FileDescriptor):
         and the pump goes on after it (one of a mux link not begun for the call goes through
         C again first, in a call of its own: FlowTable.retry)."""
         flows, pump = self.flows, self._capture.pump
-        state = flows.state
+        state, gate = flows.state, self._cGate()
         while budget > 0 and self.connected:
-            flows.begin(self._dropBefore)
+            flows.begin(self._dropBefore, gate)
             try:
                 n, back = pump(state, budget)
             except OSError as e:
                 return e  # the reactor stops reading and calls connectionLost
             finally:
                 head = flows.end()  # the frames C built go out before a handed-back one
+                if gate is not None:
+                    self._dropBefore = flows.dropBefore()   # C's gate moved it as it dropped
             if head is not None:
                 self._head = head
             if back is not None:
@@ -473,12 +480,17 @@ class GREPort(abstract.FileDescriptor):
         now (FlowTable.retry), else the Python path's."""
         flows = self.flows
         if flows.linkBegun:  # its link was idle: begun now, C takes the frame after all
-            back, head = flows.retry(self._dropBefore, back)
+            back, head = flows.retry(self._dropBefore, back, self._cGate())
             if head is not None:
                 self._head = head
         if back is not None:
             self._lastCopy = None  # C checked it against the last frame, and keeps it
             self._frameReceived(*back)
+
+    def _cGate(self):
+        """The gate's state in C (a sojourn.NativeGate's), which the pump drops with, or None:
+        C hands each old frame back to _frameReceived."""
+        return getattr(self._gate, "state", None)
 
     def _frameReceived(self, timestamp, frame):
         """One captured frame: link header off, IPv4 checked, GRE up.  Never raises."""

@@ -159,7 +159,7 @@ static void loop_pump_begin(struct rp_loop *l)
             k->begun = 0;
         k->sweep_at = k->calls + k->idle_calls;
     }
-    rp_pump_begin(l->pump, 0.0);   /* the gate is not dropping: no threshold */
+    rp_pump_begin(l->pump, 0.0, NULL);   /* the gate is not dropping: no threshold */
     if (k->begun) {
         if (l->turn.unsent < 0)
             loop_turn_unsent(l);

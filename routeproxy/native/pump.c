@@ -17,6 +17,8 @@
 
 #include "pump.h"
 
+double rp_gate_dropped(struct rp_gate *g);   /* sojourn.h, later in the unit */
+
 #define LAST_MAX 65536
 
 struct rp_flow {
@@ -60,6 +62,7 @@ struct rp_pump {
     /* this pump call: links begun for it have its generation; those with frames are in
      * used[], in the order of their first frame */
     double drop_before;
+    struct rp_gate *gate;           /* the capture's sojourn gate in C, or NULL (Python's) */
     uint64_t generation;
     int has_head;
     double head;
@@ -143,14 +146,20 @@ void rp_pump_clear_flow(struct rp_pump *p, uint32_t key)
     p->flows[key & 0xFFFF].used = 0;  /* its counters wait for the next take */
 }
 
-void rp_pump_begin(struct rp_pump *p, double drop_before)
+void rp_pump_begin(struct rp_pump *p, double drop_before, struct rp_gate *gate)
 {
     p->drop_before = drop_before;
+    p->gate = gate;
     p->generation++;  /* every link's budget is the last call's: none is begun */
     p->has_head = 0;
     p->back_reason = 0;
     p->back_link = -1;
     p->n_used = 0;
+}
+
+double rp_pump_drop_before(struct rp_pump *p)
+{
+    return p->drop_before;
 }
 
 int rp_pump_begin_link(struct rp_pump *p, uint32_t link, int64_t room, int hand_back_over,
@@ -211,8 +220,18 @@ static int pump_frame(struct rp_pump *p, const uint8_t *frame, size_t size, doub
     int code;
 
     if (has_ts && ts != 0.0) {  /* Python: "if timestamp:" */
-        if (ts < p->drop_before)
-            return hand_back(p, RP_BACK_SOJOURN);  /* Python's gate drops it and moves on */
+        if (ts < p->drop_before) {
+            if (p->gate == NULL)
+                return hand_back(p, RP_BACK_SOJOURN);  /* Python's gate drops it */
+            /* GREPort._frameReceived's drop, here: under an overload every frame of a full
+             * ring may be this one, and a hand-back each cost a Python turn per frame */
+            p->has_head = 1;
+            p->head = ts;
+            p->counts.received++;
+            p->counts.sojourn++;
+            p->drop_before = rp_gate_dropped(p->gate);
+            return RP_PUMP_TAKEN;
+        }
         p->has_head = 1;
         p->head = ts;
     }

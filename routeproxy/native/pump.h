@@ -18,7 +18,7 @@
 #define RP_PUMP_HAND_BACK 1   /* Python must run it through GREPort._frameReceived */
 
 /* why a frame was handed back (rp_pump.back_reason; the tests and the status read them) */
-#define RP_BACK_SOJOURN 1     /* older than drop_before: Python's gate drops it */
+#define RP_BACK_SOJOURN 1     /* older than drop_before, no gate in C: Python's gate drops it */
 #define RP_BACK_FRAGMENT 2
 #define RP_BACK_MALFORMED 3   /* rp_split_gre refused it: the demux counts it */
 #define RP_BACK_UNKNOWN_KEY 4
@@ -39,6 +39,7 @@ struct rp_counts {
     uint64_t bad_header;
     uint64_t not_gre;
     uint64_t not_local;
+    uint64_t sojourn;      /* older than drop_before: dropped by the gate in C */
     uint64_t handed_back;
     uint32_t links;        /* links with frames from the last pump call (rp_pump_out's i) */
 };
@@ -68,12 +69,17 @@ int rp_pump_set_flow(struct rp_pump *p, uint32_t key, const uint8_t *src, uint32
                      uint32_t tag, uint32_t link);
 void rp_pump_clear_flow(struct rp_pump *p, uint32_t key);
 
-/* Before a pump call: the sojourn gate's threshold (0: none); no link is begun.  Then per
+struct rp_gate;   /* sojourn.h */
+
+/* Before a pump call: the sojourn gate's threshold (0: none) and the gate (NULL: Python's,
+ * each frame older than the threshold is handed back; else C drops it, counted, and asks
+ * the gate for the next threshold: rp_pump_drop_before); no link is begun.  Then per
  * link that may get frames: its byte budget (the GRE watermark's room), whether a frame
  * over it is handed back (Python has not asked the link yet) rather than dropped, and the
  * link's largest payload; -1 for a bad index or without memory for its buffer (its flows'
  * frames are then handed back). */
-void rp_pump_begin(struct rp_pump *p, double drop_before);
+void rp_pump_begin(struct rp_pump *p, double drop_before, struct rp_gate *gate);
+double rp_pump_drop_before(struct rp_pump *p);
 int rp_pump_begin_link(struct rp_pump *p, uint32_t link, int64_t room, int hand_back_over,
                        int64_t max_payload);
 /* One frame (GREPort._frameReceived): RP_PUMP_TAKEN or RP_PUMP_HAND_BACK. */

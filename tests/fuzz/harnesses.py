@@ -169,7 +169,7 @@ def native_pump(data):
         return
     module, state, link, length, frames = _pump()
     lib, ffi = module.lib, module.ffi
-    lib.rp_pump_begin(state, 0.0)
+    lib.rp_pump_begin(state, 0.0, ffi.NULL)
     begun = [i for i in range(_PUMP_LINKS) if not data[1] >> (2 + i) & 1]
     for i in begun:
         lib.rp_pump_begin_link(state, i, (data[0] << 4) - 16, data[1] & 1, 1500)

@@ -251,7 +251,7 @@ class NativeRawPortTests(unittest.SynchronousTestCase):
         state = ffi.gc(lib.rp_pump_new(1 << 16), lib.rp_pump_free)
         lib.rp_pump_set_link(state, 0, -1, b"", 0)
         lib.rp_pump_set_local(state, socket.inet_aton(self.h.local), 1)
-        lib.rp_pump_begin(state, 0.0)
+        lib.rp_pump_begin(state, 0.0, MODULE.ffi.NULL)
         h = self.h
         self.send([data(h, 900 + n, n) for n in range(1, 6)])   # no flow: each handed back
         n, back = self.capture.pump(state, 128)
@@ -335,7 +335,7 @@ class ShardFilterTests(unittest.SynchronousTestCase):
         state = MODULE.ffi.gc(MODULE.lib.rp_pump_new(1 << 16), MODULE.lib.rp_pump_free)
         MODULE.lib.rp_pump_set_link(state, 0, -1, b"", 0)
         MODULE.lib.rp_pump_set_local(state, socket.inet_aton(LRP_IP), 1)
-        MODULE.lib.rp_pump_begin(state, 0.0)
+        MODULE.lib.rp_pump_begin(state, 0.0, MODULE.ffi.NULL)
         keys = []
         while True:
             n, back = capture.pump(state, 128)
