@@ -1,7 +1,7 @@
 """`python -m benchmarks.fixedrate [--rate PPS ...] [--size B] [--duration S] [--py-spy DIR]
 [--direction forward|reverse|both] [--proxy-options OPTS] [--lrp-options OPTS] [--latency]
 [--openvpn default|nodelay ...] [--shards N] [--pin KEY=CPUS,...] [--instrument c|python ...]
-[--idle S] [--warm-up S]`
+[--idle S] [--warm-up S] [--junk-rate PPS]`
 
 The proxy path of ``benchmarks.topology`` (real twistd daemons in namespaces) at fixed
 offered rates, client -> server by default: per daemon the CPU per delivered packet (the
@@ -34,7 +34,10 @@ the instrument itself).  Every row names its engine and the instruments' own CPU
 skips the warm-up trial (the first trial is then the first GRE of a new link): with a short
 ``--duration`` (0.5-1 s) and ``--latency``, a trial shows the onset of an overload, what an
 idle or new link does before its send-queue limit has measured the path (docs/gre-io.md).
-Needs root.
+``--junk-rate PPS`` floods the LRP during each trial with GRE from the client's address
+whose call IDs no call holds (a sender of its own, as an attacker's): what the calls' GRE
+delivers beside it, and the drops by reason, show whether a flood of bad input costs more
+than what it concerns.  Needs root.
 """
 import argparse
 import json
@@ -113,13 +116,16 @@ def _direction_cells(got, latency):
             **({"latency_us": _latency(got)} if latency else {})}
 
 
-def measure_rate(lab, label, path, rate, args, counters_of, drops_of=dict):
+def measure_rate(lab, label, path, rate, args, counters_of, drops_of=dict, junk=0):
     """One trial of *path* at *rate* (per direction): the row printed, with each daemon's CPU
-    per packet (every packet delivered, both directions together with ``both``)."""
+    per packet (every packet delivered, both directions together with ``both``); *junk*: the
+    flood's rate beside it (``--junk-rate``), its sender inside the counters' window."""
     direction = getattr(args, "direction", "forward")
     drops, before = drops_of(), counters_of()
+    flood = start_junk(lab, path, args) if junk else None
     got = measure.run_trial(lab, path, args.size, offered(path, rate), args.duration, latency=args.latency,
                             batch=8 if args.latency else None)
+    flooded = stop_junk(flood) if flood is not None else None
     after, dropped = counters_of(), drops_of()
     row = {"path": label, **({"direction": direction} if direction != "forward" else {}),
            "rate": rate, "size": args.size, "offered_pps": round(got["offered_pps"]),
@@ -128,7 +134,7 @@ def measure_rate(lab, label, path, rate, args, counters_of, drops_of=dict):
            **({"latency_us": _latency(got)} if args.latency and direction != "both" else {}),
            **{leg: _direction_cells(part, args.latency) for leg, part in zip(LEGS, got.get("legs", ()))},
            "daemon_drops": {k: v - drops.get(k, 0) for k, v in dropped.items() if v - drops.get(k, 0)},
-           **instrument_cells(got)}
+           **instrument_cells(got), **({"junk": flooded} if flooded else {})}
     for name in after:
         cpu = after[name][0] - before[name][0]
         row[f"{name}_us_per_packet"] = round(cpu * 1e6 / got["received"], 1) if got["received"] else None
@@ -204,6 +210,31 @@ def side_by_side(rows, direction="forward"):
     return "\n".join(lines)
 
 
+def start_junk(lab, path, args):
+    """A sender of GRE with call IDs no call holds, from the first sender's namespace and
+    address to the same destination, at ``--junk-rate`` for as long as a trial."""
+    if args.direction != "forward":
+        raise SystemExit("fixedrate: --junk-rate floods the LRP: forward only")
+    ns, dst, _, link = path.senders[0]
+    used = {key for _, _, keys, _ in path.senders for key in keys}
+    keys = [key for key in range(40000, 40100) if key not in used][:8]
+    argv = ["send", "--dst", dst, "--size", args.size, "--rate", args.junk_rate,
+            "--duration", args.duration, "--keys", ",".join(map(str, keys)), "--run", 0]
+    if link is not None:
+        argv += link.argv()
+    return lab.spawn(ns, instrument.argv(*argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                     text=True, env=measure.child_env(), cwd=measure.REPO)
+
+
+def stop_junk(proc):
+    """The junk sender's own count: {"sent": packets, "pps": its rate}."""
+    out, err = proc.communicate(timeout=60)
+    got = next((json.loads(line) for line in out.splitlines() if line.startswith("{")), None)
+    if got is None:
+        raise SystemExit(f"fixedrate: the junk sender failed (rc={proc.returncode}): {err[-400:]}")
+    return {"sent": got.get("sent"), "pps": round(got.get("pps") or 0)}
+
+
 def shape_link(lab, proxy, mbit):
     """Both ends of the link's veth limited to *mbit* each way (tbf, 16 KB burst, 64 KB
     queue): the line that says so."""
@@ -237,6 +268,9 @@ def main(argv=None):
     p.add_argument("--idle", type=float, default=0.0, metavar="S",
                    help="seconds the link stays idle before each trial (the onset of an overload "
                         "after idle, with a short --duration)")
+    p.add_argument("--junk-rate", type=int, default=0, metavar="PPS",
+                   help="during each trial, GRE to the LRP at PPS from the client with call IDs "
+                        "no call holds (forward only)")
     p.add_argument("--warm-up", type=float, default=1.0, metavar="S",
                    help="seconds of the warm-up trial (0: none, the first trial meets a new link)")
     topology.add_shard_arguments(p)
@@ -280,7 +314,8 @@ def main(argv=None):
                 instrument.select(engine)
                 if args.idle > 0:
                     time.sleep(args.idle)
-                rows.append(measure_rate(lab, "proxy", path, rate, args, lambda: counters(proxy), proxy.drops))
+                rows.append(measure_rate(lab, "proxy", path, rate, args, lambda: counters(proxy), proxy.drops,
+                                         junk=args.junk_rate))
                 for spy in spies:
                     spy.wait()
                 spies = []

@@ -34,7 +34,7 @@ BACK_REASONS = {1: "sojourn", 2: "fragment", 3: "malformed", 4: "unknown_key",
                 5: "wrong_source", 6: "budget", 7: "no_room", 8: "no_link"}
 _NO_LINK = 8
 
-_DROP_REASONS = ("not_ipv4", "truncated", "bad_header", "not_gre", "not_local", "sojourn")
+_DROP_REASONS = ("not_ipv4", "truncated", "bad_header", "not_gre", "not_local", "sojourn", "no_call")
 _DELTAS = 256
 _NO_LIMIT = 1 << 62
 
@@ -79,6 +79,7 @@ class _Entries:
         if flow is None or flow.call is not call:
             return
         del self._entries[key]
+        self._forget(key)
         if flow.installed:
             self._clear(key, flow)
 
@@ -86,6 +87,9 @@ class _Entries:
         """Every call of *session* (its mux session detached or closed)."""
         for flow in [f for f in self._entries.values() if f.session is session]:
             self.callGone(flow.call)
+
+    def _forget(self, key):
+        """*key* has no entry any more (a table may say so to C)."""
 
 
 class RelayFlows:
@@ -300,11 +304,15 @@ class FlowTable(_Entries):
     # -- the relay ----------------------------------------------------------------------------
 
     def _ready(self, key, flow):
+        self._lib.rp_pump_hold(self.state, key, 1)   # a call's: never dropped as of no call
         index = self._linkIndex(flow.mux.connection)
         if index is not None:
             self._install(key, flow, index)
         # else more live links than C frames for: its GRE goes the Python path until an index
         # is free (_release)
+
+    def _forget(self, key):
+        self._lib.rp_pump_hold(self.state, key, 0)
 
     def _clear(self, key, flow):
         self._lib.rp_pump_clear_flow(self.state, key)

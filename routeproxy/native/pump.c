@@ -23,6 +23,7 @@ double rp_gate_dropped(struct rp_gate *g);   /* sojourn.h, later in the unit */
 
 struct rp_flow {
     uint8_t used;
+    uint8_t held;        /* Python has an entry for the key (rp_pump_hold) */
     uint8_t touched;
     uint8_t link;        /* < RP_MAX_LINKS */
     uint8_t src[4];
@@ -68,6 +69,10 @@ struct rp_pump {
     double head;
     int back_reason;
     int back_link;
+    /* frames of no call handed back in the current window (RP_PUNT_*) */
+    double punt_window;
+    uint64_t punt_generation;
+    uint32_t punts;
     size_t out_capacity;
     uint32_t n_used;
     uint8_t used[RP_MAX_LINKS];
@@ -146,6 +151,11 @@ void rp_pump_clear_flow(struct rp_pump *p, uint32_t key)
     p->flows[key & 0xFFFF].used = 0;  /* its counters wait for the next take */
 }
 
+void rp_pump_hold(struct rp_pump *p, uint32_t key, int held)
+{
+    p->flows[key & 0xFFFF].held = held != 0;
+}
+
 void rp_pump_begin(struct rp_pump *p, double drop_before, struct rp_gate *gate)
 {
     p->drop_before = drop_before;
@@ -195,6 +205,28 @@ static int hand_back(struct rp_pump *p, int reason)
     p->back_reason = reason;
     p->counts.handed_back++;
     return RP_PUMP_HAND_BACK;
+}
+
+/* A frame of no call (pump.h): handed back with reason while the window's share lasts,
+ * else dropped and counted here. */
+static int no_call(struct rp_pump *p, int reason, double ts, int has_ts)
+{
+    if (has_ts && ts != 0.0) {
+        if (ts - p->punt_window >= RP_PUNT_WINDOW_MS / 1000.0 || ts < p->punt_window) {
+            p->punt_window = ts;
+            p->punts = 0;
+        }
+    } else if (p->punt_generation != p->generation) {
+        p->punt_generation = p->generation;
+        p->punts = 0;
+    }
+    if (p->punts < RP_PUNT_BURST) {
+        p->punts++;
+        p->counts.received--;   /* Python's received counts it */
+        return hand_back(p, reason);
+    }
+    p->counts.no_call++;
+    return RP_PUMP_TAKEN;
 }
 
 static struct rp_flow *touch(struct rp_pump *p, uint16_t key)
@@ -315,9 +347,14 @@ checked:
 
     /* handed back after the checks above: Python's received counts it, not ours */
 back_fragment: p->counts.received--; return hand_back(p, RP_BACK_FRAGMENT);
-back_malformed: p->counts.received--; return hand_back(p, RP_BACK_MALFORMED);
-back_unknown: p->counts.received--; return hand_back(p, RP_BACK_UNKNOWN_KEY);
-back_wrong: p->counts.received--; return hand_back(p, RP_BACK_WRONG_SOURCE);
+back_malformed: return no_call(p, RP_BACK_MALFORMED, ts, has_ts);
+back_unknown:
+    if (f->held) {   /* Python's entry, not in C: the Python path delivers it */
+        p->counts.received--;
+        return hand_back(p, RP_BACK_UNKNOWN_KEY);
+    }
+    return no_call(p, RP_BACK_UNKNOWN_KEY, ts, has_ts);
+back_wrong: return no_call(p, RP_BACK_WRONG_SOURCE, ts, has_ts);
 back_budget: p->counts.received--; return hand_back(p, RP_BACK_BUDGET);
 back_no_room: p->counts.received--; return hand_back(p, RP_BACK_NO_ROOM);
 back_no_link: p->counts.received--; return hand_back(p, RP_BACK_NO_LINK);

@@ -27,6 +27,14 @@
 #define RP_BACK_NO_ROOM 7     /* the link's output buffer is full */
 #define RP_BACK_NO_LINK 8     /* the flow's link was not begun for this call */
 
+/* Frames of no call (a key with no entry here nor in Python, a source not the entry's,
+ * malformed GRE): the Python path drops each, by its own reason, and logs it.  A flood of
+ * them handed back one by one would cost a Python turn each, so C hands back at most
+ * RP_PUNT_BURST per RP_PUNT_WINDOW_MS of capture time (per pump call without timestamps) and
+ * drops the rest itself (rp_counts.no_call). */
+#define RP_PUNT_BURST 32
+#define RP_PUNT_WINDOW_MS 50
+
 #define RP_FLOW_KEYS 65536
 #define RP_MAX_LINKS 64       /* mux links framed in C; a flow of any other stays in Python */
 
@@ -40,6 +48,7 @@ struct rp_counts {
     uint64_t not_gre;
     uint64_t not_local;
     uint64_t sojourn;      /* older than drop_before: dropped by the gate in C */
+    uint64_t no_call;      /* of no call, over RP_PUNT_BURST: dropped here */
     uint64_t handed_back;
     uint32_t links;        /* links with frames from the last pump call (rp_pump_out's i) */
 };
@@ -68,6 +77,8 @@ int rp_pump_set_local(struct rp_pump *p, const uint8_t *addresses, size_t n);
 int rp_pump_set_flow(struct rp_pump *p, uint32_t key, const uint8_t *src, uint32_t session,
                      uint32_t tag, uint32_t link);
 void rp_pump_clear_flow(struct rp_pump *p, uint32_t key);
+/* Python holds an entry for key (in C or not): its frames are never taken for no call's. */
+void rp_pump_hold(struct rp_pump *p, uint32_t key, int held);
 
 struct rp_gate;   /* sojourn.h */
 

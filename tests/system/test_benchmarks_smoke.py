@@ -220,6 +220,30 @@ class FixedRateDirectionTests(unittest.TestCase):
         self.assertIn("rate offered per direction", out)
 
 
+class FloodTests(unittest.TestCase):
+    """`python -m benchmarks.fixedrate --junk-rate`: GRE from the client with call IDs no call
+    holds, beside the calls' own, through the real daemons."""
+
+    def setUp(self):
+        netns.skip_unless_available()
+        if daemons.daemons_missing():
+            raise unittest.SkipTest(daemons.daemons_missing())
+
+    def test_the_calls_carry_on_and_every_junk_packet_is_counted(self):
+        rows, _ = _fixedrate("--rate", "1000", "--duration", "1", "--sessions", "2",
+                             "--junk-rate", "10000")
+        [row] = rows
+        junk, drops = row["junk"], row["daemon_drops"]
+        self.assertGreater(junk["sent"], 5000, row)
+        # the calls' GRE: all of it (its probes carry the trial's marker; the junk's do not)
+        self.assertGreaterEqual(row["received"], 990, row)
+        # the flood: dropped at the LRP, each packet counted (by the Python path's reason, or
+        # past its share as C's no_call), none elsewhere
+        counted = drops.get("lrp gre_unknown_call_id", 0) + drops.get("lrp port no_call", 0)
+        self.assertGreaterEqual(counted, junk["sent"] * 0.99, row)
+        self.assertFalse({k: v for k, v in drops.items() if k.startswith("rrp")}, row)
+
+
 class RunSecondsTests(unittest.SynchronousTestCase):
     """fixedrate charges a daemon with every thread's CPU, not only its main thread's."""
 

@@ -28,6 +28,7 @@ from tests.support.packets import frame, ip_fragments, ipv4
 from tests.support.relay import LRP_IP, RRP_SOURCE, SERVER_IP, RelayHarness
 
 MODULE, REASON = native.load()
+lib = MODULE.lib if MODULE is not None else None
 CLIENT, OTHER = "10.0.0.5", "10.0.0.9"
 
 
@@ -258,6 +259,34 @@ def set_real_gate(h):
 standing.setup = set_real_gate
 
 
+def flood(h, key):
+    """200 frames of no call (a key nobody holds) around the call's own, in one wake-up and
+    one 50 ms window of capture time."""
+    junk = [(eth(ipv4(h.peer, h.local, gre(key ^ 0x5555, b"j" * 20, seq=i))), 1000.0 + i * 1e-5)
+            for i in range(200)]
+    good = [(eth(ipv4(h.peer, h.local, gre(key, b"g" * 30, seq=i))), 1000.002 + i * 1e-5)
+            for i in range(1, 6)]
+    return [junk[:100] + good[:3] + junk[100:] + good[3:]]
+
+
+def set_large_budget(h):
+    h.port.maxPacketsPerRead = 1000
+
+
+flood.setup = set_large_budget
+
+
+def held(h, key):
+    """The call's entry is Python's alone (as past RP_MAX_LINKS links): its frames go the
+    Python path, however many."""
+    lib.rp_pump_clear_flow(h.port.flows.state, key) if h.port.flows is not None else None
+    return [[(eth(ipv4(h.peer, h.local, gre(key, b"h" * 30, seq=i))), 1000.0 + i * 1e-5)
+             for i in range(1, 101)]]
+
+
+held.setup = set_large_budget
+
+
 def closed(h, key):
     """The call is released between two wake-ups: its GRE goes the Python path (unknown)."""
     first = [eth(ipv4(h.peer, h.local, gre(key, b"a" * 10, seq=1)))]
@@ -329,6 +358,30 @@ class DifferentialTests(unittest.SynchronousTestCase):
         # 0.24 and 0.30 s: interval / sqrt(count) apart)
         self.assertEqual(seen["port"]["dropped"], {"sojourn": 7 + 3})
         self.assertEqual((seen["port"]["received"], seen["port"]["delivered"]), (48, 38))
+
+    def test_a_flood_of_no_call_costs_c_not_python(self):
+        """Frames of no call past RP_PUNT_BURST in a window are dropped in C, counted as
+        no_call; the first ones go the Python path, which counts and logs each by its reason;
+        the call's own frames are framed as before."""
+        python, nativeResult, backs = run(self, flood, self.side)
+        burst = MODULE.lib.RP_PUNT_BURST
+        # (and the call's first frame, once: its link idle until then, "no_link")
+        self.assertEqual([b for b in backs if b != "no_link"], ["unknown_key"] * burst)
+        self.assertEqual(python["drops"], {"gre_unknown_call_id": 200})
+        self.assertEqual(nativeResult["drops"], {"gre_unknown_call_id": burst})
+        self.assertEqual(nativeResult["port"]["dropped"], {"no_call": 200 - burst})
+        written = lambda seen: b"".join(b"".join(wake) for wake in seen["written"])  # noqa: E731
+        self.assertEqual(written(nativeResult), written(python))
+        self.assertTrue(written(python))
+        for what in ("session", "call", "far", "far_gre"):
+            self.assertEqual(nativeResult[what], python[what], what)
+        self.assertEqual(nativeResult["port"]["received"], python["port"]["received"])
+
+    def test_a_held_key_is_never_taken_for_no_call(self):
+        """A key Python holds an entry for but C does not: every frame goes the Python path,
+        past any burst, and is delivered."""
+        seen = self.compare(held, ["unknown_key"] * 100)
+        self.assertEqual(seen["session"][0], 100)
 
     def test_released_call(self):
         """A released call's entry is gone: its later GRE is handed back and dropped as an
