@@ -51,7 +51,7 @@ def gre_of(run):
     dropped = {k: v for k, v in (port.get("dropped") or {}).items() if v}
     aged = {d: s["gre_port"]["native_link"]["sojourn_dropped"] for d, s in sorted(status.items())
             if ((s.get("gre_port") or {}).get("native_link") or {}).get("sojourn_dropped")}
-    unsent = {d: link["gre_dropped"] for d, s in sorted(status.items())
+    unsent = {d: {**link["gre_dropped"], **_limit(link.get("send_queue"))} for d, s in sorted(status.items())
               for link in s.get("links") or () if link.get("gre_dropped")}
     return (f"; LRP GRE captured {port.get('received', 0)}, fragments {port.get('fragments', 0)}"
             + (f", in C {native.get('framed', 0)}, handed back {native.get('handed_back', 0)}"
@@ -59,6 +59,14 @@ def gre_of(run):
             + (f", dropped {dropped}" if dropped else "")
             + (f"; link gate dropped {aged}" if aged else "")
             + (f"; the mux did not send {unsent}" if unsent else ""))
+
+
+def _limit(queue):
+    """The link's GRE limit beside its drops: bytes, and the delivery rate it came from."""
+    if not queue:
+        return {}
+    rate = queue.get("delivery_rate")
+    return {"limit": queue.get("limit"), "Mbit/s": None if rate is None else round(rate * 8e-6, 1)}
 
 
 def loop_of(run):

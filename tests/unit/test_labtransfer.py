@@ -38,6 +38,10 @@ class ReadingTests(unittest.SynchronousTestCase):
         run.status["lrp"]["links"] = [{"gre_dropped": {"watermark": 3}}, {"gre_dropped": {}}]
         self.assertEqual(gre_of(run), "; LRP GRE captured 10, fragments 0; link gate dropped {'rrp': 4}"
                                       "; the mux did not send {'lrp': {'watermark': 3}}")
+        run.status["lrp"]["links"][0]["send_queue"] = {"limit": 32768, "delivery_rate": 2500000}
+        self.assertEqual(gre_of(run), "; LRP GRE captured 10, fragments 0; link gate dropped {'rrp': 4}"
+                                      "; the mux did not send {'lrp': {'watermark': 3, 'limit': 32768, "
+                                      "'Mbit/s': 20.0}}")
         run.status = {}
         self.assertEqual(gre_of(run), "")
 
