@@ -181,6 +181,10 @@ class FlowTable(_Entries):
         if self._lib.rp_pump_set_local(self.state, b"".join(addresses), len(addresses)) < 0:
             raise MemoryError("rp_pump_set_local")
 
+    def setNoCallShare(self, frames):
+        """Frames of no call per window the pump hands back (``--gre-no-call-share``)."""
+        self._lib.rp_pump_set_punt(self.state, frames)
+
     def begin(self, dropBefore, gate=None):
         """Before a pump call: the gate's threshold (and the gate, a sojourn.NativeGate's
         state, when C is to drop what is older itself), and each link's watermark room."""

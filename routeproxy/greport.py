@@ -187,7 +187,8 @@ class GREPort(abstract.FileDescriptor):
     def __init__(self, receiver, localAddresses, interface="any", capture="pcap",
                  reactor=None, system=None, snaplen=2048, bufferSize=8 * 1024 * 1024,
                  bpfFilter=None, reassemblyTimeout=5.0, maxReassemblies=256, maxSojourn=0.005,
-                 sojournInterval=sojourn.INTERVAL, wallClock=time.time, shard=None):
+                 sojournInterval=sojourn.INTERVAL, wallClock=time.time, shard=None,
+                 noCallShare=32):
         abstract.FileDescriptor.__init__(self, reactor)
         if capture not in ("pcap", "raw", *NATIVE_KINDS):
             raise GREIOError(f"capture must be 'pcap', 'raw', 'native' or 'native-raw', "
@@ -204,6 +205,7 @@ class GREPort(abstract.FileDescriptor):
             if self._native is None:
                 raise GREIOError(reason)
             self.flows = FlowTable(self._native, self.maxPacketsPerRead * (snaplen + 32))
+            self.flows.setNoCallShare(noCallShare)
         self.receiver = ShardReceiver(receiver) if sharded else receiver
         self._shardClause = shard.bpf_clause() if sharded else None
         self.interface = interface

@@ -34,6 +34,8 @@ class Limits:
                                       # at most (never under 32 KiB nor over greWatermark; 0: off)
     # --- both: the GRE capture ------------------------------------------------------------
     greCaptureBuffer: int = 8 * 1024 * 1024  # bytes of captured GRE the kernel holds unread
+    greNoCallShare: int = 32          # GRE of no call per 50 ms the native capture gives the Python
+                                      # path (counted and logged by reason); the rest C drops
 
     def idQuota(self, capacity):
         """How many IDs of a space of *capacity* one client address or one link may hold."""
@@ -119,6 +121,10 @@ _OPTIONS = (
      lambda v: parseBytes(v, "--gre-capture-buffer", 65536, 1 << 30),
      "bytes of captured GRE the kernel holds until the daemon reads them (pcap's ring); what "
      "does not fit is dropped, counted", ("lrp", "rrp")),
+    ("gre-no-call-share", "greNoCallShare", lambda v: parseCount(v, "--gre-no-call-share", 0),
+     "GRE of no call (a call ID nobody holds, a wrong source, malformed) per 50 ms that the "
+     "native capture gives the Python path, which counts and logs each by its reason; the rest "
+     "is dropped in C, counted as no_call", ("lrp", "rrp")),
 )
 
 

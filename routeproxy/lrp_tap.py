@@ -36,7 +36,8 @@ class Options(ConfigOptions):
     ) + LINK_SETTINGS
     restartOnly = ("pptp-listen", "rrp", "gre-interface", "gre-max-sojourn", "status", "log-format",
                    "resume-grace", "dead-timeout", "mux-send-buffer", "mux-stall-timeout", "shard",
-                   "gre-watermark", "link-max-sojourn", "link-queue-delay", "gre-capture-buffer", "gre-capture", "data-plane")
+                   "gre-watermark", "link-max-sojourn", "link-queue-delay", "gre-capture-buffer", "gre-capture", "data-plane",
+                   "gre-no-call-share")
 
     def check(self):
         checkCapture(self)
@@ -70,7 +71,8 @@ def makeService(options, reactor=None):
     lrp = LocalRouteProxy(reactor, greOpener(top, reactor, local, options["gre-interface"],
                                            options["gre-max-sojourn"], shard,
                                            captureBuffer=bounds.greCaptureBuffer,
-                                           capture=options["gre-capture"]),
+                                           capture=options["gre-capture"],
+                                           noCallShare=bounds.greNoCallShare),
                           profile=options["profile"], allow=options["allow"], limits=bounds,
                           space=CallIDSpace("LRP", shard.first, shard.last))
     lrp.tls = options["tls"]

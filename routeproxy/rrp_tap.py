@@ -68,7 +68,8 @@ class Options(ConfigOptions):
     ) + LINK_SETTINGS
     restartOnly = ("listen", "source", "gre-interface", "gre-max-sojourn", "status", "max-sessions",
                    "log-format", "resume-grace", "dead-timeout", "mux-send-buffer", "mux-stall-timeout",
-                   "shard", "gre-watermark", "link-max-sojourn", "link-queue-delay", "gre-capture-buffer", "gre-capture", "data-plane")
+                   "shard", "gre-watermark", "link-max-sojourn", "link-queue-delay", "gre-capture-buffer", "gre-capture", "data-plane",
+                   "gre-no-call-share")
 
     def check(self):
         checkCapture(self)
@@ -113,7 +114,8 @@ def makeService(options, reactor=None):
     rrp = RemoteRouteProxy(reactor, greOpener(top, reactor, local, options["gre-interface"],
                                            options["gre-max-sojourn"], shard,
                                            captureBuffer=bounds.greCaptureBuffer,
-                                           capture=options["gre-capture"]),
+                                           capture=options["gre-capture"],
+                                           noCallShare=bounds.greNoCallShare),
                            options["profiles"], source=options["source"], limits=bounds,
                            permits=options["permits"])
     rrp.scopes.first, rrp.scopes.last = shard.first, shard.last

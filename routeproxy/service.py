@@ -53,13 +53,14 @@ class GREPortService(Service):
 
 
 def greOpener(parent, reactor, localAddresses, interface, maxSojourn=0.005, shard=None,
-              captureBuffer=8 * 1024 * 1024, capture="pcap"):
+              captureBuffer=8 * 1024 * 1024, capture="pcap", noCallShare=32):
     """An ``openGREPort(receiver)`` for a daemon: the port it opens runs under *parent*."""
     from routeproxy.greport import GREPort
 
     def openGREPort(receiver):
         port = GREPort(receiver, localAddresses, interface=interface, reactor=reactor, maxSojourn=maxSojourn,
-                       shard=shard, bufferSize=captureBuffer, capture=capture)
+                       shard=shard, bufferSize=captureBuffer, capture=capture,
+                       noCallShare=noCallShare)
         GREPortService(port, reactor).setServiceParent(parent)
         return port
 

@@ -73,6 +73,7 @@ struct rp_pump {
     double punt_window;
     uint64_t punt_generation;
     uint32_t punts;
+    uint32_t punt_burst;
     size_t out_capacity;
     uint32_t n_used;
     uint8_t used[RP_MAX_LINKS];
@@ -93,6 +94,7 @@ struct rp_pump *rp_pump_new(size_t out_capacity)
     p->generation = 1;  /* no link is begun: theirs is 0 */
     p->back_link = -1;
     p->type_at = -1;
+    p->punt_burst = RP_PUNT_BURST;
     return p;
 }
 
@@ -154,6 +156,11 @@ void rp_pump_clear_flow(struct rp_pump *p, uint32_t key)
 void rp_pump_hold(struct rp_pump *p, uint32_t key, int held)
 {
     p->flows[key & 0xFFFF].held = held != 0;
+}
+
+void rp_pump_set_punt(struct rp_pump *p, uint32_t frames)
+{
+    p->punt_burst = frames;
 }
 
 void rp_pump_begin(struct rp_pump *p, double drop_before, struct rp_gate *gate)
@@ -220,7 +227,7 @@ static int no_call(struct rp_pump *p, int reason, double ts, int has_ts)
         p->punt_generation = p->generation;
         p->punts = 0;
     }
-    if (p->punts < RP_PUNT_BURST) {
+    if (p->punts < p->punt_burst) {
         p->punts++;
         p->counts.received--;   /* Python's received counts it */
         return hand_back(p, reason);

@@ -30,8 +30,9 @@
 /* Frames of no call (a key with no entry here nor in Python, a source not the entry's,
  * malformed GRE): the Python path drops each, by its own reason, and logs it.  A flood of
  * them handed back one by one would cost a Python turn each, so C hands back at most
- * RP_PUNT_BURST per RP_PUNT_WINDOW_MS of capture time (per pump call without timestamps) and
- * drops the rest itself (rp_counts.no_call). */
+ * RP_PUNT_BURST (or what rp_pump_set_punt says: --gre-no-call-share) per RP_PUNT_WINDOW_MS of
+ * capture time (per pump call without timestamps) and drops the rest itself
+ * (rp_counts.no_call). */
 #define RP_PUNT_BURST 32
 #define RP_PUNT_WINDOW_MS 50
 
@@ -79,6 +80,8 @@ int rp_pump_set_flow(struct rp_pump *p, uint32_t key, const uint8_t *src, uint32
 void rp_pump_clear_flow(struct rp_pump *p, uint32_t key);
 /* Python holds an entry for key (in C or not): its frames are never taken for no call's. */
 void rp_pump_hold(struct rp_pump *p, uint32_t key, int held);
+/* Frames of no call handed back per window (RP_PUNT_BURST until set; 0: none). */
+void rp_pump_set_punt(struct rp_pump *p, uint32_t frames);
 
 struct rp_gate;   /* sojourn.h */
 

@@ -311,6 +311,35 @@ class OptionTests(unittest.SynchronousTestCase):
             self.assertEqual((port.bufferSize, port.captureKind), (3 * 1024 * 1024, "raw"), role)
         self.assertEqual(Limits().greCaptureBuffer, 8 * 1024 * 1024)
 
+    def test_no_call_share_reaches_the_pump(self):
+        """--gre-no-call-share is what the native capture's pump hands back per window (both
+        daemons open their port through service.greOpener)."""
+        from twisted.application.service import MultiService
+        from twisted.internet.testing import MemoryReactor
+        from routeproxy import native
+        from routeproxy.service import greOpener
+        from routeproxy.testing import MemoryGRESystem, RecordingGREReceiver
+        module, reason = native.load()
+        if module is None:
+            raise unittest.SkipTest(reason)
+        self.assertEqual(Limits().greNoCallShare, module.lib.RP_PUNT_BURST)
+        for role in ("lrp", "rrp"):
+            [setting] = [s for s in limitSettings(role) if s.name == "gre-no-call-share"]
+            options = {s.name: s.default for s in limitSettings(role)}
+            options["gre-no-call-share"] = setting.parse("5")
+            bounds = fromOptions(options)
+            seen = []
+            opener = greOpener(MultiService(), MemoryReactor(), ["192.0.2.1"], "any",
+                               capture="native", noCallShare=bounds.greNoCallShare)
+            from routeproxy import flows
+            original = flows.FlowTable.setNoCallShare
+            flows.FlowTable.setNoCallShare = lambda table, n: (seen.append(n), original(table, n))
+            try:
+                opener(RecordingGREReceiver())
+            finally:
+                flows.FlowTable.setNoCallShare = original
+            self.assertEqual(seen, [5], role)
+
     def test_permits_from_option_and_ini(self):
         from twisted.python import usage
         from routeproxy.rrp_tap import parsePermits

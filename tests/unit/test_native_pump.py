@@ -276,6 +276,19 @@ def set_large_budget(h):
 flood.setup = set_large_budget
 
 
+def flood_unshared(h, key):
+    return flood(h, key)
+
+
+def set_no_share(h):
+    set_large_budget(h)
+    if h.port.flows is not None:
+        h.port.flows.setNoCallShare(0)
+
+
+flood_unshared.setup = set_no_share
+
+
 def held(h, key):
     """The call's entry is Python's alone (as past RP_MAX_LINKS links): its frames go the
     Python path, however many."""
@@ -376,6 +389,14 @@ class DifferentialTests(unittest.SynchronousTestCase):
         for what in ("session", "call", "far", "far_gre"):
             self.assertEqual(nativeResult[what], python[what], what)
         self.assertEqual(nativeResult["port"]["received"], python["port"]["received"])
+
+    def test_the_share_is_an_option(self):
+        """--gre-no-call-share: 0 gives the Python path none of them, all counted in C."""
+        python, nativeResult, backs = run(self, flood_unshared, self.side)
+        self.assertEqual([b for b in backs if b != "no_link"], [])
+        self.assertEqual(nativeResult["drops"], {})
+        self.assertEqual(nativeResult["port"]["dropped"], {"no_call": 200})
+        self.assertEqual(python["drops"], {"gre_unknown_call_id": 200})
 
     def test_a_held_key_is_never_taken_for_no_call(self):
         """A key Python holds an entry for but C does not: every frame goes the Python path,
