@@ -70,26 +70,36 @@ class _Entries:
         if old is not None and old.installed:
             self._clear(key, old)
         flow = self._entries[key] = Flow(session, call, mux)
+        self._hold(key, call)
         self._ready(key, flow)
 
     def callGone(self, call):
-        """*call* can no longer carry GRE (released, or its session detached or closed)."""
+        """*call* is released: its entry, and its key."""
+        self._unhold(call)
+        self._removeEntry(call)
+
+    def sessionGone(self, session):
+        """Every call of *session* (its mux session detached or closed): their entries.  Their
+        keys stay the calls' until each is released (callGone): a detached call's GRE goes the
+        Python path, counted as the gap's, not as GRE of no call."""
+        for flow in [f for f in self._entries.values() if f.session is session]:
+            self._removeEntry(flow.call)
+
+    def _removeEntry(self, call):
+        """*call* can no longer carry GRE here: its entry goes."""
         key = call.local_id
         flow = self._entries.get(key)
         if flow is None or flow.call is not call:
             return
         del self._entries[key]
-        self._forget(key)
         if flow.installed:
             self._clear(key, flow)
 
-    def sessionGone(self, session):
-        """Every call of *session* (its mux session detached or closed)."""
-        for flow in [f for f in self._entries.values() if f.session is session]:
-            self.callGone(flow.call)
+    def _hold(self, key, call):
+        """*key* is *call*'s (a table may tell C, for GRE of no call)."""
 
-    def _forget(self, key):
-        """*key* has no entry any more (a table may say so to C)."""
+    def _unhold(self, call):
+        """*call* is released: its key, if still its own, is no call's."""
 
 
 class RelayFlows:
@@ -144,6 +154,7 @@ class FlowTable(_Entries):
         self.stats = None             # the port's GREStats (the port sets it)
         self.maxLinks = lib.RP_MAX_LINKS
         self.links = {}               # mux connection -> its link index in C
+        self._holders = {}            # key -> the call it is held for in C (rp_pump_hold)
         self._linkConnections = [None] * self.maxLinks   # index -> mux connection
         self._live = []               # (index, connection) of the links in C, by index
         self._linkOf = {}             # key of an entry in C -> its link index
@@ -308,15 +319,21 @@ class FlowTable(_Entries):
     # -- the relay ----------------------------------------------------------------------------
 
     def _ready(self, key, flow):
-        self._lib.rp_pump_hold(self.state, key, 1)   # a call's: never dropped as of no call
         index = self._linkIndex(flow.mux.connection)
         if index is not None:
             self._install(key, flow, index)
         # else more live links than C frames for: its GRE goes the Python path until an index
         # is free (_release)
 
-    def _forget(self, key):
-        self._lib.rp_pump_hold(self.state, key, 0)
+    def _hold(self, key, call):
+        self._holders[key] = call
+        self._lib.rp_pump_hold(self.state, key, 1)   # a call's: never taken for GRE of no call
+
+    def _unhold(self, call):
+        key = call.local_id
+        if key is not None and self._holders.get(key) is call:
+            del self._holders[key]
+            self._lib.rp_pump_hold(self.state, key, 0)
 
     def _clear(self, key, flow):
         self._lib.rp_pump_clear_flow(self.state, key)

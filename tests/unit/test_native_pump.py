@@ -300,6 +300,17 @@ def held(h, key):
 held.setup = set_large_budget
 
 
+def detached(h, key):
+    """The call's session is detached (its link lost, a resume awaited): its GRE goes the
+    Python path, which counts it as the gap's, however much of it comes."""
+    next(iter(h.relay.sessions)).sessionDetached()
+    return [[(eth(ipv4(h.peer, h.local, gre(key, b"d" * 30, seq=i))), 1000.0 + i * 1e-5)
+             for i in range(1, 101)]]
+
+
+detached.setup = set_large_budget
+
+
 def closed(h, key):
     """The call is released between two wake-ups: its GRE goes the Python path (unknown)."""
     first = [eth(ipv4(h.peer, h.local, gre(key, b"a" * 10, seq=1)))]
@@ -397,6 +408,13 @@ class DifferentialTests(unittest.SynchronousTestCase):
         self.assertEqual(nativeResult["drops"], {})
         self.assertEqual(nativeResult["port"]["dropped"], {"no_call": 200})
         self.assertEqual(python["drops"], {"gre_unknown_call_id": 200})
+
+    def test_a_detached_calls_key_is_still_its_own(self):
+        """A detached session's calls keep their keys until released: 100 frames in a window,
+        every one handed back and counted by the session, as on the Python path."""
+        seen = self.compare(detached, ["unknown_key"] * 100)
+        self.assertEqual(seen["session"][0], 100)
+        self.assertNotIn("no_call", seen["port"]["dropped"])
 
     def test_a_held_key_is_never_taken_for_no_call(self):
         """A key Python holds an entry for but C does not: every frame goes the Python path,
