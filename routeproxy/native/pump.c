@@ -258,21 +258,19 @@ static int pump_frame(struct rp_pump *p, const uint8_t *frame, size_t size, doub
     long n;
     int code;
 
-    if (has_ts && ts != 0.0) {  /* Python: "if timestamp:" */
+    if (has_ts && ts != 0.0) {  /* Python: "if timestamp:", the head first */
+        p->has_head = 1;
+        p->head = ts;
         if (ts < p->drop_before) {
             if (p->gate == NULL)
                 return hand_back(p, RP_BACK_SOJOURN);  /* Python's gate drops it */
             /* GREPort._frameReceived's drop, here: under an overload every frame of a full
              * ring may be this one, and a hand-back each cost a Python turn per frame */
-            p->has_head = 1;
-            p->head = ts;
             p->counts.received++;
             p->counts.sojourn++;
             p->drop_before = rp_gate_dropped(p->gate);
             return RP_PUMP_TAKEN;
         }
-        p->has_head = 1;
-        p->head = ts;
     }
     p->counts.received++;
     code = rp_ipv4_gre(frame, size, p->link_length, p->type_at, p->type_value, p->type_length,
