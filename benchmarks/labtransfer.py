@@ -80,6 +80,14 @@ def loop_of(run):
     return f"; wake-ups {', '.join(words)}" if words else ""
 
 
+def proc_of(run):
+    """Each daemon's CPU split and traps in a few words ("" without them): user / system
+    seconds, page faults and context switches over the transfer."""
+    proc = getattr(run, "proc", {}) or {}
+    return "".join(f" ({d.upper()} user {p['user']:.2f} + sys {p['sys']:.2f} s, {p['faults']} faults, "
+                   f"{p['switches']} switches)" for d, p in sorted(proc.items()))
+
+
 def tcp_of(run):
     """TCP's view of the transfer in a few words: the senders' retransmissions and timeouts,
     the server's out-of-order arrivals, and the GRE packets pptp-linux held for a missing one
@@ -134,6 +142,7 @@ def main(argv=None):
                               rmem_default=args.rmem_default)
             took, rtt = seconds_of(run), rtt_of(run)
             cpu = "".join(f", {d.upper()} CPU {s:.2f} s" for d, s in sorted(getattr(run, "cpu", {}).items()))
+            cpu += proc_of(run)
             print(f"round {round_ + 1} {mode:10} {args.clients} client(s) x {args.mb} MB: "
                   + (f"{took:.2f} s, ping {rtt if rtt is not None else '-'} ms{cpu}{gre_of(run)}"
                      f"{loop_of(run)}{tcp_of(run)}"

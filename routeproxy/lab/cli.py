@@ -24,6 +24,7 @@ class LabRun:
         self.hangup = topology.parse_hangup(result.output)
         self.cut = topology.parse_cut(result.output)
         self.cpu = topology.parse_cpu(result.output)   # the proxy daemons' CPU over the transfer
+        self.proc = topology.parse_proc(result.output)   # their user/system split, faults, switches
         self.status = topology.parse_status(result.output)   # their status after it
         self.tcp = topology.parse_tcp(result.output)   # TCP's counters over it, per namespace
         self.gre_order = topology.parse_gre_order(result.output)   # pptp-linux's reorder log

@@ -501,6 +501,8 @@ daemon_cpu() {{
   for d in lrp rrp; do
     p=$(cat /run/$d.pid 2>/dev/null)
     [ -n "$p" ] && [ -r /proc/$p/stat ] && echo "LAB-CPU $1 $d $(cut -d')' -f2 /proc/$p/stat | awk '{{print $12 + $13}}') $(getconf CLK_TCK 2>/dev/null || echo 100)"
+    # the same split: user and system ticks, page faults, context switches (each a trap in UML)
+    [ -n "$p" ] && [ -r /proc/$p/stat ] && echo "LAB-PROC $1 $d $(cut -d')' -f2 /proc/$p/stat | awk '{{print $12, $13, $8 + $10}}') $(awk '/ctxt_switches/ {{s += $2}} END {{print s + 0}}' /proc/$p/status)"
   done
 }}
 # TCP's own view of the transfer and the raw sockets' drops (pptpd's, pptp-linux's and the
@@ -646,6 +648,32 @@ def parse_cpu(output):
                 continue
     return {daemon: round(seen[("after", daemon)] - seen[("before", daemon)], 2)
             for (when, daemon) in seen if when == "before" and ("after", daemon) in seen}
+
+
+def parse_proc(output):
+    """{daemon: {"user": s, "sys": s, "faults": n, "switches": n}} over the transfer, from
+    `LAB-PROC` lines (ticks at the guest's CLK_TCK, read from `LAB-CPU`): in UML each page
+    fault and each switch is a trap, as each system call is (docs/lab.md)."""
+    hz, seen = {}, {}
+    for line in output.splitlines():
+        parts = line.split()
+        try:
+            if len(parts) == 5 and parts[0] == "LAB-CPU":
+                hz[parts[2]] = int(parts[4]) or 100
+            elif len(parts) == 7 and parts[0] == "LAB-PROC":
+                seen[(parts[1], parts[2])] = [int(x) for x in parts[3:]]
+        except ValueError:
+            continue
+    out = {}
+    for (when, daemon), before in seen.items():
+        after = seen.get(("after", daemon))
+        if when != "before" or after is None:
+            continue
+        user, system, faults, switches = (a - b for a, b in zip(after, before))
+        tick = hz.get(daemon, 100)
+        out[daemon] = {"user": round(user / tick, 2), "sys": round(system / tick, 2),
+                       "faults": faults, "switches": switches}
+    return out
 
 
 def parse_tcp(output):

@@ -68,6 +68,15 @@ class ScriptTests(unittest.SynchronousTestCase):
         self.assertEqual(topology.parse_cpu("LAB-CPU before lrp 1 100\n"), {})
         self.assertIn("daemon_cpu before", topology.build_script("proxy", 1, transfer_mb=1))
 
+    def test_parse_proc(self):
+        """Each daemon's user/system split, page faults and switches over the transfer."""
+        output = ("LAB-CPU before lrp 120 250\nLAB-PROC before lrp 100 20 5000 300\n"
+                  "LAB-PROC after lrp 150 95 5600 1300\nLAB-PROC before rrp 1 1 1 1\n"
+                  "LAB-PROC after rrp 3 x 1 1\n")
+        self.assertEqual(topology.parse_proc(output),
+                         {"lrp": {"user": 0.2, "sys": 0.3, "faults": 600, "switches": 1000}})
+        self.assertIn("LAB-PROC $1", topology.build_script("proxy", 1, transfer_mb=1))
+
     def test_parse_tcp(self):
         """TCP's counters over the transfer per namespace: after minus before; a namespace
         seen once, or a counter missing after, is left out."""
