@@ -11,7 +11,7 @@ TRIAL_JOBS ?= 2
 TRIAL_TEMP ?= _trial_temp
 TESTS ?= tests
 
-.PHONY: all deps apt venv uml-kernel test test-unit demo bench clean
+.PHONY: all deps apt venv uml-kernel lab-kernel test test-unit demo bench clean
 
 all: test
 
@@ -30,6 +30,12 @@ venv: $(VENV)/.installed
 # A UML kernel the lab can boot, built only where Debian's cannot (routeproxy/lab/kernel.py).
 uml-kernel: apt venv
 	$(PY) -m routeproxy.lab.kernel --if-needed
+
+# The lab's benchmark (benchmarks.labtransfer) on a kernel with the seccomp mode, where guest
+# system calls and switches cost about half what ptrace mode's do (docs/lab.md); opt-in: it
+# builds a kernel once (~10-15 minutes on 2 cores), which the lab then always uses.
+lab-kernel: apt venv
+	$(PY) -m routeproxy.lab.kernel --unless-seccomp
 
 # setup.cfg's package_dir ("" -> the checkout) makes the default editable install a plain .pth
 # with the checkout, so twistd finds twisted/plugins/ here (tests/system/test_packaging.py),

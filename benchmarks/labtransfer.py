@@ -21,6 +21,49 @@ from routeproxy.lab import cli, uml
 MODES = ("nat-helper", "proxy")
 
 
+# What a guest pays per trap, timed once per run in a guest of its own: a system call, and a
+# round trip between two processes (two switches and four calls).  The daemons pay these per
+# packet and the kernel's helper never does, so they set the ratio's floor (docs/lab.md).
+TRAP_PROBE = r"""
+"$PY" - <<'PROBE'
+import os, socket, time
+n = 20000
+started = time.perf_counter()
+for _ in range(n):
+    os.getppid()
+call = (time.perf_counter() - started) / n
+a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+if os.fork() == 0:
+    for _ in range(n // 4):
+        a.recv(64)
+        a.send(b"y")
+    os._exit(0)
+started = time.perf_counter()
+for _ in range(n // 4):
+    b.send(b"x")
+    b.recv(64)
+trip = (time.perf_counter() - started) / (n // 4)
+os.wait()
+print(f"LAB-TRAP {call * 1e6:.1f} {trip * 1e6:.1f}")
+PROBE
+"""
+
+
+def trap_costs(timeout=120):
+    """(a guest system call, a guest process round trip) in us, or None if the probe failed."""
+    script = f'PY={shlex.quote(sys.executable)}\n' + TRAP_PROBE
+    try:
+        output = uml.run_in_uml(script, timeout=timeout).output
+    except uml.UMLError:
+        return None
+    text = output.decode(errors="replace") if isinstance(output, bytes) else output
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == "LAB-TRAP":
+            return float(parts[1]), float(parts[2])
+    return None
+
+
 def seconds_of(run):
     """The slowest intact transfer of *run*, or None when one did not arrive intact."""
     if len(run.transfers_ok()) != run.clients * run.calls_per_client:
@@ -130,8 +173,14 @@ def main(argv=None):
     if reason:
         print(f"labtransfer: {reason}", file=sys.stderr)
         return 2
-    print(f"UML {uml.UML_BINARY}, guests in {'seccomp' if uml.seccomp_options() else 'ptrace'} mode "
-          "(docs/lab.md)", flush=True)
+    seccomp = bool(uml.seccomp_options())
+    traps = trap_costs()
+    print(f"UML {uml.UML_BINARY}, guests in {'seccomp' if seccomp else 'ptrace'} mode"
+          + (f"; a guest system call {traps[0]:.1f} us, a round trip between two guest processes "
+             f"{traps[1]:.1f} us" if traps else "") + " (docs/lab.md)", flush=True)
+    if not seccomp:
+        print("  (in ptrace mode a trap costs more than in seccomp mode: `make lab-kernel` builds a "
+              "UML kernel that has it, which the lab then uses; docs/lab.md)", flush=True)
     times = {mode: [] for mode in MODES}
     rtts = {mode: [] for mode in MODES}
     losses = {mode: [] for mode in MODES}

@@ -304,6 +304,14 @@ class UMLTests(unittest.SynchronousTestCase):
         self.assertEqual(code, 7)
         self.assertIn("inside " + (uml.modules_version() or ""), output)
 
+    def test_trap_costs(self):
+        """labtransfer's probe times a guest's system call and process round trip: a trip is
+        at least two calls' worth, and neither is free (a guest's calls trap into UML)."""
+        from benchmarks import labtransfer
+        call, trip = labtransfer.trap_costs()
+        self.assertGreater(call, 0.05)
+        self.assertGreater(trip, 2 * call)
+
     def test_hung_uml_is_killed(self):
         started = time.monotonic()
         self.assertRaises(uml.UMLTimeout, uml.run_in_uml, "sleep 600", timeout=8)

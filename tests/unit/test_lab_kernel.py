@@ -36,3 +36,37 @@ class MissingOptionsTests(unittest.TestCase):
         self.patch(uml, "UML_BINARY", uml.PACKAGED_BINARY)
         self.assertEqual(kernel.missing_options(dest), ())
         self.assertEqual(kernel.missing_options(self.mktemp()), ())
+
+
+class UnlessSeccompTests(unittest.TestCase):
+    """make lab-kernel: build only where the lab's kernel lacks the seccomp mode, or options."""
+
+    def setUp(self):
+        self.builds = []
+        self.patch(kernel, "build", lambda dest, jobs: self.builds.append(dest) or dest + "/linux")
+        self.dest = self.mktemp()
+        os.makedirs(self.dest)
+        self.path = os.path.join(self.dest, "linux")
+        self.patch(uml, "UML_BINARY", self.path)
+
+    def kernel_in_use(self, text, options=kernel.OPTIONS):
+        with open(self.path, "wb") as f:
+            f.write(b"\x7fELF" + text + b"\x00")
+        os.chmod(self.path, 0o755)
+        with open(os.path.join(self.dest, kernel.STAMP), "w") as f:
+            f.write("\n".join(options) + "\n")
+
+    def test_has_it_already(self):
+        self.kernel_in_use(uml.SECCOMP_MARK)
+        self.assertEqual(kernel.main(["--unless-seccomp", "--dest", self.dest]), 0)
+        self.assertEqual(self.builds, [])
+
+    def test_ptrace_only_is_built(self):
+        self.kernel_in_use(b"no such mode here")
+        self.assertEqual(kernel.main(["--unless-seccomp", "--dest", self.dest]), 0)
+        self.assertEqual(self.builds, [self.dest])
+
+    def test_seccomp_but_an_option_missing_is_built(self):
+        self.kernel_in_use(uml.SECCOMP_MARK, kernel.OPTIONS[1:])
+        kernel.main(["--unless-seccomp", "--dest", self.dest])
+        self.assertEqual(self.builds, [self.dest])
