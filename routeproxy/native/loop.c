@@ -149,8 +149,9 @@ static void loop_turn_unsent(struct rp_loop *l)
     }
 }
 
-/* FlowTable.begin for the one link: the sweep, then the link's room (MuxConnection.greRoom) */
-static void loop_pump_begin(struct rp_loop *l)
+/* FlowTable.begin for the one link: the sweep, the gate's threshold (its state in C, which
+ * the pump drops with), then the link's room (MuxConnection.greRoom) */
+static void loop_pump_begin(struct rp_loop *l, double drop_before)
 {
     struct rp_loop_link *k = &l->link;
     k->calls++;
@@ -159,7 +160,7 @@ static void loop_pump_begin(struct rp_loop *l)
             k->begun = 0;
         k->sweep_at = k->calls + k->idle_calls;
     }
-    rp_pump_begin(l->pump, 0.0, NULL);   /* the gate is not dropping: no threshold */
+    rp_pump_begin(l->pump, drop_before, l->gate);
     if (k->begun) {
         if (l->turn.unsent < 0)
             loop_turn_unsent(l);
@@ -237,8 +238,13 @@ static int loop_flush(struct rp_loop *l)
 static int loop_capture_read(struct rp_loop *l)
 {
     struct rp_loop_turn *t = &l->turn;
+    struct rp_gate *gate = l->gate;
     int budget = l->budget;
     int emptied = 0;
+    /* a gate in C that stands (dropping, or its head over target) is asked at every wake-up,
+     * as GREPort._wakeUp asks it: the wake-up's clock, its threshold, its observe at the end */
+    int standing = gate != NULL && (gate->dropping || gate->above_since >= 0.0);
+    double drop_before = standing ? rp_gate_drop_before(gate, loop_now(l)) : 0.0;
 
     l->stats.reads++;
     memset(t, 0, sizeof *t);
@@ -248,11 +254,13 @@ static int loop_capture_read(struct rp_loop *l)
         double head;
         int n;
 
-        loop_pump_begin(l);
+        loop_pump_begin(l, drop_before);
         n = l->pcap != NULL
             ? rp_pcap_pump(l->pcap, l->pump, budget, &t->back, &t->back_length, &t->back_ts, t->err)
             : rp_rawcap_pump(l->rawcap, l->pump, budget, &t->back, &t->back_length, &t->back_ts,
                              t->err);
+        if (gate != NULL)
+            drop_before = rp_pump_drop_before(l->pump);   /* moved by the drops it made */
         if (n < 0) {
             t->capture_error = 1;
             return RP_LOOP_CAPTURE;
@@ -288,10 +296,11 @@ static int loop_capture_read(struct rp_loop *l)
             t->head = t->now;   /* Python observes it: young, as here */
         return RP_LOOP_SLOW_PEER;
     }
-    if (l->gate && t->has_head && !emptied && loop_now(l) - t->head >= l->target) {
-        t->now = l->clock;
-        return RP_LOOP_GATE;
-    }
+    /* _wakeUp's observe; with the gate idle and the head young (or the capture emptied) it
+     * changes nothing, and the clock is not read for it */
+    if (gate != NULL
+            && (standing || (t->has_head && !emptied && loop_now(l) - t->head >= gate->target)))
+        rp_gate_observe(gate, loop_now(l), !t->has_head ? 0.0 : emptied ? loop_now(l) : t->head);
     return 0;
 }
 

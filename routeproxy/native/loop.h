@@ -20,8 +20,8 @@
                                 * read): the rest is Twisted's dispatch */
 #define RP_LOOP_SIGNAL 2       /* epoll_wait was interrupted: Python's signal handlers run */
 #define RP_LOOP_CAPTURE 3      /* a capture wake-up stopped part way: Python goes on (turn) */
-#define RP_LOOP_GATE 4         /* a wake-up ended with its head older than the gate's target:
-                                * gate.observe(turn.now, turn.head) */
+/* 4: was RP_LOOP_GATE, a wake-up's end for Python's gate to observe; the loop asks the gate
+ * in C itself (sojourn.NativeGate, the only gate a native capture has) */
 #define RP_LOOP_SLOW_PEER 5    /* the flush found the link over maxSendBuffer: Python drops it */
 #define RP_LOOP_LINK 6         /* the link's TLS read gave more than GRE C sent (frames for
                                 * Python, EOF, an error, TLS to send...): read.flags and the
@@ -45,8 +45,8 @@ struct rp_loop_link {
     uint64_t seen;
 };
 
-/* A capture wake-up handed to Python part way (RP_LOOP_CAPTURE), or its end (RP_LOOP_GATE,
- * RP_LOOP_SLOW_PEER): what Python needs to go on exactly where C stopped. */
+/* A capture wake-up handed to Python part way (RP_LOOP_CAPTURE), or its end
+ * (RP_LOOP_SLOW_PEER): what Python needs to go on exactly where C stopped. */
 struct rp_loop_turn {
     double now;             /* its wall-clock time (the gate's now) */
     int has_head;
@@ -103,8 +103,8 @@ struct rp_loop {
     struct rp_rawcap *rawcap;
     struct rp_pump *pump;
     int budget;             /* GREPort.maxPacketsPerRead */
-    int gate;               /* the sojourn gate is on (and idle: not dropping, no head over) */
-    double target;          /* its target */
+    struct rp_gate *gate;   /* the capture's sojourn gate (sojourn.NativeGate's state): the
+                             * loop drops with it and observes it, in any state; NULL: none */
     struct rp_loop_link link;
     struct rp_loop_read read;
     struct rp_loop_turn turn;

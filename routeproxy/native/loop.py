@@ -2,16 +2,15 @@
 reactor's own thread.
 
 :class:`CaptureLoop` wraps the running EPollReactor's ``doIteration``: when the native
-capture's wake-up could go to C whole (:meth:`CaptureLoop.usable`: the port reading, the
-gate idle, the one link it frames for open, Twisted's TLS and the mux holding nothing), one
-C call (``rp_loop_run``, loop.c) waits on Twisted's own epoll fd and handles the capture's
-wake-ups itself, and the link socket's reads when they are C's (``NativeTLSReader``), one
-after the other, until anything else needs Python; then the counters are folded (before any
-status read can run) and Python goes on where C stopped: Twisted's dispatch of the ready
-fds, the rest of a wake-up C handed back (``GREPort.resumeRead``, ``NativeTLSReader.
-readDone``), the gate's observe, the slow peer's drop.  Otherwise the iteration is Twisted's
-own.  No second
-thread: the ``SSL*`` is only used in the reactor's thread, while Python checked it alive.
+capture's wake-up could go to C whole (:meth:`CaptureLoop.usable`: the port reading, its
+sojourn gate (if any) in C, the one link it frames for open, Twisted's TLS and the mux
+holding nothing), one C call (``rp_loop_run``, loop.c) waits on Twisted's own epoll fd and
+handles the capture's wake-ups itself, and the link socket's reads when they are C's
+(``NativeTLSReader``), one after the other, until anything else needs Python; then the
+counters are folded (before any status read can run) and Python goes on where C stopped:
+Twisted's dispatch of the ready fds, the rest of a wake-up C handed back (``GREPort.
+resumeRead``, ``NativeTLSReader.readDone``), the slow peer's drop.  Otherwise the iteration
+is Twisted's own.  No second thread: the ``SSL*`` is only used in the reactor's thread, while Python checked it alive.
 """
 import sys
 import time
@@ -88,13 +87,12 @@ class CaptureLoop:
             self._poll(0)
         elif result == lib.RP_LOOP_CAPTURE:
             log.callWithLogger(self.port, self._resume, link)
-        elif result == lib.RP_LOOP_GATE or result == lib.RP_LOOP_SLOW_PEER:
-            if self.port._gate is not None:   # doRead's end: its head was too old
+        elif result == lib.RP_LOOP_SLOW_PEER:
+            if self.port._gate is not None:   # doRead's end
                 self.port._gate.observe(state.turn.now, state.turn.head)
-            if result == lib.RP_LOOP_SLOW_PEER:
-                connection = link[1]
-                connection._dropSlowPeer(f"{state.link.ceiling} bytes unsent "
-                                         f"(limit {connection.config.maxSendBuffer})")
+            connection = link[1]
+            connection._dropSlowPeer(f"{state.link.ceiling} bytes unsent "
+                                     f"(limit {connection.config.maxSendBuffer})")
         elif result == lib.RP_LOOP_LINK:
             log.callWithLogger(self._tls.tcp, self._linkRead)
         elif result == lib.RP_LOOP_ERROR:
@@ -111,9 +109,8 @@ class CaptureLoop:
         if reactor._selectables.get(fd) is not port or fd not in reactor._reads \
                 or fd in reactor._writes:
             return False
-        gate = port._gate
-        if gate is not None and (gate.dropping or gate.above_since is not None
-                                 or port._wallClock is not time.time):
+        gate, gateState = port._gate, port._cGate()   # C asks a gate in C, in any state
+        if gate is not None and (gateState is None or port._wallClock is not time.time):
             return False
         flows = port.flows
         if flows._waiting or len(flows._live) > 1:
@@ -134,8 +131,7 @@ class CaptureLoop:
         state.capture_fd = fd
         state.pump = flows.state
         state.budget = port.maxPacketsPerRead
-        state.gate = gate is not None
-        state.target = gate.target if gate is not None else 0.0
+        state.gate = null if gateState is None else gateState
         k = state.link
         k.calls, k.sweep_at, k.idle_calls = flows._calls, flows._sweepAt, flows.idleCalls
         if not flows._live:

@@ -482,55 +482,105 @@ class StreamTests(LoopTestCase):
 
 
 class GateTests(LoopTestCase):
-    """The sojourn gate: C goes on only while the head is younger than its target."""
+    """The sojourn gate in C (sojourn.NativeGate): the loop asks it in every state, as
+    GREPort._wakeUp does, so a standing queue's wake-ups stay in C (they went to Twisted's
+    Python path while the gate counted or dropped: the slower daemon kept the queue
+    standing)."""
 
     @defer.inlineCallbacks
-    def test_oldHeadReturnsToTheGate(self):
-        skipUnlessUsable()
-        yield self.start("loop", maxSojourn=0.005)
-        gate = self.port._gate
+    def oldHead(self, budget, dataPlane="loop"):
+        """GRE seq 0 read young, then seq 1 read 10 ms old by a wake-up of *budget*."""
+        yield self.start(dataPlane, maxSojourn=0.005)
         self.send([ipv4(CLIENT, LOCAL, greData(KEY, 0))])
         yield task.deferLater(reactor, 0.05, lambda: None)
-        self.assertIsNone(gate.above_since)
-        self.assertGreater(self.loop.wakeUps, 0)
-        # a head 10 ms old, of a full read (a queue may stand behind it): C hands the
-        # wake-up's end to gate.observe, which starts counting
-        self.loop.uninstall()
-        self.port.maxPacketsPerRead = 1
+        self.assertIsNone(self.port._gate.above_since)
+        self.port.maxPacketsPerRead = budget
         self.port.stopReading()
         self.send([ipv4(CLIENT, LOCAL, greData(KEY, 1))])
         time.sleep(0.01)
+        before = (self.port.stats.reads, self.loop.wakeUps, dict(self.loop.results),
+                  self.loop.clockReads)
         self.port.startReading()
-        self.loop.install()
-        gates = self.loop.results.get(MODULE.lib.RP_LOOP_GATE, 0)
         yield task.deferLater(reactor, 0.05, lambda: None)
-        self.assertEqual(self.loop.results.get(MODULE.lib.RP_LOOP_GATE, 0), gates + 1)
-        self.assertIsNotNone(gate.above_since)
+        return before
+
+    @defer.inlineCallbacks
+    def test_oldHeadStartsTheGateInC(self):
+        """A full read (a queue may stand behind it) whose head is older than the target: C
+        observes it (the gate starts counting) and goes on; nothing returns to Python."""
+        skipUnlessUsable()
+        reads, wakeUps, runs, _ = yield self.oldHead(1)
+        self.assertIsNotNone(self.port._gate.above_since)
+        self.assertEqual(self.port.stats.reads - reads, self.loop.wakeUps - wakeUps)
+        self.assertGreater(self.loop.wakeUps, wakeUps)
+        lib = MODULE.lib
+        returned = {r for r, n in self.loop.results.items() if n != runs.get(r, 0)}
+        self.assertEqual(returned - {lib.RP_LOOP_TIMEOUT, lib.RP_LOOP_OTHER, lib.RP_LOOP_SIGNAL},
+                         set())   # (the old loop returned 4, for Python's gate to observe)
         yield self.settle(2)
         self.assertEqual([seq for seq, _ in self.far.gre()], [0, 1])
 
     @defer.inlineCallbacks
     def test_oldHeadOfAnEmptiedCaptureIsYoung(self):
         """The same old head, read by a wake-up that emptied the capture: no queue stands
-        (RFC 8289), C goes on and asks no clock for it."""
+        (RFC 8289), and C asks no clock for it."""
         skipUnlessUsable()
-        yield self.start("loop", maxSojourn=0.005)
-        gate = self.port._gate
-        self.send([ipv4(CLIENT, LOCAL, greData(KEY, 0))])
-        yield task.deferLater(reactor, 0.05, lambda: None)
-        self.loop.uninstall()
-        self.port.stopReading()
-        self.send([ipv4(CLIENT, LOCAL, greData(KEY, 1))])
-        time.sleep(0.01)
-        self.port.startReading()
-        self.loop.install()
-        gates, clocks = self.loop.results.get(MODULE.lib.RP_LOOP_GATE, 0), self.loop.clockReads
-        yield task.deferLater(reactor, 0.05, lambda: None)
-        self.assertEqual(self.loop.results.get(MODULE.lib.RP_LOOP_GATE, 0), gates)
-        self.assertIsNone(gate.above_since)
+        reads, wakeUps, _, clocks = yield self.oldHead(64)
+        self.assertIsNone(self.port._gate.above_since)
+        self.assertEqual(self.port.stats.reads - reads, self.loop.wakeUps - wakeUps)
         self.assertEqual(self.loop.clockReads, clocks)
         yield self.settle(2)
         self.assertEqual([seq for seq, _ in self.far.gre()], [0, 1])
+
+    @defer.inlineCallbacks
+    def standing(self, dataPlane):
+        """A gate already dropping meets 30 frames 120 ms old (past its ceiling), then 10
+        young ones: what each plane dropped and delivered, and the wake-ups C made."""
+        yield self.start(dataPlane, maxSojourn=0.005)
+        self.send([ipv4(CLIENT, LOCAL, greData(KEY, 0))])
+        yield task.deferLater(reactor, 0.05, lambda: None)
+        self.port.stopReading()
+        self.send([packet(CLIENT, greData(KEY, seq), seq + 1) for seq in range(1, 31)])
+        time.sleep(0.12)
+        gate = self.port._gate.state
+        gate.dropping, gate.above_since, gate.count = 1, time.time() - 1.0, 1
+        gate.drop_next = time.time() + 10.0   # none due by the law: only the ceiling drops
+        self.port.maxPacketsPerRead = 4       # full reads: the queue stands while it lasts
+        reads, wakeUps = self.port.stats.reads, self.loop.wakeUps if self.loop else 0
+        refused = []   # iterations the loop left to Twisted's dispatch meanwhile
+        if self.loop:
+            usable = self.loop.usable
+
+            def counted():
+                link = usable()
+                if link is False:
+                    refused.append(1)
+                return link
+            self.loop.usable = counted
+        self.port.startReading()
+        yield task.deferLater(reactor, 0.05, lambda: None)
+        self.send([packet(CLIENT, greData(KEY, seq), seq + 1) for seq in range(31, 41)])
+        yield self.settle(11)
+        inC = (self.loop.wakeUps - wakeUps) if self.loop else 0
+        return (self.port.snapshot()["dropped"], [seq for seq, _ in self.far.gre()],
+                bool(self.port._gate.dropping), len(refused), self.port.stats.reads - reads - inC,
+                inC)
+
+    @defer.inlineCallbacks
+    def test_aStandingQueueIsDroppedInTheLoop(self):
+        """The frames past the ceiling are dropped and counted, the young ones delivered, the
+        episode ends, as through Twisted's dispatch (the pump), and C made the wake-ups."""
+        skipUnlessUsable()
+        pump = yield self.standing("pump")
+        yield DifferentialTests.tearDownLink(self)
+        loop = yield self.standing("loop")
+        self.assertEqual(loop[:3], pump[:3])
+        dropped, far, dropping, refused, inPython, inC = loop
+        self.assertEqual(dropped.get("sojourn"), 30)
+        self.assertEqual(far, [0] + list(range(31, 41)))
+        self.assertFalse(dropping)
+        self.assertEqual(refused, 0)
+        self.assertGreater(inC, inPython)   # (Twisted's dispatch reads when another fd is ready)
 
 
 class QueueLimitTests(LoopTestCase):
