@@ -232,6 +232,43 @@ static int loop_flush(struct rp_loop *l)
     return 0;
 }
 
+/* MuxConnection._roomAfterAsking, in C, for a frame the pump handed back over the link's
+ * room (RP_BACK_BUDGET: the room was the ceiling carried over, the link not asked yet): the
+ * frames before it written, the link is asked once (Twisted's buffer is empty while C
+ * loops: the kernel's unsent bytes are all of it) and the frame goes through the pump again,
+ * in a call of its own against the room that leaves, taken or dropped (counted as the
+ * watermark's) as the Python path would.  An overload then stays in C: a hand-back per
+ * wake-up had sent each one's rest, and the turns after it, to Python.  1 when it did so
+ * (turn.back is then what the pump handed back again, or NULL); 0 when it is not such a
+ * hand-back; -1 when the socket did not take the frames before it (the turn's rest is set,
+ * the frame still handed back): Python goes on with both, as for any hand-back. */
+static int loop_room_after_asking(struct rp_loop *l, uint64_t delivered, double drop_before)
+{
+    struct rp_loop_turn *t = &l->turn;
+    struct rp_loop_link *k = &l->link;
+    const uint8_t *back = t->back;
+    size_t back_length = t->back_length;
+    double back_ts = t->back_ts;
+
+    if (!k->begun || t->asked || rp_pump_back_reason(l->pump) != RP_BACK_BUDGET)
+        return 0;
+    t->back = NULL;
+    if (loop_pump_write(l, delivered) < 0) {   /* the socket did not take them: Python's */
+        t->back = back;
+        return -1;
+    }
+    t->unsent = loop_kernel_unsent(k->socket);
+    t->asked = 1;
+    rp_pump_begin(l->pump, drop_before, l->gate);
+    rp_pump_begin_link(l->pump, k->index, k->watermark - t->unsent, 0, k->max_payload);
+    if (rp_pump_frame_again(l->pump, back, back_length, back_ts, back_ts != 0.0) != RP_PUMP_TAKEN) {
+        t->back = back;   /* (no room in the pump's buffer, say): Python's, as before */
+        t->back_length = back_length;
+        t->back_ts = back_ts;
+    }
+    return 1;
+}
+
 /* One capture wake-up (GREPort.doRead with _pump): 0 when it ended here, else a result.  A
  * wake-up that emptied the capture has no standing queue (CoDel): its head counts as young,
  * and the clock is not read. */
@@ -252,7 +289,7 @@ static int loop_capture_read(struct rp_loop *l)
     while (budget > 0) {
         uint64_t delivered = rp_pump_delivered(l->pump);
         double head;
-        int n;
+        int n, retried;
 
         loop_pump_begin(l, drop_before);
         n = l->pcap != NULL
@@ -265,7 +302,10 @@ static int loop_capture_read(struct rp_loop *l)
             t->capture_error = 1;
             return RP_LOOP_CAPTURE;
         }
-        if (loop_pump_write(l, delivered) < 0 || t->back != NULL) {
+        retried = t->back != NULL ? loop_room_after_asking(l, delivered, drop_before) : 0;
+        if (retried > 0 && gate != NULL)
+            drop_before = rp_pump_drop_before(l->pump);
+        if (retried < 0 || loop_pump_write(l, delivered) < 0 || t->back != NULL) {
             if (rp_pump_head(l->pump, &head)) {
                 t->has_head = 1;
                 t->head = head;
@@ -284,7 +324,7 @@ static int loop_capture_read(struct rp_loop *l)
             t->has_head = 1;
             t->head = head;
         }
-        if (n < budget) {
+        if (n < budget && !retried) {   /* (retried: a hand-back, not an empty capture, ended it) */
             emptied = 1;
             break;
         }

@@ -622,3 +622,42 @@ class QueueLimitTests(LoopTestCase):
         unsent = yield self.unsentAfterFlood(None)
         self.assertEqual(self.lrp.greLimit, self.lrp.config.greWatermark)
         self.assertGreater(unsent, 200000)
+
+
+class RoomAfterAskingTests(LoopTestCase):
+    """A wake-up's frames pass the room the unsent ceiling carried over leaves: the link was
+    not asked this turn, so the first frame past it is the pump's hand-back (RP_BACK_BUDGET).
+    The loop asks the link itself, as MuxConnection._roomAfterAsking does, and goes on in C:
+    at 30 k packets/s of 1400 bytes that hand-back sent a wake-up to Python 70 times a
+    second, each with the turns after it."""
+
+    @defer.inlineCallbacks
+    def ceilingNearTheLimit(self, dataPlane):
+        yield self.start(dataPlane)
+        self.send([ipv4(CLIENT, LOCAL, greData(KEY, 0))])
+        yield self.settle(1)
+        captures = self.loop.results.get(MODULE.lib.RP_LOOP_CAPTURE, 0) if self.loop else 0
+        self.lrp._unsentCeiling = self.lrp.greLimit - 3000   # two frames' room, by the ceiling
+        self.send([packet(CLIENT, greData(KEY, seq, 1000), seq + 1) for seq in range(1, 21)])
+        yield self.settle(21)
+        observed = self.observed()
+        if self.loop:
+            observed["captures"] = self.loop.results.get(MODULE.lib.RP_LOOP_CAPTURE, 0) - captures
+        return observed
+
+    @defer.inlineCallbacks
+    def test_theLoopAsksTheLinkItself(self):
+        skipUnlessUsable()
+        pump = yield self.ceilingNearTheLimit("pump")
+        yield DifferentialTests.tearDownLink(self)
+        loop = yield self.ceilingNearTheLimit("loop")
+        self.assertEqual([seq for seq, _ in loop["far"]], list(range(21)))
+        self.assertEqual(loop.pop("captures"), 0)
+        # C framed and counted every frame (the pump plane's Python path took the one it
+        # handed back: this test's Demux counts no relay's greIn); all else, what each end got
+        # and every other counter, the same
+        self.assertEqual(loop["port"].pop("native")["framed"], 21)
+        self.assertEqual(loop.pop("session")[2], 21)
+        pump["port"].pop("native"), pump.pop("session")
+        self.assertEqual(loop, pump)
+
