@@ -10,7 +10,8 @@ handles the capture's wake-ups itself, and the link socket's reads when they are
 counters are folded (before any status read can run) and Python goes on where C stopped:
 Twisted's dispatch of the ready fds, the rest of a wake-up C handed back (``GREPort.
 resumeRead``, ``NativeTLSReader.readDone``), the slow peer's drop.  Otherwise the iteration
-is Twisted's own.  No second thread: the ``SSL*`` is only used in the reactor's thread, while Python checked it alive.
+is Twisted's own.  No second thread: the ``SSL*`` is only used in the reactor's thread,
+while Python checked it alive.
 """
 import sys
 import time
