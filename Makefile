@@ -32,7 +32,7 @@ uml-kernel: apt venv
 	$(PY) -m routeproxy.lab.kernel --if-needed
 
 # The lab's benchmark (benchmarks.labtransfer) on a kernel with the seccomp mode, where guest
-# system calls and switches cost about half what ptrace mode's do (docs/lab.md); opt-in: it
+# system calls and switches cost a quarter less than in ptrace mode (docs/lab.md); opt-in: it
 # builds a kernel once (~10-15 minutes on 2 cores), which the lab then always uses.
 lab-kernel: apt venv
 	$(PY) -m routeproxy.lab.kernel --unless-seccomp

@@ -145,7 +145,7 @@ def main(argv=None):
                              "is one line and exit 0: the lab then says why it cannot run")
     parser.add_argument("--unless-seccomp", action="store_true",
                         help="only where the lab's UML has no seccomp mode (make lab-kernel): "
-                             "the real-peer benchmark's traps cost about half as much with it")
+                             "the real-peer benchmark's traps cost a quarter less with it")
     args = parser.parse_args(argv)
     if args.unless_seccomp and uml.offers_seccomp(uml.UML_BINARY) and not missing_options(args.dest):
         print(f"{uml.UML_BINARY} has the seccomp mode already")

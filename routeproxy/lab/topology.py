@@ -635,40 +635,39 @@ def parse_results(output):
     return rows, transfers, times
 
 
-def parse_cpu(output):
-    """{daemon: CPU seconds (user + system) it used over the transfer} from `LAB-CPU` lines
-    (proxy modes with a transfer; empty otherwise)."""
+def _samples(output, tag, width):
+    """{(when, daemon): [int, ...]} from `TAG WHEN DAEMON N...` lines of *width* integers."""
     seen = {}
     for line in output.splitlines():
         parts = line.split()
-        if len(parts) == 5 and parts[0] == "LAB-CPU":
+        if len(parts) == 3 + width and parts[0] == tag:
             try:
-                seen[(parts[1], parts[2])] = int(parts[3]) / (int(parts[4]) or 100)
+                seen[(parts[1], parts[2])] = [int(x) for x in parts[3:]]
             except ValueError:
                 continue
-    return {daemon: round(seen[("after", daemon)] - seen[("before", daemon)], 2)
-            for (when, daemon) in seen if when == "before" and ("after", daemon) in seen}
+    return seen
+
+
+def _over_transfer(samples):
+    """{daemon: (before, after)} for each daemon sampled both before and after the transfer."""
+    return {daemon: (samples[("before", daemon)], samples[("after", daemon)])
+            for (when, daemon) in samples if when == "before" and ("after", daemon) in samples}
+
+
+def parse_cpu(output):
+    """{daemon: CPU seconds (user + system) it used over the transfer} from `LAB-CPU` lines
+    (proxy modes with a transfer; empty otherwise)."""
+    return {daemon: round((after[0] - before[0]) / (after[1] or 100), 2)
+            for daemon, (before, after) in _over_transfer(_samples(output, "LAB-CPU", 2)).items()}
 
 
 def parse_proc(output):
     """{daemon: {"user": s, "sys": s, "faults": n, "switches": n}} over the transfer, from
     `LAB-PROC` lines (ticks at the guest's CLK_TCK, read from `LAB-CPU`): in UML each page
     fault and each switch is a trap, as each system call is (docs/lab.md)."""
-    hz, seen = {}, {}
-    for line in output.splitlines():
-        parts = line.split()
-        try:
-            if len(parts) == 5 and parts[0] == "LAB-CPU":
-                hz[parts[2]] = int(parts[4]) or 100
-            elif len(parts) == 7 and parts[0] == "LAB-PROC":
-                seen[(parts[1], parts[2])] = [int(x) for x in parts[3:]]
-        except ValueError:
-            continue
+    hz = {daemon: ticks[1] or 100 for (_, daemon), ticks in _samples(output, "LAB-CPU", 2).items()}
     out = {}
-    for (when, daemon), before in seen.items():
-        after = seen.get(("after", daemon))
-        if when != "before" or after is None:
-            continue
+    for daemon, (before, after) in _over_transfer(_samples(output, "LAB-PROC", 4)).items():
         user, system, faults, switches = (a - b for a, b in zip(after, before))
         tick = hz.get(daemon, 100)
         out[daemon] = {"user": round(user / tick, 2), "sys": round(system / tick, 2),

@@ -242,7 +242,7 @@ static int loop_flush(struct rp_loop *l)
  * (turn.back is then what the pump handed back again, or NULL); 0 when it is not such a
  * hand-back; -1 when the socket did not take the frames before it (the turn's rest is set,
  * the frame still handed back): Python goes on with both, as for any hand-back. */
-static int loop_room_after_asking(struct rp_loop *l, uint64_t delivered, double drop_before)
+static int loop_room_after_asking(struct rp_loop *l, uint64_t delivered)
 {
     struct rp_loop_turn *t = &l->turn;
     struct rp_loop_link *k = &l->link;
@@ -259,8 +259,7 @@ static int loop_room_after_asking(struct rp_loop *l, uint64_t delivered, double 
     }
     t->unsent = loop_kernel_unsent(k->socket);
     t->asked = 1;
-    rp_pump_begin(l->pump, drop_before, l->gate);
-    rp_pump_begin_link(l->pump, k->index, k->watermark - t->unsent, 0, k->max_payload);
+    loop_pump_begin(l, rp_pump_drop_before(l->pump));   /* (the gate's threshold as it stands) */
     if (rp_pump_frame_again(l->pump, back, back_length, back_ts, back_ts != 0.0) != RP_PUMP_TAKEN) {
         t->back = back;   /* (no room in the pump's buffer, say): Python's, as before */
         t->back_length = back_length;
@@ -296,15 +295,13 @@ static int loop_capture_read(struct rp_loop *l)
             ? rp_pcap_pump(l->pcap, l->pump, budget, &t->back, &t->back_length, &t->back_ts, t->err)
             : rp_rawcap_pump(l->rawcap, l->pump, budget, &t->back, &t->back_length, &t->back_ts,
                              t->err);
-        if (gate != NULL)
-            drop_before = rp_pump_drop_before(l->pump);   /* moved by the drops it made */
         if (n < 0) {
             t->capture_error = 1;
             return RP_LOOP_CAPTURE;
         }
-        retried = t->back != NULL ? loop_room_after_asking(l, delivered, drop_before) : 0;
-        if (retried > 0 && gate != NULL)
-            drop_before = rp_pump_drop_before(l->pump);
+        retried = t->back != NULL ? loop_room_after_asking(l, delivered) : 0;
+        if (gate != NULL)
+            drop_before = rp_pump_drop_before(l->pump);   /* moved by the drops it made */
         if (retried < 0 || loop_pump_write(l, delivered) < 0 || t->back != NULL) {
             if (rp_pump_head(l->pump, &head)) {
                 t->has_head = 1;
