@@ -118,6 +118,9 @@ class IRawSocket(Interface):
     def setsockopt(level, option, value):
         pass
 
+    def getsockopt(level, option):
+        pass
+
     def setblocking(flag):
         pass
 
@@ -145,6 +148,10 @@ class IGRESystem(Interface):
 
     def openRawSocket():
         """An :class:`IRawSocket` (GREIOError without the privilege)."""
+
+    def openHeaderSocket():
+        """A send-only :class:`IRawSocket` whose sender writes the IPv4 header (OSError if it
+        cannot be opened)."""
 
 
 def greFilter(localAddresses, shardClause=None):
@@ -470,3 +477,6 @@ class RealGRESystem:
             return socket.socket(socket.AF_INET, socket.SOCK_RAW, IPPROTO_GRE)
         except PermissionError as e:
             raise GREIOError(f"raw GRE sockets need root or CAP_NET_RAW: {e}") from None
+
+    def openHeaderSocket(self):
+        return socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)

@@ -433,6 +433,8 @@ class LinkFlows(_Entries):
         self.tlsHandedBack = 0        # of them, left to Twisted's TLS part way
         self.tlsFlushed = 0           # of them, whose SSL_read left TLS records to send
         self.aged = 0                 # GRE frames read and dropped unsent: too old (sojourn)
+        self.headerWritten = 0        # of the GRE C sent, with the IPv4 header C wrote
+        self.headerRefused = 0        # refused there as over the MTU, sent on the GRE socket
         self.drops = None             # the relay's DropCounter (service.useNativePlane)
 
     def reader(self, connection):
@@ -444,8 +446,9 @@ class LinkFlows(_Entries):
         greKey = flow.session.book.gre_key(flow.call)
         if reader is None or greKey is None:
             return
-        fd = self.port.senderFileno(flow.session.localAddress)
-        if fd is not None and reader.install(flow, fd, greKey):
+        source = flow.session.localAddress
+        fd = self.port.senderFileno(source)
+        if fd is not None and reader.install(flow, fd, greKey, *self.port.headerSender(source)):
             flow.installed = True
 
     def _clear(self, key, flow):
@@ -463,7 +466,8 @@ class LinkFlows(_Entries):
                 "in_c": sum(1 for f in self._entries.values() if f.installed),
                 "sent_by_c": self.taken, "tls_reads": self.tlsReads,
                 "tls_handed_back": self.tlsHandedBack, "tls_flushed": self.tlsFlushed,
-                "sojourn_dropped": self.aged}
+                "sojourn_dropped": self.aged, "header_written": self.headerWritten,
+                "header_refused": self.headerRefused}
 
 
 class LinkReader:
@@ -494,11 +498,12 @@ class LinkReader:
         self.tls = None               # the NativeTLSReader of the link's transport, or None
         self._tlsOf = False           # the transport self.tls was made for
 
-    def install(self, flow, fd, greKey):
-        """*flow*'s GRE to be sent on *fd*, keyed *greKey* (the facing peer's ID for the call)."""
+    def install(self, flow, fd, greKey, headerFd=-1, ttl=0):
+        """*flow*'s GRE to be sent on *fd*, keyed *greKey* (the facing peer's ID for the call);
+        on *headerFd* with an IPv4 header of *ttl* where there is one (GREPort.headerSender)."""
         from routeproxy.capture import packedAddress
         key = (flow.mux.id, flow.call.pns_id)
-        if self._lib.rp_link_set_flow(self.state, key[0], key[1], fd,
+        if self._lib.rp_link_set_flow(self.state, key[0], key[1], fd, headerFd, ttl,
                                       packedAddress(flow.session.peerAddress), greKey) < 0:
             return False
         self._flows[key] = flow
@@ -582,6 +587,8 @@ class LinkReader:
                                           delta.busy, delta.errors, delta.last_errno)
                 if delta.aged:
                     self._aged(flow, delta.aged)
+                self.table.headerWritten += delta.header_written
+                self.table.headerRefused += delta.header_refused
             if n < _DELTAS:
                 return
 

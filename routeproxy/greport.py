@@ -242,7 +242,7 @@ class GREPort(abstract.FileDescriptor):
         self._emptied = False  # this wake-up emptied the capture (the gate: no queue stands)
         self._lastCopy, self._lastFrame = None, b""  # the packet before, for duplicates
         self._sources = {}  # packed -> str cache for greReceived's src
-        self._senders = {}  # local source address -> bound raw socket
+        self._senders = {}  # local source address -> its Sender
         self.linkFlows = None  # the native link read's table (routeproxy.flows.LinkFlows)
         self.loop = None  # --data-plane loop: the reactor's poll in C (routeproxy.native.loop)
         self._capture = None
@@ -377,10 +377,10 @@ class GREPort(abstract.FileDescriptor):
                            interface=self.interface, error=why)
         abstract.FileDescriptor.connectionLost(self, reason)
         self.connected = 0
-        for name, sock in self._senders.items():
+        for name, sender in self._senders.items():
             if self.linkFlows is not None:
                 self.linkFlows.senderClosing(name)
-            sock.close()
+            sender.close()
         self._senders.clear()
         if not self._reading:  # else doRead closes it once pcap's dispatch has returned
             self._closeCapture()
@@ -602,12 +602,12 @@ class GREPort(abstract.FileDescriptor):
         stats.dropped: send_busy when buffers are full, send_error otherwise).  Never raises
         for network conditions and never queues.
         """
-        sock = self._senders.get(src)
-        if sock is None:
+        sender = self._senders.get(src)
+        if sender is None:
             self._sendFailed(src, dst, "not a local address of this port (addLocalAddress first)")
             return False
         try:
-            sock.sendto(gre, (dst, 0))
+            sender.socket.sendto(gre, (dst, 0))
         except OSError as e:
             if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS):
                 self.stats.dropped[DROP_SEND_BUSY] += 1
@@ -619,8 +619,16 @@ class GREPort(abstract.FileDescriptor):
 
     def senderFileno(self, src):
         """The raw socket sendGRE uses for *src* (its descriptor), or None."""
-        sock = self._senders.get(src)
-        return None if sock is None else sock.fileno()
+        sender = self._senders.get(src)
+        return None if sender is None else sender.socket.fileno()
+
+    def headerSender(self, src):
+        """For GRE sent elsewhere from *src* (the native link read): ``(descriptor, TTL)`` of
+        the socket to which the sender writes the IPv4 header itself, or ``(-1, 0)``."""
+        sender = self._senders.get(src)
+        if sender is None or sender.headerSocket is None:
+            return -1, 0
+        return sender.headerSocket.fileno(), sender.ttl
 
     def countSent(self, src, dst, sent, busy, errors, lastErrno):
         """What sendGRE would have counted for GRE sent elsewhere (the native link read)
@@ -634,7 +642,7 @@ class GREPort(abstract.FileDescriptor):
             self._sendFailed(src, dst, OSError(lastErrno, os.strerror(lastErrno)))
 
     def _openSender(self, src):
-        """A raw GRE socket bound to *src*, opened now so it lives in the port's namespace."""
+        """The Sender of *src*, opened now so its sockets live in the port's namespace."""
         sock = None
         try:
             sock = self._system.openRawSocket()
@@ -656,7 +664,27 @@ class GREPort(abstract.FileDescriptor):
             if sock is not None:
                 sock.close()
             raise GREIOError(f"cannot send GRE from {src}: {e.strerror or e}") from None
-        self._senders[src] = sock
+        self._senders[src] = Sender(sock, self._openHeaderSocket(src))
+
+    def _openHeaderSocket(self, src):
+        """A send-only raw socket bound to *src* whose sender writes the IPv4 header (for the
+        native link read), or None: then that read sends on the other socket, as sendGRE."""
+        sock = None
+        try:
+            sock = self._system.openHeaderSocket()
+            markSender(sock)  # refused: logged for the other socket, the same address
+            sock.setblocking(False)
+            sock.bind((src, 0))
+            return sock
+        except OSError as e:
+            if sock is not None:
+                sock.close()
+            if "header" not in self._loggedErrors:
+                self._loggedErrors.add("header")
+                self.log.warn("GRE from {src} is sent with the kernel's IPv4 header ({error}): "
+                              "the native link read sums every packet it sends",
+                              src=src, error=e)
+            return None
 
     def _sendFailed(self, src, dst, error):
         self.stats.dropped[DROP_SEND_ERROR] += 1
@@ -691,3 +719,22 @@ class GREPort(abstract.FileDescriptor):
             if drop or ifdrop:
                 result["dropped"][DROP_CAPTURE] = drop + ifdrop
         return result
+
+
+class Sender:
+    """The sockets that send GRE from one local address, both bound to it and marked.
+
+    ``socket`` (raw IPPROTO_GRE): the kernel writes the IPv4 header, and fragments what is
+    longer than the path (sendGRE, and what the other refuses).  ``headerSocket`` (raw
+    IPPROTO_RAW, send only), or None: the native link read writes the header itself
+    (docs/gre-io.md "Batched sends"), so the kernel copies the packet without summing it,
+    which the other socket does for every packet."""
+
+    def __init__(self, sock, headerSocket):
+        self.socket, self.headerSocket = sock, headerSocket
+        self.ttl = sock.getsockopt(socket.IPPROTO_IP, socket.IP_TTL)  # the kernel's default
+
+    def close(self):
+        self.socket.close()
+        if self.headerSocket is not None:
+            self.headerSocket.close()

@@ -6,6 +6,7 @@ tests and benchmarks/pathbench.py use these same fakes.
 """
 import collections
 import errno
+import socket
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
@@ -119,6 +120,11 @@ class MemoryRawSocket:
     def setsockopt(self, level, option, value):
         self.options.append((level, option, value))
 
+    def getsockopt(self, level, option):
+        if (level, option) == (socket.IPPROTO_IP, socket.IP_TTL):
+            return 64
+        raise OSError(errno.ENOPROTOOPT, "Protocol not available")
+
     def setblocking(self, flag):
         self.blocking = flag
 
@@ -155,6 +161,7 @@ class MemoryGRESystem:
         self.hostAddresses = hostAddresses
         self.captures = []
         self.sockets = []
+        self.headerSockets = []   # openHeaderSocket's (apart: tests count self.sockets)
 
     def openCapture(self, interface, snaplen, bufferSize, bpf):
         capture = MemoryCapture(self.datalink)
@@ -173,6 +180,11 @@ class MemoryGRESystem:
     def openRawSocket(self):
         sock = MemoryRawSocket(self.hostAddresses)
         self.sockets.append(sock)
+        return sock
+
+    def openHeaderSocket(self):
+        sock = MemoryRawSocket(self.hostAddresses)
+        self.headerSockets.append(sock)
         return sock
 
 

@@ -24,6 +24,8 @@ struct link_entry {
     uint32_t session, tag, key;
     int used;                       /* 0 empty, 1 used, 2 removed */
     int fd;
+    int header_fd;                  /* C writes the IPv4 header (-1: fd builds it) */
+    uint8_t ttl;
     int dirty;
     struct sockaddr_in dst;
     struct rp_link_delta delta;
@@ -117,8 +119,8 @@ void rp_link_free(struct rp_link *l) {
     give_back();
 }
 
-int rp_link_set_flow(struct rp_link *l, uint32_t session, uint32_t tag, int fd,
-                     const uint8_t *dst, uint32_t key) {
+int rp_link_set_flow(struct rp_link *l, uint32_t session, uint32_t tag, int fd, int header_fd,
+                     int ttl, const uint8_t *dst, uint32_t key) {
     struct link_entry *e = find(l, session, tag);
     if (!e) {
         if (2 * (l->used + l->removed + 1) > l->slots &&
@@ -137,6 +139,8 @@ int rp_link_set_flow(struct rp_link *l, uint32_t session, uint32_t tag, int fd,
         l->used++;
     }
     e->fd = fd;
+    e->header_fd = header_fd;
+    e->ttl = (uint8_t)ttl;
     e->key = key;
     memset(&e->dst, 0, sizeof e->dst);
     e->dst.sin_family = AF_INET;
@@ -190,11 +194,29 @@ static uint8_t arena[ARENA];
 static size_t arena_used;
 static struct iovec batch_iov[RP_LINK_BATCH];
 static struct link_entry *batch_entry[RP_LINK_BATCH];
+static uint8_t batch_header[RP_LINK_BATCH];       /* 1: iov starts with C's IPv4 header */
 static size_t batch_length;
 static struct mmsghdr batch_msg[RP_LINK_BATCH];   /* built by flush(), grouped by socket */
 static uint64_t send_calls;
 
 uint64_t rp_link_send_calls(void) { return send_calls; }
+
+/* The socket a queued packet goes to. */
+static int socket_of(size_t j) {
+    return batch_header[j] ? batch_entry[j]->header_fd : batch_entry[j]->fd;
+}
+
+/* The IPv4 header C writes before the GRE of an entry with a header_fd: what the kernel
+ * writes on fd (DF clear: IP_PMTUDISC_DONT, the default TTL, no options); the kernel fills
+ * in the length, the checksum, the ID (0 here) and the source (0: the socket's bound one). */
+#define IP_HEADER 20
+static void write_ip_header(uint8_t *h, const struct link_entry *e) {
+    memset(h, 0, IP_HEADER);
+    h[0] = 0x45;
+    h[8] = e->ttl;
+    h[9] = 47;  /* IPPROTO_GRE */
+    memcpy(h + 16, &e->dst.sin_addr.s_addr, 4);
+}
 
 static void count_failed(struct rp_link_delta *d, int error) {
     if (error == EAGAIN || error == EWOULDBLOCK || error == ENOBUFS) {
@@ -209,17 +231,28 @@ static void count_failed(struct rp_link_delta *d, int error) {
  * message that fails and returns how many went (its errno is not reported): the send is
  * made again from that one, which, first now, fails with its own errno (counted, then
  * the rest go on) or goes (the condition passed, as a later sendto would have found). */
-static void send_run(int fd, struct mmsghdr *msg, struct link_entry **entry, size_t n) {
+static void send_run(int fd, struct mmsghdr *msg, struct link_entry **entry, size_t n,
+                     int header) {
     size_t i = 0;
     while (i < n) {
         int sent = sendmmsg(fd, msg + i, (unsigned int)(n - i), 0);
         send_calls++;
         if (sent > 0) {
-            for (int k = 0; k < sent; k++)
+            for (int k = 0; k < sent; k++) {
                 entry[i + k]->delta.sent++;
+                entry[i + k]->delta.header_written += (uint32_t)header;
+            }
             i += (size_t)sent;
         } else if (sent < 0 && errno == EINTR) {
             continue;   /* as Python's sendto (PEP 475) */
+        } else if (sent < 0 && errno == EMSGSIZE && header) {
+            /* over the device's MTU: the IP_HDRINCL path never fragments, fd does */
+            struct iovec *v = msg[i].msg_hdr.msg_iov;
+            v->iov_base = (uint8_t *)v->iov_base + IP_HEADER;
+            v->iov_len -= IP_HEADER;
+            entry[i]->delta.header_refused++;
+            send_run(entry[i]->fd, msg + i, entry + i, 1, 0);
+            i++;
         } else {
             count_failed(&entry[i]->delta, sent < 0 ? errno : EIO);
             i++;
@@ -237,10 +270,10 @@ static void flush(void) {
     for (size_t first = 0; first < batch_length; first++) {
         if (done[first])
             continue;
-        int fd = batch_entry[first]->fd;
+        int fd = socket_of(first), header = batch_header[first];
         size_t run = n;
         for (size_t j = first; j < batch_length; j++) {
-            if (done[j] || batch_entry[j]->fd != fd)
+            if (done[j] || socket_of(j) != fd || batch_header[j] != header)
                 continue;
             struct msghdr *h = &batch_msg[n].msg_hdr;
             memset(h, 0, sizeof *h);
@@ -251,7 +284,7 @@ static void flush(void) {
             grouped[n++] = batch_entry[j];
             done[j] = 1;
         }
-        send_run(fd, batch_msg + run, grouped + run, n - run);
+        send_run(fd, batch_msg + run, grouped + run, n - run, header);
     }
     batch_length = arena_used = 0;
 }
@@ -292,16 +325,26 @@ static int send_gre(struct rp_link *l, const uint8_t *h, uint32_t length) {
     if (flags & 1) { seq = get32(p + at); at += 4; }
     if (flags & 2) { ack = get32(p + at); at += 4; }
     /* room for the largest this can build (rp_build_gre refuses payloads over 65535 itself) */
-    if (batch_length == RP_LINK_BATCH || ARENA - arena_used < RP_GRE_HEADER_MAX + (length - at))
+    if (batch_length == RP_LINK_BATCH
+            || ARENA - arena_used < IP_HEADER + RP_GRE_HEADER_MAX + (length - at))
         flush();
-    long n = rp_build_gre(arena + arena_used, ARENA - arena_used, e->key, p + at, length - at,
-                          flags & 1, seq, (flags & 2) != 0, ack);
+    uint8_t *start = arena + arena_used;
+    long n = rp_build_gre(start + IP_HEADER, ARENA - arena_used - IP_HEADER, e->key, p + at,
+                          length - at, flags & 1, seq, (flags & 2) != 0, ack);
     if (n < 0)
         return 0;   /* build_gre raises in Python: its path decides */
-    batch_iov[batch_length].iov_base = arena + arena_used;
+    int header = e->header_fd >= 0 && n <= 65535 - IP_HEADER;
+    if (header) {
+        write_ip_header(start, e);
+        n += IP_HEADER;
+    } else {
+        start += IP_HEADER;
+    }
+    batch_iov[batch_length].iov_base = start;
     batch_iov[batch_length].iov_len = (size_t)n;
+    batch_header[batch_length] = (uint8_t)header;
     batch_entry[batch_length++] = e;
-    arena_used += (size_t)n;
+    arena_used = (size_t)(start - arena) + (size_t)n;
     struct rp_link_delta *d = &e->delta;
     d->packets++;
     d->bytes += length - at;

@@ -23,6 +23,8 @@ struct rp_link_delta {
     uint32_t busy;         /* the port's send_busy drops */
     uint32_t errors;       /* the port's send_error drops (last_errno: the last one's) */
     uint32_t aged;         /* GRE frames taken and not sent: read too old (the gate) */
+    uint32_t header_written;   /* of sent, with C's IPv4 header (header_fd) */
+    uint32_t header_refused;   /* refused by header_fd as too long, then given to fd */
     uint64_t bytes;        /* their payload bytes: call.bytes_out */
     int last_errno;
 };
@@ -32,9 +34,12 @@ struct rp_link;
 struct rp_link *rp_link_new(void);
 void rp_link_free(struct rp_link *l);
 /* The entry for (mux session, call tag C): GRE goes to dst (4 bytes) on fd, keyed key (S).
- * 0, or -1 (no memory: the call stays on the Python path). */
-int rp_link_set_flow(struct rp_link *l, uint32_t session, uint32_t tag, int fd,
-                     const uint8_t *dst, uint32_t key);
+ * With header_fd >= 0 (a raw IPPROTO_RAW socket bound to fd's address), C writes the IPv4
+ * header itself (DF clear, ttl) and sends there: the kernel then copies the packet without
+ * summing it, as it does on fd; what that socket refuses as over its device's MTU goes on
+ * fd, which fragments it.  0, or -1 (no memory: the call stays on the Python path). */
+int rp_link_set_flow(struct rp_link *l, uint32_t session, uint32_t tag, int fd, int header_fd,
+                     int ttl, const uint8_t *dst, uint32_t key);
 void rp_link_clear_flow(struct rp_link *l, uint32_t session, uint32_t tag);
 size_t rp_link_flows(struct rp_link *l);
 /* data[0:length] (may be NULL, 0) after what is held; frames longer than max_payload make the

@@ -202,7 +202,7 @@ def _link():
         state = ffi.gc(lib.rp_link_new(), lib.rp_link_free)
         for sid in range(1, 4):   # sessions 1-3, every third tag to 300; fd -1: sends fail
             for tag in range(0, 300, 3):
-                lib.rp_link_set_flow(state, sid, tag, -1, bytes([127, 0, 0, 1]), tag ^ 0x5a5a)
+                lib.rp_link_set_flow(state, sid, tag, -1, -1, 0, bytes([127, 0, 0, 1]), tag ^ 0x5a5a)
         _LINK.append((module, state, ffi.new("uint8_t **"), ffi.new("size_t *"),
                       ffi.new("struct rp_link_delta[]", 64)))
     return _LINK[0]
@@ -293,7 +293,7 @@ def _tlsread():
         for _ in range(2):
             state = ffi.gc(lib.rp_link_new(), lib.rp_link_free)
             for tag in range(0, 300, 3):
-                lib.rp_link_set_flow(state, 1, tag, -1, bytes([127, 0, 0, 1]), tag)
+                lib.rp_link_set_flow(state, 1, tag, -1, -1, 0, bytes([127, 0, 0, 1]), tag)
             states.append(state)
         _TLSREAD["states"] = states
     return _TLSREAD

@@ -25,7 +25,8 @@ from routeproxy.capture import DLT_EN10MB
 from routeproxy.flows import LinkFlows
 from routeproxy.greport import GREPort
 from routeproxy.mux import frames as F
-from routeproxy.testing import MemoryGRESystem
+from routeproxy.testing import MemoryGRESystem, RecordingGREReceiver
+from tests.support import netns
 from tests.support.relay import RelayHarness
 
 MODULE, REASON = native.load()
@@ -41,11 +42,16 @@ def addresses():
 
 
 class RawSendSystem(MemoryGRESystem):
-    """Captures in memory, sends on real raw GRE sockets."""
+    """Captures in memory, sends on real raw sockets (GRE, and IPPROTO_RAW for C's headers)."""
 
     def openRawSocket(self):
         sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_GRE)
         self.sockets.append(sock)
+        return sock
+
+    def openHeaderSocket(self):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        self.headerSockets.append(sock)
         return sock
 
 
@@ -105,8 +111,8 @@ class LinkHarness(RelayHarness):
         self.gre = []
 
     def received(self):
-        """GRE that reached the peer from the facing side since the last call: (src, dst, gre),
-        from and to the harness's addresses (self.names) only."""
+        """GRE that reached the peer from the facing side since the last call: (src, dst, gre,
+        TTL, DF), from and to the harness's addresses (self.names) only."""
         out = []
         while True:
             try:
@@ -115,7 +121,7 @@ class LinkHarness(RelayHarness):
                 return out
             src, dst = socket.inet_ntoa(packet[12:16]), socket.inet_ntoa(packet[16:20])
             if src in self.names and (dst in self.names or dst in self.peers):
-                out.append((src, dst, packet[(packet[0] & 15) * 4:]))
+                out.append((src, dst, packet[(packet[0] & 15) * 4:], packet[8], packet[6] & 0x40))
 
     peers = ()   # more destinations whose GRE is the harness's (a second client's)
 
@@ -151,8 +157,8 @@ class LinkHarness(RelayHarness):
         # in send order per source and destination (C sends each socket's GRE in order, the
         # sockets one after the other)
         return {
-            "gre": sorted([(name(src, src), name(dst, dst), data)
-                           for src, dst, data in self.gre + self.received()],
+            "gre": sorted([(name(src, src), name(dst, dst), *rest)
+                           for src, dst, *rest in self.gre + self.received()],
                           key=lambda sent: sent[:2]),
             "marks": self.marks,
             "sessions": sorted((s.mux.id if s.mux else -1, s.greIn, s.greOut, s.greDropped,
@@ -179,22 +185,24 @@ class NativePath(LinkHarness, unittest.TestCase):
 def run(scenario, side="rrp"):
     """*scenario(harness)* -> reads (a list of lists of bytes, run in turn); on both paths,
     on *side*'s link read: (Python's observations, native's, the GRE C took, its sendmmsg
-    calls)."""
+    calls, the GRE it sent with its own IPv4 header)."""
     results = []
+    lib = MODULE.lib
     for cls in (PythonPath, NativePath):
         h = cls("run")
         h.side = side
         h.setUp()
         try:
-            calls = MODULE.lib.rp_link_send_calls()
+            calls = lib.rp_link_send_calls()
             for reads in scenario(h):
                 h.write(reads)
             taken = h.flows.taken if h.native else None
-            results.append((h.observed(), taken, MODULE.lib.rp_link_send_calls() - calls))
+            results.append((h.observed(), taken, lib.rp_link_send_calls() - calls,
+                            h.flows.headerWritten if h.native else None))
         finally:
             h.doCleanups()
-    (python, _, _), (nativeResult, taken, sendCalls) = results
-    return python, nativeResult, taken, sendCalls
+    (python, _, _, _), (nativeResult, taken, sendCalls, headerSends) = results
+    return python, nativeResult, taken, sendCalls, headerSends
 
 
 def gre(h, i, seq=True, ack=None, tag=None, session=None, size=None):
@@ -230,7 +238,7 @@ class DifferentialTests(unittest.SynchronousTestCase):
     side = "rrp"
 
     def compare(self, scenario, minimumTaken=1):
-        python, nativeResult, taken, self.sendCalls = run(scenario, self.side)
+        python, nativeResult, taken, self.sendCalls, self.headerSends = run(scenario, self.side)
         same(self, python, nativeResult)
         self.assertGreaterEqual(taken, minimumTaken)
         return python
@@ -240,13 +248,22 @@ class DifferentialTests(unittest.SynchronousTestCase):
         self.assertEqual(len(result["gre"]), 7)
         self.assertEqual(result["mux"]["gre_ignored"], {"malformed": 1, "not_open": 1})
 
+    def test_headers_written_by_C(self):
+        """C sent what it took with its own IPv4 header, and the peer got the same packets,
+        TTL and DF (clear) as from the kernel's header (compare's "gre")."""
+        result = self.compare(lambda h: [[stream(h)]], minimumTaken=6)
+        self.assertEqual(self.headerSends, len(result["gre"]))
+        with socket.socket() as probe:
+            ttl = probe.getsockopt(socket.IPPROTO_IP, socket.IP_TTL)
+        self.assertEqual({(t, df) for *_, t, df in result["gre"]}, {(ttl, 0)})
+
     def test_split_at_every_offset(self):
         def scenario(h):
             data = stream(h)
             lengths.append(len(data))
             return [[data[:k], data[k:]] for k in range(len(data) + 1)]
         lengths = []
-        python, nativeResult, taken, _ = run(scenario, self.side)
+        python, nativeResult, taken, _, _ = run(scenario, self.side)
         same(self, python, nativeResult)
         reads = lengths[0] + 1
         self.assertEqual((python["port"]["sent"], len(python["gre"])), (7 * reads, 7 * reads))
@@ -304,8 +321,8 @@ class DifferentialTests(unittest.SynchronousTestCase):
         def scenario(h):
             udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             h.addCleanup(udp.close)
-            for sock in h.relay.grePort._senders.values():
-                os.dup2(udp.fileno(), sock.fileno())
+            for source in h.relay.grePort._senders:
+                replaceSender(h, source, udp)
             yield [gre(h, 1), gre(h, 2)]
             yield [gre(h, 3)]
         result = self.compare(scenario)
@@ -379,11 +396,19 @@ class DifferentialTests(unittest.SynchronousTestCase):
             sid2, tag2 = addSession(h, h.source2)
             udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             h.addCleanup(udp.close)
-            os.dup2(udp.fileno(), h.relay.grePort._senders[h.source2].fileno())
+            replaceSender(h, h.source2, udp)
             yield [b"".join(gre(h, i) + gre(h, i, session=sid2, tag=tag2) for i in range(100))]
         result = self.compare(scenario, minimumTaken=200)
         self.assertEqual(result["port"]["dropped"], {"send_error": 100})
         self.assertEqual((result["port"]["sent"], len(result["gre"])), (100, 100))
+
+
+def replaceSender(h, source, sock):
+    """The facing port's sockets that send from *source* (both: Python's and C's) become
+    *sock*'s descriptor."""
+    sender = h.relay.grePort._senders[source]
+    for own in (sender.socket, sender.headerSocket):
+        os.dup2(sock.fileno(), own.fileno())
 
 
 def addSession(h, source, clientIP=None, callIDs=(8, 71)):
@@ -438,7 +463,8 @@ class LinkFlowsTests(unittest.SynchronousTestCase):
     def test_entry_while_established(self):
         self.assertEqual(self.flows.snapshot(), {"entries": 1, "in_c": 1, "sent_by_c": 0,
                                                  "tls_reads": 0, "tls_handed_back": 0,
-                                                 "tls_flushed": 0, "sojourn_dropped": 0})
+                                                 "tls_flushed": 0, "sojourn_dropped": 0,
+                                                 "header_written": 0, "header_refused": 0})
         self.assertEqual(self.inC(), 1)
         self.h.write([gre(self.h, 1)])
         self.assertEqual(self.h.relay.grePort.snapshot()["native_link"]["sent_by_c"], 1)
@@ -463,3 +489,46 @@ class LinkFlowsTests(unittest.SynchronousTestCase):
 
 class LRPLinkFlowsTests(LinkFlowsTests):
     side = "lrp"
+
+
+class HeaderRefusedTests(unittest.SynchronousTestCase):
+    """GRE longer than the device's MTU: C's header socket (IP_HDRINCL never fragments)
+    refuses it, and C sends it on the port's other socket, which fragments it, DF clear, as
+    sendGRE would (a real client's 1500-byte PPP frame is ~1550 bytes of GRE)."""
+
+    def setUp(self):
+        if MODULE is None:
+            raise unittest.SkipTest(REASON)
+        lab = netns.lab_for(self)
+        ns = lab.namespace("header")
+        lab.run(ns, ["ip", "link", "set", "lo", "mtu", "1500"])
+        port = GREPort(RecordingGREReceiver(), ["127.0.0.1"], capture="raw")
+        with lab.inside(ns):
+            port.startListening()
+            self.sink = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_GRE)
+        self.addCleanup(port.stopListening)
+        self.addCleanup(self.sink.close)
+        self.sink.settimeout(2)
+        lib, ffi = self.lib, self.ffi = MODULE.lib, MODULE.ffi
+        self.state = ffi.gc(lib.rp_link_new(), lib.rp_link_free)
+        lib.rp_link_set_flow(self.state, 1, 7, port.senderFileno("127.0.0.1"),
+                             *port.headerSender("127.0.0.1"), socket.inet_aton("127.0.0.2"), 0x1234)
+
+    def test_too_long_is_fragmented(self):
+        lib, ffi = self.lib, self.ffi
+        data = b"".join(F.encodeGRE(1, 7, i, None, bytes([i]) * size)
+                        for i, size in enumerate((1000, 3000, 1400)))
+        out, outLength = ffi.new("uint8_t **"), ffi.new("size_t *")
+        self.assertEqual(lib.rp_link_feed(self.state, data, len(data), 1 << 14, out, outLength),
+                         lib.RP_LINK_DONE)
+        arrived = []
+        while len(arrived) < 3:
+            packet = self.sink.recv(70000)   # reassembled: a raw socket's datagrams are whole
+            if packet[16:20] == socket.inet_aton("127.0.0.2"):
+                arrived.append(packet)
+        self.assertEqual([(len(p) - 20 - 12, p[32], p[6] & 0x40) for p in arrived],
+                         [(1000, 0, 0), (3000, 1, 0), (1400, 2, 0)])
+        deltas = ffi.new("struct rp_link_delta[]", 4)
+        self.assertEqual(lib.rp_link_take_deltas(self.state, deltas, 4), 1)
+        self.assertEqual((deltas[0].packets, deltas[0].sent, deltas[0].errors,
+                          deltas[0].header_written, deltas[0].header_refused), (3, 3, 0, 2, 1))

@@ -88,12 +88,14 @@ class SelfCaptureMixin:
         return self.space.allocate(_Call(self.session))
 
     def test_send_sockets_marked(self):
-        """Every send socket (the native link read's too: senderFileno) carries the mark."""
-        sock = socket.socket(fileno=self.port.senderFileno(HOST))
-        try:
-            self.assertEqual(sock.getsockopt(socket.SOL_SOCKET, SO_MARK), SELF_MARK)
-        finally:
-            sock.detach()
+        """Every send socket (the native link read's too: senderFileno, and headerSender's,
+        where C writes the IPv4 header) carries the mark."""
+        for fd in (self.port.senderFileno(HOST), self.port.headerSender(HOST)[0]):
+            sock = socket.socket(fileno=fd)
+            try:
+                self.assertEqual(sock.getsockopt(socket.SOL_SOCKET, SO_MARK), SELF_MARK)
+            finally:
+                sock.detach()
 
     async def test_own_gre_not_captured(self):
         """What the port sends to pptpd on this host is not captured back: no phantom drop,

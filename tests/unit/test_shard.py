@@ -201,7 +201,8 @@ class OptionTests(unittest.SynchronousTestCase):
                 self.assertEqual(relay.grePort.snapshot()["native_link"],
                                  {"entries": 0, "in_c": 0, "sent_by_c": 0, "tls_reads": 0,
                                   "tls_handed_back": 0, "tls_flushed": 0,
-                                  "sojourn_dropped": 0})
+                                  "sojourn_dropped": 0, "header_written": 0,
+                                  "header_refused": 0})
             for tap, args in ((lrp_tap, LRP_REQUIRED), (rrp_tap, rrpArgs[:-2])):
                 self.assertEqual(parse(tap.Options, args)["gre-capture"], "native-raw")   # auto
                 # an interface named: the ring, the one capture that reads a given interface
