@@ -25,6 +25,7 @@ struct link_entry {
     int used;                       /* 0 empty, 1 used, 2 removed */
     int fd;
     int header_fd;                  /* C writes the IPv4 header (-1: fd builds it) */
+    uint32_t header_limit;          /* packets this long or more go on fd (0: none learned) */
     uint8_t ttl;
     int dirty;
     struct sockaddr_in dst;
@@ -140,6 +141,7 @@ int rp_link_set_flow(struct rp_link *l, uint32_t session, uint32_t tag, int fd, 
     }
     e->fd = fd;
     e->header_fd = header_fd;
+    e->header_limit = 0;
     e->ttl = (uint8_t)ttl;
     e->key = key;
     memset(&e->dst, 0, sizeof e->dst);
@@ -246,8 +248,12 @@ static void send_run(int fd, struct mmsghdr *msg, struct link_entry **entry, siz
         } else if (sent < 0 && errno == EINTR) {
             continue;   /* as Python's sendto (PEP 475) */
         } else if (sent < 0 && errno == EMSGSIZE && header) {
-            /* over the device's MTU: the IP_HDRINCL path never fragments, fd does */
+            /* over the device's MTU: the IP_HDRINCL path never fragments, fd does; the
+             * entry's packets as long go there from now on (a real client's 1500-byte PPP
+             * frames: each refusal costs two more system calls) */
             struct iovec *v = msg[i].msg_hdr.msg_iov;
+            if (entry[i]->header_limit == 0 || v->iov_len < entry[i]->header_limit)
+                entry[i]->header_limit = (uint32_t)v->iov_len;
             v->iov_base = (uint8_t *)v->iov_base + IP_HEADER;
             v->iov_len -= IP_HEADER;
             entry[i]->delta.header_refused++;
@@ -333,7 +339,8 @@ static int send_gre(struct rp_link *l, const uint8_t *h, uint32_t length) {
                           length - at, flags & 1, seq, (flags & 2) != 0, ack);
     if (n < 0)
         return 0;   /* build_gre raises in Python: its path decides */
-    int header = e->header_fd >= 0 && n <= 65535 - IP_HEADER;
+    int header = e->header_fd >= 0 && n <= 65535 - IP_HEADER
+                 && (e->header_limit == 0 || (uint32_t)n + IP_HEADER < e->header_limit);
     if (header) {
         write_ip_header(start, e);
         n += IP_HEADER;

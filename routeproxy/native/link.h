@@ -24,7 +24,8 @@ struct rp_link_delta {
     uint32_t errors;       /* the port's send_error drops (last_errno: the last one's) */
     uint32_t aged;         /* GRE frames taken and not sent: read too old (the gate) */
     uint32_t header_written;   /* of sent, with C's IPv4 header (header_fd) */
-    uint32_t header_refused;   /* refused by header_fd as too long, then given to fd */
+    uint32_t header_refused;   /* refused by header_fd as too long, then given to fd (the
+                                * entry's packets as long go to fd from then on) */
     uint64_t bytes;        /* their payload bytes: call.bytes_out */
     int last_errno;
 };
@@ -37,7 +38,7 @@ void rp_link_free(struct rp_link *l);
  * With header_fd >= 0 (a raw IPPROTO_RAW socket bound to fd's address), C writes the IPv4
  * header itself (DF clear, ttl) and sends there: the kernel then copies the packet without
  * summing it, as it does on fd; what that socket refuses as over its device's MTU goes on
- * fd, which fragments it.  0, or -1 (no memory: the call stays on the Python path). */
+ * fd, which fragments it, as do its packets as long after it.  0, or -1 (no memory: the call stays on the Python path). */
 int rp_link_set_flow(struct rp_link *l, uint32_t session, uint32_t tag, int fd, int header_fd,
                      int ttl, const uint8_t *dst, uint32_t key);
 void rp_link_clear_flow(struct rp_link *l, uint32_t session, uint32_t tag);
