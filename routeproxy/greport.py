@@ -11,7 +11,9 @@
   address, bound to it and opened at start: pptpd only accepts GRE from its control
   connection's peer address, so the source must be chosen, and a bound socket lets the
   kernel build the IP header (measured faster than IP_HDRINCL from Python).  A full socket
-  buffer drops the packet and counts it; nothing is queued.  DF is clear
+  buffer drops the packet and counts it; nothing is queued.  Each address's :class:`Sender`
+  also holds a send-only IPPROTO_RAW socket, on which the native link read sends with the
+  IPv4 header it writes itself (the kernel then does not sum every packet).  DF is clear
   (IP_PMTUDISC_DONT), as pptpd sends: GRE over the path MTU is fragmented, not refused.
 * **The ICMP gotcha**: a host with no raw IPPROTO_GRE socket matching a GRE packet (and no
   kernel GRE module) answers it with ICMP protocol-unreachable; pcap does not count.  The
