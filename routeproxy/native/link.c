@@ -279,7 +279,7 @@ static void flush(void) {
         int fd = socket_of(first), header = batch_header[first];
         size_t run = n;
         for (size_t j = first; j < batch_length; j++) {
-            if (done[j] || socket_of(j) != fd || batch_header[j] != header)
+            if (done[j] || socket_of(j) != fd)   /* a socket is one or the other kind */
                 continue;
             struct msghdr *h = &batch_msg[n].msg_hdr;
             memset(h, 0, sizeof *h);
