@@ -47,10 +47,12 @@ def ip_counters(lab, ns):
     return dict(zip(lines[0][1:], map(int, lines[1][1:])))
 
 
-def raw_rx_queues(lab, ns):
-    """rx_queue of every raw socket in *ns* (/proc/net/raw), in bytes."""
-    rows = lab.read_proc(ns, "/proc/net/raw").splitlines()[1:]
-    return [int(row.split()[4].split(":")[1], 16) for row in rows]
+def raw_rx_queues(lab, ns, protocol=47):
+    """rx_queue of every raw socket of *protocol* in *ns* (/proc/net/raw), in bytes (GRE: the
+    port's IPPROTO_RAW send socket, which receives nothing, is not one)."""
+    rows = [row.split() for row in lab.read_proc(ns, "/proc/net/raw").splitlines()[1:]]
+    return [int(row[4].split(":")[1], 16) for row in rows
+            if int(row[1].split(":")[1], 16) == protocol]
 
 
 class KernelTests(unittest.TestCase):
